@@ -33,9 +33,29 @@ class Features:
     def __len__(self) -> int:
         return self.cls.shape[0]
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Features":
-        layers = None if self.layers is None else self.layers.to(device=device, dtype=dtype, non_blocking=True)
-        return Features(self.cls.to(device=device, dtype=dtype, non_blocking=True), layers)
+    def to(self, device: torch.device | str, bf16: bool = False) -> "Features":
+        """On ``device`` for computing: the class token in float32, the per-layer tokens in float32,
+        or in bfloat16 with ``bf16`` (autocast would cast them to it anyway, once per use)."""
+        layers = self.layers
+        if layers is not None:
+            layers = layers.to(device, non_blocking=True)
+            dtype = torch.bfloat16 if bf16 else torch.float32
+            if layers.dtype != dtype:
+                layers = layer_major(layers, dtype)
+        return Features(self.cls.to(device, torch.float32, non_blocking=True), layers)
+
+
+def layer_major(layers: Tensor, dtype: torch.dtype) -> Tensor:
+    """``layers`` (B, L, N, D) converted to ``dtype`` and stored layer-major, so that each layer's
+    (B, N, D) slice, which the rows' batched matmuls read, is contiguous.
+
+    Converted one layer at a time through float32: torch converts float16 to bfloat16 element
+    by element, and float32 is vectorised both ways; the float32 copy stays one layer large.
+    """
+    out = torch.empty(layers.shape[1], layers.shape[0], *layers.shape[2:], dtype=dtype, device=layers.device)
+    for index, layer in enumerate(layers.unbind(1)):
+        out[index].copy_(layer.float())
+    return out.transpose(0, 1)
 
 
 @torch.no_grad()

@@ -62,7 +62,7 @@ def make_source(
     if cache_dir is not None:
         cache = open_or_build_cache(cache_dir, method.backbone, images, preprocess, method.reads_layers, bf16,
                                     device=device, workers=workers, show_progress=show_progress)
-        return CachedFeatureBatches(cache, method.reads_layers)
+        return CachedFeatureBatches(cache, method.reads_layers, bf16)
     return LiveFeatureBatches(ImageBatches(images, preprocess, workers), method.backbone, method.reads_layers, device,
                               bf16)
 

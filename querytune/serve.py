@@ -31,7 +31,7 @@ from .methods import method_class
 from .methods.base import Method
 from .methods.memory import MemoryTokens, merge_stacks
 from .run import default_device, load_run, read_run_config
-from .train import autocast
+from .train import autocast, to_device
 
 
 @dataclass
@@ -112,7 +112,7 @@ class MultiTaskServer:
         """Logits (float32, on the CPU) of every task for a batch of preprocessed images."""
         # rounded to the feature cache's storage dtype, as in training and `querytune eval`
         features = extract_features(self.backbone, images.to(self.device), self.with_layers, bf16=self.bf16)
-        features = features.to(self.device, torch.float32)
+        features = to_device(features, self.device, self.bf16)
         logits = {}
         with autocast(self.device, self.bf16):
             stacked = self.stack(features.layers, self.backbone) if self.stack is not None else []

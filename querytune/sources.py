@@ -80,23 +80,29 @@ class LiveFeatureBatches:
 
 
 class CachedFeatureBatches:
-    """Frozen-trunk features read from a feature cache, as float32.
+    """Frozen-trunk features read from a feature cache, as float32 (per-layer tokens in bfloat16
+    with ``bf16``: what the methods compute with under bf16 autocast).
 
     A batch's features are views of buffers reused for the next batch: consume a batch
     (forward and backward) before asking for the next one.
     """
 
-    def __init__(self, cache: FeatureCache, with_layers: bool) -> None:
+    def __init__(self, cache: FeatureCache, with_layers: bool, bf16: bool = False) -> None:
         self.cache = cache
         self.labels = cache.labels
         self.with_layers = with_layers
+        self.layers_dtype = torch.bfloat16 if bf16 else torch.float32
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def batches(self, order: np.ndarray, batch_size: int) -> Iterator[tuple[Features, Tensor]]:
         cache = self.cache
-        buffers = Features(torch.empty(batch_size, *cache.cls[0].shape[1:]),
-                           torch.empty(batch_size, *cache.layers[0].shape[1:]) if self.with_layers else None)
+        layers = None
+        if self.with_layers:
+            num_layers, tokens, dim = cache.layers[0].shape[1:]
+            # layer-major, as Features.to makes them: the rows' batched matmuls need no copy
+            layers = torch.empty(num_layers, batch_size, tokens, dim, dtype=self.layers_dtype).transpose(0, 1)
+        buffers = Features(torch.empty(batch_size, *cache.cls[0].shape[1:]), layers)
         for indices in _batch_indices(order, batch_size):
             yield self.cache.features(indices, self.with_layers, buffers), torch.from_numpy(self.labels[indices])

@@ -95,8 +95,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def to_device(inputs: Features | torch.Tensor, device: torch.device) -> Features | torch.Tensor:
-    """Move a batch to the device in float32 (cached features are stored in float16)."""
+def to_device(inputs: Features | torch.Tensor, device: torch.device, bf16: bool = False) -> Features | torch.Tensor:
+    """Move a batch to the device: images in float32, features as :meth:`Features.to` says."""
+    if isinstance(inputs, Features):
+        return inputs.to(device, bf16)
     return inputs.to(device, torch.float32)
 
 
@@ -170,7 +172,7 @@ def fit(
                     inputs, labels = batch
                     labels = labels.to(device)
                     with autocast(device, cfg.bf16):
-                        logits = method(to_device(inputs, device))
+                        logits = method(to_device(inputs, device, cfg.bf16))
                     loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
                     # this rank's share of the global batch's mean loss (the whole of it in one process)
                     global_batch = min(cfg.batch_size, len(source) - batch_index * cfg.batch_size)
@@ -274,7 +276,7 @@ def predict(method: Method, source: BatchSource, device: torch.device, batch_siz
     with progress_bar(f"evaluating {method.name}", total=len(indices), enabled=show_progress) as advance:
         for inputs, _ in source.batches(indices, batch_size):
             with autocast(device, bf16):
-                outputs.append(method(to_device(inputs, device)).float().cpu())
+                outputs.append(method(to_device(inputs, device, bf16)).float().cpu())
             advance(len(outputs[-1]))
     return torch.cat(outputs)
 

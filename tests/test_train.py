@@ -15,6 +15,7 @@ from querytune import eval_run, train_run
 from querytune.cache import FeatureCache, build_cache, cache_dir_for
 from querytune.data import Preprocess, open_split
 from querytune.errors import CheckpointError, ConfigError, DataError
+from querytune.features import Features
 from querytune.train import TrainConfig, lr_at
 
 FAST = {"epochs": 3, "batch_size": 8, "lr": 0.05}
@@ -47,17 +48,29 @@ def test_linear_probe_learns_colours(tiny_backbone_dir, tiny_task, tmp_path):
     assert metrics["train_accuracy"] == 1.0
 
 
+@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("method", ["vqt", "synqt"])
-def test_cached_and_live_training_agree(tiny_backbone_dir, tiny_task, tmp_path, method):
+def test_cached_and_live_training_agree(tiny_backbone_dir, tiny_task, tmp_path, method, bf16):
     options = {"num_queries": 2}
-    live = _train(tiny_backbone_dir, tiny_task, tmp_path / "live", method=method, options=options)
+    settings = {**FAST, "bf16": bf16}
+    live = _train(tiny_backbone_dir, tiny_task, tmp_path / "live", method=method, options=options,
+                  train_settings=settings)
     cached = _train(tiny_backbone_dir, tiny_task, tmp_path / "cached", method=method, options=options,
-                    cache_dir=tmp_path / "cache")
+                    cache_dir=tmp_path / "cache", train_settings=settings)
     a = load_file(str(tmp_path / "live" / "adapter.safetensors"))
     b = load_file(str(tmp_path / "cached" / "adapter.safetensors"))
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
     assert live["test_accuracy"] == cached["test_accuracy"]
+
+
+def test_features_reach_the_method_layer_major_in_the_compute_dtype():
+    layers = torch.randn(3, 4, 5, 6).half()
+    for bf16, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        features = Features(torch.randn(3, 6).half(), layers).to("cpu", bf16)
+        assert features.cls.dtype == torch.float32 and features.layers.dtype == dtype
+        assert torch.equal(features.layers, layers.float().to(dtype))
+        assert all(features.layers[:, layer].is_contiguous() for layer in range(4))
 
 
 def test_interrupted_run_resumes_to_the_same_result(tiny_backbone_dir, tiny_task, tmp_path, monkeypatch):
