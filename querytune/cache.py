@@ -45,7 +45,7 @@ from . import distributed
 from .backbones.vit import VisionTransformer
 from .data import ImageDataset, ImageList, Preprocess, iterate_loader
 from .errors import DataError
-from .features import Features, extract_features
+from .features import Features, copy_converted, extract_features
 from .files import remove_stale_temporaries, temporary_path, write_text
 from .progress import progress_bar
 from .sources import private_generator
@@ -150,18 +150,11 @@ class FeatureCache:
         if out is None:
             out = Features(torch.empty(count, *self.cls[0].shape[1:], dtype=torch.float16),
                            torch.empty(count, *self.layers[0].shape[1:], dtype=torch.float16) if with_layers else None)
-        # torch converts float16 to bfloat16 element by element; through a float32 row (which stays
-        # in the CPU cache) both conversions are vectorised
-        staging = None
-        if with_layers and out.layers.dtype == torch.bfloat16:
-            staging = torch.empty(out.layers.shape[1:], dtype=torch.float32)
         for row, index in enumerate(indices):
             shard, offset = divmod(int(index), self.shard_size)
             out.cls[row].copy_(self.cls[shard][offset])
-            if staging is not None:
-                out.layers[row].copy_(staging.copy_(self.layers[shard][offset]))
-            elif with_layers:
-                out.layers[row].copy_(self.layers[shard][offset])
+            if with_layers:
+                copy_converted(out.layers[row], self.layers[shard][offset])
         return Features(out.cls[:count], out.layers[:count] if with_layers else None)
 
 
