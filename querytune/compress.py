@@ -15,17 +15,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .train import TrainConfig, epoch_order, to_device
+from .train import TrainConfig, autocast, epoch_order, to_device
 
 GROUP_LASSO = 1e-4
 
 
 @torch.no_grad()
-def head_inputs(method: Any, source: Any, device: torch.device, batch_size: int) -> tuple[Tensor, Tensor]:
+def head_inputs(method: Any, source: Any, device: torch.device, batch_size: int, bf16: bool) -> tuple[Tensor, Tensor]:
+    """Every training image's head input (float32), computed in the precision the method trained in."""
     method.eval()
     inputs, labels = [], []
     for features, batch_labels in source.batches(np.arange(len(source)), batch_size):
-        inputs.append(method.head_input(to_device(features, device)))
+        with autocast(device, bf16):
+            inputs.append(method.head_input(to_device(features, device, bf16)).float())
         labels.append(batch_labels.to(device))
     return torch.cat(inputs), torch.cat(labels)
 
@@ -46,7 +48,7 @@ def fit_head(head: nn.Linear, x: Tensor, y: Tensor, cfg: TrainConfig, group_lass
 
 def compress_head(method: Any, source: Any, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     keep_fraction = method.options.compress
-    x, y = head_inputs(method, source, device, cfg.batch_size)
+    x, y = head_inputs(method, source, device, cfg.batch_size, cfg.bf16)
     num_features = x.shape[1]
     params_before = method.head.weight.numel() + method.head.bias.numel()
 

@@ -199,6 +199,32 @@ def test_vqt_head_compression_keeps_a_fraction_and_reloads(tiny_backbone_dir, ti
         metrics["test_accuracy"])
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_compression_reads_head_inputs_in_the_precision_the_method_trained_in(bf16):
+    from conftest import tiny_vit
+    from querytune.compress import head_inputs
+    from querytune.features import extract_features
+    from querytune.methods import build_method
+    from querytune.train import autocast
+
+    method = build_method("vqt", tiny_vit(), 3).eval()
+    features = extract_features(method.backbone, torch.randn(4, 3, 32, 32))
+
+    class OneBatch:
+        labels = np.zeros(4, dtype=np.int64)
+
+        def __len__(self):
+            return 4
+
+        def batches(self, order, batch_size):
+            yield features, torch.from_numpy(self.labels)
+
+    x, _ = head_inputs(method, OneBatch(), torch.device("cpu"), 4, bf16)
+    with torch.no_grad(), autocast(torch.device("cpu"), bf16):  # as fit and evaluate run the method
+        expected = method.head_input(features.to("cpu", bf16)).float()
+    assert x.dtype == torch.float32 and torch.equal(x, expected)
+
+
 def test_group_lasso_drives_unused_feature_columns_to_zero():
     from querytune.compress import fit_head
 
