@@ -56,16 +56,17 @@ class TrainConfig:
 
     @classmethod
     def for_method(cls, method_cls: type[Method], overrides: dict[str, Any]) -> "TrainConfig":
+        """The method's protocol with the user's values on top. A run cut shorter than the protocol
+        warms up for at most a tenth of its epochs, unless the user set the warm-up."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ConfigError(f"unknown training settings: {', '.join(unknown)}")
-        return cls(**{**method_cls.train_defaults, **{k: v for k, v in overrides.items() if v is not None}})
-
-    @property
-    def effective_warmup_epochs(self) -> float:
-        """Warm-up never takes more than a tenth of a run shorter than the protocol's."""
-        return min(self.warmup_epochs, self.epochs / 10)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        cfg = cls(**{**method_cls.train_defaults, **given})
+        if "warmup_epochs" not in given and cfg.epochs < method_cls.train_defaults.get("epochs", cls.epochs):
+            cfg.warmup_epochs = min(cfg.warmup_epochs, cfg.epochs / 10)
+        return cfg
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, cfg: TrainConfig) -> float:
@@ -143,7 +144,7 @@ def fit(
     optimizer = make_optimizer(params, cfg)
     steps_per_epoch = math.ceil(len(source) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = round(cfg.effective_warmup_epochs * steps_per_epoch)
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     done = {"epochs_done": 0, "train_seconds": 0.0, "loss": float("nan"), "train_accuracy": float("nan")}
     if checkpoint is not None and checkpoint.is_file():
         done = load_checkpoint(checkpoint, method, optimizer, device, cfg.seed)

@@ -172,9 +172,17 @@ def test_cache_is_keyed_and_half_written_entries_are_rebuilt(tiny_task, tmp_path
     assert torch.equal(rebuilt.features(np.arange(9)).layers, good.layers)
 
 
+def test_warm_up_is_the_protocols_unless_the_run_is_cut_short():
+    from querytune.methods.synqt import SynQT
+
+    assert TrainConfig.for_method(SynQT, {}).warmup_epochs == 10  # 10 of its 50 epochs, as published
+    assert TrainConfig.for_method(SynQT, {"epochs": 60}).warmup_epochs == 10
+    assert TrainConfig.for_method(SynQT, {"epochs": 20}).warmup_epochs == 2  # a tenth of a shortened run
+    assert TrainConfig.for_method(SynQT, {"epochs": 20, "warmup_epochs": 5}).warmup_epochs == 5
+
+
 def test_schedule_warms_up_then_decays_to_min_lr():
-    cfg = TrainConfig(epochs=10, lr=1.0, min_lr=0.0, warmup_epochs=10)
-    assert cfg.effective_warmup_epochs == 1  # never more than a tenth of the run
+    cfg = TrainConfig(epochs=10, lr=1.0, min_lr=0.0, warmup_epochs=1)
     lrs = [lr_at(step, 100, 10, cfg) for step in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.01
