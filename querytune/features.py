@@ -45,13 +45,19 @@ class Features:
         return Features(self.cls.to(device, torch.float32, non_blocking=True), layers)
 
 
+def empty_layer_major(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None = None) -> Tensor:
+    """An uninitialised (B, L, N, D) tensor stored layer-major, so that each layer's (B, N, D)
+    slice, which the rows' batched matmuls read, is contiguous."""
+    batch, num_layers, *rest = shape
+    return torch.empty(num_layers, batch, *rest, dtype=dtype, device=device).transpose(0, 1)
+
+
 def layer_major(layers: Tensor, dtype: torch.dtype) -> Tensor:
-    """``layers`` (B, L, N, D) converted to ``dtype`` and stored layer-major, so that each layer's
-    (B, N, D) slice, which the rows' batched matmuls read, is contiguous."""
-    out = torch.empty(layers.shape[1], layers.shape[0], *layers.shape[2:], dtype=dtype, device=layers.device)
+    """``layers`` (B, L, N, D) converted to ``dtype`` and stored layer-major."""
+    out = empty_layer_major(layers.shape, dtype, layers.device)
     for index, layer in enumerate(layers.unbind(1)):
-        copy_converted(out[index], layer)
-    return out.transpose(0, 1)
+        copy_converted(out[:, index], layer)
+    return out
 
 
 def copy_converted(out: Tensor, values: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .features import Features, extract_features
 from .methods.base import Method
-from .train import autocast
+from .train import autocast, to_device
 
 
 def adapter_bytes(method: Method) -> int:
@@ -93,7 +93,7 @@ def _synchronize(device: torch.device) -> None:
 def method_inputs(method: Method, images: Tensor, bf16: bool) -> Callable[[], Features | Tensor]:
     """What feeding the method costs per step: the live frozen trunk (no_grad) or the images."""
     if method.frozen_trunk:
-        return lambda: extract_features(method.backbone, images, method.reads_layers, bf16=bf16).to(images.device, bf16)
+        return lambda: to_device(extract_features(method.backbone, images, method.reads_layers, bf16=bf16), images.device, bf16)
     return lambda: images
 
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .backbones.vit import VisionTransformer
 from .data import ImageDataset, ImageList, Preprocess, iterate_loader
-from .features import Features, extract_features
+from .features import Features, empty_layer_major, extract_features
 
 if TYPE_CHECKING:
     from .cache import FeatureCache
@@ -99,10 +99,8 @@ class CachedFeatureBatches:
     def batches(self, order: np.ndarray, batch_size: int) -> Iterator[tuple[Features, Tensor]]:
         cache = self.cache
         layers = None
-        if self.with_layers:
-            num_layers, tokens, dim = cache.layers[0].shape[1:]
-            # layer-major, as Features.to makes them: the rows' batched matmuls need no copy
-            layers = torch.empty(num_layers, batch_size, tokens, dim, dtype=self.layers_dtype).transpose(0, 1)
+        if self.with_layers:  # laid out as Features.to lays them out
+            layers = empty_layer_major((batch_size, *cache.layers[0].shape[1:]), self.layers_dtype)
         buffers = Features(torch.empty(batch_size, *cache.cls[0].shape[1:]), layers)
         for indices in _batch_indices(order, batch_size):
             yield self.cache.features(indices, self.with_layers, buffers), torch.from_numpy(self.labels[indices])
