@@ -137,6 +137,28 @@ class FeatureCache:
         return cls(path, np.asarray(meta["labels"], dtype=np.int64), meta["shard_size"],
                    layers if "layers" in meta["shapes"] else None, cls_tokens)
 
+    def nbytes(self, with_layers: bool = True) -> int:
+        """Bytes of the entry's class tokens, and per-layer tokens with ``with_layers``."""
+        kinds = [self.cls] + ([self.layers] if with_layers and self.layers is not None else [])
+        return sum(shard.nbytes for shards in kinds for shard in shards)
+
+    def load(self, device: torch.device, with_layers: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The whole entry in ``device`` memory, float16: class tokens (n, D) and, with ``with_layers``,
+        per-layer tokens stored layer-major (L, n, N, D), so that gathering a batch along dim 1 yields
+        each layer's tokens contiguous."""
+        cls = torch.cat([shard.to(device) for shard in self.cls])
+        if not with_layers:
+            return cls, None
+        if self.layers is None:
+            raise DataError(f"{self.path}: holds class tokens only, per-layer features were asked for")
+        first = self.layers[0]
+        layers = torch.empty(first.shape[1], len(self), *first.shape[2:], dtype=first.dtype, device=device)
+        start = 0
+        for shard in self.layers:
+            layers[:, start : start + len(shard)] = shard.to(device).transpose(0, 1)
+            start += len(shard)
+        return cls, layers
+
     def features(self, indices: np.ndarray | list[int], with_layers: bool = True, out: Features | None = None) -> Features:
         """Features of the given image indices, in that order.
 

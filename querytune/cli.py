@@ -54,6 +54,8 @@ def train(
     label_smoothing: Optional[float] = typer.Option(None),
     seed: Optional[int] = typer.Option(None),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bfloat16 autocast for the trunk and the training step"),
+    checkpointing: Optional[bool] = typer.Option(None, "--checkpointing", help="gradient checkpointing: recompute "
+                                                 "each block in backward (methods that backpropagate through the trunk)"),
     image_size: int = typer.Option(224, help="input size (images are resized to it)"),
     num_queries: Optional[int] = typer.Option(None, help="vqt, synqt: query tokens per layer (T)"),
     query_dropout: Optional[float] = typer.Option(None, help="vqt: dropout on the queries"),
@@ -82,6 +84,8 @@ def train(
     cache: Optional[Path] = typer.Option(None, help="feature-cache folder (default: $QUERYTUNE_CACHE or "
                                                     "~/.cache/querytune/features)"),
     no_cache: bool = typer.Option(False, "--no-cache", help="run the frozen trunk every epoch instead"),
+    cache_placement: str = typer.Option("auto", help="on a GPU, where cached features live: device (GPU memory), "
+                                                     "host (streamed from disk) or auto (device when they fit)"),
     device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when present)"),
     workers: Optional[int] = typer.Option(None, help="image-loading processes"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
@@ -103,9 +107,10 @@ def train(
                        extend=extend),
         train_settings=_given(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                               optimizer=optimizer, warmup_epochs=warmup_epochs, grad_clip=grad_clip,
-                              label_smoothing=label_smoothing, seed=seed, bf16=bf16),
+                              label_smoothing=label_smoothing, seed=seed, bf16=bf16, checkpointing=checkpointing),
         train_split=train_split, eval_split=eval_split or None, image_size=image_size,
-        cache_dir=None if no_cache else cache or default_cache_root(), device=device, workers=workers,
+        cache_dir=None if no_cache else cache or default_cache_root(), cache_placement=cache_placement,
+        device=device, workers=workers,
         show_progress=not quiet,
     )
     if distributed.is_main():
@@ -119,6 +124,8 @@ def eval_command(
     split: str = typer.Option("test"),
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="default: the run's own"),
     cache: Optional[Path] = typer.Option(None, help="feature-cache folder"),
+    cache_placement: str = typer.Option("auto", help="on a GPU, where cached features live: device (GPU memory), "
+                                                     "host (streamed from disk) or auto (device when they fit)"),
     device: Optional[str] = typer.Option(None),
     workers: Optional[int] = typer.Option(None),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -126,8 +133,8 @@ def eval_command(
     """Evaluate a saved adapter on a split; prints the accuracy."""
     from .run import eval_run
 
-    accuracy = eval_run(run, data, split, backbone=backbone, cache_dir=cache, device=device, workers=workers,
-                        show_progress=not quiet)
+    accuracy = eval_run(run, data, split, backbone=backbone, cache_dir=cache, cache_placement=cache_placement,
+                        device=device, workers=workers, show_progress=not quiet)
     if distributed.is_main():
         console.print(f"{split} accuracy: {accuracy:.4f}")
 

@@ -45,11 +45,12 @@ class Features:
         return Features(self.cls.to(device, torch.float32, non_blocking=True), layers)
 
 
-def empty_layer_major(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None = None) -> Tensor:
+def empty_layer_major(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None = None,
+                      pin_memory: bool = False) -> Tensor:
     """An uninitialised (B, L, N, D) tensor stored layer-major, so that each layer's (B, N, D)
     slice, which the rows' batched matmuls read, is contiguous."""
     batch, num_layers, *rest = shape
-    return torch.empty(num_layers, batch, *rest, dtype=dtype, device=device).transpose(0, 1)
+    return torch.empty(num_layers, batch, *rest, dtype=dtype, device=device, pin_memory=pin_memory).transpose(0, 1)
 
 
 def layer_major(layers: Tensor, dtype: torch.dtype) -> Tensor:
@@ -61,9 +62,9 @@ def layer_major(layers: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def copy_converted(out: Tensor, values: Tensor) -> Tensor:
-    """``out.copy_(values)``, float16 to bfloat16 through float32: torch converts that pair element
-    by element, and float32 both ways with vector instructions (several times faster)."""
-    if values.dtype == torch.float16 and out.dtype == torch.bfloat16:
+    """``out.copy_(values)``, on a CPU float16 to bfloat16 through float32: torch converts that pair
+    element by element, and float32 both ways with vector instructions (several times faster)."""
+    if values.dtype == torch.float16 and out.dtype == torch.bfloat16 and values.device.type == "cpu":
         values = values.float()
     return out.copy_(values)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import distributed
@@ -32,3 +33,12 @@ def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator
             progress.update(task, advance=n, **({"status": status} if fields else {}))
 
         yield advance
+
+
+_stderr = Console(stderr=True)
+
+
+def note(message: str, enabled: bool = True) -> None:
+    """One line of information on stderr (rank 0 only), e.g. a choice the run made for the user."""
+    if enabled and distributed.is_main():
+        _stderr.print(message, highlight=False)

@@ -28,11 +28,12 @@ from .backbones import load_backbone
 from .backbones.vit import VisionTransformer
 from .cache import backbone_fingerprint, open_or_build_cache
 from .data import ImageList, Preprocess, open_split
-from .errors import CheckpointError, QuerytuneError, one_line
+from .errors import CheckpointError, ConfigError, QuerytuneError, one_line
 from .files import remove_stale_temporaries, write_atomic, write_json
 from .methods import build_method, method_class, options_dict
 from .methods.base import Method
-from .sources import BatchSource, CachedFeatureBatches, ImageBatches, LiveFeatureBatches
+from .progress import note
+from .sources import BatchSource, CachedFeatureBatches, ImageBatches, LiveFeatureBatches, check_placement
 from .train import TrainConfig, evaluate, fit, seed_everything
 
 DEFAULT_IMAGE_SIZE = 224
@@ -55,16 +56,28 @@ def make_source(
     workers: int = 0,
     show_progress: bool = True,
     bf16: bool = False,
+    cache_placement: str = "auto",
 ) -> BatchSource:
-    """The input pipeline a method needs: cached or live frozen features, or images."""
+    """The input pipeline a method needs: cached or live frozen features, or images.
+
+    ``cache_placement`` (auto | device | host) says where cached features live on a GPU
+    (:class:`~querytune.sources.CachedFeatureBatches`); the choice is printed.
+    """
+    pin_memory = device.type == "cuda"
     if not method.frozen_trunk:
-        return ImageBatches(images, preprocess, workers)
+        return ImageBatches(images, preprocess, workers, pin_memory)
     if cache_dir is not None:
         cache = open_or_build_cache(cache_dir, method.backbone, images, preprocess, method.reads_layers, bf16,
                                     device=device, workers=workers, show_progress=show_progress)
-        return CachedFeatureBatches(cache, method.reads_layers, bf16)
-    return LiveFeatureBatches(ImageBatches(images, preprocess, workers), method.backbone, method.reads_layers, device,
-                              bf16)
+        source = CachedFeatureBatches(cache, method.reads_layers, bf16, device, cache_placement)
+        if device.type == "cuda":
+            where = "loaded into GPU memory" if source.placement == "device" else "streamed from the memory map"
+            note(f"cached features of {images.task}/{images.split} "
+                 f"({cache.nbytes(method.reads_layers) / 2**30:.2f} GiB): {where} (--cache-placement {cache_placement})",
+                 show_progress)
+        return source
+    return LiveFeatureBatches(ImageBatches(images, preprocess, workers, pin_memory), method.backbone,
+                              method.reads_layers, device, bf16)
 
 
 def _source_string(source: str | Path | VisionTransformer, backbone: VisionTransformer) -> str:
@@ -137,6 +150,7 @@ def train_run(
     eval_split: str | None = "test",
     image_size: int = DEFAULT_IMAGE_SIZE,
     cache_dir: str | Path | None = None,
+    cache_placement: str = "auto",
     device: torch.device | str | None = None,
     workers: int | None = None,
     show_progress: bool = True,
@@ -152,6 +166,7 @@ def train_run(
     device = distributed.init_from_env(torch.device(device) if device is not None else default_device())
     workers = default_workers() if workers is None else workers
     cache_dir = Path(cache_dir) if cache_dir is not None else None
+    check_placement(cache_placement)
     method_cls = method_class(method_name)
     cfg = TrainConfig.for_method(method_cls, train_settings or {})
     distributed.local_batch_size(cfg.batch_size)
@@ -163,6 +178,8 @@ def train_run(
     fingerprint = backbone_fingerprint(backbone)  # of the pretrained weights, before a method adds adapters
     seed_everything(cfg.seed)
     method = build_method(method_name, backbone, train_images.num_classes, options)
+    if cfg.checkpointing and method.frozen_trunk:
+        raise ConfigError(f"--checkpointing: method {method_name!r} does not backpropagate through the trunk")
     config = {
         "querytune_version": __version__,
         "method": method_name,
@@ -181,11 +198,12 @@ def train_run(
         "train": asdict(cfg),
     }
     resuming = _check_run_folder(out, config)
-    source = make_source(method, train_images, preprocess, device, cache_dir, workers, show_progress, cfg.bf16)
+    source = make_source(method, train_images, preprocess, device, cache_dir, workers, show_progress, cfg.bf16,
+                         cache_placement)
     eval_source = None
     if eval_images is not None:
         eval_source = make_source(method, eval_images, preprocess, device, cache_dir, workers, show_progress,
-                                  cfg.bf16)
+                                  cfg.bf16, cache_placement)
     distributed.barrier()  # every rank has looked at the folder before rank 0 changes it
     created = None  # whether this invocation made the folder (rank 0 of a new run only)
     if distributed.is_main() and not resuming:
@@ -218,6 +236,7 @@ def train_run(
         "resumed": resuming,
         **extra_metrics,
         "device": str(device),
+        "feature_placement": getattr(source, "placement", None),
         "processes": distributed.world_size(),
         "host": platform.node(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -275,11 +294,13 @@ def eval_run(
     *,
     backbone: str | Path | None = None,
     cache_dir: str | Path | None = None,
+    cache_placement: str = "auto",
     device: torch.device | str | None = None,
     workers: int | None = None,
     show_progress: bool = True,
 ) -> float:
     """Accuracy of a finished run's adapter on a split."""
+    check_placement(cache_placement)
     device = distributed.init_from_env(torch.device(device) if device is not None else default_device())
     method, config = load_run(run, backbone)
     images = open_split(data, split)
@@ -292,5 +313,5 @@ def eval_run(
     workers = default_workers() if workers is None else workers
     bf16 = config["train"]["bf16"]
     source = make_source(method, images, preprocess, device, Path(cache_dir) if cache_dir else None, workers,
-                         show_progress, bf16)
+                         show_progress, bf16, cache_placement)
     return evaluate(method, source, device, bf16=bf16)

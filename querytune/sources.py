@@ -3,11 +3,19 @@
 Every source yields ``(inputs, labels)`` batches in an order it is given, so the same
 seed gives the same batches whether features are computed live or read from the
 cache (and whichever rank reads them).
+
+On a GPU a cache entry is either loaded into GPU memory once (``device`` placement:
+batches are gathered there) or streamed from the memory-mapped shards (``host``
+placement: a background thread gathers the next batch into pinned buffers while the
+GPU computes, and a side stream copies it over). ``auto`` takes ``device`` when the
+entry fits in :data:`DEVICE_CACHE_FRACTION` of the free GPU memory. On a CPU ``auto``
+is ``host`` (the memory map); ``device`` loads the entry into RAM.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -16,10 +24,14 @@ from torch import Tensor
 
 from .backbones.vit import VisionTransformer
 from .data import ImageDataset, ImageList, Preprocess, iterate_loader
+from .errors import ConfigError
 from .features import Features, empty_layer_major, extract_features
 
 if TYPE_CHECKING:
     from .cache import FeatureCache
+
+PLACEMENTS = ("auto", "device", "host")
+DEVICE_CACHE_FRACTION = 0.5  # of the GPU memory free when the entry is opened
 
 
 class BatchSource(Protocol):
@@ -40,23 +52,44 @@ def _batch_indices(order: np.ndarray, batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
 
 
-class ImageBatches:
-    """Preprocessed images (for methods that run the trunk with autograd)."""
+class _EpochBatches:
+    """A batch sampler whose batches are set before each pass, so that one DataLoader (and its
+    persistent workers) serves every epoch and evaluation."""
 
-    def __init__(self, images: ImageList, preprocess: Preprocess, workers: int = 0) -> None:
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class ImageBatches:
+    """Preprocessed images (for methods that run the trunk with autograd).
+
+    With workers, one DataLoader keeps them alive across epochs and prefetches; with
+    ``pin_memory`` (a GPU run) batches arrive in pinned memory for non-blocking copies.
+    """
+
+    def __init__(self, images: ImageList, preprocess: Preprocess, workers: int = 0, pin_memory: bool = False) -> None:
         self.dataset = ImageDataset(images, preprocess)
         self.labels = np.asarray([label for _, label in images.items], dtype=np.int64)
         self.workers = workers
+        self._sampler = _EpochBatches()
+        self._loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=self._sampler, num_workers=workers, pin_memory=pin_memory,
+            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+            generator=private_generator(),
+        )
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def batches(self, order: np.ndarray, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=_batch_indices(order, batch_size), num_workers=self.workers,
-            generator=private_generator(),
-        )
-        yield from iterate_loader(loader)
+        self._sampler.batches = _batch_indices(order, batch_size)
+        yield from iterate_loader(self._loader)
 
 
 class LiveFeatureBatches:
@@ -76,31 +109,102 @@ class LiveFeatureBatches:
 
     def batches(self, order: np.ndarray, batch_size: int) -> Iterator[tuple[Features, Tensor]]:
         for images, labels in self.images.batches(order, batch_size):
-            yield extract_features(self.backbone, images.to(self.device), self.with_layers, bf16=self.bf16), labels
+            images = images.to(self.device, non_blocking=True)
+            yield extract_features(self.backbone, images, self.with_layers, bf16=self.bf16), labels
 
 
 class CachedFeatureBatches:
     """Frozen-trunk features read from a feature cache, as float32 (per-layer tokens in bfloat16
     with ``bf16``: what the methods compute with under bf16 autocast).
 
-    A batch's features are views of buffers reused for the next batch: consume a batch
-    (forward and backward) before asking for the next one.
+    ``placement``: see the module docstring; :attr:`placement` holds the one chosen. On the CPU and when streaming, a batch's features are views of buffers reused
+    for later batches: consume a batch (forward and backward) before asking for the next one.
     """
 
-    def __init__(self, cache: FeatureCache, with_layers: bool, bf16: bool = False) -> None:
+    def __init__(self, cache: FeatureCache, with_layers: bool, bf16: bool = False,
+                 device: torch.device | str = "cpu", placement: str = "auto") -> None:
         self.cache = cache
         self.labels = cache.labels
         self.with_layers = with_layers
         self.layers_dtype = torch.bfloat16 if bf16 else torch.float32
+        self.device = torch.device(device)
+        self.placement = choose_placement(cache, with_layers, self.device, placement)
+        self.resident = cache.load(self.device, with_layers) if self.placement == "device" else None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def batches(self, order: np.ndarray, batch_size: int) -> Iterator[tuple[Features, Tensor]]:
+        if self.resident is not None:
+            return self._gather_on_device(order, batch_size)
+        if self.device.type == "cuda":
+            return self._stream(order, batch_size)
+        return self._gather_on_host(order, batch_size)
+
+    def _gather_on_host(self, order: np.ndarray, batch_size: int) -> Iterator[tuple[Features, Tensor]]:
+        buffers = self._host_buffers(batch_size, torch.float32, self.layers_dtype)
+        for indices in _batch_indices(order, batch_size):
+            yield self.cache.features(indices, self.with_layers, buffers), torch.from_numpy(self.labels[indices])
+
+    def _gather_on_device(self, order: np.ndarray, batch_size: int) -> Iterator[tuple[Features, Tensor]]:
+        cls, layers = self.resident  # (n, D) and layer-major (L, n, N, D), float16
+        for indices in _batch_indices(order, batch_size):
+            index = torch.tensor(indices, device=self.device)
+            batch_layers = None
+            if layers is not None:  # (L, B, N, D) in the compute dtype, seen as a layer-major (B, L, N, D)
+                batch_layers = layers.index_select(1, index).to(self.layers_dtype).transpose(0, 1)
+            yield Features(cls.index_select(0, index).float(), batch_layers), torch.from_numpy(self.labels[indices])
+
+    def _stream(self, order: np.ndarray, batch_size: int) -> Iterator[tuple[Features, Tensor]]:
+        """Two pinned float16 buffers: a thread gathers batch i + 1 into one while batch i, copied out of
+        the other on a side stream, is computed on; a buffer is refilled once its copy has finished."""
+        batches = _batch_indices(order, batch_size)
+        buffers = [self._host_buffers(batch_size, torch.float16, torch.float16, pin=True) for _ in range(2)]
+        copied: list[torch.cuda.Event | None] = [None, None]
+        copy_stream = torch.cuda.Stream(self.device)
+
+        def gather(i: int) -> Features:
+            if copied[i % 2] is not None:
+                copied[i % 2].synchronize()
+            return self.cache.features(batches[i], self.with_layers, buffers[i % 2])
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(gather, 0) if batches else None
+            for i, indices in enumerate(batches):
+                host = pending.result()
+                if i + 1 < len(batches):
+                    pending = pool.submit(gather, i + 1)
+                with torch.cuda.stream(copy_stream):
+                    features = host.to(self.device, self.layers_dtype == torch.bfloat16)
+                    copied[i % 2] = torch.cuda.Event()
+                    copied[i % 2].record(copy_stream)
+                compute = torch.cuda.current_stream(self.device)
+                compute.wait_stream(copy_stream)
+                for tensor in (features.cls, features.layers):
+                    if tensor is not None:
+                        tensor.record_stream(compute)  # made on the side stream, used and freed on this one
+                yield features, torch.from_numpy(self.labels[indices])
+
+    def _host_buffers(self, batch_size: int, cls_dtype: torch.dtype, layers_dtype: torch.dtype,
+                      pin: bool = False) -> Features:
         cache = self.cache
         layers = None
         if self.with_layers:  # laid out as Features.to lays them out
-            layers = empty_layer_major((batch_size, *cache.layers[0].shape[1:]), self.layers_dtype)
-        buffers = Features(torch.empty(batch_size, *cache.cls[0].shape[1:]), layers)
-        for indices in _batch_indices(order, batch_size):
-            yield self.cache.features(indices, self.with_layers, buffers), torch.from_numpy(self.labels[indices])
+            layers = empty_layer_major((batch_size, *cache.layers[0].shape[1:]), layers_dtype, pin_memory=pin)
+        return Features(torch.empty(batch_size, *cache.cls[0].shape[1:], dtype=cls_dtype, pin_memory=pin), layers)
+
+
+def choose_placement(cache: FeatureCache, with_layers: bool, device: torch.device, placement: str) -> str:
+    """Where a cache entry's features live while training: ``device`` (GPU memory) or ``host``."""
+    check_placement(placement)
+    if placement == "auto" and device.type != "cuda":
+        return "host"
+    if placement == "auto":
+        free, _ = torch.cuda.mem_get_info(device)
+        return "device" if cache.nbytes(with_layers) <= DEVICE_CACHE_FRACTION * free else "host"
+    return placement
+
+
+def check_placement(placement: str) -> None:
+    if placement not in PLACEMENTS:
+        raise ConfigError(f"unknown cache placement {placement!r} (known: {', '.join(PLACEMENTS)})")

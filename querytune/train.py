@@ -45,6 +45,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     seed: int = 0
     bf16: bool = False
+    checkpointing: bool = False  # recompute each block in backward (methods that backpropagate through the trunk)
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -140,6 +141,7 @@ def fit(
     rank, world = distributed.rank(), distributed.world_size()
     local_batch_size = distributed.local_batch_size(cfg.batch_size)
     method.to(device)  # before the optimiser loads its state: that state follows the parameters' device
+    method.backbone.set_grad_checkpointing(cfg.checkpointing)
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
     steps_per_epoch = math.ceil(len(source) / cfg.batch_size)

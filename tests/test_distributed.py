@@ -64,11 +64,11 @@ def test_two_processes_train_like_one(method, cached, tiny_backbone_dir, tmp_pat
     features = ["--cache", tmp_path / "ddp-cache", "--workers", "0"] if cached else ["--no-cache", "--workers", "1"]
     result = torchrun("train", "--method", method, "--backbone", tiny_backbone_dir, "--data", task,
                       "--train-split", "train800", "--out", tmp_path / "ddp", "--image-size", "32", "-q",
-                      "--epochs", "2", "--batch-size", "8", "--lr", "0.05", *flags, *features)
+                      "--epochs", "2", "--batch-size", "8", "--lr", "0.05", "--device", "cpu", *flags, *features)
     assert result.returncode == 0, result.stderr[-3000:]
 
     one = train_run(method, tiny_backbone_dir, task, tmp_path / "one", train_split="train800", image_size=32,
-                    workers=0, show_progress=False, cache_dir=tmp_path / "one-cache" if cached else None,
+                    workers=0, show_progress=False, cache_dir=tmp_path / "one-cache" if cached else None, device="cpu",
                     options=options, train_settings={"epochs": 2, "batch_size": 8, "lr": 0.05})
     ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert ddp["processes"] == 2 and one["processes"] == 1

@@ -243,3 +243,53 @@ def test_group_lasso_drives_unused_feature_columns_to_zero():
     fit_head(head, x, y, TrainConfig(epochs=200, batch_size=50), group_lasso=0.05)
     norms = head.weight.detach().norm(dim=0)
     assert norms.argmax() == 0 and (norms[1:] < 0.1 * norms[0]).all()
+
+
+def test_cache_placement_device_gathers_what_the_memory_map_gives(tiny_task, tmp_path):
+    """``device`` placement (GPU memory on a GPU, RAM on a CPU) yields the batches the memory map does."""
+    from conftest import tiny_vit
+    from querytune.sources import CachedFeatureBatches
+
+    images = open_split(tiny_task, "train800val200")
+    cache = FeatureCache.open(build_cache(tmp_path, tiny_vit(), images, Preprocess(32, (0.5,) * 3, (0.5,) * 3),
+                                          shard_size=5, show_progress=False))
+    order = np.random.default_rng(0).permutation(len(cache))
+    for bf16 in (False, True):
+        mapped = CachedFeatureBatches(cache, True, bf16)
+        resident = CachedFeatureBatches(cache, True, bf16, placement="device")
+        assert (mapped.placement, resident.placement) == ("host", "device")
+        for (a, labels_a), (b, labels_b) in zip(mapped.batches(order, 4), resident.batches(order, 4), strict=True):
+            assert torch.equal(a.cls, b.cls) and torch.equal(a.layers, b.layers) and torch.equal(labels_a, labels_b)
+            assert b.layers.dtype == (torch.bfloat16 if bf16 else torch.float32)
+            assert b.layers[:, 1].is_contiguous()  # layer-major, as the rows' batched matmuls read it
+    with pytest.raises(ConfigError, match="unknown cache placement 'gpu'"):
+        CachedFeatureBatches(cache, True, placement="gpu")
+
+
+@pytest.mark.parametrize("method", ["full", "vpt", "vqt+lora"])
+def test_gradient_checkpointing_gives_the_same_gradients(method):
+    from conftest import tiny_vit
+    from querytune.methods import build_method
+
+    images = torch.randn(3, 3, 32, 32)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build_method(method, tiny_vit(layer_scale=True), 4).eval()
+        model.backbone.set_grad_checkpointing(checkpointing)
+        model(images).square().sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_checkpointing_is_refused_for_frozen_trunk_methods(tiny_backbone_dir, tiny_task, tmp_path):
+    with pytest.raises(ConfigError, match="--checkpointing: method 'vqt' does not backpropagate"):
+        _train(tiny_backbone_dir, tiny_task, tmp_path / "run", method="vqt",
+               train_settings={**FAST, "checkpointing": True})
+    assert not (tmp_path / "run").exists()
+    metrics = _train(tiny_backbone_dir, tiny_task, tmp_path / "full", method="full",
+                     train_settings={**FAST, "checkpointing": True})
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["train"]["checkpointing"] is True
+    assert metrics["feature_placement"] is None  # images, not cached features

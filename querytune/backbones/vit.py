@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -176,6 +177,7 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim) if layer_scale else nn.Identity()
         self.mlp_parallel: nn.Module | None = None
+        self.checkpointing = False  # see VisionTransformer.set_grad_checkpointing
 
     def mlp_branch(self, a: Tensor) -> Tensor:
         branch = self.ls2(self.mlp(self.norm2(a)))
@@ -189,6 +191,11 @@ class Block(nn.Module):
 
     def forward_normed(self, x: Tensor, u: Tensor, memory: Tensor | None = None) -> Tensor:
         """Ordinary forward given ``u = norm1(x)`` (lets the trunk keep ``u`` as a feature)."""
+        if self.checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward_normed, x, u, memory, use_reentrant=False)
+        return self._forward_normed(x, u, memory)
+
+    def _forward_normed(self, x: Tensor, u: Tensor, memory: Tensor | None) -> Tensor:
         mem = None
         if memory is not None:
             mem = self.norm1(memory).expand(x.shape[0], -1, -1)
@@ -281,6 +288,12 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Keep only each block's inputs for backward and recompute the rest there (as timm's method of
+        this name): less activation memory for the methods that backpropagate through the trunk."""
+        for block in self.blocks:
+            block.checkpointing = enable
 
     @property
     def num_features(self) -> int:

@@ -1,0 +1,82 @@
+"""The CUDA path: every method computes on the GPU what it computes on the CPU (where the naive
+references check it), cached features train alike wherever they live, and a bf16 run works end
+to end. Skipped, saying so, where no GPU is present (``benchmarks/gpu_check.sh`` runs them)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_vit
+from querytune import train_run
+from querytune.cache import FeatureCache, build_cache
+from querytune.data import Preprocess, open_split
+from querytune.features import extract_features
+from querytune.measure import measure_method
+from querytune.methods import METHODS, build_method
+from querytune.sources import CachedFeatureBatches
+from querytune.train import TrainConfig, fit
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_on_cuda_equals_cpu(name):
+    torch.manual_seed(0)
+    method = build_method(name, tiny_vit(layer_scale=True), 5).eval()  # eval: no dropout draws
+    images = torch.randn(3, 3, 32, 32)
+    results = {}
+    for device in ("cpu", CUDA):
+        module = copy.deepcopy(method).to(device)
+        inputs = images.to(device)
+        if method.frozen_trunk:
+            inputs = extract_features(module.backbone, inputs, method.reads_layers, torch.float32)
+        logits = module(inputs)
+        logits.square().sum().backward()
+        grads = {n: p.grad.cpu() for n, p in module.named_parameters() if p.requires_grad}
+        results[str(device)] = (logits.detach().cpu(), grads)
+    (cpu_logits, cpu_grads), (cuda_logits, cuda_grads) = results.values()
+    torch.testing.assert_close(cuda_logits, cpu_logits, rtol=1e-4, atol=1e-4)
+    for param, grad in cpu_grads.items():
+        torch.testing.assert_close(cuda_grads[param], grad, rtol=1e-3, atol=1e-4, msg=param)
+
+
+def test_cached_features_train_alike_in_gpu_memory_streamed_and_on_cpu(tiny_task, tmp_path):
+    backbone = tiny_vit()
+    images = open_split(tiny_task, "train800val200")
+    cache = FeatureCache.open(build_cache(tmp_path, backbone, images, Preprocess(32, (0.5,) * 3, (0.5,) * 3),
+                                          show_progress=False))
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=0.05, warmup_epochs=0)
+    adapters = {}
+    for device, placement in (("cpu", "host"), (CUDA, "device"), (CUDA, "host")):
+        torch.manual_seed(0)
+        method = build_method("vqt", backbone, images.num_classes, {"query_dropout": 0.0})
+        source = CachedFeatureBatches(cache, True, device=device, placement=placement)
+        assert source.placement == placement
+        fit(method, source, cfg, torch.device(device), show_progress=False)
+        adapters[(str(device), placement)] = {k: v.cpu() for k, v in method.trainable_state_dict().items()}
+    reference = adapters[("cpu", "host")]
+    for key, adapter in adapters.items():
+        for name, value in reference.items():
+            torch.testing.assert_close(adapter[name], value, rtol=1e-4, atol=1e-5, msg=f"{key} {name}")
+
+
+def test_bf16_run_on_cuda_end_to_end(tiny_backbone_dir, tiny_task, tmp_path):
+    metrics = train_run("vqt", tiny_backbone_dir, tiny_task, tmp_path / "run", image_size=32, workers=2,
+                        train_settings={"epochs": 3, "batch_size": 8, "bf16": True}, cache_dir=tmp_path / "cache",
+                        show_progress=False)
+    assert metrics["device"].startswith("cuda") and metrics["feature_placement"] == "device"
+    assert set(load_file(str(tmp_path / "run" / "adapter.safetensors"))) >= {"head.weight", "queries"}
+
+
+@pytest.mark.parametrize("name", ["vqt", "full"])
+def test_measured_saved_bytes_are_the_cpus(name, tiny_backbone_dir):
+    """Saved-for-backward bytes count tensor storages: the same on either device in float32."""
+    cpu = measure_method(name, tiny_backbone_dir, batch_size=4, image_size=32, device="cpu")
+    cuda = measure_method(name, tiny_backbone_dir, batch_size=4, image_size=32, device="cuda")
+    assert cuda["saved_bytes"] == cpu["saved_bytes"]
+    assert 0 < cuda["inference_peak_bytes"] <= cuda["train_peak_bytes"]
