@@ -63,9 +63,11 @@ nproc
 # the tests look for ../shared beside the checkout
 [ -e ../shared ] || ln -s "$SHARED" ../shared
 
-XDIST=$($PYTHON -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-part tests 80 $PYTHON -m pytest -q -p no:cacheprovider $XDIST $TEST_ARGS > "$OUT/tests.log" 2>&1
-tail -n 30 "$OUT/tests.log"
+XDIST=$($PYTHON -c "import xdist" 2>/dev/null && echo "-n 14" || echo "")
+# -v: a line per test, so that a run stopped at its limit still says which tests failed
+part tests 100 $PYTHON -m pytest -v -rf -p no:cacheprovider -p no:benchmark $XDIST $TEST_ARGS > "$OUT/tests.log" 2>&1
+grep -E "FAILED|ERROR" "$OUT/tests.log" | head -n 40
+tail -n 3 "$OUT/tests.log"
 
 BF16=$([ "$DEVICE" = cuda ] && echo --bf16 || echo "")
 part random-vit-b 20 $PYTHON benchmarks/gpu_figures.py random-vit --out "$VIT_B"
@@ -78,7 +80,7 @@ part epochs 25 $PYTHON benchmarks/gpu_figures.py epochs --backbone "$BACKBONE" -
     --cache-root "$WORK" --out "$OUT/epochs.json"
 for model in vit-s vit-b; do
     source=$([ $model = vit-s ] && echo "$BACKBONE" || echo "$VIT_B")
-    part full-run-$model 35 $PYTHON benchmarks/gpu_figures.py full-run --backbone "$source" \
+    part full-run-$model 50 $PYTHON benchmarks/gpu_figures.py full-run --backbone "$source" \
         --task "$SHARED/data/vtab1k-mini/cifar10" --epochs "$EPOCHS" --image-size "$SIZE" --workers "$WORKERS" $BF16 --device "$DEVICE" \
         --cache-root "$WORK" --out "$OUT/full-run-$model.json"
 done

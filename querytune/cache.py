@@ -225,7 +225,7 @@ def build_cache(
     preprocess: Preprocess,
     with_layers: bool = True,
     bf16: bool = False,
-    batch_size: int = 16,
+    batch_size: int = 64,
     shard_size: int = SHARD_SIZE,
     device: torch.device | str = "cpu",
     workers: int = 0,
@@ -252,35 +252,38 @@ def build_cache(
     if not todo and (shards is not None or read_meta(path) is not None):
         return path
     path.mkdir(parents=True, exist_ok=True)
-    dataset = ImageDataset(images, preprocess)
     backbone = backbone.to(device).eval()
+    # One loader for every shard to do (workers start once); no batch spans two shards.
+    plan = [(shard, list(range(first, min(first + batch_size, shard * shard_size + rows[shard]))))
+            for shard in todo for first in range(shard * shard_size, shard * shard_size + rows[shard], batch_size)]
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(images, preprocess), batch_sampler=[indices for _, indices in plan], num_workers=workers,
+        pin_memory=torch.device(device).type == "cuda", generator=private_generator(),
+    )
+    files: dict[str, np.memmap] = {}
     with progress_bar(f"caching {images.task}/{images.split}", total=sum(rows[s] for s in todo),
                       enabled=show_progress) as advance:
-        for shard in todo:
-            start = shard * shard_size
-            loader = torch.utils.data.DataLoader(
-                torch.utils.data.Subset(dataset, range(start, start + rows[shard])), batch_size=batch_size,
-                num_workers=workers, generator=private_generator(),
-            )
-            # written in place into temporary files, renamed once whole
-            files = {kind: np.lib.format.open_memmap(temporary_path(shard_file(path, shard, kind)), mode="w+",
-                                                      dtype=np.float16, shape=(rows[shard], *shape))
-                     for kind, shape in shapes.items()}
-            try:
-                row = 0
-                for batch, _ in iterate_loader(loader):
-                    feats = extract_features(backbone, batch.to(device), with_layers, STORAGE_DTYPE, bf16)
-                    files["cls"][row : row + len(batch)] = feats.cls.cpu().numpy()
-                    if with_layers:
-                        files["layers"][row : row + len(batch)] = feats.layers.cpu().numpy()
-                    row += len(batch)
-                    advance(len(batch))
-                for kind, array in files.items():
-                    array.flush()
-                    os.replace(array.filename, shard_file(path, shard, kind))
-            finally:
-                for array in files.values():
-                    Path(array.filename).unlink(missing_ok=True)
+        try:
+            for (shard, indices), (batch, _) in zip(plan, iterate_loader(loader)):
+                if not files:  # a shard begins: written in place into temporary files, renamed once whole
+                    files = {kind: np.lib.format.open_memmap(temporary_path(shard_file(path, shard, kind)), mode="w+",
+                                                              dtype=np.float16, shape=(rows[shard], *shape))
+                             for kind, shape in shapes.items()}
+                row = indices[0] - shard * shard_size
+                feats = extract_features(backbone, batch.to(device, non_blocking=True), with_layers, STORAGE_DTYPE,
+                                         bf16)
+                files["cls"][row : row + len(batch)] = feats.cls.cpu().numpy()
+                if with_layers:
+                    files["layers"][row : row + len(batch)] = feats.layers.cpu().numpy()
+                advance(len(batch))
+                if row + len(batch) == rows[shard]:
+                    for kind, array in files.items():
+                        array.flush()
+                        os.replace(array.filename, shard_file(path, shard, kind))
+                    files = {}
+        finally:
+            for array in files.values():  # a shard left unfinished
+                Path(array.filename).unlink(missing_ok=True)
     if shards is None:
         remove_stale_temporaries(path)
         meta = {

@@ -184,7 +184,7 @@ def cache(
     cache: Path = typer.Option(..., "--cache", help="feature-cache folder"),
     splits: str = typer.Option("train800val200,test", help="comma-separated splits"),
     image_size: int = typer.Option(224),
-    batch_size: int = typer.Option(16),
+    batch_size: int = typer.Option(64),
     shard_size: int = typer.Option(64, help="images per shard file (the unit of work split over processes)"),
     bf16: bool = typer.Option(False, "--bf16", help="run the trunk in bfloat16 autocast (a separate cache entry)"),
     device: Optional[str] = typer.Option(None),
