@@ -16,7 +16,7 @@ from querytune.cache import FeatureCache, build_cache
 from querytune.data import Preprocess, open_split
 from querytune.features import extract_features
 from querytune.measure import measure_method
-from querytune.methods import METHODS, build_method
+from querytune.methods import METHODS, build_method, synqt
 from querytune.sources import CachedFeatureBatches
 from querytune.train import TrainConfig, fit
 
@@ -24,13 +24,23 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 CUDA = torch.device("cuda")
 
 
+def deterministic_train_mode(method: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> torch.nn.Module:
+    """Train mode (every trainable parameter is reached: eval merges LoRA's weights) without random draws,
+    which differ between the CPU's and the GPU's generators."""
+    monkeypatch.setattr(synqt, "HEAD_DROP_PATH", 0.0)
+    for module in method.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return method.train()
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_method_on_cuda_equals_cpu(name):
+def test_method_on_cuda_equals_cpu(name, monkeypatch):
     torch.manual_seed(0)
-    method = build_method(name, tiny_vit(layer_scale=True), 5).eval()  # eval: no dropout draws
+    method = deterministic_train_mode(build_method(name, tiny_vit(layer_scale=True), 5), monkeypatch)
     images = torch.randn(3, 3, 32, 32)
-    results = {}
-    for device in ("cpu", CUDA):
+    results = []
+    for device in (torch.device("cpu"), CUDA):
         module = copy.deepcopy(method).to(device)
         inputs = images.to(device)
         if method.frozen_trunk:
@@ -38,9 +48,10 @@ def test_method_on_cuda_equals_cpu(name):
         logits = module(inputs)
         logits.square().sum().backward()
         grads = {n: p.grad.cpu() for n, p in module.named_parameters() if p.requires_grad}
-        results[str(device)] = (logits.detach().cpu(), grads)
-    (cpu_logits, cpu_grads), (cuda_logits, cuda_grads) = results.values()
+        results.append((logits.detach().cpu(), grads))
+    (cpu_logits, cpu_grads), (cuda_logits, cuda_grads) = results
     torch.testing.assert_close(cuda_logits, cpu_logits, rtol=1e-4, atol=1e-4)
+    assert cuda_grads.keys() == cpu_grads.keys()
     for param, grad in cpu_grads.items():
         torch.testing.assert_close(cuda_grads[param], grad, rtol=1e-3, atol=1e-4, msg=param)
 
@@ -70,13 +81,15 @@ def test_bf16_run_on_cuda_end_to_end(tiny_backbone_dir, tiny_task, tmp_path):
                         train_settings={"epochs": 3, "batch_size": 8, "bf16": True}, cache_dir=tmp_path / "cache",
                         show_progress=False)
     assert metrics["device"].startswith("cuda") and metrics["feature_placement"] == "device"
-    assert set(load_file(str(tmp_path / "run" / "adapter.safetensors"))) >= {"head.weight", "queries"}
+    assert set(load_file(str(tmp_path / "run" / "adapter.safetensors"))) >= {"head.weight", "query_path.queries"}
 
 
-@pytest.mark.parametrize("name", ["vqt", "full"])
-def test_measured_saved_bytes_are_the_cpus(name, tiny_backbone_dir):
-    """Saved-for-backward bytes count tensor storages: the same on either device in float32."""
-    cpu = measure_method(name, tiny_backbone_dir, batch_size=4, image_size=32, device="cpu")
-    cuda = measure_method(name, tiny_backbone_dir, batch_size=4, image_size=32, device="cuda")
-    assert cuda["saved_bytes"] == cpu["saved_bytes"]
-    assert 0 < cuda["inference_peak_bytes"] <= cuda["train_peak_bytes"]
+def test_measured_peaks_leave_out_memory_held_before(tiny_backbone_dir):
+    """Measured in-process on a GPU: memory that others hold is not the measured step's."""
+    first = measure_method("vqt", tiny_backbone_dir, batch_size=4, image_size=32, device="cuda")
+    held = torch.empty(64 * 2**20, dtype=torch.uint8, device=CUDA)
+    second = measure_method("vqt", tiny_backbone_dir, batch_size=4, image_size=32, device="cuda")
+    del held
+    assert second["saved_bytes"] == first["saved_bytes"]
+    for key in ("train_peak_bytes", "inference_peak_bytes"):
+        assert abs(second[key] - first[key]) < 2**20, key  # not the 64 MiB held in between
