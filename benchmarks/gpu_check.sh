@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Every GPU figure in one go, sized for at most 6 minutes on one H100/H200.
+# Every GPU figure, in two invocations of about 6 minutes each on one H100/H200:
 #
-#   benchmarks/gpu_check.sh OUT [SHARED]
+#   benchmarks/gpu_check.sh OUT [SHARED]                       # tests, measure, epochs, full runs
+#   PARTS=bench benchmarks/gpu_check.sh OUT2 [SHARED]          # the bench of every method on $TASKS
 #
+# (On an H200 the test suite needs about 200 s with 14 workers, each 100-epoch run 40-60 s, and
+# each bench cell 4-30 s: docs/benchmarks-gpu.md.)
 # SHARED holds weights/dinov2-small-imgfocus and data/vtab1k-mini/<task> (default ../shared).
 # Runs from the source tree without installing. Each part has its own time limit, so the
 # script always ends and leaves what it measured in OUT (at most 8 files):
@@ -34,7 +37,7 @@ ALL_METHODS=linear,vqt,vqt-naive,synqt,memory,full,vpt,lora,adaptformer,bitfit,v
 MEASURE_METHODS=${MEASURE_METHODS:-$ALL_METHODS}
 BENCH_METHODS=${BENCH_METHODS:-linear,vqt,synqt,memory,full,vpt,lora,adaptformer,bitfit,vqt+lora,vqt+adaptformer,vqt+vpt}
 TEST_ARGS=${TEST_ARGS:-}
-PARTS=${PARTS:-tests random measure epochs full bench}  # a rerun can redo some
+PARTS=${PARTS:-tests random measure epochs full}  # any of: tests random measure epochs full bench
 LIMIT_SCALE=${LIMIT_SCALE:-1}  # multiplies every part's time limit (a CPU dry run needs more)
 
 mkdir -p "$OUT"
@@ -65,7 +68,7 @@ nproc
 
 XDIST=$($PYTHON -c "import xdist" 2>/dev/null && echo "-n 14" || echo "")
 # -v: a line per test, so that a run stopped at its limit still says which tests failed
-part tests 100 $PYTHON -m pytest -v -rf -p no:cacheprovider -p no:benchmark $XDIST $TEST_ARGS > "$OUT/tests.log" 2>&1
+part tests 200 $PYTHON -m pytest -v -rf -p no:cacheprovider -p no:benchmark $XDIST $TEST_ARGS > "$OUT/tests.log" 2>&1
 grep -E "FAILED|ERROR" "$OUT/tests.log" | head -n 40
 tail -n 3 "$OUT/tests.log"
 
@@ -75,12 +78,12 @@ part measure-vit-s 40 $PYTHON benchmarks/gpu_figures.py measure --backbone "$BAC
     --batch "$BATCH" --image-size "$SIZE" $BF16 --device "$DEVICE" --out "$OUT/measure-vit-s.json"
 part measure-vit-b 40 $PYTHON benchmarks/gpu_figures.py measure --backbone "$VIT_B" --methods "$MEASURE_METHODS" \
     --batch "$BATCH" --image-size "$SIZE" $BF16 --device "$DEVICE" --out "$OUT/measure-vit-b.json"
-part epochs 25 $PYTHON benchmarks/gpu_figures.py epochs --backbone "$BACKBONE" --task "$SHARED/data/vtab1k-mini/cifar10" \
+part epochs 30 $PYTHON benchmarks/gpu_figures.py epochs --backbone "$BACKBONE" --task "$SHARED/data/vtab1k-mini/cifar10" \
     --epoch-images "$EPOCH_IMAGES" --image-size "$SIZE" --workers "$WORKERS" $BF16 --device "$DEVICE" \
     --cache-root "$WORK" --out "$OUT/epochs.json"
 for model in vit-s vit-b; do
     source=$([ $model = vit-s ] && echo "$BACKBONE" || echo "$VIT_B")
-    part full-run-$model 50 $PYTHON benchmarks/gpu_figures.py full-run --backbone "$source" \
+    part full-run-$model 60 $PYTHON benchmarks/gpu_figures.py full-run --backbone "$source" \
         --task "$SHARED/data/vtab1k-mini/cifar10" --epochs "$EPOCHS" --image-size "$SIZE" --workers "$WORKERS" $BF16 --device "$DEVICE" \
         --cache-root "$WORK" --out "$OUT/full-run-$model.json"
 done
@@ -88,7 +91,7 @@ done
 mkdir -p "$WORK/suite"
 for task in $TASKS; do ln -s "$SHARED/data/vtab1k-mini/$task" "$WORK/suite/$task"; done
 TASK_GROUPS=$(for task in $TASKS; do grep "^$task " benchmarks/vtab1k-mini-groups.txt | tr ' ' '='; done | paste -sd,)
-part bench 100 $PYTHON -m querytune bench --suite "$WORK/suite" --groups "$TASK_GROUPS" \
+part bench 330 $PYTHON -m querytune bench --suite "$WORK/suite" --groups "$TASK_GROUPS" \
     --methods "$BENCH_METHODS" --backbone "$BACKBONE" --profile quick $BF16 --image-size "$SIZE" \
     --device "$DEVICE" --workers "$WORKERS" --out "$WORK/bench" --quiet > "$WORK/bench.log" 2>&1
 tail -n 40 "$WORK/bench.log"
