@@ -28,13 +28,13 @@ import torch
 
 from querytune import load_backbone, train_run
 from querytune.backbones import save_backbone
-from querytune.backbones.vit import ViTConfig, VisionTransformer
-from querytune.cache import open_or_build_cache
+from querytune.backbones.vit import VisionTransformer, ViTConfig
 from querytune.data import Preprocess, open_split
 from querytune.measure import measure_method_isolated
 from querytune.methods import build_method
-from querytune.sources import CachedFeatureBatches, ImageBatches, LiveFeatureBatches
 from querytune.train import TrainConfig, fit
+from querytune.trunk.cache import open_or_build_cache
+from querytune.trunk.sources import CachedFeatureBatches, ImageBatches, LiveFeatureBatches
 
 MiB = 2**20
 
@@ -88,7 +88,7 @@ def epochs(args: argparse.Namespace) -> dict:
     backbone = load_backbone(args.backbone)
     images = open_split(args.task, "train800val200")
     images = replace(images, items=images.items[: args.epoch_images])
-    preprocess = Preprocess(args.image_size, backbone.config.mean, backbone.config.std)
+    preprocess = Preprocess.for_backbone(backbone, args.image_size)
     method = build_method("vqt", backbone, images.num_classes)
     cfg = TrainConfig.for_method(type(method), {"epochs": 1, "bf16": args.bf16})
 

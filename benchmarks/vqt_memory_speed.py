@@ -71,18 +71,18 @@ def epoch_timing(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     from querytune import load_backbone
-    from querytune.cache import open_or_build_cache
     from querytune.data import Preprocess, open_split
     from querytune.methods import build_method
-    from querytune.run import default_workers
-    from querytune.sources import CachedFeatureBatches, ImageBatches, LiveFeatureBatches
     from querytune.train import TrainConfig, fit
+    from querytune.trunk.cache import open_or_build_cache
+    from querytune.trunk.device import default_workers
+    from querytune.trunk.sources import CachedFeatureBatches, ImageBatches, LiveFeatureBatches
 
     device = torch.device(args.device)
     backbone = load_backbone(args.backbone)
     images = open_split(args.task, "train800val200")
     images = replace(images, items=images.items[: args.epoch_images])
-    preprocess = Preprocess(args.image_size, backbone.config.mean, backbone.config.std)
+    preprocess = Preprocess.for_backbone(backbone, args.image_size)
     method = build_method("vqt", backbone, images.num_classes)
     cfg = TrainConfig.for_method(type(method), {"epochs": 1, "bf16": args.bf16})
     workers = default_workers()

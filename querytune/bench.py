@@ -36,9 +36,9 @@ from typing import Any
 
 from .data import list_splits
 from .errors import ConfigError, DataError, QuerytuneError
+from .files import write_atomic, write_json, write_text
 from .measure import measure_method_isolated
 from .methods import method_class
-from .files import write_atomic, write_json, write_text
 from .run import train_run
 
 GROUP_ORDER = ("natural", "specialized", "structured")
@@ -107,7 +107,7 @@ def profile_settings(method: str, profile: str) -> dict[str, Any]:
     if profile == "quick":
         cls = method_class(method)
         protocol_epochs = cls.train_defaults.get("epochs", 100)
-        return {"epochs": min(protocol_epochs, QUICK_EPOCHS[cls.frozen_trunk])}
+        return {"epochs": min(protocol_epochs, QUICK_EPOCHS[cls.reads.frozen])}
     raise ConfigError(f"unknown profile {profile!r} (known: quick, paper)")
 
 
@@ -178,25 +178,21 @@ class Bench:
     def prepare_cache(self, task: Task) -> None:
         """Build the per-layer feature cache of the task's splits once when any method reads it, so that
         class-token readers (run first or not) reuse it instead of running the trunk again."""
-        readers = [m for m in self.methods if method_class(m).frozen_trunk and method_class(m).reads_layers]
+        readers = [m for m in self.methods if method_class(m).reads.with_layers]
         if not readers or all((r / "metrics.json").is_file() for r in self.task_runs(task)):
             return
         from .backbones import load_backbone
-        from .cache import ensure_cache
-        from .data import Preprocess, open_split
-        from .run import default_device, default_workers
+        from .trunk.cache import cache_splits
+        from .trunk.device import default_device, default_workers
 
         if self.backbone_model is None:
             self.backbone_model = load_backbone(self.backbone)
-        model = self.backbone_model
-        preprocess = Preprocess(self.image_size, model.config.mean, model.config.std)
         splits = ["train800val200", "test"] + (["train800", "val200"] if self.search else [])
         try:
-            for split in splits:
-                ensure_cache(self.cache_dir, model, open_split(task.path, split), preprocess, True, self.bf16,
-                            device=self.device or default_device(),
-                            workers=default_workers() if self.workers is None else self.workers,
-                            show_progress=self.show_progress)
+            cache_splits(self.cache_dir, self.backbone_model, task.path, splits, self.image_size, self.bf16,
+                         device=self.device or default_device(),
+                         workers=default_workers() if self.workers is None else self.workers,
+                         show_progress=self.show_progress)
         except QuerytuneError:
             pass  # the task's cells meet the same error and report it
 

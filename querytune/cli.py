@@ -9,6 +9,7 @@ data-parallel over N processes (see :mod:`querytune.distributed`); only rank 0 p
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -35,10 +36,10 @@ def _given(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
-    method: str = typer.Option(..., "--method", "-m", help="linear | full | vqt | synqt | memory | vpt | lora | "
-                                                           "adaptformer | bitfit | vqt+lora | vqt+adaptformer | vqt+vpt"),
+    ctx: typer.Context,
+    method: str = typer.Option(..., "--method", "-m", help="the method (see `querytune methods`)"),
     backbone: str = BackboneOpt,
     data: Path = DataOpt,
     out: Path = typer.Option(..., "--out", "-o", help="run folder (resumed if it holds an unfinished run)"),
@@ -53,34 +54,13 @@ def train(
     grad_clip: Optional[float] = typer.Option(None),
     label_smoothing: Optional[float] = typer.Option(None),
     seed: Optional[int] = typer.Option(None),
-    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bfloat16 autocast for the trunk and the training step"),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16",
+                                        help="bfloat16 autocast for the trunk and the training step"),
     checkpointing: Optional[bool] = typer.Option(None, "--checkpointing", help="gradient checkpointing: recompute "
                                                  "each block in backward (methods that backpropagate through the trunk)"),
     image_size: int = typer.Option(224, help="input size (images are resized to it)"),
-    num_queries: Optional[int] = typer.Option(None, help="vqt, synqt: query tokens per layer (T)"),
-    query_dropout: Optional[float] = typer.Option(None, help="vqt: dropout on the queries"),
-    combine: Optional[str] = typer.Option(None, help="vqt: concat | mean | weighted (over the T queries)"),
-    layers: Optional[str] = typer.Option(None, help="vqt: blocks with queries, e.g. '6-11' (default all)"),
-    compress: Optional[float] = typer.Option(None, help="vqt: keep this fraction of head features (group lasso)"),
-    attn_scale: Optional[float] = typer.Option(None, help="synqt: initial QSM attention scale"),
-    ffn_scale: Optional[float] = typer.Option(None, help="synqt: initial QSM feed-forward scale"),
-    feat_scale: Optional[float] = typer.Option(None, help="synqt: initial scale of the previous layer's query feature"),
-    adapter_dim: Optional[int] = typer.Option(None, help="synqt, adaptformer: adapter bottleneck width"),
-    qsm_dim: Optional[int] = typer.Option(None, help="synqt: QSM projection bottleneck width (paper: 8 for D = 768)"),
-    prompts: Optional[int] = typer.Option(None, help="vpt: prompt tokens per layer (P)"),
-    vpt_mode: Optional[str] = typer.Option(None, help="vpt: deep (fresh prompts at every block) | shallow"),
-    prompt_dropout: Optional[float] = typer.Option(None, help="vpt: dropout on the prompts (default 0.1 deep, 0 shallow)"),
-    lora_rank: Optional[int] = typer.Option(None, help="lora: rank r of the q and v updates"),
-    lora_alpha: Optional[float] = typer.Option(None, help="lora: the updates are scaled by alpha / r"),
-    lora_dropout: Optional[float] = typer.Option(None, help="lora: dropout on the low-rank path's input"),
-    adapter_scale: Optional[float] = typer.Option(None, help="adaptformer: scale of the adapter's output"),
-    adapter_dropout: Optional[float] = typer.Option(None, help="adaptformer: dropout inside the adapter"),
-    memory_mode: Optional[str] = typer.Option(None, help="memory: masked (non-destructive, frozen trunk) | plain"),
-    memory_tokens: Optional[int] = typer.Option(None, help="memory: memory tokens per layer (m; 0 for none)"),
-    train_class_token: Optional[bool] = typer.Option(None, "--train-class-token/--no-train-class-token",
-                                                     help="memory: train the (new) class token"),
-    extend: Optional[Path] = typer.Option(None, help="memory: train a new task on top of this finished masked-memory "
-                                                     "run, whose tasks stay frozen and may be read"),
+    memory_mode: Optional[str] = typer.Option(None, help="memory: masked | plain (old spelling of --method "
+                                                         "memory-plain)"),
     cache: Optional[Path] = typer.Option(None, help="feature-cache folder (default: $QUERYTUNE_CACHE or "
                                                     "~/.cache/querytune/features)"),
     no_cache: bool = typer.Option(False, "--no-cache", help="run the frozen trunk every epoch instead"),
@@ -90,28 +70,22 @@ def train(
     workers: Optional[int] = typer.Option(None, help="image-loading processes"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
-    """Train a method on a task and report its test accuracy."""
-    from .cache import default_cache_root
+    """Train a method on a task and report its test accuracy. The method options (below) come from
+    the method registry; each applies to the methods it names."""
     from .run import train_run
+    from .trunk.cache import default_cache_root
 
     if no_cache and cache is not None:
         raise ConfigError("--cache and --no-cache exclude each other")
     metrics = train_run(
         method, backbone, data, out,
-        options=_given(num_queries=num_queries, query_dropout=query_dropout, combine=combine, layers=layers,
-                       compress=compress, attn_scale=attn_scale, ffn_scale=ffn_scale, feat_scale=feat_scale,
-                       adapter_dim=adapter_dim, qsm_dim=qsm_dim, prompts=prompts, vpt_mode=vpt_mode,
-                       prompt_dropout=prompt_dropout, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                       lora_dropout=lora_dropout, adapter_scale=adapter_scale, adapter_dropout=adapter_dropout,
-                       memory_mode=memory_mode, memory_tokens=memory_tokens, train_class_token=train_class_token,
-                       extend=extend),
+        options={**parse_method_options(ctx.args), **_given(memory_mode=memory_mode)},
         train_settings=_given(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                               optimizer=optimizer, warmup_epochs=warmup_epochs, grad_clip=grad_clip,
                               label_smoothing=label_smoothing, seed=seed, bf16=bf16, checkpointing=checkpointing),
         train_split=train_split, eval_split=eval_split or None, image_size=image_size,
         cache_dir=None if no_cache else cache or default_cache_root(), cache_placement=cache_placement,
-        device=device, workers=workers,
-        show_progress=not quiet,
+        device=device, workers=workers, show_progress=not quiet,
     )
     if distributed.is_main():
         _print_metrics(metrics)
@@ -151,8 +125,9 @@ def predict(
     workers: Optional[int] = typer.Option(None),
 ) -> None:
     """Answer every run's task from one backbone pass per image batch: one JSON line per image."""
-    from .run import default_workers
+    from .files import write_atomic
     from .serve import MultiTaskServer, collect_images
+    from .trunk.device import default_workers
 
     if out is not None:
         if out.exists() and not overwrite:
@@ -166,14 +141,12 @@ def predict(
         for record in records:
             print(json.dumps(record), flush=True)
         return
-    tmp = out.with_name(out.name + ".tmp")  # a failed run leaves no partial --out behind
-    try:
+    def write(tmp: Path) -> None:
         with open(tmp, "w") as handle:
             for record in records:
                 handle.write(json.dumps(record) + "\n")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_atomic(out, write)  # a failed run leaves no partial --out behind
     console.print(f"{len(paths)} images x {len(server.tasks)} tasks -> {out}", highlight=False)
 
 
@@ -195,22 +168,18 @@ def cache(
     import torch
 
     from .backbones import load_backbone
-    from .cache import ensure_cache
-    from .data import Preprocess, open_split
-    from .run import default_device, default_workers
+    from .trunk.cache import cache_splits
+    from .trunk.device import default_device, default_workers
 
     if shard_size < 1:
         raise ConfigError(f"--shard-size must be positive (got {shard_size})")
     where = distributed.init_from_env(torch.device(device) if device else default_device())
-    model = load_backbone(backbone)
-    preprocess = Preprocess(image_size, model.config.mean, model.config.std)
-    for split in filter(None, splits.split(",")):
-        images = open_split(data, split)
-        path = ensure_cache(cache, model, images, preprocess, with_layers=True, bf16=bf16, shard_size=shard_size,
-                            batch_size=batch_size, device=where,
-                            workers=default_workers() if workers is None else workers, show_progress=not quiet)
-        if distributed.is_main():
-            console.print(f"{images.task}/{split}: {len(images.items)} images -> {path}")
+    entries = cache_splits(cache, load_backbone(backbone), data, [s for s in splits.split(",") if s], image_size, bf16,
+                           shard_size=shard_size, batch_size=batch_size, device=where,
+                           workers=default_workers() if workers is None else workers, show_progress=not quiet)
+    if distributed.is_main():
+        for images, path in entries:
+            console.print(f"{images.task}/{images.split}: {len(images.items)} images -> {path}")
 
 
 @app.command()
@@ -266,7 +235,7 @@ def measure(
     """Measure one training step: trainable parameters, adapter bytes, activation bytes saved for
     backward, peak memory of training versus inference, step time."""
     from .measure import measure_method
-    from .run import default_device
+    from .trunk.device import default_device
 
     result = measure_method(method, backbone, batch_size, image_size, bf16, device or default_device(), num_classes)
     if as_json:
@@ -296,6 +265,22 @@ def info(backbone: str = BackboneOpt) -> None:
     console.print(table)
 
 
+@app.command()
+def methods() -> None:
+    """List the methods: what each reads from the trunk, its options and their defaults."""
+    from dataclasses import MISSING, fields
+
+    from .methods import METHODS
+    from .methods.options import flag
+
+    table = Table("method", "reads", "options (default)")
+    for name, cls in sorted(METHODS.items()):
+        options = [f"{flag(f.name)} ({f.default if f.default is not MISSING else ''}): {f.metadata.get('help', '')}"
+                   for f in fields(cls.Options)]
+        table.add_row(name, cls.reads.value, "\n".join(options) or "none")
+    console.print(table)
+
+
 def _print_metrics(metrics: dict[str, Any]) -> None:
     table = Table(show_header=False)
     for key, value in metrics.items():
@@ -303,22 +288,88 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
     console.print(table)
 
 
+def _option_users() -> dict[str, list[tuple[str, Any, type]]]:
+    """Each option name of the registered methods with the methods that take it (name, field, Options)."""
+    from dataclasses import fields
+
+    from .methods import METHODS
+
+    users: dict[str, list[tuple[str, Any, type]]] = {}
+    for name, cls in sorted(METHODS.items()):
+        for field in fields(cls.Options):
+            users.setdefault(field.name, []).append((name, field, cls.Options))
+    return users
+
+
+def method_options_parser() -> argparse.ArgumentParser:
+    """A parser for the method options of ``train``, one flag per option name of the registered methods
+    (an option several methods share is one flag), typed from the options dataclasses."""
+    from .methods.options import flag, value_type
+
+    parser = argparse.ArgumentParser(prog="querytune train", add_help=False, allow_abbrev=False,
+                                     exit_on_error=False)
+    for option_name, uses in _option_users().items():
+        kind, _ = value_type(uses[0][2], option_name)
+        if kind is bool:
+            parser.add_argument(flag(option_name), action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag(option_name), type={int: int, float: float}.get(kind, str), default=None)
+    return parser
+
+
+def parse_method_options(args: list[str]) -> dict[str, Any]:
+    """The method options given on ``train``'s command line (what typer's own options left over)."""
+    parser = method_options_parser()
+    try:
+        parsed, unknown = parser.parse_known_args(args)
+    except argparse.ArgumentError as error:
+        raise ConfigError(str(error)) from None
+    if unknown:
+        raise ConfigError(f"unknown option or extra argument {unknown[0]!r} (see querytune train --help)")
+    return {key: value for key, value in vars(parsed).items() if value is not None}
+
+
+def method_options_help() -> str:
+    """The method options for ``train --help``, from the registry."""
+    from .methods.options import flag
+
+    lines = ["Method options (each for the methods named):", ""]
+    for option_name, uses in _option_users().items():
+        field = uses[0][1]
+        names = ", ".join(name for name, _, _ in uses)
+        shown = f"{flag(option_name)}/--no-{flag(option_name)[2:]}" if isinstance(field.default, bool) else flag(option_name)
+        defaults = {name: used.default for name, used, _ in uses}
+        if len(set(map(str, defaults.values()))) > 1:
+            default = "; defaults " + ", ".join(f"{name} {value}" for name, value in defaults.items())
+        else:
+            default = "" if field.default is None else f"; default {field.default}"
+        lines.append(f"{shown}  {names}: {field.metadata.get('help', '')}{default}")
+    return "\n\n".join(lines)
+
+
+def build_cli() -> typer.Typer:
+    """The command line, with the method list and options of ``train`` taken from the registry as it is now."""
+    from .methods import METHODS
+
+    for command in app.registered_commands:
+        if command.callback is train:
+            command.epilog = method_options_help()
+            command.help = (train.__doc__ or "") + f"\n\nMethods: {', '.join(sorted(METHODS))}."
+    return app
+
+
 def main(argv: list[str] | None = None) -> None:
     """The command line; ``argv`` defaults to ``sys.argv[1:]``."""
     try:
-        app(args=argv, standalone_mode=False)
+        build_cli()(args=argv, standalone_mode=False)
     except QuerytuneError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except typer.Exit as exit_:
-        sys.exit(exit_.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as error:  # click usage errors
-        import click
-
-        if isinstance(error, click.ClickException):
+    except Exception as error:
+        if hasattr(error, "show") and hasattr(error, "exit_code"):  # click's usage errors (typer bundles click)
             error.show()
             sys.exit(2)
         raise

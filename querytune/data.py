@@ -24,6 +24,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -125,6 +126,11 @@ class Preprocess:
         self._mean = torch.tensor(self.mean).view(3, 1, 1)
         self._std = torch.tensor(self.std).view(3, 1, 1)
 
+    @classmethod
+    def for_backbone(cls, backbone: Any, image_size: int) -> Preprocess:
+        """The transform at ``image_size`` with the backbone's own normalisation (``backbone.config``)."""
+        return cls(image_size, backbone.config.mean, backbone.config.std)
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
         size = (self.image_size, self.image_size)
         image = _to_rgb(image).resize(size, Image.Resampling.BICUBIC)
@@ -147,6 +153,12 @@ def load_image(path: Path) -> Image.Image:
     # PIL's decoders also raise these for damaged files (and DecompressionBombError for huge ones).
     except (ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as error:
         raise DataError(f"{path}: cannot read image ({one_line(error)})") from error
+
+
+def private_generator() -> torch.Generator:
+    """For DataLoaders: each loader iterator draws a seed from its generator, and drawing it from
+    the global RNG would shift the methods' dropout masks depending on where inputs come from."""
+    return torch.Generator().manual_seed(0)
 
 
 def iterate_loader(loader: torch.utils.data.DataLoader) -> Iterator:

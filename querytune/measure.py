@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .features import Features, extract_features
 from .methods.base import Method
-from .train import autocast, to_device
+from .trunk.device import autocast, to_device
+from .trunk.features import Features, extract_features
 
 
 def adapter_bytes(method: Method) -> int:
@@ -51,7 +51,7 @@ class SavedTensorMeter:
         return sum(self._seen.values())
 
     @contextmanager
-    def __call__(self) -> Iterator["SavedTensorMeter"]:
+    def __call__(self) -> Iterator[SavedTensorMeter]:
         with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor):
             yield self
 
@@ -92,8 +92,9 @@ def _synchronize(device: torch.device) -> None:
 
 def method_inputs(method: Method, images: Tensor, bf16: bool) -> Callable[[], Features | Tensor]:
     """What feeding the method costs per step: the live frozen trunk (no_grad) or the images."""
-    if method.frozen_trunk:
-        return lambda: to_device(extract_features(method.backbone, images, method.reads_layers, bf16=bf16), images.device, bf16)
+    if method.reads.frozen:
+        return lambda: to_device(extract_features(method.backbone, images, method.reads.with_layers, bf16=bf16),
+                                 images.device, bf16)
     return lambda: images
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backbones.vit import Block, VisionTransformer
+from .trunk import TrunkInput
 
 NEG_INF = float("-inf")
 
@@ -116,8 +117,7 @@ class NaiveVQT(torch.nn.Module):
     :func:`querytune.measure.measure_step` can measure what that costs."""
 
     name = "vqt-naive"
-    frozen_trunk = False
-    reads_layers = True
+    reads = TrunkInput.IMAGES
 
     def __init__(self, vqt) -> None:
         super().__init__()

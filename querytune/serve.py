@@ -1,6 +1,6 @@
 """One-pass multi-task serving: finished frozen-backbone runs answered from one trunk pass.
 
-A frozen-backbone method (``frozen_trunk``) reads only what the unmodified trunk
+A frozen-backbone method (``reads.frozen``) reads only what the unmodified trunk
 computes, so K such tasks need the trunk once per image batch, not K times. The trunk
 keeps its per-block tokens only when some task reads them. Masked-memory tasks are
 also merged into one concatenated :class:`~querytune.methods.memory.TaskStack`, whose
@@ -23,15 +23,16 @@ from torch import Tensor
 
 from .backbones import load_backbone
 from .backbones.vit import VisionTransformer
-from .cache import backbone_fingerprint
 from .data import IMAGE_SUFFIXES, Preprocess, load_image
 from .errors import ConfigError, DataError
-from .features import extract_features
-from .methods import method_class
+from .methods import resolve_method
 from .methods.base import Method
 from .methods.memory import MemoryTokens, merge_stacks
-from .run import default_device, load_run, read_run_config
-from .train import autocast, to_device
+from .run import load_run
+from .runfolder import read_run_config
+from .trunk.cache import backbone_fingerprint
+from .trunk.device import autocast, default_device, to_device
+from .trunk.features import extract_features
 
 
 @dataclass
@@ -55,7 +56,7 @@ class MultiTaskServer:
             raise ConfigError(f"two tasks are named {next(n for n in names if names.count(n) > 1)!r}")
         fingerprint = backbone_fingerprint(backbone)
         for task in tasks:
-            if not task.method.frozen_trunk:
+            if not task.method.reads.frozen:
                 raise ConfigError(f"task {task.name!r}: method {task.method.name!r} changes the backbone's features, "
                                   "so it cannot share a trunk pass; only frozen-backbone methods can be served together")
             if backbone_fingerprint(task.method.backbone) != fingerprint:
@@ -63,9 +64,9 @@ class MultiTaskServer:
         self.device = torch.device(device) if device is not None else default_device()
         self.backbone = backbone.to(self.device).eval()
         self.tasks = [ServedTask(t.name, t.method.to(self.device).eval(), t.classes) for t in tasks]
-        self.preprocess = Preprocess(image_size, backbone.config.mean, backbone.config.std)
+        self.preprocess = Preprocess.for_backbone(backbone, image_size)
         self.bf16 = bf16
-        self.with_layers = any(task.method.reads_layers for task in tasks)
+        self.with_layers = any(task.method.reads.with_layers for task in tasks)
         memory = [task for task in tasks if isinstance(task.method, MemoryTokens)]
         self.stack = None
         self.stack_rows: dict[str, int] = {}  # memory task -> the merged stack's row of its own class token
@@ -75,7 +76,7 @@ class MultiTaskServer:
 
     @classmethod
     def from_runs(cls, backbone_source: str | Path | VisionTransformer | None, runs: Sequence[str | Path],
-                  device: torch.device | str | None = None, bf16: bool | None = None) -> "MultiTaskServer":
+                  device: torch.device | str | None = None, bf16: bool | None = None) -> MultiTaskServer:
         """Serve finished runs (tasks named after their folders) on one backbone (default: the first run's).
 
         ``bf16`` (trunk and task modules in bfloat16 autocast) defaults to whether every run was trained so.
@@ -89,7 +90,7 @@ class MultiTaskServer:
                 raise ConfigError(f"{run}: given twice")
         configs = [read_run_config(run) for run in runs]
         for run, config in zip(runs, configs):
-            if not method_class(config["method"]).frozen_trunk:
+            if not resolve_method(config["method"], config["options"])[0].reads.frozen:
                 raise ConfigError(f"{run}: method {config['method']!r} changes the backbone's features, so it cannot "
                                   "share a trunk pass; only frozen-backbone runs can be served together")
             if config["backbone"]["fingerprint"] != configs[0]["backbone"]["fingerprint"]:

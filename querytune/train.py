@@ -12,7 +12,7 @@ import random
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,11 +20,13 @@ import torch.nn.functional as F
 
 from . import distributed
 from .errors import CheckpointError, ConfigError, one_line
-from .features import Features
 from .files import write_atomic, write_text
-from .methods.base import Method
 from .progress import progress_bar
-from .sources import BatchSource
+from .trunk.device import autocast, to_device
+from .trunk.sources import BatchSource, epoch_order
+
+if TYPE_CHECKING:
+    from .methods.base import Method
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
@@ -56,7 +58,7 @@ class TrainConfig:
             raise ConfigError(f"learning rate must be positive (got {self.lr})")
 
     @classmethod
-    def for_method(cls, method_cls: type[Method], overrides: dict[str, Any]) -> "TrainConfig":
+    def for_method(cls, method_cls: type[Method], overrides: dict[str, Any]) -> TrainConfig:
         """The method's protocol with the user's values on top. A run cut shorter than the protocol
         warms up for at most a tenth of its epochs, unless the user set the warm-up."""
         known = {f.name for f in fields(cls)}
@@ -86,26 +88,10 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def epoch_order(num_items: int, seed: int, epoch: int) -> np.ndarray:
-    """The shuffled order of one epoch, a function of (seed, epoch) only: resuming reproduces it."""
-    return np.random.default_rng([seed, epoch]).permutation(num_items)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def to_device(inputs: Features | torch.Tensor, device: torch.device, bf16: bool = False) -> Features | torch.Tensor:
-    """Move a batch to the device: images in float32, features as :meth:`Features.to` says."""
-    if isinstance(inputs, Features):
-        return inputs.to(device, bf16)
-    return inputs.to(device, torch.float32)
-
-
-def autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def rank_seed(seed: int, rank: int, epoch: int) -> int:
@@ -118,7 +104,6 @@ class FitResult:
     train_seconds: float
     final_loss: float
     train_accuracy: float
-    resumed_from_epoch: int
 
 
 def fit(
@@ -207,7 +192,7 @@ def fit(
                         "optimizer": optimizer.state_dict(),
                         "rng": rng_states,
                     })
-    return FitResult(train_seconds, loss_value, accuracy, start_epoch)
+    return FitResult(train_seconds, loss_value, accuracy)
 
 
 def trim_log(log: Path, epochs_done: int) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from querytune.backbones.vit import ViTConfig, VisionTransformer
+from querytune.backbones.vit import VisionTransformer, ViTConfig
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DINOV2_SMALL = SHARED / "weights" / "dinov2-small-imgfocus"

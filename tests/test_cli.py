@@ -93,3 +93,45 @@ def test_corrupt_image_names_its_path(tiny_backbone_dir, tiny_task, tmp_path):
                        "--out", tmp_path / "run", "--epochs", "1", "--image-size", "32", "--workers", "0", "-q")
     assert result.returncode == 2
     assert str(victim) in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_train_takes_the_options_of_a_method_registered_only_here(monkeypatch, tmp_path, capsys):
+    """The command line comes from the registry: a new method needs no change to the CLI."""
+    from dataclasses import dataclass
+
+    from querytune import cli, run
+    from querytune.methods import METHODS, Method
+    from querytune.methods.options import option
+    from querytune.trunk import TrunkInput
+
+    @dataclass
+    class GammaOptions:
+        gamma_width: int = option(3, "width of the gamma path", min=1)
+        gamma_gate: bool = option(False, "gate the gamma path")
+
+    class Gamma(Method):
+        name = "gamma"
+        reads = TrunkInput.CLASS_TOKEN
+        Options = GammaOptions
+
+    monkeypatch.setitem(METHODS, "gamma", Gamma)
+    seen = {}
+
+    def fake_train_run(method, backbone, data, out, *, options, **settings):
+        seen.update(method=method, options=options)
+        return {"method": method}
+
+    monkeypatch.setattr(run, "train_run", fake_train_run)
+    cli.main(["train", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--gamma-width gamma: width of the gamma path; default 3" in shown
+    assert "--gamma-gate/--no-gamma-gate gamma: gate the gamma path; default False" in shown
+    cli.main(["train", "-m", "gamma", "-b", "b", "-d", str(tmp_path), "-o", str(tmp_path / "run"),
+              "--gamma-width", "7", "--gamma-gate"])
+    assert seen == {"method": "gamma", "options": {"gamma_width": 7, "gamma_gate": True}}
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "-m", "gamma", "-b", "b", "-d", str(tmp_path), "-o", str(tmp_path / "run"),
+                  "--gamma-widht", "7"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == ("error: unknown option or extra argument '--gamma-widht' "
+                                               "(see querytune train --help)")

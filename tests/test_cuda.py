@@ -12,13 +12,13 @@ from safetensors.torch import load_file
 
 from conftest import tiny_vit
 from querytune import train_run
-from querytune.cache import FeatureCache, build_cache
 from querytune.data import Preprocess, open_split
-from querytune.features import extract_features
 from querytune.measure import measure_method
 from querytune.methods import METHODS, build_method, synqt
-from querytune.sources import CachedFeatureBatches
 from querytune.train import TrainConfig, fit
+from querytune.trunk.cache import FeatureCache, build_cache
+from querytune.trunk.features import extract_features
+from querytune.trunk.sources import CachedFeatureBatches
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 CUDA = torch.device("cuda")
@@ -43,8 +43,8 @@ def test_method_on_cuda_equals_cpu(name, monkeypatch):
     for device in (torch.device("cpu"), CUDA):
         module = copy.deepcopy(method).to(device)
         inputs = images.to(device)
-        if method.frozen_trunk:
-            inputs = extract_features(module.backbone, inputs, method.reads_layers, torch.float32)
+        if method.reads.frozen:
+            inputs = extract_features(module.backbone, inputs, method.reads.with_layers, torch.float32)
         logits = module(inputs)
         logits.square().sum().backward()
         grads = {n: p.grad.cpu() for n, p in module.named_parameters() if p.requires_grad}

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from conftest import tiny_vit
-from querytune.cache import FeatureCache, build_cache, open_or_build_cache
 from querytune.cli import main
 from querytune.data import Preprocess, open_split
 from querytune.errors import DataError
+from querytune.trunk.cache import FeatureCache, build_cache, open_or_build_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 # The command line with every image load slowed down, so that the test can kill it mid-way.

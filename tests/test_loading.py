@@ -11,12 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from conftest import DINOV2_SMALL, require_shared, tiny_vit
 from querytune.backbones import load_backbone, save_backbone
 from querytune.backbones.loading import HF_DEFAULTS
-from querytune.backbones.vit import ViTConfig, VisionTransformer
+from querytune.backbones.vit import VisionTransformer, ViTConfig
 from querytune.errors import CheckpointError, ConfigError
-
-from conftest import DINOV2_SMALL, require_shared, tiny_vit
 
 # Small Hugging Face configs: native 48 px (6x6 grid); 32 px exercises downsampling the position embeddings.
 HF_SMALL = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 48, "patch_size": 8}

@@ -7,14 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import assert_matches_reference, tiny_vit
 from querytune import load_run, train_run
 from querytune.errors import CheckpointError, ConfigError
-from querytune.features import extract_features
 from querytune.methods import build_method
 from querytune.methods.memory import TaskStack, merge_stacks
 from querytune.reference import naive_masked_memory, naive_plain_memory_logits
-
-from conftest import assert_matches_reference, tiny_vit
+from querytune.trunk.features import extract_features
 
 FAST = {"epochs": 2, "batch_size": 8}
 

@@ -6,20 +6,20 @@ import json
 
 import pytest
 import torch
+from test_cli import querytune
+from test_memory import FAST, _memory, _train
 
+from conftest import tiny_vit
 from querytune import load_run, train_run
 from querytune.data import Preprocess, open_split
 from querytune.errors import CheckpointError, ConfigError
-from querytune.features import extract_features
 from querytune.methods import build_method
 from querytune.methods.memory import TaskStack
-from querytune.run import eval_run, make_source
+from querytune.run import eval_run
 from querytune.serve import MultiTaskServer, ServedTask, collect_images
 from querytune.train import predict
-
-from conftest import tiny_vit
-from test_cli import querytune
-from test_memory import FAST, _memory, _train
+from querytune.trunk.features import extract_features
+from querytune.trunk.sources import make_source
 
 
 def test_server_answers_every_task_from_one_trunk_pass():
@@ -51,7 +51,7 @@ def test_server_answers_every_task_from_one_trunk_pass():
 def test_server_refuses_feature_adapting_methods_and_foreign_backbones():
     backbone = tiny_vit()
     plain = build_method("memory", backbone, 3, {"memory_mode": "plain"})
-    with pytest.raises(ConfigError, match="task 'p': method 'memory' changes the backbone's features"):
+    with pytest.raises(ConfigError, match="task 'p': method 'memory-plain' changes the backbone's features"):
         MultiTaskServer(backbone, [ServedTask("p", plain)])
     other = build_method("linear", tiny_vit(seed=5), 3, {})
     with pytest.raises(ConfigError, match="task 'o': was built on another backbone"):
@@ -109,7 +109,7 @@ def test_predict_cli_serves_runs_together_as_eval_predicts_them(tiny_backbone_di
 
     for name in ("linear", "memory"):  # what `querytune eval` computes, image by image
         method, config = load_run(tmp_path / name)
-        source = make_source(method, images, Preprocess(32, method.backbone.config.mean, method.backbone.config.std),
+        source = make_source(method.reads, method.backbone, images, Preprocess(32, method.backbone.config.mean, method.backbone.config.std),
                              torch.device("cpu"))
         top = predict(method, source, torch.device("cpu")).softmax(-1).max(-1)
         correct = 0

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from querytune import eval_run, train_run
-from querytune.cache import FeatureCache, build_cache, cache_dir_for
 from querytune.data import Preprocess, open_split
 from querytune.errors import CheckpointError, ConfigError, DataError
-from querytune.features import Features
 from querytune.train import TrainConfig, lr_at
+from querytune.trunk.cache import FeatureCache, build_cache, cache_dir_for
+from querytune.trunk.features import Features
 
 FAST = {"epochs": 3, "batch_size": 8, "lr": 0.05}
 
@@ -190,8 +190,8 @@ def test_schedule_warms_up_then_decays_to_min_lr():
 
 def test_vqt_head_compression_keeps_a_fraction_and_reloads(tiny_backbone_dir, tiny_task, tmp_path):
     from querytune import load_run
-    from querytune.features import extract_features
     from querytune.reference import naive_vqt_logits
+    from querytune.trunk.features import extract_features
 
     metrics = _train(tiny_backbone_dir, tiny_task, tmp_path / "run", method="vqt", options={"compress": 0.5})
     total = 48 + 3 * 48  # class token + one query per layer (D = 48, 3 layers)
@@ -210,10 +210,10 @@ def test_vqt_head_compression_keeps_a_fraction_and_reloads(tiny_backbone_dir, ti
 @pytest.mark.parametrize("bf16", [False, True])
 def test_compression_reads_head_inputs_in_the_precision_the_method_trained_in(bf16):
     from conftest import tiny_vit
-    from querytune.compress import head_inputs
-    from querytune.features import extract_features
     from querytune.methods import build_method
-    from querytune.train import autocast
+    from querytune.methods.vqt import head_inputs
+    from querytune.trunk.device import autocast
+    from querytune.trunk.features import extract_features
 
     method = build_method("vqt", tiny_vit(), 3).eval()
     features = extract_features(method.backbone, torch.randn(4, 3, 32, 32))
@@ -234,7 +234,7 @@ def test_compression_reads_head_inputs_in_the_precision_the_method_trained_in(bf
 
 
 def test_group_lasso_drives_unused_feature_columns_to_zero():
-    from querytune.compress import fit_head
+    from querytune.methods.vqt import fit_head
 
     torch.manual_seed(0)
     x = torch.randn(200, 10)
@@ -248,7 +248,7 @@ def test_group_lasso_drives_unused_feature_columns_to_zero():
 def test_cache_placement_device_gathers_what_the_memory_map_gives(tiny_task, tmp_path):
     """``device`` placement (GPU memory on a GPU, RAM on a CPU) yields the batches the memory map does."""
     from conftest import tiny_vit
-    from querytune.sources import CachedFeatureBatches
+    from querytune.trunk.sources import CachedFeatureBatches
 
     images = open_split(tiny_task, "train800val200")
     cache = FeatureCache.open(build_cache(tmp_path, tiny_vit(), images, Preprocess(32, (0.5,) * 3, (0.5,) * 3),

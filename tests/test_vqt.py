@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from querytune.features import extract_features
+from conftest import assert_matches_reference, tiny_vit
 from querytune.methods import build_method
 from querytune.reference import naive_vqt_logits
-
-from conftest import assert_matches_reference, tiny_vit
+from querytune.trunk.features import extract_features
 
 
 def _vqt(backbone, **options):

@@ -1,6 +1,6 @@
 """The single ViT and the loaders that fill it from timm and Hugging Face formats."""
 
 from .loading import load_backbone, save_backbone
-from .vit import ViTConfig, VisionTransformer
+from .vit import VisionTransformer, ViTConfig
 
 __all__ = ["ViTConfig", "VisionTransformer", "load_backbone", "save_backbone"]

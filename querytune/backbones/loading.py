@@ -66,7 +66,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError, QuerytuneError, one_line
-from .vit import IMAGENET_MEAN, IMAGENET_STD, ViTConfig, VisionTransformer
+from .vit import IMAGENET_MEAN, IMAGENET_STD, VisionTransformer, ViTConfig
 
 IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
 INCEPTION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

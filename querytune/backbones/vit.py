@@ -17,7 +17,8 @@ backward pass keeps.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
@@ -56,7 +57,6 @@ class ViTConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     name: str = "vit"
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.embed_dim % self.num_heads:
@@ -84,7 +84,7 @@ class ViTConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ViTConfig":
+    def from_dict(cls, data: dict) -> ViTConfig:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
@@ -340,11 +340,30 @@ class VisionTransformer(nn.Module):
             token = token + self.pos_embed[0, :1]
         return token
 
+    def run_blocks(
+        self,
+        x: Tensor,
+        before_block: Callable[[int, Tensor], Tensor] | None = None,
+        after_norm: Callable[[int, Tensor], None] | None = None,
+    ) -> Tensor:
+        """The block loop: every block over tokens ``x`` (B, N, D); returns the last block's output
+        (before the final norm).
+
+        ``before_block(l, x)`` may change the tokens entering block l (VPT inserts its prompts
+        there); ``after_norm(l, u)`` receives each block's normalised input ``u = norm1(x)``, what
+        the frozen-trunk methods read (the feature cache stores it).
+        """
+        for index, block in enumerate(self.blocks):
+            if before_block is not None:
+                x = before_block(index, x)
+            u = block.norm1(x)
+            if after_norm is not None:
+                after_norm(index, u)
+            x = block.forward_normed(x, u)
+        return x
+
     def forward_features(self, images: Tensor) -> Tensor:
-        x = self.embed(images)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+        return self.norm(self.run_blocks(self.embed(images)))
 
     def forward(self, images: Tensor) -> Tensor:
         """Final class token after the final norm, (B, D)."""

@@ -1,38 +1,13 @@
-"""Method registry: each method is one module that registers its class here."""
+"""The methods, one module each; importing this package registers them all (:mod:`.registry`).
+
+Adding a method: write its module (a :class:`~querytune.methods.base.Method` subclass with
+its options dataclass, decorated with ``@register``) and import it on the line below.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict
-from typing import Any
+from . import adaptformer, bitfit, full, linear, lora, memory, memory_plain, synqt, vpt, vqt, vqt_addon  # noqa: F401
+from .base import Method
+from .registry import METHODS, build_method, method_class, options_dict, register, resolve_method
 
-from ..backbones.vit import VisionTransformer
-from ..errors import ConfigError
-from .base import Method, parse_options
-
-METHODS: dict[str, type[Method]] = {}
-
-
-def register(cls: type[Method]) -> type[Method]:
-    METHODS[cls.name] = cls
-    return cls
-
-
-def method_class(name: str) -> type[Method]:
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r} (known: {', '.join(sorted(METHODS))})")
-    return METHODS[name]
-
-
-def build_method(name: str, backbone: VisionTransformer, num_classes: int, options: dict[str, Any] | None = None) -> Method:
-    cls = method_class(name)
-    return cls(backbone, num_classes, parse_options(cls, options or {}))
-
-
-def options_dict(method: Method) -> dict[str, Any]:
-    return asdict(method.options)
-
-
-# Importing the method modules registers them.
-from . import adaptformer, bitfit, full, linear, lora, memory, synqt, vpt, vqt, vqt_addon  # noqa: E402,F401
-
-__all__ = ["METHODS", "Method", "build_method", "method_class", "options_dict", "register"]
+__all__ = ["METHODS", "Method", "build_method", "method_class", "options_dict", "register", "resolve_method"]

@@ -24,21 +24,17 @@ from torch import Tensor, nn
 
 from ..backbones.vit import VisionTransformer
 from ..errors import ConfigError
-from . import register
+from ..trunk import TrunkInput
 from .base import Method
+from .options import option
+from .registry import register
 
 
 @dataclass
 class AdaptFormerOptions:
-    adapter_dim: int = 64
-    adapter_scale: float = 0.1
-    adapter_dropout: float = 0.1
-
-    def __post_init__(self) -> None:
-        if self.adapter_dim < 1:
-            raise ValueError(f"--adapter-dim must be at least 1 (got {self.adapter_dim})")
-        if not 0 <= self.adapter_dropout < 1:
-            raise ValueError(f"--adapter-dropout must be in [0, 1) (got {self.adapter_dropout})")
+    adapter_dim: int = option(64, "adapter bottleneck width", min=1)
+    adapter_scale: float = option(0.1, "scale of the adapter's output")
+    adapter_dropout: float = option(0.1, "dropout inside the adapter", min=0, max=1, max_open=True)
 
 
 class ParallelAdapter(nn.Module):
@@ -72,7 +68,7 @@ def add_adapters(backbone: VisionTransformer, options: AdaptFormerOptions) -> No
 @register
 class AdaptFormer(Method):
     name = "adaptformer"
-    frozen_trunk = False
+    reads = TrunkInput.IMAGES
     Options = AdaptFormerOptions
     train_defaults = {"epochs": 100, "warmup_epochs": 20, "batch_size": 64, "optimizer": "sgd",
                       "lr": 0.1 * 64 / 256, "weight_decay": 0.0}

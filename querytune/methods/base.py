@@ -1,12 +1,13 @@
 """The small contract every method follows (one file per method).
 
 A method is an ``nn.Module`` built from a backbone, a number of classes and its
-options dataclass. ``frozen_trunk`` says which trunk mode it needs:
+options dataclass. ``reads`` (:class:`~querytune.trunk.TrunkInput`) declares what it
+takes from the trunk, which decides its input:
 
-- True: the trunk runs once under ``no_grad`` (or is read from the feature cache)
-  and ``forward`` receives :class:`~querytune.features.Features`; ``reads_layers``
-  says whether it needs the per-block tokens or only the final class token.
-- False: the method adapts the backbone's features, so ``forward`` receives images
+- ``CLASS_TOKEN`` or ``LAYERS``: the trunk runs once under ``no_grad`` (or is read from
+  the feature cache) and ``forward`` receives :class:`~querytune.trunk.features.Features`
+  (with the per-block tokens for ``LAYERS``);
+- ``IMAGES``: the method adapts the backbone's features, so ``forward`` receives images
   and the trunk runs with autograd.
 
 Only the parameters that require grad are trained and saved (``trainable_state_dict``).
@@ -15,7 +16,7 @@ Only the parameters that require grad are trained and saved (``trainable_state_d
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -23,7 +24,9 @@ from torch import Tensor, nn
 
 from ..backbones.vit import VisionTransformer
 from ..errors import CheckpointError, ConfigError
-from ..features import Features
+from ..trunk import TrunkInput
+from .options import check_options
+from ..trunk.features import Features
 
 
 @dataclass
@@ -33,8 +36,7 @@ class NoOptions:
 
 class Method(nn.Module):
     name: ClassVar[str]
-    frozen_trunk: ClassVar[bool] = True
-    reads_layers: ClassVar[bool] = True
+    reads: ClassVar[TrunkInput] = TrunkInput.LAYERS
     Options: ClassVar[type] = NoOptions
     train_defaults: ClassVar[dict[str, Any]] = {}
     # Learning-rate x weight-decay grid for `querytune bench --search` (VPT/VQT's grid for Adam;
@@ -47,6 +49,17 @@ class Method(nn.Module):
         self.backbone = backbone
         self.num_classes = num_classes
         self.options = options
+
+    @classmethod
+    def variant(cls, options: dict[str, Any]) -> tuple[type[Method], dict[str, Any]]:
+        """The method that ``options`` ask for: this one, or a sibling an old option names
+        (``memory --memory-mode plain`` is ``memory-plain``)."""
+        return cls, options
+
+    @property
+    def frozen_trunk(self) -> bool:
+        """Alias of ``reads.frozen``."""
+        return self.reads.frozen
 
     def forward(self, inputs: Features | Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -89,13 +102,9 @@ class Method(nn.Module):
 
 
 def parse_options(method_cls: type[Method], given: dict[str, Any]) -> Any:
-    """Build ``method_cls.Options`` from user-given values; unknown names are an error."""
-    known = {f.name for f in fields(method_cls.Options)}
-    for key in given:
-        if key not in known:
-            takes = ", ".join("--" + k.replace("_", "-") for k in sorted(known)) or "no options"
-            raise ConfigError(f"option --{key.replace('_', '-')} does not apply to method {method_cls.name!r} (it takes: {takes})")
+    """Build ``method_cls.Options`` from user-given values; unknown names and bad values are errors."""
+    check_options(method_cls.Options, given, method_cls.name)
     try:
         return method_cls.Options(**given)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError) as error:  # checks across options, in __post_init__
         raise ConfigError(f"method {method_cls.name!r}: {error}") from error

@@ -17,14 +17,15 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..backbones.vit import VisionTransformer
-from . import register
+from ..trunk import TrunkInput
 from .base import Method, NoOptions
+from .registry import register
 
 
 @register
 class BitFit(Method):
     name = "bitfit"
-    frozen_trunk = False
+    reads = TrunkInput.IMAGES
     train_defaults = {"epochs": 100, "warmup_epochs": 10, "batch_size": 64, "optimizer": "adamw", "lr": 1e-3,
                       "weight_decay": 0.0}
     search_grid = {"lr": (5e-3, 1e-3, 5e-4, 1e-4), "weight_decay": (1e-4, 0.0)}  # AdamW

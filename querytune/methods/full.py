@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from . import register
+from ..trunk import TrunkInput
 from .base import Method
+from .registry import register
 
 
 @register
 class FullFineTune(Method):
     name = "full"
-    frozen_trunk = False
+    reads = TrunkInput.IMAGES
     train_defaults = {"epochs": 100, "optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-4, "batch_size": 64,
                       "grad_clip": 1.0}
     search_grid = {"lr": (1e-3, 5e-4, 1e-4), "weight_decay": (1e-2, 1e-3, 1e-4, 0.0)}  # VPT's grid for full FT with Adam

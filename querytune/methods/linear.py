@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..features import Features
-from . import register
+from ..trunk import TrunkInput
+from ..trunk.features import Features
 from .base import Method
+from .registry import register
 
 
 @register
 class LinearProbe(Method):
     name = "linear"
-    frozen_trunk = True
-    reads_layers = False
+    reads = TrunkInput.CLASS_TOKEN
     train_defaults = {"epochs": 100, "optimizer": "adamw", "lr": 0.03, "weight_decay": 1e-4, "batch_size": 64}
 
     def __init__(self, backbone, num_classes, options) -> None:

@@ -33,23 +33,17 @@ from torch import Tensor, nn
 
 from ..backbones.vit import VisionTransformer
 from ..errors import ConfigError
-from . import register
+from ..trunk import TrunkInput
 from .base import Method
+from .options import option
+from .registry import register
 
 
 @dataclass
 class LoRAOptions:
-    lora_rank: int = 8
-    lora_alpha: float = 8.0
-    lora_dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.lora_rank < 1:
-            raise ValueError(f"--lora-rank must be at least 1 (got {self.lora_rank})")
-        if self.lora_alpha <= 0:
-            raise ValueError(f"--lora-alpha must be positive (got {self.lora_alpha})")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"--lora-dropout must be in [0, 1) (got {self.lora_dropout})")
+    lora_rank: int = option(8, "rank r of the q and v updates", min=1)
+    lora_alpha: float = option(8.0, "the updates are scaled by alpha / r", min=0, min_open=True)
+    lora_dropout: float = option(0.0, "dropout on the low-rank path's input", min=0, max=1, max_open=True)
 
 
 class LoRAQKV(nn.Module):
@@ -100,7 +94,7 @@ class LoRAQKV(nn.Module):
     def unmerge(self) -> None:
         self.merged_weight = None
 
-    def train(self, mode: bool = True) -> "LoRAQKV":
+    def train(self, mode: bool = True) -> LoRAQKV:
         super().train(mode)
         if mode:
             self.unmerge()
@@ -120,7 +114,7 @@ def add_lora(backbone: VisionTransformer, options: LoRAOptions) -> None:
 @register
 class LoRA(Method):
     name = "lora"
-    frozen_trunk = False
+    reads = TrunkInput.IMAGES
     Options = LoRAOptions
     train_defaults = {"epochs": 100, "warmup_epochs": 10, "batch_size": 64, "optimizer": "adamw",
                       "lr": 5e-3 * 64 / 512, "weight_decay": 1e-4}

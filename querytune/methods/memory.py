@@ -1,25 +1,23 @@
-"""Learnable memory tokens (Sandler, Zhmoginov, Vladymyrov, Jackson; CVPR 2022).
+"""Learnable memory tokens (Sandler, Zhmoginov, Vladymyrov, Jackson; CVPR 2022), non-destructive.
 
 Per block l, m memory tokens E_l (init N(0, 0.02)) add keys and values only: whoever
 may attend to them reads them, and their own outputs are discarded.
 
-- ``plain``: every token of the backbone attends to the memory, so the features change
-  (this trains like VPT-deep): the trunk runs with autograd and the head reads the final
-  class token. ``--train-class-token`` also trains the class token's input.
-- ``masked`` (non-destructive): a task adds a class token C (init: the backbone's class
-  token as it enters block 0), its memory M and a head. C is propagated through every
-  block and attends to the original tokens, itself and M; the original tokens attend
-  only to each other, so they are exactly the frozen trunk's. The trunk therefore runs
-  under no_grad (or comes from the feature cache) and C passes each block as a row of
-  :meth:`Block.forward_rows` reading the block's normalised tokens.
+A task adds a class token C (init: the backbone's class token as it enters block 0),
+its memory M and a head. C is propagated through every block and attends to the
+original tokens, itself and M; the original tokens attend only to each other, so they
+are exactly the frozen trunk's. The trunk therefore runs under no_grad (or comes from
+the feature cache) and C passes each block as a row of :meth:`Block.forward_rows`
+reading the block's normalised tokens. (The paper's plain variant, where every token
+reads the memory, is :mod:`.memory_plain`.)
 
-Task composition (masked mode): a :class:`TaskStack` runs the class tokens of several
-tasks as rows of one ``forward_rows`` call per block, with an explicit mask. Task k
-attends to the original tokens, itself, its own memory, and the class tokens and
-memory of the tasks in ``reads[k]``: none for *concatenated* tasks (each then computes
-exactly what its own model does), all earlier tasks of the run it was trained on for
-an *extension* (``--extend RUN``: the new task is trained on top of a finished masked
-run, whose tasks stay frozen and are read from that run folder when loading).
+Task composition: a :class:`TaskStack` runs the class tokens of several tasks as rows
+of one ``forward_rows`` call per block, with an explicit mask. Task k attends to the
+original tokens, itself, its own memory, and the class tokens and memory of the tasks
+in ``reads[k]``: none for *concatenated* tasks (each then computes exactly what its own
+model does), all earlier tasks of the run it was trained on for an *extension*
+(``--extend RUN``: the new task is trained on top of a finished run of this method,
+whose tasks stay frozen and are read from that run folder when loading).
 """
 
 from __future__ import annotations
@@ -27,38 +25,41 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..backbones.vit import VisionTransformer
 from ..errors import CheckpointError, ConfigError
-from ..features import Features
-from . import register
+from ..runfolder import load_adapter, read_run_config
+from ..trunk import TrunkInput
+from ..trunk.features import Features
 from .base import Method
+from .options import option
+from .registry import METHODS, build_method, register, resolve_method
 
-MODES = ("plain", "masked")
+MODES = ("plain", "masked")  # the old --memory-mode option: plain is the method memory-plain
 MEMORY_INIT_STD = 0.02
+# The paper: SGD momentum 0.9, clipping 1.0, a 5-step linear warm-up, cosine, lr about 0.1 at
+# batch 512 for 20k steps. Here batch 128 (a VTAB-1k task has 1000 images), 100 epochs.
+TRAIN_DEFAULTS = {"epochs": 100, "batch_size": 128, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9,
+                  "weight_decay": 0.0, "warmup_epochs": 0.5, "grad_clip": 1.0}
+SEARCH_GRID = {"lr": (0.3, 0.1, 0.03, 0.01), "weight_decay": (0.0, 1e-4)}  # SGD, around the paper's ~0.1
 
 
 @dataclass
 class MemoryOptions:
-    memory_mode: str = "masked"
-    memory_tokens: int = 5
-    train_class_token: bool = True
-    extend: str | None = None
+    memory_tokens: int = option(5, "memory tokens per layer (m; 0 for none)", min=0)
+    train_class_token: bool = option(True, "train the (new) class token")
+    extend: str | None = option(None, "train a new task on top of this finished memory run, whose tasks "
+                                      "stay frozen and may be read")
 
     def __post_init__(self) -> None:
-        if self.memory_mode not in MODES:
-            raise ValueError(f"--memory-mode must be one of {', '.join(MODES)} (got {self.memory_mode!r})")
-        if self.memory_tokens < 0:
-            raise ValueError(f"--memory-tokens must be 0 or more (got {self.memory_tokens})")
-        if self.memory_mode == "masked" and self.memory_tokens == 0 and not self.train_class_token:
-            raise ValueError("--memory-tokens 0 with --no-train-class-token in masked mode trains a head on a "
-                             "copy of the class token; use --method linear")
+        if self.memory_tokens == 0 and not self.train_class_token:
+            raise ValueError("--memory-tokens 0 with --no-train-class-token trains a head on a copy of the "
+                             "class token; use --method linear")
         if self.extend is not None:
-            if self.memory_mode != "masked":
-                raise ValueError("--extend needs --memory-mode masked")
             self.extend = str(Path(self.extend).resolve())
 
 
@@ -139,26 +140,23 @@ def _same_task(a: MemoryTask, b: MemoryTask) -> bool:
 @register
 class MemoryTokens(Method):
     name = "memory"
-    frozen_trunk = True  # the masked mode; the plain mode sets it False on the instance
-    reads_layers = True
+    reads = TrunkInput.LAYERS
     Options = MemoryOptions
-    # The paper: SGD momentum 0.9, clipping 1.0, a 5-step linear warm-up, cosine, lr about 0.1 at
-    # batch 512 for 20k steps. Here batch 128 (a VTAB-1k task has 1000 images), 100 epochs.
-    train_defaults = {"epochs": 100, "batch_size": 128, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9,
-                      "weight_decay": 0.0, "warmup_epochs": 0.5, "grad_clip": 1.0}
-    search_grid = {"lr": (0.3, 0.1, 0.03, 0.01), "weight_decay": (0.0, 1e-4)}  # SGD, around the paper's ~0.1
+    train_defaults = TRAIN_DEFAULTS
+    search_grid = SEARCH_GRID
+
+    @classmethod
+    def variant(cls, options: dict[str, Any]) -> tuple[type[Method], dict[str, Any]]:
+        mode = options.pop("memory_mode", "masked")
+        if mode not in MODES:
+            raise ConfigError(f"--memory-mode must be one of {', '.join(MODES)} (got {mode!r})")
+        return (METHODS["memory-plain"] if mode == "plain" else cls), options
 
     def __init__(self, backbone: VisionTransformer, num_classes: int, options: MemoryOptions) -> None:
         super().__init__(backbone, num_classes, options)
         depth, dim = backbone.config.depth, backbone.config.embed_dim
         class_token = backbone.class_token_input()[0].detach().clone()  # (D,)
         memory = torch.randn(depth, options.memory_tokens, dim) * MEMORY_INIT_STD
-        self.frozen_trunk = options.memory_mode == "masked"
-        if not self.frozen_trunk:
-            self.class_token = nn.Parameter(class_token, requires_grad=options.train_class_token)
-            self.memory = nn.Parameter(memory, requires_grad=memory.numel() > 0)
-            self.head = nn.Linear(dim, num_classes)
-            return
         base_tasks, base_reads = [], []
         if options.extend is not None:
             base = self._load_base(options.extend)
@@ -169,29 +167,17 @@ class MemoryTokens(Method):
         task.class_token.requires_grad_(options.train_class_token)
         self.stack = TaskStack([*base_tasks, task], [*base_reads, tuple(range(len(base_tasks)))])
 
-    def _load_base(self, run: str) -> "MemoryTokens":
-        from ..run import load_run, read_run_config  # run.py imports the method registry
-
+    def _load_base(self, run: str) -> MemoryTokens:
         config = read_run_config(run)
-        mode = config["options"].get("memory_mode")
-        if config["method"] != self.name or mode != "masked":
-            kind = f"a {mode} memory run" if config["method"] == self.name else f"a {config['method']!r} run"
-            raise ConfigError(f"--extend {run}: is {kind}; only a masked-memory run can be extended")
-        base, _ = load_run(run, self.backbone)
+        resolved, _ = resolve_method(config["method"], config["options"])
+        if resolved is not type(self):
+            raise ConfigError(f"--extend {run}: is a {resolved.name!r} run; only a masked-memory run can be extended")
+        base = build_method(config["method"], self.backbone, config["num_classes"], config["options"])
+        load_adapter(run, base)
         return base.requires_grad_(False)
 
-    def forward(self, inputs: Features | Tensor) -> Tensor:
-        if self.frozen_trunk:
-            return self.stack(inputs.layers, self.backbone)[-1]
-        return self._plain_forward(inputs)
-
-    def _plain_forward(self, images: Tensor) -> Tensor:
-        x = self.backbone.embed(images)
-        # the class token's input is always ours: untrained it equals the backbone's, value for value
-        x = torch.cat([self.class_token.expand(x.shape[0], 1, -1), x[:, 1:]], dim=1)
-        for block, memory in zip(self.backbone.blocks, self.memory):
-            x = block(x, memory[None] if self.options.memory_tokens else None)
-        return self.head(self.backbone.norm(x[:, 0]))
+    def forward(self, inputs: Features) -> Tensor:
+        return self.stack(inputs.layers, self.backbone)[-1]
 
     def load_trainable_state_dict(self, state: dict[str, Tensor], source: str = "adapter") -> None:
         if self.options.extend and "base_digest" in state and not torch.equal(state["base_digest"], self.base_digest):

@@ -55,9 +55,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones.vit import VisionTransformer
-from ..features import Features
-from . import register
+from ..trunk import TrunkInput
+from ..trunk.features import Features
 from .base import Method
+from .options import option
+from .registry import register
 
 QUERY_DROPOUT = 0.1
 ADAPTER_DROPOUT = 0.1
@@ -68,22 +70,12 @@ COMBINE_DROPOUT = 0.1
 
 @dataclass
 class SynQTOptions:
-    num_queries: int = 1
-    attn_scale: float = 0.1
-    ffn_scale: float = 0.1
-    feat_scale: float = 0.1
-    adapter_dim: int = 48
-    qsm_dim: int = 8
-
-    def __post_init__(self) -> None:
-        if self.num_queries < 1:
-            raise ValueError(f"--num-queries must be at least 1 (got {self.num_queries})")
-        for name in ("adapter_dim", "qsm_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
-        for name in ("attn_scale", "ffn_scale", "feat_scale"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"--{name.replace('_', '-')} must be a finite number (got {getattr(self, name)})")
+    num_queries: int = option(1, "query tokens per layer (T)", min=1)
+    attn_scale: float = option(0.1, "initial QSM attention scale")
+    ffn_scale: float = option(0.1, "initial QSM feed-forward scale")
+    feat_scale: float = option(0.1, "initial scale of the previous layer's query feature")
+    adapter_dim: int = option(48, "adapter bottleneck width", min=1)
+    qsm_dim: int = option(8, "QSM projection bottleneck width (paper: 8 for D = 768)", min=1)
 
 
 class Adapter(nn.Module):
@@ -201,8 +193,7 @@ def head_tokens(outputs: list[Tensor], attns: list[Tensor], mlps: list[Tensor]) 
 @register
 class SynQT(Method):
     name = "synqt"
-    frozen_trunk = True
-    reads_layers = True
+    reads = TrunkInput.LAYERS
     Options = SynQTOptions
     # Official protocol: AdamW, lr 1e-3, wd 1e-2, batch 64, 50 epochs, 10 warm-up, cosine to 1e-6 per iteration.
     train_defaults = {"epochs": 50, "warmup_epochs": 10, "batch_size": 64, "optimizer": "adamw",

@@ -22,35 +22,37 @@ tune_vtab.py): SGD momentum 0.9, cosine, 100 epochs, 10 warm-up, lr = base x bat
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ..backbones.vit import VisionTransformer
-from ..features import run_blocks
-from . import register
+from ..trunk import TrunkInput
 from .base import Method
-from .vqt import vpt_init_bound
+from .options import option
+from .registry import register
+
+
+def vpt_init_bound(backbone: VisionTransformer) -> float:
+    """VPT's uniform init bound sqrt(6 / (3 * patch^2 + D)) (Xavier over the patch projection's fan-in)."""
+    patch = backbone.config.patch_size
+    return math.sqrt(6.0 / (3 * patch * patch + backbone.config.embed_dim))
 
 VPT_MODES = ("deep", "shallow")
 
 
 @dataclass
 class VPTOptions:
-    prompts: int = 10
-    vpt_mode: str = "deep"
-    prompt_dropout: float | None = None  # default: 0.1 for deep, 0.0 for shallow
+    prompts: int = option(10, "prompt tokens per layer (P)", min=1)
+    vpt_mode: str = option("deep", "deep (fresh prompts at every block) | shallow", choices=VPT_MODES)
+    prompt_dropout: float | None = option(None, "dropout on the prompts (default 0.1 deep, 0 shallow)",
+                                          min=0, max=1, max_open=True)
 
     def __post_init__(self) -> None:
-        if self.prompts < 1:
-            raise ValueError(f"--prompts must be at least 1 (got {self.prompts})")
-        if self.vpt_mode not in VPT_MODES:
-            raise ValueError(f"--vpt-mode must be one of {', '.join(VPT_MODES)} (got {self.vpt_mode!r})")
         if self.prompt_dropout is None:
             self.prompt_dropout = 0.1 if self.vpt_mode == "deep" else 0.0
-        if not 0 <= self.prompt_dropout < 1:
-            raise ValueError(f"--prompt-dropout must be in [0, 1) (got {self.prompt_dropout})")
 
 
 class Prompts(nn.Module):
@@ -79,7 +81,7 @@ class Prompts(nn.Module):
 @register
 class VPT(Method):
     name = "vpt"
-    frozen_trunk = False
+    reads = TrunkInput.IMAGES
     Options = VPTOptions
     train_defaults = {"epochs": 100, "warmup_epochs": 10, "batch_size": 64, "optimizer": "sgd",
                       "lr": 1.0 * 64 / 256, "weight_decay": 1e-3}
@@ -93,5 +95,5 @@ class VPT(Method):
         self.head = nn.Linear(backbone.num_features, num_classes)
 
     def forward(self, images: Tensor) -> Tensor:
-        x = run_blocks(self.backbone, self.backbone.embed(images), self.prompts.before_block)
+        x = self.backbone.run_blocks(self.backbone.embed(images), self.prompts.before_block)
         return self.head(self.backbone.norm(x[:, 0]))

@@ -16,20 +16,25 @@ input features by column norm is kept, and the head is retrained on those.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones.vit import VisionTransformer
 from ..errors import ConfigError
-from ..features import Features
-from . import register
+from ..trunk import TrunkInput
+from ..trunk.device import autocast, to_device
+from ..trunk.features import Features
+from ..trunk.sources import epoch_order
 from .base import Method
+from .options import option
+from .registry import register
+from .vpt import vpt_init_bound
 
 COMBINES = ("concat", "mean", "weighted")
 
@@ -53,27 +58,15 @@ def parse_layers(spec: str | None, depth: int) -> tuple[int, ...]:
     return tuple(sorted(layers))
 
 
-def vpt_init_bound(backbone: VisionTransformer) -> float:
-    """VPT's uniform init bound sqrt(6 / (3 * patch^2 + D))."""
-    patch = backbone.config.patch_size
-    return math.sqrt(6.0 / (3 * patch * patch + backbone.config.embed_dim))
-
-
 @dataclass
 class VQTOptions:
-    num_queries: int = 1
-    query_dropout: float = 0.1
-    combine: str = "concat"
-    layers: str | None = None
-    compress: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.num_queries < 1:
-            raise ValueError(f"--num-queries must be at least 1 (got {self.num_queries})")
-        if self.combine not in COMBINES:
-            raise ValueError(f"--combine must be one of {', '.join(COMBINES)} (got {self.combine!r})")
-        if self.compress is not None and not 0 < self.compress <= 1:
-            raise ValueError(f"--compress is the fraction of head features to keep, in (0, 1] (got {self.compress})")
+    num_queries: int = option(1, "query tokens per layer (T)", min=1)
+    query_dropout: float = option(0.1, "dropout on the queries", min=0, max=1, max_open=True)
+    combine: str = option("concat", "how the head reads the T queries of a layer: concat | mean | weighted",
+                          choices=COMBINES)
+    layers: str | None = option(None, "blocks with queries, e.g. '6-11' (default all)")
+    compress: float | None = option(None, "keep this fraction of head features (group lasso)",
+                                    min=0, max=1, min_open=True)
 
 
 class QueryPath(nn.Module):
@@ -122,8 +115,7 @@ class QueryPath(nn.Module):
 @register
 class VQT(Method):
     name = "vqt"
-    frozen_trunk = True
-    reads_layers = True
+    reads = TrunkInput.LAYERS
     Options = VQTOptions
     # Paper protocol: 100 epochs, 10 warm-up, cosine, batch 128, Adam, lr from the grid x batch/256.
     train_defaults = {"epochs": 100, "warmup_epochs": 10, "batch_size": 128, "optimizer": "adam",
@@ -158,6 +150,61 @@ class VQT(Method):
     def post_train(self, source: Any, cfg: Any, device: torch.device) -> dict[str, Any]:
         if self.options.compress is None:
             return {}
-        from ..compress import compress_head
-
         return compress_head(self, source, cfg, device)
+
+
+# Head compression (the paper's parameter-efficiency section):
+# 1. freeze the trained query path and compute every training image's head input once;
+# 2. retrain the head with a group-lasso penalty, the sum over input features j of the L2 norm of
+#    weight column W[:, j], which drives whole columns to zero;
+# 3. keep the top fraction of features by column norm and retrain the head on them.
+
+GROUP_LASSO = 1e-4
+
+
+@torch.no_grad()
+def head_inputs(method: Any, source: Any, device: torch.device, batch_size: int, bf16: bool) -> tuple[Tensor, Tensor]:
+    """Every training image's head input (float32), computed in the precision the method trained in."""
+    method.eval()
+    inputs, labels = [], []
+    for features, batch_labels in source.batches(np.arange(len(source)), batch_size):
+        with autocast(device, bf16):
+            inputs.append(method.head_input(to_device(features, device, bf16)).float())
+        labels.append(batch_labels.to(device))
+    return torch.cat(inputs), torch.cat(labels)
+
+
+def fit_head(head: nn.Linear, x: Tensor, y: Tensor, cfg: Any, group_lasso: float) -> None:
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-3)
+    for epoch in range(cfg.epochs):
+        order = torch.from_numpy(epoch_order(len(x), cfg.seed, epoch)).to(x.device)
+        for start in range(0, len(x), cfg.batch_size):
+            index = order[start : start + cfg.batch_size]
+            loss = F.cross_entropy(head(x[index]), y[index])
+            if group_lasso:
+                loss = loss + group_lasso * head.weight.norm(dim=0).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+
+def compress_head(method: VQT, source: Any, cfg: Any, device: torch.device) -> dict[str, Any]:
+    keep_fraction = method.options.compress
+    x, y = head_inputs(method, source, device, cfg.batch_size, cfg.bf16)
+    num_features = x.shape[1]
+    params_before = method.head.weight.numel() + method.head.bias.numel()
+
+    lasso_head = nn.Linear(num_features, method.num_classes).to(device)
+    lasso_head.load_state_dict(method.head.state_dict())
+    fit_head(lasso_head, x, y, cfg, GROUP_LASSO)
+
+    kept_count = max(1, round(keep_fraction * num_features))
+    kept = lasso_head.weight.detach().norm(dim=0).topk(kept_count).indices.sort().values
+    head = nn.Linear(kept_count, method.num_classes).to(device)
+    with torch.no_grad():
+        head.weight.copy_(lasso_head.weight[:, kept])
+        head.bias.copy_(lasso_head.bias)
+    fit_head(head, x[:, kept], y, cfg, 0.0)
+    method.keep_features(kept, head)
+    return {"head_params_before": params_before, "head_params_after": head.weight.numel() + head.bias.numel(),
+            "kept_features": kept_count, "total_features": num_features}

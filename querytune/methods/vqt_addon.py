@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..backbones.vit import VisionTransformer
-from ..features import run_blocks
-from . import register
+from ..trunk import TrunkInput
 from .adaptformer import AdaptFormer, AdaptFormerOptions, add_adapters
 from .lora import LoRA, LoRAOptions, add_lora
+from .registry import register
 from .vpt import VPT, Prompts, VPTOptions
 from .vqt import VQT, VQTOptions
 
@@ -36,7 +36,7 @@ from .vqt import VQT, VQTOptions
 class VQTAddOn(VQT):
     """VQT whose queries read the trunk of a feature-adapting method (set up by the subclass)."""
 
-    frozen_trunk = False
+    reads = TrunkInput.IMAGES
 
     def before_block(self, index: int, x: Tensor) -> Tensor:
         """A change to the tokens entering block ``index`` (VPT's prompts); none by default."""
@@ -44,29 +44,24 @@ class VQTAddOn(VQT):
 
     def head_input(self, images: Tensor) -> Tensor:
         layers: list[Tensor] = []
-        x = run_blocks(self.backbone, self.backbone.embed(images), self.before_block, layers)
+        x = self.backbone.run_blocks(self.backbone.embed(images), self.before_block,
+                                    lambda _, u: layers.append(u))
         return self.query_path(layers, self.backbone.norm(x[:, 0]), self.backbone.blocks)
 
 
 @dataclass
 class VQTLoRAOptions(VQTOptions, LoRAOptions):
-    def __post_init__(self) -> None:
-        VQTOptions.__post_init__(self)
-        LoRAOptions.__post_init__(self)
+    pass
 
 
 @dataclass
 class VQTAdaptFormerOptions(VQTOptions, AdaptFormerOptions):
-    def __post_init__(self) -> None:
-        VQTOptions.__post_init__(self)
-        AdaptFormerOptions.__post_init__(self)
+    pass
 
 
 @dataclass
 class VQTVPTOptions(VQTOptions, VPTOptions):
-    def __post_init__(self) -> None:
-        VQTOptions.__post_init__(self)
-        VPTOptions.__post_init__(self)
+    pass  # VPTOptions.__post_init__ sets the prompt dropout's default
 
 
 @register

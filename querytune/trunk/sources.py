@@ -16,19 +16,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Protocol
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .backbones.vit import VisionTransformer
-from .data import ImageDataset, ImageList, Preprocess, iterate_loader
-from .errors import ConfigError
+from ..backbones.vit import VisionTransformer
+from ..data import ImageDataset, ImageList, Preprocess, iterate_loader, private_generator
+from ..errors import ConfigError
+from ..progress import note
+from . import TrunkInput
+from .cache import FeatureCache, open_or_build_cache
 from .features import Features, empty_layer_major, extract_features
-
-if TYPE_CHECKING:
-    from .cache import FeatureCache
 
 PLACEMENTS = ("auto", "device", "host")
 DEVICE_CACHE_FRACTION = 0.5  # of the GPU memory free when the entry is opened
@@ -42,10 +43,9 @@ class BatchSource(Protocol):
     def batches(self, order: np.ndarray, batch_size: int) -> Iterator[tuple[Features | Tensor, Tensor]]: ...
 
 
-def private_generator() -> torch.Generator:
-    """For DataLoaders: each loader iterator draws a seed from its generator, and drawing it from
-    the global RNG would shift the methods' dropout masks depending on where inputs come from."""
-    return torch.Generator().manual_seed(0)
+def epoch_order(num_items: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled order of one epoch, a function of (seed, epoch) only: resuming reproduces it."""
+    return np.random.default_rng([seed, epoch]).permutation(num_items)
 
 
 def _batch_indices(order: np.ndarray, batch_size: int) -> list[list[int]]:
@@ -208,3 +208,37 @@ def choose_placement(cache: FeatureCache, with_layers: bool, device: torch.devic
 def check_placement(placement: str) -> None:
     if placement not in PLACEMENTS:
         raise ConfigError(f"unknown cache placement {placement!r} (known: {', '.join(PLACEMENTS)})")
+
+
+def make_source(
+    reads: TrunkInput,
+    backbone: VisionTransformer,
+    images: ImageList,
+    preprocess: Preprocess,
+    device: torch.device,
+    cache_dir: Path | None = None,
+    workers: int = 0,
+    show_progress: bool = True,
+    bf16: bool = False,
+    cache_placement: str = "auto",
+) -> BatchSource:
+    """The batches a method that ``reads`` this needs: images, or frozen-trunk features of
+    ``backbone`` read from the cache under ``cache_dir`` (built where missing) or computed live.
+
+    ``cache_placement`` (auto | device | host) says where cached features live on a GPU
+    (:class:`CachedFeatureBatches`); the choice is printed.
+    """
+    pin_memory = device.type == "cuda"
+    if not reads.frozen:
+        return ImageBatches(images, preprocess, workers, pin_memory)
+    if cache_dir is None:
+        return LiveFeatureBatches(ImageBatches(images, preprocess, workers, pin_memory), backbone, reads.with_layers,
+                                  device, bf16)
+    cache = open_or_build_cache(cache_dir, backbone, images, preprocess, reads.with_layers, bf16, device=device,
+                                workers=workers, show_progress=show_progress)
+    source = CachedFeatureBatches(cache, reads.with_layers, bf16, device, cache_placement)
+    if device.type == "cuda":
+        where = "loaded into GPU memory" if source.placement == "device" else "streamed from the memory map"
+        note(f"cached features of {images.task}/{images.split} ({cache.nbytes(reads.with_layers) / 2**30:.2f} GiB): "
+             f"{where} (--cache-placement {cache_placement})", show_progress)
+    return source

@@ -10,13 +10,12 @@ these tensors.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .backbones.vit import VisionTransformer
+from ..backbones.vit import VisionTransformer
 
 
 @dataclass
@@ -33,7 +32,7 @@ class Features:
     def __len__(self) -> int:
         return self.cls.shape[0]
 
-    def to(self, device: torch.device | str, bf16: bool = False) -> "Features":
+    def to(self, device: torch.device | str, bf16: bool = False) -> Features:
         """On ``device`` for computing: the class token in float32, the per-layer tokens in float32,
         or in bfloat16 with ``bf16`` (autocast would cast them to it anyway, once per use)."""
         layers = self.layers
@@ -79,38 +78,11 @@ def extract_features(
 ) -> Features:
     """Run the frozen trunk once (in bfloat16 autocast with ``bf16``); features are rounded to
     ``dtype``, the cache's storage dtype, so that live and cached training see identical inputs."""
-    layers = []
+    layers: list[Tensor] = []
     with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=bf16):
-        x = backbone.embed(images)
-        for block in backbone.blocks:
-            u = block.norm1(x)
-            if with_layers:
-                layers.append(u.to(dtype))
-            x = block.forward_normed(x, u)
+        x = backbone.run_blocks(backbone.embed(images),
+                                after_norm=(lambda _, u: layers.append(u.to(dtype))) if with_layers else None)
         cls = backbone.norm(x[:, 0]).to(dtype)
     # Stacking float16 tensors fails under an autocast a caller may have entered around us.
     with torch.autocast(device_type=images.device.type, enabled=False):
         return Features(cls, torch.stack(layers, dim=1) if with_layers else None)
-
-
-def run_blocks(
-    backbone: VisionTransformer,
-    x: Tensor,
-    before_block: Callable[[int, Tensor], Tensor] | None = None,
-    layers: list[Tensor] | None = None,
-) -> Tensor:
-    """Run every block over tokens ``x`` (B, N, D) with autograd (for the feature-adapting methods).
-
-    ``before_block(l, x)`` may change the tokens entering block l (VPT inserts its prompts
-    there). With ``layers`` given, each block's normalised input ``norm1(x)`` is appended
-    to it: what VQT's queries read when VQT is added on top of a feature-adapting method.
-    Returns the last block's output tokens (before the final norm).
-    """
-    for index, block in enumerate(backbone.blocks):
-        if before_block is not None:
-            x = before_block(index, x)
-        u = block.norm1(x)
-        if layers is not None:
-            layers.append(u)
-        x = block.forward_normed(x, u)
-    return x

@@ -41,14 +41,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import distributed
-from .backbones.vit import VisionTransformer
-from .data import ImageDataset, ImageList, Preprocess, iterate_loader
-from .errors import DataError
+from .. import distributed
+from ..backbones.vit import VisionTransformer
+from ..data import ImageDataset, ImageList, Preprocess, iterate_loader, open_split, private_generator
+from ..errors import DataError
+from ..files import remove_stale_temporaries, temporary_path, write_text
+from ..progress import progress_bar
 from .features import Features, copy_converted, extract_features
-from .files import remove_stale_temporaries, temporary_path, write_text
-from .progress import progress_bar
-from .sources import private_generator
 
 FORMAT_VERSION = 2
 STORAGE_DTYPE = torch.float16
@@ -60,7 +59,9 @@ def backbone_fingerprint(backbone: VisionTransformer) -> str:
     cached = getattr(backbone, "_querytune_fingerprint", None)
     if cached is not None:
         return cached
-    digest = hashlib.sha256(json.dumps(backbone.config.to_dict(), sort_keys=True, default=str).encode())
+    # "extra": a field ViTConfig once had (always empty); hashed still, so that earlier runs' fingerprints hold
+    architecture = {**backbone.config.to_dict(), "extra": {}}
+    digest = hashlib.sha256(json.dumps(architecture, sort_keys=True, default=str).encode())
     for name, tensor in sorted(backbone.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
@@ -117,7 +118,7 @@ class FeatureCache:
         return len(self.labels)
 
     @classmethod
-    def open(cls, path: Path) -> "FeatureCache":
+    def open(cls, path: Path) -> FeatureCache:
         meta = read_meta(path)
         if meta is None:
             raise DataError(f"{path}: not a complete feature cache (meta.json missing, unreadable or of another "
@@ -321,6 +322,18 @@ def ensure_cache(root: Path, backbone: VisionTransformer, images: ImageList, pre
         build_cache(root, backbone, images, preprocess, with_layers, bf16, shard_size=shard_size, **kwargs)
     distributed.barrier()
     return path
+
+
+def cache_splits(root: Path, backbone: VisionTransformer, data: str | Path, splits: list[str], image_size: int,
+                 bf16: bool = False, **kwargs: Any) -> list[tuple[ImageList, Path]]:
+    """Build (where missing or torn) the per-layer cache entries of a task's ``splits``, in order; return
+    each split's images and entry folder. What ``querytune cache`` and the bench do before training."""
+    preprocess = Preprocess.for_backbone(backbone, image_size)
+    entries = []
+    for split in splits:
+        images = open_split(data, split)
+        entries.append((images, ensure_cache(root, backbone, images, preprocess, True, bf16, **kwargs)))
+    return entries
 
 
 def open_or_build_cache(root: Path, backbone: VisionTransformer, images: ImageList, preprocess: Preprocess,

@@ -1,0 +1,89 @@
+"""Method options: each method's options dataclass declares its fields with :func:`option`
+(help text, bounds, choices), and everything else is generated from it: the command line's
+flags and ``--help`` (:mod:`querytune.cli`), the checks with their one-line errors
+(:func:`check_options`), and ``querytune methods``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from typing import Any
+
+from ..errors import ConfigError
+
+
+def option(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+           min_open: bool = False, max_open: bool = False, choices: tuple[str, ...] | None = None) -> Any:
+    """A field of an options dataclass: its default, its help text and what values it takes
+    (``min``/``max`` bounds, open with ``min_open``/``max_open``; ``choices`` for strings)."""
+    meta = {"help": help, "min": min, "max": max, "min_open": min_open, "max_open": max_open, "choices": choices}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def value_type(options_cls: type, name: str) -> tuple[type, bool]:
+    """The field's value type (int, float, str or bool) and whether it may be None."""
+    hint = typing.get_type_hints(options_cls)[name]
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return next(arg for arg in args if arg is not type(None)), type(None) in args
+    return hint, False
+
+
+def describe_range(meta: dict[str, Any]) -> str | None:
+    low, high = meta.get("min"), meta.get("max")
+    if low is not None and high is not None:
+        return f"in {'(' if meta['min_open'] else '['}{low:g}, {high:g}{')' if meta['max_open'] else ']'}"
+    if low is not None:
+        if meta["min_open"]:
+            return "positive" if low == 0 else f"greater than {low:g}"
+        return "0 or more" if low == 0 else f"at least {low:g}"
+    if high is not None:
+        return f"{'below' if meta['max_open'] else 'at most'} {high:g}"
+    return None
+
+
+def check_value(options_cls: type, field: dataclasses.Field, value: Any) -> None:
+    """A one-line ConfigError naming the flag where ``value`` is of the wrong type or out of bounds."""
+    kind, optional = value_type(options_cls, field.name)
+    name = flag(field.name)
+    if value is None:
+        if not optional:
+            raise ConfigError(f"{name} needs a value")
+        return
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false (got {value!r})")
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{name} must be an integer (got {value!r})")
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number (got {value!r})")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number (got {value})")
+    if kind is str and not isinstance(value, (str, os.PathLike)):  # a folder option may be given as a Path
+        raise ConfigError(f"{name} must be a string (got {value!r})")
+    meta = field.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{name} must be one of {', '.join(meta['choices'])} (got {value!r})")
+    low, high = meta.get("min"), meta.get("max")
+    below = low is not None and (value <= low if meta["min_open"] else value < low)
+    above = high is not None and (value >= high if meta["max_open"] else value > high)
+    if below or above:
+        raise ConfigError(f"{name} must be {describe_range(meta)} (got {value})")
+
+
+def check_options(options_cls: type, given: dict[str, Any], method_name: str) -> None:
+    """Every given option exists for the method and takes the value given."""
+    known = {f.name: f for f in dataclasses.fields(options_cls)}
+    for key, value in given.items():
+        if key not in known:
+            takes = ", ".join(flag(k) for k in sorted(known)) or "no options"
+            raise ConfigError(f"option {flag(key)} does not apply to method {method_name!r} (it takes: {takes})")
+        check_value(options_cls, known[key], value)

@@ -1,0 +1,117 @@
+"""The run folder, its one owner: what ``train`` writes and ``eval``, ``predict`` and methods
+that build on a finished run (``memory --extend``) read.
+
+    config.json          everything needed to rebuild the method (written first)
+    checkpoint.pt        resumable state while training (removed once finished)
+    log.jsonl            one line per epoch
+    adapter.safetensors  the trainable state, written when training ends
+    metrics.json         the results, written last: its presence marks the run finished
+
+Every file appears under its name only once whole (:mod:`querytune.files`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError, one_line
+from .files import remove_stale_temporaries, write_atomic, write_json
+
+if TYPE_CHECKING:
+    from .methods.base import Method
+
+
+def run_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The parts of config.json that must match for a run to be resumed."""
+    return {k: config[k] for k in ("method", "options", "backbone", "data", "train_split", "image_size", "train")}
+
+
+def check_run_folder(out: Path, config: dict[str, Any]) -> bool:
+    """True when ``out`` holds an unfinished run of these settings (to resume), False when it is
+    absent or empty; an error for anything else. Writes nothing (it only removes what killed
+    writers left)."""
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: is a file, not a run folder")
+    if out.is_dir():
+        remove_stale_temporaries(out)  # e.g. a config.json whose writer was killed
+    if (out / "metrics.json").exists():
+        raise CheckpointError(f"{out}: already holds a finished run; choose another --out")
+    config_path = out / "config.json"
+    if config_path.exists():
+        try:
+            saved = json.loads(config_path.read_text())
+            same = run_settings(saved) == run_settings(config)
+        except (OSError, ValueError, TypeError, KeyError) as error:
+            raise CheckpointError(f"{config_path}: not a querytune run config ({one_line(error)})") from error
+        if not same:
+            raise CheckpointError(f"{out}: holds an unfinished run with other settings; choose another --out")
+        return True
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out}: exists, is not empty and is not a querytune run folder")
+    return False
+
+
+def start_run_folder(out: Path, config: dict[str, Any]) -> bool:
+    """Create the run folder with its config.json; return whether the folder itself was created."""
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", config)
+    except OSError as error:
+        raise CheckpointError(f"{out}: cannot write the run folder ({error.strerror or one_line(error)})") from error
+    return created
+
+
+def discard_run_folder(out: Path, created: bool) -> None:
+    """Undo :func:`start_run_folder` and what followed: the folder was absent or empty before."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for path in out.iterdir():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def save_adapter(out: Path, method: Method) -> None:
+    state = {k: v.contiguous().cpu() for k, v in method.trainable_state_dict().items()}
+    write_atomic(out / "adapter.safetensors", lambda tmp: save_file(state, str(tmp)))
+
+
+def finish_run_folder(out: Path, metrics: dict[str, Any]) -> None:
+    """Write metrics.json, which marks the run finished, and drop the resumable checkpoint."""
+    write_json(out / "metrics.json", metrics)
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+
+
+def read_run_config(run: str | Path) -> dict[str, Any]:
+    """The config.json of a finished run (one with its adapter written)."""
+    run = Path(run)
+    config_path = run / "config.json"
+    for path in (config_path, run / "adapter.safetensors"):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: not found; is {run} a finished querytune run?")
+    try:
+        config = json.loads(config_path.read_text())
+        missing = [k for k in ("method", "options", "num_classes", "image_size", "backbone") if k not in config]
+        missing += [f"backbone.{k}" for k in ("source", "fingerprint", "name") if k not in config.get("backbone", {})]
+        if missing:
+            raise KeyError(f"missing {', '.join(missing)}")
+        config["num_classes"] = int(config["num_classes"])
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise CheckpointError(f"{config_path}: not a querytune run config ({type(error).__name__}: "
+                              f"{one_line(error)})") from error
+    return config
+
+
+def load_adapter(run: str | Path, method: Method) -> None:
+    """Load a finished run's adapter into ``method`` (built from the run's config)."""
+    adapter_path = Path(run) / "adapter.safetensors"
+    try:
+        state = load_file(str(adapter_path))
+    except Exception as error:  # safetensors raises its own error types for torn files
+        raise CheckpointError(f"{adapter_path}: not a readable adapter ({one_line(error)})") from error
+    method.load_trainable_state_dict(state, source=str(adapter_path))
