@@ -1,5 +1,5 @@
 # Two commands for a newcomer: `make demo` (the main job) and `make test`.
-# Both create the virtual environment on first use.
+# Both create the virtual environment on first use. `make lint` runs ruff and mypy (CI runs it too).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,10 +11,10 @@ $(VENV)/installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-.PHONY: demo test
+.PHONY: demo test lint
 demo: $(VENV)/installed
 	@test -e "$(BACKBONE)" -a -e "$(DATA)" || { echo "demo: $(BACKBONE) or $(DATA) not found; run 'make demo BACKBONE=<model> DATA=<task folder>'"; exit 2; }
 	$(PY) -m querytune train --method linear --backbone $(BACKBONE) --data $(DATA) --epochs 5 --bf16 \
@@ -22,3 +22,7 @@ demo: $(VENV)/installed
 
 test: $(VENV)/installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q  # tiny test models: one thread each is faster
+
+lint: $(VENV)/installed
+	$(PY) -m ruff check querytune tests benchmarks
+	$(PY) -m mypy
