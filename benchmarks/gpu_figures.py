@@ -64,7 +64,8 @@ def measure(args: argparse.Namespace) -> dict:
             print(f"{method:<16} failed: {row['error']}", flush=True)
             continue
         print(f"{method:<16}{row['trainable_params']:>12,} params  saved {row['saved_bytes'] / MiB:8.1f} MiB  "
-              f"peak train {row['train_peak_bytes'] / MiB:8.0f} MiB  inference {row['inference_peak_bytes'] / MiB:8.0f} MiB"
+              f"peak train {row['train_peak_bytes'] / MiB:8.0f} MiB  "
+              f"inference {row['inference_peak_bytes'] / MiB:8.0f} MiB"
               f"  train/inference {row['train_peak_bytes'] / row['inference_peak_bytes']:5.2f}  "
               f"step {1000 * row['step_seconds']:7.1f} ms", flush=True)
     by_name = {row["method"]: row for row in rows if "error" not in row}
@@ -113,7 +114,8 @@ def epochs(args: argparse.Namespace) -> dict:
     print(f"VQT epoch over {result['images']} images: GPU-resident cache {resident:.3f} s, streamed "
           f"{result['epoch_seconds_cached_host']:.3f} s, live trunk {result['epoch_seconds_live']:.3f} s "
           f"(live / resident {result['epoch_seconds_live'] / resident:.1f}x, streamed / resident "
-          f"{result['epoch_seconds_cached_host'] / resident:.2f}x); building the cache {result['cache_build_seconds']:.1f} s")
+          f"{result['epoch_seconds_cached_host'] / resident:.2f}x); "
+          f"building the cache {result['cache_build_seconds']:.1f} s")
     return result
 
 
@@ -122,7 +124,8 @@ def full_run(args: argparse.Namespace) -> dict:
         started = time.perf_counter()
         metrics = train_run("vqt", args.backbone, args.task, Path(root) / "run",
                             train_settings={"epochs": args.epochs, "bf16": args.bf16}, image_size=args.image_size,
-                            cache_dir=Path(root) / "cache", device=args.device, workers=args.workers, show_progress=False)
+                            cache_dir=Path(root) / "cache", device=args.device, workers=args.workers,
+                            show_progress=False)
         total = time.perf_counter() - started
     print(f"{args.epochs} VQT epochs on {metrics['task']} ({args.backbone}), caching train and test included: "
           f"{total:.1f} s (the epochs {metrics['train_seconds']:.1f} s), test accuracy {metrics['test_accuracy']:.3f}, "

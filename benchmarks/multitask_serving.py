@@ -70,7 +70,8 @@ def main() -> None:
             for name, logits in server.predict(images).items():
                 torch.testing.assert_close(joint[name], logits, rtol=1e-4, atol=1e-4)
         # interleaved, so that a change in the machine's load affects both alike
-        timings = [(seconds(lambda: together.predict(images)), seconds(lambda: [s.predict(images) for s in apart]))
+        timings = [(seconds(lambda server=together: server.predict(images)),
+                    seconds(lambda servers=apart: [s.predict(images) for s in servers]))
                    for _ in range(args.repeats)]
         one, separate = (statistics.median(column) for column in zip(*timings))
         first = first or one

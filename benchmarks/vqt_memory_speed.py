@@ -39,7 +39,8 @@ MiB = 2**20
 
 
 def print_step_table(rows: list[dict]) -> None:
-    header = f"{'method':<16}{'trainable':>12}{'adapter MiB':>13}{'saved MiB':>12}{'train peak':>12}{'infer peak':>12}{'train/infer':>12}{'step s':>9}"
+    header = (f"{'method':<16}{'trainable':>12}{'adapter MiB':>13}{'saved MiB':>12}{'train peak':>12}"
+              f"{'infer peak':>12}{'train/infer':>12}{'step s':>9}")
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -48,7 +49,8 @@ def print_step_table(rows: list[dict]) -> None:
             continue
         print(f"{row['method']:<16}{row['trainable_params']:>12,}{row['adapter_bytes'] / MiB:>13.2f}"
               f"{row['saved_bytes'] / MiB:>12.1f}{row['train_peak_bytes'] / MiB:>12.0f}"
-              f"{row['inference_peak_bytes'] / MiB:>12.0f}{row['train_peak_bytes'] / row['inference_peak_bytes']:>12.2f}"
+              f"{row['inference_peak_bytes'] / MiB:>12.0f}"
+              f"{row['train_peak_bytes'] / row['inference_peak_bytes']:>12.2f}"
               f"{row['step_seconds']:>9.2f}")
 
 

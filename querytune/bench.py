@@ -32,7 +32,7 @@ import statistics
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .data import list_splits
 from .errors import ConfigError, DataError, QuerytuneError
@@ -40,6 +40,9 @@ from .files import write_atomic, write_json, write_text
 from .measure import measure_method_isolated
 from .methods import method_class
 from .run import train_run
+
+if TYPE_CHECKING:
+    from .backbones.vit import VisionTransformer
 
 GROUP_ORDER = ("natural", "specialized", "structured")
 # quick profile: epochs for methods whose trunk runs without / with autograd
@@ -137,7 +140,7 @@ class Bench:
         self.private_cache = cache_dir is None
         self.cache_dir = Path(cache_dir) if cache_dir else self.out / "feature-cache"
         self.device, self.workers, self.show_progress = device, workers, show_progress
-        self.backbone_model = None
+        self.backbone_model: VisionTransformer | None = None
 
     def settings(self, method: str) -> dict[str, Any]:
         return {**profile_settings(method, self.profile), "bf16": self.bf16}
@@ -223,7 +226,8 @@ class Bench:
 
     def claim_folder(self) -> None:
         """Record this bench's settings; a folder holding another bench's results is refused, not mixed."""
-        settings = {"suite": [str(t.path.resolve()) for t in self.tasks], "groups": {t.name: t.group for t in self.tasks},
+        settings = {"suite": [str(t.path.resolve()) for t in self.tasks],
+                    "groups": {t.name: t.group for t in self.tasks},
                     "backbone": str(self.backbone), "profile": self.profile, "search": self.search,
                     "image_size": self.image_size, "bf16": self.bf16}
         path = self.out / "bench.json"
@@ -263,8 +267,10 @@ class Bench:
     def describe(self) -> str:
         cut = ("quick profile: epochs capped at "
                f"{QUICK_EPOCHS[True]} (frozen-trunk methods) and {QUICK_EPOCHS[False]} (feature-adapting methods), "
-               "warm-up a tenth of the run" if self.profile == "quick" else "paper profile: each method's published protocol")
-        search = "learning rate and weight decay chosen on train800 -> val200" if self.search else "default hyperparameters"
+               "warm-up a tenth of the run" if self.profile == "quick"
+               else "paper profile: each method's published protocol")
+        search = ("learning rate and weight decay chosen on train800 -> val200" if self.search
+                  else "default hyperparameters")
         return (f"backbone `{self.backbone}`, {self.image_size} px, {'bf16' if self.bf16 else 'fp32'}; {cut}; "
                 f"{search}; {self.seeds} seed(s); accuracy on `test` after the last epoch.")
 
@@ -293,16 +299,17 @@ def markdown_report(results: list[dict[str, Any]], tasks: list[Task], methods: l
     columns = [f"{t.name} ({t.group})" for t in ordered] + [f"{g} mean" for g in groups] + ["mean of group means"]
     table: dict[str, list[tuple[float, float] | None]] = {}
     for method in methods:
-        row = [cell_value(t.name, method) for t in ordered]
+        cells = [cell_value(t.name, method) for t in ordered]
         group_means = []
         for group in groups:
-            members = [v[0] for t, v in zip(ordered, row) if t.group == group and v is not None]
+            members = [v[0] for t, v in zip(ordered, cells) if t.group == group and v is not None]
             complete = len(members) == sum(t.group == group for t in ordered)
             group_means.append((statistics.fmean(members), 0.0) if members and complete else None)
         overall = [g[0] for g in group_means if g is not None]
-        row += group_means + [((statistics.fmean(overall), 0.0) if len(overall) == len(groups) else None)]
-        table[method] = row
-    best = [max((table[m][i][0] for m in methods if table[m][i] is not None), default=None) for i in range(len(columns))]
+        cells += group_means + [((statistics.fmean(overall), 0.0) if len(overall) == len(groups) else None)]
+        table[method] = cells
+    best = [max((cell[0] for cell in (table[m][i] for m in methods) if cell is not None), default=None)
+            for i in range(len(columns))]
 
     def fmt(value: tuple[float, float] | None, best_value: float | None) -> str:
         if value is None:
@@ -313,7 +320,8 @@ def markdown_report(results: list[dict[str, Any]], tasks: list[Task], methods: l
     header = "| method | " + " | ".join(columns) + " |"
     lines = ["# querytune bench", "", description, "",
              "Top-1 test accuracy (%), mean ± standard deviation over seeds. Group means are means over the group's "
-             "tasks; the last column is the mean of the group means (not the mean over tasks). Best per column in bold.",
+             "tasks; the last column is the mean of the group means (not the mean over tasks). "
+             "Best per column in bold.",
              "", header, "|" + "---|" * (len(columns) + 1)]
     for method in methods:
         lines.append(f"| {method} | " + " | ".join(fmt(v, b) for v, b in zip(table[method], best)) + " |")

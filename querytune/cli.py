@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -57,7 +56,8 @@ def train(
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16",
                                         help="bfloat16 autocast for the trunk and the training step"),
     checkpointing: Optional[bool] = typer.Option(None, "--checkpointing", help="gradient checkpointing: recompute "
-                                                 "each block in backward (methods that backpropagate through the trunk)"),
+                                                 "each block in backward (methods that backpropagate through the "
+                                                 "trunk)"),
     image_size: int = typer.Option(224, help="input size (images are resized to it)"),
     memory_mode: Optional[str] = typer.Option(None, help="memory: masked | plain (old spelling of --method "
                                                          "memory-plain)"),
@@ -255,7 +255,8 @@ def info(backbone: str = BackboneOpt) -> None:
     rows = [
         ("width (D)", cfg.embed_dim), ("depth (L)", cfg.depth), ("heads", cfg.num_heads),
         ("patch size", cfg.patch_size), ("MLP ratio", cfg.mlp_ratio), ("LayerScale", cfg.layer_scale),
-        ("register tokens", cfg.num_reg_tokens), ("native input size", f"{cfg.image_size} px ({cfg.grid_size}x{cfg.grid_size} patches)"),
+        ("register tokens", cfg.num_reg_tokens),
+        ("native input size", f"{cfg.image_size} px ({cfg.grid_size}x{cfg.grid_size} patches)"),
         ("tokens at 224 px", cfg.num_tokens(224)),
         ("parameters", f"{sum(p.numel() for p in model.parameters()):,}"),
         ("normalisation", f"mean {cfg.mean}, std {cfg.std}"),
@@ -337,7 +338,8 @@ def method_options_help() -> str:
     for option_name, uses in _option_users().items():
         field = uses[0][1]
         names = ", ".join(name for name, _, _ in uses)
-        shown = f"{flag(option_name)}/--no-{flag(option_name)[2:]}" if isinstance(field.default, bool) else flag(option_name)
+        shown = (f"{flag(option_name)}/--no-{flag(option_name)[2:]}" if isinstance(field.default, bool)
+                 else flag(option_name))
         defaults = {name: used.default for name, used, _ in uses}
         if len(set(map(str, defaults.values()))) > 1:
             default = "; defaults " + ", ".join(f"{name} {value}" for name, value in defaults.items())

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,11 @@ from .methods.base import Method
 from .trunk.device import autocast, to_device
 from .trunk.features import Features, extract_features
 
+if TYPE_CHECKING:
+    from .reference import NaiveVQT
 
-def adapter_bytes(method: Method) -> int:
+
+def adapter_bytes(method: Method | NaiveVQT) -> int:
     """Bytes of what one task stores: its adapter (trainable state, float32)."""
     return sum(t.numel() * t.element_size() for t in method.trainable_state_dict().values())
 
@@ -90,7 +94,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def method_inputs(method: Method, images: Tensor, bf16: bool) -> Callable[[], Features | Tensor]:
+def method_inputs(method: Method | NaiveVQT, images: Tensor, bf16: bool) -> Callable[[], Features | Tensor]:
     """What feeding the method costs per step: the live frozen trunk (no_grad) or the images."""
     if method.reads.frozen:
         return lambda: to_device(extract_features(method.backbone, images, method.reads.with_layers, bf16=bf16),
@@ -106,7 +110,8 @@ class StepCost:
     step_seconds: float
 
 
-def measure_step(method: Method, images: Tensor, labels: Tensor, repeats: int = 2, bf16: bool = False) -> StepCost:
+def measure_step(method: Method | NaiveVQT, images: Tensor, labels: Tensor, repeats: int = 2,
+                 bf16: bool = False) -> StepCost:
     """One training step (inputs, forward, backward, optimiser) against one inference forward, same batch."""
     device = images.device
     method.to(device)
@@ -161,6 +166,7 @@ def measure_method(method_name: str, backbone_source: str | Path, batch_size: in
     # on a GPU, memory that others hold in this process is not the step's (peaks are allocator statistics)
     baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     backbone = load_backbone(backbone_source).to(device)
+    method: Method | NaiveVQT
     if method_name == "vqt-naive":
         method = NaiveVQT(build_method("vqt", backbone, num_classes, options))
     else:

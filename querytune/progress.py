@@ -30,7 +30,10 @@ def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator
 
         def advance(n: int = 1, **fields: float) -> None:
             status = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
-            progress.update(task, advance=n, **({"status": status} if fields else {}))
+            if fields:
+                progress.update(task, advance=n, status=status)
+            else:
+                progress.update(task, advance=n)
 
         yield advance
 

@@ -20,7 +20,8 @@ NEG_INF = float("-inf")
 
 
 def _layer_scale(module: torch.nn.Module, x: Tensor) -> Tensor:
-    return x * module.gamma if hasattr(module, "gamma") else x
+    gamma = getattr(module, "gamma", None)
+    return x * gamma if gamma is not None else x
 
 
 def naive_block_parts(block: Block, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -38,7 +39,8 @@ def naive_block_parts(block: Block, x: Tensor, mask: Tensor | None = None) -> tu
     attn = _layer_scale(block.ls1, F.linear(attended, block.attn.proj.weight, block.attn.proj.bias))
     a = x + attn
     h = F.layer_norm(a, (dim,), block.norm2.weight, block.norm2.bias, block.norm2.eps)
-    h = F.linear(F.gelu(F.linear(h, block.mlp.fc1.weight, block.mlp.fc1.bias)), block.mlp.fc2.weight, block.mlp.fc2.bias)
+    h = F.linear(F.gelu(F.linear(h, block.mlp.fc1.weight, block.mlp.fc1.bias)),
+                 block.mlp.fc2.weight, block.mlp.fc2.bias)
     mlp = _layer_scale(block.ls2, h)
     if block.mlp_parallel is not None:
         mlp = mlp + block.mlp_parallel(a)
@@ -97,7 +99,9 @@ def naive_synqt_logits(method, images: Tensor) -> Tensor:
     backbone = method.backbone
     x = backbone.embed(images)
     batch, tokens = x.shape[0], x.shape[1]
-    outputs, attns, mlps = [], [], []
+    outputs: list[Tensor] = []
+    attns: list[Tensor] = []
+    mlps: list[Tensor] = []
     for index, block in enumerate(backbone.blocks):
         queries = method.synthesis(index, batch, outputs[-1] if outputs else None)
         sequence = torch.cat([x, queries], dim=1)

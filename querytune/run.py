@@ -104,12 +104,12 @@ def train_run(
         "train": asdict(cfg),
     }
     resuming = check_run_folder(out, config)
-    source = make_source(method.reads, method.backbone, train_images, preprocess, device, cache_dir, workers, show_progress, cfg.bf16,
-                         cache_placement)
+    source = make_source(method.reads, method.backbone, train_images, preprocess, device, cache_dir, workers,
+                         show_progress, cfg.bf16, cache_placement)
     eval_source = None
     if eval_images is not None:
-        eval_source = make_source(method.reads, method.backbone, eval_images, preprocess, device, cache_dir, workers, show_progress,
-                                  cfg.bf16, cache_placement)
+        eval_source = make_source(method.reads, method.backbone, eval_images, preprocess, device, cache_dir, workers,
+                                  show_progress, cfg.bf16, cache_placement)
     distributed.barrier()  # every rank has looked at the folder before rank 0 changes it
     created = None  # whether this invocation made the folder (rank 0 of a new run only)
     if distributed.is_main() and not resuming:
@@ -190,6 +190,6 @@ def eval_run(
     preprocess = Preprocess.for_backbone(method.backbone, config["image_size"])
     workers = default_workers() if workers is None else workers
     bf16 = config["train"]["bf16"]
-    source = make_source(method.reads, method.backbone, images, preprocess, device, Path(cache_dir) if cache_dir else None, workers,
-                         show_progress, bf16, cache_placement)
+    source = make_source(method.reads, method.backbone, images, preprocess, device,
+                         Path(cache_dir) if cache_dir else None, workers, show_progress, bf16, cache_placement)
     return evaluate(method, source, device, bf16=bf16)

@@ -58,7 +58,8 @@ class MultiTaskServer:
         for task in tasks:
             if not task.method.reads.frozen:
                 raise ConfigError(f"task {task.name!r}: method {task.method.name!r} changes the backbone's features, "
-                                  "so it cannot share a trunk pass; only frozen-backbone methods can be served together")
+                                  "so it cannot share a trunk pass; "
+                                  "only frozen-backbone methods can be served together")
             if backbone_fingerprint(task.method.backbone) != fingerprint:
                 raise ConfigError(f"task {task.name!r}: was built on another backbone than the one served")
         self.device = torch.device(device) if device is not None else default_device()
@@ -71,7 +72,8 @@ class MultiTaskServer:
         self.stack = None
         self.stack_rows: dict[str, int] = {}  # memory task -> the merged stack's row of its own class token
         if memory:
-            self.stack, placement = merge_stacks([task.method.stack for task in memory])
+            stacks = [task.method.stack for task in memory if isinstance(task.method, MemoryTokens)]
+            self.stack, placement = merge_stacks(stacks)
             self.stack_rows = {task.name: where[-1] for task, where in zip(memory, placement)}
 
     @classmethod
@@ -84,7 +86,7 @@ class MultiTaskServer:
         runs = [Path(run) for run in runs]
         if not runs:
             raise ConfigError("no run to serve")
-        resolved = [run.resolve() for run in runs]
+        resolved = [Path(run).resolve() for run in runs]
         for run, path in zip(runs, resolved):
             if resolved.count(path) > 1:
                 raise ConfigError(f"{run}: given twice")
@@ -132,7 +134,7 @@ class MultiTaskServer:
             for i in range(len(images)):
                 predictions = {}
                 for task in self.tasks:
-                    probability, label = top[task.name].values[i].item(), top[task.name].indices[i].item()
+                    probability, label = top[task.name].values[i].item(), int(top[task.name].indices[i])
                     predictions[task.name] = {"class": task.classes[label] if task.classes else label,
                                               "label": label, "probability": probability}
                 yield {"path": str(paths[done + i]), "predictions": predictions}

@@ -132,7 +132,8 @@ def fit(
     steps_per_epoch = math.ceil(len(source) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    done = {"epochs_done": 0, "train_seconds": 0.0, "loss": float("nan"), "train_accuracy": float("nan")}
+    done: dict[str, Any] = {"epochs_done": 0, "train_seconds": 0.0,
+                            "loss": float("nan"), "train_accuracy": float("nan")}
     if checkpoint is not None and checkpoint.is_file():
         done = load_checkpoint(checkpoint, method, optimizer, device, cfg.seed)
     elif world > 1:
@@ -174,8 +175,8 @@ def fit(
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 optimizer.step()
             train_seconds += time.perf_counter() - started
-            loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen])
-            loss_value, accuracy = loss_sum / seen, correct / seen
+            total_loss, total_correct, total_seen = distributed.all_reduce_sum([loss_sum, correct, seen])
+            loss_value, accuracy = total_loss / total_seen, total_correct / total_seen
             if log is not None and rank == 0:
                 with open(log, "a") as handle:
                     handle.write(json.dumps({"epoch": epoch + 1, "loss": loss_value, "train_accuracy": accuracy,

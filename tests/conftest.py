@@ -38,7 +38,8 @@ def tiny_vit(layer_scale: bool = False, num_reg_tokens: int = 0, seed: int = 0, 
     return model.eval().requires_grad_(False)
 
 
-def write_task(root: Path, classes: int = 3, per_split: dict[str, int] | None = None, size: int = 24, seed: int = 0) -> Path:
+def write_task(root: Path, classes: int = 3, per_split: dict[str, int] | None = None, size: int = 24,
+               seed: int = 0) -> Path:
     """A VTAB-1k layout task whose classes differ by colour, so a probe can learn them."""
     per_split = per_split or {"train800": 12, "val200": 6, "test": 9}
     rng = np.random.default_rng(seed)

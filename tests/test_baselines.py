@@ -40,7 +40,7 @@ def _randomise(method, pattern: str) -> None:
 def test_zero_initialised_adapters_equal_the_backbone(name, train_mode):
     reference = tiny_vit(layer_scale=True, num_reg_tokens=1)
     backbone = tiny_vit(layer_scale=True, num_reg_tokens=1)
-    method = build_method(name, backbone, 5, {}).train(train_mode)
+    build_method(name, backbone, 5, {}).train(train_mode)  # adapts the backbone's blocks in place
     images = _images()
     assert torch.equal(backbone.forward_features(images), reference.forward_features(images))
 

@@ -110,7 +110,8 @@ def test_report_means_are_group_means():
     from querytune.bench import Task
 
     tasks = [Task("a", Path("a"), "natural"), Task("b", Path("b"), "natural"), Task("c", Path("c"), "structured")]
-    results = [{"task": t, "method": "m", "seed": 0, "accuracy": acc} for t, acc in (("a", 0.5), ("b", 0.7), ("c", 0.1))]
+    results = [{"task": t, "method": "m", "seed": 0, "accuracy": acc}
+               for t, acc in (("a", 0.5), ("b", 0.7), ("c", 0.1))]
     report = markdown_report(results, tasks, ["m"], "")
     line = next(l for l in report.splitlines() if l.startswith("| m |"))
     cells = [c.strip().strip("*") for c in line.strip("|").split("|")]

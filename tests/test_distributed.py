@@ -44,7 +44,7 @@ def test_each_rank_takes_its_slice_of_every_global_batch(world, expected, monkey
     monkeypatch.setattr(distributed, "world_size", lambda: world)
     orders = []
     for rank in range(world):
-        monkeypatch.setattr(distributed, "rank", lambda: rank)
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
         orders.append(distributed.rank_order(np.arange(10), 4).tolist())
     assert orders == expected
     with pytest.raises(ConfigError, match="batch size 5 does not split evenly over 2 processes"):

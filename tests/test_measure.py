@@ -27,7 +27,8 @@ def test_measure_step_in_both_precisions(name, bf16):
 
 
 def test_vqt_saves_a_fraction_of_the_naive_formulation():
-    """The efficient path keeps about one (B, N, D) tensor per layer; the published way keeps the whole trunk's activations."""
+    """The efficient path keeps about one (B, N, D) tensor per layer; the published way keeps the whole
+    trunk's activations."""
     backbone = tiny_vit(image_size=64)  # 65 tokens
     vqt = build_method("vqt", backbone, 5, {})
     images, labels = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])

@@ -109,8 +109,8 @@ def test_predict_cli_serves_runs_together_as_eval_predicts_them(tiny_backbone_di
 
     for name in ("linear", "memory"):  # what `querytune eval` computes, image by image
         method, config = load_run(tmp_path / name)
-        source = make_source(method.reads, method.backbone, images, Preprocess(32, method.backbone.config.mean, method.backbone.config.std),
-                             torch.device("cpu"))
+        preprocess = Preprocess(32, method.backbone.config.mean, method.backbone.config.std)
+        source = make_source(method.reads, method.backbone, images, preprocess, torch.device("cpu"))
         top = predict(method, source, torch.device("cpu")).softmax(-1).max(-1)
         correct = 0
         for (path, label), probability, index in zip(images.items, top.values, top.indices):
@@ -127,4 +127,5 @@ def test_predict_cli_serves_runs_together_as_eval_predicts_them(tiny_backbone_di
                        "--workers", "0")
     assert result.returncode == 0, result.stderr
     (line,) = result.stdout.splitlines()
-    assert json.loads(line)["predictions"]["memory"] == records[str(tiny_task / "images" / "test" / "00000.jpg")]["memory"]
+    first = records[str(tiny_task / "images" / "test" / "00000.jpg")]
+    assert json.loads(line)["predictions"]["memory"] == first["memory"]

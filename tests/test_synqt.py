@@ -30,7 +30,8 @@ def test_shapes_and_head_tokens():
     assert 0.5 < method.synthesis.seeds.abs().max() <= 1.0  # U(-1, 1)
     torch.testing.assert_close(method.head.norm.weight, backbone.norm.weight)
     torch.testing.assert_close(method.head.norm.bias, backbone.norm.bias)
-    assert method.head.norm.weight.requires_grad and method.head.norm.weight.data_ptr() != backbone.norm.weight.data_ptr()
+    assert method.head.norm.weight.requires_grad
+    assert method.head.norm.weight.data_ptr() != backbone.norm.weight.data_ptr()
 
 
 def test_parameter_count_of_vit_b_matches_the_paper():
@@ -42,7 +43,8 @@ def test_parameter_count_of_vit_b_matches_the_paper():
     D, L, T, a, q = 768, 12, 1, 48, 8
     adapter = lambda h: D * h + h + h * D + D  # noqa: E731  fc1 and fc2 with biases
     norm = 2 * D
-    qsm_block = 4 * adapter(q) + 2 * norm + norm + adapter(a) + norm + 2  # q/k/v/out, q/kv norms, norm1, FFN, norm2, scales
+    # q/k/v/out, q/kv norms, norm1, FFN, norm2, scales
+    qsm_block = 4 * adapter(q) + 2 * norm + norm + adapter(a) + norm + 2
     synthesis = L * T * D + L * (adapter(a) + qsm_block) + 1  # seeds, adapter + QSM per layer, feat_scale
     head = norm + adapter(a) + (D * 3 * L + 3 * L) + norm  # token norm, shared adapter, combine linear, head norm
     assert synthesis + head == 2_604_397

@@ -44,7 +44,8 @@ def test_linear_run_writes_metrics_adapter_and_config(tiny_backbone_dir, tiny_ta
 
 
 def test_linear_probe_learns_colours(tiny_backbone_dir, tiny_task, tmp_path):
-    metrics = _train(tiny_backbone_dir, tiny_task, tmp_path / "run", train_settings={"epochs": 30, "batch_size": 6, "lr": 0.05})
+    metrics = _train(tiny_backbone_dir, tiny_task, tmp_path / "run",
+                     train_settings={"epochs": 30, "batch_size": 6, "lr": 0.05})
     assert metrics["train_accuracy"] == 1.0
 
 

@@ -58,7 +58,8 @@ def test_head_input_size_and_vpt_init():
     backbone = tiny_vit()
     dim, depth = backbone.config.embed_dim, backbone.config.depth
     assert build_method("vqt", backbone, 5, {"num_queries": 4}).query_path.out_dim == dim + depth * 4 * dim
-    assert build_method("vqt", backbone, 5, {"num_queries": 4, "combine": "mean"}).query_path.out_dim == dim + depth * dim
+    mean = build_method("vqt", backbone, 5, {"num_queries": 4, "combine": "mean"})
+    assert mean.query_path.out_dim == dim + depth * dim
     queries = build_method("vqt", backbone, 5, {}).query_path.queries
     bound = (6 / (3 * 8 * 8 + dim)) ** 0.5
     assert queries.abs().max() <= bound and queries.abs().max() > 0.5 * bound

@@ -273,8 +273,9 @@ def _from_timm_file(path: Path, model_name: str | None) -> VisionTransformer:
     return _from_timm_state(state, str(path), path.name, model_name)
 
 
-def _from_module(module: nn.Module, model_name: str | None) -> VisionTransformer:
-    config = getattr(module, "config", None)
+def _from_module(module: Any, model_name: str | None) -> VisionTransformer:
+    """``module``: an ``nn.Module`` from transformers or timm, read by duck typing."""
+    config: Any = getattr(module, "config", None)
     if hasattr(module, "base_model") and hasattr(config, "model_type"):  # transformers
         if model_name is not None:
             raise ConfigError("model_name applies to timm checkpoints, not to a transformers model")
@@ -325,7 +326,7 @@ def _from_timm_state(
     return _build(config, state, where)
 
 
-def _timm_state_dict(state: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+def _timm_state_dict(state: dict[str, Any], where: str) -> dict[str, Tensor]:
     """Unwrap, strip ``module.``, drop classifier keys and rename the few non-timm token names."""
     for wrapper in ("model", "state_dict"):
         if isinstance(state.get(wrapper), dict):
@@ -390,7 +391,8 @@ def _infer_architecture(state: dict[str, Tensor], where: str, num_heads: int | N
             f"{where}: no model_name given; inferred a ViT of width {width}, depth {depth}, "
             f"{fields['num_heads']} heads (the usual count for this width), patch {patch}, "
             f"{fields['num_reg_tokens']} register tokens, LayerScale {fields['layer_scale']}; "
-            "normalisation defaults to ImageNet mean/std"
+            "normalisation defaults to ImageNet mean/std",
+            stacklevel=1,  # the default: the warning points here
         )
     return fields
 

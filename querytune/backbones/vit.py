@@ -17,9 +17,9 @@ backward pass keeps.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Generic, NamedTuple, Protocol, TypeVar, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +54,8 @@ class ViTConfig:
     pos_embed_prefix: int = 1
     pos_embed_antialias: bool = False
     norm_eps: float = 1e-6
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     name: str = "vit"
 
     def __post_init__(self) -> None:
@@ -124,13 +124,26 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class Projection(Protocol):
+    """What a block reads of its qkv projection: an ``nn.Linear``, or a module standing in for
+    one with the effective weight and bias (LoRA's ``LoRAQKV``)."""
+
+    @property
+    def weight(self) -> Tensor: ...
+
+    @property
+    def bias(self) -> Tensor | None: ...
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv: Projection = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def split_heads(self, x: Tensor) -> Tensor:
@@ -168,7 +181,8 @@ class Block(nn.Module):
     beside the MLP branch (AdaptFormer plugs in there); it is None for a plain ViT.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, layer_scale: bool, eps: float) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, layer_scale: bool,
+                 eps: float) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, qkv_bias)
@@ -260,6 +274,23 @@ class Block(nn.Module):
         return RowsOutput(a + mlp_branch, attn_branch, mlp_branch)
 
 
+if TYPE_CHECKING:
+    M = TypeVar("M", bound=nn.Module)
+
+    class ModuleListOf(nn.ModuleList, Generic[M]):
+        """How the type checker sees an ``nn.ModuleList`` whose modules are all of one class."""
+
+        def __iter__(self) -> Iterator[M]: ...
+
+        @overload
+        def __getitem__(self, idx: slice) -> nn.ModuleList: ...
+
+        @overload
+        def __getitem__(self, idx: int) -> M: ...
+
+        def __getitem__(self, idx: int | slice) -> M | nn.ModuleList: ...
+
+
 class VisionTransformer(nn.Module):
     """ViT with class token, optional register tokens and LayerScale (timm names)."""
 
@@ -272,10 +303,10 @@ class VisionTransformer(nn.Module):
         self.reg_token = nn.Parameter(torch.zeros(1, config.num_reg_tokens, dim)) if config.num_reg_tokens else None
         num_pos = config.pos_embed_prefix + config.grid_size**2
         self.pos_embed = nn.Parameter(torch.randn(1, num_pos, dim) * 0.02)
-        self.blocks = nn.ModuleList(
+        self.blocks = cast("ModuleListOf[Block]", nn.ModuleList(
             Block(dim, config.num_heads, config.mlp_ratio, config.qkv_bias, config.layer_scale, config.norm_eps)
             for _ in range(config.depth)
-        )
+        ))
         self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
         self._init_weights()
 

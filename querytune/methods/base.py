@@ -26,7 +26,6 @@ from ..backbones.vit import VisionTransformer
 from ..errors import CheckpointError, ConfigError
 from ..trunk import TrunkInput
 from .options import check_options
-from ..trunk.features import Features
 
 
 @dataclass
@@ -61,7 +60,8 @@ class Method(nn.Module):
         """Alias of ``reads.frozen``."""
         return self.reads.frozen
 
-    def forward(self, inputs: Features | Tensor) -> Tensor:  # pragma: no cover - abstract
+    # ``Any``: each method takes what its ``reads`` gives it (Features or images) and narrows the type.
+    def forward(self, inputs: Any) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def post_train(self, source: Any, cfg: Any, device: torch.device) -> dict[str, Any]:
@@ -70,7 +70,7 @@ class Method(nn.Module):
 
     def _state(self) -> dict[str, Tensor]:
         """What an adapter holds: the trainable parameters and the method's own buffers."""
-        state = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        state: dict[str, Tensor] = {name: p for name, p in self.named_parameters() if p.requires_grad}
         state.update((name, b) for name, b in self.named_buffers() if not name.startswith("backbone."))
         return state
 

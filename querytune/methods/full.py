@@ -15,7 +15,8 @@ class FullFineTune(Method):
     reads = TrunkInput.IMAGES
     train_defaults = {"epochs": 100, "optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-4, "batch_size": 64,
                       "grad_clip": 1.0}
-    search_grid = {"lr": (1e-3, 5e-4, 1e-4), "weight_decay": (1e-2, 1e-3, 1e-4, 0.0)}  # VPT's grid for full FT with Adam
+    # VPT's grid for full FT with Adam
+    search_grid = {"lr": (1e-3, 5e-4, 1e-4), "weight_decay": (1e-2, 1e-3, 1e-4, 0.0)}
 
     def __init__(self, backbone, num_classes, options) -> None:
         super().__init__(backbone, num_classes, options)

@@ -53,6 +53,8 @@ class LoRAQKV(nn.Module):
     weights directly (:meth:`Block.forward_rows`) sees the adapted projection.
     """
 
+    merged_weight: Tensor | None
+
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float) -> None:
         super().__init__()
         self.base = base
@@ -106,9 +108,11 @@ class LoRAQKV(nn.Module):
 def add_lora(backbone: VisionTransformer, options: LoRAOptions) -> None:
     """Wrap every block's qkv projection in a :class:`LoRAQKV` (the backbone stays frozen)."""
     for block in backbone.blocks:
-        if isinstance(block.attn.qkv, LoRAQKV):
+        qkv = block.attn.qkv
+        if isinstance(qkv, LoRAQKV):
             raise ConfigError("the backbone already carries LoRA; build each method on a freshly loaded backbone")
-        block.attn.qkv = LoRAQKV(block.attn.qkv, options.lora_rank, options.lora_alpha, options.lora_dropout)
+        assert isinstance(qkv, nn.Linear)
+        block.attn.qkv = LoRAQKV(qkv, options.lora_rank, options.lora_alpha, options.lora_dropout)
 
 
 @register

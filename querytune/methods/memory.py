@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,9 @@ from ..trunk.features import Features
 from .base import Method
 from .options import option
 from .registry import METHODS, build_method, register, resolve_method
+
+if TYPE_CHECKING:
+    from ..backbones.vit import ModuleListOf
 
 MODES = ("plain", "masked")  # the old --memory-mode option: plain is the method memory-plain
 MEMORY_INIT_STD = 0.02
@@ -78,7 +81,7 @@ class TaskStack(nn.Module):
 
     def __init__(self, tasks: list[MemoryTask], reads: list[tuple[int, ...]]) -> None:
         super().__init__()
-        self.tasks = nn.ModuleList(tasks)
+        self.tasks = cast("ModuleListOf[MemoryTask]", nn.ModuleList(tasks))
         self.reads = [tuple(r) for r in reads]
 
     def extra_mask(self) -> Tensor | None:
@@ -144,6 +147,7 @@ class MemoryTokens(Method):
     Options = MemoryOptions
     train_defaults = TRAIN_DEFAULTS
     search_grid = SEARCH_GRID
+    base_digest: Tensor  # a buffer, registered with --extend
 
     @classmethod
     def variant(cls, options: dict[str, Any]) -> tuple[type[Method], dict[str, Any]]:
@@ -165,7 +169,7 @@ class MemoryTokens(Method):
             self.register_buffer("base_digest", _file_digest(Path(options.extend) / "adapter.safetensors"))
         task = MemoryTask(class_token, memory, num_classes)
         task.class_token.requires_grad_(options.train_class_token)
-        self.stack = TaskStack([*base_tasks, task], [*base_reads, tuple(range(len(base_tasks)))])
+        self.stack: TaskStack = TaskStack([*base_tasks, task], [*base_reads, tuple(range(len(base_tasks)))])
 
     def _load_base(self, run: str) -> MemoryTokens:
         config = read_run_config(run)
@@ -174,6 +178,7 @@ class MemoryTokens(Method):
             raise ConfigError(f"--extend {run}: is a {resolved.name!r} run; only a masked-memory run can be extended")
         base = build_method(config["method"], self.backbone, config["num_classes"], config["options"])
         load_adapter(run, base)
+        assert isinstance(base, MemoryTokens)
         return base.requires_grad_(False)
 
     def forward(self, inputs: Features) -> Tensor:
@@ -181,7 +186,8 @@ class MemoryTokens(Method):
 
     def load_trainable_state_dict(self, state: dict[str, Tensor], source: str = "adapter") -> None:
         if self.options.extend and "base_digest" in state and not torch.equal(state["base_digest"], self.base_digest):
-            raise CheckpointError(f"{source}: was trained on top of {self.options.extend}, whose adapter has changed since")
+            raise CheckpointError(f"{source}: was trained on top of {self.options.extend}, "
+                                  "whose adapter has changed since")
         super().load_trainable_state_dict(state, source)
 
 

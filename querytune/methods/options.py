@@ -11,6 +11,7 @@ import math
 import os
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConfigError
@@ -37,7 +38,7 @@ def value_type(options_cls: type, name: str) -> tuple[type, bool]:
     return hint, False
 
 
-def describe_range(meta: dict[str, Any]) -> str | None:
+def describe_range(meta: Mapping[str, Any]) -> str | None:
     low, high = meta.get("min"), meta.get("max")
     if low is not None and high is not None:
         return f"in {'(' if meta['min_open'] else '['}{low:g}, {high:g}{')' if meta['max_open'] else ']'}"

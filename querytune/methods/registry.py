@@ -31,7 +31,8 @@ def resolve_method(name: str, options: dict[str, Any] | None = None) -> tuple[ty
     return method_class(name).variant(dict(options or {}))
 
 
-def build_method(name: str, backbone: VisionTransformer, num_classes: int, options: dict[str, Any] | None = None) -> Method:
+def build_method(name: str, backbone: VisionTransformer, num_classes: int,
+                 options: dict[str, Any] | None = None) -> Method:
     cls, options = resolve_method(name, options)
     return cls(backbone, num_classes, parse_options(cls, options))
 

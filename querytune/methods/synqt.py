@@ -47,7 +47,6 @@ paper text leaves open, we follow it:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -210,6 +209,7 @@ class SynQT(Method):
         outputs: list[Tensor] = []
         attns: list[Tensor] = []
         mlps: list[Tensor] = []
+        assert features.layers is not None
         for index, block in enumerate(self.backbone.blocks):
             rows = self.synthesis(index, len(features), outputs[-1] if outputs else None)
             out, attn, mlp = block.forward_rows(rows, features.layers[:, index])

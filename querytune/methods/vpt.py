@@ -65,6 +65,7 @@ class Prompts(nn.Module):
         bound = vpt_init_bound(backbone)
         tokens = torch.empty(sets, options.prompts, config.embed_dim, device=backbone.cls_token.device)
         self.tokens = nn.Parameter(tokens.uniform_(-bound, bound))
+        assert options.prompt_dropout is not None  # VPTOptions.__post_init__ sets its default
         self.dropout = nn.Dropout(options.prompt_dropout)
         self.start = config.num_prefix_tokens  # prompts go right after the class and register tokens
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from .base import Method
 from .options import option
 from .registry import register
 from .vpt import vpt_init_bound
+
+if TYPE_CHECKING:
+    from ..backbones.vit import Block, ModuleListOf
 
 COMBINES = ("concat", "mean", "weighted")
 
@@ -88,7 +91,7 @@ class QueryPath(nn.Module):
         piece = tokens * dim if self.combine == "concat" else dim
         self.out_dim = dim + len(self.layer_ids) * piece
 
-    def layer_outputs(self, layers: Tensor | Sequence[Tensor], blocks: nn.ModuleList) -> list[Tensor]:
+    def layer_outputs(self, layers: Tensor | Sequence[Tensor], blocks: ModuleListOf[Block]) -> list[Tensor]:
         """Z_l (B, T, D) of each query layer, from the normalised block inputs ``layers``: a
         (B, L, N, D) tensor, or a list of L (B, N, D) tensors (an adapted trunk's, left unstacked)."""
         per_layer = layers.unbind(1) if isinstance(layers, Tensor) else layers
@@ -99,7 +102,7 @@ class QueryPath(nn.Module):
             outputs.append(blocks[layer].forward_rows(rows, per_layer[layer]).out)
         return outputs
 
-    def forward(self, layers: Tensor | Sequence[Tensor], cls: Tensor, blocks: nn.ModuleList) -> Tensor:
+    def forward(self, layers: Tensor | Sequence[Tensor], cls: Tensor, blocks: ModuleListOf[Block]) -> Tensor:
         """Head input: L2-normalised [final class token, per-layer query summaries]."""
         pieces = [cls]
         for i, z in enumerate(self.layer_outputs(layers, blocks)):
@@ -116,7 +119,7 @@ class QueryPath(nn.Module):
 class VQT(Method):
     name = "vqt"
     reads = TrunkInput.LAYERS
-    Options = VQTOptions
+    Options: ClassVar[type[VQTOptions]] = VQTOptions
     # Paper protocol: 100 epochs, 10 warm-up, cosine, batch 128, Adam, lr from the grid x batch/256.
     train_defaults = {"epochs": 100, "warmup_epochs": 10, "batch_size": 128, "optimizer": "adam",
                       "lr": 0.1 * 128 / 256, "weight_decay": 1e-4}
@@ -128,7 +131,8 @@ class VQT(Method):
         # Indices of the head-input features a compressed head reads (None: all).
         self.register_buffer("kept_features", None)
 
-    def head_input(self, features: Features) -> Tensor:
+    # ``Any``: Features here; the add-ons (vqt_addon) read images, as their ``reads`` says.
+    def head_input(self, features: Any) -> Tensor:
         return self.query_path(features.layers, features.cls, self.backbone.blocks)
 
     def forward(self, features: Features) -> Tensor:

@@ -52,11 +52,12 @@ from .features import Features, copy_converted, extract_features
 FORMAT_VERSION = 2
 STORAGE_DTYPE = torch.float16
 SHARD_SIZE = 64  # images per shard: also the unit of work split across ranks and redone after a kill
+FINGERPRINT_ATTRIBUTE = "_querytune_fingerprint"  # where a backbone object keeps its fingerprint once computed
 
 
 def backbone_fingerprint(backbone: VisionTransformer) -> str:
     """sha256 of the architecture and every weight (computed once per model object)."""
-    cached = getattr(backbone, "_querytune_fingerprint", None)
+    cached = getattr(backbone, FINGERPRINT_ATTRIBUTE, None)
     if cached is not None:
         return cached
     # "extra": a field ViTConfig once had (always empty); hashed still, so that earlier runs' fingerprints hold
@@ -65,8 +66,9 @@ def backbone_fingerprint(backbone: VisionTransformer) -> str:
     for name, tensor in sorted(backbone.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    backbone._querytune_fingerprint = digest.hexdigest()
-    return backbone._querytune_fingerprint
+    fingerprint = digest.hexdigest()
+    setattr(backbone, FINGERPRINT_ATTRIBUTE, fingerprint)  # a plain attribute, not a tensor or a module
+    return fingerprint
 
 
 def cache_key(backbone: VisionTransformer, images: ImageList, preprocess: Preprocess, with_layers: bool,
@@ -160,25 +162,32 @@ class FeatureCache:
             start += len(shard)
         return cls, layers
 
-    def features(self, indices: np.ndarray | list[int], with_layers: bool = True, out: Features | None = None) -> Features:
+    def features(self, indices: np.ndarray | list[int], with_layers: bool = True,
+                 out: Features | None = None) -> Features:
         """Features of the given image indices, in that order.
 
         With ``out`` (buffers of at least ``len(indices)`` rows, any float dtype) the rows are
         converted into it and views of it are returned: reusing buffers across batches avoids
         faulting in fresh pages for every batch, which otherwise costs more than the copy.
         """
-        if with_layers and self.layers is None:
+        layers = self.layers if with_layers else None
+        if with_layers and layers is None:
             raise DataError(f"{self.path}: holds class tokens only, per-layer features were asked for")
         count = len(indices)
         if out is None:
             out = Features(torch.empty(count, *self.cls[0].shape[1:], dtype=torch.float16),
-                           torch.empty(count, *self.layers[0].shape[1:], dtype=torch.float16) if with_layers else None)
+                           torch.empty(count, *layers[0].shape[1:], dtype=torch.float16) if layers is not None
+                           else None)
         for row, index in enumerate(indices):
             shard, offset = divmod(int(index), self.shard_size)
             out.cls[row].copy_(self.cls[shard][offset])
-            if with_layers:
-                copy_converted(out.layers[row], self.layers[shard][offset])
-        return Features(out.cls[:count], out.layers[:count] if with_layers else None)
+            if layers is not None:
+                assert out.layers is not None  # buffers given in ``out`` hold per-layer rows too
+                copy_converted(out.layers[row], layers[shard][offset])
+        if layers is None:
+            return Features(out.cls[:count], None)
+        assert out.layers is not None
+        return Features(out.cls[:count], out.layers[:count])
 
 
 def cache_dir_for(root: Path, backbone: VisionTransformer, images: ImageList, preprocess: Preprocess,
@@ -274,16 +283,18 @@ def build_cache(
                 feats = extract_features(backbone, batch.to(device, non_blocking=True), with_layers, STORAGE_DTYPE,
                                          bf16)
                 files["cls"][row : row + len(batch)] = feats.cls.cpu().numpy()
-                if with_layers:
+                if feats.layers is not None:  # with_layers
                     files["layers"][row : row + len(batch)] = feats.layers.cpu().numpy()
                 advance(len(batch))
                 if row + len(batch) == rows[shard]:
                     for kind, array in files.items():
                         array.flush()
+                        assert array.filename is not None  # a memmap opened on a file
                         os.replace(array.filename, shard_file(path, shard, kind))
                     files = {}
         finally:
             for array in files.values():  # a shard left unfinished
+                assert array.filename is not None
                 Path(array.filename).unlink(missing_ok=True)
     if shards is None:
         remove_stale_temporaries(path)

@@ -4,6 +4,7 @@ batch to the device, autocast."""
 from __future__ import annotations
 
 import os
+from typing import overload
 
 import torch
 
@@ -16,6 +17,14 @@ def default_device() -> torch.device:
 
 def default_workers() -> int:
     return min(4, max(0, (os.cpu_count() or 1) - 1))
+
+
+@overload
+def to_device(inputs: Features, device: torch.device, bf16: bool = False) -> Features: ...
+
+
+@overload
+def to_device(inputs: torch.Tensor, device: torch.device, bf16: bool = False) -> torch.Tensor: ...
 
 
 def to_device(inputs: Features | torch.Tensor, device: torch.device, bf16: bool = False) -> Features | torch.Tensor:

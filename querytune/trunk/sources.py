@@ -117,8 +117,9 @@ class CachedFeatureBatches:
     """Frozen-trunk features read from a feature cache, as float32 (per-layer tokens in bfloat16
     with ``bf16``: what the methods compute with under bf16 autocast).
 
-    ``placement``: see the module docstring; :attr:`placement` holds the one chosen. On the CPU and when streaming, a batch's features are views of buffers reused
-    for later batches: consume a batch (forward and backward) before asking for the next one.
+    ``placement``: see the module docstring; :attr:`placement` holds the one chosen. On the CPU and
+    when streaming, a batch's features are views of buffers reused for later batches: consume a batch
+    (forward and backward) before asking for the next one.
     """
 
     def __init__(self, cache: FeatureCache, with_layers: bool, bf16: bool = False,
@@ -147,6 +148,7 @@ class CachedFeatureBatches:
             yield self.cache.features(indices, self.with_layers, buffers), torch.from_numpy(self.labels[indices])
 
     def _gather_on_device(self, order: np.ndarray, batch_size: int) -> Iterator[tuple[Features, Tensor]]:
+        assert self.resident is not None
         cls, layers = self.resident  # (n, D) and layer-major (L, n, N, D), float16
         for indices in _batch_indices(order, batch_size):
             index = torch.tensor(indices, device=self.device)
@@ -164,20 +166,23 @@ class CachedFeatureBatches:
         copy_stream = torch.cuda.Stream(self.device)
 
         def gather(i: int) -> Features:
-            if copied[i % 2] is not None:
-                copied[i % 2].synchronize()
+            event = copied[i % 2]
+            if event is not None:
+                event.synchronize()
             return self.cache.features(batches[i], self.with_layers, buffers[i % 2])
 
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(gather, 0) if batches else None
             for i, indices in enumerate(batches):
+                assert pending is not None  # submitted before each batch
                 host = pending.result()
                 if i + 1 < len(batches):
                     pending = pool.submit(gather, i + 1)
                 with torch.cuda.stream(copy_stream):
                     features = host.to(self.device, self.layers_dtype == torch.bfloat16)
-                    copied[i % 2] = torch.cuda.Event()
-                    copied[i % 2].record(copy_stream)
+                    event = torch.cuda.Event()
+                    copied[i % 2] = event
+                    event.record(copy_stream)
                 compute = torch.cuda.current_stream(self.device)
                 compute.wait_stream(copy_stream)
                 for tensor in (features.cls, features.layers):
@@ -190,6 +195,7 @@ class CachedFeatureBatches:
         cache = self.cache
         layers = None
         if self.with_layers:  # laid out as Features.to lays them out
+            assert cache.layers is not None
             layers = empty_layer_major((batch_size, *cache.layers[0].shape[1:]), layers_dtype, pin_memory=pin)
         return Features(torch.empty(batch_size, *cache.cls[0].shape[1:], dtype=cls_dtype, pin_memory=pin), layers)
 
