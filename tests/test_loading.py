@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -320,6 +321,9 @@ def test_hub_names_resolve_from_offline_cache(offline_hub):
     assert ours.config.name == "timm/vit_tiny_patch16_224.augreg_in21k"
     assert (ours.config.mean, ours.config.std) == ((0.4,) * 3, (0.3,) * 3)
     assert_same_model(ours, reference)
+    bare = load_backbone("vit_tiny_patch16_224.augreg_in21k")  # a bare timm name means timm/<name>
+    assert bare.config.name == "timm/vit_tiny_patch16_224.augreg_in21k"
+    assert_same_model(bare, reference)
 
     hf = hf_model("dinov2")
     hf.save_pretrained(offline_hub("facebook/dinov2-test"))
@@ -334,3 +338,71 @@ def test_missing_sources_fail_clearly(offline_hub):
     for local in ("./nope/model.safetensors", "weights/model.safetensors", "../nope"):
         with pytest.raises(CheckpointError, match=f"{local}: no such file or directory"):
             load_backbone(local)
+
+
+# ---------------------------------------------------------------- .npz (Google ViT, as VPT and VQT load it)
+
+
+def write_npz_checkpoint(model: VisionTransformer, path: Path, prefix: str = "", extra: bool = False) -> None:
+    """``model`` written in the key layout of the JAX ViT checkpoints (ViT-B_16.npz), independently of the
+    loader: kernels (in, out), attention kernels (in, heads, head_dim) and (heads, head_dim, out)."""
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    width, heads = model.config.embed_dim, model.config.num_heads
+    arrays = {
+        "embedding/kernel": state["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+        "embedding/bias": state["patch_embed.proj.bias"],
+        "cls": state["cls_token"],
+        "Transformer/posembed_input/pos_embedding": state["pos_embed"],
+        "Transformer/encoder_norm/scale": state["norm.weight"],
+        "Transformer/encoder_norm/bias": state["norm.bias"],
+    }
+    for i in range(model.config.depth):
+        block, attn = f"Transformer/encoderblock_{i}", f"Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1"
+        qkv_weight, qkv_bias = state[f"blocks.{i}.attn.qkv.weight"], state[f"blocks.{i}.attn.qkv.bias"]
+        for j, part in enumerate(("query", "key", "value")):
+            rows = slice(j * width, (j + 1) * width)
+            arrays[f"{attn}/{part}/kernel"] = qkv_weight[rows].T.reshape(width, heads, width // heads)
+            arrays[f"{attn}/{part}/bias"] = qkv_bias[rows].reshape(heads, width // heads)
+        arrays[f"{attn}/out/kernel"] = state[f"blocks.{i}.attn.proj.weight"].T.reshape(heads, width // heads, width)
+        arrays[f"{attn}/out/bias"] = state[f"blocks.{i}.attn.proj.bias"]
+        for ours, theirs in (("norm1", "LayerNorm_0"), ("norm2", "LayerNorm_2")):
+            arrays[f"{block}/{theirs}/scale"] = state[f"blocks.{i}.{ours}.weight"]
+            arrays[f"{block}/{theirs}/bias"] = state[f"blocks.{i}.{ours}.bias"]
+        for ours, theirs in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
+            arrays[f"{block}/MlpBlock_3/{theirs}/kernel"] = state[f"blocks.{i}.mlp.{ours}.weight"].T
+            arrays[f"{block}/MlpBlock_3/{theirs}/bias"] = state[f"blocks.{i}.mlp.{ours}.bias"]
+    if extra:  # what in21k checkpoints also hold: the representation layer and a classifier
+        arrays.update({"pre_logits/kernel": np.eye(width, dtype=np.float32),
+                       "pre_logits/bias": np.zeros(width, np.float32),
+                       "head/kernel": np.zeros((width, 7), np.float32), "head/bias": np.zeros(7, np.float32)})
+    np.savez(path, **{prefix + key: value for key, value in arrays.items()})
+
+
+@pytest.mark.parametrize(("prefix", "extra"), [("", False), ("opt/target/", True)])
+def test_npz_checkpoint_round_trip(prefix, extra, tmp_path):
+    torch.manual_seed(0)
+    reference = VisionTransformer(ViTConfig(embed_dim=96, depth=3, num_heads=6, patch_size=8, image_size=32))
+    path = tmp_path / "ViT-T_8.npz"
+    write_npz_checkpoint(reference, path, prefix, extra)
+    ours = load_backbone(path)
+    assert (ours.config.embed_dim, ours.config.depth, ours.config.num_heads, ours.config.patch_size) == (96, 3, 6, 8)
+    assert (ours.config.mean, ours.config.std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # as VPT/VQT
+    assert_same_model(ours, reference)
+
+
+def test_npz_checkpoint_errors(tmp_path):
+    torch.manual_seed(0)
+    reference = VisionTransformer(ViTConfig(embed_dim=48, depth=2, num_heads=4, patch_size=8, image_size=32))
+    path = tmp_path / "vit.npz"
+    write_npz_checkpoint(reference, path)
+    arrays = dict(np.load(path))
+    del arrays["Transformer/encoderblock_1/LayerNorm_2/scale"]
+    np.savez(tmp_path / "torn.npz", **arrays)
+    with pytest.raises(CheckpointError, match="torn.npz: Transformer/encoderblock_1/LayerNorm_2/scale missing"):
+        load_backbone(tmp_path / "torn.npz")
+    np.savez(tmp_path / "other.npz", weights=np.zeros(3))
+    with pytest.raises(CheckpointError, match="other.npz: no embedding/kernel; not a ViT .npz checkpoint"):
+        load_backbone(tmp_path / "other.npz")
+    (tmp_path / "garbage.npz").write_bytes(b"not a zip file")
+    with pytest.raises(CheckpointError, match="garbage.npz: unreadable .npz checkpoint"):
+        load_backbone(tmp_path / "garbage.npz")

@@ -9,12 +9,16 @@
    architecture is inferred from the tensor shapes, with a warning. A safetensors file
    written by :func:`save_backbone` carries its exact config and needs neither;
 3. a local timm hub folder (``config.json`` with ``architecture`` and ``pretrained_cfg``);
-4. a Hugging Face hub name (``facebook/dinov2-small``, ``timm/vit_base_patch16_224.augreg2_in21k_ft_in1k``),
-   resolved with ``huggingface_hub`` so that its local cache serves it offline
+4. a hub name (``facebook/dinov2-small``, ``timm/vit_base_patch16_224.augreg2_in21k_ft_in1k``, or
+   a bare timm name such as ``vit_base_patch16_224.augreg_in21k``, which means ``timm/<name>``
+   as in timm), resolved with ``huggingface_hub`` so that its local cache serves it offline
    (``HF_HUB_OFFLINE=1``);
-5. an in-memory ``transformers`` ViT/DeiT/DINOv2 model (or ``*ForImageClassification``
+5. an ``.npz`` checkpoint of the original JAX ViTs, as VPT, VQT, NOAH, SSF and V-PETL load
+   it (``ViT-B_16.npz``, ``imagenet21k/ViT-B_16.npz``; any depth and width, the head count
+   read from the attention kernels);
+6. an in-memory ``transformers`` ViT/DeiT/DINOv2 model (or ``*ForImageClassification``
    around one) or timm ``VisionTransformer``, converted through its state dict;
-6. a querytune :class:`VisionTransformer`, returned as is.
+7. a querytune :class:`VisionTransformer`, returned as is.
 
 Hugging Face ``model_type``: ``vit``, ``deit``, ``dinov2``, ``dinov2_with_registers``.
 Normalisation is ImageNet's unless the folder's preprocessor config says otherwise.
@@ -60,6 +64,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -193,12 +198,22 @@ def _from_path_or_hub(source: str | Path, model_name: str | None) -> VisionTrans
     path = Path(text).expanduser()
     if path.is_dir():
         return _from_folder(path, model_name, name=path.resolve().name, where=str(path))
+    if path.suffix == ".npz" and path.is_file():
+        return _from_npz_file(path, model_name)
     if path.exists():
         return _from_timm_file(path, model_name)
+    if isinstance(source, str) and _is_timm_name(text):  # a bare timm name is its timm/ hub repo, as in timm
+        text = f"timm/{text}"
     if isinstance(source, str) and _HUB_NAME.fullmatch(text) and not text.endswith(_CHECKPOINT_SUFFIXES):
         repo_id = text.removeprefix("hf-hub:")
         return _from_folder(_hub_snapshot(repo_id), model_name, name=repo_id, where=repo_id)
     raise CheckpointError(f"{source}: no such file or directory")
+
+
+def _is_timm_name(text: str) -> bool:
+    """A supported timm architecture name, with or without a ``.tag`` (``vit_base_patch16_224.augreg_in21k``)."""
+    arch, _, tag = text.partition(".")
+    return re.fullmatch(r"[\w-]*", tag) is not None and any(re.fullmatch(f.pattern, arch) for f in TIMM_FAMILIES)
 
 
 def _hub_snapshot(repo_id: str) -> Path:
@@ -407,6 +422,73 @@ def _split_positions(num_positions: int, num_reg_tokens: int, where: str) -> tup
             f"{1 + num_reg_tokens} prefix tokens"
         )
     return side, prefix
+
+
+# ---------------------------------------------------------------- .npz (Google ViT / VPT / VQT)
+
+
+def _from_npz_file(path: Path, model_name: str | None) -> VisionTransformer:
+    """The original JAX ViT checkpoints that VPT, VQT, NOAH, SSF and V-PETL load (``ViT-B_16.npz``,
+    ``imagenet21k/ViT-B_16.npz``, any depth and width). Normalisation: ImageNet mean/std, what VPT
+    and VQT use with them (SSF and NOAH's VPT script use 0.5/0.5: pass ``model_name`` with such a
+    tag, or set it on the loaded config)."""
+    state, num_heads = _npz_state_dict(_read_npz(path), str(path))
+    return _from_timm_state(state, str(path), path.name, model_name, num_heads=num_heads)
+
+
+def _read_npz(path: Path) -> dict[str, Any]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except Exception as error:  # zipfile and numpy raise assorted types for torn or foreign files
+        reason = f"{type(error).__name__}: {one_line(error)}"
+        raise CheckpointError(f"{path}: unreadable .npz checkpoint ({reason})") from error
+
+
+def _npz_state_dict(arrays: dict[str, Any], where: str) -> tuple[dict[str, Tensor], int]:
+    """timm-named tensors and the head count from a JAX ViT checkpoint's arrays (kernels are stored
+    (in, out), attention kernels (in, heads, head_dim) and (heads, head_dim, out)). The representation
+    layer (``pre_logits``) and the classifier are left out, as VPT and VQT leave them."""
+    arrays = {key.removeprefix("opt/target/"): value for key, value in arrays.items()}
+    if "embedding/kernel" not in arrays:
+        raise CheckpointError(f"{where}: no embedding/kernel; not a ViT .npz checkpoint")
+
+    def take(key: str) -> Tensor:
+        if key not in arrays:
+            raise CheckpointError(f"{where}: {key} missing; not a complete ViT .npz checkpoint")
+        return torch.from_numpy(np.ascontiguousarray(arrays[key])).float()
+
+    state = {
+        "patch_embed.proj.weight": take("embedding/kernel").permute(3, 2, 0, 1),
+        "patch_embed.proj.bias": take("embedding/bias"),
+        "cls_token": take("cls"),
+        "pos_embed": take("Transformer/posembed_input/pos_embedding"),
+        "norm.weight": take("Transformer/encoder_norm/scale"),
+        "norm.bias": take("Transformer/encoder_norm/bias"),
+    }
+    blocks = sorted({int(m[1]) for key in arrays if (m := re.match(r"Transformer/encoderblock_(\d+)/", key))})
+    if blocks != list(range(len(blocks))) or not blocks:
+        raise CheckpointError(f"{where}: encoder blocks {blocks} are not numbered 0..n-1")
+    num_heads = arrays["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"].shape[1]
+    for i in blocks:
+        block, attn = f"Transformer/encoderblock_{i}", f"Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1"
+        qkv = [take(f"{attn}/{part}/kernel").flatten(1).T for part in ("query", "key", "value")]
+        state.update({
+            f"blocks.{i}.norm1.weight": take(f"{block}/LayerNorm_0/scale"),
+            f"blocks.{i}.norm1.bias": take(f"{block}/LayerNorm_0/bias"),
+            f"blocks.{i}.attn.qkv.weight": torch.cat(qkv),
+            f"blocks.{i}.attn.qkv.bias": torch.cat([take(f"{attn}/{part}/bias").flatten()
+                                                    for part in ("query", "key", "value")]),
+            f"blocks.{i}.attn.proj.weight": take(f"{attn}/out/kernel").flatten(0, 1).T,
+            f"blocks.{i}.attn.proj.bias": take(f"{attn}/out/bias"),
+            f"blocks.{i}.norm2.weight": take(f"{block}/LayerNorm_2/scale"),
+            f"blocks.{i}.norm2.bias": take(f"{block}/LayerNorm_2/bias"),
+            f"blocks.{i}.mlp.fc1.weight": take(f"{block}/MlpBlock_3/Dense_0/kernel").T,
+            f"blocks.{i}.mlp.fc1.bias": take(f"{block}/MlpBlock_3/Dense_0/bias"),
+            f"blocks.{i}.mlp.fc2.weight": take(f"{block}/MlpBlock_3/Dense_1/kernel").T,
+            f"blocks.{i}.mlp.fc2.bias": take(f"{block}/MlpBlock_3/Dense_1/bias"),
+        })
+    return {key: value.contiguous() for key, value in state.items()}, int(num_heads)
 
 
 # ---------------------------------------------------------------- Hugging Face format

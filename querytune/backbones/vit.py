@@ -376,13 +376,15 @@ class VisionTransformer(nn.Module):
         x: Tensor,
         before_block: Callable[[int, Tensor], Tensor] | None = None,
         after_norm: Callable[[int, Tensor], None] | None = None,
+        memory: Tensor | None = None,
     ) -> Tensor:
         """The block loop: every block over tokens ``x`` (B, N, D); returns the last block's output
         (before the final norm).
 
         ``before_block(l, x)`` may change the tokens entering block l (VPT inserts its prompts
         there); ``after_norm(l, u)`` receives each block's normalised input ``u = norm1(x)``, what
-        the frozen-trunk methods read (the feature cache stores it).
+        the frozen-trunk methods read (the feature cache stores it); ``memory`` (L, M, D) adds M
+        key/value tokens to every block l that all tokens attend to (plain memory tokens).
         """
         for index, block in enumerate(self.blocks):
             if before_block is not None:
@@ -390,7 +392,7 @@ class VisionTransformer(nn.Module):
             u = block.norm1(x)
             if after_norm is not None:
                 after_norm(index, u)
-            x = block.forward_normed(x, u)
+            x = block.forward_normed(x, u, None if memory is None else memory[index][None])
         return x
 
     def forward_features(self, images: Tensor) -> Tensor:

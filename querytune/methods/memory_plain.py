@@ -46,6 +46,5 @@ class MemoryPlain(Method):
         x = self.backbone.embed(images)
         # the class token's input is always ours: untrained it equals the backbone's, value for value
         x = torch.cat([self.class_token.expand(x.shape[0], 1, -1), x[:, 1:]], dim=1)
-        for block, memory in zip(self.backbone.blocks, self.memory):
-            x = block(x, memory[None] if self.options.memory_tokens else None)
+        x = self.backbone.run_blocks(x, memory=self.memory if self.options.memory_tokens else None)
         return self.head(self.backbone.norm(x[:, 0]))
