@@ -55,6 +55,8 @@ def train(
     seed: Optional[int] = typer.Option(None),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16",
                                         help="bfloat16 autocast for the trunk and the training step"),
+    fp16: Optional[bool] = typer.Option(None, "--fp16/--no-fp16", help="float16 autocast with a gradient scaler "
+                                        "(for GPUs without bfloat16)"),
     checkpointing: Optional[bool] = typer.Option(None, "--checkpointing", help="gradient checkpointing: recompute "
                                                  "each block in backward (methods that backpropagate through the "
                                                  "trunk)"),
@@ -82,7 +84,8 @@ def train(
         options={**parse_method_options(ctx.args), **_given(memory_mode=memory_mode)},
         train_settings=_given(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                               optimizer=optimizer, warmup_epochs=warmup_epochs, grad_clip=grad_clip,
-                              label_smoothing=label_smoothing, seed=seed, bf16=bf16, checkpointing=checkpointing),
+                              label_smoothing=label_smoothing, seed=seed, bf16=bf16, fp16=fp16,
+                              checkpointing=checkpointing),
         train_split=train_split, eval_split=eval_split or None, image_size=image_size,
         cache_dir=None if no_cache else cache or default_cache_root(), cache_placement=cache_placement,
         device=device, workers=workers, show_progress=not quiet,

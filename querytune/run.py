@@ -121,7 +121,8 @@ def train_run(
         extra_metrics = method.post_train(source, cfg, device)  # alike on every rank: nothing to communicate
         if distributed.is_main():
             save_adapter(out, method)
-        accuracy = evaluate(method, eval_source, device, bf16=cfg.bf16) if eval_source is not None else None
+        accuracy = (evaluate(method, eval_source, device, bf16=cfg.bf16, fp16=cfg.fp16)
+                    if eval_source is not None else None)
     except QuerytuneError:
         if created is not None:
             discard_run_folder(out, created)
@@ -192,4 +193,4 @@ def eval_run(
     bf16 = config["train"]["bf16"]
     source = make_source(method.reads, method.backbone, images, preprocess, device,
                          Path(cache_dir) if cache_dir else None, workers, show_progress, bf16, cache_placement)
-    return evaluate(method, source, device, bf16=bf16)
+    return evaluate(method, source, device, bf16=bf16, fp16=config["train"].get("fp16", False))

@@ -1,4 +1,4 @@
-"""The training loop: optimiser, warm-up + cosine schedule, clipping, bf16 autocast,
+"""The training loop: optimiser, warm-up + cosine schedule, clipping, bf16 or fp16 autocast,
 evaluation, JSON-lines log, and a resumable checkpoint of the trainable state.
 
 Read top to bottom: :class:`TrainConfig`, :func:`fit`, :func:`evaluate`.
@@ -47,6 +47,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     seed: int = 0
     bf16: bool = False
+    fp16: bool = False  # float16 autocast with a gradient scaler, for GPUs without bfloat16
     checkpointing: bool = False  # recompute each block in backward (methods that backpropagate through the trunk)
 
     def __post_init__(self) -> None:
@@ -56,6 +57,8 @@ class TrainConfig:
             raise ConfigError(f"epochs and batch size must be positive (got {self.epochs}, {self.batch_size})")
         if self.lr <= 0:
             raise ConfigError(f"learning rate must be positive (got {self.lr})")
+        if self.bf16 and self.fp16:
+            raise ConfigError("--bf16 and --fp16 exclude each other")
 
     @classmethod
     def for_method(cls, method_cls: type[Method], overrides: dict[str, Any]) -> TrainConfig:
@@ -129,13 +132,14 @@ def fit(
     method.backbone.set_grad_checkpointing(cfg.checkpointing)
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.fp16)  # with fp16 only; otherwise it passes through
     steps_per_epoch = math.ceil(len(source) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     done: dict[str, Any] = {"epochs_done": 0, "train_seconds": 0.0,
                             "loss": float("nan"), "train_accuracy": float("nan")}
     if checkpoint is not None and checkpoint.is_file():
-        done = load_checkpoint(checkpoint, method, optimizer, device, cfg.seed)
+        done = load_checkpoint(checkpoint, method, optimizer, scaler, device, cfg.seed)
     elif world > 1:
         torch.manual_seed(rank_seed(cfg.seed, rank, 0))  # every rank draws its own dropout masks
     distributed.broadcast_from_main(list(method.trainable_state_dict().values()))
@@ -160,20 +164,22 @@ def fit(
                 if batch is not None:
                     inputs, labels = batch
                     labels = labels.to(device)
-                    with autocast(device, cfg.bf16):
+                    with autocast(device, cfg.bf16, cfg.fp16):
                         logits = method(to_device(inputs, device, cfg.bf16))
                     loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
                     # this rank's share of the global batch's mean loss (the whole of it in one process)
                     global_batch = min(cfg.batch_size, len(source) - batch_index * cfg.batch_size)
-                    (loss * (len(labels) / global_batch)).backward()
+                    scaler.scale(loss * (len(labels) / global_batch)).backward()
                     loss_sum += loss.item() * len(labels)
                     correct += (logits.argmax(-1) == labels).sum().item()
                     seen += len(labels)
                     advance(1, epoch=epoch + 1, loss=loss.item(), acc=correct / seen)
-                distributed.sum_gradients(params)
+                distributed.sum_gradients(params)  # alike on every rank, so is the scaler's verdict on them
                 if cfg.grad_clip:
+                    scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                optimizer.step()
+                scaler.step(optimizer)  # skips the step where fp16 gradients overflowed
+                scaler.update()
             train_seconds += time.perf_counter() - started
             total_loss, total_correct, total_seen = distributed.all_reduce_sum([loss_sum, correct, seen])
             loss_value, accuracy = total_loss / total_seen, total_correct / total_seen
@@ -191,6 +197,7 @@ def fit(
                         "train_accuracy": accuracy,
                         "trainable": {k: v.cpu() for k, v in method.trainable_state_dict().items()},
                         "optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict(),
                         "rng": rng_states,
                     })
     return FitResult(train_seconds, loss_value, accuracy)
@@ -222,9 +229,10 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer, device: torch.device,
-                    seed: int) -> dict[str, Any]:
-    """Load a checkpoint into ``method``, ``optimizer`` and this rank's RNG; return its progress fields.
+def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    device: torch.device, seed: int) -> dict[str, Any]:
+    """Load a checkpoint into ``method``, ``optimizer``, the fp16 gradient ``scaler`` and this rank's RNG;
+    return its progress fields.
 
     A checkpoint written by another number of processes has no RNG stream for every
     rank; each rank then starts a fresh one (the run is then not bit-identical to an
@@ -240,6 +248,8 @@ def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer
     try:
         method.load_trainable_state_dict(state["trainable"], source=str(path))
         optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):  # an fp16 run's loss scale
+            scaler.load_state_dict(state["scaler"])
         rank, world = distributed.rank(), distributed.world_size()
         if len(state["rng"]) == world:
             torch.set_rng_state(state["rng"][rank]["cpu"])
@@ -257,14 +267,15 @@ def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer
 
 @torch.no_grad()
 def predict(method: Method, source: BatchSource, device: torch.device, batch_size: int = 128,
-            bf16: bool = False, show_progress: bool = False, indices: np.ndarray | None = None) -> torch.Tensor:
+            bf16: bool = False, show_progress: bool = False, indices: np.ndarray | None = None,
+            fp16: bool = False) -> torch.Tensor:
     """Logits for the items ``indices`` of ``source`` (default: all of them), in order."""
     indices = np.arange(len(source)) if indices is None else indices
     method.to(device).eval()
     outputs = [torch.empty(0, method.num_classes)]
     with progress_bar(f"evaluating {method.name}", total=len(indices), enabled=show_progress) as advance:
         for inputs, _ in source.batches(indices, batch_size):
-            with autocast(device, bf16):
+            with autocast(device, bf16, fp16):
                 outputs.append(method(to_device(inputs, device, bf16)).float().cpu())
             advance(len(outputs[-1]))
     return torch.cat(outputs)

@@ -294,3 +294,37 @@ def test_checkpointing_is_refused_for_frozen_trunk_methods(tiny_backbone_dir, ti
                      train_settings={**FAST, "checkpointing": True})
     assert json.loads((tmp_path / "full" / "config.json").read_text())["train"]["checkpointing"] is True
     assert metrics["feature_placement"] is None  # images, not cached features
+
+
+def test_fp16_training_scales_its_loss_and_resumes_exactly(tiny_backbone_dir, tiny_task, tmp_path, monkeypatch):
+    """float16 autocast with a gradient scaler (GPUs without bfloat16; CPU autocast runs it too): the
+    run ends with a finite loss, its checkpoint keeps the loss scale, and a resumed run ends at the
+    same adapter."""
+    import math
+
+    import querytune.train as train_module
+
+    settings = {**FAST, "epochs": 4, "fp16": True}
+    metrics = _train(tiny_backbone_dir, tiny_task, tmp_path / "whole", method="vqt", train_settings=settings)
+    assert math.isfinite(metrics["train_loss"])  # no overflow reached the weights
+    real_save = train_module.save_checkpoint
+    saved = {}
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        saved.update(state)
+        if state["epochs_done"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_backbone_dir, tiny_task, tmp_path / "cut", method="vqt", train_settings=settings)
+    assert saved["scaler"]["scale"] > 1  # the loss was scaled up, and the scale is kept for resuming
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    assert _train(tiny_backbone_dir, tiny_task, tmp_path / "cut", method="vqt", train_settings=settings)["resumed"]
+    whole = load_file(str(tmp_path / "whole" / "adapter.safetensors"))
+    cut = load_file(str(tmp_path / "cut" / "adapter.safetensors"))
+    for name in whole:
+        assert torch.equal(whole[name], cut[name]), name
+    with pytest.raises(ConfigError, match="--bf16 and --fp16 exclude each other"):
+        TrainConfig(bf16=True, fp16=True)

@@ -167,12 +167,13 @@ GROUP_LASSO = 1e-4
 
 
 @torch.no_grad()
-def head_inputs(method: Any, source: Any, device: torch.device, batch_size: int, bf16: bool) -> tuple[Tensor, Tensor]:
+def head_inputs(method: Any, source: Any, device: torch.device, batch_size: int, bf16: bool,
+                fp16: bool = False) -> tuple[Tensor, Tensor]:
     """Every training image's head input (float32), computed in the precision the method trained in."""
     method.eval()
     inputs, labels = [], []
     for features, batch_labels in source.batches(np.arange(len(source)), batch_size):
-        with autocast(device, bf16):
+        with autocast(device, bf16, fp16):
             inputs.append(method.head_input(to_device(features, device, bf16)).float())
         labels.append(batch_labels.to(device))
     return torch.cat(inputs), torch.cat(labels)
@@ -194,7 +195,7 @@ def fit_head(head: nn.Linear, x: Tensor, y: Tensor, cfg: Any, group_lasso: float
 
 def compress_head(method: VQT, source: Any, cfg: Any, device: torch.device) -> dict[str, Any]:
     keep_fraction = method.options.compress
-    x, y = head_inputs(method, source, device, cfg.batch_size, cfg.bf16)
+    x, y = head_inputs(method, source, device, cfg.batch_size, cfg.bf16, cfg.fp16)
     num_features = x.shape[1]
     params_before = method.head.weight.numel() + method.head.bias.numel()
 

@@ -34,5 +34,7 @@ def to_device(inputs: Features | torch.Tensor, device: torch.device, bf16: bool 
     return inputs.to(device, torch.float32)
 
 
-def autocast(device: torch.device, enabled: bool) -> torch.autocast:
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+def autocast(device: torch.device, bf16: bool, fp16: bool = False) -> torch.autocast:
+    """bfloat16 or float16 autocast (neither: a no-op context)."""
+    return torch.autocast(device_type=device.type, dtype=torch.float16 if fp16 else torch.bfloat16,
+                          enabled=bf16 or fp16)
