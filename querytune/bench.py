@@ -28,80 +28,25 @@ import csv
 import io
 import json
 import shutil
-import statistics
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .data import list_splits
-from .errors import ConfigError, DataError, QuerytuneError
-from .files import write_atomic, write_json, write_text
+from .errors import ConfigError, QuerytuneError
+from .files import write_json, write_text
 from .measure import measure_method_isolated
 from .methods import method_class
+from .report import markdown_report, plot_pareto
 from .run import train_run
+from .suite import Task, discover_tasks
 
 if TYPE_CHECKING:
     from .backbones.vit import VisionTransformer
 
-GROUP_ORDER = ("natural", "specialized", "structured")
 # quick profile: epochs for methods whose trunk runs without / with autograd
 QUICK_EPOCHS = {True: 20, False: 5}
 RESULT_FIELDS = ("task", "group", "method", "seed", "accuracy", "trainable_params", "saved_bytes",
                  "train_peak_bytes", "train_seconds", "lr", "weight_decay", "error", "cost_error")
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    path: Path
-    group: str
-
-
-def discover_tasks(suite: Path, groups: dict[str, str] | None = None) -> list[Task]:
-    """Task folders of a suite with their groups.
-
-    Groups come from ``groups`` (explicit), else a ``groups.txt`` in the suite folder
-    (``<task> <group>`` per line), else a ``group.txt`` in each task folder, else "other".
-    """
-    suite = Path(suite)
-    if not suite.is_dir():
-        raise DataError(f"suite folder not found: {suite}")
-    names = sorted(p.name for p in suite.iterdir() if p.is_dir() and not p.name.startswith("."))
-    tasks_with_splits = []
-    for name in names:
-        try:
-            splits = list_splits(suite / name)
-        except DataError:
-            continue
-        if "train800val200" in splits and "test" in splits:
-            tasks_with_splits.append(name)
-    if not tasks_with_splits:
-        raise DataError(f"{suite}: no task folders with train800val200 and test splits")
-    known = dict(groups or {}) or read_groups_file(suite / "groups.txt")
-    tasks = []
-    for name in tasks_with_splits:
-        group_file = suite / name / "group.txt"
-        group = known.get(name) or (group_file.read_text().strip() if group_file.is_file() else "other")
-        tasks.append(Task(name, suite / name, group.lower()))
-    unknown = sorted(set(known) - set(tasks_with_splits))
-    if unknown:
-        raise ConfigError(f"groups name tasks not in {suite}: {', '.join(unknown)}")
-    return tasks
-
-
-def read_groups_file(path: Path) -> dict[str, str]:
-    if not path.is_file():
-        return {}
-    groups = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        parts = line.split()
-        if len(parts) != 2:
-            raise DataError(f"{path}:{number}: expected '<task> <group>', got {line!r}")
-        groups[parts[0]] = parts[1]
-    return groups
 
 
 def profile_settings(method: str, profile: str) -> dict[str, Any]:
@@ -273,105 +218,3 @@ class Bench:
                   else "default hyperparameters")
         return (f"backbone `{self.backbone}`, {self.image_size} px, {'bf16' if self.bf16 else 'fp32'}; {cut}; "
                 f"{search}; {self.seeds} seed(s); accuracy on `test` after the last epoch.")
-
-
-def _mean_spread(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def markdown_report(results: list[dict[str, Any]], tasks: list[Task], methods: list[str], description: str) -> str:
-    """Per-task accuracy (mean ± spread over seeds), group means and their mean, best per column in bold."""
-    accuracy: dict[tuple[str, str], list[float]] = {}
-    errors: dict[tuple[str, str], str] = {}
-    for row in results:
-        if row.get("error"):
-            errors[(row["task"], row["method"])] = row["error"]
-        elif row.get("accuracy") is not None:
-            accuracy.setdefault((row["task"], row["method"]), []).append(100 * row["accuracy"])
-    groups = [g for g in GROUP_ORDER if any(t.group == g for t in tasks)]
-    groups += sorted({t.group for t in tasks} - set(groups))
-    ordered = sorted(tasks, key=lambda t: (groups.index(t.group), t.name))
-
-    def cell_value(task: str, method: str) -> tuple[float, float] | None:
-        values = accuracy.get((task, method))
-        return _mean_spread(values) if values else None
-
-    columns = [f"{t.name} ({t.group})" for t in ordered] + [f"{g} mean" for g in groups] + ["mean of group means"]
-    table: dict[str, list[tuple[float, float] | None]] = {}
-    for method in methods:
-        cells = [cell_value(t.name, method) for t in ordered]
-        group_means = []
-        for group in groups:
-            members = [v[0] for t, v in zip(ordered, cells) if t.group == group and v is not None]
-            complete = len(members) == sum(t.group == group for t in ordered)
-            group_means.append((statistics.fmean(members), 0.0) if members and complete else None)
-        overall = [g[0] for g in group_means if g is not None]
-        cells += group_means + [((statistics.fmean(overall), 0.0) if len(overall) == len(groups) else None)]
-        table[method] = cells
-    best = [max((cell[0] for cell in (table[m][i] for m in methods) if cell is not None), default=None)
-            for i in range(len(columns))]
-
-    def fmt(value: tuple[float, float] | None, best_value: float | None) -> str:
-        if value is None:
-            return "–"
-        text = f"{value[0]:.1f}" + (f" ± {value[1]:.1f}" if value[1] else "")
-        return f"**{text}**" if best_value is not None and abs(value[0] - best_value) < 1e-9 else text
-
-    header = "| method | " + " | ".join(columns) + " |"
-    lines = ["# querytune bench", "", description, "",
-             "Top-1 test accuracy (%), mean ± standard deviation over seeds. Group means are means over the group's "
-             "tasks; the last column is the mean of the group means (not the mean over tasks). "
-             "Best per column in bold.",
-             "", header, "|" + "---|" * (len(columns) + 1)]
-    for method in methods:
-        lines.append(f"| {method} | " + " | ".join(fmt(v, b) for v, b in zip(table[method], best)) + " |")
-    costs = {row["method"]: row for row in results}
-    lines += ["", "| method | trainable params | saved for backward (MiB) | peak training memory (MiB) | "
-              "mean train seconds |", "|---|---|---|---|---|"]
-    for method in methods:
-        row = costs.get(method, {})
-        seconds = [r["train_seconds"] for r in results if r["method"] == method and r.get("train_seconds")]
-        mib = lambda v: f"{v / 2**20:.0f}" if isinstance(v, (int, float)) else "–"  # noqa: E731
-        if row.get("cost_error"):
-            lines.append(f"| {method} | measurement failed: {row['cost_error']} | | | |")
-            continue
-        lines.append(f"| {method} | {row.get('trainable_params') or '–'} | {mib(row.get('saved_bytes'))} | "
-                     f"{mib(row.get('train_peak_bytes'))} | "
-                     f"{(f'{statistics.fmean(seconds):.0f}' if seconds else '–')} |")
-    if errors:
-        lines += ["", "## Failed cells", ""]
-        lines += [f"- {task} / {method}: {message}" for (task, method), message in sorted(errors.items())]
-    return "\n".join(lines) + "\n"
-
-
-def plot_pareto(results: list[dict[str, Any]], methods: list[str], path: Path) -> None:
-    """Mean accuracy against peak training memory and against trainable parameters, one marker per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = []
-    for method in methods:
-        rows = [r for r in results if r["method"] == method and r.get("accuracy") is not None]
-        if rows and rows[0].get("train_peak_bytes") and rows[0].get("trainable_params"):
-            points.append((method, 100 * statistics.fmean(r["accuracy"] for r in rows),
-                           rows[0]["train_peak_bytes"] / 2**20, rows[0]["trainable_params"]))
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    markers = "osD^vP*Xh<>"
-    for i, (method, acc, memory, params) in enumerate(points):
-        for axis, x in zip(axes, (memory, params)):
-            axis.scatter(x, acc, marker=markers[i % len(markers)], s=70, label=method)
-            axis.annotate(method, (x, acc), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    axes[0].set_xlabel("peak training memory, one step at batch 32 (MiB)")
-    axes[1].set_xlabel("trainable parameters")
-    axes[1].set_xscale("log")
-    for axis in axes:
-        axis.set_ylabel("mean test accuracy over tasks (%)")
-        axis.grid(alpha=0.3)
-    if points:
-        axes[1].legend(fontsize=8, loc="best")
-    figure.suptitle("Accuracy against training cost")
-    figure.tight_layout()
-    write_atomic(path, lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
-    plt.close(figure)

@@ -204,7 +204,8 @@ def bench(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train every method on every task of a suite; write results.csv/json, report.md and pareto.png."""
-    from .bench import Bench, read_groups_file
+    from .bench import Bench
+    from .suite import read_groups_file
 
     group_map = None
     if groups:
