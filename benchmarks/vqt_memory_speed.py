@@ -139,6 +139,8 @@ def main() -> None:
     for path in (args.backbone, args.task):
         if not path.exists():
             sys.exit(f"{path} not found: pass --backbone/--task (the defaults read ../shared)")
+    if args.cache_root is not None:
+        Path(args.cache_root).mkdir(parents=True, exist_ok=True)
     print(f"device {args.device}, backbone {args.backbone.name}, batch {args.batch}, {args.image_size} px, "
           f"{'bf16' if args.bf16 else 'fp32'}, torch {torch.__version__}, {os.cpu_count()} CPUs\n")
     rows = [measure_method_isolated(method, args.backbone, args.batch, args.image_size, args.bf16, args.device)

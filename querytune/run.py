@@ -79,6 +79,10 @@ def train_run(
     train_images = open_split(data, train_split)
     eval_images = open_split(data, eval_split) if eval_split else None
     backbone = load_backbone(backbone_source)
+    patch = backbone.config.patch_size
+    if image_size < patch or image_size % patch:
+        raise ConfigError(f"--image-size {image_size}: must be a positive multiple of the backbone's patch size "
+                          f"{patch}")
     preprocess = Preprocess.for_backbone(backbone, image_size)
 
     fingerprint = backbone_fingerprint(backbone)  # of the pretrained weights, before a method adds adapters

@@ -135,3 +135,11 @@ def test_train_takes_the_options_of_a_method_registered_only_here(monkeypatch, t
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == ("error: unknown option or extra argument '--gamma-widht' "
                                                "(see querytune train --help)")
+
+
+def test_image_size_that_is_no_multiple_of_the_patch_size_is_one_line(tiny_backbone_dir, tiny_task, tmp_path):
+    result = querytune("train", "--method", "linear", "--backbone", tiny_backbone_dir, "--data", tiny_task,
+                       "--out", tmp_path / "run", "--image-size", "36", "-q")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --image-size 36: must be a positive multiple of the backbone's patch size 8"
+    assert not (tmp_path / "run").exists()
