@@ -19,22 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import tempfile
-import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
+from vqt_memory_speed import time_full_run, time_vqt_epochs  # this folder's sibling script
 
-from querytune import load_backbone, train_run
 from querytune.backbones import save_backbone
 from querytune.backbones.vit import VisionTransformer, ViTConfig
-from querytune.data import Preprocess, open_split
 from querytune.measure import measure_method_isolated
-from querytune.methods import build_method
-from querytune.train import TrainConfig, fit
-from querytune.trunk.cache import open_or_build_cache
-from querytune.trunk.sources import CachedFeatureBatches, ImageBatches, LiveFeatureBatches
 
 MiB = 2**20
 
@@ -84,32 +76,9 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def epochs(args: argparse.Namespace) -> dict:
-    """One VQT epoch over the task's training images, three ways, after one warm-up epoch each."""
-    device = torch.device(args.device)
-    backbone = load_backbone(args.backbone)
-    images = open_split(args.task, "train800val200")
-    images = replace(images, items=images.items[: args.epoch_images])
-    preprocess = Preprocess.for_backbone(backbone, args.image_size)
-    method = build_method("vqt", backbone, images.num_classes)
-    cfg = TrainConfig.for_method(type(method), {"epochs": 1, "bf16": args.bf16})
-
-    def epoch_seconds(source) -> float:
-        fit(method, source, cfg, device, show_progress=False)  # warm-up: workers, page cache, kernels
-        return min(fit(method, source, cfg, device, show_progress=False).train_seconds for _ in range(2))
-
-    result = {"images": len(images.items), "bf16": args.bf16, "backbone": str(args.backbone)}
-    with tempfile.TemporaryDirectory(dir=args.cache_root) as root:
-        started = time.perf_counter()
-        cache = open_or_build_cache(Path(root), backbone, images, preprocess, True, args.bf16, device=device,
-                                    workers=args.workers, show_progress=False)
-        result["cache_build_seconds"] = time.perf_counter() - started
-        for placement in ("device", "host"):
-            source = CachedFeatureBatches(cache, True, args.bf16, device, placement)
-            result[f"epoch_seconds_cached_{placement}"] = epoch_seconds(source)
-            del source
-    live = LiveFeatureBatches(ImageBatches(images, preprocess, args.workers, device.type == "cuda"), backbone, True,
-                              device, args.bf16)
-    result["epoch_seconds_live"] = epoch_seconds(live)
+    """One VQT epoch over the task's training images: features in GPU memory, streamed, live."""
+    result = time_vqt_epochs(args.backbone, args.task, args.epoch_images, args.image_size, args.bf16, args.device,
+                             args.workers, args.cache_root, placements=("device", "host"))
     resident = result["epoch_seconds_cached_device"]
     print(f"VQT epoch over {result['images']} images: GPU-resident cache {resident:.3f} s, streamed "
           f"{result['epoch_seconds_cached_host']:.3f} s, live trunk {result['epoch_seconds_live']:.3f} s "
@@ -120,17 +89,12 @@ def epochs(args: argparse.Namespace) -> dict:
 
 
 def full_run(args: argparse.Namespace) -> dict:
-    with tempfile.TemporaryDirectory(dir=args.cache_root) as root:
-        started = time.perf_counter()
-        metrics = train_run("vqt", args.backbone, args.task, Path(root) / "run",
-                            train_settings={"epochs": args.epochs, "bf16": args.bf16}, image_size=args.image_size,
-                            cache_dir=Path(root) / "cache", device=args.device, workers=args.workers,
-                            show_progress=False)
-        total = time.perf_counter() - started
+    metrics = time_full_run(args.backbone, args.task, args.epochs, args.image_size, args.bf16, args.device,
+                            args.workers, args.cache_root)
     print(f"{args.epochs} VQT epochs on {metrics['task']} ({args.backbone}), caching train and test included: "
-          f"{total:.1f} s (the epochs {metrics['train_seconds']:.1f} s), test accuracy {metrics['test_accuracy']:.3f}, "
-          f"features {metrics['feature_placement']}")
-    return {"backbone": str(args.backbone), "epochs": args.epochs, "total_seconds": total, **metrics}
+          f"{metrics['total_seconds']:.1f} s (the epochs {metrics['train_seconds']:.1f} s), "
+          f"test accuracy {metrics['test_accuracy']:.3f}, features {metrics['feature_placement']}")
+    return {"backbone": str(args.backbone), "epochs": args.epochs, **metrics}
 
 
 def main() -> None:

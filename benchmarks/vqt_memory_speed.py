@@ -68,8 +68,11 @@ def print_ratios(rows: list[dict]) -> None:
               f"{by_name[method]['train_peak_bytes'] / by_name[method]['inference_peak_bytes']:.2f}")
 
 
-def epoch_timing(args: argparse.Namespace) -> None:
-    """VQT epochs over the task's first ``epoch_images`` training images: live trunk vs feature cache."""
+def time_vqt_epochs(backbone_path: Path, task: Path, epoch_images: int, image_size: int, bf16: bool, device: str,
+                    workers: int, cache_root: str | None, placements: tuple[str, ...] = ("host",)) -> dict:
+    """Seconds of one VQT epoch over the task's first ``epoch_images`` training images with the trunk run live
+    and with the features read from a fresh cache in each of ``placements`` (best of two after a warm-up
+    epoch; on a GPU the live epoch is warmed up too), and the seconds the cache took to build."""
     from dataclasses import replace
 
     from querytune import load_backbone
@@ -77,29 +80,45 @@ def epoch_timing(args: argparse.Namespace) -> None:
     from querytune.methods import build_method
     from querytune.train import TrainConfig, fit
     from querytune.trunk.cache import open_or_build_cache
-    from querytune.trunk.device import default_workers
     from querytune.trunk.sources import CachedFeatureBatches, ImageBatches, LiveFeatureBatches
 
-    device = torch.device(args.device)
-    backbone = load_backbone(args.backbone)
-    images = open_split(args.task, "train800val200")
-    images = replace(images, items=images.items[: args.epoch_images])
-    preprocess = Preprocess.for_backbone(backbone, args.image_size)
+    where = torch.device(device)
+    backbone = load_backbone(backbone_path)
+    images = open_split(task, "train800val200")
+    images = replace(images, items=images.items[:epoch_images])
+    preprocess = Preprocess.for_backbone(backbone, image_size)
     method = build_method("vqt", backbone, images.num_classes)
-    cfg = TrainConfig.for_method(type(method), {"epochs": 1, "bf16": args.bf16})
-    workers = default_workers()
+    cfg = TrainConfig.for_method(type(method), {"epochs": 1, "bf16": bf16})
 
-    live = LiveFeatureBatches(ImageBatches(images, preprocess, workers), backbone, True, device, args.bf16)
-    uncached = fit(method, live, cfg, device, show_progress=False).train_seconds
-    with tempfile.TemporaryDirectory(dir=args.cache_root) as root:
+    def epoch_seconds(source, warm_up: bool = True) -> float:
+        if warm_up:  # workers, page cache, GPU kernels
+            fit(method, source, cfg, where, show_progress=False)
+        return min(fit(method, source, cfg, where, show_progress=False).train_seconds for _ in range(1 + warm_up))
+
+    live = LiveFeatureBatches(ImageBatches(images, preprocess, workers, where.type == "cuda"), backbone, True, where,
+                              bf16)
+    result = {"images": len(images.items), "bf16": bf16, "backbone": str(backbone_path),
+              "epoch_seconds_live": epoch_seconds(live, warm_up=where.type == "cuda")}
+    with tempfile.TemporaryDirectory(dir=cache_root) as root:
         started = time.perf_counter()
-        cache = open_or_build_cache(Path(root), backbone, images, preprocess, True, args.bf16, device=device,
+        cache = open_or_build_cache(Path(root), backbone, images, preprocess, True, bf16, device=where,
                                     workers=workers, show_progress=False)
-        build_seconds = time.perf_counter() - started
-        source = CachedFeatureBatches(cache, True, args.bf16)
-        fit(method, source, cfg, device, show_progress=False)  # first pass maps the cache in
-        cached = min(fit(method, source, cfg, device, show_progress=False).train_seconds for _ in range(2))
-    print(f"\nVQT epoch over {len(images.items)} images ({'bf16' if args.bf16 else 'fp32'}):")
+        result["cache_build_seconds"] = time.perf_counter() - started
+        for placement in placements:
+            result[f"epoch_seconds_cached_{placement}"] = epoch_seconds(
+                CachedFeatureBatches(cache, True, bf16, where, placement))
+    return result
+
+
+def epoch_timing(args: argparse.Namespace) -> None:
+    """VQT epochs over the task's first ``epoch_images`` training images: live trunk vs feature cache."""
+    from querytune.trunk.device import default_workers
+
+    timing = time_vqt_epochs(args.backbone, args.task, args.epoch_images, args.image_size, args.bf16, args.device,
+                             default_workers(), args.cache_root)
+    uncached, cached = timing["epoch_seconds_live"], timing["epoch_seconds_cached_host"]
+    build_seconds = timing["cache_build_seconds"]
+    print(f"\nVQT epoch over {timing['images']} images ({'bf16' if args.bf16 else 'fp32'}):")
     print(f"  uncached (trunk every epoch): {uncached:8.1f} s")
     print(f"  building the cache once:      {build_seconds:8.1f} s")
     print(f"  cached epoch:                 {cached:8.2f} s   -> uncached / cached = {uncached / cached:.1f}x")
@@ -107,16 +126,24 @@ def epoch_timing(args: argparse.Namespace) -> None:
           f"(uncached: {100 * uncached:.0f} s)")
 
 
-def full_run(args: argparse.Namespace) -> None:
-    """``querytune train --method vqt`` for 100 epochs with a fresh cache, timed end to end."""
+def time_full_run(backbone: Path, task: Path, epochs: int, image_size: int, bf16: bool, device: str | None,
+                  workers: int | None, cache_root: str | None) -> dict:
+    """``querytune train --method vqt`` with a fresh cache, timed end to end: its metrics and ``total_seconds``."""
     from querytune import train_run
 
-    with tempfile.TemporaryDirectory(dir=args.cache_root) as root:
+    with tempfile.TemporaryDirectory(dir=cache_root) as root:
         started = time.perf_counter()
-        metrics = train_run("vqt", args.backbone, args.task, Path(root) / "run",
-                            train_settings={"epochs": 100, "bf16": args.bf16}, cache_dir=Path(root) / "cache",
-                            device=args.device, show_progress=False)
-        total = time.perf_counter() - started
+        metrics = train_run("vqt", backbone, task, Path(root) / "run", train_settings={"epochs": epochs, "bf16": bf16},
+                            image_size=image_size, cache_dir=Path(root) / "cache", device=device, workers=workers,
+                            show_progress=False)
+        return {**metrics, "total_seconds": time.perf_counter() - started}
+
+
+def full_run(args: argparse.Namespace) -> None:
+    """``querytune train --method vqt`` for 100 epochs with a fresh cache, timed end to end."""
+    metrics = time_full_run(args.backbone, args.task, 100, args.image_size, args.bf16, args.device, None,
+                            args.cache_root)
+    total = metrics["total_seconds"]
     print(f"\nfull run: 100 VQT epochs on {metrics['task']} incl. caching train and test: {total:.0f} s "
           f"({total / 60:.1f} min; the 100 epochs {metrics['train_seconds']:.0f} s), "
           f"test accuracy {metrics['test_accuracy']:.3f}")
