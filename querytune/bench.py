@@ -36,6 +36,7 @@ from .errors import ConfigError, QuerytuneError
 from .files import write_json, write_text
 from .measure import measure_method_isolated
 from .methods import method_class
+from .recipes import recipe_options
 from .report import markdown_report, plot_pareto
 from .run import train_run
 from .suite import Task, discover_tasks
@@ -70,14 +71,19 @@ def search_grid(method: str, batch_size: int) -> list[dict[str, float]]:
 class Bench:
     def __init__(self, suite: Path, methods: list[str], backbone: str, out: Path, *, profile: str = "quick",
                  seeds: int = 1, search: bool = False, image_size: int = 224, bf16: bool = False,
-                 groups: dict[str, str] | None = None, cache_dir: Path | None = None, device: str | None = None,
-                 workers: int | None = None, show_progress: bool = True) -> None:
+                 groups: dict[str, str] | None = None, recipe: str | None = None, cache_dir: Path | None = None,
+                 device: str | None = None, workers: int | None = None, show_progress: bool = True) -> None:
         for method in methods:
             method_class(method)  # unknown names fail before any work
             profile_settings(method, profile)
         if seeds < 1:
             raise ConfigError(f"--seeds must be at least 1 (got {seeds})")
         self.tasks = discover_tasks(suite, groups)
+        self.recipe = recipe
+        if recipe:  # an unknown recipe, or a task it does not know, fails before any work
+            for task in self.tasks:
+                for method in methods:
+                    recipe_options(recipe, method_class(method).name, task.name)
         self.methods, self.backbone, self.out = methods, backbone, Path(out)
         self.profile, self.seeds, self.search = profile, seeds, search
         self.image_size, self.bf16 = image_size, bf16
@@ -95,7 +101,8 @@ class Bench:
         if (run / "metrics.json").is_file():  # finished in an earlier, interrupted bench
             return json.loads((run / "metrics.json").read_text())
         return train_run(method, self.backbone, task.path, run, train_settings=settings, train_split=train_split,
-                         eval_split=eval_split, image_size=self.image_size, cache_dir=self.cache_dir,
+                         eval_split=eval_split, image_size=self.image_size, recipe=self.recipe,
+                         task_name=task.name, cache_dir=self.cache_dir,
                          device=self.device, workers=self.workers, show_progress=self.show_progress)
 
     def choose_hyperparameters(self, method: str, task: Task) -> dict[str, float]:
@@ -160,7 +167,7 @@ class Bench:
             config = json.loads((run / "config.json").read_text())
             row.update(accuracy=metrics["test_accuracy"], train_seconds=metrics["train_seconds"],
                        trainable_params=metrics["trainable_params"], lr=config["train"]["lr"],
-                       weight_decay=config["train"]["weight_decay"])
+                       weight_decay=config["train"]["weight_decay"], recipe=config.get("recipe"))
         except QuerytuneError as error:
             row["error"] = str(error)
         except Exception as error:  # a crashed cell must not end the bench; its error goes into the table
@@ -175,6 +182,8 @@ class Bench:
                     "groups": {t.name: t.group for t in self.tasks},
                     "backbone": str(self.backbone), "profile": self.profile, "search": self.search,
                     "image_size": self.image_size, "bf16": self.bf16}
+        if self.recipe:  # only then: benches from before recipes keep their settings
+            settings["recipe"] = self.recipe
         path = self.out / "bench.json"
         if path.is_file():
             if json.loads(path.read_text()) != settings:
@@ -216,5 +225,6 @@ class Bench:
                else "paper profile: each method's published protocol")
         search = ("learning rate and weight decay chosen on train800 -> val200" if self.search
                   else "default hyperparameters")
+        recipe = f"; per-task method settings from recipe `{self.recipe}`" if self.recipe else ""
         return (f"backbone `{self.backbone}`, {self.image_size} px, {'bf16' if self.bf16 else 'fp32'}; {cut}; "
-                f"{search}; {self.seeds} seed(s); accuracy on `test` after the last epoch.")
+                f"{search}{recipe}; {self.seeds} seed(s); accuracy on `test` after the last epoch.")

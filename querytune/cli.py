@@ -63,6 +63,9 @@ def train(
     image_size: int = typer.Option(224, help="input size (images are resized to it)"),
     memory_mode: Optional[str] = typer.Option(None, help="memory: masked | plain (old spelling of --method "
                                                          "memory-plain)"),
+    recipe: Optional[str] = typer.Option(None, help="take the method's per-task settings from this recipe "
+                                                    "(vtab1k: the official VQT and SynQT settings); flags override"),
+    task_name: Optional[str] = typer.Option(None, help="the task's name in the recipe (default: the data folder's)"),
     cache: Optional[Path] = typer.Option(None, help="feature-cache folder (default: $QUERYTUNE_CACHE or "
                                                     "~/.cache/querytune/features)"),
     no_cache: bool = typer.Option(False, "--no-cache", help="run the frozen trunk every epoch instead"),
@@ -86,8 +89,9 @@ def train(
                               optimizer=optimizer, warmup_epochs=warmup_epochs, grad_clip=grad_clip,
                               label_smoothing=label_smoothing, seed=seed, bf16=bf16, fp16=fp16,
                               checkpointing=checkpointing),
-        train_split=train_split, eval_split=eval_split or None, image_size=image_size,
-        cache_dir=None if no_cache else cache or default_cache_root(), cache_placement=cache_placement,
+        train_split=train_split, eval_split=eval_split or None, image_size=image_size, recipe=recipe,
+        task_name=task_name, cache_dir=None if no_cache else cache or default_cache_root(),
+        cache_placement=cache_placement,
         device=device, workers=workers, show_progress=not quiet,
     )
     if distributed.is_main():
@@ -198,6 +202,8 @@ def bench(
                                                     "(default: SUITE/groups.txt, then TASK/group.txt)"),
     image_size: int = typer.Option(224),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast for the trunk and the training steps"),
+    recipe: Optional[str] = typer.Option(None, help="per-task method settings from this recipe (vtab1k); task "
+                                                    "names are the suite's folder names"),
     cache: Optional[Path] = typer.Option(None, help="feature-cache folder (default: OUT/feature-cache)"),
     device: Optional[str] = typer.Option(None),
     workers: Optional[int] = typer.Option(None),
@@ -217,7 +223,7 @@ def bench(
             except ValueError as error:
                 raise ConfigError(f"--groups {groups!r}: expected a file or 'task=group,...'") from error
     runner = Bench(suite, [m for m in methods.split(",") if m], backbone, out, profile=profile, seeds=seeds,
-                   search=search, image_size=image_size, bf16=bf16, groups=group_map, cache_dir=cache,
+                   search=search, image_size=image_size, bf16=bf16, groups=group_map, recipe=recipe, cache_dir=cache,
                    device=device, workers=workers, show_progress=not quiet)
     results = runner.run()
     failed = sum(1 for r in results if r.get("error"))

@@ -17,7 +17,8 @@ def _mean_spread(values: list[float]) -> tuple[float, float]:
 
 
 def markdown_report(results: list[dict[str, Any]], tasks: list[Task], methods: list[str], description: str) -> str:
-    """Per-task accuracy (mean ± spread over seeds), group means and their mean, best per column in bold."""
+    """Per-task accuracy (mean ± spread over seeds), group means, their mean and the mean over tasks, best
+    per column in bold; then each method's cost, and the per-task settings a recipe gave (rows' ``recipe``)."""
     accuracy: dict[tuple[str, str], list[float]] = {}
     errors: dict[tuple[str, str], str] = {}
     for row in results:
@@ -33,7 +34,8 @@ def markdown_report(results: list[dict[str, Any]], tasks: list[Task], methods: l
         values = accuracy.get((task, method))
         return _mean_spread(values) if values else None
 
-    columns = [f"{t.name} ({t.group})" for t in ordered] + [f"{g} mean" for g in groups] + ["mean of group means"]
+    columns = ([f"{t.name} ({t.group})" for t in ordered] + [f"{g} mean" for g in groups]
+               + ["mean of group means", "mean over tasks"])
     table: dict[str, list[tuple[float, float] | None]] = {}
     for method in methods:
         cells = [cell_value(t.name, method) for t in ordered]
@@ -43,7 +45,9 @@ def markdown_report(results: list[dict[str, Any]], tasks: list[Task], methods: l
             complete = len(members) == sum(t.group == group for t in ordered)
             group_means.append((statistics.fmean(members), 0.0) if members and complete else None)
         overall = [g[0] for g in group_means if g is not None]
-        cells += group_means + [((statistics.fmean(overall), 0.0) if len(overall) == len(groups) else None)]
+        per_task = [c[0] for c in cells if c is not None]
+        cells += group_means + [((statistics.fmean(overall), 0.0) if len(overall) == len(groups) else None),
+                                ((statistics.fmean(per_task), 0.0) if len(per_task) == len(ordered) else None)]
         table[method] = cells
     best = [max((cell[0] for cell in (table[m][i] for m in methods) if cell is not None), default=None)
             for i in range(len(columns))]
@@ -57,7 +61,7 @@ def markdown_report(results: list[dict[str, Any]], tasks: list[Task], methods: l
     header = "| method | " + " | ".join(columns) + " |"
     lines = ["# querytune bench", "", description, "",
              "Top-1 test accuracy (%), mean ± standard deviation over seeds. Group means are means over the group's "
-             "tasks; the last column is the mean of the group means (not the mean over tasks). "
+             "tasks; then the mean of the group means (VTAB's usual summary) and the plain mean over tasks. "
              "Best per column in bold.",
              "", header, "|" + "---|" * (len(columns) + 1)]
     for method in methods:
@@ -75,6 +79,11 @@ def markdown_report(results: list[dict[str, Any]], tasks: list[Task], methods: l
         lines.append(f"| {method} | {row.get('trainable_params') or '–'} | {mib(row.get('saved_bytes'))} | "
                      f"{mib(row.get('train_peak_bytes'))} | "
                      f"{(f'{statistics.fmean(seconds):.0f}' if seconds else '–')} |")
+    recipes = {(row["task"], row["method"]): row["recipe"] for row in results if row.get("recipe")}
+    if recipes:
+        lines += ["", "## Recipe settings", ""]
+        lines += [f"- {task} / {method}: " + ", ".join(f"{k} {v}" for k, v in recipe["settings"].items())
+                  + f" (recipe {recipe['name']})" for (task, method), recipe in sorted(recipes.items())]
     if errors:
         lines += ["", "## Failed cells", ""]
         lines += [f"- {task} / {method}: {message}" for (task, method), message in sorted(errors.items())]

@@ -18,6 +18,7 @@ from .data import Preprocess, open_split
 from .errors import CheckpointError, ConfigError, QuerytuneError
 from .methods import build_method, options_dict, resolve_method
 from .methods.base import Method
+from .recipes import recipe_options
 from .runfolder import (
     check_run_folder,
     discard_run_folder,
@@ -55,6 +56,8 @@ def train_run(
     train_split: str = "train800val200",
     eval_split: str | None = "test",
     image_size: int = DEFAULT_IMAGE_SIZE,
+    recipe: str | None = None,
+    task_name: str | None = None,
     cache_dir: str | Path | None = None,
     cache_placement: str = "auto",
     device: torch.device | str | None = None,
@@ -62,6 +65,9 @@ def train_run(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Train a method on a task folder, save the adapter, evaluate, and return the metrics.
+
+    With ``recipe`` (:mod:`querytune.recipes`) the method takes the recipe's settings for the task
+    (``task_name``, else the data folder's name) as its options; ``options`` given override them.
 
     Every input is checked, and the features cached, before the run folder is made; a
     user error (:class:`QuerytuneError`) found later in a new run (an image that does not
@@ -77,6 +83,9 @@ def train_run(
     cfg = TrainConfig.for_method(method_cls, train_settings or {})
     distributed.local_batch_size(cfg.batch_size)
     train_images = open_split(data, train_split)
+    task = task_name or train_images.task
+    recipe_settings = recipe_options(recipe, method_cls.name, task) if recipe else {}
+    options = {**recipe_settings, **(options or {})}
     eval_images = open_split(data, eval_split) if eval_split else None
     backbone = load_backbone(backbone_source)
     patch = backbone.config.patch_size
@@ -100,7 +109,8 @@ def train_run(
             "fingerprint": fingerprint,
         },
         "data": str(Path(data).resolve()),
-        "task": train_images.task,
+        "task": task,
+        "recipe": {"name": recipe, "settings": recipe_settings} if recipe else None,
         "train_split": train_split,
         "num_classes": train_images.num_classes,
         "classes": list(train_images.classes) if train_images.classes else None,
@@ -134,7 +144,7 @@ def train_run(
 
     metrics: dict[str, Any] = {
         "method": method.name,
-        "task": train_images.task,
+        "task": task,
         "backbone": backbone.config.name,
         "train_split": train_split,
         "eval_split": eval_split,

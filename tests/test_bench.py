@@ -115,4 +115,18 @@ def test_report_means_are_group_means():
     report = markdown_report(results, tasks, ["m"], "")
     line = next(l for l in report.splitlines() if l.startswith("| m |"))
     cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
-    assert cells[1:] == ["50.0", "70.0", "10.0", "60.0", "10.0", "35.0"]  # mean of group means, not of tasks (43.3)
+    assert cells[1:] == ["50.0", "70.0", "10.0", "60.0", "10.0", "35.0", "43.3"]  # mean of group means; over tasks
+
+
+def test_bench_recipe_checks_every_task_first_and_the_report_names_the_settings(suite, tiny_backbone_dir, tmp_path):
+    from pathlib import Path
+
+    from querytune.bench import Task
+
+    with pytest.raises(ConfigError, match="task 'alpha' is not in recipe 'vtab1k' for vqt"):
+        _bench(suite, tiny_backbone_dir, tmp_path / "out", recipe="vtab1k")
+    assert not (tmp_path / "out").exists()
+    recipe = {"name": "vtab1k", "settings": {"num_queries": 10}}
+    results = [{"task": "dtd", "method": "vqt", "seed": 0, "accuracy": 0.5, "recipe": recipe}]
+    report = markdown_report(results, [Task("dtd", Path("dtd"), "natural")], ["vqt"], "")
+    assert "- dtd / vqt: num_queries 10 (recipe vtab1k)" in report.splitlines()
