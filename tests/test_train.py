@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import socket
 import subprocess
 
@@ -208,42 +209,83 @@ def test_vqt_head_compression_keeps_a_fraction_and_reloads(tiny_backbone_dir, ti
         metrics["test_accuracy"])
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_compression_reads_head_inputs_in_the_precision_the_method_trained_in(bf16):
+def test_vqt_head_is_initialised_as_the_official_code_does():
     from conftest import tiny_vit
     from querytune.methods import build_method
-    from querytune.methods.vqt import head_inputs
-    from querytune.trunk.device import autocast
-    from querytune.trunk.features import extract_features
-
-    method = build_method("vqt", tiny_vit(), 3).eval()
-    features = extract_features(method.backbone, torch.randn(4, 3, 32, 32))
-
-    class OneBatch:
-        labels = np.zeros(4, dtype=np.int64)
-
-        def __len__(self):
-            return 4
-
-        def batches(self, order, batch_size):
-            yield features, torch.from_numpy(self.labels)
-
-    x, _ = head_inputs(method, OneBatch(), torch.device("cpu"), 4, bf16)
-    with torch.no_grad(), autocast(torch.device("cpu"), bf16):  # as fit and evaluate run the method
-        expected = method.head_input(features.to("cpu", bf16)).float()
-    assert x.dtype == torch.float32 and torch.equal(x, expected)
-
-
-def test_group_lasso_drives_unused_feature_columns_to_zero():
-    from querytune.methods.vqt import fit_head
 
     torch.manual_seed(0)
-    x = torch.randn(200, 10)
-    y = (x[:, 0] > 0).long()  # only feature 0 matters
-    head = torch.nn.Linear(10, 2)
-    fit_head(head, x, y, TrainConfig(epochs=200, batch_size=50), group_lasso=0.05)
-    norms = head.weight.detach().norm(dim=0)
-    assert norms.argmax() == 0 and (norms[1:] < 0.1 * norms[0]).all()
+    head = build_method("vqt", tiny_vit(), 8).head  # 192 inputs, 8 classes
+    assert torch.equal(head.bias, torch.full((8,), -math.log(99.0)))  # -4.595: a 1 % prior per class
+    assert head.weight.std().item() == pytest.approx(math.sqrt(2 / 8), rel=0.1)  # kaiming normal over the fan-out
+
+
+class FeatureSource:
+    """Fixed features of a few images, as a BatchSource."""
+
+    def __init__(self, features: Features, labels: torch.Tensor) -> None:
+        self.features, self.labels = features, labels.numpy()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, order, batch_size):
+        for start in range(0, len(order), batch_size):
+            index = torch.as_tensor(order[start : start + batch_size])
+            yield Features(self.features.cls[index], self.features.layers[index]), torch.as_tensor(self.labels[index])
+
+
+def test_compression_stages_match_an_independent_reference_of_the_official_procedure():
+    """Stage 1: a fresh (official-init) head trained with group lasso; the top int(D * keep) columns by
+    L2 norm kept; stage 2: another fresh head on them. Adam at half the lr, weight decay on the weight
+    only, warm-up + cosine per step; the queries frozen (their head inputs recomputed every step)."""
+    from conftest import tiny_vit
+    from querytune.methods import build_method
+    from querytune.methods.vqt import compress_head
+    from querytune.trunk.features import extract_features
+
+    torch.manual_seed(0)
+    method = build_method("vqt", tiny_vit(), 3, {"query_dropout": 0.0, "compress": 0.3})
+    images, labels = torch.randn(10, 3, 32, 32), torch.tensor([0, 1, 2] * 3 + [0])
+    features = extract_features(method.backbone, images, dtype=torch.float32)
+    cfg = TrainConfig(epochs=3, batch_size=4, lr=0.2, weight_decay=1e-3, warmup_epochs=1, seed=5)
+    queries_before = method.query_path.queries.detach().clone()
+    compress_head(method, FeatureSource(features, labels), cfg, torch.device("cpu"))
+
+    with torch.no_grad():
+        x_all = method.head_input(features)  # dropout 0: the same head inputs in every step
+    generator = torch.Generator().manual_seed(5)
+
+    def reference_stage(columns, lasso):
+        weight = torch.empty(3, len(columns)).normal_(0, math.sqrt(2 / 3), generator=generator).requires_grad_()
+        bias = torch.full((3,), -math.log(99.0)).requires_grad_()
+        optimizer = torch.optim.Adam([{"params": [weight], "weight_decay": 1e-3},
+                                      {"params": [bias], "weight_decay": 0.0}], lr=0.1)
+        steps, warmup = 3 * 3, 3  # 10 images in batches of 4: 3 steps an epoch; one warm-up epoch
+        for epoch in range(3):
+            order = np.random.default_rng([5, epoch]).permutation(10)
+            for b, start in enumerate(range(0, 10, 4)):
+                step = epoch * 3 + b
+                if step < warmup:
+                    lr = 0.1 * (step + 1) / warmup
+                else:
+                    lr = 1e-6 + 0.5 * (0.1 - 1e-6) * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+                optimizer.param_groups[0]["lr"] = optimizer.param_groups[1]["lr"] = lr
+                index = torch.as_tensor(order[start : start + 4])
+                logits = x_all[index][:, columns] @ weight.T + bias
+                loss = torch.nn.functional.cross_entropy(logits, labels[index]) + lasso * weight.norm(dim=0).sum()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        return weight.detach(), bias.detach()
+
+    all_columns = torch.arange(x_all.shape[1])
+    stage1, _ = reference_stage(all_columns, 1e-4)
+    kept = stage1.norm(dim=0).topk(int(0.3 * x_all.shape[1])).indices.sort().values
+    weight, bias = reference_stage(kept, 0.0)
+    assert torch.equal(method.kept_features, kept)
+    torch.testing.assert_close(method.head.weight, weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(method.head.bias, bias, rtol=1e-5, atol=1e-6)
+    assert torch.equal(method.query_path.queries, queries_before)  # the query tokens stay as trained
 
 
 def test_cache_placement_device_gathers_what_the_memory_map_gives(tiny_task, tmp_path):

@@ -9,24 +9,28 @@ Execution: the trunk runs under no_grad (or comes from the feature cache); only 
 query rows are differentiated, through :meth:`Block.forward_rows`, which reads the
 cached normalised tokens and keeps nothing else large for backward.
 
-Head compression (``compress``): after training, the head is retrained with a
-group-lasso penalty on the L2 norms of its weight columns, the top fraction of
-input features by column norm is kept, and the head is retrained on those.
+The head is a linear layer initialised as the official code does (:func:`official_head`).
+
+Head compression (``compress``, the official two-stage procedure, :func:`compress_head`):
+after training, a fresh head is trained with a group-lasso penalty on the L2 norms of its
+weight columns, the top fraction of input features by column norm is kept, and another
+fresh head is trained on those.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones.vit import VisionTransformer
 from ..errors import ConfigError
+from ..train import TrainConfig, lr_at
 from ..trunk import TrunkInput
 from ..trunk.device import autocast, to_device
 from ..trunk.features import Features
@@ -127,7 +131,7 @@ class VQT(Method):
     def __init__(self, backbone: VisionTransformer, num_classes: int, options: VQTOptions) -> None:
         super().__init__(backbone, num_classes, options)
         self.query_path = QueryPath(backbone, options)
-        self.head = nn.Linear(self.query_path.out_dim, num_classes)
+        self.head = official_head(self.query_path.out_dim, num_classes)
         # Indices of the head-input features a compressed head reads (None: all).
         self.register_buffer("kept_features", None)
 
@@ -157,35 +161,44 @@ class VQT(Method):
         return compress_head(self, source, cfg, device)
 
 
-# Head compression (the paper's parameter-efficiency section):
-# 1. freeze the trained query path and compute every training image's head input once;
-# 2. retrain the head with a group-lasso penalty, the sum over input features j of the L2 norm of
-#    weight column W[:, j], which drives whole columns to zero;
-# 3. keep the top fraction of features by column norm and retrain the head on them.
+# Head compression, the official two-stage procedure (VQT's run_vqt_vtab_sparsity.sh,
+# h2t_sparsity_trainer.py): with the trained query tokens frozen and their dropout on,
+# stage 1 trains a fresh head with a group-lasso penalty (the L2 norm of each input feature's
+# weight column, summed) and ranks the features by those norms; stage 2 trains another fresh
+# head on the top int(D * keep) of them. Both stages run the training schedule with Adam at
+# half the training learning rate and its weight decay (none on the bias).
 
 GROUP_LASSO = 1e-4
+HEAD_BIAS_PRIOR = 0.01  # the official head starts every class at probability ~1 % (special_bias)
 
 
-@torch.no_grad()
-def head_inputs(method: Any, source: Any, device: torch.device, batch_size: int, bf16: bool,
-                fp16: bool = False) -> tuple[Tensor, Tensor]:
-    """Every training image's head input (float32), computed in the precision the method trained in."""
-    method.eval()
-    inputs, labels = [], []
-    for features, batch_labels in source.batches(np.arange(len(source)), batch_size):
-        with autocast(device, bf16, fp16):
-            inputs.append(method.head_input(to_device(features, device, bf16)).float())
-        labels.append(batch_labels.to(device))
-    return torch.cat(inputs), torch.cat(labels)
+def official_head(in_features: int, num_classes: int, generator: torch.Generator | None = None) -> nn.Linear:
+    """``nn.Linear`` initialised as VQT's head (src/models/mlp.py): weight kaiming-normal over the
+    fan-out (std sqrt(2 / classes)), bias -log((1 - 0.01) / 0.01) = -4.595."""
+    head = nn.Linear(in_features, num_classes)
+    with torch.no_grad():
+        nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out", generator=generator)
+        head.bias.fill_(-math.log((1 - HEAD_BIAS_PRIOR) / HEAD_BIAS_PRIOR))
+    return head
 
 
-def fit_head(head: nn.Linear, x: Tensor, y: Tensor, cfg: Any, group_lasso: float) -> None:
-    optimizer = torch.optim.Adam(head.parameters(), lr=1e-3)
+def train_head(method: VQT, head: nn.Linear, kept: Tensor | None, source: Any, cfg: TrainConfig,
+               device: torch.device, group_lasso: float) -> None:
+    """Train ``head`` on the frozen query path's head inputs (features ``kept``, all where None), which
+    are computed afresh each step with query dropout on, as in the official stages."""
+    optimizer = torch.optim.Adam([{"params": [head.weight], "weight_decay": cfg.weight_decay},
+                                  {"params": [head.bias], "weight_decay": 0.0}], lr=cfg.lr)
+    steps_per_epoch = math.ceil(len(source) / cfg.batch_size)
+    total_steps, warmup_steps = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
+    method.train()
     for epoch in range(cfg.epochs):
-        order = torch.from_numpy(epoch_order(len(x), cfg.seed, epoch)).to(x.device)
-        for start in range(0, len(x), cfg.batch_size):
-            index = order[start : start + cfg.batch_size]
-            loss = F.cross_entropy(head(x[index]), y[index])
+        batches = source.batches(epoch_order(len(source), cfg.seed, epoch), cfg.batch_size)
+        for batch_index, (features, labels) in enumerate(batches):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(epoch * steps_per_epoch + batch_index, total_steps, warmup_steps, cfg)
+            with torch.no_grad(), autocast(device, cfg.bf16, cfg.fp16):
+                x = method.head_input(to_device(features, device, cfg.bf16)).float()
+            loss = F.cross_entropy(head(x if kept is None else x[:, kept]), labels.to(device))
             if group_lasso:
                 loss = loss + group_lasso * head.weight.norm(dim=0).sum()
             optimizer.zero_grad(set_to_none=True)
@@ -193,23 +206,20 @@ def fit_head(head: nn.Linear, x: Tensor, y: Tensor, cfg: Any, group_lasso: float
             optimizer.step()
 
 
-def compress_head(method: VQT, source: Any, cfg: Any, device: torch.device) -> dict[str, Any]:
+def compress_head(method: VQT, source: Any, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     keep_fraction = method.options.compress
-    x, y = head_inputs(method, source, device, cfg.batch_size, cfg.bf16, cfg.fp16)
-    num_features = x.shape[1]
-    params_before = method.head.weight.numel() + method.head.bias.numel()
+    assert keep_fraction is not None
+    stage_cfg = replace(cfg, lr=cfg.lr / 2)
+    num_features, params_before = method.head.in_features, method.head.weight.numel() + method.head.bias.numel()
+    generator = torch.Generator().manual_seed(cfg.seed)  # the fresh heads, the same on every rank
 
-    lasso_head = nn.Linear(num_features, method.num_classes).to(device)
-    lasso_head.load_state_dict(method.head.state_dict())
-    fit_head(lasso_head, x, y, cfg, GROUP_LASSO)
-
-    kept_count = max(1, round(keep_fraction * num_features))
+    lasso_head = official_head(num_features, method.num_classes, generator).to(device)
+    train_head(method, lasso_head, None, source, stage_cfg, device, GROUP_LASSO)
+    kept_count = max(1, int(keep_fraction * num_features))
     kept = lasso_head.weight.detach().norm(dim=0).topk(kept_count).indices.sort().values
-    head = nn.Linear(kept_count, method.num_classes).to(device)
-    with torch.no_grad():
-        head.weight.copy_(lasso_head.weight[:, kept])
-        head.bias.copy_(lasso_head.bias)
-    fit_head(head, x[:, kept], y, cfg, 0.0)
+
+    head = official_head(kept_count, method.num_classes, generator).to(device)
+    train_head(method, head, kept, source, stage_cfg, device, 0.0)
     method.keep_features(kept, head)
     return {"head_params_before": params_before, "head_params_after": head.weight.numel() + head.bias.numel(),
             "kept_features": kept_count, "total_features": num_features}
