@@ -132,3 +132,32 @@ def test_measure_step_runs():
 def test_bad_options_are_named(bad):
     with pytest.raises(ConfigError, match="--" + next(iter(bad)).replace("_", "-")):
         build_method("synqt", tiny_vit(), 5, bad)
+
+
+def test_query_branches_take_the_backbones_drop_path_in_training(monkeypatch):
+    """As the official forward_block: each block's drop-path (0 -> 0.1 over the blocks) drops the query
+    rows' attention and MLP branches per sample, in training only."""
+    from querytune.methods import synqt
+
+    backbone = tiny_vit(layer_scale=True)
+    block, rows = backbone.blocks[0], torch.randn(1, 2, 48).expand(64, -1, -1)
+    context = torch.randn(1, 17, 48).expand(64, -1, -1)
+    whole = block.forward_rows(rows, context)
+    torch.manual_seed(0)
+    dropped = block.forward_rows(rows, context, drop_path=0.5)
+    kept = dropped.attn.flatten(1).abs().sum(1) > 0
+    assert 0 < kept.sum() < 64  # some samples dropped, some kept
+    torch.testing.assert_close(dropped.attn[kept], 2 * whole.attn[kept])  # the kept ones rescaled by 1 / (1 - p)
+    assert dropped.attn[~kept].abs().max() == 0
+
+    monkeypatch.setattr(synqt, "HEAD_DROP_PATH", 0.0)
+    method = _synqt(backbone)
+    for module in method.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    features = extract_features(backbone, torch.randn(1, 3, 32, 32).expand(16, -1, -1, -1), dtype=torch.float32)
+    torch.manual_seed(0)
+    logits = method.train()(features)
+    assert not all(torch.allclose(logits[0], row) for row in logits[1:])  # identical images, other draws
+    monkeypatch.setattr(synqt, "QUERY_DROP_PATH", 0.0)
+    torch.testing.assert_close(method.train()(features), method.eval()(features))  # nothing else random left

@@ -222,6 +222,7 @@ class Block(nn.Module):
         context: Tensor,
         extra: Tensor | None = None,
         mask: Tensor | None = None,
+        drop_path: float = 0.0,
     ) -> RowsOutput:
         """Push extra ``rows`` (B, R, D) through this block's weights.
 
@@ -234,6 +235,8 @@ class Block(nn.Module):
 
         The key bias adds the same ``q . b_k`` to every logit of a row, so it cancels
         in the softmax; the value bias is added once since attention weights sum to 1.
+        ``drop_path`` > 0 drops the rows' attention and MLP branches per sample with that
+        probability (stochastic depth, as timm's blocks do to their own branches in training).
         """
         attn = self.attn
         batch, num_rows, dim = rows.shape
@@ -268,10 +271,18 @@ class Block(nn.Module):
                               w_v.unflatten(0, heads_shape)).flatten(2)
         if b_v is not None:
             values = values + b_v
-        attn_branch = self.ls1(attn.proj(values))
+        attn_branch = drop_samples(self.ls1(attn.proj(values)), drop_path)
         a = rows + attn_branch
-        mlp_branch = self.mlp_branch(a)
+        mlp_branch = drop_samples(self.mlp_branch(a), drop_path)
         return RowsOutput(a + mlp_branch, attn_branch, mlp_branch)
+
+
+def drop_samples(x: Tensor, p: float) -> Tensor:
+    """Stochastic depth: each sample's ``x`` is zeroed with probability ``p``, the rest scaled by 1 / (1 - p)."""
+    if p == 0:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
 
 
 if TYPE_CHECKING:

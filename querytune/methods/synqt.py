@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbones.vit import VisionTransformer
+from ..backbones.vit import VisionTransformer, drop_samples
 from ..trunk import TrunkInput
 from ..trunk.features import Features
 from .base import Method
@@ -64,6 +64,10 @@ QUERY_DROPOUT = 0.1
 ADAPTER_DROPOUT = 0.1
 QSM_DROPOUT = 0.1
 HEAD_DROP_PATH = 0.3
+# The backbone's drop-path rate in the official code (timm, linspace 0 -> 0.1 over the blocks), which
+# forward_block also applies to the query branches. The trunk's own drop-path cannot apply here: its
+# tokens are computed once without it (and may come from the feature cache).
+QUERY_DROP_PATH = 0.1
 COMBINE_DROPOUT = 0.1
 
 
@@ -150,15 +154,6 @@ class QuerySynthesis(nn.Module):
         return self.drop(self.qsm[layer](self.adapters[layer](seeds)))
 
 
-def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
-    """Stochastic depth on whole tokens: each (sample, token) of ``x`` (B, K, D) is dropped with
-    probability ``p`` and the kept ones are rescaled by 1 / (1 - p)."""
-    if not training or p == 0:
-        return x
-    keep = x.new_empty(x.shape[:-1] + (1,)).bernoulli_(1 - p)
-    return x * keep / (1 - p)
-
-
 class SynQTHead(nn.Module):
     """Shared adapter on the 3L+1 tokens, condition-combine from token 0, LayerNorm, classifier."""
 
@@ -177,7 +172,9 @@ class SynQTHead(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         """Logits from the head tokens (B, 3L+1, D)."""
         tokens = tokens + self.adapter(self.token_norm(tokens))
-        tokens = torch.cat([tokens[:, :1], drop_path(tokens[:, 1:], HEAD_DROP_PATH, self.training)], dim=1)
+        if self.training:  # DropPath(0.3) on each aggregated token but the first, per sample
+            dropped = drop_samples(tokens[:, 1:].flatten(0, 1), HEAD_DROP_PATH).unflatten(0, tokens[:, 1:].shape[:2])
+            tokens = torch.cat([tokens[:, :1], dropped], dim=1)
         weights = torch.tanh(self.combine_drop(F.gelu(self.combine(tokens[:, 0]))))
         weights = torch.cat([weights.new_ones(weights.shape[0], 1), weights], dim=1)
         pooled = (weights.unsqueeze(-1) * tokens).mean(1)
@@ -210,9 +207,11 @@ class SynQT(Method):
         attns: list[Tensor] = []
         mlps: list[Tensor] = []
         assert features.layers is not None
+        depth = len(self.backbone.blocks)
         for index, block in enumerate(self.backbone.blocks):
             rows = self.synthesis(index, len(features), outputs[-1] if outputs else None)
-            out, attn, mlp = block.forward_rows(rows, features.layers[:, index])
+            drop_path = QUERY_DROP_PATH * index / max(1, depth - 1) if self.training else 0.0
+            out, attn, mlp = block.forward_rows(rows, features.layers[:, index], drop_path=drop_path)
             outputs.append(out.mean(1))
             attns.append(attn.mean(1))
             mlps.append(mlp.mean(1))
