@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import distributed
-from .errors import ConfigError, QuerytuneError
+from .errors import ConfigError, QuerytuneError, one_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Parameter- and memory-efficient transfer learning of Vision Transformers.")
@@ -35,15 +37,87 @@ def _given(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+@dataclass
+class TrainCommand:
+    """What ``train`` takes besides the method's options and the training settings: the keys of a
+    ``--config`` file next to ``options`` and ``train``, with their defaults (None: required, or the
+    default named in the flag's help)."""
+
+    method: str | None = None
+    backbone: str | None = None
+    data: str | None = None
+    out: str | None = None
+    train_split: str = "train800val200"
+    eval_split: str = "test"
+    image_size: int = 224
+    recipe: str | None = None
+    task_name: str | None = None
+    cache: str | None = None
+    no_cache: bool = False
+    cache_placement: str = "auto"
+    device: str | None = None
+    workers: int | None = None
+
+
+TRAIN_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs", "grad_clip",
+                  "label_smoothing", "seed", "bf16", "fp16", "checkpointing")
+RUN_RECORD = ("querytune_version", "num_classes", "classes")  # what a run's config.json holds beside its settings
+
+
+def read_train_config(path: Path) -> dict[str, Any]:
+    """The settings of a YAML or JSON file (a run's config.json replays that run), checked."""
+    import yaml
+
+    from .options import check_value
+
+    class Loader(yaml.SafeLoader):
+        """YAML 1.2's floats: 1e-3 is a number (PyYAML reads YAML 1.1, where it is a string)."""
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+|[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$"
+        r"|^\.(?:nan|NaN|NAN)$"), list("-+0123456789."))
+    try:
+        data = yaml.load(path.read_text(), Loader=Loader)  # JSON is YAML too
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read it ({error.strerror or one_line(error)})") from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: neither YAML nor JSON ({one_line(error)})") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    if isinstance(data.get("backbone"), dict):  # a run's config.json: source, name, fingerprint
+        data["backbone"] = data["backbone"].get("source")
+    if isinstance(data.get("recipe"), dict):  # a run's config.json: the recipe and the task it was read for
+        data["recipe"], data["task_name"] = data["recipe"].get("name"), data.get("task")
+    data.pop("task", None)
+    for key in RUN_RECORD:
+        data.pop(key, None)
+    known = {field.name: field for field in fields(TrainCommand)}
+    for key, value in data.items():
+        if key in ("options", "train"):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: {key} must be a mapping of settings, got {value!r}")
+        elif key not in known:
+            raise ConfigError(f"{path}: unknown setting {key!r} (known: {', '.join([*known, 'options', 'train'])})")
+        else:
+            check_value(TrainCommand, known[key], value)
+    return {"options": {}, "train": {}, **data}
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
     ctx: typer.Context,
-    method: str = typer.Option(..., "--method", "-m", help="the method (see `querytune methods`)"),
-    backbone: str = BackboneOpt,
-    data: Path = DataOpt,
-    out: Path = typer.Option(..., "--out", "-o", help="run folder (resumed if it holds an unfinished run)"),
-    train_split: str = typer.Option("train800val200", help="split to train on"),
-    eval_split: str = typer.Option("test", help="split to report accuracy on ('' for none)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML or JSON file of these settings (a run's "
+                                                                  "config.json replays the run); flags override it"),
+    print_config: bool = typer.Option(False, "--print-config", help="print the resolved settings and exit"),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="the method (see `querytune methods`)"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="HF model folder, timm checkpoint, "
+                                                                          ".npz, hub name"),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="task folder (VTAB-1k layout, CSV lists or "
+                                                                   "class folders)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder (resumed if it holds an unfinished "
+                                                                 "run)"),
+    train_split: Optional[str] = typer.Option(None, help="split to train on (default train800val200)"),
+    eval_split: Optional[str] = typer.Option(None, help="split to report accuracy on (default test; '' for none)"),
     epochs: Optional[int] = typer.Option(None, help="default: the method's published protocol"),
     batch_size: Optional[int] = typer.Option(None, help="global batch, split evenly over torchrun's processes"),
     lr: Optional[float] = typer.Option(None),
@@ -60,7 +134,7 @@ def train(
     checkpointing: Optional[bool] = typer.Option(None, "--checkpointing", help="gradient checkpointing: recompute "
                                                  "each block in backward (methods that backpropagate through the "
                                                  "trunk)"),
-    image_size: int = typer.Option(224, help="input size (images are resized to it)"),
+    image_size: Optional[int] = typer.Option(None, help="input size, images are resized to it (default 224)"),
     memory_mode: Optional[str] = typer.Option(None, help="memory: masked | plain (old spelling of --method "
                                                          "memory-plain)"),
     recipe: Optional[str] = typer.Option(None, help="take the method's per-task settings from this recipe "
@@ -68,9 +142,10 @@ def train(
     task_name: Optional[str] = typer.Option(None, help="the task's name in the recipe (default: the data folder's)"),
     cache: Optional[Path] = typer.Option(None, help="feature-cache folder (default: $QUERYTUNE_CACHE or "
                                                     "~/.cache/querytune/features)"),
-    no_cache: bool = typer.Option(False, "--no-cache", help="run the frozen trunk every epoch instead"),
-    cache_placement: str = typer.Option("auto", help="on a GPU, where cached features live: device (GPU memory), "
-                                                     "host (streamed from disk) or auto (device when they fit)"),
+    no_cache: Optional[bool] = typer.Option(None, "--no-cache", help="run the frozen trunk every epoch instead"),
+    cache_placement: Optional[str] = typer.Option(None, help="on a GPU, where cached features live: device (GPU "
+                                                             "memory), host (streamed from disk) or auto (the "
+                                                             "default: device when they fit)"),
     device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when present)"),
     workers: Optional[int] = typer.Option(None, help="image-loading processes"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
@@ -80,19 +155,36 @@ def train(
     from .run import train_run
     from .trunk.cache import default_cache_root
 
-    if no_cache and cache is not None:
+    settings = read_train_config(config) if config is not None else {"options": {}, "train": {}}
+    for name, value in ctx.params.items():  # what the command line gave overrides the file
+        if value is None or name in ("config", "print_config", "quiet"):
+            continue
+        value = str(value) if isinstance(value, Path) else value
+        if name in TRAIN_SETTINGS:
+            settings["train"][name] = value
+        elif name == "memory_mode":
+            settings["options"][name] = value
+        else:
+            settings[name] = value
+    settings["options"].update(parse_method_options(ctx.args))
+    for field in fields(TrainCommand):
+        settings.setdefault(field.name, field.default)
+    if print_config:
+        print(json.dumps(settings, indent=1))
+        return
+    missing = [f"--{key}" for key in ("method", "backbone", "data", "out") if not settings[key]]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} missing: give it on the command line or in --config")
+    if settings["no_cache"] and settings["cache"] is not None:
         raise ConfigError("--cache and --no-cache exclude each other")
     metrics = train_run(
-        method, backbone, data, out,
-        options={**parse_method_options(ctx.args), **_given(memory_mode=memory_mode)},
-        train_settings=_given(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                              optimizer=optimizer, warmup_epochs=warmup_epochs, grad_clip=grad_clip,
-                              label_smoothing=label_smoothing, seed=seed, bf16=bf16, fp16=fp16,
-                              checkpointing=checkpointing),
-        train_split=train_split, eval_split=eval_split or None, image_size=image_size, recipe=recipe,
-        task_name=task_name, cache_dir=None if no_cache else cache or default_cache_root(),
-        cache_placement=cache_placement,
-        device=device, workers=workers, show_progress=not quiet,
+        settings["method"], settings["backbone"], settings["data"], settings["out"], options=settings["options"],
+        train_settings=settings["train"], train_split=settings["train_split"],
+        eval_split=settings["eval_split"] or None, image_size=settings["image_size"], recipe=settings["recipe"],
+        task_name=settings["task_name"],
+        cache_dir=None if settings["no_cache"] else settings["cache"] or default_cache_root(),
+        cache_placement=settings["cache_placement"], device=settings["device"], workers=settings["workers"],
+        show_progress=not quiet,
     )
     if distributed.is_main():
         _print_metrics(metrics)
@@ -282,7 +374,7 @@ def methods() -> None:
     from dataclasses import MISSING, fields
 
     from .methods import METHODS
-    from .methods.options import flag
+    from .options import flag
 
     table = Table("method", "reads", "options (default)")
     for name, cls in sorted(METHODS.items()):
@@ -315,7 +407,7 @@ def _option_users() -> dict[str, list[tuple[str, Any, type]]]:
 def method_options_parser() -> argparse.ArgumentParser:
     """A parser for the method options of ``train``, one flag per option name of the registered methods
     (an option several methods share is one flag), typed from the options dataclasses."""
-    from .methods.options import flag, value_type
+    from .options import flag, value_type
 
     parser = argparse.ArgumentParser(prog="querytune train", add_help=False, allow_abbrev=False,
                                      exit_on_error=False)
@@ -342,7 +434,7 @@ def parse_method_options(args: list[str]) -> dict[str, Any]:
 
 def method_options_help() -> str:
     """The method options for ``train --help``, from the registry."""
-    from .methods.options import flag
+    from .options import flag
 
     lines = ["Method options (each for the methods named):", ""]
     for option_name, uses in _option_users().items():

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from . import distributed
 from .errors import CheckpointError, ConfigError, one_line
 from .files import write_atomic, write_text
+from .options import check_value
 from .progress import progress_bar
 from .trunk.device import autocast, to_device
 from .trunk.sources import BatchSource, epoch_order
@@ -69,6 +70,9 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown training settings: {', '.join(unknown)}")
         given = {k: v for k, v in overrides.items() if v is not None}
+        for field in fields(cls):  # a value of the wrong type (from a config file, say) named before it is used
+            if field.name in given:
+                check_value(cls, field, given[field.name])
         cfg = cls(**{**method_cls.train_defaults, **given})
         if "warmup_epochs" not in given and cfg.epochs < method_cls.train_defaults.get("epochs", cls.epochs):
             cfg.warmup_epochs = min(cfg.warmup_epochs, cfg.epochs / 10)

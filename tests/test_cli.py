@@ -101,7 +101,7 @@ def test_train_takes_the_options_of_a_method_registered_only_here(monkeypatch, t
 
     from querytune import cli, run
     from querytune.methods import METHODS, Method
-    from querytune.methods.options import option
+    from querytune.options import option
     from querytune.trunk import TrunkInput
 
     @dataclass
@@ -142,4 +142,47 @@ def test_image_size_that_is_no_multiple_of_the_patch_size_is_one_line(tiny_backb
                        "--out", tmp_path / "run", "--image-size", "36", "-q")
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --image-size 36: must be a positive multiple of the backbone's patch size 8"
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_file_and_the_same_flags_give_identical_runs_and_config_json_replays(tiny_backbone_dir, tiny_task,
+                                                                                   tmp_path):
+    flags = ["--method", "vqt", "--backbone", tiny_backbone_dir, "--data", tiny_task, "--image-size", "32",
+             "--epochs", "2", "--batch-size", "4", "--num-queries", "2", "--query-dropout", "0", "-q"]
+    assert querytune("train", *flags, "--out", tmp_path / "flags").returncode == 0
+    config = tmp_path / "vqt.yaml"
+    config.write_text(f"method: vqt\nbackbone: {tiny_backbone_dir}\ndata: {tiny_task}\nimage_size: 32\n"
+                      "options: {num_queries: 2, query_dropout: 0.0}\ntrain: {epochs: 2, batch_size: 4}\n")
+    assert querytune("train", "--config", config, "--out", tmp_path / "file", "-q").returncode == 0
+    replay = querytune("train", "--config", tmp_path / "flags" / "config.json", "--seed", "1", "--out",
+                       tmp_path / "replay", "-q")
+    assert replay.returncode == 0, replay.stderr
+    runs = {name: json.loads((tmp_path / name / "config.json").read_text()) for name in ("flags", "file", "replay")}
+    assert runs["file"] == runs["flags"]
+    assert runs["replay"]["train"] == {**runs["flags"]["train"], "seed": 1}  # the flag overrides the file
+    assert {k: v for k, v in runs["replay"].items() if k != "train"} == {k: v for k, v in runs["flags"].items()
+                                                                         if k != "train"}
+    adapters = {name: (tmp_path / name / "adapter.safetensors").read_bytes() for name in ("flags", "file")}
+    assert adapters["file"] == adapters["flags"]
+
+    shown = querytune("train", "--config", config, "--epochs", "5", "--print-config")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["train"] == {"epochs": 5, "batch_size": 4}
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("method: [vqt", "neither YAML nor JSON"),
+    ("- vqt", "expected a mapping of settings, got list"),
+    ("methd: vqt", "unknown setting 'methd' (known: method, backbone,"),
+    ("image_size: big", "--image-size must be an integer (got 'big')"),
+    ("train: {epochs: ten}", "--epochs must be an integer (got 'ten')"),
+    ("options: {num_queries: 0}", "--num-queries must be at least 1 (got 0)"),
+])
+def test_bad_config_files_are_one_line_errors_and_write_nothing(text, message, tiny_backbone_dir, tiny_task, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text + "\n")
+    result = querytune("train", "--config", config, "--method", "vqt", "--backbone", tiny_backbone_dir, "--data",
+                       tiny_task, "--out", tmp_path / "run", "--image-size", "32", "-q")  # the file is checked whole
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
     assert not (tmp_path / "run").exists()

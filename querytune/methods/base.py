@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from ..backbones.vit import VisionTransformer
 from ..errors import CheckpointError, ConfigError
+from ..options import check_options
 from ..trunk import TrunkInput
-from .options import check_options
 
 
 @dataclass

@@ -33,9 +33,9 @@ from torch import Tensor, nn
 
 from ..backbones.vit import VisionTransformer
 from ..errors import ConfigError
+from ..options import option
 from ..trunk import TrunkInput
 from .base import Method
-from .options import option
 from .registry import register
 
 

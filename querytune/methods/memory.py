@@ -32,11 +32,11 @@ from torch import Tensor, nn
 
 from ..backbones.vit import VisionTransformer
 from ..errors import CheckpointError, ConfigError
+from ..options import option
 from ..runfolder import load_adapter, read_run_config
 from ..trunk import TrunkInput
 from ..trunk.features import Features
 from .base import Method
-from .options import option
 from .registry import METHODS, build_method, register, resolve_method
 
 if TYPE_CHECKING:

@@ -12,10 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from ..backbones.vit import VisionTransformer
+from ..options import option
 from ..trunk import TrunkInput
 from .base import Method
 from .memory import MEMORY_INIT_STD, SEARCH_GRID, TRAIN_DEFAULTS
-from .options import option
 from .registry import register
 
 

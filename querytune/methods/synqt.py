@@ -54,10 +54,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones.vit import VisionTransformer, drop_samples
+from ..options import option
 from ..trunk import TrunkInput
 from ..trunk.features import Features
 from .base import Method
-from .options import option
 from .registry import register
 
 QUERY_DROPOUT = 0.1

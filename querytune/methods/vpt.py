@@ -29,9 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from ..backbones.vit import VisionTransformer
+from ..options import option
 from ..trunk import TrunkInput
 from .base import Method
-from .options import option
 from .registry import register
 
 

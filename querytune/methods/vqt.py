@@ -30,13 +30,13 @@ from torch import Tensor, nn
 
 from ..backbones.vit import VisionTransformer
 from ..errors import ConfigError
+from ..options import option
 from ..train import TrainConfig, lr_at
 from ..trunk import TrunkInput
 from ..trunk.device import autocast, to_device
 from ..trunk.features import Features
 from ..trunk.sources import epoch_order
 from .base import Method
-from .options import option
 from .registry import register
 from .vpt import vpt_init_bound
 

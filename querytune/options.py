@@ -1,7 +1,8 @@
-"""Method options: each method's options dataclass declares its fields with :func:`option`
+"""Settings declared once: a method's options dataclass declares its fields with :func:`option`
 (help text, bounds, choices), and everything else is generated from it: the command line's
 flags and ``--help`` (:mod:`querytune.cli`), the checks with their one-line errors
-(:func:`check_options`), and ``querytune methods``.
+(:func:`check_options`), and ``querytune methods``. The same checks guard training settings
+and the settings read from config files (:func:`check_value` works on any dataclass field).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 
 def option(default: Any, help: str, *, min: float | None = None, max: float | None = None,
