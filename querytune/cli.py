@@ -28,7 +28,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Parameter- and memory-efficient transfer learning of Vision Transformers.")
 console = Console()
 
-BackboneOpt = typer.Option(..., "--backbone", "-b", help="HF model folder, timm checkpoint, hub name")
+BackboneOpt = typer.Option(..., "--backbone", "-b", help="HF model folder, timm checkpoint, .npz, hub name")
 DataOpt = typer.Option(..., "--data", "-d", help="task folder (VTAB-1k layout, CSV lists or class folders)")
 
 
@@ -64,11 +64,9 @@ TRAIN_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "wa
 RUN_RECORD = ("querytune_version", "num_classes", "classes")  # what a run's config.json holds beside its settings
 
 
-def read_train_config(path: Path) -> dict[str, Any]:
-    """The settings of a YAML or JSON file (a run's config.json replays that run), checked."""
+def read_settings_file(path: Path) -> dict[str, Any]:
+    """A YAML or JSON file's mapping of settings."""
     import yaml
-
-    from .options import check_value
 
     class Loader(yaml.SafeLoader):
         """YAML 1.2's floats: 1e-3 is a number (PyYAML reads YAML 1.1, where it is a string)."""
@@ -84,6 +82,28 @@ def read_train_config(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: neither YAML nor JSON ({one_line(error)})") from error
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def check_settings(path: Path, data: dict[str, Any], command: type, sections: tuple[str, ...] = ()) -> None:
+    """Every key of ``data`` is a field of the ``command`` dataclass, or one of the ``sections`` (mappings),
+    and takes its value."""
+    from .options import check_value
+
+    known = {field.name: field for field in fields(command)}
+    for key, value in data.items():
+        if key in sections:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: {key} must be a mapping of settings, got {value!r}")
+        elif key not in known:
+            raise ConfigError(f"{path}: unknown setting {key!r} (known: {', '.join([*known, *sections])})")
+        else:
+            check_value(command, known[key], value)
+
+
+def read_train_config(path: Path) -> dict[str, Any]:
+    """The settings of a YAML or JSON file for ``train`` (a run's config.json replays that run), checked."""
+    data = read_settings_file(path)
     if isinstance(data.get("backbone"), dict):  # a run's config.json: source, name, fingerprint
         data["backbone"] = data["backbone"].get("source")
     if isinstance(data.get("recipe"), dict):  # a run's config.json: the recipe and the task it was read for
@@ -91,15 +111,7 @@ def read_train_config(path: Path) -> dict[str, Any]:
     data.pop("task", None)
     for key in RUN_RECORD:
         data.pop(key, None)
-    known = {field.name: field for field in fields(TrainCommand)}
-    for key, value in data.items():
-        if key in ("options", "train"):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{path}: {key} must be a mapping of settings, got {value!r}")
-        elif key not in known:
-            raise ConfigError(f"{path}: unknown setting {key!r} (known: {', '.join([*known, 'options', 'train'])})")
-        else:
-            check_value(TrainCommand, known[key], value)
+    check_settings(path, data, TrainCommand, ("options", "train"))
     return {"options": {}, "train": {}, **data}
 
 
@@ -281,19 +293,47 @@ def cache(
             console.print(f"{images.task}/{images.split}: {len(images.items)} images -> {path}")
 
 
+@dataclass
+class BenchCommand:
+    """The settings of ``bench``, the keys of its ``--config`` file, with their defaults."""
+
+    suite: str | None = None
+    methods: str = "linear,vqt"
+    backbone: str | None = None
+    out: str | None = None
+    profile: str = "quick"
+    seeds: int = 1
+    search: bool = False
+    groups: str | None = None
+    image_size: int = 224
+    bf16: bool = False
+    recipe: str | None = None
+    cache: str | None = None
+    device: str | None = None
+    workers: int | None = None
+
+
 @app.command()
 def bench(
-    suite: Path = typer.Option(..., "--suite", help="folder of VTAB-1k layout task folders"),
-    methods: str = typer.Option("linear,vqt", help="comma-separated methods"),
-    backbone: str = BackboneOpt,
-    out: Path = typer.Option(..., "--out", "-o", help="report folder (resumed if it holds this bench)"),
-    profile: str = typer.Option("quick", help="quick (capped epochs) | paper (published protocols)"),
-    seeds: int = typer.Option(1, help="seeds per (task, method)"),
-    search: bool = typer.Option(False, "--search", help="choose lr and weight decay on train800 -> val200 first"),
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML or JSON file of these settings; flags "
+                                                                  "override it"),
+    print_config: bool = typer.Option(False, "--print-config", help="print the resolved settings and exit"),
+    suite: Optional[Path] = typer.Option(None, "--suite", help="folder of VTAB-1k layout task folders"),
+    methods: Optional[str] = typer.Option(None, help="comma-separated methods (default linear,vqt)"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="HF model folder, timm checkpoint, "
+                                                                          ".npz, hub name"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="report folder (resumed if it holds this bench)"),
+    profile: Optional[str] = typer.Option(None, help="quick (capped epochs, the default) | paper (published "
+                                                     "protocols)"),
+    seeds: Optional[int] = typer.Option(None, help="seeds per (task, method), default 1"),
+    search: Optional[bool] = typer.Option(None, "--search", help="choose lr and weight decay on train800 -> val200 "
+                                                                 "first"),
     groups: Optional[str] = typer.Option(None, help="task groups: a '<task> <group>' file or 'task=group,...' "
                                                     "(default: SUITE/groups.txt, then TASK/group.txt)"),
-    image_size: int = typer.Option(224),
-    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast for the trunk and the training steps"),
+    image_size: Optional[int] = typer.Option(None, help="input size (default 224)"),
+    bf16: Optional[bool] = typer.Option(None, "--bf16", help="bfloat16 autocast for the trunk and the training "
+                                                             "steps"),
     recipe: Optional[str] = typer.Option(None, help="per-task method settings from this recipe (vtab1k); task "
                                                     "names are the suite's folder names"),
     cache: Optional[Path] = typer.Option(None, help="feature-cache folder (default: OUT/feature-cache)"),
@@ -305,22 +345,40 @@ def bench(
     from .bench import Bench
     from .suite import read_groups_file
 
+    settings: dict[str, Any] = {}
+    if config is not None:
+        settings = read_settings_file(config)
+        check_settings(config, settings, BenchCommand)
+    for name, value in ctx.params.items():  # what the command line gave overrides the file
+        if value is not None and name not in ("config", "print_config", "quiet"):
+            settings[name] = str(value) if isinstance(value, Path) else value
+    for field in fields(BenchCommand):
+        settings.setdefault(field.name, field.default)
+    if print_config:
+        print(json.dumps(settings, indent=1))
+        return
+    missing = [f"--{key}" for key in ("suite", "backbone", "out") if not settings[key]]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} missing: give it on the command line or in --config")
     group_map = None
-    if groups:
-        if Path(groups).is_file():
-            group_map = read_groups_file(Path(groups))
+    if settings["groups"]:
+        if Path(settings["groups"]).is_file():
+            group_map = read_groups_file(Path(settings["groups"]))
         else:
             try:
-                group_map = dict(item.split("=", 1) for item in groups.split(","))
+                group_map = dict(item.split("=", 1) for item in settings["groups"].split(","))
             except ValueError as error:
-                raise ConfigError(f"--groups {groups!r}: expected a file or 'task=group,...'") from error
-    runner = Bench(suite, [m for m in methods.split(",") if m], backbone, out, profile=profile, seeds=seeds,
-                   search=search, image_size=image_size, bf16=bf16, groups=group_map, recipe=recipe, cache_dir=cache,
-                   device=device, workers=workers, show_progress=not quiet)
+                raise ConfigError(f"--groups {settings['groups']!r}: expected a file or 'task=group,...'") from error
+    out_dir = Path(settings["out"])
+    runner = Bench(Path(settings["suite"]), [m for m in settings["methods"].split(",") if m], settings["backbone"],
+                   out_dir, profile=settings["profile"], seeds=settings["seeds"], search=settings["search"],
+                   image_size=settings["image_size"], bf16=settings["bf16"], groups=group_map,
+                   recipe=settings["recipe"], cache_dir=Path(settings["cache"]) if settings["cache"] else None,
+                   device=settings["device"], workers=settings["workers"], show_progress=not quiet)
     results = runner.run()
     failed = sum(1 for r in results if r.get("error"))
-    console.print((out / "report.md").read_text())
-    console.print(f"{len(results) - failed} cells finished, {failed} failed; report in {out}")
+    console.print((out_dir / "report.md").read_text())
+    console.print(f"{len(results) - failed} cells finished, {failed} failed; report in {out_dir}")
 
 
 @app.command()

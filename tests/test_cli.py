@@ -186,3 +186,17 @@ def test_bad_config_files_are_one_line_errors_and_write_nothing(text, message, t
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_bench_takes_a_config_file_that_flags_override(tmp_path):
+    config = tmp_path / "bench.json"
+    config.write_text(json.dumps({"suite": "tasks", "backbone": "vit.safetensors", "out": "report",
+                                  "methods": "linear,vqt,synqt", "profile": "paper", "seeds": 3}))
+    shown = querytune("bench", "--config", config, "--seeds", "2", "--print-config")
+    assert shown.returncode == 0, shown.stderr
+    settings = json.loads(shown.stdout)
+    assert (settings["methods"], settings["profile"], settings["seeds"], settings["image_size"]) == (
+        "linear,vqt,synqt", "paper", 2, 224)
+    config.write_text(json.dumps({"suite": "tasks", "sedes": 3}))
+    result = querytune("bench", "--config", config, "--print-config")
+    assert result.returncode == 2 and "unknown setting 'sedes' (known: suite, methods," in result.stderr
