@@ -303,3 +303,19 @@ def test_train_then_eval_reproduces_the_accuracy(name, tiny_backbone_dir, tiny_t
     assert "head.weight" in adapter and not any("merged" in k or k.endswith("qkv.base.weight") for k in adapter)
     assert json.loads((run / "config.json").read_text())["method"] == name
     assert eval_run(run, tiny_task, "test", workers=0, show_progress=False) == pytest.approx(metrics["test_accuracy"])
+
+
+@pytest.mark.parametrize("name", ["vpt", "vqt+vpt"])
+def test_prompts_stay_out_of_a_global_pool(name):
+    """On a global-pool backbone (MAE) the final feature is the mean of the patch tokens, not of the prompts."""
+    backbone = tiny_vit(global_pool=True)
+    method = build_method(name, backbone, 4, {"prompts": 3}).eval()
+    images = _images(2)
+    with torch.no_grad():
+        x = backbone.run_blocks(backbone.embed(images), method.prompts.before_block)
+        pooled = backbone.norm(x[:, 1 + 3 :].mean(1))  # class token, 3 prompts, then the patches
+        assert x.shape[1] == 1 + 3 + 16
+        if name == "vpt":
+            torch.testing.assert_close(method(images), method.head(pooled))
+        else:
+            torch.testing.assert_close(method.head_input(images)[:, :48], F.normalize(pooled, dim=-1))

@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from conftest import DINOV2_SMALL, require_shared, tiny_vit
 from querytune.backbones import load_backbone, save_backbone
 from querytune.backbones.loading import HF_DEFAULTS
-from querytune.backbones.vit import VisionTransformer, ViTConfig
+from querytune.backbones.vit import IMAGENET_MEAN, IMAGENET_STD, VisionTransformer, ViTConfig
 from querytune.errors import CheckpointError, ConfigError
 
 # Small Hugging Face configs: native 48 px (6x6 grid); 32 px exercises downsampling the position embeddings.
@@ -227,11 +228,6 @@ def test_timm_checkpoint_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="'vit_base_patch16_clip_224' is not supported"):
         load_backbone(path, model_name="vit_base_patch16_clip_224")
 
-    fc_norm = tmp_path / "avgpool.safetensors"
-    save_file({k.replace("norm.", "fc_norm.") if k.startswith("norm.") else k: v for k, v in small.items()},
-              str(fc_norm))
-    with pytest.raises(CheckpointError, match="avgpool.safetensors: a global-average-pool model"):
-        load_backbone(fc_norm)
 
 
 def test_unknown_width_needs_model_name_or_saved_config(tmp_path):
@@ -406,3 +402,32 @@ def test_npz_checkpoint_errors(tmp_path):
     (tmp_path / "garbage.npz").write_bytes(b"not a zip file")
     with pytest.raises(CheckpointError, match="garbage.npz: unreadable .npz checkpoint"):
         load_backbone(tmp_path / "garbage.npz")
+
+
+# ---------------------------------------------------------------- MAE: global pooling through fc_norm
+
+
+def test_mae_checkpoint_pools_the_patch_tokens_through_fc_norm(tmp_path):
+    """MAE's fine-tuned layout (``{"model": ...}`` with ``fc_norm`` and no final ``norm``): the final
+    feature is fc_norm(mean of the patch tokens), what VQT's MAE runs read at the head."""
+    from querytune.trunk.features import extract_features
+
+    torch.manual_seed(0)
+    reference = VisionTransformer(ViTConfig(embed_dim=192, depth=2, num_heads=3, patch_size=16, image_size=32))
+    state = {("fc_" + k if k.startswith("norm.") else k): v for k, v in reference.state_dict().items()}
+    state.update({"head.weight": torch.randn(5, 192), "head.bias": torch.zeros(5)})
+    path = tmp_path / "mae_finetuned_vit_tiny.pth"
+    torch.save({"model": state, "epoch": 99}, path)
+    with pytest.warns(UserWarning, match="inferred"):
+        ours = load_backbone(path)
+    assert ours.config.global_pool and (ours.config.mean, ours.config.std) == (IMAGENET_MEAN, IMAGENET_STD)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = reference.run_blocks(reference.embed(images))  # class token, then 4 patch tokens
+        expected = F.layer_norm(tokens[:, 1:].mean(1), (192,), state["fc_norm.weight"], state["fc_norm.bias"], 1e-6)
+        torch.testing.assert_close(ours(images), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(extract_features(ours, images, dtype=torch.float32).cls, expected,
+                                   rtol=1e-5, atol=1e-5)
+    saved = tmp_path / "saved.safetensors"  # querytune's own format keeps the pooling
+    save_backbone(ours, saved)
+    assert load_backbone(saved).config.global_pool

@@ -7,7 +7,9 @@
 2. a timm-format checkpoint file (``.safetensors``, ``.pth``, ``.bin``), with an optional
    ``model_name`` (a timm architecture name, see the table below); without one the
    architecture is inferred from the tensor shapes, with a warning. A safetensors file
-   written by :func:`save_backbone` carries its exact config and needs neither;
+   written by :func:`save_backbone` carries its exact config and needs neither. One with an
+   ``fc_norm`` and no final ``norm`` (MAE fine-tuned, timm's ``global_pool='avg'``) is a global-pool
+   model (``ViTConfig.global_pool``; its ``fc_norm`` is loaded as ``norm``);
 3. a local timm hub folder (``config.json`` with ``architecture`` and ``pretrained_cfg``);
 4. a hub name (``facebook/dinov2-small``, ``timm/vit_base_patch16_224.augreg2_in21k_ft_in1k``, or
    a bare timm name such as ``vit_base_patch16_224.augreg_in21k``, which means ``timm/<name>``
@@ -284,7 +286,7 @@ def _from_timm_file(path: Path, model_name: str | None) -> VisionTransformer:
         except (ValueError, TypeError) as error:
             raise CheckpointError(f"{path}: invalid {CONFIG_METADATA_KEY} metadata ({error})") from error
         config.name = path.name
-        return _build(config, _timm_state_dict(state, str(path)), str(path))
+        return _build(config, _timm_state_dict(state, str(path))[0], str(path))
     return _from_timm_state(state, str(path), path.name, model_name)
 
 
@@ -324,7 +326,7 @@ def _from_timm_state(
     num_heads: int | None = None,
     norm_eps: float = 1e-6,
 ) -> VisionTransformer:
-    state = _timm_state_dict(state, where)
+    state, global_pool = _timm_state_dict(state, where)
     if model_name is not None:
         fields, (mean, std) = _timm_architecture(model_name)
     else:
@@ -336,13 +338,15 @@ def _from_timm_state(
         mean, std = pretrained_cfg.get("mean", mean), pretrained_cfg.get("std", std)
     config = _vit_config(
         where, **fields, image_size=grid * fields["patch_size"], pos_embed_prefix=prefix, pos_embed_antialias=True,
-        norm_eps=norm_eps, mean=mean, std=std, name=name,
+        norm_eps=norm_eps, mean=mean, std=std, name=name, global_pool=global_pool,
     )
     return _build(config, state, where)
 
 
-def _timm_state_dict(state: dict[str, Any], where: str) -> dict[str, Tensor]:
-    """Unwrap, strip ``module.``, drop classifier keys and rename the few non-timm token names."""
+def _timm_state_dict(state: dict[str, Any], where: str) -> tuple[dict[str, Tensor], bool]:
+    """Unwrap, strip ``module.``, drop classifier keys and rename the few non-timm token names; and whether
+    the model pools globally: an ``fc_norm`` and no final ``norm`` (MAE's fine-tuned layout, timm's
+    ``global_pool='avg'``), whose ``fc_norm`` then serves as our final norm."""
     for wrapper in ("model", "state_dict"):
         if isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -352,9 +356,12 @@ def _timm_state_dict(state: dict[str, Any], where: str) -> dict[str, Tensor]:
             raise CheckpointError(f"{where}: {key} is a {type(tensor).__name__}, not a tensor; not a state dict")
     if any(key.endswith("embeddings.patch_embeddings.projection.weight") for key in state):
         raise CheckpointError(f"{where}: a Hugging Face checkpoint; load the folder holding it and its config.json")
-    if "fc_norm.weight" in state and "norm.weight" not in state:
-        raise CheckpointError(f"{where}: a global-average-pool model (fc_norm, no final norm); not supported")
-    return {_TIMM_RENAMES.get(key, key): tensor for key, tensor in state.items() if not key.startswith(_TIMM_DROPPED)}
+    global_pool = "fc_norm.weight" in state and "norm.weight" not in state
+    if global_pool:
+        state = {("norm" + key[len("fc_norm"):] if key.startswith("fc_norm.") else key): tensor
+                 for key, tensor in state.items()}
+    return {_TIMM_RENAMES.get(key, key): tensor for key, tensor in state.items()
+            if not key.startswith(_TIMM_DROPPED)}, global_pool
 
 
 def _timm_architecture(model_name: str) -> tuple[dict[str, Any], tuple]:

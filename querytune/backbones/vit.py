@@ -39,6 +39,8 @@ class ViTConfig:
     with ``no_embed_class``, 1 + registers for timm register models without it.
     ``pos_embed_antialias`` resamples position embeddings with antialiasing, as timm
     and DINOv2 with registers do (plain DINOv2, ViT and DeiT in transformers do not).
+    ``global_pool``: the final feature is the normalised mean of the patch tokens (MAE's
+    fine-tuning head, its ``fc_norm`` loaded as ``norm``), not the normalised class token.
     """
 
     image_size: int = 224
@@ -57,6 +59,7 @@ class ViTConfig:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     name: str = "vit"
+    global_pool: bool = False
 
     def __post_init__(self) -> None:
         if self.embed_dim % self.num_heads:
@@ -406,9 +409,17 @@ class VisionTransformer(nn.Module):
             x = block.forward_normed(x, u, None if memory is None else memory[index][None])
         return x
 
+    def pool(self, x: Tensor, inserted: int = 0) -> Tensor:
+        """The final feature (B, D) from the last block's output tokens ``x``: the normalised class token,
+        or with ``global_pool`` the normalised mean of the patch tokens, which follow the prefix tokens
+        and ``inserted`` tokens a method put after them (VPT's prompts)."""
+        if self.config.global_pool:
+            return self.norm(x[:, self.config.num_prefix_tokens + inserted :].mean(1))
+        return self.norm(x[:, 0])
+
     def forward_features(self, images: Tensor) -> Tensor:
         return self.norm(self.run_blocks(self.embed(images)))
 
     def forward(self, images: Tensor) -> Tensor:
-        """Final class token after the final norm, (B, D)."""
-        return self.forward_features(images)[:, 0]
+        """The final feature (:meth:`pool`), (B, D)."""
+        return self.pool(self.run_blocks(self.embed(images)))

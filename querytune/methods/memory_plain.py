@@ -47,4 +47,4 @@ class MemoryPlain(Method):
         # the class token's input is always ours: untrained it equals the backbone's, value for value
         x = torch.cat([self.class_token.expand(x.shape[0], 1, -1), x[:, 1:]], dim=1)
         x = self.backbone.run_blocks(x, memory=self.memory if self.options.memory_tokens else None)
-        return self.head(self.backbone.norm(x[:, 0]))
+        return self.head(self.backbone.pool(x))

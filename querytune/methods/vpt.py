@@ -97,4 +97,4 @@ class VPT(Method):
 
     def forward(self, images: Tensor) -> Tensor:
         x = self.backbone.run_blocks(self.backbone.embed(images), self.prompts.before_block)
-        return self.head(self.backbone.norm(x[:, 0]))
+        return self.head(self.backbone.pool(x, inserted=self.prompts.tokens.shape[1]))

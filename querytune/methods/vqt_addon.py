@@ -37,6 +37,7 @@ class VQTAddOn(VQT):
     """VQT whose queries read the trunk of a feature-adapting method (set up by the subclass)."""
 
     reads = TrunkInput.IMAGES
+    inserted_tokens = 0  # tokens before_block puts after the prefix tokens (VPT's prompts)
 
     def before_block(self, index: int, x: Tensor) -> Tensor:
         """A change to the tokens entering block ``index`` (VPT's prompts); none by default."""
@@ -46,7 +47,7 @@ class VQTAddOn(VQT):
         layers: list[Tensor] = []
         x = self.backbone.run_blocks(self.backbone.embed(images), self.before_block,
                                     lambda _, u: layers.append(u))
-        return self.query_path(layers, self.backbone.norm(x[:, 0]), self.backbone.blocks)
+        return self.query_path(layers, self.backbone.pool(x, self.inserted_tokens), self.backbone.blocks)
 
 
 @dataclass
@@ -95,6 +96,7 @@ class VQTWithVPT(VQTAddOn):
     def __init__(self, backbone: VisionTransformer, num_classes: int, options: VQTVPTOptions) -> None:
         super().__init__(backbone, num_classes, options)
         self.prompts = Prompts(backbone, options)
+        self.inserted_tokens = options.prompts
 
     def before_block(self, index: int, x: Tensor) -> Tensor:
         return self.prompts.before_block(index, x)

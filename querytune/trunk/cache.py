@@ -60,8 +60,11 @@ def backbone_fingerprint(backbone: VisionTransformer) -> str:
     cached = getattr(backbone, FINGERPRINT_ATTRIBUTE, None)
     if cached is not None:
         return cached
-    # "extra": a field ViTConfig once had (always empty); hashed still, so that earlier runs' fingerprints hold
+    # Earlier runs' fingerprints hold: "extra", a field ViTConfig once had (always empty), is hashed still,
+    # and fields added since are hashed only where they differ from their defaults.
     architecture = {**backbone.config.to_dict(), "extra": {}}
+    if not architecture["global_pool"]:
+        del architecture["global_pool"]
     digest = hashlib.sha256(json.dumps(architecture, sort_keys=True, default=str).encode())
     for name, tensor in sorted(backbone.state_dict().items()):
         digest.update(name.encode())

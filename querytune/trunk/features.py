@@ -82,7 +82,7 @@ def extract_features(
     with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=bf16):
         x = backbone.run_blocks(backbone.embed(images),
                                 after_norm=(lambda _, u: layers.append(u.to(dtype))) if with_layers else None)
-        cls = backbone.norm(x[:, 0]).to(dtype)
+        cls = backbone.pool(x).to(dtype)
     # Stacking float16 tensors fails under an autocast a caller may have entered around us.
     with torch.autocast(device_type=images.device.type, enabled=False):
         return Features(cls, torch.stack(layers, dim=1) if with_layers else None)
