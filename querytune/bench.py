@@ -32,6 +32,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .data import check_normalisation
 from .errors import ConfigError, QuerytuneError
 from .files import write_json, write_text
 from .measure import measure_method_isolated
@@ -71,7 +72,8 @@ def search_grid(method: str, batch_size: int) -> list[dict[str, float]]:
 class Bench:
     def __init__(self, suite: Path, methods: list[str], backbone: str, out: Path, *, profile: str = "quick",
                  seeds: int = 1, search: bool = False, image_size: int = 224, bf16: bool = False,
-                 groups: dict[str, str] | None = None, recipe: str | None = None, cache_dir: Path | None = None,
+                 groups: dict[str, str] | None = None, recipe: str | None = None,
+                 mean: list[float] | None = None, std: list[float] | None = None, cache_dir: Path | None = None,
                  device: str | None = None, workers: int | None = None, show_progress: bool = True) -> None:
         for method in methods:
             method_class(method)  # unknown names fail before any work
@@ -80,6 +82,7 @@ class Bench:
             raise ConfigError(f"--seeds must be at least 1 (got {seeds})")
         self.tasks = discover_tasks(suite, groups)
         self.recipe = recipe
+        self.normalisation = check_normalisation(mean, std) if mean is not None or std is not None else None
         if recipe:  # an unknown recipe, or a task it does not know, fails before any work
             for task in self.tasks:
                 for method in methods:
@@ -102,6 +105,8 @@ class Bench:
             return json.loads((run / "metrics.json").read_text())
         return train_run(method, self.backbone, task.path, run, train_settings=settings, train_split=train_split,
                          eval_split=eval_split, image_size=self.image_size, recipe=self.recipe,
+                         mean=self.normalisation and self.normalisation[0],
+                         std=self.normalisation and self.normalisation[1],
                          task_name=task.name, cache_dir=self.cache_dir,
                          device=self.device, workers=self.workers, show_progress=self.show_progress)
 
@@ -142,6 +147,8 @@ class Bench:
 
         if self.backbone_model is None:
             self.backbone_model = load_backbone(self.backbone)
+            if self.normalisation is not None:
+                self.backbone_model.config.mean, self.backbone_model.config.std = self.normalisation
         splits = ["train800val200", "test"] + (["train800", "val200"] if self.search else [])
         try:
             cache_splits(self.cache_dir, self.backbone_model, task.path, splits, self.image_size, self.bf16,
@@ -184,6 +191,8 @@ class Bench:
                     "image_size": self.image_size, "bf16": self.bf16}
         if self.recipe:  # only then: benches from before recipes keep their settings
             settings["recipe"] = self.recipe
+        if self.normalisation:
+            settings["normalisation"] = [list(self.normalisation[0]), list(self.normalisation[1])]
         path = self.out / "bench.json"
         if path.is_file():
             if json.loads(path.read_text()) != settings:

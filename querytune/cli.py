@@ -52,6 +52,8 @@ class TrainCommand:
     image_size: int = 224
     recipe: str | None = None
     task_name: str | None = None
+    mean: list[float] | None = None  # 'R,G,B' on the command line
+    std: list[float] | None = None
     cache: str | None = None
     no_cache: bool = False
     cache_placement: str = "auto"
@@ -62,6 +64,17 @@ class TrainCommand:
 TRAIN_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs", "grad_clip",
                   "label_smoothing", "seed", "bf16", "fp16", "checkpointing")
 RUN_RECORD = ("querytune_version", "num_classes", "classes")  # what a run's config.json holds beside its settings
+
+
+def triple(value: str | list[float] | None, flag: str) -> list[float] | None:
+    """An 'R,G,B' flag or a list from a file as numbers (the count is checked where they are used)."""
+    if value is None or isinstance(value, list):
+        return value
+    try:
+        return [float(part) for part in value.split(",")]
+    except ValueError as error:
+        raise ConfigError(f"{flag} {value!r}: expected numbers separated by commas, e.g. 0.485,0.456,0.406") \
+            from error
 
 
 def read_settings_file(path: Path) -> dict[str, Any]:
@@ -106,6 +119,9 @@ def read_train_config(path: Path) -> dict[str, Any]:
     data = read_settings_file(path)
     if isinstance(data.get("backbone"), dict):  # a run's config.json: source, name, fingerprint
         data["backbone"] = data["backbone"].get("source")
+    if isinstance(data.get("normalisation"), dict):  # a run's config.json: the normalisation it used
+        data["mean"], data["std"] = data["normalisation"].get("mean"), data["normalisation"].get("std")
+    data.pop("normalisation", None)
     if isinstance(data.get("recipe"), dict):  # a run's config.json: the recipe and the task it was read for
         data["recipe"], data["task_name"] = data["recipe"].get("name"), data.get("task")
     data.pop("task", None)
@@ -152,6 +168,9 @@ def train(
     recipe: Optional[str] = typer.Option(None, help="take the method's per-task settings from this recipe "
                                                     "(vtab1k: the official VQT and SynQT settings); flags override"),
     task_name: Optional[str] = typer.Option(None, help="the task's name in the recipe (default: the data folder's)"),
+    mean: Optional[str] = typer.Option(None, help="input normalisation mean 'R,G,B' (needed where the backbone's "
+                                                  "is unknown; default: the backbone's)"),
+    std: Optional[str] = typer.Option(None, help="input normalisation std 'R,G,B'"),
     cache: Optional[Path] = typer.Option(None, help="feature-cache folder (default: $QUERYTUNE_CACHE or "
                                                     "~/.cache/querytune/features)"),
     no_cache: Optional[bool] = typer.Option(None, "--no-cache", help="run the frozen trunk every epoch instead"),
@@ -172,6 +191,8 @@ def train(
         if value is None or name in ("config", "print_config", "quiet"):
             continue
         value = str(value) if isinstance(value, Path) else value
+        if name in ("mean", "std"):
+            value = triple(value, f"--{name}")
         if name in TRAIN_SETTINGS:
             settings["train"][name] = value
         elif name == "memory_mode":
@@ -193,7 +214,7 @@ def train(
         settings["method"], settings["backbone"], settings["data"], settings["out"], options=settings["options"],
         train_settings=settings["train"], train_split=settings["train_split"],
         eval_split=settings["eval_split"] or None, image_size=settings["image_size"], recipe=settings["recipe"],
-        task_name=settings["task_name"],
+        task_name=settings["task_name"], mean=triple(settings["mean"], "--mean"), std=triple(settings["std"], "--std"),
         cache_dir=None if settings["no_cache"] else settings["cache"] or default_cache_root(),
         cache_placement=settings["cache_placement"], device=settings["device"], workers=settings["workers"],
         show_progress=not quiet,
@@ -308,6 +329,8 @@ class BenchCommand:
     image_size: int = 224
     bf16: bool = False
     recipe: str | None = None
+    mean: list[float] | None = None  # 'R,G,B' on the command line
+    std: list[float] | None = None
     cache: str | None = None
     device: str | None = None
     workers: int | None = None
@@ -336,6 +359,9 @@ def bench(
                                                              "steps"),
     recipe: Optional[str] = typer.Option(None, help="per-task method settings from this recipe (vtab1k); task "
                                                     "names are the suite's folder names"),
+    mean: Optional[str] = typer.Option(None, help="input normalisation mean 'R,G,B' (needed where the backbone's "
+                                                  "is unknown; default: the backbone's)"),
+    std: Optional[str] = typer.Option(None, help="input normalisation std 'R,G,B'"),
     cache: Optional[Path] = typer.Option(None, help="feature-cache folder (default: OUT/feature-cache)"),
     device: Optional[str] = typer.Option(None),
     workers: Optional[int] = typer.Option(None),
@@ -351,6 +377,8 @@ def bench(
         check_settings(config, settings, BenchCommand)
     for name, value in ctx.params.items():  # what the command line gave overrides the file
         if value is not None and name not in ("config", "print_config", "quiet"):
+            if name in ("mean", "std"):
+                value = triple(value, f"--{name}")
             settings[name] = str(value) if isinstance(value, Path) else value
     for field in fields(BenchCommand):
         settings.setdefault(field.name, field.default)
@@ -373,8 +401,10 @@ def bench(
     runner = Bench(Path(settings["suite"]), [m for m in settings["methods"].split(",") if m], settings["backbone"],
                    out_dir, profile=settings["profile"], seeds=settings["seeds"], search=settings["search"],
                    image_size=settings["image_size"], bf16=settings["bf16"], groups=group_map,
-                   recipe=settings["recipe"], cache_dir=Path(settings["cache"]) if settings["cache"] else None,
-                   device=settings["device"], workers=settings["workers"], show_progress=not quiet)
+                   recipe=settings["recipe"], mean=triple(settings["mean"], "--mean"),
+                   std=triple(settings["std"], "--std"),
+                   cache_dir=Path(settings["cache"]) if settings["cache"] else None, device=settings["device"],
+                   workers=settings["workers"], show_progress=not quiet)
     results = runner.run()
     failed = sum(1 for r in results if r.get("error"))
     console.print((out_dir / "report.md").read_text())
@@ -419,7 +449,8 @@ def info(backbone: str = BackboneOpt) -> None:
         ("native input size", f"{cfg.image_size} px ({cfg.grid_size}x{cfg.grid_size} patches)"),
         ("tokens at 224 px", cfg.num_tokens(224)),
         ("parameters", f"{sum(p.numel() for p in model.parameters()):,}"),
-        ("normalisation", f"mean {cfg.mean}, std {cfg.std}"),
+        ("normalisation", f"mean {cfg.mean}, std {cfg.std}" if cfg.mean is not None
+         else "unknown: its checkpoint names none (runs give --mean and --std)"),
     ]
     for key, value in rows:
         table.add_row(key, str(value))

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import DataError, QuerytuneError, one_line
+from .errors import ConfigError, DataError, QuerytuneError, one_line
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 
@@ -128,14 +128,37 @@ class Preprocess:
 
     @classmethod
     def for_backbone(cls, backbone: Any, image_size: int) -> Preprocess:
-        """The transform at ``image_size`` with the backbone's own normalisation (``backbone.config``)."""
-        return cls(image_size, backbone.config.mean, backbone.config.std)
+        """The transform at ``image_size`` with the backbone's normalisation (``backbone.config``), which
+        must be known: a loader that cannot tell it leaves it None rather than guess."""
+        config = backbone.config
+        if config.mean is None or config.std is None:
+            raise ConfigError(f"backbone {config.name}: its normalisation is unknown (its checkpoint names none); "
+                              "give --mean and --std, e.g. --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 "
+                              "(ImageNet's)")
+        return cls(image_size, config.mean, config.std)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         size = (self.image_size, self.image_size)
         image = _to_rgb(image).resize(size, Image.Resampling.BICUBIC)
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (S, S, 3)
         return pixels.permute(2, 0, 1).float().div_(255).sub_(self._mean).div_(self._std)
+
+
+def check_normalisation(mean: Sequence[float] | None, std: Sequence[float] | None) -> tuple[tuple[float, ...],
+                                                                                             tuple[float, ...]]:
+    """A user's ``--mean``/``--std``: both, three values each (R, G, B), std positive."""
+    if mean is None or std is None:
+        raise ConfigError("--mean and --std go together: give both")
+    try:
+        mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"--mean and --std need numbers, got {mean!r} and {std!r}") from error
+    for name, values in (("--mean", mean), ("--std", std)):
+        if len(values) != 3:
+            raise ConfigError(f"{name} needs 3 values (R, G, B), got {len(values)}: {list(values)}")
+    if min(std) <= 0:
+        raise ConfigError(f"--std must be positive, got {list(std)}")
+    return mean, std
 
 
 def load_image(path: Path) -> Image.Image:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import torch
 from . import distributed
 from .backbones import load_backbone
 from .backbones.vit import VisionTransformer
-from .data import Preprocess, open_split
+from .data import Preprocess, check_normalisation, open_split
 from .errors import CheckpointError, ConfigError, QuerytuneError
 from .methods import build_method, options_dict, resolve_method
 from .methods.base import Method
@@ -58,6 +59,8 @@ def train_run(
     image_size: int = DEFAULT_IMAGE_SIZE,
     recipe: str | None = None,
     task_name: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     cache_dir: str | Path | None = None,
     cache_placement: str = "auto",
     device: torch.device | str | None = None,
@@ -68,6 +71,8 @@ def train_run(
 
     With ``recipe`` (:mod:`querytune.recipes`) the method takes the recipe's settings for the task
     (``task_name``, else the data folder's name) as its options; ``options`` given override them.
+    ``mean``/``std`` set the input normalisation (required where the backbone's is unknown); the
+    run's config.json records the one used, and evaluation and serving use it.
 
     Every input is checked, and the features cached, before the run folder is made; a
     user error (:class:`QuerytuneError`) found later in a new run (an image that does not
@@ -88,13 +93,15 @@ def train_run(
     options = {**recipe_settings, **(options or {})}
     eval_images = open_split(data, eval_split) if eval_split else None
     backbone = load_backbone(backbone_source)
+    fingerprint = backbone_fingerprint(backbone)  # of the checkpoint as loaded, before a method adds adapters
+    if mean is not None or std is not None:
+        backbone.config.mean, backbone.config.std = check_normalisation(mean, std)
     patch = backbone.config.patch_size
     if image_size < patch or image_size % patch:
         raise ConfigError(f"--image-size {image_size}: must be a positive multiple of the backbone's patch size "
                           f"{patch}")
     preprocess = Preprocess.for_backbone(backbone, image_size)
 
-    fingerprint = backbone_fingerprint(backbone)  # of the pretrained weights, before a method adds adapters
     seed_everything(cfg.seed)
     method = build_method(method_name, backbone, train_images.num_classes, options)
     if cfg.checkpointing and method.reads.frozen:
@@ -115,6 +122,7 @@ def train_run(
         "num_classes": train_images.num_classes,
         "classes": list(train_images.classes) if train_images.classes else None,
         "image_size": image_size,
+        "normalisation": {"mean": list(preprocess.mean), "std": list(preprocess.std)},
         "train": asdict(cfg),
     }
     resuming = check_run_folder(out, config)
@@ -175,6 +183,9 @@ def load_run(run: str | Path, backbone: VisionTransformer | str | Path | None = 
     backbone = load_backbone(backbone if backbone is not None else trained["source"])
     if backbone_fingerprint(backbone) != trained["fingerprint"]:
         raise CheckpointError(f"{run}: was trained on backbone {trained['name']!r}, which differs from the one given")
+    if "normalisation" in config:  # the run's own (runs from before it was recorded: the backbone's)
+        backbone.config.mean = tuple(config["normalisation"]["mean"])
+        backbone.config.std = tuple(config["normalisation"]["std"])
     method = build_method(config["method"], backbone, config["num_classes"], config["options"])
     load_adapter(run, method)
     return method.eval(), config

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 def run_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The parts of config.json that must match for a run to be resumed."""
-    return {k: config[k] for k in ("method", "options", "backbone", "data", "train_split", "image_size", "train")}
+    settings = {k: config[k] for k in ("method", "options", "backbone", "data", "train_split", "image_size", "train")}
+    return {**settings, "normalisation": config.get("normalisation")}
 
 
 def check_run_folder(out: Path, config: dict[str, Any]) -> bool:

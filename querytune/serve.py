@@ -98,6 +98,9 @@ class MultiTaskServer:
             if config["backbone"]["fingerprint"] != configs[0]["backbone"]["fingerprint"]:
                 raise ConfigError(f"{run}: was trained on backbone {config['backbone']['name']!r} and {runs[0]} on "
                                   f"{configs[0]['backbone']['name']!r} (other weights); runs served together share one")
+            if config.get("normalisation") != configs[0].get("normalisation"):
+                raise ConfigError(f"{run}: was trained with another input normalisation than {runs[0]}; runs "
+                                  "served together need one")
             if config["image_size"] != configs[0]["image_size"]:
                 raise ConfigError(f"{run}: was trained at {config['image_size']} px and {runs[0]} at "
                                   f"{configs[0]['image_size']} px; runs served together need one input size")

@@ -200,3 +200,35 @@ def test_bench_takes_a_config_file_that_flags_override(tmp_path):
     config.write_text(json.dumps({"suite": "tasks", "sedes": 3}))
     result = querytune("bench", "--config", config, "--print-config")
     assert result.returncode == 2 and "unknown setting 'sedes' (known: suite, methods," in result.stderr
+
+
+def test_a_backbone_of_unknown_normalisation_needs_mean_and_std(tiny_task, tmp_path):
+    """Normalisation is never guessed: an .npz checkpoint names none, so a run must give it; the run
+    records it, and evaluation uses what the run recorded."""
+    import torch
+    from test_loading import write_npz_checkpoint
+
+    from querytune.backbones.vit import VisionTransformer, ViTConfig
+
+    torch.manual_seed(0)
+    npz = tmp_path / "vit.npz"
+    write_npz_checkpoint(VisionTransformer(ViTConfig(embed_dim=48, depth=2, num_heads=4, patch_size=8,
+                                                     image_size=32)), npz)
+    args = ["train", "--method", "linear", "--backbone", npz, "--data", tiny_task, "--image-size", "32", "--epochs",
+            "2", "-q"]
+    missing = querytune(*args, "--out", tmp_path / "a")
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+    assert "backbone vit.npz: its normalisation is unknown" in missing.stderr
+    assert "give --mean and --std" in missing.stderr
+    short = querytune(*args, "--out", tmp_path / "a", "--mean", "0.5,0.5", "--std", "0.5,0.5,0.5")
+    assert short.returncode == 2 and "--mean needs 3 values (R, G, B), got 2" in short.stderr
+    assert not (tmp_path / "a").exists()
+
+    given = querytune(*args, "--out", tmp_path / "run", "--mean", "0.4,0.5,0.6", "--std", "0.2,0.3,0.4")
+    assert given.returncode == 0, given.stderr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["normalisation"] == {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.3, 0.4]}
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    evaluated = querytune("eval", "--run", tmp_path / "run", "--data", tiny_task, "-q")
+    assert evaluated.returncode == 0 and f"test accuracy: {metrics['test_accuracy']:.4f}" in evaluated.stdout
+    assert "unknown: its checkpoint names none" in " ".join(querytune("info", "--backbone", npz).stdout.split())

@@ -23,7 +23,11 @@
 7. a querytune :class:`VisionTransformer`, returned as is.
 
 Hugging Face ``model_type``: ``vit``, ``deit``, ``dinov2``, ``dinov2_with_registers``.
-Normalisation is ImageNet's unless the folder's preprocessor config says otherwise.
+
+Normalisation (mean/std) is never guessed: it comes from the checkpoint's own config (a
+preprocessor config, a timm ``pretrained_cfg``, querytune's saved config), from a known name
+(a timm architecture, DINOv2), or it is left unknown (``None``) and a run must be given
+``--mean``/``--std`` (:meth:`querytune.data.Preprocess.for_backbone` says so).
 Only GELU MLPs are supported (no SwiGLU, so no DINOv2 giant). DeiT in transformers
 always has a distillation token; it is loaded as one register token with its own
 position embedding (``pos_embed_prefix=2``), which reproduces ``DeiTModel`` exactly.
@@ -330,7 +334,7 @@ def _from_timm_state(
     if model_name is not None:
         fields, (mean, std) = _timm_architecture(model_name)
     else:
-        fields, (mean, std) = _infer_architecture(state, where, num_heads), IMAGENET
+        fields, (mean, std) = _infer_architecture(state, where, num_heads), (None, None)  # unknown
     if "pos_embed" not in state:
         raise CheckpointError(f"{where}: no pos_embed; not a ViT checkpoint with absolute position embeddings")
     grid, prefix = _split_positions(state["pos_embed"].shape[1], fields["num_reg_tokens"], where)
@@ -413,7 +417,7 @@ def _infer_architecture(state: dict[str, Tensor], where: str, num_heads: int | N
             f"{where}: no model_name given; inferred a ViT of width {width}, depth {depth}, "
             f"{fields['num_heads']} heads (the usual count for this width), patch {patch}, "
             f"{fields['num_reg_tokens']} register tokens, LayerScale {fields['layer_scale']}; "
-            "normalisation defaults to ImageNet mean/std",
+            "its normalisation is unknown (give mean and std)",
             stacklevel=1,  # the default: the warning points here
         )
     return fields
@@ -436,9 +440,9 @@ def _split_positions(num_positions: int, num_reg_tokens: int, where: str) -> tup
 
 def _from_npz_file(path: Path, model_name: str | None) -> VisionTransformer:
     """The original JAX ViT checkpoints that VPT, VQT, NOAH, SSF and V-PETL load (``ViT-B_16.npz``,
-    ``imagenet21k/ViT-B_16.npz``, any depth and width). Normalisation: ImageNet mean/std, what VPT
-    and VQT use with them (SSF and NOAH's VPT script use 0.5/0.5: pass ``model_name`` with such a
-    tag, or set it on the loaded config)."""
+    ``imagenet21k/ViT-B_16.npz``, any depth and width). Their normalisation is unknown unless
+    ``model_name`` names it: the same file is used with ImageNet mean/std by VPT and VQT and with
+    0.5/0.5 by SSF and NOAH's VPT script, so a run gives ``--mean``/``--std``."""
     state, num_heads = _npz_state_dict(_read_npz(path), str(path))
     return _from_timm_state(state, str(path), path.name, model_name, num_heads=num_heads)
 
@@ -530,8 +534,9 @@ def _hf_vit_config(config: dict[str, Any], preprocessor: dict[str, Any], where: 
         pos_embed_prefix=2 if distilled else 1,
         pos_embed_antialias=model_type == "dinov2_with_registers",
         norm_eps=config["layer_norm_eps"],
-        mean=preprocessor.get("image_mean", IMAGENET_MEAN),
-        std=preprocessor.get("image_std", IMAGENET_STD),
+        # the preprocessor config's, else DINOv2's own (ImageNet); a ViT or DeiT folder without one: unknown
+        mean=preprocessor.get("image_mean", IMAGENET_MEAN if dinov2 else None),
+        std=preprocessor.get("image_std", IMAGENET_STD if dinov2 else None),
         name=name,
     )
 

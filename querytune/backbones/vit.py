@@ -56,8 +56,8 @@ class ViTConfig:
     pos_embed_prefix: int = 1
     pos_embed_antialias: bool = False
     norm_eps: float = 1e-6
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
+    mean: tuple[float, ...] | None = IMAGENET_MEAN  # None: unknown (a loader could not tell); see Preprocess
+    std: tuple[float, ...] | None = IMAGENET_STD
     name: str = "vit"
     global_pool: bool = False
 
@@ -68,8 +68,8 @@ class ViTConfig:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if not 0 <= self.pos_embed_prefix <= 1 + self.num_reg_tokens:
             raise ValueError(f"pos_embed_prefix must be in 0..{1 + self.num_reg_tokens}, got {self.pos_embed_prefix}")
-        self.mean = tuple(self.mean)
-        self.std = tuple(self.std)
+        if self.mean is not None and self.std is not None:  # from JSON they come back as lists
+            self.mean, self.std = tuple(self.mean), tuple(self.std)
 
     @property
     def grid_size(self) -> int:
