@@ -25,6 +25,7 @@ from .runfolder import (
     discard_run_folder,
     finish_run_folder,
     load_adapter,
+    read_metrics,
     read_run_config,
     save_adapter,
     start_run_folder,
@@ -125,7 +126,10 @@ def train_run(
         "normalisation": {"mean": list(preprocess.mean), "std": list(preprocess.std)},
         "train": asdict(cfg),
     }
-    resuming = check_run_folder(out, config)
+    state = check_run_folder(out, config)
+    if state == "finished":  # the very same run, done already (a retried job, a rerun cell): its results
+        return read_metrics(out)
+    resuming = state == "unfinished"
     source = make_source(method.reads, method.backbone, train_images, preprocess, device, cache_dir, workers,
                          show_progress, cfg.bf16, cache_placement)
     eval_source = None

@@ -32,29 +32,44 @@ def run_settings(config: dict[str, Any]) -> dict[str, Any]:
     return {**settings, "normalisation": config.get("normalisation")}
 
 
-def check_run_folder(out: Path, config: dict[str, Any]) -> bool:
-    """True when ``out`` holds an unfinished run of these settings (to resume), False when it is
-    absent or empty; an error for anything else. Writes nothing (it only removes what killed
-    writers left)."""
+def setting_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """How two runs' settings differ, as 'train.seed: 0 -> 1' (one level into mappings)."""
+    differences = []
+    for key in sorted(set(saved) | set(wanted)):
+        old, new = saved.get(key), wanted.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += [f"{key}.{item}: {old.get(item)!r} -> {new.get(item)!r}"
+                            for item in sorted(set(old) | set(new)) if old.get(item) != new.get(item)]
+        elif old != new:
+            differences.append(f"{key}: {old!r} -> {new!r}")
+    return differences
+
+
+def check_run_folder(out: Path, config: dict[str, Any]) -> str:
+    """What ``out`` holds for a run of these settings: "new" (absent or empty), "unfinished" (to
+    resume) or "finished" (the same run done: rerunning it is a no-op). Anything else is an error:
+    a run with other settings (which it lists), or a folder that is not a run. Writes nothing (it
+    only removes what killed writers left)."""
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: is a file, not a run folder")
     if out.is_dir():
         remove_stale_temporaries(out)  # e.g. a config.json whose writer was killed
-    if (out / "metrics.json").exists():
-        raise CheckpointError(f"{out}: already holds a finished run; choose another --out")
     config_path = out / "config.json"
     if config_path.exists():
+        finished = (out / "metrics.json").exists()
         try:
-            saved = json.loads(config_path.read_text())
-            same = run_settings(saved) == run_settings(config)
+            differences = setting_differences(run_settings(json.loads(config_path.read_text())),
+                                              run_settings(config))
         except (OSError, ValueError, TypeError, KeyError) as error:
             raise CheckpointError(f"{config_path}: not a querytune run config ({one_line(error)})") from error
-        if not same:
-            raise CheckpointError(f"{out}: holds an unfinished run with other settings; choose another --out")
-        return True
+        if differences:
+            state = "a finished" if finished else "an unfinished"
+            raise CheckpointError(f"{out}: holds {state} run with other settings ({'; '.join(differences[:4])}"
+                                  f"{'; ...' if len(differences) > 4 else ''}); choose another --out")
+        return "finished" if finished else "unfinished"
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out}: exists, is not empty and is not a querytune run folder")
-    return False
+    return "new"
 
 
 def start_run_folder(out: Path, config: dict[str, Any]) -> bool:
@@ -80,6 +95,14 @@ def discard_run_folder(out: Path, created: bool) -> None:
 def save_adapter(out: Path, method: Method) -> None:
     state = {k: v.contiguous().cpu() for k, v in method.trainable_state_dict().items()}
     write_atomic(out / "adapter.safetensors", lambda tmp: save_file(state, str(tmp)))
+
+
+def read_metrics(run: Path) -> dict[str, Any]:
+    """A finished run's metrics.json."""
+    try:
+        return json.loads((run / "metrics.json").read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{run / 'metrics.json'}: unreadable ({one_line(error)})") from error
 
 
 def finish_run_folder(out: Path, metrics: dict[str, Any]) -> None:

@@ -232,3 +232,17 @@ def test_a_backbone_of_unknown_normalisation_needs_mean_and_std(tiny_task, tmp_p
     evaluated = querytune("eval", "--run", tmp_path / "run", "--data", tiny_task, "-q")
     assert evaluated.returncode == 0 and f"test accuracy: {metrics['test_accuracy']:.4f}" in evaluated.stdout
     assert "unknown: its checkpoint names none" in " ".join(querytune("info", "--backbone", npz).stdout.split())
+
+
+def test_rerunning_a_finished_train_is_a_no_op_and_other_settings_are_listed(tiny_backbone_dir, tiny_task, tmp_path):
+    args = ["train", "--method", "linear", "--backbone", tiny_backbone_dir, "--data", tiny_task, "--out",
+            tmp_path / "run", "--image-size", "32", "--epochs", "2", "-q"]
+    assert querytune(*args).returncode == 0
+    adapter = (tmp_path / "run" / "adapter.safetensors").read_bytes()
+    again = querytune(*args)
+    assert again.returncode == 0 and "test_accuracy" in again.stdout
+    other = querytune(*args, "--lr", "0.5")
+    assert other.returncode == 2
+    assert other.stderr.strip().endswith("holds a finished run with other settings (train.lr: 0.03 -> 0.5); "
+                                         "choose another --out")
+    assert (tmp_path / "run" / "adapter.safetensors").read_bytes() == adapter

@@ -102,11 +102,13 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_backbone_dir, tiny_task
 
 
 def test_finished_or_foreign_run_folder_is_never_overwritten(tiny_backbone_dir, tiny_task, tmp_path):
-    _train(tiny_backbone_dir, tiny_task, tmp_path / "run")
-    before = (tmp_path / "run" / "adapter.safetensors").read_bytes()
-    with pytest.raises(CheckpointError, match="already holds a finished run"):
-        _train(tiny_backbone_dir, tiny_task, tmp_path / "run")
-    assert (tmp_path / "run" / "adapter.safetensors").read_bytes() == before
+    metrics = _train(tiny_backbone_dir, tiny_task, tmp_path / "run")
+    files = {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir()}
+    # the very same run again (a retried job, a notebook cell run twice): a no-op that returns its metrics
+    assert _train(tiny_backbone_dir, tiny_task, tmp_path / "run") == json.loads(json.dumps(metrics))
+    with pytest.raises(CheckpointError, match=r"holds a finished run with other settings \(train.seed: 0 -> 1\)"):
+        _train(tiny_backbone_dir, tiny_task, tmp_path / "run", train_settings={**FAST, "seed": 1})
+    assert {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir()} == files
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(CheckpointError, match="not a querytune run folder"):
