@@ -177,6 +177,7 @@ def train_run(
         metrics[f"{eval_split}_accuracy"] = accuracy
     if distributed.is_main():
         finish_run_folder(out, metrics)
+    distributed.barrier()  # every rank leaves once the run is written (and tears its process group down together)
     return metrics
 
 
