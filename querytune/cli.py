@@ -77,6 +77,30 @@ def triple(value: str | list[float] | None, flag: str) -> list[float] | None:
             from error
 
 
+def command_line_over(settings: dict[str, Any], ctx: typer.Context, command: type,
+                      sections: dict[str, str] | None = None) -> dict[str, Any]:
+    """``settings`` (from a file) with what the command line gave on top, and ``command``'s defaults for
+    what neither gave; ``sections`` names the mapping a flag belongs in (train's training settings)."""
+    for name, value in ctx.params.items():
+        if value is None or name in ("config", "print_config", "quiet"):
+            continue
+        if name in ("mean", "std"):
+            value = triple(value, f"--{name}")
+        elif isinstance(value, Path):
+            value = str(value)
+        section = (sections or {}).get(name)
+        (settings[section] if section else settings)[name] = value
+    for field in fields(command):
+        settings.setdefault(field.name, field.default)
+    return settings
+
+
+def require(settings: dict[str, Any], keys: tuple[str, ...]) -> None:
+    missing = [f"--{key}" for key in keys if not settings[key]]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} missing: give it on the command line or in --config")
+
+
 def read_settings_file(path: Path) -> dict[str, Any]:
     """A YAML or JSON file's mapping of settings."""
     import yaml
@@ -187,27 +211,13 @@ def train(
     from .trunk.cache import default_cache_root
 
     settings = read_train_config(config) if config is not None else {"options": {}, "train": {}}
-    for name, value in ctx.params.items():  # what the command line gave overrides the file
-        if value is None or name in ("config", "print_config", "quiet"):
-            continue
-        value = str(value) if isinstance(value, Path) else value
-        if name in ("mean", "std"):
-            value = triple(value, f"--{name}")
-        if name in TRAIN_SETTINGS:
-            settings["train"][name] = value
-        elif name == "memory_mode":
-            settings["options"][name] = value
-        else:
-            settings[name] = value
+    sections = {**dict.fromkeys(TRAIN_SETTINGS, "train"), "memory_mode": "options"}
+    settings = command_line_over(settings, ctx, TrainCommand, sections)
     settings["options"].update(parse_method_options(ctx.args))
-    for field in fields(TrainCommand):
-        settings.setdefault(field.name, field.default)
     if print_config:
         print(json.dumps(settings, indent=1))
         return
-    missing = [f"--{key}" for key in ("method", "backbone", "data", "out") if not settings[key]]
-    if missing:
-        raise ConfigError(f"{', '.join(missing)} missing: give it on the command line or in --config")
+    require(settings, ("method", "backbone", "data", "out"))
     if settings["no_cache"] and settings["cache"] is not None:
         raise ConfigError("--cache and --no-cache exclude each other")
     metrics = train_run(
@@ -375,19 +385,11 @@ def bench(
     if config is not None:
         settings = read_settings_file(config)
         check_settings(config, settings, BenchCommand)
-    for name, value in ctx.params.items():  # what the command line gave overrides the file
-        if value is not None and name not in ("config", "print_config", "quiet"):
-            if name in ("mean", "std"):
-                value = triple(value, f"--{name}")
-            settings[name] = str(value) if isinstance(value, Path) else value
-    for field in fields(BenchCommand):
-        settings.setdefault(field.name, field.default)
+    settings = command_line_over(settings, ctx, BenchCommand)
     if print_config:
         print(json.dumps(settings, indent=1))
         return
-    missing = [f"--{key}" for key in ("suite", "backbone", "out") if not settings[key]]
-    if missing:
-        raise ConfigError(f"{', '.join(missing)} missing: give it on the command line or in --config")
+    require(settings, ("suite", "backbone", "out"))
     group_map = None
     if settings["groups"]:
         if Path(settings["groups"]).is_file():
