@@ -190,7 +190,8 @@ def train(
     memory_mode: Optional[str] = typer.Option(None, help="memory: masked | plain (old spelling of --method "
                                                          "memory-plain)"),
     recipe: Optional[str] = typer.Option(None, help="take the method's per-task settings from this recipe "
-                                                    "(vtab1k: the official VQT and SynQT settings); flags override"),
+                                                    "(vtab1k: the official VQT and SynQT settings; vtab1k-mini: "
+                                                    "the same read for vtab1k-mini's tasks); flags override"),
     task_name: Optional[str] = typer.Option(None, help="the task's name in the recipe (default: the data folder's)"),
     mean: Optional[str] = typer.Option(None, help="input normalisation mean 'R,G,B' (needed where the backbone's "
                                                   "is unknown; default: the backbone's)"),
@@ -367,8 +368,8 @@ def bench(
     image_size: Optional[int] = typer.Option(None, help="input size (default 224)"),
     bf16: Optional[bool] = typer.Option(None, "--bf16", help="bfloat16 autocast for the trunk and the training "
                                                              "steps"),
-    recipe: Optional[str] = typer.Option(None, help="per-task method settings from this recipe (vtab1k); task "
-                                                    "names are the suite's folder names"),
+    recipe: Optional[str] = typer.Option(None, help="per-task method settings from this recipe (vtab1k, "
+                                                    "vtab1k-mini); task names are the suite's folder names"),
     mean: Optional[str] = typer.Option(None, help="input normalisation mean 'R,G,B' (needed where the backbone's "
                                                   "is unknown; default: the backbone's)"),
     std: Optional[str] = typer.Option(None, help="input normalisation std 'R,G,B'"),

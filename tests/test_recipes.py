@@ -53,10 +53,21 @@ def test_recipe_errors_name_the_culprit_and_write_nothing(tiny_backbone_dir, tin
     with pytest.raises(ConfigError, match=r"task 'tiny' is not in recipe 'vtab1k' for vqt \(known: caltech101, "):
         train_run("vqt", tiny_backbone_dir, tiny_task, tmp_path / "run", train_settings=FAST, image_size=32,
                   workers=0, show_progress=False, recipe="vtab1k")
-    with pytest.raises(ConfigError, match=r"unknown recipe 'vtab2k' \(known: vtab1k\)"):
+    with pytest.raises(ConfigError, match=r"unknown recipe 'vtab2k' \(known: vtab1k, vtab1k-mini\)"):
         train_run("vqt", tiny_backbone_dir, tiny_task, tmp_path / "run", train_settings=FAST, image_size=32,
                   workers=0, show_progress=False, recipe="vtab2k")
     assert not (tmp_path / "run").exists()
     metrics = train_run("synqt", tiny_backbone_dir, tiny_task, tmp_path / "named", train_settings=FAST,
                         image_size=32, workers=0, show_progress=False, recipe="vtab1k", task_name="dtd")
     assert metrics["task"] == "dtd"
+
+
+def test_the_mini_recipe_reads_each_task_as_the_vtab1k_task_it_stands_in_for():
+    mini = load_recipe("vtab1k-mini")
+    assert set(mini["tasks"].values()) <= VTAB1K_TASKS
+    for task, vtab_task in mini["tasks"].items():
+        for method in ("vqt", "synqt", "linear"):
+            assert recipe_options("vtab1k-mini", method, task) == recipe_options("vtab1k", method, vtab_task)
+    assert recipe_options("vtab1k-mini", "vqt", "signdigits") == {"num_queries": 20}  # svhn's settings
+    with pytest.raises(ConfigError, match=r"task 'svhn' is not in recipe 'vtab1k-mini' \(known: cifar10, "):
+        recipe_options("vtab1k-mini", "vqt", "svhn")
