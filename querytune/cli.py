@@ -258,15 +258,18 @@ def eval_command(
 @app.command()
 def predict(
     images: list[Path] = typer.Argument(..., help="image files and folders of images (searched recursively)"),
-    run: list[Path] = typer.Option(..., "--run", "-r", help="a finished frozen-backbone run; repeat for more tasks"),
+    run: list[Path] = typer.Option(..., "--run", "-r", help="a finished run of any method; repeat for more tasks"),
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="default: the first run's own"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON-lines file (default: standard output)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out file"),
+    topk: int = typer.Option(1, "--topk", help="also list each task's k most probable classes (under 'top')"),
+    logits: bool = typer.Option(False, "--logits", help="also write each task's logits"),
     batch_size: int = typer.Option(32),
     device: Optional[str] = typer.Option(None),
     workers: Optional[int] = typer.Option(None),
 ) -> None:
-    """Answer every run's task from one backbone pass per image batch: one JSON line per image."""
+    """Answer every run's task, the frozen-backbone runs from one shared backbone pass per image batch and each
+    run that adapts the backbone from its own: one JSON line per image."""
     from .files import write_atomic
     from .serve import MultiTaskServer, collect_images
     from .trunk.device import default_workers
@@ -276,9 +279,11 @@ def predict(
             raise ConfigError(f"{out}: exists; pass --overwrite to replace it")
         if not out.parent.is_dir():
             raise ConfigError(f"{out}: its folder does not exist")
+    if topk < 1:
+        raise ConfigError(f"--topk must be at least 1 (got {topk})")
     paths = collect_images(images)
     server = MultiTaskServer.from_runs(backbone, run, device=device)
-    records = server.predict_files(paths, batch_size, default_workers() if workers is None else workers)
+    records = server.predict_files(paths, batch_size, default_workers() if workers is None else workers, topk, logits)
     if out is None:
         for record in records:
             print(json.dumps(record), flush=True)
