@@ -79,7 +79,6 @@ class MultiTaskServer:
         self.bf16 = bf16
         self.shared = [task for task in self.tasks if task.shares_trunk]
         self.with_layers = any(task.method.reads.with_layers for task in self.shared)
-        self.batches = 0  # predict calls so far: a service's batching is seen in it
         memory = [task for task in self.shared if isinstance(task.method, MemoryTokens)]
         self.stack = None
         self.stack_rows: dict[str, int] = {}  # memory task -> the merged stack's row of its own class token
@@ -132,7 +131,6 @@ class MultiTaskServer:
     @torch.no_grad()
     def predict(self, images: Tensor) -> dict[str, Tensor]:
         """Logits (float32, on the CPU) of every task for a batch of preprocessed images."""
-        self.batches += 1
         images = to_device(images, self.device)
         if self.shared:
             # rounded to the feature cache's storage dtype, as in training and `querytune eval`
@@ -150,16 +148,22 @@ class MultiTaskServer:
         return logits
 
     def answer(self, images: Tensor, topk: int = 1, with_logits: bool = False) -> list[dict[str, Any]]:
-        """Per image of a preprocessed batch, per task: the top class (name where known), label and probability;
-        with ``topk`` > 1 also the ``topk`` best as a list under "top"; with ``with_logits`` the logits."""
+        """:meth:`records` of a preprocessed batch."""
+        return self.records(self.predict(images), topk, with_logits)
+
+    def records(self, logits: dict[str, Tensor], topk: int = 1, with_logits: bool = False) -> list[dict[str, Any]]:
+        """Per image, for each task in ``logits`` (as :meth:`predict` gives them): the top class (name where known),
+        label and probability; with ``topk`` > 1 also the ``topk`` best as a list under "top"; with
+        ``with_logits`` the logits."""
         if topk < 1:
             raise ConfigError(f"topk must be at least 1 (got {topk})")
-        logits = self.predict(images)
         best = {name: values.softmax(-1).topk(min(topk, values.shape[-1]), dim=-1) for name, values in logits.items()}
         records = []
-        for i in range(len(images)):
+        for i in range(len(next(iter(logits.values())))):
             predictions = {}
             for task in self.tasks:
+                if task.name not in logits:
+                    continue
                 top = [{"class": task.classes[label] if task.classes else label, "label": label,
                         "probability": probability}
                        for probability, label in zip(best[task.name].values[i].tolist(),
