@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -233,3 +236,20 @@ def test_page_shows_every_task_answer_in_headless_chromium(runs, images, tmp_pat
     for task, answer in expected["predictions"].items():
         assert rows[task][:4] == [task, task, answer["class"], f"{100 * answer['probability']:.1f}%"]
     assert error.startswith("400: ") and "cannot read image" in error
+
+
+def test_serve_command_under_a_bounded_load_of_good_and_malformed_requests(tiny_task):
+    """benchmarks/serve_load.py, small: `querytune serve` in its own process answers concurrent clients; every good
+    answer is right, every malformed request (wrong type, truncated, 100 MB, slow client...) a 4xx; no crash."""
+    pytest.importorskip("psutil", reason="the load check reads the server's memory with psutil (test extra)")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
+    result = subprocess.run([sys.executable, script, "--backbone", "tiny", "--data", tiny_task, "--train-split",
+                             "train800", "--tasks", "2", "--clients", "4", "--seconds", "1", "--faults", "200",
+                             "--json"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    load, faults = map(json.loads, result.stdout.splitlines())
+    assert load["phase"] == "load" and load["requests"] > 0 and load["errors"] == 0
+    assert faults["failures"] == 0 and faults["alive"] and faults["health"] == "ok", faults
+    assert faults["by_kind"]["100 MB body"] == 1 and faults["by_kind"]["slow client"] == 1
+    assert sum(faults["by_kind"].values()) == 200
+    assert faults["rss_after_mb"] - faults["rss_before_mb"] < 64  # the benchmark's 10k requests say more
