@@ -50,6 +50,7 @@ SLOW_READ_TIMEOUT = 1.0  # the server's --read-timeout: how long a slow client h
 
 def make_runs(backbone: str, data: Path, split: str, image_size: int, methods: list[str], count: int,
               root: Path) -> list[Path]:
+    """``count`` runs, cycling through ``methods`` (the first K of them serve K tasks)."""
     runs = []
     for i in range(count):
         method = methods[i % len(methods)]
@@ -132,9 +133,10 @@ async def slow_client(port: int, image: bytes) -> int:
     return status
 
 
-async def faults(url: str, port: int, images: list[bytes], expected: list[dict], count: int,
-                 clients: int) -> dict[str, Any]:
-    """``count`` requests cycling through good and malformed kinds; returns counts by kind and what failed."""
+async def faults(url: str, port: int, images: list[bytes], expected: list[dict], count: int, clients: int,
+                 first: int = 0) -> dict[str, Any]:
+    """Requests ``first`` to ``first + count`` of the cycle through good and malformed kinds; returns counts by
+    kind and what failed."""
     huge = b"\0" * HUNDRED_MB
     jpeg = {"content-type": "image/jpeg"}
     kinds = ["good", "good form", "wrong content type", "truncated image", "not an image", "empty body",
@@ -175,7 +177,7 @@ async def faults(url: str, port: int, images: list[bytes], expected: list[dict],
 
     async def client(index: int) -> None:
         async with httpx.AsyncClient(base_url=url, timeout=120) as http:
-            for i in range(index, count, clients):
+            for i in range(first + index, first + count, clients):
                 try:
                     await one(http, i)
                 except (httpx.HTTPError, OSError, ValueError, asyncio.TimeoutError) as error:
@@ -216,9 +218,11 @@ def main() -> None:
                                                       num_heads=4, name="tiny")), backbone)
         paths = [path for path, _ in open_split(args.data, "test").items[: args.images]]
         images = [path.read_bytes() for path in paths]
-        for count in map(int, args.tasks.split(",")):
-            runs = make_runs(backbone, Path(args.data), args.train_split, image_size, args.methods.split(","),
-                             count, root / f"k{count}")
+        counts = [int(k) for k in args.tasks.split(",")]
+        all_runs = make_runs(backbone, Path(args.data), args.train_split, image_size, args.methods.split(","),
+                             max(counts), root)
+        for count in counts:
+            runs = all_runs[:count]
             expected = MultiTaskServer.from_runs(None, runs, device="cpu")(paths)
             port = free_port()
             server = start_server(runs, port, max_body_mb=20)
@@ -231,16 +235,25 @@ def main() -> None:
                 row["rss_mb"], row["peak_rss_mb"] = memory_mb(server.pid)
                 rows.append(row)
                 if args.faults:
-                    before = memory_mb(server.pid)[0]  # after the load phase: warm
+                    # RSS after the load phase (warm), after the first half of the requests and at the end: a
+                    # leak grows in both halves, warming up (allocator arenas, caches) mostly in the first
+                    before = memory_mb(server.pid)[0]
                     started = time.monotonic()
-                    result = asyncio.run(faults(url, port, images, expected, args.faults, args.clients))
+                    first = asyncio.run(faults(url, port, images, expected, args.faults // 2, args.clients))
+                    middle = memory_mb(server.pid)[0]
+                    result = asyncio.run(faults(url, port, images, expected, args.faults - args.faults // 2,
+                                                args.clients, first=args.faults // 2))
                     after, peak = memory_mb(server.pid)
+                    result["failures"] += first["failures"]
+                    result["first_failures"] = (first["first_failures"] + result["first_failures"])[:5]
+                    for kind, count_ in first["by_kind"].items():
+                        result["by_kind"][kind] = result["by_kind"].get(kind, 0) + count_
                     health = httpx.get(url + "/health").json()
                     rows.append({"tasks": count, "backbone": Path(args.backbone).name, "image_size": image_size,
                                  "clients": args.clients, "phase": "faults", "requests": args.faults,
                                  "seconds": round(time.monotonic() - started, 1), "rss_before_mb": before,
-                                 "rss_after_mb": after, "peak_rss_mb": peak, "alive": server.poll() is None,
-                                 "health": health["status"], **result})
+                                 "rss_middle_mb": middle, "rss_after_mb": after, "peak_rss_mb": peak,
+                                 "alive": server.poll() is None, "health": health["status"], **result})
             finally:
                 server.terminate()
                 server.wait(30)
@@ -255,7 +268,8 @@ def main() -> None:
                       f"{r['p99_ms']} | {r['errors']} | {r['rss_idle_mb']} -> {r['rss_mb']} | {r['peak_rss_mb']} |")
             else:
                 print(f"| {r['tasks']} | faults | {r['requests']} | {r['requests'] / r['seconds']:.1f} | | | "
-                      f"{r['failures']} | {r['rss_before_mb']} -> {r['rss_after_mb']} | {r['peak_rss_mb']} |")
+                      f"{r['failures']} | {r['rss_before_mb']} -> {r['rss_middle_mb']} -> {r['rss_after_mb']} | "
+                      f"{r['peak_rss_mb']} |")
     failed = any(r.get("errors") or r.get("failures") or r.get("alive") is False for r in rows)
     sys.exit(1 if failed else 0)
 
