@@ -157,6 +157,8 @@ def test_bad_requests_get_a_4xx_json_error_and_the_service_goes_on(runs, images)
         ("wrong content type", dict(json={"image": "cat.jpg"}), 415, "content type 'application/json'"),
         ("too large a body", dict(content=b"\0" * 1_100_000, headers=JPEG), 413,
          "body of 1100000 bytes is larger than the 1000000 allowed"),
+        ("too large a streamed body", dict(content=iter([b"\0" * 600_000] * 2), headers=JPEG), 413,
+         "body larger than the 1000000 bytes allowed"),  # chunked: no length declared
         ("too many pixels", dict(content=big.getvalue(), headers={"content-type": "image/png"}), 400,
          "body: 3000x2000 pixels, more than the 1000000 allowed"),
         ("too many images", dict(files=[("f", ("a.jpg", good))] * 3), 413, "3 images in one request, more than"),
