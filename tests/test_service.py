@@ -128,16 +128,17 @@ def test_concurrent_requests_are_batched_up_to_the_limit(runs, images):
         assert all(response.status_code == 200 for response in responses)
         return [response.json()["images"][0]["predictions"] for response in responses]
 
-    # a long wait: requests sent together arrive within it, and only a full batch ends it early
-    with running(server, max_wait_ms=2000, max_batch=4) as url:
+    # long waits: requests sent together arrive within them (even on a loaded machine)
+    with running(server, max_wait_ms=20_000, max_batch=4) as url:
         started = time.monotonic()
         answers = asyncio.run(together(url, images[:8]))
-        assert time.monotonic() - started < 2.0  # full batches did not wait out the 2 s
+        assert time.monotonic() - started < 20  # a full batch does not wait
         for answer, path in zip(answers, images):
             assert_same_answers(answer, expected[str(path)])
         assert sizes == [4, 4]
-        sizes.clear()
-        answers = asyncio.run(together(url, images[:3]))
+    sizes.clear()
+    with running(server, max_wait_ms=2000, max_batch=4) as url:
+        asyncio.run(together(url, images[:3]))
         assert sizes == [3]  # a batch that does not fill runs when its wait is over
     with running(server, max_wait_ms=0) as url:
         asyncio.run(together(url, images[:1]))
@@ -192,6 +193,12 @@ def test_bad_requests_get_a_4xx_json_error_and_the_service_goes_on(runs, images)
 
         response = client.post("/predict", content=good, headers=JPEG)
         assert response.status_code == 200 and client.get("/health").json()["images"] == 1
+
+
+def test_a_missing_extra_is_one_line_naming_it(runs, monkeypatch):
+    monkeypatch.setitem(sys.modules, "starlette.applications", None)  # as if starlette were not installed
+    with pytest.raises(ConfigError, match=r"needs its extra: pip install querytune\[serve\]"):
+        create_app(MultiTaskServer.from_runs(None, runs[:1], device="cpu"))
 
 
 def test_service_limits_are_checked(tmp_path, capsys):
