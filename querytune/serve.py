@@ -103,8 +103,8 @@ class MultiTaskServer:
             if resolved.count(path) > 1:
                 raise ConfigError(f"{run}: given twice")
         configs = [read_run_config(run) for run in runs]
+        frozen = [resolve_method(config["method"], config["options"])[0].reads.frozen for config in configs]
         for run, config in zip(runs, configs):
-            resolve_method(config["method"], config["options"])  # an unknown method is named before any loading
             if config["backbone"]["fingerprint"] != configs[0]["backbone"]["fingerprint"]:
                 raise ConfigError(f"{run}: was trained on backbone {config['backbone']['name']!r} and {runs[0]} on "
                                   f"{configs[0]['backbone']['name']!r} (other weights); runs served together share one")
@@ -118,11 +118,10 @@ class MultiTaskServer:
         names = [path.name for path in resolved]
         names = [name if names.count(name) == 1 else str(run) for name, run in zip(names, runs)]
         tasks = []
-        for name, run, config in zip(names, runs, configs):
-            frozen = resolve_method(config["method"], config["options"])[0].reads.frozen
+        for name, run, config, shares_trunk in zip(names, runs, configs, frozen):
             # an adapting method changes the backbone it is built on (LoRA wraps its layers, full and BitFit
             # load weights into it): each gets its own copy, the shared trunk stays as loaded
-            method, _ = load_run(run, backbone if frozen else copy.deepcopy(backbone))
+            method, _ = load_run(run, backbone if shares_trunk else copy.deepcopy(backbone))
             tasks.append(ServedTask(name, method, config.get("classes")))
         if bf16 is None:
             bf16 = all(config["train"]["bf16"] for config in configs)
