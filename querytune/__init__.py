@@ -3,6 +3,8 @@
 from .backbones import load_backbone
 from .methods import METHODS, build_method
 from .run import eval_run, load_run, train_run
+from .serve import MultiTaskServer, Predictor
 from .version import __version__
 
-__all__ = ["METHODS", "__version__", "build_method", "eval_run", "load_backbone", "load_run", "train_run"]
+__all__ = ["METHODS", "MultiTaskServer", "Predictor", "__version__", "build_method", "eval_run", "load_backbone",
+           "load_run", "train_run"]

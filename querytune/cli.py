@@ -1,4 +1,4 @@
-"""The ``querytune`` command line: train | eval | predict | cache | bench | measure | info.
+"""The ``querytune`` command line: train | eval | predict | serve | cache | bench | measure | info.
 
 Every user error (missing folder, bad split, unknown method or option, mismatched
 checkpoint) is printed as one line on stderr and exits with code 2.
@@ -259,15 +259,18 @@ def eval_command(
 @app.command()
 def predict(
     images: list[Path] = typer.Argument(..., help="image files and folders of images (searched recursively)"),
-    run: list[Path] = typer.Option(..., "--run", "-r", help="a finished frozen-backbone run; repeat for more tasks"),
+    run: list[Path] = typer.Option(..., "--run", "-r", help="a finished run of any method; repeat for more tasks"),
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="default: the first run's own"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON-lines file (default: standard output)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out file"),
+    topk: int = typer.Option(1, "--topk", help="also list each task's k most probable classes (under 'top')"),
+    logits: bool = typer.Option(False, "--logits", help="also write each task's logits"),
     batch_size: int = typer.Option(32),
     device: Optional[str] = typer.Option(None),
     workers: Optional[int] = typer.Option(None),
 ) -> None:
-    """Answer every run's task from one backbone pass per image batch: one JSON line per image."""
+    """Answer every run's task, the frozen-backbone runs from one shared backbone pass per image batch and each
+    run that adapts the backbone from its own: one JSON line per image."""
     from .files import write_atomic
     from .serve import MultiTaskServer, collect_images
     from .trunk.device import default_workers
@@ -277,9 +280,11 @@ def predict(
             raise ConfigError(f"{out}: exists; pass --overwrite to replace it")
         if not out.parent.is_dir():
             raise ConfigError(f"{out}: its folder does not exist")
+    if topk < 1:
+        raise ConfigError(f"--topk must be at least 1 (got {topk})")
     paths = collect_images(images)
     server = MultiTaskServer.from_runs(backbone, run, device=device)
-    records = server.predict_files(paths, batch_size, default_workers() if workers is None else workers)
+    records = server.predict_files(paths, batch_size, default_workers() if workers is None else workers, topk, logits)
     if out is None:
         for record in records:
             print(json.dumps(record), flush=True)
@@ -291,6 +296,41 @@ def predict(
 
     write_atomic(out, write)  # a failed run leaves no partial --out behind
     console.print(f"{len(paths)} images x {len(server.tasks)} tasks -> {out}", highlight=False)
+
+
+def _limit_help(name: str) -> str:
+    """A ``serve`` limit's help and default, from :class:`querytune.service.ServiceLimits` (no web stack needed)."""
+    from .service import ServiceLimits
+
+    field = next(f for f in fields(ServiceLimits) if f.name == name)
+    return f"{field.metadata['help']} (default {field.default})"
+
+
+@app.command()
+def serve(
+    run: list[Path] = typer.Option(..., "--run", "-r", help="a finished run of any method; repeat for more tasks"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="default: the first run's own"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8000, help="port to listen on"),
+    max_batch: Optional[int] = typer.Option(None, help=_limit_help("max_batch")),
+    max_wait_ms: Optional[float] = typer.Option(None, help=_limit_help("max_wait_ms")),
+    max_images: Optional[int] = typer.Option(None, help=_limit_help("max_images")),
+    max_body_mb: Optional[float] = typer.Option(None, help=_limit_help("max_body_mb")),
+    max_pixels: Optional[int] = typer.Option(None, help=_limit_help("max_pixels")),
+    read_timeout: Optional[float] = typer.Option(None, help=_limit_help("read_timeout")),
+    device: Optional[str] = typer.Option(None),
+) -> None:
+    r"""Answer every run's task over HTTP: POST /predict (images), GET /tasks, GET /health, and a page at /.
+    Needs the extra querytune\[serve]."""
+    from .serve import MultiTaskServer
+    from .service import ServiceLimits
+    from .service import serve as run_service
+
+    limits = ServiceLimits(**_given(max_batch=max_batch, max_wait_ms=max_wait_ms, max_images=max_images,
+                                    max_body_mb=max_body_mb, max_pixels=max_pixels, read_timeout=read_timeout))
+    server = MultiTaskServer.from_runs(backbone, run, device=device)
+    console.print(f"serving {', '.join(task.name for task in server.tasks)} on http://{host}:{port}", highlight=False)
+    run_service(server, host, port, limits)
 
 
 @app.command()

@@ -161,21 +161,29 @@ def check_normalisation(mean: Sequence[float] | None, std: Sequence[float] | Non
     return mean, std
 
 
-def load_image(path: Path) -> Image.Image:
-    """The image at ``path``, fully decoded, in RGB."""
-    path = Path(path)
+def load_image(source: Path | str | bytes, name: str | None = None, max_pixels: int | None = None) -> Image.Image:
+    """The image in the file ``source`` (or in the bytes ``source``, called ``name`` in errors), fully decoded, in
+    RGB. One of more than ``max_pixels`` (width x height) is refused before it is decoded."""
+    opened: io.BytesIO | Path
+    if isinstance(source, bytes):
+        name, empty, opened = name or "image", not source, io.BytesIO(source)
+    else:
+        opened = Path(source)
+        name, empty = name or str(opened), opened.is_file() and opened.stat().st_size == 0
     try:
-        with Image.open(path) as image:
+        with Image.open(opened) as image:
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise DataError(f"{name}: {image.width}x{image.height} pixels, more than the {max_pixels} allowed")
             image.load()  # PIL decodes lazily: truncation only shows here
             return _to_rgb(image)
     except UnidentifiedImageError as error:
-        reason = "empty file" if path.is_file() and path.stat().st_size == 0 else "not a recognised image format"
-        raise DataError(f"{path}: cannot read image ({reason})") from error
+        reason = "empty file" if empty else "not a recognised image format"
+        raise DataError(f"{name}: cannot read image ({reason})") from error
     except OSError as error:
-        raise DataError(f"{path}: cannot read image ({error.strerror or one_line(error)})") from error
+        raise DataError(f"{name}: cannot read image ({error.strerror or one_line(error)})") from error
     # PIL's decoders also raise these for damaged files (and DecompressionBombError for huge ones).
     except (ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as error:
-        raise DataError(f"{path}: cannot read image ({one_line(error)})") from error
+        raise DataError(f"{name}: cannot read image ({one_line(error)})") from error
 
 
 def private_generator() -> torch.Generator:

@@ -1,24 +1,29 @@
-"""One-pass multi-task serving: finished frozen-backbone runs answered from one trunk pass.
+"""Multi-task serving: finished runs of any method answered together, the frozen-backbone ones from one trunk pass.
 
 A frozen-backbone method (``reads.frozen``) reads only what the unmodified trunk
 computes, so K such tasks need the trunk once per image batch, not K times. The trunk
 keeps its per-block tokens only when some task reads them. Masked-memory tasks are
 also merged into one concatenated :class:`~querytune.methods.memory.TaskStack`, whose
-class tokens pass each block as rows of a single call.
+class tokens pass each block as rows of a single call. A method that adapts the
+backbone (full, LoRA, VPT, AdaptFormer, BitFit, plain memory, the ``vqt+`` composites)
+runs its own copy of the backbone on the images: one more trunk pass per such task.
 
     server = MultiTaskServer.from_runs("facebook/dinov2-small", ["runs/cifar", "runs/dtd"])
     logits = server.predict(images)                    # {"cifar": (B, 10), "dtd": (B, 47)}
     for record in server.predict_files(paths): ...     # {"path": ..., "predictions": {...}}
+    records = server(["cat.jpg", pil_image], topk=3)   # the same records for paths or PIL images
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from .backbones import load_backbone
@@ -43,9 +48,15 @@ class ServedTask:
     method: Method
     classes: Sequence[str] | None = None
 
+    @property
+    def shares_trunk(self) -> bool:
+        """Whether the task reads the shared frozen trunk pass (else it runs its own adapted backbone)."""
+        return self.method.reads.frozen
+
 
 class MultiTaskServer:
-    """Answers every task from one frozen-trunk pass per image batch."""
+    """Answers every frozen-backbone task from one trunk pass per image batch, and every task that adapts
+    the backbone from a pass of its own backbone (which must not be the shared one)."""
 
     def __init__(self, backbone: VisionTransformer, tasks: Sequence[ServedTask], image_size: int = 224,
                  bf16: bool = False, device: torch.device | str | None = None) -> None:
@@ -56,19 +67,19 @@ class MultiTaskServer:
             raise ConfigError(f"two tasks are named {next(n for n in names if names.count(n) > 1)!r}")
         fingerprint = backbone_fingerprint(backbone)
         for task in tasks:
-            if not task.method.reads.frozen:
-                raise ConfigError(f"task {task.name!r}: method {task.method.name!r} changes the backbone's features, "
-                                  "so it cannot share a trunk pass; "
-                                  "only frozen-backbone methods can be served together")
-            if backbone_fingerprint(task.method.backbone) != fingerprint:
+            if not task.shares_trunk and task.method.backbone is backbone:
+                raise ConfigError(f"task {task.name!r}: method {task.method.name!r} adapts the backbone it was "
+                                  "built on, which is the shared trunk here; build it on its own copy")
+            if task.shares_trunk and backbone_fingerprint(task.method.backbone) != fingerprint:
                 raise ConfigError(f"task {task.name!r}: was built on another backbone than the one served")
         self.device = torch.device(device) if device is not None else default_device()
         self.backbone = backbone.to(self.device).eval()
         self.tasks = [ServedTask(t.name, t.method.to(self.device).eval(), t.classes) for t in tasks]
         self.preprocess = Preprocess.for_backbone(backbone, image_size)
         self.bf16 = bf16
-        self.with_layers = any(task.method.reads.with_layers for task in tasks)
-        memory = [task for task in tasks if isinstance(task.method, MemoryTokens)]
+        self.shared = [task for task in self.tasks if task.shares_trunk]
+        self.with_layers = any(task.method.reads.with_layers for task in self.shared)
+        memory = [task for task in self.shared if isinstance(task.method, MemoryTokens)]
         self.stack = None
         self.stack_rows: dict[str, int] = {}  # memory task -> the merged stack's row of its own class token
         if memory:
@@ -81,7 +92,8 @@ class MultiTaskServer:
                   device: torch.device | str | None = None, bf16: bool | None = None) -> MultiTaskServer:
         """Serve finished runs (tasks named after their folders) on one backbone (default: the first run's).
 
-        ``bf16`` (trunk and task modules in bfloat16 autocast) defaults to whether every run was trained so.
+        Each run that adapts the backbone gets its own copy of it. ``bf16`` (trunk and task modules in
+        bfloat16 autocast) defaults to whether every run was trained so.
         """
         runs = [Path(run) for run in runs]
         if not runs:
@@ -91,10 +103,8 @@ class MultiTaskServer:
             if resolved.count(path) > 1:
                 raise ConfigError(f"{run}: given twice")
         configs = [read_run_config(run) for run in runs]
+        frozen = [resolve_method(config["method"], config["options"])[0].reads.frozen for config in configs]
         for run, config in zip(runs, configs):
-            if not resolve_method(config["method"], config["options"])[0].reads.frozen:
-                raise ConfigError(f"{run}: method {config['method']!r} changes the backbone's features, so it cannot "
-                                  "share a trunk pass; only frozen-backbone runs can be served together")
             if config["backbone"]["fingerprint"] != configs[0]["backbone"]["fingerprint"]:
                 raise ConfigError(f"{run}: was trained on backbone {config['backbone']['name']!r} and {runs[0]} on "
                                   f"{configs[0]['backbone']['name']!r} (other weights); runs served together share one")
@@ -107,8 +117,12 @@ class MultiTaskServer:
         backbone = load_backbone(backbone_source if backbone_source is not None else configs[0]["backbone"]["source"])
         names = [path.name for path in resolved]
         names = [name if names.count(name) == 1 else str(run) for name, run in zip(names, runs)]
-        tasks = [ServedTask(name, load_run(run, backbone)[0], config.get("classes"))
-                 for name, run, config in zip(names, runs, configs)]
+        tasks = []
+        for name, run, config, shares_trunk in zip(names, runs, configs, frozen):
+            # an adapting method changes the backbone it is built on (LoRA wraps its layers, full and BitFit
+            # load weights into it): each gets its own copy, the shared trunk stays as loaded
+            method, _ = load_run(run, backbone if shares_trunk else copy.deepcopy(backbone))
+            tasks.append(ServedTask(name, method, config.get("classes")))
         if bf16 is None:
             bf16 = all(config["train"]["bf16"] for config in configs)
         return cls(backbone, tasks, configs[0]["image_size"], bf16, device)
@@ -116,32 +130,75 @@ class MultiTaskServer:
     @torch.no_grad()
     def predict(self, images: Tensor) -> dict[str, Tensor]:
         """Logits (float32, on the CPU) of every task for a batch of preprocessed images."""
-        # rounded to the feature cache's storage dtype, as in training and `querytune eval`
-        features = extract_features(self.backbone, images.to(self.device), self.with_layers, bf16=self.bf16)
-        features = to_device(features, self.device, self.bf16)
+        images = to_device(images, self.device)
+        if self.shared:
+            # rounded to the feature cache's storage dtype, as in training and `querytune eval`
+            features = to_device(extract_features(self.backbone, images, self.with_layers, bf16=self.bf16),
+                                 self.device, self.bf16)
         logits = {}
         with autocast(self.device, self.bf16):
             stacked = self.stack(features.layers, self.backbone) if self.stack is not None else []
             for task in self.tasks:
+                if not task.shares_trunk:
+                    logits[task.name] = task.method(images).float().cpu()
+                    continue
                 row = self.stack_rows.get(task.name)
                 logits[task.name] = (stacked[row] if row is not None else task.method(features)).float().cpu()
         return logits
 
-    def predict_files(self, paths: Sequence[Path], batch_size: int = 32, workers: int = 0) -> Iterator[dict[str, Any]]:
-        """One record per image: its path and, per task, the top class (name where known), label and probability."""
+    def answer(self, images: Tensor, topk: int = 1, with_logits: bool = False) -> list[dict[str, Any]]:
+        """:meth:`records` of a preprocessed batch."""
+        return self.records(self.predict(images), topk, with_logits)
+
+    def records(self, logits: dict[str, Tensor], topk: int = 1, with_logits: bool = False) -> list[dict[str, Any]]:
+        """Per image, for each task in ``logits`` (as :meth:`predict` gives them): the top class (name where known),
+        label and probability; with ``topk`` > 1 also the ``topk`` best as a list under "top"; with
+        ``with_logits`` the logits."""
+        if topk < 1:
+            raise ConfigError(f"topk must be at least 1 (got {topk})")
+        best = {name: values.softmax(-1).topk(min(topk, values.shape[-1]), dim=-1) for name, values in logits.items()}
+        records = []
+        for i in range(len(next(iter(logits.values())))):
+            predictions = {}
+            for task in self.tasks:
+                if task.name not in logits:
+                    continue
+                top = [{"class": task.classes[label] if task.classes else label, "label": label,
+                        "probability": probability}
+                       for probability, label in zip(best[task.name].values[i].tolist(),
+                                                     best[task.name].indices[i].tolist())]
+                predictions[task.name] = {**top[0], **({"top": top} if topk > 1 else {}),
+                                          **({"logits": logits[task.name][i].tolist()} if with_logits else {})}
+            records.append({"predictions": predictions})
+        return records
+
+    def __call__(self, images: Image.Image | str | Path | Sequence[Image.Image | str | Path], topk: int = 1,
+                 with_logits: bool = False) -> list[dict[str, Any]]:
+        """Records as :meth:`answer` writes them for PIL images or image files (one or a list; a file's
+        record also names its path)."""
+        items = [images] if isinstance(images, (Image.Image, str, Path)) else list(images)
+        if not items:
+            return []
+        batch = torch.stack([self.preprocess(item if isinstance(item, Image.Image) else load_image(Path(item)))
+                             for item in items])
+        records = self.answer(batch, topk, with_logits)
+        return [{"path": str(item), **record} if not isinstance(item, Image.Image) else record
+                for item, record in zip(items, records)]
+
+    def predict_files(self, paths: Sequence[Path], batch_size: int = 32, workers: int = 0, topk: int = 1,
+                      with_logits: bool = False) -> Iterator[dict[str, Any]]:
+        """One record per image file, as :meth:`answer` writes them, with its path first."""
         loader = torch.utils.data.DataLoader(_ImageFiles(paths, self.preprocess), batch_size=batch_size,
                                              num_workers=workers)
         done = 0
         for images in loader:
-            top = {name: logits.softmax(-1).max(-1) for name, logits in self.predict(images).items()}
-            for i in range(len(images)):
-                predictions = {}
-                for task in self.tasks:
-                    probability, label = top[task.name].values[i].item(), int(top[task.name].indices[i])
-                    predictions[task.name] = {"class": task.classes[label] if task.classes else label,
-                                              "label": label, "probability": probability}
-                yield {"path": str(paths[done + i]), "predictions": predictions}
+            for i, record in enumerate(self.answer(images, topk, with_logits)):
+                yield {"path": str(paths[done + i]), **record}
             done += len(images)
+
+
+# The name notebooks and the README use: ``querytune.Predictor.from_runs(backbone, runs)(images)``.
+Predictor = MultiTaskServer
 
 
 class _ImageFiles(torch.utils.data.Dataset):

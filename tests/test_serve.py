@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
+from test_bad_input import cli_error
 from test_cli import querytune
 from test_memory import FAST, _memory, _train
 
 from conftest import tiny_vit
 from querytune import load_run, train_run
-from querytune.data import Preprocess, open_split
+from querytune.data import Preprocess, load_image, open_split
 from querytune.errors import CheckpointError, ConfigError
 from querytune.methods import build_method
 from querytune.methods.memory import TaskStack
@@ -48,10 +49,10 @@ def test_server_answers_every_task_from_one_trunk_pass():
             torch.testing.assert_close(logits[name], method(features), rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_server_refuses_feature_adapting_methods_and_foreign_backbones():
+def test_server_refuses_adapting_methods_on_the_shared_trunk_and_foreign_backbones():
     backbone = tiny_vit()
     plain = build_method("memory", backbone, 3, {"memory_mode": "plain"})
-    with pytest.raises(ConfigError, match="task 'p': method 'memory-plain' changes the backbone's features"):
+    with pytest.raises(ConfigError, match="task 'p': method 'memory-plain' adapts the backbone it was built on"):
         MultiTaskServer(backbone, [ServedTask("p", plain)])
     other = build_method("linear", tiny_vit(seed=5), 3, {})
     with pytest.raises(ConfigError, match="task 'o': was built on another backbone"):
@@ -76,9 +77,6 @@ def test_runs_served_together_must_share_backbone_and_image_size(tiny_backbone_d
               show_progress=False)
     with pytest.raises(ConfigError, match=r"c: was trained on backbone 'other.safetensors' .* share one"):
         MultiTaskServer.from_runs(None, [tmp_path / "a", tmp_path / "c"])
-    _train(tiny_backbone_dir, tiny_task, tmp_path / "full", method="full")
-    with pytest.raises(ConfigError, match="full: method 'full' changes the backbone's features"):
-        MultiTaskServer.from_runs(None, [tmp_path / "a", tmp_path / "full"])
 
 
 def test_collect_images_walks_folders_and_names_what_is_missing(tiny_task, tmp_path):
@@ -93,21 +91,22 @@ def test_collect_images_walks_folders_and_names_what_is_missing(tiny_task, tmp_p
         collect_images([tmp_path / "nothing.jpg"])
 
 
-def test_predict_cli_serves_runs_together_as_eval_predicts_them(tiny_backbone_dir, tiny_task, tmp_path):
+def test_predict_cli_serves_runs_together_as_eval_predicts_them(tiny_backbone_dir, tiny_task, tmp_path, capsys):
     for method, extra in (("linear", []), ("memory", ["--memory-tokens", "2"])):
         result = querytune("train", "--method", method, "--backbone", tiny_backbone_dir, "--data", tiny_task,
                            "--out", tmp_path / method, "--epochs", "2", "--batch-size", "8", "--image-size", "32",
                            "--workers", "0", "-q", *extra)
         assert result.returncode == 0, result.stderr
+    _train(tiny_backbone_dir, tiny_task, tmp_path / "lora", method="lora")  # adapts the backbone: a pass of its own
     out = tmp_path / "predictions.jsonl"
-    runs = ["--run", tmp_path / "linear", "--run", tmp_path / "memory"]
+    runs = ["--run", tmp_path / "linear", "--run", tmp_path / "memory", "--run", tmp_path / "lora"]
     result = querytune("predict", *runs, tiny_task / "images" / "test", "--out", out, "--workers", "0")
     assert result.returncode == 0, result.stderr
     records = {r["path"]: r["predictions"] for r in map(json.loads, out.read_text().splitlines())}
     images = open_split(tiny_task, "test")
     assert len(records) == len(images)
 
-    for name in ("linear", "memory"):  # what `querytune eval` computes, image by image
+    for name in ("linear", "memory", "lora"):  # what `querytune eval` computes, image by image
         method, config = load_run(tmp_path / name)
         preprocess = Preprocess(32, method.backbone.config.mean, method.backbone.config.std)
         source = make_source(method.reads, method.backbone, images, preprocess, torch.device("cpu"))
@@ -124,8 +123,54 @@ def test_predict_cli_serves_runs_together_as_eval_predicts_them(tiny_backbone_di
     result = querytune("predict", *runs, tiny_task / "images" / "test", "--out", out)
     assert result.returncode == 2 and "exists; pass --overwrite" in result.stderr and out.read_bytes() == before
     result = querytune("predict", "--run", tmp_path / "memory", tiny_task / "images" / "test" / "00000.jpg",
-                       "--workers", "0")
+                       "--workers", "0", "--topk", "3", "--logits")
     assert result.returncode == 0, result.stderr
     (line,) = result.stdout.splitlines()
-    first = records[str(tiny_task / "images" / "test" / "00000.jpg")]
-    assert json.loads(line)["predictions"]["memory"] == first["memory"]
+    first = records[str(tiny_task / "images" / "test" / "00000.jpg")]["memory"]
+    answer = json.loads(line)["predictions"]["memory"]
+    assert {key: answer[key] for key in first} == first and answer["top"][0] == first
+    assert sorted(t["label"] for t in answer["top"]) == [0, 1, 2] and len(answer["logits"]) == 3
+    assert torch.tensor(answer["logits"]).softmax(-1).max().item() == pytest.approx(first["probability"])
+    error = cli_error(capsys, "predict", "--run", tmp_path / "memory", tiny_task / "images", "--topk", "0")
+    assert error == "error: --topk must be at least 1 (got 0)"
+
+
+def test_runs_of_every_method_are_served_as_their_own_eval_predicts_them(tiny_backbone_dir, tiny_task, tmp_path):
+    from querytune import METHODS, Predictor
+
+    runs = []
+    for name in sorted(METHODS):
+        _train(tiny_backbone_dir, tiny_task, tmp_path / name, method=name)
+        runs.append(tmp_path / name)
+    server = Predictor.from_runs(tiny_backbone_dir, runs, device="cpu")
+    adapting = [task.name for task in server.tasks if not task.shares_trunk]
+    assert sorted(adapting) == sorted(n for n, cls in METHODS.items() if not cls.reads.frozen)
+    backbones = {id(task.method.backbone) for task in server.tasks if not task.shares_trunk}
+    assert len(backbones) == len(adapting) and id(server.backbone) not in backbones  # a copy each
+
+    images = open_split(tiny_task, "test")
+    trunk_passes = []
+    for model in [server.backbone, *(task.method.backbone for task in server.tasks if not task.shares_trunk)]:
+        model.patch_embed.register_forward_hook(lambda *_: trunk_passes.append(1))
+    batch = torch.stack([server.preprocess(image) for image in map(load_image, (p for p, _ in images.items))])
+    logits = server.predict(batch)
+    assert len(trunk_passes) == 1 + len(adapting)  # the frozen-backbone tasks share one pass
+
+    for run in runs:  # exactly what `querytune eval` computes from the run alone
+        method, _ = load_run(run)
+        preprocess = Preprocess(32, method.backbone.config.mean, method.backbone.config.std)
+        source = make_source(method.reads, method.backbone, images, preprocess, torch.device("cpu"))
+        torch.testing.assert_close(logits[run.name], predict(method, source, torch.device("cpu")), rtol=0, atol=0,
+                                   msg=run.name)
+
+    paths = [path for path, _ in images.items[:2]]
+    records = server([paths[0], load_image(paths[1])], topk=2, with_logits=True)
+    assert records[0]["path"] == str(paths[0]) and "path" not in records[1]
+    for record, row in zip(records, range(2)):
+        for name, answer in record["predictions"].items():
+            probabilities = logits[name][row].softmax(-1)
+            assert [t["label"] for t in answer["top"]] == probabilities.topk(2).indices.tolist()
+            assert answer["label"] == answer["top"][0]["label"] and answer["class"] == f"class{answer['label']}"
+            assert answer["logits"] == pytest.approx(logits[name][row].tolist(), abs=1e-5)
+    with pytest.raises(ConfigError, match="topk must be at least 1"):
+        server(paths[0], topk=0)

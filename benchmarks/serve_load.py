@@ -1,0 +1,278 @@
+"""`querytune serve` under load on loopback: throughput and latency, then a mix of good and malformed requests.
+
+    python benchmarks/serve_load.py                                   # DINOv2 ViT-S/14 at 224 px, K = 1 and 8
+    python benchmarks/serve_load.py --backbone tiny --faults 10000    # a tiny random ViT at 32 px
+
+For each K in ``--tasks`` it trains K frozen-backbone runs (cycling ``--methods``, one epoch on
+``--train-split`` of ``--data``, sharing one feature cache), starts ``querytune serve`` on them in a
+process of its own, and then:
+
+1. load: ``--clients`` clients each post one test image after another for ``--seconds``; reports
+   throughput, p50/p99 latency, errors (any answer but 200) and the server's RSS and peak RSS;
+2. faults (``--faults`` requests, when given): the clients cycle through good requests (raw body and a
+   two-image form) and malformed ones (wrong content type, truncated image, not an image, empty body,
+   unknown task), plus a few 100 MB bodies and slow clients (who send half a body and stall). Every
+   good answer is checked against the engine's own answer for that image, every bad one must be a
+   4xx; the server's RSS is read after a warm-up and at the end.
+
+It prints one JSON line per K and phase, then a table, and exits 1 if any check failed. Nothing here is
+a timed test: figures depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from querytune import MultiTaskServer, train_run
+from querytune.backbones import save_backbone
+from querytune.backbones.vit import VisionTransformer, ViTConfig
+from querytune.data import open_split
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+DINOV2 = SHARED / "weights" / "dinov2-small-imgfocus"
+DATA = SHARED / "data" / "vtab1k-mini" / "cifar10"
+HUNDRED_MB = 100_000_000
+SLOW_READ_TIMEOUT = 1.0  # the server's --read-timeout: how long a slow client holds a request
+
+
+def make_runs(backbone: str, data: Path, split: str, image_size: int, methods: list[str], count: int,
+              root: Path) -> list[Path]:
+    """``count`` runs, cycling through ``methods`` (the first K of them serve K tasks)."""
+    runs = []
+    for i in range(count):
+        method = methods[i % len(methods)]
+        run = root / f"{method}-{i}"
+        train_run(method, backbone, data, run, train_settings={"epochs": 1, "batch_size": 32}, train_split=split,
+                  eval_split=None, image_size=image_size, cache_dir=root / "cache", workers=0, show_progress=False)
+        runs.append(run)
+    return runs
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(runs: list[Path], port: int, max_body_mb: float) -> subprocess.Popen:
+    command = [sys.executable, "-m", "querytune", "serve", "--port", str(port), "--max-body-mb", str(max_body_mb),
+               "--read-timeout", str(SLOW_READ_TIMEOUT), "--device", "cpu"]
+    for run in runs:
+        command += ["--run", str(run)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while True:
+        if process.poll() is not None:
+            raise SystemExit(f"querytune serve exited: {process.communicate()[1]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise SystemExit("querytune serve did not answer within 300 s")
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/health")
+            return process
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
+def memory_mb(pid: int) -> tuple[float, float]:
+    """The process's resident memory now and its peak (VmHWM), in MB."""
+    rss = psutil.Process(pid).memory_info().rss / 1e6
+    status = Path(f"/proc/{pid}/status").read_text()
+    peak = next(int(line.split()[1]) * 1024 / 1e6 for line in status.splitlines() if line.startswith("VmHWM"))
+    return round(rss, 1), round(peak, 1)
+
+
+async def load(url: str, images: list[bytes], clients: int, seconds: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    errors = 0
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:  # a first request warms the server up
+        await http.post("/predict", content=images[0], headers={"content-type": "image/jpeg"})
+    deadline = time.monotonic() + seconds
+
+    async def client(index: int) -> None:
+        nonlocal errors
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            i = index
+            while time.monotonic() < deadline:
+                started = time.perf_counter()
+                response = await http.post("/predict", content=images[i % len(images)],
+                                            headers={"content-type": "image/jpeg"})
+                latencies.append(time.perf_counter() - started)
+                errors += response.status_code != 200
+                i += clients
+
+    started = time.monotonic()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    elapsed = time.monotonic() - started
+    cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
+    return {"requests": len(latencies), "requests_per_s": round(len(latencies) / elapsed, 1),
+            "p50_ms": round(1000 * cuts[49], 1), "p99_ms": round(1000 * cuts[98], 1), "errors": errors}
+
+
+async def slow_client(port: int, image: bytes) -> int:
+    """Sends the headers and half the body, then stalls: the status the server answers."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {len(image)}"
+                 "\r\n\r\n".encode() + image[: len(image) // 2])
+    await writer.drain()
+    status = int((await asyncio.wait_for(reader.readline(), SLOW_READ_TIMEOUT + 30)).split()[1])
+    writer.close()
+    return status
+
+
+async def faults(url: str, port: int, images: list[bytes], expected: list[dict], count: int, clients: int,
+                 first: int = 0) -> dict[str, Any]:
+    """Requests ``first`` to ``first + count`` of the cycle through good and malformed kinds; returns counts by
+    kind and what failed."""
+    huge = b"\0" * HUNDRED_MB
+    jpeg = {"content-type": "image/jpeg"}
+    kinds = ["good", "good form", "wrong content type", "truncated image", "not an image", "empty body",
+             "unknown task"]
+    tally: dict[str, int] = {}
+    failures: list[str] = []
+
+    async def one(http: httpx.AsyncClient, i: int) -> None:
+        image, answer = images[i % len(images)], expected[i % len(images)]
+        if i % 5000 == 199:  # a few: a 100 MB body allocates on both sides
+            kind, response = "100 MB body", await http.post("/predict", content=huge, headers=jpeg)
+        elif i % 1000 == 99:
+            kind, status = "slow client", await slow_client(port, image)
+            tally[kind] = tally.get(kind, 0) + 1
+            if status != 408:
+                failures.append(f"request {i} ({kind}): status {status}")
+            return
+        else:
+            kind = kinds[i % len(kinds)]
+            request: dict[str, Any] = {
+                "good": {"content": image, "headers": jpeg},
+                "good form": {"files": [("image", ("a.jpg", image)), ("image", ("b.jpg", image))]},
+                "wrong content type": {"content": image, "headers": {"content-type": "text/plain"}},
+                "truncated image": {"content": image[: len(image) // 2], "headers": jpeg},
+                "not an image": {"content": b"<html>not an image</html>", "headers": jpeg},
+                "empty body": {"content": b"", "headers": jpeg},
+                "unknown task": {"content": image, "headers": jpeg, "params": {"tasks": "no-such-task"}},
+            }[kind]
+            response = await http.post("/predict", **request)
+        tally[kind] = tally.get(kind, 0) + 1
+        if kind.startswith("good"):
+            answers = response.json().get("images", []) if response.status_code == 200 else []
+            if len(answers) != (2 if kind == "good form" else 1) or not all(
+                    same_answer(a["predictions"], answer["predictions"]) for a in answers):
+                failures.append(f"request {i} ({kind}): status {response.status_code}, {response.text[:200]}")
+        elif not 400 <= response.status_code < 500 or "error" not in response.json():
+            failures.append(f"request {i} ({kind}): status {response.status_code}, {response.text[:200]}")
+
+    async def client(index: int) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+            for i in range(first + index, first + count, clients):
+                try:
+                    await one(http, i)
+                except (httpx.HTTPError, OSError, ValueError, asyncio.TimeoutError) as error:
+                    failures.append(f"request {i}: {type(error).__name__}: {error}")
+
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    return {"by_kind": tally, "failures": len(failures), "first_failures": failures[:5]}
+
+
+def same_answer(served: dict, expected: dict) -> bool:
+    """The same classes, and probabilities to the rounding of a different batch."""
+    return served.keys() == expected.keys() and all(
+        served[task]["label"] == expected[task]["label"]
+        and abs(served[task]["probability"] - expected[task]["probability"]) < 1e-4 for task in expected)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default=str(DINOV2), help="a backbone, or 'tiny' (a random ViT at 32 px)")
+    parser.add_argument("--data", default=str(DATA), help="task folder the runs train on (its test images are sent)")
+    parser.add_argument("--train-split", default="val200")
+    parser.add_argument("--methods", default="memory,vqt,linear", help="frozen-backbone methods, cycled over tasks")
+    parser.add_argument("--tasks", default="1,8", help="the values of K")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of the load phase")
+    parser.add_argument("--faults", type=int, default=0, help="requests in the fault phase (0: none)")
+    parser.add_argument("--images", type=int, default=64, help="distinct test images sent")
+    parser.add_argument("--json", action="store_true", help="only the JSON lines")
+    args = parser.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        backbone, image_size = args.backbone, 224
+        if args.backbone == "tiny":
+            backbone, image_size = str(root / "tiny.safetensors"), 32
+            save_backbone(VisionTransformer(ViTConfig(image_size=32, patch_size=8, embed_dim=48, depth=3,
+                                                      num_heads=4, name="tiny")), backbone)
+        paths = [path for path, _ in open_split(args.data, "test").items[: args.images]]
+        images = [path.read_bytes() for path in paths]
+        counts = [int(k) for k in args.tasks.split(",")]
+        all_runs = make_runs(backbone, Path(args.data), args.train_split, image_size, args.methods.split(","),
+                             max(counts), root)
+        for count in counts:
+            runs = all_runs[:count]
+            expected = MultiTaskServer.from_runs(None, runs, device="cpu")(paths)
+            port = free_port()
+            server = start_server(runs, port, max_body_mb=20)
+            url = f"http://127.0.0.1:{port}"
+            try:
+                idle = memory_mb(server.pid)
+                row = {"tasks": count, "backbone": Path(args.backbone).name, "image_size": image_size,
+                       "clients": args.clients, "phase": "load", "rss_idle_mb": idle[0],
+                       **asyncio.run(load(url, images, args.clients, args.seconds))}
+                row["rss_mb"], row["peak_rss_mb"] = memory_mb(server.pid)
+                rows.append(row)
+                if args.faults:
+                    # RSS after the load phase (warm), after the first half of the requests and at the end: a
+                    # leak grows in both halves, warming up (allocator arenas, caches) mostly in the first
+                    before = memory_mb(server.pid)[0]
+                    started = time.monotonic()
+                    first = asyncio.run(faults(url, port, images, expected, args.faults // 2, args.clients))
+                    middle = memory_mb(server.pid)[0]
+                    result = asyncio.run(faults(url, port, images, expected, args.faults - args.faults // 2,
+                                                args.clients, first=args.faults // 2))
+                    after, peak = memory_mb(server.pid)
+                    result["failures"] += first["failures"]
+                    result["first_failures"] = (first["first_failures"] + result["first_failures"])[:5]
+                    for kind, count_ in first["by_kind"].items():
+                        result["by_kind"][kind] = result["by_kind"].get(kind, 0) + count_
+                    health = httpx.get(url + "/health").json()
+                    rows.append({"tasks": count, "backbone": Path(args.backbone).name, "image_size": image_size,
+                                 "clients": args.clients, "phase": "faults", "requests": args.faults,
+                                 "seconds": round(time.monotonic() - started, 1), "rss_before_mb": before,
+                                 "rss_middle_mb": middle, "rss_after_mb": after, "peak_rss_mb": peak,
+                                 "alive": server.poll() is None, "health": health["status"], **result})
+            finally:
+                server.terminate()
+                server.wait(30)
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    if not args.json:
+        print("\n| K | phase | requests | req/s | p50 ms | p99 ms | errors/failures | RSS MB | peak RSS MB |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            if r["phase"] == "load":
+                print(f"| {r['tasks']} | load | {r['requests']} | {r['requests_per_s']} | {r['p50_ms']} | "
+                      f"{r['p99_ms']} | {r['errors']} | {r['rss_idle_mb']} -> {r['rss_mb']} | {r['peak_rss_mb']} |")
+            else:
+                print(f"| {r['tasks']} | faults | {r['requests']} | {r['requests'] / r['seconds']:.1f} | | | "
+                      f"{r['failures']} | {r['rss_before_mb']} -> {r['rss_middle_mb']} -> {r['rss_after_mb']} | "
+                      f"{r['peak_rss_mb']} |")
+    failed = any(r.get("errors") or r.get("failures") or r.get("alive") is False for r in rows)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
