@@ -56,6 +56,7 @@ class TrainCommand:
     std: list[float] | None = None
     cache: str | None = None
     no_cache: bool = False
+    cache_splits: str | None = None  # comma-separated; None: every split of the run
     cache_placement: str = "auto"
     device: str | None = None
     workers: int | None = None
@@ -198,6 +199,9 @@ def train(
     cache: Optional[Path] = typer.Option(None, help="feature-cache folder (default: $QUERYTUNE_CACHE or "
                                                     "~/.cache/querytune/features)"),
     no_cache: Optional[bool] = typer.Option(None, "--no-cache", help="run the frozen trunk every epoch instead"),
+    cache_splits: Optional[str] = typer.Option(None, help="comma-separated splits whose features are cached "
+                                                          "(default: all); the others run the trunk live, e.g. "
+                                                          "the test split, which is read once"),
     cache_placement: Optional[str] = typer.Option(None, help="on a GPU, where cached features live: device (GPU "
                                                              "memory), host (streamed from disk) or auto (the "
                                                              "default: device when they fit)"),
@@ -218,14 +222,16 @@ def train(
         print(json.dumps(settings, indent=1))
         return
     require(settings, ("method", "backbone", "data", "out"))
-    if settings["no_cache"] and settings["cache"] is not None:
-        raise ConfigError("--cache and --no-cache exclude each other")
+    if settings["no_cache"] and (settings["cache"] is not None or settings["cache_splits"] is not None):
+        raise ConfigError(f"{'--cache' if settings['cache'] is not None else '--cache-splits'} and --no-cache "
+                          "exclude each other")
     metrics = train_run(
         settings["method"], settings["backbone"], settings["data"], settings["out"], options=settings["options"],
         train_settings=settings["train"], train_split=settings["train_split"],
         eval_split=settings["eval_split"] or None, image_size=settings["image_size"], recipe=settings["recipe"],
         task_name=settings["task_name"], mean=triple(settings["mean"], "--mean"), std=triple(settings["std"], "--std"),
         cache_dir=None if settings["no_cache"] else settings["cache"] or default_cache_root(),
+        cache_splits=None if settings["cache_splits"] is None else settings["cache_splits"].split(","),
         cache_placement=settings["cache_placement"], device=settings["device"], workers=settings["workers"],
         show_progress=not quiet,
     )

@@ -354,3 +354,21 @@ def test_cache_rm_removes_an_entry_and_refuses_one_being_built(tiny_backbone_dir
         assert "another process is building it" in cli_error(capsys, "cache", "rm", entry.name, "--cache", root)
     main(["cache", "rm", entry.name, "--cache", str(root)])
     assert not entry.exists()
+
+
+def test_cache_splits_chooses_the_cached_splits_of_a_run(tiny_backbone_dir, tiny_task, tmp_path, capsys):
+    root = tmp_path / "cache"
+    args = [a for a in train_args(tiny_backbone_dir, tiny_task, tmp_path / "run") if a != "-q"]
+    args[args.index("linear")] = "vqt"
+    main([str(a) for a in args] + ["--cache", str(root), "--cache-splits", "train800val200"])
+    assert [entry.name.split("-")[1] for entry in root.iterdir()] == ["train800val200"]  # the test split ran live
+    main([str(a) for a in args] + ["--out", str(tmp_path / "all"), "--cache", str(tmp_path / "all-cache")])
+    assert sorted(entry.name.split("-")[1] for entry in (tmp_path / "all-cache").iterdir()) == ["test",
+                                                                                                "train800val200"]
+    live, cached = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("run", "all"))
+    assert live["test_accuracy"] == cached["test_accuracy"]
+
+    error = cli_error(capsys, *args, "--out", tmp_path / "other", "--cache-splits", "val200")
+    assert error == ("error: --cache-splits 'val200': not a split of this run (--train-split 'train800val200', "
+                     "--eval-split 'test')")
+    assert "exclude each other" in cli_error(capsys, *args, "--no-cache", "--cache-splits", "test")
