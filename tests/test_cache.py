@@ -39,9 +39,8 @@ def cache_args(backbone: Path, task: Path, root: Path, *extra: str) -> list[str]
 
 
 def leftovers(folder: Path) -> list[str]:
-    """Temporary files and meta.json files under ``folder``: what a failed write must not leave."""
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.name.endswith(".tmp")
-                  or p.name == "meta.json")
+    """What a failed cache build left under ``folder``: nothing, not even an empty entry folder."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
 
 
 # --- a real small filesystem (root only) ------------------------------------------------------------
@@ -81,6 +80,7 @@ def test_a_full_small_filesystem_is_one_line_not_a_sigbus(small_tmpfs, tiny_back
     # up front: the free-space check names the folder and the size needed
     error = cli_error(capsys, *cache_args(tiny_backbone_dir, tiny_task, fs))
     assert error.startswith(f"error: {fs}/tiny-train800val200-") and "needs 88.0 KiB, 32.0 KiB free" in error
+    assert leftovers(fs) == []
     # a disk filled after the check (by another process): the reservation fails; before, this was a SIGBUS,
     # so in a process of its own
     result = run_cli(cache_args(tiny_backbone_dir, tiny_task, fs),
@@ -185,7 +185,7 @@ def test_free_space_is_checked_before_building_with_the_estimate(monkeypatch, ti
     error = cli_error(capsys, *cache_args(tiny_backbone_dir, tiny_task, root))
     assert f"{root}/tiny-train800val200-" in error
     assert "the feature cache of tiny/train800val200 needs 88.0 KiB, 1000 B free there" in error
-    assert leftovers(root) == [] and not any(root.glob("*/*.npy"))
+    assert leftovers(root) == []
 
 
 # --- two builders of one entry ------------------------------------------------------------------------

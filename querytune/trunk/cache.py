@@ -306,6 +306,7 @@ def entry_lock(path: Path, show_progress: bool = True) -> Iterator[None]:
 
     ``flock``: the kernel releases it when its holder dies, even by ``kill -9``, so a killed
     builder never leaves the entry locked; on NFS Linux maps it to a lock the server keeps.
+    A folder left holding only the lock file (a build refused for lack of space) is removed.
     """
     lock = path / LOCK_FILE
     while True:
@@ -328,6 +329,9 @@ def entry_lock(path: Path, show_progress: bool = True) -> Iterator[None]:
     try:
         yield
     finally:
+        with contextlib.suppress(OSError):
+            if os.listdir(path) == [LOCK_FILE]:
+                shutil.rmtree(path)  # waiters find their lock file gone and lock the next one
         handle.close()
 
 
@@ -378,11 +382,11 @@ def build_cache(
     if not todo and (shards is not None or read_meta(path) is not None):
         return path
     needed = entry_nbytes(shapes, [rows[s] for s in todo])
+    check_free_space(path, needed, f"the feature cache of {images.task}/{images.split}")
     if todo:
         note(f"caching {images.task}/{images.split}: {len(images.items)} images, "
              f"{human_size(entry_nbytes(shapes, rows))} on disk ({human_size(needed)} to write) -> {path}",
              show_progress)
-    check_free_space(path, needed, f"the feature cache of {images.task}/{images.split}")
     checksums = build_shards(path, backbone, images, preprocess, shapes, rows, shard_size, todo, with_layers, bf16,
                              batch_size, device, workers, show_progress)
     if shards is None:
