@@ -346,7 +346,7 @@ def cache_build(
             size = human_size(sum(file.stat().st_size for file in path.iterdir()))
             state = "built" if built else "exists already, nothing to do"
             console.print(f"{images.task}/{images.split}: {len(images.items)} images, {size}, {state} -> {path}",
-                          highlight=False)
+                          highlight=False, soft_wrap=True)
 
 
 cache_app.callback(invoke_without_command=True)(cache_build)  # the old form: querytune cache --backbone ...
@@ -370,7 +370,8 @@ def cache_ls(cache: Optional[Path] = CacheRootOpt) -> None:
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:  # plain aligned columns: never wrapped, easy to grep
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    print(f"{len(entries)} entries, {human_size(sum(e.nbytes for e in entries))} in {root}")
+    print(f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}, "
+          f"{human_size(sum(e.nbytes for e in entries))} in {root}")
 
 
 @cache_app.command("rm")
