@@ -27,7 +27,7 @@ from conftest import tiny_vit
 from querytune.backbones import load_backbone
 from querytune.cli import main
 from querytune.data import Preprocess, open_split
-from querytune.errors import CheckpointError
+from querytune.errors import CheckpointError, DataError
 from querytune.run import load_run
 from querytune.trunk import cache as cache_module
 from querytune.trunk.cache import FeatureCache, build_cache, cache_splits, human_size, open_or_build_cache, read_meta
@@ -281,6 +281,21 @@ def test_a_corrupted_shard_is_found_once_opened_for_training_and_rebuilt(tiny_ta
     monkeypatch.setattr(cache_module, "data_checksum", lambda array: hashed.append(array) or "")
     open_or_build_cache(tmp_path, backbone, images, preprocess, with_layers=True, shard_size=4, show_progress=False)
     assert hashed == []
+
+
+def test_a_read_only_entry_is_checked_on_every_open_and_never_written(tiny_task, tmp_path, monkeypatch):
+    backbone = tiny_vit()
+    images = open_split(tiny_task, "test")
+    preprocess = Preprocess(32, backbone.config.mean, backbone.config.std)
+    path = build_cache(tmp_path, backbone, images, preprocess, shard_size=4, show_progress=False)
+    monkeypatch.setattr(cache_module.os, "access", lambda path, mode: False)  # root may write anywhere
+    meta = (path / "meta.json").read_bytes()
+    open_or_build_cache(tmp_path, backbone, images, preprocess, with_layers=True, shard_size=4, show_progress=False)
+    flip_a_byte(path / "shard-00002.cls.npy", from_end=1)
+    with pytest.raises(DataError, match=r"shard-00002.cls.npy: corrupted \(its checksum differs\) in a read-only"):
+        open_or_build_cache(tmp_path, backbone, images, preprocess, with_layers=True, shard_size=4,
+                            show_progress=False)
+    assert (path / "meta.json").read_bytes() == meta and not (path / ".lock").exists()
 
 
 def test_entries_from_before_checksums_stay_readable_and_get_them(tiny_task, tmp_path):

@@ -152,11 +152,13 @@ def reserved_shard(file: Path, shape: tuple[int, ...]) -> np.memmap:
 
 
 def human_size(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+    """'88.0 KiB': binary units, as ``du -h`` and ``df -h`` count."""
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    power = 0
+    while nbytes >= 1024 and power < len(units) - 1:
         nbytes /= 1024
-    raise AssertionError("unreachable")
+        power += 1
+    return f"{nbytes:.0f} B" if power == 0 else f"{nbytes:.1f} {units[power]}"
 
 
 @dataclass
@@ -463,9 +465,10 @@ def build_shards(path: Path, backbone: VisionTransformer, images: ImageList, pre
     return checksums
 
 
-def verify_entry(path: Path, show_progress: bool = True) -> list[Path]:
-    """Check every shard of the complete entry at ``path`` against its checksum (recording the checksums of
-    an entry from before they existed); return the corrupted shards' files, or record that all held."""
+def verify_entry(path: Path, show_progress: bool = True, record: bool = True) -> list[Path]:
+    """Check every shard of the complete entry at ``path`` against its checksum; return the corrupted shards'
+    files. With ``record``, where all held, meta.json records that (and the checksums of an entry from
+    before they existed)."""
     meta = read_meta(path)
     assert meta is not None  # a complete entry
     recorded = meta.get("checksums", {})
@@ -480,7 +483,7 @@ def verify_entry(path: Path, show_progress: bool = True) -> list[Path]:
                 if not checksums[file.name] or checksums[file.name] != recorded.get(file.name, checksums[file.name]):
                     corrupted.append(file)
             advance()
-    if not corrupted:
+    if record and not corrupted:
         write_text(path / "meta.json", json.dumps({**meta, "checksums": checksums, "verified": True}))
     return corrupted
 
@@ -502,6 +505,13 @@ def ensure_cache(root: Path, backbone: VisionTransformer, images: ImageList, pre
     show_progress = kwargs.get("show_progress", True)
     meta = complete_meta(path)
     ready = meta is not None and (meta.get("verified", False) or not verify)
+    if meta is not None and not ready and not os.access(path, os.W_OK):
+        # a read-only cache (shared, a snapshot): nothing can be recorded or rebuilt, so checked on every open
+        corrupted = verify_entry(path, show_progress, record=False)
+        if corrupted:
+            raise DataError(f"{corrupted[0]}: corrupted (its checksum differs) in a read-only feature cache; "
+                            "build the cache in another --cache folder")
+        return path, False
     built = False
     with entry_lock(path, show_progress) if rank == 0 and not ready else contextlib.nullcontext():
         distributed.barrier()  # no rank builds before rank 0 holds the entry
@@ -521,7 +531,7 @@ def ensure_cache(root: Path, backbone: VisionTransformer, images: ImageList, pre
                 for file in corrupted:
                     file.unlink()
                 build_cache(root, backbone, images, preprocess, with_layers, bf16, shard_size=shard_size, **kwargs)
-                verify_entry(path, show_progress)  # the shards just written, and the others' once more
+                verify_entry(path, show_progress)  # a second read of the entry, but only where one was corrupted
     distributed.barrier()
     return path, built
 
