@@ -56,6 +56,7 @@ class TrainCommand:
     std: list[float] | None = None
     cache: str | None = None
     no_cache: bool = False
+    cache_splits: str | None = None  # comma-separated; None: every split of the run
     cache_placement: str = "auto"
     device: str | None = None
     workers: int | None = None
@@ -199,6 +200,9 @@ def train(
     cache: Optional[Path] = typer.Option(None, help="feature-cache folder (default: $QUERYTUNE_CACHE or "
                                                     "~/.cache/querytune/features)"),
     no_cache: Optional[bool] = typer.Option(None, "--no-cache", help="run the frozen trunk every epoch instead"),
+    cache_splits: Optional[str] = typer.Option(None, help="comma-separated splits whose features are cached "
+                                                          "(default: all); the others run the trunk live, e.g. "
+                                                          "the test split, which is read once"),
     cache_placement: Optional[str] = typer.Option(None, help="on a GPU, where cached features live: device (GPU "
                                                              "memory), host (streamed from disk) or auto (the "
                                                              "default: device when they fit)"),
@@ -219,14 +223,16 @@ def train(
         print(json.dumps(settings, indent=1))
         return
     require(settings, ("method", "backbone", "data", "out"))
-    if settings["no_cache"] and settings["cache"] is not None:
-        raise ConfigError("--cache and --no-cache exclude each other")
+    if settings["no_cache"] and (settings["cache"] is not None or settings["cache_splits"] is not None):
+        raise ConfigError(f"{'--cache' if settings['cache'] is not None else '--cache-splits'} and --no-cache "
+                          "exclude each other")
     metrics = train_run(
         settings["method"], settings["backbone"], settings["data"], settings["out"], options=settings["options"],
         train_settings=settings["train"], train_split=settings["train_split"],
         eval_split=settings["eval_split"] or None, image_size=settings["image_size"], recipe=settings["recipe"],
         task_name=settings["task_name"], mean=triple(settings["mean"], "--mean"), std=triple(settings["std"], "--std"),
         cache_dir=None if settings["no_cache"] else settings["cache"] or default_cache_root(),
+        cache_splits=None if settings["cache_splits"] is None else settings["cache_splits"].split(","),
         cache_placement=settings["cache_placement"], device=settings["device"], workers=settings["workers"],
         show_progress=not quiet,
     )
@@ -333,11 +339,21 @@ def serve(
     run_service(server, host, port, limits)
 
 
-@app.command()
-def cache(
-    backbone: str = BackboneOpt,
-    data: Path = DataOpt,
-    cache: Path = typer.Option(..., "--cache", help="feature-cache folder"),
+cache_app = typer.Typer(no_args_is_help=False, help="Feature-cache entries: build (with the options below, or "
+                                                    "`cache build`), ls, rm, prune.")
+app.add_typer(cache_app, name="cache")
+CacheRootOpt = typer.Option(None, "--cache", help="feature-cache folder (default: $QUERYTUNE_CACHE, else "
+                                                  "~/.cache/querytune/features)")
+
+
+@cache_app.command("build")
+def cache_build(
+    ctx: typer.Context,
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="HF model folder, timm checkpoint, "
+                                                                          ".npz, hub name"),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="task folder (VTAB-1k layout, CSV lists or "
+                                                                   "class folders)"),
+    cache: Optional[Path] = CacheRootOpt,
     splits: str = typer.Option("train800val200,test", help="comma-separated splits"),
     image_size: int = typer.Option(224),
     batch_size: int = typer.Option(64),
@@ -347,22 +363,111 @@ def cache(
     workers: Optional[int] = typer.Option(None),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Run the frozen trunk once per image and store its features for later epochs."""
+    """Run the frozen trunk once per image and store its features for later epochs; an entry that exists
+    already is left as it is."""
+    if ctx.invoked_subcommand is not None:  # run as the group's callback, before ls, rm or prune
+        return
     import torch
 
     from .backbones import load_backbone
-    from .trunk.cache import cache_splits
+    from .trunk.cache import cache_splits, default_cache_root, human_size
     from .trunk.device import default_device, default_workers
 
+    if backbone is None or data is None:
+        raise ConfigError(f"querytune cache build: {'--backbone' if backbone is None else '--data'} missing")
     if shard_size < 1:
         raise ConfigError(f"--shard-size must be positive (got {shard_size})")
     where = distributed.init_from_env(torch.device(device) if device else default_device())
-    entries = cache_splits(cache, load_backbone(backbone), data, [s for s in splits.split(",") if s], image_size, bf16,
-                           shard_size=shard_size, batch_size=batch_size, device=where,
+    entries = cache_splits(cache or default_cache_root(), load_backbone(backbone), data,
+                           [s for s in splits.split(",") if s], image_size, bf16, shard_size=shard_size,
+                           batch_size=batch_size, device=where,
                            workers=default_workers() if workers is None else workers, show_progress=not quiet)
     if distributed.is_main():
-        for images, path in entries:
-            console.print(f"{images.task}/{images.split}: {len(images.items)} images -> {path}")
+        for images, path, built in entries:
+            size = human_size(sum(file.stat().st_size for file in path.iterdir()))
+            state = "built" if built else "exists already, nothing to do"
+            console.print(f"{images.task}/{images.split}: {len(images.items)} images, {size}, {state} -> {path}",
+                          highlight=False, soft_wrap=True)
+
+
+cache_app.callback(invoke_without_command=True)(cache_build)  # the old form: querytune cache --backbone ...
+
+
+@cache_app.command("ls")
+def cache_ls(cache: Optional[Path] = CacheRootOpt) -> None:
+    """List the entries: task and split, backbone, images, size on disk, when last used."""
+    import time
+
+    from .trunk.cache import default_cache_root, human_size, list_entries
+
+    root = cache or default_cache_root()
+    entries = list_entries(root)
+    rows = [("entry", "task/split", "backbone", "images", "size", "last used")]
+    for entry in entries:
+        meta = entry.meta or {}
+        rows.append((entry.name, f"{meta['task']}/{meta['split']}" if meta else "(incomplete)",
+                     meta.get("backbone", ""), str(meta.get("num_images", "")), human_size(entry.nbytes),
+                     time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used))))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:  # plain aligned columns: never wrapped, easy to grep
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print(f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}, "
+          f"{human_size(sum(e.nbytes for e in entries))} in {root}")
+
+
+@cache_app.command("rm")
+def cache_rm(entries: list[str] = typer.Argument(..., help="entry names as `cache ls` shows them"),
+             cache: Optional[Path] = CacheRootOpt) -> None:
+    """Delete cache entries."""
+    from .trunk.cache import default_cache_root, human_size, remove_entry
+
+    root = cache or default_cache_root()
+    for name in entries:
+        entry = remove_entry(root, name)
+        console.print(f"removed {entry.name} ({human_size(entry.nbytes)})", highlight=False)
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_duration(text: str, flag: str) -> float:
+    """'90m', '12h', '7d', '2w' (or plain seconds) in seconds."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw]?)", text.strip().lower())
+    if match is None:
+        raise ConfigError(f"{flag} {text!r}: expected a duration such as 45s, 90m, 12h, 7d or 2w")
+    return float(match[1]) * DURATION_UNITS[match[2] or "s"]
+
+
+def parse_size(text: str, flag: str) -> int:
+    """'500M', '10G', '1.5GiB', '2TB' (binary units) or plain bytes."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", text.strip().lower())
+    if match is None:
+        raise ConfigError(f"{flag} {text!r}: expected a size such as 500M, 10G or 1.5GiB")
+    return int(float(match[1]) * SIZE_UNITS[match[2]])
+
+
+@cache_app.command("prune")
+def cache_prune(
+    older_than: Optional[str] = typer.Option(None, "--older-than", help="remove entries last used longer ago, "
+                                                                        "e.g. 7d, 12h, 2w"),
+    max_size: Optional[str] = typer.Option(None, "--max-size", help="then remove the least recently used entries "
+                                                                    "until the rest fit, e.g. 20G, 500M"),
+    cache: Optional[Path] = CacheRootOpt,
+) -> None:
+    """Remove entries not used for a while, or the least recently used ones over a size."""
+    from .trunk.cache import default_cache_root, human_size, list_entries, prune_entries
+
+    if older_than is None and max_size is None:
+        raise ConfigError("querytune cache prune: give --older-than, --max-size or both")
+    root = cache or default_cache_root()
+    removed = prune_entries(root, parse_duration(older_than, "--older-than") if older_than else None,
+                            parse_size(max_size, "--max-size") if max_size else None)
+    for entry in removed:
+        console.print(f"removed {entry.name} ({human_size(entry.nbytes)})", highlight=False)
+    left = list_entries(root)
+    console.print(f"{len(removed)} removed, {len(left)} left ({human_size(sum(e.nbytes for e in left))})",
+                  highlight=False)
 
 
 @dataclass

@@ -13,6 +13,10 @@ class CheckpointError(QuerytuneError):
     """A checkpoint or run folder that does not fit what is asked of it."""
 
 
+class StorageError(QuerytuneError):
+    """A folder that cannot take what is written to it: no space, read-only, no permission."""
+
+
 class ConfigError(QuerytuneError):
     """An unknown or inapplicable option."""
 

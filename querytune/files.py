@@ -8,35 +8,103 @@ stale temporary file that :func:`remove_stale_temporaries` deletes later.
 
 There is no fsync: only a power loss could still tear a file, and the readers check
 what they read (a torn checkpoint is reported, a torn cache shard rebuilt).
+
+A write that fails (no space left, a read-only folder, no permission) removes its
+temporary file and is reported as a :class:`~querytune.errors.StorageError` naming the
+folder (:func:`storage_error`); writers that are not Python's own file objects (torch,
+safetensors) write through :func:`recording_writes` or to bytes, so the ``OSError``
+behind their own error types is what is reported.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
+
+from .errors import StorageError
 
 
 def temporary_path(path: Path) -> Path:
     return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
 
 
+def storage_error(folder: Path, error: OSError, what: str) -> StorageError:
+    """A failed write as one line naming the folder, e.g. 'runs/a: cannot write checkpoint.pt (No space left...)'."""
+    return StorageError(f"{folder}: cannot write {what} ({error.strerror or error}); free space there or choose "
+                        "another folder")
+
+
 def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write(tmp)`` writes the file's content to ``tmp``, which then replaces ``path``."""
+    """``write(tmp)`` writes the file's content to ``tmp``, which then replaces ``path``; an ``OSError``
+    on the way is a :class:`StorageError` naming the folder, and leaves neither file behind."""
     tmp = temporary_path(path)
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise storage_error(path.parent, error, path.name) from error
         raise
+
+
+class _RecordingFile:
+    """A binary file whose first failed write is kept: torch reports one as its own RuntimeError."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+@contextmanager
+def recording_writes(path: Path) -> Iterator[IO[bytes]]:
+    """``path`` opened for writing; whatever a library raises after a write failed, the ``OSError`` is raised."""
+    with open(path, "wb") as handle:
+        file = _RecordingFile(handle)
+        try:
+            yield cast(IO[bytes], file)  # what torch.save writes to: write() and flush()
+        except Exception as error:
+            if file.error is not None and file.error is not error:
+                raise file.error from error
+            raise
+
+
+def sha256_file(path: Path, chunk: int = 2**22) -> str:
+    """The sha256 of a file's bytes, read in chunks (files larger than memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_text(path: Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def append_text(path: Path, text: str) -> None:
+    """Append to a log (a torn last line is what its readers skip); a failed write is a StorageError."""
+    try:
+        with open(path, "a") as handle:
+            handle.write(text)
+    except OSError as error:
+        raise storage_error(path.parent, error, path.name) from error
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

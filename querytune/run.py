@@ -63,6 +63,7 @@ def train_run(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     cache_dir: str | Path | None = None,
+    cache_splits: Sequence[str] | None = None,
     cache_placement: str = "auto",
     device: torch.device | str | None = None,
     workers: int | None = None,
@@ -73,7 +74,9 @@ def train_run(
     With ``recipe`` (:mod:`querytune.recipes`) the method takes the recipe's settings for the task
     (``task_name``, else the data folder's name) as its options; ``options`` given override them.
     ``mean``/``std`` set the input normalisation (required where the backbone's is unknown); the
-    run's config.json records the one used, and evaluation and serving use it.
+    run's config.json records the one used, and evaluation and serving use it. ``cache_splits``
+    names the splits whose features are cached under ``cache_dir`` (default: both); the others
+    run the frozen trunk live.
 
     Every input is checked, and the features cached, before the run folder is made; a
     user error (:class:`QuerytuneError`) found later in a new run (an image that does not
@@ -93,6 +96,11 @@ def train_run(
     recipe_settings = recipe_options(recipe, method_cls.name, task) if recipe else {}
     options = {**recipe_settings, **(options or {})}
     eval_images = open_split(data, eval_split) if eval_split else None
+    if cache_splits is not None:
+        unknown = sorted(set(cache_splits) - {train_split, eval_split})
+        if unknown:
+            raise ConfigError(f"--cache-splits {unknown[0]!r}: not a split of this run (--train-split "
+                              f"{train_split!r}, --eval-split {eval_split!r})")
     backbone = load_backbone(backbone_source)
     fingerprint = backbone_fingerprint(backbone)  # of the checkpoint as loaded, before a method adds adapters
     if mean is not None or std is not None:
@@ -130,12 +138,15 @@ def train_run(
     if state == "finished":  # the very same run, done already (a retried job, a rerun cell): its results
         return read_metrics(out)
     resuming = state == "unfinished"
-    source = make_source(method.reads, method.backbone, train_images, preprocess, device, cache_dir, workers,
-                         show_progress, cfg.bf16, cache_placement)
+    def split_cache(split: str | None) -> Path | None:
+        return cache_dir if cache_splits is None or split in cache_splits else None
+
+    source = make_source(method.reads, method.backbone, train_images, preprocess, device, split_cache(train_split),
+                         workers, show_progress, cfg.bf16, cache_placement)
     eval_source = None
     if eval_images is not None:
-        eval_source = make_source(method.reads, method.backbone, eval_images, preprocess, device, cache_dir, workers,
-                                  show_progress, cfg.bf16, cache_placement)
+        eval_source = make_source(method.reads, method.backbone, eval_images, preprocess, device,
+                                  split_cache(eval_split), workers, show_progress, cfg.bf16, cache_placement)
     distributed.barrier()  # every rank has looked at the folder before rank 0 changes it
     created = None  # whether this invocation made the folder (rank 0 of a new run only)
     if distributed.is_main() and not resuming:

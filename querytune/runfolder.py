@@ -5,22 +5,28 @@ that build on a finished run (``memory --extend``) read.
     checkpoint.pt        resumable state while training (removed once finished)
     log.jsonl            one line per epoch
     adapter.safetensors  the trainable state, written when training ends
+    adapter.sha256       its checksum (``sha256sum -c`` reads it), checked whenever the adapter is loaded
     metrics.json         the results, written last: its presence marks the run finished
 
-Every file appears under its name only once whole (:mod:`querytune.files`).
+Every file appears under its name only once whole (:mod:`querytune.files`); a write that
+fails (full disk, read-only folder) is a one-line StorageError naming the folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
-from .errors import CheckpointError, one_line
-from .files import remove_stale_temporaries, write_atomic, write_json
+from .errors import CheckpointError, StorageError, one_line
+from .files import remove_stale_temporaries, storage_error, write_atomic, write_json, write_text
+
+ADAPTER = "adapter.safetensors"
+ADAPTER_CHECKSUM = "adapter.sha256"
 
 if TYPE_CHECKING:
     from .methods.base import Method
@@ -77,9 +83,13 @@ def start_run_folder(out: Path, config: dict[str, Any]) -> bool:
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", config)
     except OSError as error:
-        raise CheckpointError(f"{out}: cannot write the run folder ({error.strerror or one_line(error)})") from error
+        raise storage_error(out, error, "the run folder") from error
+    try:
+        write_json(out / "config.json", config)
+    except StorageError:
+        discard_run_folder(out, created)
+        raise
     return created
 
 
@@ -93,8 +103,10 @@ def discard_run_folder(out: Path, created: bool) -> None:
 
 
 def save_adapter(out: Path, method: Method) -> None:
-    state = {k: v.contiguous().cpu() for k, v in method.trainable_state_dict().items()}
-    write_atomic(out / "adapter.safetensors", lambda tmp: save_file(state, str(tmp)))
+    """Write the adapter, then its checksum (an adapter without one, from a killed run, is rewritten on resume)."""
+    data = save({k: v.contiguous().cpu() for k, v in method.trainable_state_dict().items()})
+    write_atomic(out / ADAPTER, lambda tmp: tmp.write_bytes(data))
+    write_text(out / ADAPTER_CHECKSUM, f"{hashlib.sha256(data).hexdigest()}  {ADAPTER}\n")
 
 
 def read_metrics(run: Path) -> dict[str, Any]:
@@ -115,7 +127,7 @@ def read_run_config(run: str | Path) -> dict[str, Any]:
     """The config.json of a finished run (one with its adapter written)."""
     run = Path(run)
     config_path = run / "config.json"
-    for path in (config_path, run / "adapter.safetensors"):
+    for path in (config_path, run / ADAPTER):
         if not path.is_file():
             raise CheckpointError(f"{path}: not found; is {run} a finished querytune run?")
     try:
@@ -132,10 +144,20 @@ def read_run_config(run: str | Path) -> dict[str, Any]:
 
 
 def load_adapter(run: str | Path, method: Method) -> None:
-    """Load a finished run's adapter into ``method`` (built from the run's config)."""
-    adapter_path = Path(run) / "adapter.safetensors"
+    """Load a finished run's adapter into ``method`` (built from the run's config), checked against its
+    checksum where the run has one (runs from before checksums were written have none)."""
+    adapter_path = Path(run) / ADAPTER
+    checksum_path = Path(run) / ADAPTER_CHECKSUM
     try:
-        state = load_file(str(adapter_path))
+        data = adapter_path.read_bytes()
+        expected = checksum_path.read_text().split()[0] if checksum_path.exists() else None
+    except (OSError, IndexError) as error:
+        raise CheckpointError(f"{adapter_path}: not a readable adapter ({one_line(error)})") from error
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise CheckpointError(f"{adapter_path}: corrupted (its sha256 differs from {checksum_path.name}); "
+                              "train the run again")
+    try:
+        state = load(data)
     except Exception as error:  # safetensors raises its own error types for torn files
         raise CheckpointError(f"{adapter_path}: not a readable adapter ({one_line(error)})") from error
     method.load_trainable_state_dict(state, source=str(adapter_path))

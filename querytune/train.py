@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .errors import CheckpointError, ConfigError, one_line
-from .files import write_atomic, write_text
+from .files import append_text, recording_writes, write_atomic, write_text
 from .options import check_value
 from .progress import progress_bar
 from .trunk.device import autocast, to_device
@@ -188,8 +188,7 @@ def fit(
             total_loss, total_correct, total_seen = distributed.all_reduce_sum([loss_sum, correct, seen])
             loss_value, accuracy = total_loss / total_seen, total_correct / total_seen
             if log is not None and rank == 0:
-                with open(log, "a") as handle:
-                    handle.write(json.dumps({"epoch": epoch + 1, "loss": loss_value, "train_accuracy": accuracy,
+                append_text(log, json.dumps({"epoch": epoch + 1, "loss": loss_value, "train_accuracy": accuracy,
                                              "lr": optimizer.param_groups[0]["lr"], "seconds": train_seconds}) + "\n")
             if checkpoint is not None:
                 rng_states = distributed.all_gather(rng_state(device))  # every rank takes part
@@ -230,7 +229,11 @@ def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
+    def write(tmp: Path) -> None:
+        with recording_writes(tmp) as handle:
+            torch.save(state, handle)
+
+    write_atomic(path, write)
 
 
 def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,

@@ -9,7 +9,9 @@ Layout of one cache entry, ``<root>/<task>-<split>-<key16>/``:
     shard-00000.layers.npy   (n, L, N, D) float16   (absent in a class-token-only entry)
     shard-00000.cls.npy      (n, D) float16
     ...
-    meta.json                written once every shard exists: shard size, feature shapes, labels
+    meta.json                written once every shard exists: shard size, feature shapes, labels,
+                             each shard's sha256; its modification time is when the entry was last used
+    .lock                    held (flock) by the process building the entry
 
 The key hashes everything the features depend on: the backbone's weights and
 architecture, the preprocessing (image size, mean, std), the split's file list with
@@ -25,15 +27,35 @@ header (dtype, shape) and file size against what the entry must hold, each time 
 entry is built or opened (a few bytes read per shard); a shard that fails is rebuilt,
 never read.
 
+Space: the entry's size is printed and checked against the free space before building,
+and each shard's blocks are allocated (``posix_fallocate``) before it is written
+through its memory map, so a full disk is a one-line :class:`~querytune.errors.StorageError`
+naming the folder, not a SIGBUS; a failed build leaves no temporary file and no meta.json.
+
+Corruption (bytes changed, size kept) is caught by the sha256 of each shard's data,
+computed while the shard is written and kept in meta.json. Checking costs a read of the
+whole entry, more than a few percent of a cached epoch (``benchmarks/cache_checksums.py``),
+so an entry is checked once, the first time it is opened for training, and meta.json
+records that it was (``verified``); a corrupted shard is rebuilt. Entries from before
+checksums existed stay readable: their checksums are recorded at that first check.
+
 Across processes (torchrun) every rank builds every ``world``-th shard, then rank 0
-checks them all and writes meta.json (:func:`ensure_cache`).
+checks them all and writes meta.json (:func:`ensure_cache`). Two jobs that want the
+same entry (two benches, two torchrun jobs on shared storage) take its lock file
+(``flock``, which the kernel releases when its holder dies, even by ``kill -9``): one
+builds, the other waits and then finds the entry complete.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import shutil
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,15 +66,17 @@ import torch
 from .. import distributed
 from ..backbones.vit import VisionTransformer
 from ..data import ImageDataset, ImageList, Preprocess, iterate_loader, open_split, private_generator
-from ..errors import DataError
-from ..files import remove_stale_temporaries, temporary_path, write_text
-from ..progress import progress_bar
+from ..errors import DataError, StorageError
+from ..files import remove_stale_temporaries, storage_error, temporary_path, write_text
+from ..progress import note, progress_bar
 from .features import Features, copy_converted, extract_features
 
 FORMAT_VERSION = 2
 STORAGE_DTYPE = torch.float16
 SHARD_SIZE = 64  # images per shard: also the unit of work split across ranks and redone after a kill
 FINGERPRINT_ATTRIBUTE = "_querytune_fingerprint"  # where a backbone object keeps its fingerprint once computed
+LOCK_FILE = ".lock"
+NPY_HEADER_BYTES = 128  # a .npy header of these shapes (the estimate's per-file overhead)
 
 
 def backbone_fingerprint(backbone: VisionTransformer) -> str:
@@ -109,6 +133,34 @@ def open_shard(file: Path, shape: tuple[int, ...]) -> np.ndarray | None:
     return array
 
 
+def data_checksum(array: np.ndarray) -> str:
+    """The sha256 of an array's data (its header is checked by :func:`open_shard`)."""
+    return hashlib.sha256(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data).hexdigest()
+
+
+def reserved_shard(file: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A new float16 ``.npy`` file of ``shape``, memory-mapped for writing, its blocks allocated first:
+    writing through a memory map into a sparse file on a full disk kills the process with SIGBUS."""
+    try:
+        array = np.lib.format.open_memmap(file, mode="w+", dtype=np.float16, shape=shape)
+        with open(file, "r+b") as handle:
+            os.posix_fallocate(handle.fileno(), 0, array.offset + array.nbytes)
+    except BaseException:
+        file.unlink(missing_ok=True)
+        raise
+    return array
+
+
+def human_size(nbytes: float) -> str:
+    """'88.0 KiB': binary units, as ``du -h`` and ``df -h`` count."""
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    power = 0
+    while nbytes >= 1024 and power < len(units) - 1:
+        nbytes /= 1024
+        power += 1
+    return f"{nbytes:.0f} B" if power == 0 else f"{nbytes:.1f} {units[power]}"
+
+
 @dataclass
 class FeatureCache:
     """A complete cache entry, memory-mapped."""
@@ -128,6 +180,8 @@ class FeatureCache:
         if meta is None:
             raise DataError(f"{path}: not a complete feature cache (meta.json missing, unreadable or of another "
                             "format); build the cache again")
+        with contextlib.suppress(OSError):  # a read-only cache serves all the same
+            os.utime(path / "meta.json")  # marks the entry used (``querytune cache ls``, ``prune``)
         layers, cls_tokens = [], []
         for shard, rows in enumerate(shard_rows(meta["num_images"], meta["shard_size"])):
             arrays = {}
@@ -231,6 +285,74 @@ def entry_shard_size(path: Path, default: int) -> int:
     return default if meta is None else meta["shard_size"]
 
 
+def entry_nbytes(shapes: dict[str, list[int]], rows: list[int]) -> int:
+    """Bytes on disk of the shards holding ``rows`` images each."""
+    per_image = sum(2 * int(np.prod(shape)) for shape in shapes.values())  # float16
+    return sum(count * per_image + NPY_HEADER_BYTES * len(shapes) for count in rows)
+
+
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    """A StorageError naming ``folder`` (or the nearest existing folder above it) where ``needed`` bytes do not fit."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise StorageError(f"{folder}: {what} needs {human_size(needed)}, {human_size(free)} free there; free "
+                           "space or choose another --cache")
+
+
+@contextlib.contextmanager
+def entry_lock(path: Path, show_progress: bool = True) -> Iterator[None]:
+    """Hold the lock of the entry at ``path`` (created if absent), waiting while another process holds it.
+
+    ``flock``: the kernel releases it when its holder dies, even by ``kill -9``, so a killed
+    builder never leaves the entry locked; on NFS Linux maps it to a lock the server keeps.
+    A folder left holding only the lock file (a build refused for lack of space) is removed.
+    """
+    lock = path / LOCK_FILE
+    while True:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            handle = open(lock, "a")
+        except OSError as error:
+            raise storage_error(path, error, "the feature cache") from error
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            note(f"{path.name}: another process is building it; waiting for it", show_progress)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            if os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()  # the entry was removed while this process waited: lock the one there now
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if os.listdir(path) == [LOCK_FILE]:
+                shutil.rmtree(path)  # waiters find their lock file gone and lock the next one
+        handle.close()
+
+
+def whole_shards(path: Path, shapes: dict[str, list[int]], rows: list[int], shards: range | list[int]) -> list[int]:
+    """Which of ``shards`` are whole: each kind's file there with the header and size it must have."""
+    return [shard for shard in shards
+            if all(open_shard(shard_file(path, shard, kind), (rows[shard], *shape)) is not None
+                   for kind, shape in shapes.items())]
+
+
+def complete_meta(path: Path) -> dict[str, Any] | None:
+    """The meta.json of the entry at ``path`` where the entry is complete (every shard whole), else None."""
+    meta = read_meta(path)
+    if meta is None:
+        return None
+    rows = shard_rows(meta["num_images"], meta["shard_size"])
+    return meta if len(whole_shards(path, meta["shapes"], rows, range(len(rows)))) == len(rows) else None
+
+
 def build_cache(
     root: Path,
     backbone: VisionTransformer,
@@ -250,21 +372,58 @@ def build_cache(
     ``shards`` restricts the work to some shard indices (distributed building). A call
     for all shards (the default) also finalises the entry: it writes meta.json and
     removes temporary files that killed builders left behind. An entry started with
-    another shard size keeps its own.
+    another shard size keeps its own. The caller holds the entry's lock (:func:`ensure_cache`).
     """
     path = cache_dir_for(root, backbone, images, preprocess, with_layers, bf16)
     shard_size = entry_shard_size(path, shard_size)
     shapes = feature_shapes(backbone, preprocess, with_layers)
     rows = shard_rows(len(images.items), shard_size)
-
-    def whole(shard: int) -> bool:
-        return all(open_shard(shard_file(path, shard, kind), (rows[shard], *shape)) is not None
-                   for kind, shape in shapes.items())
-
-    todo = [s for s in (shards if shards is not None else range(len(rows))) if not whole(s)]
+    wanted = shards if shards is not None else range(len(rows))
+    whole = set(whole_shards(path, shapes, rows, wanted))
+    todo = [s for s in wanted if s not in whole]
     if not todo and (shards is not None or read_meta(path) is not None):
         return path
-    path.mkdir(parents=True, exist_ok=True)
+    needed = entry_nbytes(shapes, [rows[s] for s in todo])
+    check_free_space(path, needed, f"the feature cache of {images.task}/{images.split}")
+    if todo:
+        note(f"caching {images.task}/{images.split}: {len(images.items)} images, "
+             f"{human_size(entry_nbytes(shapes, rows))} on disk ({human_size(needed)} to write) -> {path}",
+             show_progress)
+    checksums = build_shards(path, backbone, images, preprocess, shapes, rows, shard_size, todo, with_layers, bf16,
+                             batch_size, device, workers, show_progress)
+    if shards is None:
+        remove_stale_temporaries(path)
+        for shard in sorted(whole):  # built by other ranks or an earlier, killed build: read back once
+            for kind in shapes:
+                array = open_shard(shard_file(path, shard, kind), (rows[shard], *shapes[kind]))
+                assert array is not None  # checked whole above; only this entry's lock holder writes it
+                checksums[shard_file(path, shard, kind).name] = data_checksum(array)
+        meta = {
+            "format": FORMAT_VERSION,
+            "task": images.task,
+            "split": images.split,
+            "backbone": backbone.config.name,
+            "image_size": preprocess.image_size,
+            "num_images": len(images.items),
+            "trunk_bf16": bf16,
+            "shard_size": shard_size,
+            "shapes": shapes,
+            "labels": [label for _, label in images.items],
+            "checksums": dict(sorted(checksums.items())),
+            "verified": False,
+        }
+        write_text(path / "meta.json", json.dumps(meta))
+    return path
+
+
+def build_shards(path: Path, backbone: VisionTransformer, images: ImageList, preprocess: Preprocess,
+                 shapes: dict[str, list[int]], rows: list[int], shard_size: int, todo: list[int], with_layers: bool,
+                 bf16: bool, batch_size: int, device: torch.device | str, workers: int,
+                 show_progress: bool) -> dict[str, str]:
+    """Compute the shards ``todo`` of the entry at ``path``; return their files' data checksums by name."""
+    checksums: dict[str, str] = {}
+    if not todo:
+        return checksums
     backbone = backbone.to(device).eval()
     # One loader for every shard to do (workers start once); no batch spans two shards.
     plan = [(shard, list(range(first, min(first + batch_size, shard * shard_size + rows[shard]))))
@@ -277,11 +436,12 @@ def build_cache(
     with progress_bar(f"caching {images.task}/{images.split}", total=sum(rows[s] for s in todo),
                       enabled=show_progress) as advance:
         try:
+            path.mkdir(parents=True, exist_ok=True)
             for (shard, indices), (batch, _) in zip(plan, iterate_loader(loader)):
                 if not files:  # a shard begins: written in place into temporary files, renamed once whole
-                    files = {kind: np.lib.format.open_memmap(temporary_path(shard_file(path, shard, kind)), mode="w+",
-                                                              dtype=np.float16, shape=(rows[shard], *shape))
-                             for kind, shape in shapes.items()}
+                    for kind, shape in shapes.items():
+                        files[kind] = reserved_shard(temporary_path(shard_file(path, shard, kind)),
+                                                     (rows[shard], *shape))
                 row = indices[0] - shard * shard_size
                 feats = extract_features(backbone, batch.to(device, non_blocking=True), with_layers, STORAGE_DTYPE,
                                          bf16)
@@ -292,70 +452,179 @@ def build_cache(
                 if row + len(batch) == rows[shard]:
                     for kind, array in files.items():
                         array.flush()
+                        checksums[shard_file(path, shard, kind).name] = data_checksum(array)
                         assert array.filename is not None  # a memmap opened on a file
                         os.replace(array.filename, shard_file(path, shard, kind))
                     files = {}
+        except OSError as error:
+            raise storage_error(path, error, "the feature cache") from error
         finally:
             for array in files.values():  # a shard left unfinished
                 assert array.filename is not None
                 Path(array.filename).unlink(missing_ok=True)
-    if shards is None:
-        remove_stale_temporaries(path)
-        meta = {
-            "format": FORMAT_VERSION,
-            "task": images.task,
-            "split": images.split,
-            "backbone": backbone.config.name,
-            "image_size": preprocess.image_size,
-            "num_images": len(images.items),
-            "trunk_bf16": bf16,
-            "shard_size": shard_size,
-            "shapes": shapes,
-            "labels": [label for _, label in images.items],
-        }
-        write_text(path / "meta.json", json.dumps(meta))
-    return path
+    return checksums
+
+
+def verify_entry(path: Path, show_progress: bool = True, record: bool = True) -> list[Path]:
+    """Check every shard of the complete entry at ``path`` against its checksum; return the corrupted shards'
+    files. With ``record``, where all held, meta.json records that (and the checksums of an entry from
+    before they existed)."""
+    meta = read_meta(path)
+    assert meta is not None  # a complete entry
+    recorded = meta.get("checksums", {})
+    corrupted, checksums = [], {}
+    rows = shard_rows(meta["num_images"], meta["shard_size"])
+    with progress_bar(f"checking {path.name}", total=len(rows), enabled=show_progress) as advance:
+        for shard, count in enumerate(rows):
+            for kind, shape in meta["shapes"].items():
+                file = shard_file(path, shard, kind)
+                array = open_shard(file, (count, *shape))
+                checksums[file.name] = "" if array is None else data_checksum(array)
+                if not checksums[file.name] or checksums[file.name] != recorded.get(file.name, checksums[file.name]):
+                    corrupted.append(file)
+            advance()
+    if record and not corrupted:
+        write_text(path / "meta.json", json.dumps({**meta, "checksums": checksums, "verified": True}))
+    return corrupted
 
 
 def ensure_cache(root: Path, backbone: VisionTransformer, images: ImageList, preprocess: Preprocess,
-                 with_layers: bool = True, bf16: bool = False, shard_size: int = SHARD_SIZE, **kwargs) -> Path:
-    """The folder of a complete cache entry for ``images``, built where missing or torn.
+                 with_layers: bool = True, bf16: bool = False, shard_size: int = SHARD_SIZE, verify: bool = False,
+                 **kwargs) -> tuple[Path, bool]:
+    """The folder of a complete cache entry for ``images``, built where missing or torn, and whether this
+    call built any of it; with ``verify`` (training) its shards are checked against their checksums once,
+    a corrupted one rebuilt.
 
-    Across processes every rank builds shards ``rank, rank + world, ...``; after a barrier
-    rank 0 checks every shard (building any still missing) and writes meta.json; after
-    another barrier every rank may read the entry.
+    Rank 0 holds the entry's lock while it is built or checked. Across processes every rank
+    builds shards ``rank, rank + world, ...``; after a barrier rank 0 checks every shard
+    (building any still missing) and writes meta.json; after another barrier every rank may
+    read the entry.
     """
     path = cache_dir_for(root, backbone, images, preprocess, with_layers, bf16)
     rank, world = distributed.rank(), distributed.world_size()
-    if world > 1:
-        num_shards = len(shard_rows(len(images.items), entry_shard_size(path, shard_size)))
-        build_cache(root, backbone, images, preprocess, with_layers, bf16, shard_size=shard_size,
-                    shards=range(rank, num_shards, world), **kwargs)
-        distributed.barrier()
-    if rank == 0:
-        build_cache(root, backbone, images, preprocess, with_layers, bf16, shard_size=shard_size, **kwargs)
+    show_progress = kwargs.get("show_progress", True)
+    meta = complete_meta(path)
+    ready = meta is not None and (meta.get("verified", False) or not verify)
+    if meta is not None and not ready and not os.access(path, os.W_OK):
+        # a read-only cache (shared, a snapshot): nothing can be recorded or rebuilt, so checked on every open
+        corrupted = verify_entry(path, show_progress, record=False)
+        if corrupted:
+            raise DataError(f"{corrupted[0]}: corrupted (its checksum differs) in a read-only feature cache; "
+                            "build the cache in another --cache folder")
+        return path, False
+    built = False
+    with entry_lock(path, show_progress) if rank == 0 and not ready else contextlib.nullcontext():
+        distributed.barrier()  # no rank builds before rank 0 holds the entry
+        if world > 1:
+            num_shards = len(shard_rows(len(images.items), entry_shard_size(path, shard_size)))
+            build_cache(root, backbone, images, preprocess, with_layers, bf16, shard_size=shard_size,
+                        shards=range(rank, num_shards, world), **kwargs)
+            distributed.barrier()
+        if rank == 0:
+            built = complete_meta(path) is None  # another process may have built it while this one waited
+            build_cache(root, backbone, images, preprocess, with_layers, bf16, shard_size=shard_size, **kwargs)
+            meta = read_meta(path)
+            assert meta is not None  # built just now
+            if verify and not meta.get("verified") and (corrupted := verify_entry(path, show_progress)):
+                note(f"{', '.join(str(file) for file in corrupted)}: corrupted (checksum differs); rebuilding",
+                     show_progress)
+                for file in corrupted:
+                    file.unlink()
+                build_cache(root, backbone, images, preprocess, with_layers, bf16, shard_size=shard_size, **kwargs)
+                verify_entry(path, show_progress)  # a second read of the entry, but only where one was corrupted
     distributed.barrier()
-    return path
+    return path, built
 
 
 def cache_splits(root: Path, backbone: VisionTransformer, data: str | Path, splits: list[str], image_size: int,
-                 bf16: bool = False, **kwargs: Any) -> list[tuple[ImageList, Path]]:
+                 bf16: bool = False, **kwargs: Any) -> list[tuple[ImageList, Path, bool]]:
     """Build (where missing or torn) the per-layer cache entries of a task's ``splits``, in order; return
-    each split's images and entry folder. What ``querytune cache`` and the bench do before training."""
+    each split's images, entry folder and whether this call built it (on rank 0). What ``querytune cache``
+    and the bench do before training."""
     preprocess = Preprocess.for_backbone(backbone, image_size)
-    entries = []
-    for split in splits:
-        images = open_split(data, split)
-        entries.append((images, ensure_cache(root, backbone, images, preprocess, True, bf16, **kwargs)))
-    return entries
+    return [(images, *ensure_cache(root, backbone, images, preprocess, True, bf16, **kwargs))
+            for images in (open_split(data, split) for split in splits)]
 
 
 def open_or_build_cache(root: Path, backbone: VisionTransformer, images: ImageList, preprocess: Preprocess,
                         with_layers: bool, bf16: bool = False, **kwargs) -> FeatureCache:
-    """The cache entry for ``images``, built where missing or torn; a full entry also serves class-token readers."""
+    """The cache entry for ``images``, built where missing or torn and checked against its checksums once
+    (opened for training); a full entry also serves class-token readers."""
     if read_meta(cache_dir_for(root, backbone, images, preprocess, True, bf16)) is not None:
         with_layers = True
-    return FeatureCache.open(ensure_cache(root, backbone, images, preprocess, with_layers, bf16, **kwargs))
+    path, _ = ensure_cache(root, backbone, images, preprocess, with_layers, bf16, verify=True, **kwargs)
+    return FeatureCache.open(path)
+
+
+@dataclass
+class CacheEntry:
+    """An entry of a cache folder as ``querytune cache ls`` shows it."""
+
+    path: Path
+    nbytes: int
+    last_used: float  # seconds since the epoch: meta.json's modification time (the folder's while incomplete)
+    meta: dict[str, Any] | None  # None: incomplete (being built, or its build was killed)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def is_entry(path: Path) -> bool:
+    """Whether ``path`` is a folder this module wrote (meta.json, shards or its lock file)."""
+    return path.is_dir() and any((path / name).exists() for name in ("meta.json", LOCK_FILE, "shard-00000.cls.npy"))
+
+
+def list_entries(root: Path) -> list[CacheEntry]:
+    """The entries under ``root``, most recently used first."""
+    entries = []
+    for path in sorted(Path(root).iterdir()) if Path(root).is_dir() else []:
+        if not is_entry(path):
+            continue
+        meta = read_meta(path)
+        last_used = (path / "meta.json").stat().st_mtime if meta is not None else path.stat().st_mtime
+        nbytes = sum(file.stat().st_size for file in path.iterdir() if file.is_file())
+        entries.append(CacheEntry(path, nbytes, last_used, meta))
+    return sorted(entries, key=lambda entry: -entry.last_used)
+
+
+def remove_entry(root: Path, name: str) -> CacheEntry:
+    """Delete the entry ``name`` (a folder name ``cache ls`` shows) of the cache folder ``root``; an entry that
+    another process is building is refused."""
+    by_name = {entry.name: entry for entry in list_entries(root)}
+    entry = by_name.get(Path(name).name)  # the name, or the entry's path
+    if entry is None:
+        raise DataError(f"{name}: no such entry in the feature cache {root} (see querytune cache ls)")
+    with open(entry.path / LOCK_FILE, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"{entry.path}: another process is building it; try again once it is done") from None
+        try:
+            shutil.rmtree(entry.path)
+        except OSError as error:
+            raise StorageError(f"{entry.path}: cannot remove it ({error.strerror or error})") from error
+    return entry
+
+
+def prune_entries(root: Path, older_than: float | None = None, max_bytes: int | None = None,
+                  now: float | None = None) -> list[CacheEntry]:
+    """Delete the entries last used more than ``older_than`` seconds ago, then the least recently used ones
+    until the rest hold at most ``max_bytes``; return those deleted (entries being built are kept)."""
+    now = time.time() if now is None else now
+    kept_bytes = 0
+    removed = []
+    for entry in list_entries(root):  # most recently used first: the oldest are the ones over the limit
+        too_old = older_than is not None and now - entry.last_used > older_than
+        too_big = max_bytes is not None and kept_bytes + entry.nbytes > max_bytes
+        if too_old or too_big:
+            try:
+                removed.append(remove_entry(root, entry.name))
+                continue
+            except DataError as error:  # being built
+                note(str(error))
+        kept_bytes += entry.nbytes
+    return removed
 
 
 def default_cache_root() -> Path:

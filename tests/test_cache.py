@@ -1,0 +1,389 @@
+"""The feature cache under the faults users hit: full or read-only disks (a real small tmpfs where the
+test may mount one, injected write failures everywhere), concurrent builders, a killed lock holder,
+corrupted shards and adapters; and its housekeeping commands (build, ls, rm, prune)."""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from test_bad_input import cli_error, train_args
+from test_faults import ROOT
+
+from conftest import tiny_vit
+from querytune.backbones import load_backbone
+from querytune.cli import main
+from querytune.data import Preprocess, open_split
+from querytune.errors import CheckpointError, DataError
+from querytune.run import load_run
+from querytune.trunk import cache as cache_module
+from querytune.trunk.cache import FeatureCache, build_cache, cache_splits, human_size, open_or_build_cache, read_meta
+
+
+def cache_args(backbone: Path, task: Path, root: Path, *extra: str) -> list[str]:
+    return ["cache", "--backbone", str(backbone), "--data", str(task), "--cache", str(root), "--splits",
+            "train800val200", "--image-size", "32", "--workers", "0", "-q", *extra]
+
+
+def leftovers(folder: Path) -> list[str]:
+    """What a failed cache build left under ``folder``: nothing, not even an empty entry folder."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
+
+
+# --- a real small filesystem (root only) ------------------------------------------------------------
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """``mount(size, read_only=False)``: a fresh tmpfs of ``size`` bytes; skipped where mounting fails."""
+    mounted: list[Path] = []
+
+    def mount(size: int, read_only: bool = False) -> Path:
+        point = tmp_path / f"fs{len(mounted)}"
+        point.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True,
+                                text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'mount failed'}); the injected "
+                        "faults below cover the same paths")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=True)
+
+
+def run_cli(args: list[str], patch: str = "") -> subprocess.CompletedProcess:
+    """The command line in a fresh process (a SIGBUS there fails the test instead of killing pytest)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    code = f"{patch}\nfrom querytune.cli import main\nmain()"
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_full_small_filesystem_is_one_line_not_a_sigbus(small_tmpfs, tiny_backbone_dir, tiny_task, capsys):
+    """The issue's reproduction at small scale: an entry (~90 KiB) larger than its 32 KiB filesystem."""
+    fs = small_tmpfs(32 * 1024)
+    # up front: the free-space check names the folder and the size needed
+    error = cli_error(capsys, *cache_args(tiny_backbone_dir, tiny_task, fs))
+    assert error.startswith(f"error: {fs}/tiny-train800val200-") and "needs 88.0 KiB, 32.0 KiB free" in error
+    assert leftovers(fs) == []
+    # a disk filled after the check (by another process): the reservation fails; before, this was a SIGBUS,
+    # so in a process of its own
+    result = run_cli(cache_args(tiny_backbone_dir, tiny_task, fs),
+                     patch="import querytune.trunk.cache as c; c.check_free_space = lambda *args: None")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: {fs}/tiny-train800val200-") and "No space left" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert leftovers(fs) == []
+    # a run folder on the full filesystem: one line, nothing left
+    (fs / "filler").write_bytes(b"\0" * (32 * 1024 - 4096))
+    error = cli_error(capsys, *train_args(tiny_backbone_dir, tiny_task, fs / "run", "--no-cache"))
+    assert error.startswith(f"error: {fs / 'run'}: cannot write") and "No space left" in error
+    assert not (fs / "run").exists()
+
+
+def test_a_read_only_filesystem_is_one_line(small_tmpfs, tiny_backbone_dir, tiny_task, capsys):
+    fs = small_tmpfs(1 << 20, read_only=True)
+    error = cli_error(capsys, *cache_args(tiny_backbone_dir, tiny_task, fs / "cache"))
+    assert error.startswith(f"error: {fs}/cache/tiny-train800val200-") and "Read-only file system" in error
+    error = cli_error(capsys, *train_args(tiny_backbone_dir, tiny_task, fs / "run", "--no-cache"))
+    assert error.startswith(f"error: {fs / 'run'}: cannot write") and "Read-only file system" in error
+
+
+# --- injected write failures (any user, any CI) -----------------------------------------------------
+
+class FailingFile:
+    """A file opened for writing whose writes fail with ``code``."""
+
+    def __init__(self, handle: io.IOBase, code: int) -> None:
+        self.handle, self.code = handle, code
+
+    def write(self, data: bytes | str) -> int:
+        raise OSError(self.code, os.strerror(self.code))
+
+    def __enter__(self) -> FailingFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self.handle, name)
+
+
+@pytest.fixture
+def failing_writes(monkeypatch: pytest.MonkeyPatch) -> Callable[[Path, int, str], None]:
+    """``arm(folder, code, name)``: files under ``folder`` whose names contain ``name``, opened for writing
+    (by Python, pathlib, numpy or torch), fail every write with ``code`` from then on."""
+    real_open = builtins.open
+
+    def arm(folder: Path, code: int, name: str = "") -> None:
+        def failing_open(file, mode="r", *args, **kwargs):
+            handle = real_open(file, mode, *args, **kwargs)
+            if (isinstance(file, (str, os.PathLike)) and set(mode) & set("wax+")
+                    and Path(file).resolve().is_relative_to(folder.resolve()) and name in Path(file).name):
+                return FailingFile(handle, code)
+            return handle
+
+        monkeypatch.setattr(builtins, "open", failing_open)
+        monkeypatch.setattr(io, "open", failing_open)
+
+    return arm
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_failed_cache_writes_are_one_line_and_leave_no_entry(code, failing_writes, tiny_backbone_dir, tiny_task,
+                                                             tmp_path, capsys):
+    root = tmp_path / "cache"
+    failing_writes(root, code)
+    error = cli_error(capsys, *cache_args(tiny_backbone_dir, tiny_task, root))
+    assert error.startswith(f"error: {root}/tiny-train800val200-") and os.strerror(code) in error
+    assert leftovers(root) == []
+
+
+def test_failed_reservation_is_one_line_and_leaves_no_entry(monkeypatch, tiny_backbone_dir, tiny_task, tmp_path,
+                                                            capsys):
+    def no_space(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cache_module.os, "posix_fallocate", no_space)
+    error = cli_error(capsys, *cache_args(tiny_backbone_dir, tiny_task, tmp_path / "cache"))
+    assert "No space left on device" in error
+    assert leftovers(tmp_path / "cache") == []
+
+
+@pytest.mark.parametrize("name", ["config.json", "log.jsonl", "checkpoint.pt", "adapter.safetensors",
+                                  "adapter.sha256"])
+def test_failed_run_file_writes_are_one_line_and_remove_the_new_run(name, failing_writes, tiny_backbone_dir,
+                                                                     tiny_task, tmp_path, capsys):
+    out = tmp_path / "run"
+    failing_writes(out, errno.ENOSPC, name)
+    error = cli_error(capsys, *train_args(tiny_backbone_dir, tiny_task, out, "--no-cache"))
+    assert error == f"error: {out}: cannot write {name} (No space left on device); free space there or choose " \
+                    "another folder"
+    assert not out.exists()
+
+
+def test_free_space_is_checked_before_building_with_the_estimate(monkeypatch, tiny_backbone_dir, tiny_task,
+                                                                  tmp_path, capsys):
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+    root = tmp_path / "cache"
+    error = cli_error(capsys, *cache_args(tiny_backbone_dir, tiny_task, root))
+    assert f"{root}/tiny-train800val200-" in error
+    assert "the feature cache of tiny/train800val200 needs 88.0 KiB, 1000 B free there" in error
+    assert leftovers(root) == []
+
+
+# --- two builders of one entry ------------------------------------------------------------------------
+
+def entry_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def wait_for(ready: Callable[[], bool], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def gated_builder(args: list[str], log: Path, gate: Path, free_images: int = 0) -> subprocess.Popen:
+    """The command line in a new process whose image loads block, after ``free_images``, until ``gate`` exists;
+    its output (wide, unwrapped) goes to ``log``."""
+    env = {**os.environ, "COLUMNS": "400",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    code = ("import os, time, querytune.data as data; load, calls = data.load_image, []\n"
+            "def gated(path):\n"
+            "    calls.append(path)\n"
+            f"    while len(calls) > {free_images} and not os.path.exists({str(gate)!r}): time.sleep(0.02)\n"
+            "    return load(path)\n"
+            "data.load_image = gated\n"
+            "from querytune.cli import main; main()")
+    with open(log, "w") as handle:
+        return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                text=True)
+
+
+def test_concurrent_builders_build_once_and_a_killed_holder_blocks_none(tiny_backbone_dir, tiny_task, tmp_path):
+    """Three builders want one entry: another process takes the lock, builds a shard and hangs; two builders
+    here wait (each opens the lock file itself, so they exclude each other as processes do). Once the
+    process is killed (-9) one of them builds the rest while the other waits again, then finds it built."""
+    root = tmp_path / "cache"
+    holder = gated_builder(cache_args(tiny_backbone_dir, tiny_task, root, "--shard-size", "4", "--batch-size", "2"),
+                           tmp_path / "holder.log", tmp_path / "never", free_images=4)
+    wait_for(lambda: any(root.glob("*/shard-00000.cls.npy")))  # one shard written, then it hangs, locked
+    backbone = load_backbone(tiny_backbone_dir)
+    built: list[bool] = []
+
+    def build() -> None:
+        ((_, _, was_built),) = cache_splits(root, backbone, tiny_task, ["train800val200"], 32, shard_size=4,
+                                            batch_size=2, workers=0, show_progress=False)
+        built.append(was_built)
+
+    waiters = [threading.Thread(target=build) for _ in range(2)]
+    for waiter in waiters:
+        waiter.start()
+        waiter.join(timeout=2)
+    assert all(waiter.is_alive() for waiter in waiters)  # waiting for the lock
+    holder.kill()  # SIGKILL, as kill -9: the kernel drops its flock
+    holder.wait()
+    for waiter in waiters:
+        waiter.join(timeout=120)
+    assert sorted(built) == [False, True]
+
+    main(cache_args(tiny_backbone_dir, tiny_task, tmp_path / "alone", "--shard-size", "4"))
+    assert entry_files(root) == entry_files(tmp_path / "alone")
+
+
+# --- corrupted shards and adapters --------------------------------------------------------------------
+
+def flip_a_byte(file: Path, from_end: int = 100) -> None:
+    data = bytearray(file.read_bytes())
+    data[-from_end] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+def test_a_corrupted_shard_is_found_once_opened_for_training_and_rebuilt(tiny_task, tmp_path, monkeypatch):
+    backbone = tiny_vit()
+    images = open_split(tiny_task, "test")
+    preprocess = Preprocess(32, backbone.config.mean, backbone.config.std)
+    path = build_cache(tmp_path, backbone, images, preprocess, shard_size=4, show_progress=False)
+    good = FeatureCache.open(path).features(np.arange(len(images)))
+    meta = read_meta(path)
+    assert meta is not None and not meta["verified"] and len(meta["checksums"]) == 3 * 2  # 3 shards x 2 kinds
+    shard = path / "shard-00001.layers.npy"
+    original = shard.read_bytes()
+    flip_a_byte(shard)
+    assert FeatureCache.open(path).features(np.arange(len(images))).layers.ne(good.layers).any()  # header intact
+
+    rebuilt = open_or_build_cache(tmp_path, backbone, images, preprocess, with_layers=True, shard_size=4,
+                                  show_progress=False)
+    assert shard.read_bytes() == original
+    assert torch.equal(rebuilt.features(np.arange(len(images))).layers, good.layers)
+    assert read_meta(path)["verified"]
+
+    # checked once: a later corruption is not looked for again (the cost is a read of the whole entry)
+    hashed = []
+    monkeypatch.setattr(cache_module, "data_checksum", lambda array: hashed.append(array) or "")
+    open_or_build_cache(tmp_path, backbone, images, preprocess, with_layers=True, shard_size=4, show_progress=False)
+    assert hashed == []
+
+
+def test_a_read_only_entry_is_checked_on_every_open_and_never_written(tiny_task, tmp_path, monkeypatch):
+    backbone = tiny_vit()
+    images = open_split(tiny_task, "test")
+    preprocess = Preprocess(32, backbone.config.mean, backbone.config.std)
+    path = build_cache(tmp_path, backbone, images, preprocess, shard_size=4, show_progress=False)
+    monkeypatch.setattr(cache_module.os, "access", lambda path, mode: False)  # root may write anywhere
+    meta = (path / "meta.json").read_bytes()
+    open_or_build_cache(tmp_path, backbone, images, preprocess, with_layers=True, shard_size=4, show_progress=False)
+    flip_a_byte(path / "shard-00002.cls.npy", from_end=1)
+    with pytest.raises(DataError, match=r"shard-00002.cls.npy: corrupted \(its checksum differs\) in a read-only"):
+        open_or_build_cache(tmp_path, backbone, images, preprocess, with_layers=True, shard_size=4,
+                            show_progress=False)
+    assert (path / "meta.json").read_bytes() == meta and not (path / ".lock").exists()
+
+
+def test_entries_from_before_checksums_stay_readable_and_get_them(tiny_task, tmp_path):
+    backbone = tiny_vit()
+    images = open_split(tiny_task, "test")
+    preprocess = Preprocess(32, backbone.config.mean, backbone.config.std)
+    path = build_cache(tmp_path, backbone, images, preprocess, shard_size=4, show_progress=False)
+    meta = read_meta(path)
+    checksums = meta.pop("checksums")
+    del meta["verified"]
+    (path / "meta.json").write_text(json.dumps(meta))  # as querytune wrote it before checksums
+    open_or_build_cache(tmp_path, backbone, images, preprocess, with_layers=True, shard_size=4, show_progress=False)
+    meta = read_meta(path)
+    assert meta["checksums"] == checksums and meta["verified"]
+
+
+def test_a_corrupted_adapter_is_refused(tiny_backbone_dir, tiny_task, tmp_path, capsys):
+    out = tmp_path / "run"
+    main([str(a) for a in train_args(tiny_backbone_dir, tiny_task, out, "--no-cache")])
+    load_run(out)
+    flip_a_byte(out / "adapter.safetensors", from_end=3)  # a weight's bytes: still a readable safetensors file
+    with pytest.raises(CheckpointError, match=r"adapter.safetensors: corrupted \(its sha256 differs from "
+                                              r"adapter.sha256\); train the run again"):
+        load_run(out)
+    (out / "adapter.sha256").unlink()  # a run from before checksums: loads as it did
+    load_run(out)
+
+
+# --- housekeeping: build again, ls, rm, prune ---------------------------------------------------------
+
+def test_cache_commands_build_list_remove_and_prune(tiny_backbone_dir, tiny_task, tmp_path, capsys):
+    root = tmp_path / "cache"
+    both = cache_args(tiny_backbone_dir, tiny_task, root)
+    both[both.index("--splits") + 1] = "train800val200,test"
+    main(both)
+    assert capsys.readouterr().out.count(", built ->") == 2
+    main(["cache", "build", *both[1:]])  # the same build again: a no-op that says so
+    out = capsys.readouterr().out
+    assert out.count("exists already, nothing to do") == 2 and "built" not in out
+
+    main(["cache", "ls", "--cache", str(root)])
+    listing = capsys.readouterr().out
+    entries = sorted(p.name for p in root.iterdir())
+    assert all(name in listing for name in entries) and "tiny/test" in listing and "tiny/train800val200" in listing
+    size = sum(file.stat().st_size for file in root.rglob("*") if file.is_file())
+    assert f"2 entries, {human_size(size)} in {root}" in listing
+
+    train_entry = next(name for name in entries if "train800val200" in name)
+    long_ago = time.time() - 3 * 86400
+    os.utime(root / train_entry / "meta.json", (long_ago, long_ago))
+    main(["cache", "prune", "--older-than", "2d", "--cache", str(root)])
+    assert f"removed {train_entry}" in capsys.readouterr().out
+    assert sorted(p.name for p in root.iterdir()) == [n for n in entries if n != train_entry]
+
+    main(["cache", "prune", "--max-size", "1K", "--cache", str(root)])
+    assert "1 removed, 0 left" in capsys.readouterr().out and list(root.iterdir()) == []
+
+    assert "no such entry" in cli_error(capsys, "cache", "rm", "nothing-here", "--cache", root)
+    assert "--older-than '7 days'" in cli_error(capsys, "cache", "prune", "--older-than", "7 days", "--cache", root)
+    assert "--max-size" in cli_error(capsys, "cache", "prune", "--cache", root)
+
+
+def test_cache_rm_removes_an_entry_and_refuses_one_being_built(tiny_backbone_dir, tiny_task, tmp_path, capsys):
+    import fcntl
+
+    root = tmp_path / "cache"
+    main(cache_args(tiny_backbone_dir, tiny_task, root))
+    (entry,) = root.iterdir()
+    with open(entry / ".lock") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a builder holds it
+        assert "another process is building it" in cli_error(capsys, "cache", "rm", entry.name, "--cache", root)
+    main(["cache", "rm", entry.name, "--cache", str(root)])
+    assert not entry.exists()
+
+
+def test_cache_splits_chooses_the_cached_splits_of_a_run(tiny_backbone_dir, tiny_task, tmp_path, capsys):
+    root = tmp_path / "cache"
+    args = [a for a in train_args(tiny_backbone_dir, tiny_task, tmp_path / "run") if a != "-q"]
+    args[args.index("linear")] = "vqt"
+    main([str(a) for a in args] + ["--cache", str(root), "--cache-splits", "train800val200"])
+    assert [entry.name.split("-")[1] for entry in root.iterdir()] == ["train800val200"]  # the test split ran live
+    main([str(a) for a in args] + ["--out", str(tmp_path / "all"), "--cache", str(tmp_path / "all-cache")])
+    assert sorted(entry.name.split("-")[1] for entry in (tmp_path / "all-cache").iterdir()) == ["test",
+                                                                                                "train800val200"]
+    live, cached = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("run", "all"))
+    assert live["test_accuracy"] == cached["test_accuracy"]
+
+    error = cli_error(capsys, *args, "--out", tmp_path / "other", "--cache-splits", "val200")
+    assert error == ("error: --cache-splits 'val200': not a split of this run (--train-split 'train800val200', "
+                     "--eval-split 'test')")
+    assert "exclude each other" in cli_error(capsys, *args, "--no-cache", "--cache-splits", "test")
