@@ -37,7 +37,8 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,26 +243,44 @@ def _write_peft(runs: list[Path], folder: Path) -> None:
     hf_config.num_labels = config["num_classes"]
     hf_config.id2label = dict(enumerate(classes))
     hf_config.label2id = {name: label for label, name in enumerate(classes)}
-    model = transformers.AutoModelForImageClassification.from_pretrained(source, config=hf_config,
-                                                                         dtype=torch.float32)
-    layers = _hf_qv_projections(model)
     options = config["options"]
-    lora = peft.LoraConfig(r=options["lora_rank"], lora_alpha=options["lora_alpha"],
-                           lora_dropout=options["lora_dropout"], target_modules=sorted({n for _, n in layers}),
-                           modules_to_save=["classifier"], bias="none")
-    peft_model = peft.get_peft_model(model, lora).eval()
-    set_peft_weights(peft_model, method)
-    _check_same_logits(method, peft_model, config["image_size"], runs[0])
-    peft_model.save_pretrained(str(folder))
+    with _quiet(transformers):
+        model = transformers.AutoModelForImageClassification.from_pretrained(source, config=hf_config,
+                                                                             dtype=torch.float32)
+        lora = peft.LoraConfig(r=options["lora_rank"], lora_alpha=options["lora_alpha"],
+                               lora_dropout=options["lora_dropout"], target_modules=_hf_qv_names(model),
+                               modules_to_save=["classifier"], bias="none")
+        peft_model = peft.get_peft_model(model, lora).eval()
+        set_peft_weights(peft_model, method)
+        _check_same_logits(method, peft_model, config["image_size"], runs[0])
+        peft_model.save_pretrained(str(folder))
+
+
+@contextmanager
+def _quiet(transformers: Any) -> Iterator[None]:
+    """Without transformers' progress bars, deprecation notes and load report, which lists the classifier
+    as newly initialised: it is, until the run's head is copied into it."""
+    logging = transformers.utils.logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
 
 
 _HF_QV = re.compile(r".*layers?\.(\d+)\.attention\.(?:attention\.)?(q_proj|v_proj|query|value)")
 
 
-def _hf_qv_projections(model: nn.Module) -> list[tuple[int, str]]:
-    """(block index, name) of every query and value projection of a transformers ViT, in module order:
-    ``query``/``value`` in transformers 4, ``q_proj``/``v_proj`` in transformers 5."""
-    return [(int(match[1]), match[2]) for name, _ in model.named_modules() if (match := _HF_QV.fullmatch(name))]
+def _hf_qv_names(model: nn.Module) -> list[str]:
+    """The names of a transformers ViT's query and value projections: ``query`` and ``value`` in
+    transformers 4, ``q_proj`` and ``v_proj`` in transformers 5."""
+    return sorted({match[2] for name, _ in model.named_modules() if (match := _HF_QV.fullmatch(name))})
 
 
 def set_peft_weights(peft_model: Any, method: Method) -> None:
@@ -305,6 +324,7 @@ class ImageGraph(nn.Module):
     def __init__(self, method: Method) -> None:
         super().__init__()
         self.method = method
+        self.backbone = method.backbone
 
     def forward(self, images: Tensor) -> Tensor:
         return self.method(images)
@@ -331,13 +351,20 @@ class ServedGraph(nn.Module):
 
 
 def onnx_graph(runs: Sequence[Path]) -> tuple[nn.Module, list[str], int]:
-    """The module to export for ``runs``, its output names (the task names) and its input size."""
+    """The module to export for ``runs``, its output names (the task names) and its input size.
+
+    The position embeddings are resampled to the input size once, here (as the ViT would on every
+    call), so that the graph holds no interpolation."""
     configs = [read_run_config(run) for run in runs]
+    size = configs[0]["image_size"]
+    graph: ImageGraph | ServedGraph
     if len(runs) == 1 and not resolve_method(configs[0]["method"], configs[0]["options"])[0].reads.frozen:
-        method, config = load_run(runs[0])
-        return ImageGraph(method).eval(), [runs[0].resolve().name], config["image_size"]
-    server = MultiTaskServer.from_runs(None, runs, device="cpu", bf16=False)
-    return ServedGraph(server).eval(), [task.name for task in server.tasks], configs[0]["image_size"]
+        graph, names = ImageGraph(load_run(runs[0])[0]), [runs[0].resolve().name]
+    else:
+        server = MultiTaskServer.from_runs(None, runs, device="cpu", bf16=False)
+        graph, names = ServedGraph(server), [task.name for task in server.tasks]
+    load_backbone(graph.backbone, image_size=size)
+    return graph.eval(), names, size
 
 
 def _write_onnx(runs: list[Path], folder: Path) -> None:
