@@ -397,10 +397,12 @@ def _accuracy(metrics: dict[str, Any]) -> tuple[str, float] | None:
 
 _LOADING = {
     "peft": """```python
+import torch
 from peft import PeftModel
 from transformers import AutoModelForImageClassification
 
-base = AutoModelForImageClassification.from_pretrained("{base}", num_labels={num_classes})
+# float32: the run's precision (transformers would otherwise keep a float16 checkpoint in float16)
+base = AutoModelForImageClassification.from_pretrained("{base}", num_labels={num_classes}, dtype=torch.float32)
 model = PeftModel.from_pretrained(base, "path/to/this/folder").eval()
 logits = model(pixel_values=images, interpolate_pos_encoding=True).logits
 ```""",
@@ -419,7 +421,7 @@ import onnxruntime
 session = onnxruntime.InferenceSession("model.onnx")
 outputs = session.run(None, {{"images": images}})       # float32 (batch, 3, {image_size}, {image_size})
 ```
-Outputs, in order: {outputs} (logits).""",
+Outputs, in order: {outputs} (logits, computed in float32).""",
 }
 
 
@@ -450,8 +452,8 @@ def model_card(runs: Sequence[Path], configs: Sequence[dict[str, Any]], format: 
         lines.append(f"- **{task}**: {', '.join(map(str, classes))}")
     normalisation = first.get("normalisation") or {}
     lines += ["", "## Input", "",
-              f"RGB images resized to {first['image_size']} x {first['image_size']} px, scaled to [0, 1] and "
-              f"normalised with mean {normalisation.get('mean')} and std {normalisation.get('std')}.", "",
+              f"RGB images resized (bicubic, no crop) to {first['image_size']} x {first['image_size']} px, scaled "
+              f"to [0, 1] and normalised with mean {normalisation.get('mean')} and std {normalisation.get('std')}.", "",
               "## Backbone", "", f"`{source}` ({first['backbone']['name']}), weights fingerprint "
               f"`{first['backbone']['fingerprint']}`.", "", "## How to load", "",
               _LOADING[format].format(base=source, num_classes=first["num_classes"], image_size=first["image_size"],

@@ -126,7 +126,7 @@ def test_model_card_and_manifest(runs, tmp_path):
     row = (f"| task | vqt | 3 | {100 * metrics['test_accuracy']:.2f}% (test) | {metrics['trainable_params']:,} | "
            f"{metrics['epochs']} |")
     assert row in card
-    assert "- **vqt**: class0, class1, class2" in card and f"resized to {SIZE} x {SIZE} px" in card
+    assert "- **vqt**: class0, class1, class2" in card and f"resized (bicubic, no crop) to {SIZE} x {SIZE} px" in card
     manifest = json.loads((tmp_path / "out" / "export.json").read_text())
     assert manifest["format"] == "onnx" and [r["run"] for r in manifest["runs"]] == [
         str(runs["linear"].resolve()), str(runs["vqt"].resolve())]
