@@ -207,3 +207,13 @@ def test_command_line_export(runs, tmp_path):
     refused = querytune("export", runs["vqt"], "--format", "merged", "--out", tmp_path / "other")
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert "method 'vqt' cannot be merged" in refused.stderr and not (tmp_path / "other").exists()
+
+
+def test_a_failed_write_is_one_line_and_leaves_nothing(runs, tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("querytune.export.save_file", full_disk)
+    with pytest.raises(CheckpointError, match=r"out: cannot write the export \(No space left on device\)"):
+        export_runs([runs["bitfit"]], "merged", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary
