@@ -85,7 +85,8 @@ class Exported:
 
 
 def export_runs(run_folders: Sequence[str | Path], format: str, out: str | Path) -> Exported:
-    """Export finished ``runs`` in ``format`` into the new folder ``out`` (see the module docstring).
+    """Export the finished runs in ``run_folders`` as ``format`` into the new folder ``out`` (see the module
+    docstring).
 
     Every check (format, runs, methods, the out folder) comes before anything is written.
     """
