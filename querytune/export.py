@@ -51,7 +51,7 @@ from .backbones import load_backbone
 from .backbones.loading import CONFIG_METADATA_KEY
 from .backbones.vit import VisionTransformer, ViTConfig
 from .errors import CheckpointError, ConfigError, one_line
-from .files import temporary_path
+from .files import remove_stale_temporaries, temporary_path
 from .methods import resolve_method
 from .methods.base import Method
 from .methods.lora import LoRAQKV
@@ -112,6 +112,8 @@ def export_runs(run_folders: Sequence[str | Path], format: str, out: str | Path)
 
     writers: dict[str, Callable[[list[Path], Path], None]] = {
         "peft": _write_peft, "merged": _write_merged, "onnx": _write_onnx}
+    if out.parent.is_dir():
+        remove_stale_temporaries(out.parent)  # e.g. the folder of an export that was killed
     tmp = temporary_path(out)
     try:
         tmp.mkdir(parents=True)

@@ -217,3 +217,13 @@ def test_a_failed_write_is_one_line_and_leaves_nothing(runs, tmp_path, monkeypat
     with pytest.raises(CheckpointError, match=r"out: cannot write the export \(No space left on device\)"):
         export_runs([runs["bitfit"]], "merged", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary
+
+
+def test_the_temporary_folder_of_a_killed_export_is_removed(runs, tmp_path):
+    import socket
+
+    stale = tmp_path / f"out.{socket.gethostname()}.4194304.tmp"  # pid 2**22: above any pid Linux hands out
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"torn")
+    export_runs([runs["bitfit"]], "merged", tmp_path / "out")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
