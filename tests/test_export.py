@@ -65,6 +65,21 @@ def test_merged_weights_load_into_a_plain_vit_with_equal_logits(method, runs, tm
         assert not torch.equal(state[changed[method]], original[changed[method]])
 
 
+def test_merged_global_pool_model_names_its_final_norm_as_timm_does(tmp_path):
+    save_backbone(tiny_vit(global_pool=True), tmp_path / "gap.safetensors")
+    train_run("bitfit", tmp_path / "gap.safetensors", write_task(tmp_path / "task"), tmp_path / "run",
+              train_settings=FAST, image_size=32, workers=0, show_progress=False)
+    export_runs([tmp_path / "run"], "merged", tmp_path / "out")
+    state = load_file(tmp_path / "out" / "model.safetensors")
+    assert "fc_norm.weight" in state and "norm.weight" not in state  # timm's global_pool='avg' layout
+    plain = load_backbone(tmp_path / "out" / "model.safetensors")
+    assert plain.config.global_pool
+    trained, _ = load_run(tmp_path / "run")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(images(size=32)) @ state["head.weight"].T + state["head.bias"],
+                                   trained(images(size=32)), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["dinov2", "vit"])
 def test_peft_round_trip_gives_the_runs_logits(kind, tmp_path):
     peft = pytest.importorskip("peft", reason="PEFT is not installed (pip install 'querytune[peft]')")
