@@ -1,4 +1,4 @@
-"""The ``querytune`` command line: train | eval | predict | serve | cache | bench | measure | info.
+"""The ``querytune`` command line: train | eval | predict | export | serve | cache | bench | measure | info.
 
 Every user error (missing folder, bad split, unknown method or option, mismatched
 checkpoint) is printed as one line on stderr and exits with code 2.
@@ -310,6 +310,19 @@ def _limit_help(name: str) -> str:
 
     field = next(f for f in fields(ServiceLimits) if f.name == name)
     return f"{field.metadata['help']} (default {field.default})"
+@app.command("export")
+def export_command(
+    runs: list[Path] = typer.Argument(..., help="a finished run folder; several frozen-backbone runs for onnx"),
+    format: str = typer.Option(..., "--format", "-f", help="peft (LoRA runs), merged (linear, full, LoRA, "
+                                                             "BitFit) or onnx (any run)"),
+    out: Path = typer.Option(..., "--out", "-o", help="the export folder (absent or empty)"),
+) -> None:
+    """Export runs for other tools, with a model card: PEFT adapter, merged ViT weights, or an ONNX graph."""
+    from .export import export_runs
+
+    done = export_runs(runs, format, out)
+    state = "already holds this export; nothing to do" if done.unchanged else "written"
+    console.print(f"{out}: {state} ({', '.join(done.files)})", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -112,12 +113,13 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def remove_stale_temporaries(folder: Path) -> None:
-    """Delete the temporary files in ``folder`` that killed processes of this host left behind."""
+    """Delete the temporary files (and folders, such as an export's) in ``folder`` that killed processes
+    of this host left behind."""
     host = socket.gethostname()
     for tmp in folder.glob(f"*.{host}.*.tmp"):
         pid = tmp.name.removesuffix(".tmp").rsplit(".", 1)[-1]
         if pid.isdigit() and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
