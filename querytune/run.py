@@ -15,7 +15,7 @@ import torch
 from . import distributed
 from .backbones import load_backbone
 from .backbones.vit import VisionTransformer
-from .data import Preprocess, check_normalisation, open_split
+from .data import Preprocess, check_normalisation, default_train_split, open_split
 from .errors import CheckpointError, ConfigError, QuerytuneError
 from .methods import build_method, options_dict, resolve_method
 from .methods.base import Method
@@ -33,7 +33,7 @@ from .runfolder import (
 from .train import TrainConfig, evaluate, fit, seed_everything
 from .trunk.cache import backbone_fingerprint
 from .trunk.device import default_device, default_workers
-from .trunk.sources import check_placement, make_source
+from .trunk.sources import check_augment, check_placement, make_source
 from .version import __version__
 
 DEFAULT_IMAGE_SIZE = 224
@@ -55,7 +55,7 @@ def train_run(
     *,
     options: dict[str, Any] | None = None,
     train_settings: dict[str, Any] | None = None,
-    train_split: str = "train800val200",
+    train_split: str | None = None,
     eval_split: str | None = "test",
     image_size: int = DEFAULT_IMAGE_SIZE,
     recipe: str | None = None,
@@ -75,6 +75,10 @@ def train_run(
     ``mean``/``std`` set the input normalisation (required where the backbone's is unknown); the
     run's config.json records the one used, and evaluation and serving use it.
 
+    ``train_split`` defaults to ``train800val200`` where the task has it, else ``train``. With
+    ``train_settings={"augment": True}`` the training images are cropped and flipped at random
+    (methods that run the trunk live: those that adapt it, or frozen ones with no cache).
+
     Every input is checked, and the features cached, before the run folder is made; a
     user error (:class:`QuerytuneError`) found later in a new run (an image that does not
     decode, met on the fly) removes the run folder again. Under torchrun the processes
@@ -87,7 +91,9 @@ def train_run(
     check_placement(cache_placement)
     method_cls, _ = resolve_method(method_name, options)
     cfg = TrainConfig.for_method(method_cls, train_settings or {})
+    check_augment(cfg.augment, method_cls.reads, cache_dir)
     distributed.local_batch_size(cfg.batch_size)
+    train_split = train_split or default_train_split(data)
     train_images = open_split(data, train_split)
     task = task_name or train_images.task
     recipe_settings = recipe_options(recipe, method_cls.name, task) if recipe else {}
@@ -131,7 +137,7 @@ def train_run(
         return read_metrics(out)
     resuming = state == "unfinished"
     source = make_source(method.reads, method.backbone, train_images, preprocess, device, cache_dir, workers,
-                         show_progress, cfg.bf16, cache_placement)
+                         show_progress, cfg.bf16, cache_placement, cfg.augment)
     eval_source = None
     if eval_images is not None:
         eval_source = make_source(method.reads, method.backbone, eval_images, preprocess, device, cache_dir, workers,

@@ -50,6 +50,7 @@ class TrainConfig:
     bf16: bool = False
     fp16: bool = False  # float16 autocast with a gradient scaler, for GPUs without bfloat16
     checkpointing: bool = False  # recompute each block in backward (methods that backpropagate through the trunk)
+    augment: bool = False  # random resized crop and flip of the training images (needs the trunk run live)
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
