@@ -569,9 +569,14 @@ def main(argv: list[str] | None = None) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as error:
-        if hasattr(error, "show") and hasattr(error, "exit_code"):  # click's usage errors (typer bundles click)
-            error.show()
-            sys.exit(2)
-        raise
+        if not (hasattr(error, "format_message") and hasattr(error, "exit_code")):
+            raise
+        usage: Any = error  # click's UsageError (typer bundles click, so it is not importable by that name)
+        if type(usage).__name__ == "NoArgsIsHelpError":  # a bare `querytune`: the help
+            usage.show()
+        else:  # a value typer cannot convert, an unknown flag: one line, as every user error
+            see = f" (see {usage.ctx.command_path} --help)" if getattr(usage, "ctx", None) is not None else ""
+            print(f"error: {' '.join(usage.format_message().split())}{see}", file=sys.stderr)
+        sys.exit(2)
     finally:
         distributed.shutdown()

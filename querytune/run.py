@@ -32,7 +32,7 @@ from .runfolder import (
 )
 from .train import TrainConfig, evaluate, fit, seed_everything
 from .trunk.cache import backbone_fingerprint
-from .trunk.device import default_device, default_workers
+from .trunk.device import resolve_device, resolve_workers
 from .trunk.sources import check_augment, check_placement, make_source
 from .version import __version__
 
@@ -85,8 +85,8 @@ def train_run(
     train data-parallel (:mod:`querytune.distributed`) and only rank 0 writes the run folder.
     """
     out = Path(out)
-    device = distributed.init_from_env(torch.device(device) if device is not None else default_device())
-    workers = default_workers() if workers is None else workers
+    device = distributed.init_from_env(resolve_device(device))
+    workers = resolve_workers(workers)
     cache_dir = Path(cache_dir) if cache_dir is not None else None
     check_placement(cache_placement)
     method_cls, _ = resolve_method(method_name, options)
@@ -216,7 +216,7 @@ def eval_run(
 ) -> float:
     """Accuracy of a finished run's adapter on a split."""
     check_placement(cache_placement)
-    device = distributed.init_from_env(torch.device(device) if device is not None else default_device())
+    device = distributed.init_from_env(resolve_device(device))
     method, config = load_run(run, backbone)
     images = open_split(data, split)
     if images.num_classes > config["num_classes"]:
@@ -225,7 +225,7 @@ def eval_run(
             f"{config['num_classes']} classes"
         )
     preprocess = Preprocess.for_backbone(method.backbone, config["image_size"])
-    workers = default_workers() if workers is None else workers
+    workers = resolve_workers(workers)
     bf16 = config["train"]["bf16"]
     source = make_source(method.reads, method.backbone, images, preprocess, device,
                          Path(cache_dir) if cache_dir else None, workers, show_progress, bf16, cache_placement)

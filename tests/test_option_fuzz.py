@@ -1,6 +1,7 @@
-"""Every option of every method, given a value the method or the backbone cannot take, on the command
-line or in a --config file: exit 2, one line on stderr naming the option, nothing written, and no
-work started (the check comes before any feature is computed)."""
+"""Every option of every method, and every training setting, given a value the method, the backbone
+or the training loop cannot take, on the command line or in a --config file: exit 2, one line on
+stderr naming the option, nothing written, and no work started (the check comes before any feature
+is computed)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import pytest
 
 from conftest import tiny_vit, write_task
 from querytune import cli, run
+from querytune.cli import TRAIN_SETTINGS
 from querytune.methods import METHODS
 from querytune.options import flag, value_type
+from querytune.train import TrainConfig
 
 # Free-form string options have no declared type beyond str: their bad values are listed here, and a
 # new free-form option fails test_every_free_form_option_has_bad_values until it is added.
@@ -35,7 +38,9 @@ def bad_values(options_cls: type, field: Any) -> Iterator[str]:
         yield "maybe"  # given as --flag=maybe
         return
     if kind is int:
-        yield from ("abc", "2.5", str(2**40))  # 2**40: more parameters than any memory holds
+        yield from ("abc", "2.5")
+        if options_cls is not TrainConfig:
+            yield str(2**40)  # as a size: more parameters than any memory holds
     if kind is float:
         yield from ("abc", "nan", "inf")
     if meta.get("min") is not None:
@@ -59,6 +64,8 @@ CASES = [(method, field.name, value) for method, cls in sorted(METHODS.items()) 
          for value in bad_values(cls.Options, field)]
 CONFIG_CASES = [(method, field.name, wrong_type(cls.Options, field)) for method, cls in sorted(METHODS.items())
                 for field in fields(cls.Options)]
+TRAIN_FIELDS = [field for field in fields(TrainConfig) if field.name in TRAIN_SETTINGS]
+TRAIN_CASES = [(field.name, value) for field in TRAIN_FIELDS for value in bad_values(TrainConfig, field)]
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +126,34 @@ def test_wrong_type_in_a_config_file(method: str, option: str, value: Any, task_
     config.write_text(json.dumps({"method": method, "options": {option: value}}))
     line = refused(["train", "--config", str(config), *common(task_and_backbone, tmp_path)], capsys, tmp_path)
     assert flag(option) in line
+
+
+def test_every_training_setting_is_fuzzed():
+    assert {field.name for field in TRAIN_FIELDS} == set(TRAIN_SETTINGS)
+
+
+@pytest.mark.parametrize("setting,value", TRAIN_CASES, ids=[f"{s}-{v!r}" for s, v in TRAIN_CASES])
+def test_bad_training_setting_on_the_command_line(setting: str, value: str, task_and_backbone, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture, no_work: None):
+    kind, _ = value_type(TrainConfig, setting)
+    given = [f"{flag(setting)}={value}"] if kind is bool else [flag(setting), value]
+    line = refused(["train", "-m", "linear", *common(task_and_backbone, tmp_path), *given], capsys, tmp_path)
+    assert flag(setting) in line
+
+
+@pytest.mark.parametrize("setting", [field.name for field in TRAIN_FIELDS])
+def test_training_setting_of_the_wrong_type_in_a_config_file(setting: str, task_and_backbone, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture, no_work: None):
+    config = tmp_path / "config.json"
+    value = wrong_type(TrainConfig, next(f for f in TRAIN_FIELDS if f.name == setting))
+    config.write_text(json.dumps({"method": "linear", "train": {setting: value}}))
+    line = refused(["train", "--config", str(config), *common(task_and_backbone, tmp_path)], capsys, tmp_path)
+    assert flag(setting) in line
+
+
+@pytest.mark.parametrize("flags,named", [(["--workers", "-1"], "--workers"), (["--device", "tpu"], "--device"),
+                                         (["--image-size", "30"], "--image-size")])
+def test_bad_run_settings(flags: list[str], named: str, task_and_backbone, tmp_path: Path,
+                          capsys: pytest.CaptureFixture, no_work: None):
+    line = refused(["train", "-m", "linear", *common(task_and_backbone, tmp_path), *flags], capsys, tmp_path)
+    assert named in line
