@@ -259,3 +259,18 @@ def test_augment_trains_methods_that_run_the_trunk_live(method: str, no_cache: l
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["augment"] is True and config["train_split"] == "train"
     assert (out / "metrics.json").is_file()
+
+
+def test_train_and_eval_on_a_datasets_folder_through_the_feature_cache(tiny_backbone_dir: Path, tmp_path: Path):
+    datasets = pytest.importorskip("datasets", reason="the datasets extra is not installed")
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c"])})
+    root = tmp_path / "hf-task"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(hf_images(6), features=features),
+                          "test": datasets.Dataset.from_dict(hf_images(3), features=features)}).save_to_disk(str(root))
+    cache = tmp_path / "cache"
+    metrics = train_run("linear", tiny_backbone_dir, root, tmp_path / "run", image_size=32, workers=0, cache_dir=cache,
+                        train_settings={"epochs": 1, "batch_size": 3}, show_progress=False)
+    assert metrics["train_split"] == "train" and "test_accuracy" in metrics
+    assert any(cache.rglob("*")), "the features were not cached"
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["classes"] == ["a", "b", "c"] and config["num_classes"] == 3
