@@ -75,6 +75,9 @@ def check_value(options_cls: type, field: dataclasses.Field, value: Any) -> None
             raise ConfigError(f"{name} must be a finite number (got {value})")
     if kind is str and not isinstance(value, (str, os.PathLike)):  # a folder option may be given as a Path
         raise ConfigError(f"{name} must be a string (got {value!r})")
+    if typing.get_origin(kind) is list and not (  # list[float]: --mean, --std from a config file
+            isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise ConfigError(f"{name} must be a list of numbers (got {value!r})")
     meta = field.metadata
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(f"{name} must be one of {', '.join(meta['choices'])} (got {value!r})")

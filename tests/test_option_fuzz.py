@@ -15,7 +15,7 @@ import pytest
 
 from conftest import tiny_vit, write_task
 from querytune import cli, run
-from querytune.cli import TRAIN_SETTINGS
+from querytune.cli import TRAIN_SETTINGS, TrainCommand
 from querytune.methods import METHODS
 from querytune.options import flag, value_type
 from querytune.train import TrainConfig
@@ -57,7 +57,7 @@ def bad_values(options_cls: type, field: Any) -> Iterator[str]:
 def wrong_type(options_cls: type, field: Any) -> Any:
     """A value of the wrong JSON type for a --config file."""
     kind, _ = value_type(options_cls, field.name)
-    return {bool: "yes", int: "two", float: [1.0], str: 5}[kind]
+    return {bool: "yes", int: "two", float: [1.0], str: 5}.get(kind, 5)  # 5 for a list of numbers
 
 
 CASES = [(method, field.name, value) for method, cls in sorted(METHODS.items()) for field in fields(cls.Options)
@@ -157,3 +157,13 @@ def test_bad_run_settings(flags: list[str], named: str, task_and_backbone, tmp_p
                           capsys: pytest.CaptureFixture, no_work: None):
     line = refused(["train", "-m", "linear", *common(task_and_backbone, tmp_path), *flags], capsys, tmp_path)
     assert named in line
+
+
+@pytest.mark.parametrize("key", [field.name for field in fields(TrainCommand)])
+def test_command_setting_of_the_wrong_type_in_a_config_file(key: str, task_and_backbone, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture, no_work: None):
+    config = tmp_path / "config.json"
+    value = wrong_type(TrainCommand, next(field for field in fields(TrainCommand) if field.name == key))
+    config.write_text(json.dumps({"method": "linear", key: value}))
+    line = refused(["train", "--config", str(config), *common(task_and_backbone, tmp_path)], capsys, tmp_path)
+    assert flag(key) in line
