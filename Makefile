@@ -14,7 +14,7 @@ $(VENV)/installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-.PHONY: demo test lint
+.PHONY: demo test lint install-check
 demo: $(VENV)/installed
 	@test -e "$(BACKBONE)" -a -e "$(DATA)" || { echo "demo: $(BACKBONE) or $(DATA) not found; run 'make demo BACKBONE=<model> DATA=<task folder>'"; exit 2; }
 	$(PY) -m querytune train --method linear --backbone $(BACKBONE) --data $(DATA) --epochs 5 --bf16 \
@@ -26,3 +26,7 @@ test: $(VENV)/installed
 lint: $(VENV)/installed
 	$(PY) -m ruff check querytune tests benchmarks
 	$(PY) -m mypy
+
+# Build the wheel and install it into a fresh venv, as users install it (CI runs it once).
+install-check: $(VENV)/installed
+	PY=$(PY) .ci/install-check

@@ -29,7 +29,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console()
 
 BackboneOpt = typer.Option(..., "--backbone", "-b", help="HF model folder, timm checkpoint, .npz, hub name")
-DataOpt = typer.Option(..., "--data", "-d", help="task folder (VTAB-1k layout, CSV lists or class folders)")
+DataOpt = typer.Option(..., "--data", "-d", help="task folder (VTAB-1k lists, CSV lists, FGVC JSON, class folders "
+                                                  "or a datasets save_to_disk folder)")
 
 
 def _given(**values: Any) -> dict[str, Any]:
@@ -47,7 +48,7 @@ class TrainCommand:
     backbone: str | None = None
     data: str | None = None
     out: str | None = None
-    train_split: str = "train800val200"
+    train_split: str | None = None  # train800val200 where the task has it, else train
     eval_split: str = "test"
     image_size: int = 224
     recipe: str | None = None
@@ -63,7 +64,7 @@ class TrainCommand:
 
 
 TRAIN_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs", "grad_clip",
-                  "label_smoothing", "seed", "bf16", "fp16", "checkpointing")
+                  "label_smoothing", "seed", "bf16", "fp16", "checkpointing", "augment")
 RUN_RECORD = ("querytune_version", "num_classes", "classes")  # what a run's config.json holds beside its settings
 
 
@@ -165,11 +166,12 @@ def train(
     method: Optional[str] = typer.Option(None, "--method", "-m", help="the method (see `querytune methods`)"),
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="HF model folder, timm checkpoint, "
                                                                           ".npz, hub name"),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="task folder (VTAB-1k layout, CSV lists or "
-                                                                   "class folders)"),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="task folder (VTAB-1k lists, CSV lists, "
+                                                                   "FGVC JSON, class folders or a datasets "
+                                                                   "save_to_disk folder)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder (resumed if it holds an unfinished "
                                                                  "run)"),
-    train_split: Optional[str] = typer.Option(None, help="split to train on (default train800val200)"),
+    train_split: Optional[str] = typer.Option(None, help="split to train on (default train800val200, else train)"),
     eval_split: Optional[str] = typer.Option(None, help="split to report accuracy on (default test; '' for none)"),
     epochs: Optional[int] = typer.Option(None, help="default: the method's published protocol"),
     batch_size: Optional[int] = typer.Option(None, help="global batch, split evenly over torchrun's processes"),
@@ -187,6 +189,9 @@ def train(
     checkpointing: Optional[bool] = typer.Option(None, "--checkpointing", help="gradient checkpointing: recompute "
                                                  "each block in backward (methods that backpropagate through the "
                                                  "trunk)"),
+    augment: Optional[bool] = typer.Option(None, "--augment", help="random resized crop and flip of the training "
+                                           "images (the FGVC protocols); needs the trunk run live: methods that adapt "
+                                           "it, or --no-cache"),
     image_size: Optional[int] = typer.Option(None, help="input size, images are resized to it (default 224)"),
     memory_mode: Optional[str] = typer.Option(None, help="memory: masked | plain (old spelling of --method "
                                                          "memory-plain)"),
@@ -723,9 +728,14 @@ def main(argv: list[str] | None = None) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as error:
-        if hasattr(error, "show") and hasattr(error, "exit_code"):  # click's usage errors (typer bundles click)
-            error.show()
-            sys.exit(2)
-        raise
+        if not (hasattr(error, "format_message") and hasattr(error, "exit_code")):
+            raise
+        usage: Any = error  # click's UsageError (typer bundles click, so it is not importable by that name)
+        if type(usage).__name__ == "NoArgsIsHelpError":  # a bare `querytune`: the help
+            usage.show()
+        else:  # a value typer cannot convert, an unknown flag: one line, as every user error
+            see = f" (see {usage.ctx.command_path} --help)" if getattr(usage, "ctx", None) is not None else ""
+            print(f"error: {' '.join(usage.format_message().split())}{see}", file=sys.stderr)
+        sys.exit(2)
     finally:
         distributed.shutdown()

@@ -1,13 +1,24 @@
 """Image tasks on disk: list files and class folders, images, the VTAB-1k transform.
 
-A task folder holds its splits in one of three layouts, detected in this order:
+A task folder holds its splits in one of five layouts, detected in this order:
 
-1. VTAB-1k task folder: ``<split>.txt`` lists, one ``<relative image path> <int label>``
+1. Hugging Face ``datasets`` folder, written by ``save_to_disk`` (``dataset_dict.json`` and a
+   folder per split, or one dataset, the split ``all``): an image column and a label column
+   (its ``ClassLabel`` names the classes). Reading it needs the ``datasets`` extra.
+2. JSON annotations, the FGVC layout of VPT and NOAH: ``<split>.json`` holding
+   ``{"<relative image path>": label, ...}`` (or a list of such one-key objects), images
+   under the folder itself, ``images/`` or ``Images/``. Labels (integers or names) are
+   numbered in sorted order over all the splits.
+3. VTAB-1k task folder: ``<split>.txt`` lists, one ``<relative image path> <int label>``
    per line, and an optional ``classes.txt`` (line i names label i).
-2. CSV lists: ``<split>.csv`` with a header naming a ``path`` (or ``image``/``filename``)
+4. CSV lists: ``<split>.csv`` with a header naming a ``path`` (or ``image``/``filename``)
    column and a ``label`` column; labels are integers or class names.
-3. Class folders: ``<split>/<class name>/<image>``, or ``<class name>/<image>`` directly
-   in the task folder, which is then the split ``all``.
+5. Class folders: ``<split>/<class name>/<image>`` (e.g. ``train/`` and ``test/``, or
+   ``train/`` ``val/`` ``test/``), or ``<class name>/<image>`` directly in the task folder,
+   which is then the split ``all``.
+
+Training defaults to the split ``train800val200`` (VTAB-1k), else ``train``
+(:func:`default_train_split`).
 
 Problems with the folder, a list or an image raise :class:`DataError` naming the file
 (and the line, for lists).
@@ -16,9 +27,11 @@ Problems with the folder, a list or an image raise :class:`DataError` naming the
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
+import math
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -34,9 +47,18 @@ from .errors import ConfigError, DataError, QuerytuneError, one_line
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 
+HF_DATASETS = "Hugging Face datasets folder"
+JSON_LISTS = "JSON annotation folder"
 VTAB = "VTAB-1k task folder"
 CSV = "CSV list folder"
 FOLDERS = "class-folder layout"
+
+DEFAULT_TRAIN_SPLITS = ("train800val200", "train")
+# Where the image paths of JSON annotations start: VPT's FGVC folders use each of these.
+_JSON_IMAGE_FOLDERS = ("", "images", "Images")
+# RandomResizedCrop's ranges, as torchvision's and timm's defaults (and the FGVC protocols) use them.
+_CROP_SCALE = (0.08, 1.0)
+_CROP_RATIO = (3 / 4, 4 / 3)
 
 _PATH_COLUMNS = ("path", "image", "filename")
 # Files beside the split lists that are not lists themselves.
@@ -89,6 +111,39 @@ class ImageList:
             digest.update(b"\n" + json.dumps(record).encode())
         return digest.hexdigest()
 
+    def load(self, index: int) -> Image.Image:
+        """Image ``index``, fully decoded, in RGB."""
+        return load_image(self.items[index][0])
+
+
+@dataclass(frozen=True)
+class DatasetsImageList(ImageList):
+    """A split of a Hugging Face ``datasets`` folder (``source``, the split's own folder): its images
+    are rows of the split's Arrow files, so an item's path is only a name, ``<source>/row-<i>``."""
+
+    image_column: str = "image"
+
+    def fingerprint(self) -> str:
+        """sha256 of the split, its image column, the names, sizes and mtimes of its files, and its labels."""
+        assert self.source is not None
+        digest = hashlib.sha256(json.dumps([self.split, self.image_column]).encode())
+        for file in sorted(self.source.iterdir()):
+            stat = file.stat()
+            digest.update(b"\n" + json.dumps([file.name, stat.st_size, stat.st_mtime_ns]).encode())
+        digest.update(json.dumps([label for _, label in self.items]).encode())
+        return digest.hexdigest()
+
+    def load(self, index: int) -> Image.Image:
+        assert self.source is not None
+        try:
+            image = _datasets_split(self.source)[index][self.image_column]
+            if image is None:
+                raise DataError(f"{self.source}: row {index} has no image")
+            image.load()
+        except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as error:
+            raise DataError(f"{self.source}: row {index}: cannot read image ({one_line(error)})") from error
+        return _to_rgb(image)
+
 
 def open_split(data: str | Path, split: str) -> ImageList:
     """The images and labels of ``split`` in the task folder ``data``.
@@ -106,6 +161,10 @@ def open_split(data: str | Path, split: str) -> ImageList:
         raise DataError(f"{root}: no split {split!r} in this {layout}; available: {', '.join(sorted(splits))}")
     if layout == FOLDERS:
         return _open_folders(root, split, splits)
+    if layout == HF_DATASETS:
+        return _open_datasets(root, split, splits)
+    if layout == JSON_LISTS:
+        return _open_json(root, split, splits)
     return _open_list(root, split, layout, splits)
 
 
@@ -114,8 +173,22 @@ def list_splits(data: str | Path) -> list[str]:
     return sorted(_layout(_task_folder(data))[1])
 
 
+def default_train_split(data: str | Path) -> str:
+    """The split to train on where none is named: ``train800val200`` (VTAB-1k), else ``train``."""
+    splits = list_splits(data)
+    for split in DEFAULT_TRAIN_SPLITS:
+        if split in splits:
+            return split
+    raise DataError(f"{_task_folder(data)}: no {' or '.join(DEFAULT_TRAIN_SPLITS)} split to train on; name one "
+                    f"with --train-split (available: {', '.join(splits) or 'none'})")
+
+
 class Preprocess:
-    """The VTAB-1k transform: RGB, bicubic resize to ``image_size`` squared (no crop), normalise."""
+    """The VTAB-1k transform: RGB, bicubic resize to ``image_size`` squared (no crop), normalise.
+
+    Called with a random generator, it augments as the FGVC protocols do: a random resized crop
+    (scale 0.08-1, aspect ratio 3/4-4/3) and a horizontal flip with probability 1/2 come first.
+    """
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
         if len(mean) != 3 or len(std) != 3:
@@ -137,9 +210,14 @@ class Preprocess:
                               "(ImageNet's)")
         return cls(image_size, config.mean, config.std)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image, augment: np.random.Generator | None = None) -> torch.Tensor:
         size = (self.image_size, self.image_size)
-        image = _to_rgb(image).resize(size, Image.Resampling.BICUBIC)
+        image = _to_rgb(image)
+        if augment is not None:
+            image = _random_resized_crop(image, augment)
+            if augment.random() < 0.5:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        image = image.resize(size, Image.Resampling.BICUBIC)
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (S, S, 3)
         return pixels.permute(2, 0, 1).float().div_(255).sub_(self._mean).div_(self._std)
 
@@ -209,7 +287,11 @@ def iterate_loader(loader: torch.utils.data.DataLoader) -> Iterator:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """(preprocessed image, label) pairs of an :class:`ImageList`, which ``images`` holds."""
+    """(preprocessed image, label) pairs of an :class:`ImageList`, which ``images`` holds.
+
+    A key is an index, or (index, seed) for an augmented image whose crop and flip are drawn
+    from ``(seed, index)`` alone: whichever worker loads it, and in a resumed run too.
+    """
 
     def __init__(self, images: ImageList, preprocess: Preprocess) -> None:
         self.images = images
@@ -218,9 +300,31 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.images.items[index]
-        return self.preprocess(load_image(path)), label
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        augment = None if seed is None else np.random.default_rng([seed, index])
+        return self.preprocess(self.images.load(index), augment), self.images.items[index][1]
+
+
+def _random_resized_crop(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """torchvision's RandomResizedCrop region: up to 10 draws of an area fraction and a log-uniform
+    aspect ratio, then the largest central crop within the ratio bounds."""
+    width, height = image.size
+    log_ratio = (math.log(_CROP_RATIO[0]), math.log(_CROP_RATIO[1]))
+    for _ in range(10):
+        area = width * height * rng.uniform(*_CROP_SCALE)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+            return image.crop((left, top, left + w, top + h))
+    w, h = width, height
+    if width / height < _CROP_RATIO[0]:
+        h = round(width / _CROP_RATIO[0])
+    elif width / height > _CROP_RATIO[1]:
+        w = round(height * _CROP_RATIO[1])
+    left, top = (width - w) // 2, (height - h) // 2
+    return image.crop((left, top, left + w, top + h))
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -245,6 +349,11 @@ def _task_folder(data: str | Path) -> Path:
 
 def _layout(root: Path) -> tuple[str, dict[str, Path]]:
     """The folder's layout and its splits, each mapped to its list file or folder."""
+    if splits := _datasets_splits(root):
+        return HF_DATASETS, splits
+    # Before the .txt lists: FGVC folders such as CUB_200_2011 also hold the dataset's own .txt files.
+    if lists := _list_files(root, ".json"):
+        return JSON_LISTS, lists
     if lists := _list_files(root, ".txt"):
         return VTAB, lists
     if lists := _list_files(root, ".csv"):
@@ -291,6 +400,124 @@ def _open_folders(root: Path, split: str, splits: dict[str, Path]) -> ImageList:
     return ImageList(root, split, items, classes, source=folder)
 
 
+# Hugging Face datasets folders
+
+
+def _datasets_splits(root: Path) -> dict[str, Path]:
+    """The splits of a ``save_to_disk`` folder: a DatasetDict's (one folder each), or one Dataset's, ``all``."""
+    index = root / "dataset_dict.json"
+    if index.is_file():
+        try:
+            names = json.loads(_read_text(index))["splits"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise DataError(f"{index}: not a datasets split index ({one_line(error)})") from error
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise DataError(f"{index}: 'splits' must be a list of names, got {names!r}")
+        return {name: root / name for name in names}
+    if (root / "state.json").is_file() and (root / "dataset_info.json").is_file():
+        return {"all": root}
+    return {}
+
+
+@functools.lru_cache(maxsize=16)
+def _datasets_split(folder: Path) -> Any:
+    """The ``datasets.Dataset`` saved in ``folder``, opened once per process (memory-mapped)."""
+    try:
+        import datasets
+    except ImportError as error:
+        raise ConfigError(f"{folder}: a Hugging Face datasets folder; reading it needs the datasets extra: "
+                          "pip install 'querytune[datasets]'") from error
+    try:
+        return datasets.load_from_disk(str(folder))
+    except Exception as error:  # a damaged folder raises anything from FileNotFoundError to Arrow's own errors
+        raise DataError(f"{folder}: cannot open this datasets folder ({one_line(error)})") from error
+
+
+def _datasets_columns(dataset: Any, folder: Path) -> tuple[str, str]:
+    """The image column (the one of the Image feature) and the label column (``label``/``labels``, else
+    the one ClassLabel column)."""
+    import datasets
+
+    features = dataset.features
+    images = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
+    if len(images) != 1:
+        raise DataError(f"{folder}: expected one image column, found {len(images)} (columns: {', '.join(features)})")
+    labels = [name for name in ("label", "labels") if name in features]
+    labels = labels or [name for name, feature in features.items() if isinstance(feature, datasets.ClassLabel)]
+    if len(labels) != 1:
+        raise DataError(f"{folder}: expected a label column ('label', or one ClassLabel column), found "
+                        f"{len(labels)} (columns: {', '.join(features)})")
+    return images[0], labels[0]
+
+
+def _datasets_labels(folder: Path) -> tuple[list[int], tuple[str, ...] | None]:
+    """A split's labels and, where its label column is a ClassLabel, the class names."""
+    dataset = _datasets_split(folder)
+    _, column = _datasets_columns(dataset, folder)
+    names = getattr(dataset.features[column], "names", None)
+    labels = list(dataset[column])
+    for row, label in enumerate(labels):
+        if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+            raise DataError(f"{folder}: row {row}: label {label!r} is not a class number")
+        if names is not None and label >= len(names):
+            raise DataError(f"{folder}: row {row}: label {label} is out of range: the dataset names {len(names)} "
+                            "classes")
+    return labels, tuple(names) if names is not None else None
+
+
+def _open_datasets(root: Path, split: str, splits: dict[str, Path]) -> ImageList:
+    folder = splits[split]
+    image_column, _ = _datasets_columns(_datasets_split(folder), folder)
+    labels, classes = _datasets_labels(folder)
+    if not labels:
+        raise DataError(f"{folder}: split {split!r} holds no images ({HF_DATASETS})")
+    max_label = None
+    if classes is None:  # numbered over every split, so that all agree on num_classes
+        max_label = max(max(_datasets_labels(other)[0], default=0) for other in splits.values())
+    items = tuple((folder / f"row-{row}", label) for row, label in enumerate(labels))
+    return DatasetsImageList(root, split, items, classes, max_label, folder, image_column)
+
+
+# JSON annotations (FGVC)
+
+
+def _open_json(root: Path, split: str, lists: dict[str, Path]) -> ImageList:
+    file = lists[split]
+    entries = _read_json_list(file)
+    if not entries:
+        raise DataError(f"{file}: split {split!r} lists no images ({JSON_LISTS})")
+    all_labels = {label for other in lists.values() for _, label in _read_json_list(other)}
+    if len({type(label) for label in all_labels}) > 1:
+        raise DataError(f"{root}: the {JSON_LISTS}'s lists mix integer labels and class names")
+    classes = sorted(all_labels)  # numbered in this order in every split, as VPT's JSONDataset does
+    number = {label: i for i, label in enumerate(classes)}
+    first = entries[0][0]
+    images = next((root / name for name in _JSON_IMAGE_FOLDERS if (root / name / first).is_file()), None)
+    if images is None:
+        raise DataError(f"{file}: its first image {first!r} is not in {root}, {root}/images or {root}/Images")
+    items = tuple((_image_path(images, f"{file}, entry {n}", path), number[label])
+                  for n, (path, label) in enumerate(entries, 1))
+    return ImageList(root, split, items, tuple(str(label) for label in classes), source=file)
+
+
+def _read_json_list(file: Path) -> list[tuple[str, int | str]]:
+    """The (image path, label) entries of an FGVC annotation file."""
+    try:
+        data = json.loads(_read_text(file))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{file}:{error.lineno}: not JSON ({error.msg})") from error
+    if isinstance(data, list) and all(isinstance(entry, dict) and len(entry) == 1 for entry in data):
+        entries = [pair for entry in data for pair in entry.items()]
+    elif isinstance(data, dict):
+        entries = list(data.items())
+    else:
+        raise DataError(f'{file}: expected {{"<image path>": <label>, ...}} or a list of such one-key objects')
+    for n, (path, label) in enumerate(entries, 1):
+        if type(label) not in (int, str):  # type(): a JSON true is a bool, not a class
+            raise DataError(f"{file}, entry {n}: label {label!r} of {path!r} is neither an integer nor a class name")
+    return entries
+
+
 # List files
 
 
@@ -314,7 +541,7 @@ def _open_list(root: Path, split: str, layout: str, lists: dict[str, Path]) -> I
 
     items = []
     for line, path_text, label_text in rows:
-        image = _image_path(root, file, line, path_text)
+        image = _image_path(root, f"{file}:{line}", path_text)
         if by_name:
             label = _class_label(file, line, label_text, index, names_file, rows[0])
         else:
@@ -422,15 +649,16 @@ def _class_label(file: Path, line: int, text: str, index: dict[str, int], classe
     )
 
 
-def _image_path(root: Path, file: Path, line: int, text: str) -> Path:
+def _image_path(root: Path, where: str, text: str) -> Path:
+    """The listed image ``text`` under ``root``; ``where`` names the list entry in messages."""
     if any(ord(c) < 32 or ord(c) == 127 for c in text):
-        raise DataError(f"{file}:{line}: image path {text!r} contains control characters")
+        raise DataError(f"{where}: image path {text!r} contains control characters")
     if Path(text).is_absolute():
-        raise DataError(f"{file}:{line}: image path {text!r} is absolute; list it relative to {root}")
+        raise DataError(f"{where}: image path {text!r} is absolute; list it relative to {root}")
     # Lexical, not resolved: symlinks inside the task folder may point elsewhere (shared image stores).
     path = Path(os.path.normpath(root / text))
     if not path.is_relative_to(root):
-        raise DataError(f"{file}:{line}: image path {text!r} leads outside the task folder {root}")
+        raise DataError(f"{where}: image path {text!r} leads outside the task folder {root}")
     if not path.is_file():
-        raise DataError(f"{file}:{line}: image not found: {path}")
+        raise DataError(f"{where}: image not found: {path}")
     return path

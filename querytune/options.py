@@ -42,14 +42,18 @@ def value_type(options_cls: type, name: str) -> tuple[type, bool]:
 def describe_range(meta: Mapping[str, Any]) -> str | None:
     low, high = meta.get("min"), meta.get("max")
     if low is not None and high is not None:
-        return f"in {'(' if meta['min_open'] else '['}{low:g}, {high:g}{')' if meta['max_open'] else ']'}"
+        return f"in {'(' if meta['min_open'] else '['}{_number(low)}, {_number(high)}{')' if meta['max_open'] else ']'}"
     if low is not None:
         if meta["min_open"]:
-            return "positive" if low == 0 else f"greater than {low:g}"
-        return "0 or more" if low == 0 else f"at least {low:g}"
+            return "positive" if low == 0 else f"greater than {_number(low)}"
+        return "0 or more" if low == 0 else f"at least {_number(low)}"
     if high is not None:
-        return f"{'below' if meta['max_open'] else 'at most'} {high:g}"
+        return f"{'below' if meta['max_open'] else 'at most'} {_number(high)}"
     return None
+
+
+def _number(bound: float) -> str:
+    return f"{bound:g}" if isinstance(bound, float) else str(bound)  # :g would write 2**32 - 1 as 4.29497e+09
 
 
 def check_value(options_cls: type, field: dataclasses.Field, value: Any) -> None:
@@ -71,6 +75,9 @@ def check_value(options_cls: type, field: dataclasses.Field, value: Any) -> None
             raise ConfigError(f"{name} must be a finite number (got {value})")
     if kind is str and not isinstance(value, (str, os.PathLike)):  # a folder option may be given as a Path
         raise ConfigError(f"{name} must be a string (got {value!r})")
+    if typing.get_origin(kind) is list and not (  # list[float]: --mean, --std from a config file
+            isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise ConfigError(f"{name} must be a list of numbers (got {value!r})")
     meta = field.metadata
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(f"{name} must be one of {', '.join(meta['choices'])} (got {value!r})")

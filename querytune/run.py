@@ -15,7 +15,7 @@ import torch
 from . import distributed
 from .backbones import load_backbone
 from .backbones.vit import VisionTransformer
-from .data import Preprocess, check_normalisation, open_split
+from .data import Preprocess, check_normalisation, default_train_split, open_split
 from .errors import CheckpointError, ConfigError, QuerytuneError
 from .methods import build_method, options_dict, resolve_method
 from .methods.base import Method
@@ -32,8 +32,8 @@ from .runfolder import (
 )
 from .train import TrainConfig, evaluate, fit, seed_everything
 from .trunk.cache import backbone_fingerprint
-from .trunk.device import default_device, default_workers
-from .trunk.sources import check_placement, make_source
+from .trunk.device import resolve_device, resolve_workers
+from .trunk.sources import check_augment, check_placement, make_source
 from .version import __version__
 
 DEFAULT_IMAGE_SIZE = 224
@@ -55,7 +55,7 @@ def train_run(
     *,
     options: dict[str, Any] | None = None,
     train_settings: dict[str, Any] | None = None,
-    train_split: str = "train800val200",
+    train_split: str | None = None,
     eval_split: str | None = "test",
     image_size: int = DEFAULT_IMAGE_SIZE,
     recipe: str | None = None,
@@ -78,19 +78,25 @@ def train_run(
     names the splits whose features are cached under ``cache_dir`` (default: both); the others
     run the frozen trunk live.
 
+    ``train_split`` defaults to ``train800val200`` where the task has it, else ``train``. With
+    ``train_settings={"augment": True}`` the training images are cropped and flipped at random
+    (methods that run the trunk live: those that adapt it, or frozen ones with no cache).
+
     Every input is checked, and the features cached, before the run folder is made; a
     user error (:class:`QuerytuneError`) found later in a new run (an image that does not
     decode, met on the fly) removes the run folder again. Under torchrun the processes
     train data-parallel (:mod:`querytune.distributed`) and only rank 0 writes the run folder.
     """
     out = Path(out)
-    device = distributed.init_from_env(torch.device(device) if device is not None else default_device())
-    workers = default_workers() if workers is None else workers
+    device = distributed.init_from_env(resolve_device(device))
+    workers = resolve_workers(workers)
     cache_dir = Path(cache_dir) if cache_dir is not None else None
     check_placement(cache_placement)
     method_cls, _ = resolve_method(method_name, options)
     cfg = TrainConfig.for_method(method_cls, train_settings or {})
+    check_augment(cfg.augment, method_cls.reads, cache_dir)
     distributed.local_batch_size(cfg.batch_size)
+    train_split = train_split or default_train_split(data)
     train_images = open_split(data, train_split)
     task = task_name or train_images.task
     recipe_settings = recipe_options(recipe, method_cls.name, task) if recipe else {}
@@ -138,11 +144,12 @@ def train_run(
     if state == "finished":  # the very same run, done already (a retried job, a rerun cell): its results
         return read_metrics(out)
     resuming = state == "unfinished"
+
     def split_cache(split: str | None) -> Path | None:
         return cache_dir if cache_splits is None or split in cache_splits else None
 
     source = make_source(method.reads, method.backbone, train_images, preprocess, device, split_cache(train_split),
-                         workers, show_progress, cfg.bf16, cache_placement)
+                         workers, show_progress, cfg.bf16, cache_placement, cfg.augment)
     eval_source = None
     if eval_images is not None:
         eval_source = make_source(method.reads, method.backbone, eval_images, preprocess, device,
@@ -221,7 +228,7 @@ def eval_run(
 ) -> float:
     """Accuracy of a finished run's adapter on a split."""
     check_placement(cache_placement)
-    device = distributed.init_from_env(torch.device(device) if device is not None else default_device())
+    device = distributed.init_from_env(resolve_device(device))
     method, config = load_run(run, backbone)
     images = open_split(data, split)
     if images.num_classes > config["num_classes"]:
@@ -230,7 +237,7 @@ def eval_run(
             f"{config['num_classes']} classes"
         )
     preprocess = Preprocess.for_backbone(method.backbone, config["image_size"])
-    workers = default_workers() if workers is None else workers
+    workers = resolve_workers(workers)
     bf16 = config["train"]["bf16"]
     source = make_source(method.reads, method.backbone, images, preprocess, device,
                          Path(cache_dir) if cache_dir else None, workers, show_progress, bf16, cache_placement)

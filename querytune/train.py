@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from . import distributed
 from .errors import CheckpointError, ConfigError, one_line
 from .files import append_text, recording_writes, write_atomic, write_text
-from .options import check_value
+from .options import check_value, option
 from .progress import progress_bar
 from .trunk.device import autocast, to_device
 from .trunk.sources import BatchSource, epoch_order
@@ -34,30 +34,29 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 
 @dataclass
 class TrainConfig:
-    """Training settings; a method's ``train_defaults`` and then the user's values override these."""
+    """Training settings; a method's ``train_defaults`` and then the user's values override these
+    (the user's are checked against the bounds declared here, named by their flags)."""
 
-    epochs: int = 100
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    optimizer: str = "adamw"
-    momentum: float = 0.9
-    warmup_epochs: float = 10.0
-    min_lr: float = 1e-6
-    grad_clip: float | None = None
-    label_smoothing: float = 0.0
-    seed: int = 0
-    bf16: bool = False
-    fp16: bool = False  # float16 autocast with a gradient scaler, for GPUs without bfloat16
-    checkpointing: bool = False  # recompute each block in backward (methods that backpropagate through the trunk)
+    epochs: int = option(100, "training epochs", min=1)
+    batch_size: int = option(64, "global batch size", min=1)
+    lr: float = option(1e-3, "peak learning rate", min=0, min_open=True)
+    weight_decay: float = option(1e-4, "weight decay", min=0)
+    optimizer: str = option("adamw", "the optimiser", choices=OPTIMIZERS)
+    momentum: float = option(0.9, "SGD momentum", min=0, max=1)
+    warmup_epochs: float = option(10.0, "linear warm-up epochs", min=0)
+    min_lr: float = option(1e-6, "learning rate at the end of the cosine decay", min=0)
+    grad_clip: float | None = option(None, "clip the gradient norm at this value", min=0, min_open=True)
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy", min=0, max=1)
+    seed: int = option(0, "random seed", min=0, max=2**32 - 1)  # numpy's seeds are 32-bit
+    bf16: bool = option(False, "bfloat16 autocast")
+    fp16: bool = option(False, "float16 autocast with a gradient scaler, for GPUs without bfloat16")
+    checkpointing: bool = option(False, "recompute each block in backward (methods that backpropagate through "
+                                        "the trunk)")
+    augment: bool = option(False, "random resized crop and flip of the training images (needs the trunk run live)")
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"unknown optimizer {self.optimizer!r} (known: {', '.join(OPTIMIZERS)})")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError(f"epochs and batch size must be positive (got {self.epochs}, {self.batch_size})")
-        if self.lr <= 0:
-            raise ConfigError(f"learning rate must be positive (got {self.lr})")
+        for field in fields(self):
+            check_value(type(self), field, getattr(self, field.name))
         if self.bf16 and self.fp16:
             raise ConfigError("--bf16 and --fp16 exclude each other")
 
@@ -70,10 +69,7 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown training settings: {', '.join(unknown)}")
         given = {k: v for k, v in overrides.items() if v is not None}
-        for field in fields(cls):  # a value of the wrong type (from a config file, say) named before it is used
-            if field.name in given:
-                check_value(cls, field, given[field.name])
-        cfg = cls(**{**method_cls.train_defaults, **given})
+        cfg = cls(**{**method_cls.train_defaults, **given})  # checks every value, naming its flag
         if "warmup_epochs" not in given and cfg.epochs < method_cls.train_defaults.get("epochs", cls.epochs):
             cfg.warmup_epochs = min(cfg.warmup_epochs, cfg.epochs / 10)
         return cfg

@@ -107,6 +107,9 @@ class LoRAQKV(nn.Module):
 
 def add_lora(backbone: VisionTransformer, options: LoRAOptions) -> None:
     """Wrap every block's qkv projection in a :class:`LoRAQKV` (the backbone stays frozen)."""
+    width = backbone.config.embed_dim
+    if options.lora_rank > width:  # an update of a (D, D) projection has rank D at most
+        raise ConfigError(f"--lora-rank {options.lora_rank}: must be at most the backbone's width {width}")
     for block in backbone.blocks:
         qkv = block.attn.qkv
         if isinstance(qkv, LoRAQKV):

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..backbones.vit import VisionTransformer
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, QuerytuneError
 from ..options import option
 from ..runfolder import load_adapter, read_run_config
 from ..trunk import TrunkInput
@@ -172,12 +172,18 @@ class MemoryTokens(Method):
         self.stack: TaskStack = TaskStack([*base_tasks, task], [*base_reads, tuple(range(len(base_tasks)))])
 
     def _load_base(self, run: str) -> MemoryTokens:
-        config = read_run_config(run)
+        try:
+            config = read_run_config(run)
+        except QuerytuneError as error:
+            raise type(error)(f"--extend {run}: {error}") from error
         resolved, _ = resolve_method(config["method"], config["options"])
         if resolved is not type(self):
             raise ConfigError(f"--extend {run}: is a {resolved.name!r} run; only a masked-memory run can be extended")
         base = build_method(config["method"], self.backbone, config["num_classes"], config["options"])
-        load_adapter(run, base)
+        try:
+            load_adapter(run, base)
+        except QuerytuneError as error:
+            raise type(error)(f"--extend {run}: {error}") from error
         assert isinstance(base, MemoryTokens)
         return base.requires_grad_(False)
 

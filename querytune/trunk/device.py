@@ -8,6 +8,7 @@ from typing import overload
 
 import torch
 
+from ..errors import ConfigError
 from .features import Features
 
 
@@ -17,6 +18,29 @@ def default_device() -> torch.device:
 
 def default_workers() -> int:
     return min(4, max(0, (os.cpu_count() or 1) - 1))
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """The device a user named (None: :func:`default_device`), refused in one line where it is not a
+    device name or is absent here."""
+    if device is None:
+        return default_device()
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ConfigError(f"--device {device!r}: not a device name (e.g. cpu, cuda, cuda:1)") from error
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} found)")
+    return device
+
+
+def resolve_workers(workers: int | None) -> int:
+    """The number of image-loading processes a user asked for (None: :func:`default_workers`)."""
+    if workers is None:
+        return default_workers()
+    if workers < 0:
+        raise ConfigError(f"--workers must be 0 or more (got {workers})")
+    return workers
 
 
 @overload

@@ -14,6 +14,7 @@ is ``host`` (the memory map); ``device`` loads the entry into RAM.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -57,9 +58,9 @@ class _EpochBatches:
     persistent workers) serves every epoch and evaluation."""
 
     def __init__(self) -> None:
-        self.batches: list[list[int]] = []
+        self.batches: list[list] = []  # of indices, or of (index, seed) keys (augmenting)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list]:
         return iter(self.batches)
 
     def __len__(self) -> int:
@@ -71,12 +72,17 @@ class ImageBatches:
 
     With workers, one DataLoader keeps them alive across epochs and prefetches; with
     ``pin_memory`` (a GPU run) batches arrive in pinned memory for non-blocking copies.
+    With ``augment`` each pass crops and flips every image at random, drawn from the pass's
+    order and the image's index (see :class:`querytune.data.ImageDataset`), so a resumed run
+    sees the same images as an uninterrupted one.
     """
 
-    def __init__(self, images: ImageList, preprocess: Preprocess, workers: int = 0, pin_memory: bool = False) -> None:
+    def __init__(self, images: ImageList, preprocess: Preprocess, workers: int = 0, pin_memory: bool = False,
+                 augment: bool = False) -> None:
         self.dataset = ImageDataset(images, preprocess)
         self.labels = np.asarray([label for _, label in images.items], dtype=np.int64)
         self.workers = workers
+        self.augment = augment
         self._sampler = _EpochBatches()
         self._loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=self._sampler, num_workers=workers, pin_memory=pin_memory,
@@ -88,7 +94,11 @@ class ImageBatches:
         return len(self.labels)
 
     def batches(self, order: np.ndarray, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-        self._sampler.batches = _batch_indices(order, batch_size)
+        batches: list[list] = _batch_indices(order, batch_size)
+        if self.augment:  # the order is a function of (seed, epoch): so is each image's draw
+            seed = int.from_bytes(hashlib.sha256(order.tobytes()).digest()[:8], "little")
+            batches = [[(index, seed) for index in batch] for batch in batches]
+        self._sampler.batches = batches
         yield from iterate_loader(self._loader)
 
 
@@ -211,6 +221,12 @@ def choose_placement(cache: FeatureCache, with_layers: bool, device: torch.devic
     return placement
 
 
+def check_augment(augment: bool, reads: TrunkInput, cache_dir: Path | None) -> None:
+    if augment and reads.frozen and cache_dir is not None:
+        raise ConfigError("--augment: cached features hold one view of each image, computed once; augmenting "
+                          "needs the frozen trunk run live every epoch: add --no-cache")
+
+
 def check_placement(placement: str) -> None:
     if placement not in PLACEMENTS:
         raise ConfigError(f"unknown cache placement {placement!r} (known: {', '.join(PLACEMENTS)})")
@@ -227,19 +243,22 @@ def make_source(
     show_progress: bool = True,
     bf16: bool = False,
     cache_placement: str = "auto",
+    augment: bool = False,
 ) -> BatchSource:
     """The batches a method that ``reads`` this needs: images, or frozen-trunk features of
     ``backbone`` read from the cache under ``cache_dir`` (built where missing) or computed live.
+    ``augment`` (random crops and flips) needs the trunk run live: cached features are refused.
 
     ``cache_placement`` (auto | device | host) says where cached features live on a GPU
     (:class:`CachedFeatureBatches`); the choice is printed.
     """
     pin_memory = device.type == "cuda"
+    check_augment(augment, reads, cache_dir)
     if not reads.frozen:
-        return ImageBatches(images, preprocess, workers, pin_memory)
+        return ImageBatches(images, preprocess, workers, pin_memory, augment)
     if cache_dir is None:
-        return LiveFeatureBatches(ImageBatches(images, preprocess, workers, pin_memory), backbone, reads.with_layers,
-                                  device, bf16)
+        return LiveFeatureBatches(ImageBatches(images, preprocess, workers, pin_memory, augment), backbone,
+                                  reads.with_layers, device, bf16)
     cache = open_or_build_cache(cache_dir, backbone, images, preprocess, reads.with_layers, bf16, device=device,
                                 workers=workers, show_progress=show_progress)
     source = CachedFeatureBatches(cache, reads.with_layers, bf16, device, cache_placement)
