@@ -49,6 +49,9 @@ class TrainCommand:
     out: str | None = None
     train_split: str = "train800val200"
     eval_split: str = "test"
+    eval_every: int | None = None
+    val_split: str | None = None
+    log: list[str] | None = None  # 'csv', 'tensorboard' (repeated or comma-separated on the command line)
     image_size: int = 224
     recipe: str | None = None
     task_name: str | None = None
@@ -82,7 +85,7 @@ def command_line_over(settings: dict[str, Any], ctx: typer.Context, command: typ
     """``settings`` (from a file) with what the command line gave on top, and ``command``'s defaults for
     what neither gave; ``sections`` names the mapping a flag belongs in (train's training settings)."""
     for name, value in ctx.params.items():
-        if value is None or name in ("config", "print_config", "quiet"):
+        if value is None or value == [] or name in ("config", "print_config", "quiet"):  # []: a list flag not given
             continue
         if name in ("mean", "std"):
             value = triple(value, f"--{name}")
@@ -93,6 +96,12 @@ def command_line_over(settings: dict[str, Any], ctx: typer.Context, command: typ
     for field in fields(command):
         settings.setdefault(field.name, field.default)
     return settings
+
+
+def logger_names(value: str | list[str] | None) -> list[str]:
+    """``--log`` given once per logger or as 'csv,tensorboard' (a config file's one name, or a list)."""
+    items = [value] if isinstance(value, str) else value or []
+    return [name for item in items for name in str(item).split(",") if name]
 
 
 def require(settings: dict[str, Any], keys: tuple[str, ...]) -> None:
@@ -170,6 +179,12 @@ def train(
                                                                  "run)"),
     train_split: Optional[str] = typer.Option(None, help="split to train on (default train800val200)"),
     eval_split: Optional[str] = typer.Option(None, help="split to report accuracy on (default test; '' for none)"),
+    eval_every: Optional[int] = typer.Option(None, help="log the accuracy on --val-split every N epochs (and "
+                                                        "after the last)"),
+    val_split: Optional[str] = typer.Option(None, help="held-out split for --eval-every (default val200 when "
+                                                       "training on train800)"),
+    log: Optional[list[str]] = typer.Option(None, "--log", help="also log each epoch to: csv (RUN/log.csv) | "
+                                            "tensorboard (RUN/tensorboard/); repeat for both"),
     epochs: Optional[int] = typer.Option(None, help="default: the method's published protocol"),
     batch_size: Optional[int] = typer.Option(None, help="global batch, split evenly over torchrun's processes"),
     lr: Optional[float] = typer.Option(None),
@@ -214,6 +229,7 @@ def train(
     sections = {**dict.fromkeys(TRAIN_SETTINGS, "train"), "memory_mode": "options"}
     settings = command_line_over(settings, ctx, TrainCommand, sections)
     settings["options"].update(parse_method_options(ctx.args))
+    settings["log"] = logger_names(settings["log"])
     if print_config:
         print(json.dumps(settings, indent=1))
         return
@@ -223,7 +239,9 @@ def train(
     metrics = train_run(
         settings["method"], settings["backbone"], settings["data"], settings["out"], options=settings["options"],
         train_settings=settings["train"], train_split=settings["train_split"],
-        eval_split=settings["eval_split"] or None, image_size=settings["image_size"], recipe=settings["recipe"],
+        eval_split=settings["eval_split"] or None, eval_every=settings["eval_every"],
+        val_split=settings["val_split"], loggers=settings["log"], image_size=settings["image_size"],
+        recipe=settings["recipe"],
         task_name=settings["task_name"], mean=triple(settings["mean"], "--mean"), std=triple(settings["std"], "--std"),
         cache_dir=None if settings["no_cache"] else settings["cache"] or default_cache_root(),
         cache_placement=settings["cache_placement"], device=settings["device"], workers=settings["workers"],

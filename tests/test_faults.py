@@ -65,7 +65,8 @@ def test_kill_during_training_then_rerun_ends_like_an_uninterrupted_run(tiny_bac
     assert json.loads((cut / "metrics.json").read_text())["resumed"]
     assert (cut / "adapter.safetensors").read_bytes() == (tmp_path / "whole" / "adapter.safetensors").read_bytes()
     assert [json.loads(line)["epoch"] for line in (cut / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
-    assert sorted(p.name for p in cut.iterdir()) == ["adapter.safetensors", "config.json", "log.jsonl", "metrics.json"]
+    assert sorted(p.name for p in cut.iterdir()) == ["adapter.safetensors", "config.json", "curves.png", "log.jsonl",
+                                                     "metrics.json"]
 
 
 def test_kill_during_caching_then_rerun_ends_like_an_uninterrupted_build(tiny_backbone_dir, tiny_task, tmp_path):
