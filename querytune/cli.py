@@ -370,7 +370,8 @@ def bench(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML or JSON file of these settings; flags "
                                                                   "override it"),
     print_config: bool = typer.Option(False, "--print-config", help="print the resolved settings and exit"),
-    suite: Optional[Path] = typer.Option(None, "--suite", help="folder of VTAB-1k layout task folders"),
+    suite: Optional[Path] = typer.Option(None, "--suite", help="folder of VTAB-1k layout task folders, "
+                                                                  "or one task folder"),
     methods: Optional[str] = typer.Option(None, help="comma-separated methods (default linear,vqt)"),
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="HF model folder, timm checkpoint, "
                                                                           ".npz, hub name"),
