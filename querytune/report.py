@@ -66,7 +66,8 @@ def markdown_report(results: list[dict[str, Any]], tasks: list[Task], methods: l
     lines = ["# querytune bench", "", description, ""]
     if len(ordered) == 1:  # one task: accuracy and cost side by side in one table
         lines += [f"Top-1 accuracy on {ordered[0].name} `test` (%, mean ± standard deviation over seeds), and "
-                  "the cost of training: one step at batch 32 (memory) and the whole run (seconds).", "",
+                  "the cost of training: memory of one step at batch 32, seconds of all epochs (caching not "
+                  "included).", "",
                   "| method | accuracy (%) | trainable params | peak training memory (MiB) | saved for backward "
                   "(MiB) | train seconds |", "|---|---|---|---|---|---|"]
         for method in methods:
