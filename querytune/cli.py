@@ -428,7 +428,7 @@ def bench(
                    workers=settings["workers"], show_progress=not quiet)
     results = runner.run()
     failed = sum(1 for r in results if r.get("error"))
-    console.print((out_dir / "report.md").read_text())
+    console.print((out_dir / "report.md").read_text(), soft_wrap=True)  # piped too: lines whole, not cut at 80
     console.print(f"{len(results) - failed} cells finished, {failed} failed; report in {out_dir}")
 
 
