@@ -85,7 +85,8 @@ def command_line_over(settings: dict[str, Any], ctx: typer.Context, command: typ
     """``settings`` (from a file) with what the command line gave on top, and ``command``'s defaults for
     what neither gave; ``sections`` names the mapping a flag belongs in (train's training settings)."""
     for name, value in ctx.params.items():
-        if value is None or value == [] or name in ("config", "print_config", "quiet"):  # []: a list flag not given
+        not_given = value is None or value == () or value == []  # a list flag not given comes as an empty one
+        if not_given or name in ("config", "print_config", "quiet"):
             continue
         if name in ("mean", "std"):
             value = triple(value, f"--{name}")

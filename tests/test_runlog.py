@@ -23,7 +23,7 @@ def _csv(run):
     return list(csv.DictReader(open(run / "log.csv")))
 
 
-def test_eval_every_logs_the_held_out_accuracy_with_csv_and_curves(tiny_backbone_dir, tiny_task, tmp_path):
+def test_eval_every_logs_the_held_out_accuracy_with_csv_and_curves(tiny_backbone_dir, tiny_task, tmp_path, capsys):
     run = tmp_path / "run"
     main(["train", "--method", "linear", "--backbone", str(tiny_backbone_dir), "--data", str(tiny_task),
           "--out", str(run), "--train-split", "train800", "--eval-every", "2", "--log", "csv", "--epochs", "5",
@@ -36,6 +36,10 @@ def test_eval_every_logs_the_held_out_accuracy_with_csv_and_curves(tiny_backbone
     assert records[-1]["val_accuracy"] == pytest.approx(final)
     config = json.loads((run / "config.json").read_text())
     assert (config["val_split"], config["eval_every"], config["log"]) == ("val200", 2, ["csv"])
+    capsys.readouterr()  # the training's metrics table
+    main(["train", "--config", str(run / "config.json"), "--print-config"])  # a run's config replays them
+    replayed = json.loads(capsys.readouterr().out)
+    assert (replayed["val_split"], replayed["eval_every"], replayed["log"]) == ("val200", 2, ["csv"])
     rows = _csv(run)
     assert [int(row["epoch"]) for row in rows] == [1, 2, 3, 4, 5]
     for row, record in zip(rows, records):
