@@ -1,11 +1,13 @@
-# Two commands for a newcomer: `make demo` (the main job) and `make test`.
+# Two commands for a newcomer: `make demo` (the main job: the linear probe, VQT, masked memory tokens and
+# SynQT side by side on one task, one shared feature cache) and `make test`.
 # Both create the virtual environment on first use. `make lint` runs ruff and mypy (CI runs it too).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SHARED ?= ../shared
 BACKBONE ?= $(SHARED)/weights/dinov2-small-imgfocus
-DATA ?= $(SHARED)/data/vtab1k-mini/cifar10
+DATA ?= $(SHARED)/data/vtab1k-mini/dtd10
+DEMO_METHODS ?= linear,vqt,memory,synqt
 
 $(VENV)/installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +19,8 @@ $(VENV)/installed: pyproject.toml
 .PHONY: demo test lint install-check
 demo: $(VENV)/installed
 	@test -e "$(BACKBONE)" -a -e "$(DATA)" || { echo "demo: $(BACKBONE) or $(DATA) not found; run 'make demo BACKBONE=<model> DATA=<task folder>'"; exit 2; }
-	$(PY) -m querytune train --method linear --backbone $(BACKBONE) --data $(DATA) --epochs 5 --bf16 \
-		--out runs/demo-linear-$$(date +%Y%m%d-%H%M%S)
+	$(PY) -m querytune bench --suite $(DATA) --methods $(DEMO_METHODS) --backbone $(BACKBONE) --profile quick \
+		--bf16 --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(VENV)/installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q  # tiny test models: one thread each is faster

@@ -1,6 +1,7 @@
 """``querytune bench``: every method on every task of a suite, side by side.
 
-For each task (a VTAB-1k layout folder) and method and seed, a run is trained on
+For each task (a VTAB-1k layout folder; a task folder given as the suite is a suite of one, whose
+report puts accuracy and cost in one table) and method and seed, a run is trained on
 ``train800val200`` and tested on ``test`` (see :func:`querytune.run.train_run`); the
 frozen-backbone methods share one feature cache. Each method's training cost
 (saved-for-backward bytes, peak memory of a step) is measured once, in a fresh
@@ -37,6 +38,7 @@ from .errors import ConfigError, QuerytuneError
 from .files import write_json, write_text
 from .measure import measure_method_isolated
 from .methods import method_class
+from .progress import note
 from .recipes import recipe_options
 from .report import markdown_report, plot_pareto
 from .run import train_run
@@ -208,6 +210,7 @@ class Bench:
         path = self.out / "costs" / f"{method}.json"
         if path.is_file():
             return json.loads(path.read_text())
+        note(f"measuring one training step of {method} (batch 32, a fresh process)", self.show_progress)
         result = measure_method_isolated(method, self.backbone, 32, self.image_size, self.bf16, self.device)
         if "error" not in result:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,9 @@ class TrainCommand:
     out: str | None = None
     train_split: str | None = None  # train800val200 where the task has it, else train
     eval_split: str = "test"
+    eval_every: int | None = None
+    val_split: str | None = None
+    log: list[str] | None = None  # 'csv', 'tensorboard' (repeated or comma-separated on the command line)
     image_size: int = 224
     recipe: str | None = None
     task_name: str | None = None
@@ -84,7 +87,8 @@ def command_line_over(settings: dict[str, Any], ctx: typer.Context, command: typ
     """``settings`` (from a file) with what the command line gave on top, and ``command``'s defaults for
     what neither gave; ``sections`` names the mapping a flag belongs in (train's training settings)."""
     for name, value in ctx.params.items():
-        if value is None or name in ("config", "print_config", "quiet"):
+        not_given = value is None or value == () or value == []  # a list flag not given comes as an empty one
+        if not_given or name in ("config", "print_config", "quiet"):
             continue
         if name in ("mean", "std"):
             value = triple(value, f"--{name}")
@@ -95,6 +99,12 @@ def command_line_over(settings: dict[str, Any], ctx: typer.Context, command: typ
     for field in fields(command):
         settings.setdefault(field.name, field.default)
     return settings
+
+
+def logger_names(value: str | list[str] | None) -> list[str]:
+    """``--log`` given once per logger or as 'csv,tensorboard' (a config file's one name, or a list)."""
+    items = [value] if isinstance(value, str) else value or []
+    return [name for item in items for name in str(item).split(",") if name]
 
 
 def require(settings: dict[str, Any], keys: tuple[str, ...]) -> None:
@@ -173,6 +183,12 @@ def train(
                                                                  "run)"),
     train_split: Optional[str] = typer.Option(None, help="split to train on (default train800val200, else train)"),
     eval_split: Optional[str] = typer.Option(None, help="split to report accuracy on (default test; '' for none)"),
+    eval_every: Optional[int] = typer.Option(None, help="log the accuracy on --val-split every N epochs (and "
+                                                        "after the last)"),
+    val_split: Optional[str] = typer.Option(None, help="held-out split for --eval-every (default val200 when "
+                                                       "training on train800)"),
+    log: Optional[list[str]] = typer.Option(None, "--log", help="also log each epoch to: csv (RUN/log.csv) | "
+                                            "tensorboard (RUN/tensorboard/); repeat for both"),
     epochs: Optional[int] = typer.Option(None, help="default: the method's published protocol"),
     batch_size: Optional[int] = typer.Option(None, help="global batch, split evenly over torchrun's processes"),
     lr: Optional[float] = typer.Option(None),
@@ -224,6 +240,7 @@ def train(
     sections = {**dict.fromkeys(TRAIN_SETTINGS, "train"), "memory_mode": "options"}
     settings = command_line_over(settings, ctx, TrainCommand, sections)
     settings["options"].update(parse_method_options(ctx.args))
+    settings["log"] = logger_names(settings["log"])
     if print_config:
         print(json.dumps(settings, indent=1))
         return
@@ -234,7 +251,9 @@ def train(
     metrics = train_run(
         settings["method"], settings["backbone"], settings["data"], settings["out"], options=settings["options"],
         train_settings=settings["train"], train_split=settings["train_split"],
-        eval_split=settings["eval_split"] or None, image_size=settings["image_size"], recipe=settings["recipe"],
+        eval_split=settings["eval_split"] or None, eval_every=settings["eval_every"],
+        val_split=settings["val_split"], loggers=settings["log"], image_size=settings["image_size"],
+        recipe=settings["recipe"],
         task_name=settings["task_name"], mean=triple(settings["mean"], "--mean"), std=triple(settings["std"], "--std"),
         cache_dir=None if settings["no_cache"] else settings["cache"] or default_cache_root(),
         cache_splits=None if settings["cache_splits"] is None else settings["cache_splits"].split(","),
@@ -516,7 +535,8 @@ def bench(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML or JSON file of these settings; flags "
                                                                   "override it"),
     print_config: bool = typer.Option(False, "--print-config", help="print the resolved settings and exit"),
-    suite: Optional[Path] = typer.Option(None, "--suite", help="folder of VTAB-1k layout task folders"),
+    suite: Optional[Path] = typer.Option(None, "--suite", help="folder of VTAB-1k layout task folders, "
+                                                                  "or one task folder"),
     methods: Optional[str] = typer.Option(None, help="comma-separated methods (default linear,vqt)"),
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="HF model folder, timm checkpoint, "
                                                                           ".npz, hub name"),
@@ -573,7 +593,7 @@ def bench(
                    workers=settings["workers"], show_progress=not quiet)
     results = runner.run()
     failed = sum(1 for r in results if r.get("error"))
-    console.print((out_dir / "report.md").read_text())
+    console.print((out_dir / "report.md").read_text(), soft_wrap=True)  # piped too: lines whole, not cut at 80
     console.print(f"{len(results) - failed} cells finished, {failed} failed; report in {out_dir}")
 
 

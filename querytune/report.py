@@ -58,27 +58,41 @@ def markdown_report(results: list[dict[str, Any]], tasks: list[Task], methods: l
         text = f"{value[0]:.1f}" + (f" ± {value[1]:.1f}" if value[1] else "")
         return f"**{text}**" if best_value is not None and abs(value[0] - best_value) < 1e-9 else text
 
-    header = "| method | " + " | ".join(columns) + " |"
-    lines = ["# querytune bench", "", description, "",
-             "Top-1 test accuracy (%), mean ± standard deviation over seeds. Group means are means over the group's "
-             "tasks; then the mean of the group means (VTAB's usual summary) and the plain mean over tasks. "
-             "Best per column in bold.",
-             "", header, "|" + "---|" * (len(columns) + 1)]
-    for method in methods:
-        lines.append(f"| {method} | " + " | ".join(fmt(v, b) for v, b in zip(table[method], best)) + " |")
     costs = {row["method"]: row for row in results}
-    lines += ["", "| method | trainable params | saved for backward (MiB) | peak training memory (MiB) | "
-              "mean train seconds |", "|---|---|---|---|---|"]
-    for method in methods:
-        row = costs.get(method, {})
-        seconds = [r["train_seconds"] for r in results if r["method"] == method and r.get("train_seconds")]
-        mib = lambda v: f"{v / 2**20:.0f}" if isinstance(v, (int, float)) else "–"  # noqa: E731
-        if row.get("cost_error"):
-            lines.append(f"| {method} | measurement failed: {row['cost_error']} | | | |")
-            continue
-        lines.append(f"| {method} | {row.get('trainable_params') or '–'} | {mib(row.get('saved_bytes'))} | "
-                     f"{mib(row.get('train_peak_bytes'))} | "
-                     f"{(f'{statistics.fmean(seconds):.0f}' if seconds else '–')} |")
+    seconds = {m: [r["train_seconds"] for r in results if r["method"] == m and r.get("train_seconds")]
+               for m in methods}
+    mib = lambda v: f"{v / 2**20:.0f}" if isinstance(v, (int, float)) else "–"  # noqa: E731
+    mean_seconds = lambda m: f"{statistics.fmean(seconds[m]):.0f}" if seconds[m] else "–"  # noqa: E731
+    lines = ["# querytune bench", "", description, ""]
+    if len(ordered) == 1:  # one task: accuracy and cost side by side in one table
+        lines += [f"Top-1 accuracy on {ordered[0].name} `test` (%, mean ± standard deviation over seeds), and "
+                  "the cost of training: memory of one step at batch 32, seconds of all epochs (caching not "
+                  "included).", "",
+                  "| method | accuracy (%) | trainable params | peak training memory (MiB) | saved for backward "
+                  "(MiB) | train seconds |", "|---|---|---|---|---|---|"]
+        for method in methods:
+            row = costs.get(method, {})
+            cost = (f"measurement failed: {row['cost_error']} | | |" if row.get("cost_error") else
+                    f"{row.get('trainable_params') or '–'} | {mib(row.get('train_peak_bytes'))} | "
+                    f"{mib(row.get('saved_bytes'))} |")
+            lines.append(f"| {method} | {fmt(table[method][0], best[0])} | {cost} {mean_seconds(method)} |")
+    else:
+        header = "| method | " + " | ".join(columns) + " |"
+        lines += ["Top-1 test accuracy (%), mean ± standard deviation over seeds. Group means are means over the "
+                  "group's tasks; then the mean of the group means (VTAB's usual summary) and the plain mean over "
+                  "tasks. Best per column in bold.",
+                  "", header, "|" + "---|" * (len(columns) + 1)]
+        for method in methods:
+            lines.append(f"| {method} | " + " | ".join(fmt(v, b) for v, b in zip(table[method], best)) + " |")
+        lines += ["", "| method | trainable params | saved for backward (MiB) | peak training memory (MiB) | "
+                  "mean train seconds |", "|---|---|---|---|---|"]
+        for method in methods:
+            row = costs.get(method, {})
+            if row.get("cost_error"):
+                lines.append(f"| {method} | measurement failed: {row['cost_error']} | | | |")
+                continue
+            lines.append(f"| {method} | {row.get('trainable_params') or '–'} | {mib(row.get('saved_bytes'))} | "
+                         f"{mib(row.get('train_peak_bytes'))} | {mean_seconds(method)} |")
     recipes = {(row["task"], row["method"]): row["recipe"] for row in results if row.get("recipe")}
     if recipes:
         lines += ["", "## Recipe settings", ""]

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from . import distributed
 from .backbones import load_backbone
 from .backbones.vit import VisionTransformer
-from .data import Preprocess, check_normalisation, default_train_split, open_split
+from .data import ImageList, Preprocess, check_normalisation, default_train_split, open_split
 from .errors import CheckpointError, ConfigError, QuerytuneError
 from .methods import build_method, options_dict, resolve_method
 from .methods.base import Method
@@ -30,6 +31,7 @@ from .runfolder import (
     save_adapter,
     start_run_folder,
 )
+from .runlog import EpochLog, check_loggers
 from .train import TrainConfig, evaluate, fit, seed_everything
 from .trunk.cache import backbone_fingerprint
 from .trunk.device import resolve_device, resolve_workers
@@ -57,6 +59,9 @@ def train_run(
     train_settings: dict[str, Any] | None = None,
     train_split: str | None = None,
     eval_split: str | None = "test",
+    eval_every: int | None = None,
+    val_split: str | None = None,
+    loggers: Sequence[str] = (),
     image_size: int = DEFAULT_IMAGE_SIZE,
     recipe: str | None = None,
     task_name: str | None = None,
@@ -82,6 +87,11 @@ def train_run(
     ``train_settings={"augment": True}`` the training images are cropped and flipped at random
     (methods that run the trunk live: those that adapt it, or frozen ones with no cache).
 
+    With ``eval_every`` (or ``val_split``) the accuracy on ``val_split`` (default ``val200`` when
+    training on ``train800``; it must share no image with the training split) is logged every
+    ``eval_every`` epochs (default 1) and after the last. ``log.jsonl`` and ``curves.png`` are
+    always written; ``loggers`` adds ``csv`` and/or ``tensorboard`` (:mod:`querytune.runlog`).
+
     Every input is checked, and the features cached, before the run folder is made; a
     user error (:class:`QuerytuneError`) found later in a new run (an image that does not
     decode, met on the fly) removes the run folder again. Under torchrun the processes
@@ -102,11 +112,14 @@ def train_run(
     recipe_settings = recipe_options(recipe, method_cls.name, task) if recipe else {}
     options = {**recipe_settings, **(options or {})}
     eval_images = open_split(data, eval_split) if eval_split else None
+    val_images, eval_every = validation_split(data, train_images, val_split, eval_every)
+    check_loggers(loggers)
     if cache_splits is not None:
-        unknown = sorted(set(cache_splits) - {train_split, eval_split})
+        run_splits = {split for split in (train_split, eval_split, val_images and val_images.split) if split}
+        unknown = sorted(set(cache_splits) - run_splits)
         if unknown:
-            raise ConfigError(f"--cache-splits {unknown[0]!r}: not a split of this run (--train-split "
-                              f"{train_split!r}, --eval-split {eval_split!r})")
+            raise ConfigError(f"--cache-splits {unknown[0]!r}: not a split of this run "
+                              f"({', '.join(sorted(run_splits))})")
     backbone = load_backbone(backbone_source)
     fingerprint = backbone_fingerprint(backbone)  # of the checkpoint as loaded, before a method adds adapters
     if mean is not None or std is not None:
@@ -139,6 +152,9 @@ def train_run(
         "image_size": image_size,
         "normalisation": {"mean": list(preprocess.mean), "std": list(preprocess.std)},
         "train": asdict(cfg),
+        "val_split": val_images.split if val_images is not None else None,
+        "eval_every": eval_every,
+        "log": list(loggers),
     }
     state = check_run_folder(out, config)
     if state == "finished":  # the very same run, done already (a retried job, a rerun cell): its results
@@ -154,13 +170,19 @@ def train_run(
     if eval_images is not None:
         eval_source = make_source(method.reads, method.backbone, eval_images, preprocess, device,
                                   split_cache(eval_split), workers, show_progress, cfg.bf16, cache_placement)
+    validate: Callable[[], float] | None = None
+    if val_images is not None:
+        val_source = make_source(method.reads, method.backbone, val_images, preprocess, device,
+                                 split_cache(val_images.split), workers, show_progress, cfg.bf16, cache_placement)
+        validate = partial(evaluate, method, val_source, device, bf16=cfg.bf16, fp16=cfg.fp16)
     distributed.barrier()  # every rank has looked at the folder before rank 0 changes it
     created = None  # whether this invocation made the folder (rank 0 of a new run only)
     if distributed.is_main() and not resuming:
         created = start_run_folder(out, config)
     distributed.barrier()  # the folder is ready before any rank looks for a checkpoint in it
     try:
-        result = fit(method, source, cfg, device, checkpoint=out / "checkpoint.pt", log=out / "log.jsonl",
+        log = EpochLog(out, loggers, validate, eval_every or 1, cfg.epochs)
+        result = fit(method, source, cfg, device, checkpoint=out / "checkpoint.pt", log=log,
                      show_progress=show_progress)
         extra_metrics = method.post_train(source, cfg, device)  # alike on every rank: nothing to communicate
         if distributed.is_main():
@@ -197,6 +219,27 @@ def train_run(
         finish_run_folder(out, metrics)
     distributed.barrier()  # every rank leaves once the run is written (and tears its process group down together)
     return metrics
+
+
+def validation_split(data: str | Path, train_images: ImageList, val_split: str | None,
+                     eval_every: int | None) -> tuple[ImageList | None, int | None]:
+    """The held-out split to log the accuracy on during training, and how often (epochs); (None, None)
+    when neither is asked for."""
+    if eval_every is None and val_split is None:
+        return None, None
+    if eval_every is not None and eval_every < 1:
+        raise ConfigError(f"--eval-every must be at least 1 (got {eval_every})")
+    if val_split is None:
+        if train_images.split != "train800":
+            raise ConfigError(f"--eval-every: give --val-split, a split held out from {train_images.split!r} "
+                              "(val200 is the default only when training on train800)")
+        val_split = "val200"
+    val_images = open_split(data, val_split)
+    shared = {path for path, _ in train_images.items} & {path for path, _ in val_images.items}
+    if shared:
+        raise ConfigError(f"--val-split {val_split}: {len(shared)} of its images are in the training split "
+                          f"{train_images.split!r} (e.g. {min(shared)}); choose a held-out split")
+    return val_images, eval_every or 1
 
 
 def load_run(run: str | Path, backbone: VisionTransformer | str | Path | None = None) -> tuple[Method, dict[str, Any]]:

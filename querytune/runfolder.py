@@ -3,7 +3,9 @@ that build on a finished run (``memory --extend``) read.
 
     config.json          everything needed to rebuild the method (written first)
     checkpoint.pt        resumable state while training (removed once finished)
-    log.jsonl            one line per epoch
+    log.jsonl            one line per epoch (:mod:`querytune.runlog`)
+    curves.png           loss, learning rate, train and validation accuracy, drawn from log.jsonl
+    log.csv, tensorboard/  the same records, with --log csv / --log tensorboard
     adapter.safetensors  the trainable state, written when training ends
     adapter.sha256       its checksum (``sha256sum -c`` reads it), checked whenever the adapter is loaded
     metrics.json         the results, written last: its presence marks the run finished

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ class Task:
 
 
 def discover_tasks(suite: Path, groups: dict[str, str] | None = None) -> list[Task]:
-    """Task folders of a suite with their groups.
+    """Task folders of a suite with their groups; a task folder itself is a suite of that one task.
 
     Groups come from ``groups`` (explicit), else a ``groups.txt`` in the suite folder
     (``<task> <group>`` per line), else a ``group.txt`` in each task folder, else "other".
@@ -25,27 +26,34 @@ def discover_tasks(suite: Path, groups: dict[str, str] | None = None) -> list[Ta
     suite = Path(suite)
     if not suite.is_dir():
         raise DataError(f"suite folder not found: {suite}")
-    names = sorted(p.name for p in suite.iterdir() if p.is_dir() and not p.name.startswith("."))
-    tasks_with_splits = []
-    for name in names:
-        try:
-            splits = list_splits(suite / name)
-        except DataError:
-            continue
-        if "train800val200" in splits and "test" in splits:
-            tasks_with_splits.append(name)
-    if not tasks_with_splits:
+    if has_bench_splits(suite):
+        folders = [suite]
+        known = dict(groups or {})
+    else:
+        folders = [p for p in sorted(suite.iterdir()) if p.is_dir() and not p.name.startswith(".")
+                   and has_bench_splits(p)]
+        known = dict(groups or {}) or read_groups_file(suite / "groups.txt")
+    if not folders:
         raise DataError(f"{suite}: no task folders with train800val200 and test splits")
-    known = dict(groups or {}) or read_groups_file(suite / "groups.txt")
     tasks = []
-    for name in tasks_with_splits:
-        group_file = suite / name / "group.txt"
+    for folder in folders:
+        name = Path(os.path.abspath(folder)).name  # as data.py names a task: a symlink keeps its own name
+        group_file = folder / "group.txt"
         group = known.get(name) or (group_file.read_text().strip() if group_file.is_file() else "other")
-        tasks.append(Task(name, suite / name, group.lower()))
-    unknown = sorted(set(known) - set(tasks_with_splits))
+        tasks.append(Task(name, folder, group.lower()))
+    unknown = sorted(set(known) - {task.name for task in tasks})
     if unknown:
         raise ConfigError(f"groups name tasks not in {suite}: {', '.join(unknown)}")
     return tasks
+
+
+def has_bench_splits(folder: Path) -> bool:
+    """Whether ``folder`` is a task folder the bench can use: train800val200 to train on, test to report."""
+    try:
+        splits = list_splits(folder)
+    except DataError:
+        return False
+    return "train800val200" in splits and "test" in splits
 
 
 def read_groups_file(path: Path) -> dict[str, str]:

@@ -6,7 +6,6 @@ Read top to bottom: :class:`TrainConfig`, :func:`fit`, :func:`evaluate`.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .errors import CheckpointError, ConfigError, one_line
-from .files import append_text, recording_writes, write_atomic, write_text
+from .files import recording_writes, write_atomic
 from .options import check_value, option
 from .progress import progress_bar
 from .trunk.device import autocast, to_device
@@ -28,6 +27,7 @@ from .trunk.sources import BatchSource, epoch_order
 
 if TYPE_CHECKING:
     from .methods.base import Method
+    from .runlog import EpochLog
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
@@ -115,7 +115,7 @@ def fit(
     cfg: TrainConfig,
     device: torch.device,
     checkpoint: Path | None = None,
-    log: Path | None = None,
+    log: EpochLog | None = None,
     show_progress: bool = True,
 ) -> FitResult:
     """Train ``method`` on ``source``; with ``checkpoint`` set, resume from it and save it after every epoch.
@@ -145,8 +145,8 @@ def fit(
     distributed.broadcast_from_main(list(method.trainable_state_dict().values()))
     start_epoch, train_seconds = done["epochs_done"], done["train_seconds"]
     loss_value, accuracy = done["loss"], done["train_accuracy"]
-    if log is not None and rank == 0:
-        trim_log(log, start_epoch)
+    if log is not None:
+        log.start(start_epoch)
     with progress_bar(f"training {method.name}", total=(cfg.epochs - start_epoch) * steps_per_epoch,
                       enabled=show_progress) as advance:
         for epoch in range(start_epoch, cfg.epochs):
@@ -183,9 +183,9 @@ def fit(
             train_seconds += time.perf_counter() - started
             total_loss, total_correct, total_seen = distributed.all_reduce_sum([loss_sum, correct, seen])
             loss_value, accuracy = total_loss / total_seen, total_correct / total_seen
-            if log is not None and rank == 0:
-                append_text(log, json.dumps({"epoch": epoch + 1, "loss": loss_value, "train_accuracy": accuracy,
-                                             "lr": optimizer.param_groups[0]["lr"], "seconds": train_seconds}) + "\n")
+            if log is not None:  # every rank: a validation takes all of them
+                log.epoch_end({"epoch": epoch + 1, "loss": loss_value, "train_accuracy": accuracy,
+                               "lr": optimizer.param_groups[0]["lr"], "seconds": train_seconds})
             if checkpoint is not None:
                 rng_states = distributed.all_gather(rng_state(device))  # every rank takes part
                 if rank == 0:
@@ -199,21 +199,9 @@ def fit(
                         "scaler": scaler.state_dict(),
                         "rng": rng_states,
                     })
+    if log is not None:
+        log.finish()
     return FitResult(train_seconds, loss_value, accuracy)
-
-
-def trim_log(log: Path, epochs_done: int) -> None:
-    """Keep the log's lines of the epochs the checkpoint holds: a killed run may have logged one more."""
-    if not log.is_file():
-        return
-    kept = []
-    for line in log.read_text().splitlines():
-        try:
-            if json.loads(line)["epoch"] <= epochs_done:
-                kept.append(line + "\n")
-        except (ValueError, TypeError, KeyError):
-            pass  # a line torn by a power loss
-    write_text(log, "".join(kept))
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:

@@ -130,3 +130,22 @@ def test_bench_recipe_checks_every_task_first_and_the_report_names_the_settings(
     results = [{"task": "dtd", "method": "vqt", "seed": 0, "accuracy": 0.5, "recipe": recipe}]
     report = markdown_report(results, [Task("dtd", Path("dtd"), "natural")], ["vqt"], "")
     assert "- dtd / vqt: num_queries 10 (recipe vtab1k)" in report.splitlines()
+
+
+def test_a_task_folder_is_a_suite_of_one_with_accuracy_and_cost_in_one_table(suite, tiny_backbone_dir, tmp_path):
+    """What `make demo` runs: the bench on one task folder."""
+    (task,) = discover_tasks(suite / "beta")
+    assert (task.name, task.path, task.group) == ("beta", suite / "beta", "other")  # no suite groups.txt above it
+    assert discover_tasks(suite / "beta", {"beta": "structured"})[0].group == "structured"
+    out = tmp_path / "demo"
+    results = _bench(suite / "beta", tiny_backbone_dir, out, methods=["linear", "vqt"]).run()
+    assert [(r["task"], r["method"]) for r in results] == [("beta", "linear"), ("beta", "vqt")]
+    lines = (out / "report.md").read_text().splitlines()
+    assert "| method | accuracy (%) | trainable params | peak training memory (MiB) | saved for backward (MiB) | " \
+           "train seconds |" in lines
+    for row in results:
+        line = next(l for l in lines if l.startswith(f"| {row['method']} |"))
+        cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+        assert cells == [row["method"], f"{100 * row['accuracy']:.1f}", str(row["trainable_params"]), "1", "0",
+                         f"{row['train_seconds']:.0f}"]
+    assert "mean of group means" not in "\n".join(lines) and (out / "pareto.png").is_file()

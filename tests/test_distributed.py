@@ -58,24 +58,29 @@ def test_two_processes_train_like_one(method, cached, tiny_backbone_dir, tmp_pat
     features with a loader worker per rank. Neither draws random numbers, so one process must
     end at the same adapter."""
     # 66 images: two cache shards (64 + 2), and the last global batch of 2 is rank 0's alone
-    task = write_task(tmp_path / "task", per_split={"train800": 66, "test": 9})
+    task = write_task(tmp_path / "task", per_split={"train800": 66, "val200": 11, "test": 9})
     options = {"query_dropout": 0.0, "num_queries": 2} if method == "vqt" else {}
     flags = [f"--{key.replace('_', '-')}={value}" for key, value in options.items()]
     features = ["--cache", tmp_path / "ddp-cache", "--workers", "0"] if cached else ["--no-cache", "--workers", "1"]
     result = torchrun("train", "--method", method, "--backbone", tiny_backbone_dir, "--data", task,
                       "--train-split", "train800", "--out", tmp_path / "ddp", "--image-size", "32", "-q",
-                      "--epochs", "2", "--batch-size", "8", "--lr", "0.05", "--device", "cpu", *flags, *features)
+                      "--epochs", "2", "--batch-size", "8", "--lr", "0.05", "--device", "cpu", "--eval-every", "1",
+                      *flags, *features)
     assert result.returncode == 0, result.stderr[-3000:]
 
     one = train_run(method, tiny_backbone_dir, task, tmp_path / "one", train_split="train800", image_size=32,
                     workers=0, show_progress=False, cache_dir=tmp_path / "one-cache" if cached else None, device="cpu",
-                    options=options, train_settings={"epochs": 2, "batch_size": 8, "lr": 0.05})
+                    options=options, train_settings={"epochs": 2, "batch_size": 8, "lr": 0.05}, eval_every=1)
     ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert ddp["processes"] == 2 and one["processes"] == 1
     assert ddp["test_accuracy"] == one["test_accuracy"]
     assert ddp["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
     assert ddp["train_accuracy"] == one["train_accuracy"]
-    assert len((tmp_path / "ddp" / "log.jsonl").read_text().splitlines()) == 2  # rank 0 alone writes
+    logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+            for run in ("ddp", "one")]
+    assert len(logs[0]) == 2  # rank 0 alone writes
+    # every rank validates its part of val200 (11 images: an odd count), the log holds the whole split's accuracy
+    assert [r["val_accuracy"] for r in logs[0]] == [r["val_accuracy"] for r in logs[1]]
     a, b = (load_file(str(tmp_path / run / "adapter.safetensors")) for run in ("ddp", "one"))
     assert a.keys() == b.keys()
     for name in a:
@@ -85,7 +90,7 @@ def test_two_processes_train_like_one(method, cached, tiny_backbone_dir, tmp_pat
 
     # the cache the two ranks built shard by shard equals the one built by one process
     entries = sorted((tmp_path / "one-cache").iterdir())
-    assert [len(list(entry.glob("shard-*.cls.npy"))) for entry in entries] == [1, 2]  # test, train800
+    assert [len(list(entry.glob("shard-*.cls.npy"))) for entry in entries] == [1, 2, 1]  # test, train800, val200
     for entry in entries:
         twin = tmp_path / "ddp-cache" / entry.name
         assert sorted(p.name for p in entry.iterdir()) == sorted(p.name for p in twin.iterdir())

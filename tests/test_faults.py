@@ -66,7 +66,7 @@ def test_kill_during_training_then_rerun_ends_like_an_uninterrupted_run(tiny_bac
     assert (cut / "adapter.safetensors").read_bytes() == (tmp_path / "whole" / "adapter.safetensors").read_bytes()
     assert [json.loads(line)["epoch"] for line in (cut / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert sorted(p.name for p in cut.iterdir()) == ["adapter.safetensors", "adapter.sha256", "config.json",
-                                                     "log.jsonl", "metrics.json"]
+                                                     "curves.png", "log.jsonl", "metrics.json"]
 
 
 def test_kill_during_caching_then_rerun_ends_like_an_uninterrupted_build(tiny_backbone_dir, tiny_task, tmp_path):
