@@ -56,6 +56,10 @@ def _number(bound: float) -> str:
     return f"{bound:g}" if isinstance(bound, float) else str(bound)  # :g would write 2**32 - 1 as 4.29497e+09
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_value(options_cls: type, field: dataclasses.Field, value: Any) -> None:
     """A one-line ConfigError naming the flag where ``value`` is of the wrong type or out of bounds."""
     kind, optional = value_type(options_cls, field.name)
@@ -75,9 +79,10 @@ def check_value(options_cls: type, field: dataclasses.Field, value: Any) -> None
             raise ConfigError(f"{name} must be a finite number (got {value})")
     if kind is str and not isinstance(value, (str, os.PathLike)):  # a folder option may be given as a Path
         raise ConfigError(f"{name} must be a string (got {value!r})")
-    if typing.get_origin(kind) is list and not (  # list[float]: --mean, --std from a config file
-            isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-        raise ConfigError(f"{name} must be a list of numbers (got {value!r})")
+    if typing.get_origin(kind) is list:  # list[float]: --mean, --std; list[str]: --log (from a config file)
+        numbers = typing.get_args(kind)[0] is float
+        if not isinstance(value, list) or not all(_is_number(v) if numbers else isinstance(v, str) for v in value):
+            raise ConfigError(f"{name} must be a list of {'numbers' if numbers else 'strings'} (got {value!r})")
     meta = field.metadata
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(f"{name} must be one of {', '.join(meta['choices'])} (got {value!r})")
