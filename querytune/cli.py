@@ -62,7 +62,7 @@ class TrainCommand:
 
 
 TRAIN_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs", "grad_clip",
-                  "label_smoothing", "seed", "bf16", "fp16", "checkpointing")
+                  "label_smoothing", "seed", "data_seed", "bf16", "fp16", "checkpointing")
 RUN_RECORD = ("querytune_version", "num_classes", "classes")  # what a run's config.json holds beside its settings
 
 
@@ -179,6 +179,7 @@ def train(
     grad_clip: Optional[float] = typer.Option(None),
     label_smoothing: Optional[float] = typer.Option(None),
     seed: Optional[int] = typer.Option(None),
+    data_seed: Optional[int] = typer.Option(None, help="seed of the epochs' order (default: --seed)"),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16",
                                         help="bfloat16 autocast for the trunk and the training step"),
     fp16: Optional[bool] = typer.Option(None, "--fp16/--no-fp16", help="float16 autocast with a gradient scaler "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import torch
 from . import distributed
 from .backbones import load_backbone
 from .backbones.vit import VisionTransformer
-from .data import Preprocess, check_normalisation, open_split
+from .data import ImageList, Preprocess, check_normalisation, open_split
 from .errors import CheckpointError, ConfigError, QuerytuneError
 from .methods import build_method, options_dict, resolve_method
 from .methods.base import Method
@@ -30,10 +30,11 @@ from .runfolder import (
     save_adapter,
     start_run_folder,
 )
-from .train import TrainConfig, evaluate, fit, seed_everything
+from .train import FitResult, TrainConfig, evaluate, fit, seed_everything
+from .trunk import TrunkInput
 from .trunk.cache import backbone_fingerprint
 from .trunk.device import default_device, default_workers
-from .trunk.sources import check_placement, make_source
+from .trunk.sources import BatchSource, check_placement, make_source
 from .version import __version__
 
 DEFAULT_IMAGE_SIZE = 224
@@ -45,6 +46,125 @@ def _source_string(source: str | Path | VisionTransformer, backbone: VisionTrans
     if isinstance(source, (str, Path)):
         return str(Path(source).resolve()) if Path(source).exists() else str(source)
     return backbone.config.name
+
+
+@dataclass
+class RunSetup:
+    """What every run of one method on one task shares (train_run's, or a grid's members'): the checked
+    inputs, the loaded backbone and the preprocessing. :meth:`build` makes a run's method and config."""
+
+    method_name: str
+    options: dict[str, Any]
+    backbone_source: str | Path | VisionTransformer
+    backbone: VisionTransformer
+    fingerprint: str
+    data: Path
+    task: str
+    recipe: str | None
+    recipe_settings: dict[str, Any]
+    train_images: ImageList
+    eval_images: ImageList | None
+    train_split: str
+    eval_split: str | None
+    image_size: int
+    preprocess: Preprocess
+    device: torch.device
+
+    def build(self, cfg: TrainConfig) -> tuple[Method, dict[str, Any]]:
+        """The run's method, built from ``cfg.seed``'s random stream, and its config.json."""
+        seed_everything(cfg.seed)
+        method = build_method(self.method_name, self.backbone, self.train_images.num_classes, self.options)
+        if cfg.checkpointing and method.reads.frozen:
+            raise ConfigError(f"--checkpointing: method {method.name!r} does not backpropagate through the trunk")
+        config = {
+            "querytune_version": __version__,
+            "method": method.name,
+            "options": options_dict(method),
+            "backbone": {
+                "source": _source_string(self.backbone_source, self.backbone),
+                "name": self.backbone.config.name,
+                "fingerprint": self.fingerprint,
+            },
+            "data": str(self.data.resolve()),
+            "task": self.task,
+            "recipe": {"name": self.recipe, "settings": self.recipe_settings} if self.recipe else None,
+            "train_split": self.train_split,
+            "num_classes": self.train_images.num_classes,
+            "classes": list(self.train_images.classes) if self.train_images.classes else None,
+            "image_size": self.image_size,
+            "normalisation": {"mean": list(self.preprocess.mean), "std": list(self.preprocess.std)},
+            "train": asdict(cfg),
+        }
+        return method, config
+
+    def sources(self, reads: TrunkInput, cache_dir: Path | None, workers: int, show_progress: bool, bf16: bool,
+                cache_placement: str) -> tuple[BatchSource, BatchSource | None]:
+        """The training split's batches and the evaluation split's (None without one)."""
+        def source(images: ImageList) -> BatchSource:
+            return make_source(reads, self.backbone, images, self.preprocess, self.device, cache_dir, workers,
+                               show_progress, bf16, cache_placement)
+
+        return source(self.train_images), source(self.eval_images) if self.eval_images is not None else None
+
+    def metrics(self, method: Method, cfg: TrainConfig, result: FitResult, extra_metrics: dict[str, Any],
+                accuracy: float | None, source: BatchSource, resuming: bool) -> dict[str, Any]:
+        """A finished run's metrics.json."""
+        metrics: dict[str, Any] = {
+            "method": method.name,
+            "task": self.task,
+            "backbone": self.backbone.config.name,
+            "train_split": self.train_split,
+            "eval_split": self.eval_split,
+            "epochs": cfg.epochs,
+            "trainable_params": method.num_trainable_params(),
+            "train_seconds": result.train_seconds,
+            "train_loss": result.final_loss,
+            "train_accuracy": result.train_accuracy,
+            "resumed": resuming,
+            **extra_metrics,
+            "device": str(self.device),
+            "feature_placement": getattr(source, "placement", None),
+            "processes": distributed.world_size(),
+            "host": platform.node(),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        if accuracy is not None:
+            metrics[f"{self.eval_split}_accuracy"] = accuracy
+        return metrics
+
+
+def prepare_run(
+    method_name: str,
+    backbone_source: str | Path | VisionTransformer,
+    data: str | Path,
+    options: dict[str, Any] | None,
+    train_split: str,
+    eval_split: str | None,
+    image_size: int,
+    recipe: str | None,
+    task_name: str | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    device: torch.device,
+) -> RunSetup:
+    """Check the inputs of a run and load what it reads (see :func:`train_run`)."""
+    train_images = open_split(data, train_split)
+    method_cls, _ = resolve_method(method_name, options)
+    task = task_name or train_images.task
+    recipe_settings = recipe_options(recipe, method_cls.name, task) if recipe else {}
+    options = {**recipe_settings, **(options or {})}
+    eval_images = open_split(data, eval_split) if eval_split else None
+    backbone = load_backbone(backbone_source)
+    fingerprint = backbone_fingerprint(backbone)  # of the checkpoint as loaded, before a method adds adapters
+    if mean is not None or std is not None:
+        backbone.config.mean, backbone.config.std = check_normalisation(mean, std)
+    patch = backbone.config.patch_size
+    if image_size < patch or image_size % patch:
+        raise ConfigError(f"--image-size {image_size}: must be a positive multiple of the backbone's patch size "
+                          f"{patch}")
+    return RunSetup(method_name, options, backbone_source, backbone, fingerprint, Path(data), task, recipe,
+                    recipe_settings, train_images, eval_images, train_split, eval_split, image_size,
+                    Preprocess.for_backbone(backbone, image_size), device)
 
 
 def train_run(
@@ -88,54 +208,14 @@ def train_run(
     method_cls, _ = resolve_method(method_name, options)
     cfg = TrainConfig.for_method(method_cls, train_settings or {})
     distributed.local_batch_size(cfg.batch_size)
-    train_images = open_split(data, train_split)
-    task = task_name or train_images.task
-    recipe_settings = recipe_options(recipe, method_cls.name, task) if recipe else {}
-    options = {**recipe_settings, **(options or {})}
-    eval_images = open_split(data, eval_split) if eval_split else None
-    backbone = load_backbone(backbone_source)
-    fingerprint = backbone_fingerprint(backbone)  # of the checkpoint as loaded, before a method adds adapters
-    if mean is not None or std is not None:
-        backbone.config.mean, backbone.config.std = check_normalisation(mean, std)
-    patch = backbone.config.patch_size
-    if image_size < patch or image_size % patch:
-        raise ConfigError(f"--image-size {image_size}: must be a positive multiple of the backbone's patch size "
-                          f"{patch}")
-    preprocess = Preprocess.for_backbone(backbone, image_size)
-
-    seed_everything(cfg.seed)
-    method = build_method(method_name, backbone, train_images.num_classes, options)
-    if cfg.checkpointing and method.reads.frozen:
-        raise ConfigError(f"--checkpointing: method {method.name!r} does not backpropagate through the trunk")
-    config = {
-        "querytune_version": __version__,
-        "method": method.name,
-        "options": options_dict(method),
-        "backbone": {
-            "source": _source_string(backbone_source, backbone),
-            "name": backbone.config.name,
-            "fingerprint": fingerprint,
-        },
-        "data": str(Path(data).resolve()),
-        "task": task,
-        "recipe": {"name": recipe, "settings": recipe_settings} if recipe else None,
-        "train_split": train_split,
-        "num_classes": train_images.num_classes,
-        "classes": list(train_images.classes) if train_images.classes else None,
-        "image_size": image_size,
-        "normalisation": {"mean": list(preprocess.mean), "std": list(preprocess.std)},
-        "train": asdict(cfg),
-    }
+    setup = prepare_run(method_name, backbone_source, data, options, train_split, eval_split, image_size, recipe,
+                        task_name, mean, std, device)
+    method, config = setup.build(cfg)
     state = check_run_folder(out, config)
     if state == "finished":  # the very same run, done already (a retried job, a rerun cell): its results
         return read_metrics(out)
     resuming = state == "unfinished"
-    source = make_source(method.reads, method.backbone, train_images, preprocess, device, cache_dir, workers,
-                         show_progress, cfg.bf16, cache_placement)
-    eval_source = None
-    if eval_images is not None:
-        eval_source = make_source(method.reads, method.backbone, eval_images, preprocess, device, cache_dir, workers,
-                                  show_progress, cfg.bf16, cache_placement)
+    source, eval_source = setup.sources(method.reads, cache_dir, workers, show_progress, cfg.bf16, cache_placement)
     distributed.barrier()  # every rank has looked at the folder before rank 0 changes it
     created = None  # whether this invocation made the folder (rank 0 of a new run only)
     if distributed.is_main() and not resuming:
@@ -154,27 +234,7 @@ def train_run(
             discard_run_folder(out, created)
         raise
 
-    metrics: dict[str, Any] = {
-        "method": method.name,
-        "task": task,
-        "backbone": backbone.config.name,
-        "train_split": train_split,
-        "eval_split": eval_split,
-        "epochs": cfg.epochs,
-        "trainable_params": method.num_trainable_params(),
-        "train_seconds": result.train_seconds,
-        "train_loss": result.final_loss,
-        "train_accuracy": result.train_accuracy,
-        "resumed": resuming,
-        **extra_metrics,
-        "device": str(device),
-        "feature_placement": getattr(source, "placement", None),
-        "processes": distributed.world_size(),
-        "host": platform.node(),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    if accuracy is not None:
-        metrics[f"{eval_split}_accuracy"] = accuracy
+    metrics = setup.metrics(method, cfg, result, extra_metrics, accuracy, source, resuming)
     if distributed.is_main():
         finish_run_folder(out, metrics)
     distributed.barrier()  # every rank leaves once the run is written (and tears its process group down together)

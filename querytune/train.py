@@ -47,6 +47,8 @@ class TrainConfig:
     grad_clip: float | None = None
     label_smoothing: float = 0.0
     seed: int = 0
+    # The epochs' order comes from this seed (default: ``seed``); stacked seeds (querytune.grid) share one.
+    data_seed: int | None = None
     bf16: bool = False
     fp16: bool = False  # float16 autocast with a gradient scaler, for GPUs without bfloat16
     checkpointing: bool = False  # recompute each block in backward (methods that backpropagate through the trunk)
@@ -77,6 +79,11 @@ class TrainConfig:
         if "warmup_epochs" not in given and cfg.epochs < method_cls.train_defaults.get("epochs", cls.epochs):
             cfg.warmup_epochs = min(cfg.warmup_epochs, cfg.epochs / 10)
         return cfg
+
+    @property
+    def order_seed(self) -> int:
+        """The seed of the epochs' order."""
+        return self.seed if self.data_seed is None else self.data_seed
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, cfg: TrainConfig) -> float:
@@ -157,7 +164,7 @@ def fit(
             started = time.perf_counter()
             method.train()
             loss_sum, correct, seen = 0.0, 0, 0
-            order = distributed.rank_order(epoch_order(len(source), cfg.seed, epoch), cfg.batch_size)
+            order = distributed.rank_order(epoch_order(len(source), cfg.order_seed, epoch), cfg.batch_size)
             batches = source.batches(order, local_batch_size)
             for batch_index in range(steps_per_epoch):
                 step = epoch * steps_per_epoch + batch_index

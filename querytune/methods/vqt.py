@@ -192,7 +192,7 @@ def train_head(method: VQT, head: nn.Linear, kept: Tensor | None, source: Any, c
     total_steps, warmup_steps = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
     method.train()
     for epoch in range(cfg.epochs):
-        batches = source.batches(epoch_order(len(source), cfg.seed, epoch), cfg.batch_size)
+        batches = source.batches(epoch_order(len(source), cfg.order_seed, epoch), cfg.batch_size)
         for batch_index, (features, labels) in enumerate(batches):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(epoch * steps_per_epoch + batch_index, total_steps, warmup_steps, cfg)
