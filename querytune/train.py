@@ -236,6 +236,13 @@ def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     return state
 
 
+def restore_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Make ``state`` (what :func:`rng_state` gave) this process's random streams again."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     write_atomic(path, lambda tmp: torch.save(state, tmp))
 
@@ -263,9 +270,7 @@ def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer
             scaler.load_state_dict(state["scaler"])
         rank, world = distributed.rank(), distributed.world_size()
         if len(state["rng"]) == world:
-            torch.set_rng_state(state["rng"][rank]["cpu"])
-            if device.type == "cuda" and "cuda" in state["rng"][rank]:
-                torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
+            restore_rng_state(state["rng"][rank], device)
         else:
             torch.manual_seed(rank_seed(seed, rank, int(state["epochs_done"])))
         return {key: state[key] for key in ("epochs_done", "train_seconds", "loss", "train_accuracy")}
