@@ -62,7 +62,8 @@ def rows_path(path: str) -> Iterator[None]:
 def step_model(batch: float, tokens: int, dim: int, heads: int, layers: int, rows: int, members: int, head_in: int,
                classes: int, path: str) -> dict[str, float]:
     """Multiply-adds and bytes of one training step of ``members`` VQT members (``rows`` query rows in all)."""
-    row_dense = 12 * dim * dim  # q, folded-key or nothing, value, output projection (~4 D^2) and the MLP (8 D^2)
+    # per row: q, output projection and MLP (2 + 8 D^2); folded also applies W_k and W_v per row (2 D^2)
+    row_dense = (12 if path == "folded" else 10) * dim * dim
     if path == "folded":
         attention = 2 * heads * tokens * dim * rows * 3  # logits and mixing per head, forward and two backward
         token_reads = 4  # the tokens read by the two products forward and the two backward

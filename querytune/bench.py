@@ -19,7 +19,8 @@ error and the others go on.
 Profiles: ``paper`` uses each method's published protocol; ``quick`` caps the epochs
 (:data:`QUICK_EPOCHS`) and scales the warm-up with them. ``search`` first picks the
 learning rate and weight decay from the method's grid by accuracy on ``val200`` after
-training on ``train800``.
+training on ``train800``. A frozen-trunk method's grid, and its seeds, train as stacks
+(:mod:`querytune.grid`): one pass over the features per epoch for all of them.
 """
 
 from __future__ import annotations
@@ -259,5 +260,6 @@ class Bench:
         search = ("learning rate and weight decay chosen on train800 -> val200" if self.search
                   else "default hyperparameters")
         recipe = f"; per-task method settings from recipe `{self.recipe}`" if self.recipe else ""
+        stacked = (" (frozen-trunk methods: as one stack, in seed 0's data order)" if self.seeds > 1 else "")
         return (f"backbone `{self.backbone}`, {self.image_size} px, {'bf16' if self.bf16 else 'fp32'}; {cut}; "
-                f"{search}{recipe}; {self.seeds} seed(s); accuracy on `test` after the last epoch.")
+                f"{search}{recipe}; {self.seeds} seed(s){stacked}; accuracy on `test` after the last epoch.")
