@@ -64,13 +64,15 @@ def step_model(batch: float, tokens: int, dim: int, heads: int, layers: int, row
     """Multiply-adds and bytes of one training step of ``members`` VQT members (``rows`` query rows in all)."""
     # per row: q, output projection and MLP (2 + 8 D^2); folded also applies W_k and W_v per row (2 D^2)
     row_dense = (12 if path == "folded" else 10) * dim * dim
+    # Backward repeats each product once, for the rows' side only: the tokens and the block's weights are frozen.
     if path == "folded":
-        attention = 2 * heads * tokens * dim * rows * 3  # logits and mixing per head, forward and two backward
-        token_reads = 4  # the tokens read by the two products forward and the two backward
+        attention = 2 * heads * tokens * dim * rows * 2  # logits and mixing per head
+        token_reads = 4  # the tokens read by the two products forward and again backward
     else:
-        attention = 2 * tokens * dim * dim + 2 * tokens * dim * rows * 3  # K, V once; each row's q.k and w.v
+        attention = 2 * tokens * dim * dim + 2 * tokens * dim * rows * 2  # K, V once; each row's q.k and w.v
         token_reads = 2 + 2 * 3  # the tokens into K and V; K and V written, read forward and backward
-    macs = batch * (layers * (attention + 3 * row_dense * rows) + 3 * members * head_in * classes)
+    # the heads train their weights too: forward, input gradient, weight gradient
+    macs = batch * (layers * (attention + 2 * row_dense * rows) + 3 * members * head_in * classes)
     features = batch * layers * tokens * dim
     moved = features * (2 + 4) + features * 4 * token_reads  # float16 gathered into float32; float32 reads
     return {"gflop": 2 * macs / 1e9, "gbytes": moved / 1e9}

@@ -319,14 +319,14 @@ def rows_attention_path(num_rows: int, num_tokens: int, dim: int, heads: int, ro
     tokens, by multiply-adds per sample.
 
     Folded: each row and head reads every token through its folded query and again to mix them,
-    2·H·N·D per row. Projected: the tokens' keys and values cost 2·N·D² once, then each row
-    2·N·D. Backward repeats a product twice over (gradients of both operands) where its operand
-    needs them, so what is differentiated counts three times; the folded path wins for a handful
-    of rows, the projected one once the rows outnumber about D / H (D / 3H while training).
+    2·H·N·D per row. Projected: the tokens' keys and values cost 2·N·D² once (the weights are
+    frozen), then each row 2·N·D. Backward repeats a product once for each operand that needs a
+    gradient. So the folded path wins for a handful of rows, the projected one once the rows
+    outnumber about D / H (D / 2H while training the rows against frozen tokens).
     """
-    row_passes = 3 if rows_grad else 1
-    folded = 2 * heads * num_tokens * dim * num_rows * row_passes
-    projected = 2 * num_tokens * dim * dim * (3 if context_grad else 1) + 2 * num_tokens * dim * num_rows * row_passes
+    passes = 1 + rows_grad + context_grad  # a product of rows and tokens: forward, then a gradient for each side
+    folded = 2 * heads * num_tokens * dim * num_rows * passes
+    projected = 2 * num_tokens * dim * dim * (1 + context_grad) + 2 * num_tokens * dim * num_rows * passes
     return "projected" if projected < folded else "folded"
 
 
