@@ -16,6 +16,7 @@
 #   epochs.json          VQT epoch: features in GPU memory vs streamed from the cache vs live trunk
 #   full-run-vit-s.json  100 VQT epochs on cifar10 end to end, caching train and test included
 #   full-run-vit-b.json  the same with the random ViT-B/16 (timing only: its accuracy means nothing)
+#   (check.log)          grid: VQT's 20-member grid as one stack vs one member alone (grid_speed.py)
 #   bench.tar.gz         quick-profile bench of every method on $TASKS (report.md, results, pareto.png)
 #
 # A dry run on a CPU with toy sizes checks the plumbing:
@@ -37,7 +38,7 @@ ALL_METHODS=linear,vqt,vqt-naive,synqt,memory,full,vpt,lora,adaptformer,bitfit,v
 MEASURE_METHODS=${MEASURE_METHODS:-$ALL_METHODS}
 BENCH_METHODS=${BENCH_METHODS:-linear,vqt,synqt,memory,full,vpt,lora,adaptformer,bitfit,vqt+lora,vqt+adaptformer,vqt+vpt}
 TEST_ARGS=${TEST_ARGS:-}
-PARTS=${PARTS:-tests random measure epochs full}  # any of: tests random measure epochs full bench
+PARTS=${PARTS:-tests random measure epochs full grid}  # any of: tests random measure epochs full grid bench
 LIMIT_SCALE=${LIMIT_SCALE:-1}  # multiplies every part's time limit (a CPU dry run needs more)
 
 mkdir -p "$OUT"
@@ -87,6 +88,10 @@ for model in vit-s vit-b; do
         --task "$SHARED/data/vtab1k-mini/cifar10" --epochs "$EPOCHS" --image-size "$SIZE" --workers "$WORKERS" $BF16 --device "$DEVICE" \
         --cache-root "$WORK" --out "$OUT/full-run-$model.json"
 done
+
+# one tiny VQT member leaves a GPU idle: the stack of 20 should cost little more than one
+part grid 60 $PYTHON benchmarks/grid_speed.py --backbone "$BACKBONE" --task "$SHARED/data/vtab1k-mini/cifar10" \
+    --images 800 --repeats 2 --image-size "$SIZE" $BF16 --device "$DEVICE" --cache "$WORK/grid-cache"
 
 mkdir -p "$WORK/suite"
 for task in $TASKS; do ln -s "$SHARED/data/vtab1k-mini/$task" "$WORK/suite/$task"; done

@@ -20,7 +20,8 @@ error and the others go on.
 Profiles: ``paper`` uses each method's published protocol; ``quick`` caps the epochs
 (:data:`QUICK_EPOCHS`) and scales the warm-up with them. ``search`` first picks the
 learning rate and weight decay from the method's grid by accuracy on ``val200`` after
-training on ``train800``.
+training on ``train800``. A frozen-trunk method's grid, and its seeds, train as stacks
+(:mod:`querytune.grid`): one pass over the features per epoch for all of them.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from .data import check_normalisation
 from .errors import ConfigError, QuerytuneError
 from .files import write_json, write_text
+from .grid import member_name, search_grid, seed_settings, select_best, train_members
 from .measure import measure_method_isolated
 from .methods import method_class
 from .progress import note
@@ -61,14 +63,6 @@ def profile_settings(method: str, profile: str) -> dict[str, Any]:
         protocol_epochs = cls.train_defaults.get("epochs", 100)
         return {"epochs": min(protocol_epochs, QUICK_EPOCHS[cls.reads.frozen])}
     raise ConfigError(f"unknown profile {profile!r} (known: quick, paper)")
-
-
-def search_grid(method: str, batch_size: int) -> list[dict[str, float]]:
-    """The method's learning-rate x weight-decay grid (learning rates scaled by batch/256 where the paper does)."""
-    cls = method_class(method)
-    grid = cls.search_grid
-    lrs = [lr * batch_size / 256 for lr in grid["lr"]] if grid.get("scale_lr_by_batch") else list(grid["lr"])
-    return [{"lr": lr, "weight_decay": wd} for lr in lrs for wd in grid["weight_decay"]]
 
 
 class Bench:
@@ -97,31 +91,64 @@ class Bench:
         self.cache_dir = Path(cache_dir) if cache_dir else self.out / "feature-cache"
         self.device, self.workers, self.show_progress = device, workers, show_progress
         self.backbone_model: VisionTransformer | None = None
+        self.chosen: dict[tuple[str, str], dict[str, float]] = {}  # (task, method) -> the searched lr, weight decay
 
     def settings(self, method: str) -> dict[str, Any]:
         return {**profile_settings(method, self.profile), "bf16": self.bf16}
+
+    def run_arguments(self, task: Task) -> dict[str, Any]:
+        """What every run of the task takes besides its method, folder, splits and training settings."""
+        return dict(image_size=self.image_size, recipe=self.recipe, mean=self.normalisation and self.normalisation[0],
+                    std=self.normalisation and self.normalisation[1], task_name=task.name, cache_dir=self.cache_dir,
+                    device=self.device, workers=self.workers, show_progress=self.show_progress)
 
     def train(self, method: str, task: Task, run: Path, train_split: str, eval_split: str,
               settings: dict[str, Any]) -> dict[str, Any]:
         if (run / "metrics.json").is_file():  # finished in an earlier, interrupted bench
             return json.loads((run / "metrics.json").read_text())
         return train_run(method, self.backbone, task.path, run, train_settings=settings, train_split=train_split,
-                         eval_split=eval_split, image_size=self.image_size, recipe=self.recipe,
-                         mean=self.normalisation and self.normalisation[0],
-                         std=self.normalisation and self.normalisation[1],
-                         task_name=task.name, cache_dir=self.cache_dir,
-                         device=self.device, workers=self.workers, show_progress=self.show_progress)
+                         eval_split=eval_split, **self.run_arguments(task))
+
+    @staticmethod
+    def stacks(method: str) -> bool:
+        """Whether the method's search points and seeds train as stacks (:mod:`querytune.grid`)."""
+        return method_class(method).reads.frozen
 
     def choose_hyperparameters(self, method: str, task: Task) -> dict[str, float]:
         """Grid search: train on train800, pick by val200 accuracy (ties: the smaller learning rate)."""
         base = self.settings(method)
         batch = base.get("batch_size", method_class(method).train_defaults.get("batch_size", 64))
-        scored = []
-        for point in search_grid(method, batch):
-            run = self.out / "search" / task.name / method / f"lr{point['lr']:g}_wd{point['weight_decay']:g}"
-            metrics = self.train(method, task, run, "train800", "val200", {**base, **point})
-            scored.append((metrics["val200_accuracy"], -point["lr"], point))
-        return max(scored, key=lambda item: item[:2])[2]
+        points = search_grid(method, batch)
+        runs = {self.out / "search" / task.name / method / member_name(point): {**base, **point} for point in points}
+        if self.stacks(method):
+            metrics = train_members(method, self.backbone, task.path, runs, train_split="train800",
+                                    eval_split="val200", **self.run_arguments(task))
+        else:
+            metrics = [self.train(method, task, run, "train800", "val200", settings) for run, settings in runs.items()]
+        return select_best([(point, m["val200_accuracy"]) for point, m in zip(points, metrics)])
+
+    def seed_runs(self, method: str, task: Task) -> dict[Path, dict[str, Any]]:
+        """The final runs of ``method`` on ``task``, one per seed, with their training settings."""
+        settings = self.settings(method)
+        if self.search:
+            if (task.name, method) not in self.chosen:
+                self.chosen[task.name, method] = self.choose_hyperparameters(method, task)
+            settings.update(self.chosen[task.name, method])
+        runs = self.task_runs(task)[self.methods.index(method) * self.seeds:][:self.seeds]
+        if not self.stacks(method):
+            return {run: {**settings, "seed": seed} for seed, run in enumerate(runs)}
+        return {run: {**settings, **own} for run, own in zip(runs, seed_settings(range(self.seeds)))}
+
+    def train_seeds(self, method: str, task: Task) -> None:
+        """Train a stacking method's seeds as one stack; where that fails, each cell retries alone and reports."""
+        if not self.stacks(method) or all((run / "metrics.json").is_file() for run in self.seed_runs(method, task)):
+            return
+        try:
+            train_members(method, self.backbone, task.path, self.seed_runs(method, task),
+                          train_split="train800val200", eval_split="test", **self.run_arguments(task))
+        except Exception:  # noqa: BLE001 - the cells meet the error again and report it
+            with open(self.out / "errors.log", "a") as log:
+                log.write(f"{task.name}/{method} (seeds stacked)\n{traceback.format_exc()}\n")
 
     def run(self) -> list[dict[str, Any]]:
         self.claim_folder()
@@ -130,6 +157,7 @@ class Bench:
         for task in self.tasks:
             self.prepare_cache(task)
             for method in self.methods:
+                self.train_seeds(method, task)
                 for seed in range(self.seeds):
                     results.append(self.cell(task, method, seed, costs[method]))
                     self.write(results)
@@ -168,10 +196,7 @@ class Bench:
                                "trainable_params": cost.get("trainable_params"), "saved_bytes": cost.get("saved_bytes"),
                                "train_peak_bytes": cost.get("train_peak_bytes"), "cost_error": cost.get("error")}
         try:
-            settings = {**self.settings(method), "seed": seed}
-            if self.search:
-                settings.update(self.choose_hyperparameters(method, task))
-            run = self.task_runs(task)[self.methods.index(method) * self.seeds + seed]
+            run, settings = list(self.seed_runs(method, task).items())[seed]
             metrics = self.train(method, task, run, "train800val200", "test", settings)
             config = json.loads((run / "config.json").read_text())
             row.update(accuracy=metrics["test_accuracy"], train_seconds=metrics["train_seconds"],
@@ -238,5 +263,6 @@ class Bench:
         search = ("learning rate and weight decay chosen on train800 -> val200" if self.search
                   else "default hyperparameters")
         recipe = f"; per-task method settings from recipe `{self.recipe}`" if self.recipe else ""
+        stacked = (" (frozen-trunk methods: as one stack, in seed 0's data order)" if self.seeds > 1 else "")
         return (f"backbone `{self.backbone}`, {self.image_size} px, {'bf16' if self.bf16 else 'fp32'}; {cut}; "
-                f"{search}{recipe}; {self.seeds} seed(s); accuracy on `test` after the last epoch.")
+                f"{search}{recipe}; {self.seeds} seed(s){stacked}; accuracy on `test` after the last epoch.")

@@ -64,10 +64,12 @@ class TrainCommand:
     cache_placement: str = "auto"
     device: str | None = None
     workers: int | None = None
+    grid: bool = False
+    seeds: int | None = None
 
 
 TRAIN_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs", "grad_clip",
-                  "label_smoothing", "seed", "bf16", "fp16", "checkpointing", "augment")
+                  "label_smoothing", "seed", "data_seed", "bf16", "fp16", "checkpointing", "augment")
 RUN_RECORD = ("querytune_version", "num_classes", "classes")  # what a run's config.json holds beside its settings
 
 
@@ -198,6 +200,7 @@ def train(
     grad_clip: Optional[float] = typer.Option(None),
     label_smoothing: Optional[float] = typer.Option(None),
     seed: Optional[int] = typer.Option(None),
+    data_seed: Optional[int] = typer.Option(None, help="seed of the epochs' order (default: --seed)"),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16",
                                         help="bfloat16 autocast for the trunk and the training step"),
     fp16: Optional[bool] = typer.Option(None, "--fp16/--no-fp16", help="float16 autocast with a gradient scaler "
@@ -229,6 +232,11 @@ def train(
                                                              "default: device when they fit)"),
     device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when present)"),
     workers: Optional[int] = typer.Option(None, help="image-loading processes"),
+    grid: Optional[bool] = typer.Option(None, "--grid", help="search the method's lr x weight-decay grid on "
+                                        "train800 -> val200 as one stack (OUT/search), then retrain the best "
+                                        "(OUT/seed<s>)"),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="train seeds --seed .. --seed+N-1 as one stack "
+                                        "(OUT/seed<s>), sharing the first seed's data order"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Train a method on a task and report its test accuracy. The method options (below) come from
@@ -248,20 +256,51 @@ def train(
     if settings["no_cache"] and (settings["cache"] is not None or settings["cache_splits"] is not None):
         raise ConfigError(f"{'--cache' if settings['cache'] is not None else '--cache-splits'} and --no-cache "
                           "exclude each other")
-    metrics = train_run(
-        settings["method"], settings["backbone"], settings["data"], settings["out"], options=settings["options"],
-        train_settings=settings["train"], train_split=settings["train_split"],
-        eval_split=settings["eval_split"] or None, eval_every=settings["eval_every"],
-        val_split=settings["val_split"], loggers=settings["log"], image_size=settings["image_size"],
-        recipe=settings["recipe"],
-        task_name=settings["task_name"], mean=triple(settings["mean"], "--mean"), std=triple(settings["std"], "--std"),
+    common = dict(
+        train_split=settings["train_split"], eval_split=settings["eval_split"] or None,
+        eval_every=settings["eval_every"], val_split=settings["val_split"], loggers=settings["log"],
+        image_size=settings["image_size"], recipe=settings["recipe"], task_name=settings["task_name"],
+        mean=triple(settings["mean"], "--mean"), std=triple(settings["std"], "--std"),
         cache_dir=None if settings["no_cache"] else settings["cache"] or default_cache_root(),
         cache_splits=None if settings["cache_splits"] is None else settings["cache_splits"].split(","),
         cache_placement=settings["cache_placement"], device=settings["device"], workers=settings["workers"],
         show_progress=not quiet,
     )
+    if settings["grid"] or settings["seeds"] is not None:
+        _train_grid(settings, common)
+        return
+    metrics = train_run(settings["method"], settings["backbone"], settings["data"], settings["out"],
+                        options=settings["options"], train_settings=settings["train"], **common)
     if distributed.is_main():
         _print_metrics(metrics)
+
+
+def _train_grid(settings: dict[str, Any], common: dict[str, Any]) -> None:
+    """``train --grid`` / ``--seeds N`` (:mod:`querytune.grid`): print the search and the seeds."""
+    from .grid import train_grid
+
+    count = 1 if settings["seeds"] is None else settings["seeds"]
+    if count < 1:
+        raise ConfigError(f"--seeds must be at least 1 (got {count})")
+    first = settings["train"].get("seed") or 0
+    summary = train_grid(settings["method"], settings["backbone"], settings["data"], settings["out"],
+                         search=bool(settings["grid"]), seeds=[first + i for i in range(count)],
+                         options=settings["options"], train_settings=settings["train"], **common)
+    if summary["search"]:
+        table = Table("lr", "weight decay", "val200 accuracy", "", title="search (train800 -> val200)")
+        for row in summary["search"]:
+            chosen = row["lr"] == summary["chosen"]["lr"] and row["weight_decay"] == summary["chosen"]["weight_decay"]
+            table.add_row(f"{row['lr']:g}", f"{row['weight_decay']:g}", f"{row['val200_accuracy']:.4f}",
+                          "chosen" if chosen else "")
+        console.print(table)
+    table = Table("seed", f"{summary['eval_split']} accuracy", "run", title="seeds")
+    for row in summary["seeds"]:
+        table.add_row(str(row["seed"]), "-" if row["accuracy"] is None else f"{row['accuracy']:.4f}", row["run"])
+    console.print(table)
+    if summary["mean_accuracy"] is not None:
+        spread = f" +- {summary['std_accuracy']:.4f}" if summary["std_accuracy"] is not None else ""
+        console.print(f"mean {summary['eval_split']} accuracy {summary['mean_accuracy']:.4f}{spread} over "
+                      f"{len(summary['seeds'])} seed(s); summary in {Path(settings['out']) / 'grid.json'}")
 
 
 @app.command("eval")

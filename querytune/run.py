@@ -6,7 +6,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,10 +32,11 @@ from .runfolder import (
     start_run_folder,
 )
 from .runlog import EpochLog, check_loggers
-from .train import TrainConfig, evaluate, fit, seed_everything
+from .train import FitResult, TrainConfig, evaluate, fit, seed_everything
+from .trunk import TrunkInput
 from .trunk.cache import backbone_fingerprint
 from .trunk.device import resolve_device, resolve_workers
-from .trunk.sources import check_augment, check_placement, make_source
+from .trunk.sources import BatchSource, check_augment, check_placement, make_source
 from .version import __version__
 
 DEFAULT_IMAGE_SIZE = 224
@@ -47,6 +48,164 @@ def _source_string(source: str | Path | VisionTransformer, backbone: VisionTrans
     if isinstance(source, (str, Path)):
         return str(Path(source).resolve()) if Path(source).exists() else str(source)
     return backbone.config.name
+
+
+@dataclass
+class RunSetup:
+    """What every run of one method on one task shares (train_run's, or a grid's members'): the checked
+    inputs, the loaded backbone and the preprocessing. :meth:`build` makes a run's method and config."""
+
+    method_name: str
+    options: dict[str, Any]
+    backbone_source: str | Path | VisionTransformer
+    backbone: VisionTransformer
+    fingerprint: str
+    data: Path
+    task: str
+    recipe: str | None
+    recipe_settings: dict[str, Any]
+    train_images: ImageList
+    eval_images: ImageList | None
+    train_split: str
+    eval_split: str | None
+    image_size: int
+    preprocess: Preprocess
+    device: torch.device
+    val_images: ImageList | None = None
+    eval_every: int | None = None
+    loggers: tuple[str, ...] = ()
+    cache_splits: tuple[str, ...] | None = None  # None: every split is cached (where a cache folder is given)
+
+    def build(self, cfg: TrainConfig) -> tuple[Method, dict[str, Any]]:
+        """The run's method, built from ``cfg.seed``'s random stream, and its config.json."""
+        seed_everything(cfg.seed)
+        method = build_method(self.method_name, self.backbone, self.train_images.num_classes, self.options)
+        if cfg.checkpointing and method.reads.frozen:
+            raise ConfigError(f"--checkpointing: method {method.name!r} does not backpropagate through the trunk")
+        config = {
+            "querytune_version": __version__,
+            "method": method.name,
+            "options": options_dict(method),
+            "backbone": {
+                "source": _source_string(self.backbone_source, self.backbone),
+                "name": self.backbone.config.name,
+                "fingerprint": self.fingerprint,
+            },
+            "data": str(self.data.resolve()),
+            "task": self.task,
+            "recipe": {"name": self.recipe, "settings": self.recipe_settings} if self.recipe else None,
+            "train_split": self.train_split,
+            "num_classes": self.train_images.num_classes,
+            "classes": list(self.train_images.classes) if self.train_images.classes else None,
+            "image_size": self.image_size,
+            "normalisation": {"mean": list(self.preprocess.mean), "std": list(self.preprocess.std)},
+            "train": asdict(cfg),
+            "val_split": self.val_images.split if self.val_images is not None else None,
+            "eval_every": self.eval_every,
+            "log": list(self.loggers),
+        }
+        return method, config
+
+    def cache_for(self, split: str | None, cache_dir: Path | None) -> Path | None:
+        """Where ``split``'s features are cached: None where it runs the trunk live."""
+        return cache_dir if self.cache_splits is None or split in self.cache_splits else None
+
+    def sources(self, reads: TrunkInput, cache_dir: Path | None, workers: int, show_progress: bool, bf16: bool,
+                cache_placement: str, augment: bool = False) -> tuple[BatchSource, BatchSource | None]:
+        """The training split's batches and the evaluation split's (None without one)."""
+        def source(images: ImageList, augment: bool = False) -> BatchSource:
+            return make_source(reads, self.backbone, images, self.preprocess, self.device,
+                               self.cache_for(images.split, cache_dir), workers, show_progress, bf16,
+                               cache_placement, augment)
+
+        return (source(self.train_images, augment),
+                source(self.eval_images) if self.eval_images is not None else None)
+
+    def epoch_log(self, run: Path, method: Method, cfg: TrainConfig, cache_dir: Path | None, workers: int,
+                  show_progress: bool, cache_placement: str) -> EpochLog:
+        """The run's per-epoch log, validating ``method`` on the held-out split where one is asked for."""
+        validate: Callable[[], float] | None = None
+        if self.val_images is not None:
+            val_source = make_source(method.reads, self.backbone, self.val_images, self.preprocess, self.device,
+                                     self.cache_for(self.val_images.split, cache_dir), workers, show_progress,
+                                     cfg.bf16, cache_placement)
+            validate = partial(evaluate, method, val_source, self.device, bf16=cfg.bf16, fp16=cfg.fp16)
+        return EpochLog(run, self.loggers, validate, self.eval_every or 1, cfg.epochs)
+
+    def metrics(self, method: Method, cfg: TrainConfig, result: FitResult, extra_metrics: dict[str, Any],
+                accuracy: float | None, source: BatchSource, resuming: bool) -> dict[str, Any]:
+        """A finished run's metrics.json."""
+        metrics: dict[str, Any] = {
+            "method": method.name,
+            "task": self.task,
+            "backbone": self.backbone.config.name,
+            "train_split": self.train_split,
+            "eval_split": self.eval_split,
+            "epochs": cfg.epochs,
+            "trainable_params": method.num_trainable_params(),
+            "train_seconds": result.train_seconds,
+            "train_loss": result.final_loss,
+            "train_accuracy": result.train_accuracy,
+            "resumed": resuming,
+            **extra_metrics,
+            "device": str(self.device),
+            "feature_placement": getattr(source, "placement", None),
+            "processes": distributed.world_size(),
+            "host": platform.node(),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        if accuracy is not None:
+            metrics[f"{self.eval_split}_accuracy"] = accuracy
+        return metrics
+
+
+def prepare_run(
+    method_name: str,
+    backbone_source: str | Path | VisionTransformer,
+    data: str | Path,
+    options: dict[str, Any] | None,
+    train_split: str | None,
+    eval_split: str | None,
+    image_size: int,
+    recipe: str | None,
+    task_name: str | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    device: torch.device,
+    *,
+    eval_every: int | None = None,
+    val_split: str | None = None,
+    loggers: Sequence[str] = (),
+    cache_splits: Sequence[str] | None = None,
+) -> RunSetup:
+    """Check the inputs of a run and load what it reads (see :func:`train_run`)."""
+    train_split = train_split or default_train_split(data)
+    train_images = open_split(data, train_split)
+    method_cls, _ = resolve_method(method_name, options)
+    task = task_name or train_images.task
+    recipe_settings = recipe_options(recipe, method_cls.name, task) if recipe else {}
+    options = {**recipe_settings, **(options or {})}
+    eval_images = open_split(data, eval_split) if eval_split else None
+    val_images, eval_every = validation_split(data, train_images, val_split, eval_every)
+    check_loggers(loggers)
+    if cache_splits is not None:
+        run_splits = {split for split in (train_split, eval_split, val_images and val_images.split) if split}
+        unknown = sorted(set(cache_splits) - run_splits)
+        if unknown:
+            raise ConfigError(f"--cache-splits {unknown[0]!r}: not a split of this run "
+                              f"({', '.join(sorted(run_splits))})")
+    backbone = load_backbone(backbone_source)
+    fingerprint = backbone_fingerprint(backbone)  # of the checkpoint as loaded, before a method adds adapters
+    if mean is not None or std is not None:
+        backbone.config.mean, backbone.config.std = check_normalisation(mean, std)
+    patch = backbone.config.patch_size
+    if image_size < patch or image_size % patch:
+        raise ConfigError(f"--image-size {image_size}: must be a positive multiple of the backbone's patch size "
+                          f"{patch}")
+    return RunSetup(method_name, options, backbone_source, backbone, fingerprint, Path(data), task, recipe,
+                    recipe_settings, train_images, eval_images, train_split, eval_split, image_size,
+                    Preprocess.for_backbone(backbone, image_size), device, val_images, eval_every, tuple(loggers),
+                    None if cache_splits is None else tuple(cache_splits))
 
 
 def train_run(
@@ -106,82 +265,23 @@ def train_run(
     cfg = TrainConfig.for_method(method_cls, train_settings or {})
     check_augment(cfg.augment, method_cls.reads, cache_dir)
     distributed.local_batch_size(cfg.batch_size)
-    train_split = train_split or default_train_split(data)
-    train_images = open_split(data, train_split)
-    task = task_name or train_images.task
-    recipe_settings = recipe_options(recipe, method_cls.name, task) if recipe else {}
-    options = {**recipe_settings, **(options or {})}
-    eval_images = open_split(data, eval_split) if eval_split else None
-    val_images, eval_every = validation_split(data, train_images, val_split, eval_every)
-    check_loggers(loggers)
-    if cache_splits is not None:
-        run_splits = {split for split in (train_split, eval_split, val_images and val_images.split) if split}
-        unknown = sorted(set(cache_splits) - run_splits)
-        if unknown:
-            raise ConfigError(f"--cache-splits {unknown[0]!r}: not a split of this run "
-                              f"({', '.join(sorted(run_splits))})")
-    backbone = load_backbone(backbone_source)
-    fingerprint = backbone_fingerprint(backbone)  # of the checkpoint as loaded, before a method adds adapters
-    if mean is not None or std is not None:
-        backbone.config.mean, backbone.config.std = check_normalisation(mean, std)
-    patch = backbone.config.patch_size
-    if image_size < patch or image_size % patch:
-        raise ConfigError(f"--image-size {image_size}: must be a positive multiple of the backbone's patch size "
-                          f"{patch}")
-    preprocess = Preprocess.for_backbone(backbone, image_size)
-
-    seed_everything(cfg.seed)
-    method = build_method(method_name, backbone, train_images.num_classes, options)
-    if cfg.checkpointing and method.reads.frozen:
-        raise ConfigError(f"--checkpointing: method {method.name!r} does not backpropagate through the trunk")
-    config = {
-        "querytune_version": __version__,
-        "method": method.name,
-        "options": options_dict(method),
-        "backbone": {
-            "source": _source_string(backbone_source, backbone),
-            "name": backbone.config.name,
-            "fingerprint": fingerprint,
-        },
-        "data": str(Path(data).resolve()),
-        "task": task,
-        "recipe": {"name": recipe, "settings": recipe_settings} if recipe else None,
-        "train_split": train_split,
-        "num_classes": train_images.num_classes,
-        "classes": list(train_images.classes) if train_images.classes else None,
-        "image_size": image_size,
-        "normalisation": {"mean": list(preprocess.mean), "std": list(preprocess.std)},
-        "train": asdict(cfg),
-        "val_split": val_images.split if val_images is not None else None,
-        "eval_every": eval_every,
-        "log": list(loggers),
-    }
+    setup = prepare_run(method_name, backbone_source, data, options, train_split, eval_split, image_size, recipe,
+                        task_name, mean, std, device, eval_every=eval_every, val_split=val_split, loggers=loggers,
+                        cache_splits=cache_splits)
+    method, config = setup.build(cfg)
     state = check_run_folder(out, config)
     if state == "finished":  # the very same run, done already (a retried job, a rerun cell): its results
         return read_metrics(out)
     resuming = state == "unfinished"
-
-    def split_cache(split: str | None) -> Path | None:
-        return cache_dir if cache_splits is None or split in cache_splits else None
-
-    source = make_source(method.reads, method.backbone, train_images, preprocess, device, split_cache(train_split),
-                         workers, show_progress, cfg.bf16, cache_placement, cfg.augment)
-    eval_source = None
-    if eval_images is not None:
-        eval_source = make_source(method.reads, method.backbone, eval_images, preprocess, device,
-                                  split_cache(eval_split), workers, show_progress, cfg.bf16, cache_placement)
-    validate: Callable[[], float] | None = None
-    if val_images is not None:
-        val_source = make_source(method.reads, method.backbone, val_images, preprocess, device,
-                                 split_cache(val_images.split), workers, show_progress, cfg.bf16, cache_placement)
-        validate = partial(evaluate, method, val_source, device, bf16=cfg.bf16, fp16=cfg.fp16)
+    source, eval_source = setup.sources(method.reads, cache_dir, workers, show_progress, cfg.bf16, cache_placement,
+                                        cfg.augment)
+    log = setup.epoch_log(out, method, cfg, cache_dir, workers, show_progress, cache_placement)
     distributed.barrier()  # every rank has looked at the folder before rank 0 changes it
     created = None  # whether this invocation made the folder (rank 0 of a new run only)
     if distributed.is_main() and not resuming:
         created = start_run_folder(out, config)
     distributed.barrier()  # the folder is ready before any rank looks for a checkpoint in it
     try:
-        log = EpochLog(out, loggers, validate, eval_every or 1, cfg.epochs)
         result = fit(method, source, cfg, device, checkpoint=out / "checkpoint.pt", log=log,
                      show_progress=show_progress)
         extra_metrics = method.post_train(source, cfg, device)  # alike on every rank: nothing to communicate
@@ -194,27 +294,7 @@ def train_run(
             discard_run_folder(out, created)
         raise
 
-    metrics: dict[str, Any] = {
-        "method": method.name,
-        "task": task,
-        "backbone": backbone.config.name,
-        "train_split": train_split,
-        "eval_split": eval_split,
-        "epochs": cfg.epochs,
-        "trainable_params": method.num_trainable_params(),
-        "train_seconds": result.train_seconds,
-        "train_loss": result.final_loss,
-        "train_accuracy": result.train_accuracy,
-        "resumed": resuming,
-        **extra_metrics,
-        "device": str(device),
-        "feature_placement": getattr(source, "placement", None),
-        "processes": distributed.world_size(),
-        "host": platform.node(),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    if accuracy is not None:
-        metrics[f"{eval_split}_accuracy"] = accuracy
+    metrics = setup.metrics(method, cfg, result, extra_metrics, accuracy, source, resuming)
     if distributed.is_main():
         finish_run_folder(out, metrics)
     distributed.barrier()  # every rank leaves once the run is written (and tears its process group down together)

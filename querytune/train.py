@@ -48,6 +48,8 @@ class TrainConfig:
     grad_clip: float | None = option(None, "clip the gradient norm at this value", min=0, min_open=True)
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy", min=0, max=1)
     seed: int = option(0, "random seed", min=0, max=2**32 - 1)  # numpy's seeds are 32-bit
+    # Stacked seeds (querytune.grid) share one data order.
+    data_seed: int | None = option(None, "seed of the epochs' order (default: --seed)", min=0, max=2**32 - 1)
     bf16: bool = option(False, "bfloat16 autocast")
     fp16: bool = option(False, "float16 autocast with a gradient scaler, for GPUs without bfloat16")
     checkpointing: bool = option(False, "recompute each block in backward (methods that backpropagate through "
@@ -73,6 +75,11 @@ class TrainConfig:
         if "warmup_epochs" not in given and cfg.epochs < method_cls.train_defaults.get("epochs", cls.epochs):
             cfg.warmup_epochs = min(cfg.warmup_epochs, cfg.epochs / 10)
         return cfg
+
+    @property
+    def order_seed(self) -> int:
+        """The seed of the epochs' order."""
+        return self.seed if self.data_seed is None else self.data_seed
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, cfg: TrainConfig) -> float:
@@ -153,7 +160,7 @@ def fit(
             started = time.perf_counter()
             method.train()
             loss_sum, correct, seen = 0.0, 0, 0
-            order = distributed.rank_order(epoch_order(len(source), cfg.seed, epoch), cfg.batch_size)
+            order = distributed.rank_order(epoch_order(len(source), cfg.order_seed, epoch), cfg.batch_size)
             batches = source.batches(order, local_batch_size)
             for batch_index in range(steps_per_epoch):
                 step = epoch * steps_per_epoch + batch_index
@@ -212,6 +219,13 @@ def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     return state
 
 
+def restore_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Make ``state`` (what :func:`rng_state` gave) this process's random streams again."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     def write(tmp: Path) -> None:
         with recording_writes(tmp) as handle:
@@ -243,9 +257,7 @@ def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer
             scaler.load_state_dict(state["scaler"])
         rank, world = distributed.rank(), distributed.world_size()
         if len(state["rng"]) == world:
-            torch.set_rng_state(state["rng"][rank]["cpu"])
-            if device.type == "cuda" and "cuda" in state["rng"][rank]:
-                torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
+            restore_rng_state(state["rng"][rank], device)
         else:
             torch.manual_seed(rank_seed(seed, rank, int(state["epochs_done"])))
         return {key: state[key] for key in ("epochs_done", "train_seconds", "loss", "train_accuracy")}

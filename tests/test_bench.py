@@ -62,13 +62,14 @@ def test_bench_writes_results_report_and_plot_and_resumes(suite, tiny_backbone_d
     kept_before = kept.read_bytes()
     finished.unlink()
     trained = []
-    import querytune.bench as bench_module
+    import querytune.grid as grid_module
 
-    real = bench_module.train_run
-    monkeypatch.setattr(bench_module, "train_run", lambda *a, **k: trained.append(a[0]) or real(*a, **k))
+    real = grid_module.fit_members  # the seeds of these frozen-trunk methods train as stacks
+    monkeypatch.setattr(grid_module, "fit_members",
+                        lambda members, *a, **k: trained.extend(m.run for m in members) or real(members, *a, **k))
     again = _bench(suite, tiny_backbone_dir, out, measure=True, seeds=2).run()  # costs are read back, not remeasured
     assert kept.read_bytes() == kept_before
-    assert trained == ["linear"] and len(again) == len(results)
+    assert trained == [finished.parent] and len(again) == len(results)
 
 
 def test_failed_cell_is_reported_and_the_rest_continue(suite, tiny_backbone_dir, tmp_path):
@@ -149,3 +150,34 @@ def test_a_task_folder_is_a_suite_of_one_with_accuracy_and_cost_in_one_table(sui
         assert cells == [row["method"], f"{100 * row['accuracy']:.1f}", str(row["trainable_params"]), "1", "0",
                          f"{row['train_seconds']:.0f}"]
     assert "mean of group means" not in "\n".join(lines) and (out / "pareto.png").is_file()
+
+
+def test_bench_search_with_seeds_runs_end_to_end_as_stacks(suite, tiny_backbone_dir, tmp_path, monkeypatch):
+    from querytune.cli import main
+
+    for method in ("linear", "vqt", "synqt", "memory"):  # a 2 x 2 grid each, to keep the test short
+        monkeypatch.setattr(METHODS[method], "search_grid", {"lr": (0.5, 0.05), "weight_decay": (1e-3, 0.0)})
+    import querytune.bench as bench_module
+    import querytune.grid as grid_module
+
+    monkeypatch.setattr(bench_module, "QUICK_EPOCHS", {True: 2, False: 1})
+    monkeypatch.setattr(Bench, "cost", lambda self, method: dict(FIXED_COST))  # measured in other tests,
+    monkeypatch.setattr(bench_module, "plot_pareto", lambda *args: None)  # and so is the plot (3 s a cell)
+    stacks = []
+    real = grid_module.fit_members
+    monkeypatch.setattr(grid_module, "fit_members",
+                        lambda members, *a, **k: stacks.append(len(members)) or real(members, *a, **k))
+    out = tmp_path / "report"
+    main(["bench", "--suite", str(suite), "--methods", "linear,vqt,synqt,memory", "-b", str(tiny_backbone_dir),
+          "--out", str(out), "--search", "--seeds", "3", "--image-size", "32", "--workers", "0", "-q"])
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert len(results) == 2 * 4 * 3 and not any(r.get("error") for r in results)
+    assert stacks == [4, 3] * 8  # per task and method: the grid, then the seeds, each one stack
+    for task in ("alpha", "beta"):
+        for method in ("linear", "vqt", "synqt", "memory"):
+            cells = [r for r in results if r["task"] == task and r["method"] == method]
+            assert len({(r["lr"], r["weight_decay"]) for r in cells}) == 1  # the one chosen setting for every seed
+            configs = [json.loads((out / "runs" / task / method / f"seed{s}" / "config.json").read_text())
+                       for s in range(3)]
+            assert [(c["train"]["seed"], c["train"]["data_seed"]) for c in configs] == [(0, None), (1, 0), (2, 0)]
+    assert " ± " in (out / "report.md").read_text()

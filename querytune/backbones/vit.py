@@ -226,6 +226,7 @@ class Block(nn.Module):
         extra: Tensor | None = None,
         mask: Tensor | None = None,
         drop_path: float = 0.0,
+        path: str = "auto",
     ) -> RowsOutput:
         """Push extra ``rows`` (B, R, D) through this block's weights.
 
@@ -240,6 +241,11 @@ class Block(nn.Module):
         in the softmax; the value bias is added once since attention weights sum to 1.
         ``drop_path`` > 0 drops the rows' attention and MLP branches per sample with that
         probability (stochastic depth, as timm's blocks do to their own branches in training).
+
+        ``path`` says how the attention is computed (:func:`rows_attention_path`): ``folded``
+        folds W_k and W_v into each row, so the tokens are read as they are (cheapest for a few
+        rows); ``projected`` projects the tokens' keys and values once for all rows (cheapest for
+        many rows, such as stacked grid members); ``auto`` picks the one with fewer multiply-adds.
         """
         attn = self.attn
         batch, num_rows, dim = rows.shape
@@ -253,31 +259,75 @@ class Block(nn.Module):
             # Cast the shared tokens once here, not once per matmul below (autocast would).
             context = context.to(torch.get_autocast_dtype(device_type))
         q = F.linear(self.norm1(rows), w_q, b_q).unflatten(-1, heads_shape)  # B, R, H, hd
-        # Fold W_k into the query: logit = (q_h W_k,h) . u. Heads and rows share one axis so
-        # that every product below is a plain batched matmul against the shared tokens.
-        q_folded = torch.einsum("brhe,hed->brhd", q, w_k.unflatten(0, heads_shape)).flatten(1, 2) * attn.scale
-        logits = q_folded @ context.transpose(1, 2)  # B, R*H, N
-        extra_normed = None
-        if extra is not None:
-            extra_normed = self.norm1(extra)  # B, E, D
-            logits = torch.cat([logits, q_folded @ extra_normed.transpose(1, 2)], dim=-1)
-        if mask is not None:
-            # mask: (B,) R, N+E -> broadcast over heads
-            logits = (logits.unflatten(1, (num_rows, attn.num_heads)) + mask.unsqueeze(-2)).flatten(1, 2)
-        weights = logits.softmax(dim=-1)
-        n_ctx = context.shape[1]
-        mixed = weights[..., :n_ctx] @ context  # B, R*H, D: attention-weighted normalised tokens
-        if extra_normed is not None:
-            mixed = mixed + weights[..., n_ctx:] @ extra_normed
-        # Apply W_v per head: (B, R, H, D) x (H, hd, D) -> (B, R, H, hd)
-        values = torch.einsum("brhd,hed->brhe", mixed.unflatten(1, (num_rows, attn.num_heads)),
-                              w_v.unflatten(0, heads_shape)).flatten(2)
+        extra_normed = self.norm1(extra) if extra is not None else None  # B, E, D
+        if path == "auto":
+            path = rows_attention_path(num_rows, context.shape[1], dim, attn.num_heads,
+                                       rows.requires_grad and torch.is_grad_enabled(), context.requires_grad)
+        if path == "folded":
+            values = self._folded_attention(q, context, extra_normed, mask, w_k, w_v)
+        elif path == "projected":
+            values = self._projected_attention(q, context, extra_normed, mask, w_k, w_v)
+        else:
+            raise ValueError(f"unknown rows attention path {path!r} (known: auto, folded, projected)")
         if b_v is not None:
             values = values + b_v
         attn_branch = drop_samples(self.ls1(attn.proj(values)), drop_path)
         a = rows + attn_branch
         mlp_branch = drop_samples(self.mlp_branch(a), drop_path)
         return RowsOutput(a + mlp_branch, attn_branch, mlp_branch)
+
+
+    def _folded_attention(self, q: Tensor, context: Tensor, extra_normed: Tensor | None, mask: Tensor | None,
+                          w_k: Tensor, w_v: Tensor) -> Tensor:
+        """The rows' attention values (B, R, D) before the value bias, with W_k and W_v folded into the rows."""
+        attn = self.attn
+        _, num_rows, heads, head_dim = q.shape
+        # Fold W_k into the query: logit = (q_h W_k,h) . u. Heads and rows share one axis so
+        # that every product below is a plain batched matmul against the shared tokens.
+        q_folded = torch.einsum("brhe,hed->brhd", q, w_k.unflatten(0, (heads, head_dim))).flatten(1, 2) * attn.scale
+        logits = q_folded @ context.transpose(1, 2)  # B, R*H, N
+        if extra_normed is not None:
+            logits = torch.cat([logits, q_folded @ extra_normed.transpose(1, 2)], dim=-1)
+        if mask is not None:
+            # mask: (B,) R, N+E -> broadcast over heads
+            logits = (logits.unflatten(1, (num_rows, heads)) + mask.unsqueeze(-2)).flatten(1, 2)
+        weights = logits.softmax(dim=-1)
+        n_ctx = context.shape[1]
+        mixed = weights[..., :n_ctx] @ context  # B, R*H, D: attention-weighted normalised tokens
+        if extra_normed is not None:
+            mixed = mixed + weights[..., n_ctx:] @ extra_normed
+        # Apply W_v per head: (B, R, H, D) x (H, hd, D) -> (B, R, H, hd)
+        return torch.einsum("brhd,hed->brhe", mixed.unflatten(1, (num_rows, heads)),
+                            w_v.unflatten(0, (heads, head_dim))).flatten(2)
+
+    def _projected_attention(self, q: Tensor, context: Tensor, extra_normed: Tensor | None, mask: Tensor | None,
+                             w_k: Tensor, w_v: Tensor) -> Tensor:
+        """The rows' attention values (B, R, D) before the value bias, from keys and values projected once.
+        The key bias is left out as in the folded path (it cancels in the softmax)."""
+        tokens = context if extra_normed is None else torch.cat([context, extra_normed], dim=1)
+        keys = self.attn.split_heads(F.linear(tokens, w_k))  # B, H, N+E, hd
+        values = self.attn.split_heads(F.linear(tokens, w_v))
+        attn_mask = mask.unsqueeze(-3) if mask is not None else None  # (B,) 1, R, N+E: the same for every head
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=attn_mask)  # B, H, R, hd
+        return out.transpose(1, 2).flatten(2)
+
+
+
+def rows_attention_path(num_rows: int, num_tokens: int, dim: int, heads: int, rows_grad: bool,
+                        context_grad: bool) -> str:
+    """The cheaper way (``folded`` or ``projected``) for ``num_rows`` rows to attend to ``num_tokens``
+    tokens, by multiply-adds per sample.
+
+    Folded: each row and head reads every token through its folded query and again to mix them,
+    2·H·N·D per row. Projected: the tokens' keys and values cost 2·N·D² once (the weights are
+    frozen), then each row 2·N·D. Backward repeats a product once for each operand that needs a
+    gradient. So the folded path wins for a handful of rows, the projected one once the rows
+    outnumber about D / H (D / 2H while training the rows against frozen tokens).
+    """
+    passes = 1 + rows_grad + context_grad  # a product of rows and tokens: forward, then a gradient for each side
+    folded = 2 * heads * num_tokens * dim * num_rows * passes
+    projected = 2 * num_tokens * dim * dim * (1 + context_grad) + 2 * num_tokens * dim * num_rows * passes
+    return "projected" if projected < folded else "folded"
 
 
 def drop_samples(x: Tensor, p: float) -> Tensor:

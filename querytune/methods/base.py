@@ -16,6 +16,8 @@ Only the parameters that require grad are trained and saved (``trainable_state_d
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -63,6 +65,19 @@ class Method(nn.Module):
     # ``Any``: each method takes what its ``reads`` gives it (Features or images) and narrows the type.
     def forward(self, inputs: Any) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @staticmethod
+    def forward_members(members: Sequence[Method], inputs: Any,
+                        random_stream: Callable[[int], AbstractContextManager[None]]) -> list[Tensor]:
+        """The logits of every member of a grid (:mod:`querytune.grid`: one method and its options, each
+        member with its own parameters) on one batch; inside ``random_stream(k)`` member k's random
+        draws (dropout) come from its own stream. Here each member runs its own forward; a method whose
+        members can share the work overrides this."""
+        outputs = []
+        for k, member in enumerate(members):
+            with random_stream(k):
+                outputs.append(member(inputs))
+        return outputs
 
     def post_train(self, source: Any, cfg: Any, device: torch.device) -> dict[str, Any]:
         """Work after the main training (e.g. head compression); returns extra metrics."""

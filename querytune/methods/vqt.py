@@ -20,7 +20,8 @@ fresh head is trained on those.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -108,8 +109,12 @@ class QueryPath(nn.Module):
 
     def forward(self, layers: Tensor | Sequence[Tensor], cls: Tensor, blocks: ModuleListOf[Block]) -> Tensor:
         """Head input: L2-normalised [final class token, per-layer query summaries]."""
+        return self.summary(cls, self.layer_outputs(layers, blocks))
+
+    def summary(self, cls: Tensor, outputs: Sequence[Tensor]) -> Tensor:
+        """Head input from the final class token and the query outputs Z_l of every query layer."""
         pieces = [cls]
-        for i, z in enumerate(self.layer_outputs(layers, blocks)):
+        for i, z in enumerate(outputs):
             if self.combine == "concat":
                 pieces.append(z.flatten(1))
             elif self.combine == "mean":
@@ -144,6 +149,35 @@ class VQT(Method):
         if self.kept_features is not None:
             x = x[:, self.kept_features]
         return self.head(x)
+
+    @staticmethod
+    def forward_members(members: Sequence[Method], inputs: Any,
+                        random_stream: Callable[[int], AbstractContextManager[None]]) -> list[Tensor]:
+        """Every member's query rows pass each block together, in one ``forward_rows`` call that reads
+        the layer's tokens once (their rows never attend to each other); each member draws its dropout
+        masks from its own stream, in the order its lone forward draws them."""
+        vqts = [m for m in members if isinstance(m, VQT)]
+        if len(vqts) < len(members) or any(m.kept_features is not None for m in vqts):
+            # compressed heads read other features: one forward each
+            return Method.forward_members(members, inputs, random_stream)
+        features: Features = inputs
+        assert features.layers is not None  # VQT reads LAYERS
+        per_layer = features.layers.unbind(1)
+        batch = features.cls.shape[0]
+        dropped = []  # per member, per query layer: its (B, T, D) rows
+        for k, vqt in enumerate(vqts):
+            path = vqt.query_path
+            with random_stream(k):
+                dropped.append([path.dropout(path.queries[i].expand(batch, -1, -1))
+                                for i in range(len(path.layer_ids))])
+        outputs: list[list[Tensor]] = [[] for _ in vqts]
+        blocks = vqts[0].backbone.blocks
+        for i, layer in enumerate(vqts[0].query_path.layer_ids):
+            rows = [member_rows[i] for member_rows in dropped]
+            out = blocks[layer].forward_rows(torch.cat(rows, dim=1), per_layer[layer]).out
+            for member_outputs, z in zip(outputs, out.split([r.shape[1] for r in rows], dim=1)):
+                member_outputs.append(z)
+        return [vqt.head(vqt.query_path.summary(features.cls, z)) for vqt, z in zip(vqts, outputs)]
 
     def keep_features(self, kept: Tensor, head: nn.Linear | None = None) -> None:
         """Make the head read only the ``kept`` head-input features."""
@@ -192,7 +226,7 @@ def train_head(method: VQT, head: nn.Linear, kept: Tensor | None, source: Any, c
     total_steps, warmup_steps = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
     method.train()
     for epoch in range(cfg.epochs):
-        batches = source.batches(epoch_order(len(source), cfg.seed, epoch), cfg.batch_size)
+        batches = source.batches(epoch_order(len(source), cfg.order_seed, epoch), cfg.batch_size)
         for batch_index, (features, labels) in enumerate(batches):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(epoch * steps_per_epoch + batch_index, total_steps, warmup_steps, cfg)

@@ -1,0 +1,169 @@
+"""Member-stacked training (querytune.grid): the rows attention paths agree, every member of a stacked
+run equals the same configuration trained alone, killed or not, and the search follows the protocol."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_vit
+from querytune.backbones.vit import rows_attention_path
+from querytune.cli import main
+from querytune.errors import ConfigError
+from querytune.grid import member_name, search_grid, select_best, train_members
+from querytune.run import train_run
+
+
+@pytest.mark.parametrize("with_extra_and_mask", [False, True])
+def test_folded_and_projected_rows_attention_agree_with_gradients(with_extra_and_mask):
+    block = tiny_vit(layer_scale=True).blocks[1]
+    context = torch.randn(3, 17, 48)
+    rows = torch.randn(3, 5, 48, requires_grad=True)
+    extra = torch.randn(3, 2, 48) if with_extra_and_mask else None
+    mask = None
+    if with_extra_and_mask:  # row r may not see extra token r % 2
+        mask = torch.zeros(5, 19)
+        mask[torch.arange(5), 17 + torch.arange(5) % 2] = float("-inf")
+    outputs, grads = {}, {}
+    for path in ("folded", "projected"):
+        out = block.forward_rows(rows, context, extra, mask, path=path)
+        (out.out * torch.linspace(-1, 1, 48)).sum().backward()
+        outputs[path], grads[path] = out, rows.grad.clone()
+        rows.grad = None
+    for a, b in zip(outputs["folded"], outputs["projected"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads["folded"], grads["projected"], rtol=1e-5, atol=1e-5)
+
+
+def test_rows_attention_path_follows_the_multiply_adds():
+    # ViT-S: D 384, 6 heads, 257 tokens. Evaluation: projected once rows outnumber about D / H.
+    assert rows_attention_path(70, 257, 384, 6, rows_grad=False, context_grad=False) == "folded"
+    assert rows_attention_path(80, 257, 384, 6, rows_grad=False, context_grad=False) == "projected"
+    # Training the rows against frozen tokens doubles the rows' products only: the switch comes at about D / 2H.
+    assert rows_attention_path(35, 257, 384, 6, rows_grad=True, context_grad=False) == "folded"
+    assert rows_attention_path(40, 257, 384, 6, rows_grad=True, context_grad=False) == "projected"
+    # A differentiated context (an adapted trunk) doubles its projection too.
+    assert rows_attention_path(40, 257, 384, 6, rows_grad=True, context_grad=True) == "folded"
+
+
+def _common(backbone, task, tmp_path):
+    return {"train_split": "train800", "eval_split": "val200", "image_size": 32, "workers": 0,
+            "cache_dir": tmp_path / "cache", "show_progress": False, "device": "cpu"}
+
+
+SETTINGS = {"epochs": 3, "batch_size": 8}  # 12 images: a full and a short batch per epoch
+MEMBERS = {"a": {"lr": 0.05, "weight_decay": 1e-3, "seed": 3},
+           "b": {"lr": 0.01, "weight_decay": 0.0, "seed": 3},
+           "c": {"lr": 0.05, "weight_decay": 1e-3, "seed": 4, "data_seed": 3}}
+
+
+def assert_member_equals_lone_run(member: Path, lone: Path) -> None:
+    stacked, alone = load_file(str(member / "adapter.safetensors")), load_file(str(lone / "adapter.safetensors"))
+    assert stacked.keys() == alone.keys()
+    for name in alone:
+        torch.testing.assert_close(stacked[name], alone[name], rtol=1e-4, atol=1e-5, msg=name)
+    got, want = json.loads((member / "metrics.json").read_text()), json.loads((lone / "metrics.json").read_text())
+    assert got.keys() == want.keys()
+    for key in ("train_loss", "trainable_params", *(k for k in want if k.endswith("_accuracy"))):
+        assert got[key] == pytest.approx(want[key], rel=1e-4), key
+    assert [json.loads(line)["loss"] for line in (member / "log.jsonl").read_text().splitlines()] == pytest.approx(
+        [json.loads(line)["loss"] for line in (lone / "log.jsonl").read_text().splitlines()], rel=1e-4)
+    assert json.loads((member / "config.json").read_text())["train"] == \
+        json.loads((lone / "config.json").read_text())["train"]
+
+
+@pytest.mark.parametrize("method,options", [("vqt", {"num_queries": 2}), ("synqt", {"num_queries": 2}), ("memory", {})])
+def test_every_member_equals_its_settings_trained_alone(method, options, tiny_backbone_dir, tiny_task, tmp_path):
+    common = _common(tiny_backbone_dir, tiny_task, tmp_path)
+    members = {tmp_path / "grid" / name: own for name, own in MEMBERS.items()}
+    train_members(method, tiny_backbone_dir, tiny_task, members, options=options, train_settings=SETTINGS, **common)
+    for name, own in MEMBERS.items():
+        train_run(method, tiny_backbone_dir, tiny_task, tmp_path / "alone" / name, options=options,
+                  train_settings={**SETTINGS, **own}, **common)
+        assert_member_equals_lone_run(tmp_path / "grid" / name, tmp_path / "alone" / name)
+
+
+def test_members_left_at_different_epochs_resume_to_the_lone_results(tiny_backbone_dir, tiny_task, tmp_path,
+                                                                     monkeypatch):
+    """A stack killed between two members' checkpoints: the member ahead waits while the other catches up."""
+    import querytune.grid as grid_module
+
+    common = _common(tiny_backbone_dir, tiny_task, tmp_path)
+    members = {tmp_path / "grid" / name: own for name, own in MEMBERS.items()}
+    real_save = grid_module.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        if state["epochs_done"] == 2 and path.parent.name == "b":  # a and b saved epoch 2, c has epoch 1
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(grid_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_members("vqt", tiny_backbone_dir, tiny_task, members, train_settings=SETTINGS, **common)
+    epochs_done = {run.name: torch.load(run / "checkpoint.pt")["epochs_done"] for run in members}
+    assert epochs_done == {"a": 2, "b": 2, "c": 1}
+    monkeypatch.setattr(grid_module, "save_checkpoint", real_save)
+    metrics = train_members("vqt", tiny_backbone_dir, tiny_task, members, train_settings=SETTINGS, **common)
+    assert all(m["resumed"] for m in metrics)
+    for name, own in MEMBERS.items():
+        train_run("vqt", tiny_backbone_dir, tiny_task, tmp_path / "alone" / name, train_settings={**SETTINGS, **own},
+                  **common)
+        assert_member_equals_lone_run(tmp_path / "grid" / name, tmp_path / "alone" / name)
+
+
+def test_kill_during_a_grid_then_rerun_ends_like_lone_runs(tiny_backbone_dir, tiny_task, tmp_path):
+    from test_faults import kill_when, start_slowed
+
+    def args(out: Path, *extra: str) -> list[str]:
+        return ["train", "--method", "vqt", "--backbone", str(tiny_backbone_dir), "--data", str(tiny_task),
+                "--out", str(out), "--epochs", "3", "--batch-size", "8", "--image-size", "32", "--workers", "0",
+                "--no-cache", "-q", "--seed", "5", *extra]
+
+    cut = tmp_path / "cut"
+    process = start_slowed(args(cut, "--grid", "--seeds", "2"), delay=0.02)
+    kill_when(process, lambda: any(cut.glob("search/*/checkpoint.pt")))
+    assert not any(cut.glob("search/*/metrics.json"))
+    main(args(cut, "--grid", "--seeds", "2"))
+    summary = json.loads((cut / "grid.json").read_text())
+    assert len(summary["search"]) == 20 and [s["seed"] for s in summary["seeds"]] == [5, 6]
+    assert all(json.loads((run / "metrics.json").read_text())["resumed"] for run in cut.glob("search/*"))
+    chosen = summary["chosen"]
+    lone = ["--lr", repr(chosen["lr"]), "--weight-decay", repr(chosen["weight_decay"])]
+    main(args(tmp_path / "alone-search", *lone, "--train-split", "train800", "--eval-split", "val200"))
+    assert_member_equals_lone_run(cut / "search" / member_name(chosen), tmp_path / "alone-search")
+    main(args(tmp_path / "alone-seed6", *lone, "--seed", "6", "--data-seed", "5"))
+    assert_member_equals_lone_run(cut / "seed6", tmp_path / "alone-seed6")
+
+
+def test_search_picks_the_best_validation_accuracy_ties_to_the_smaller_lr():
+    points = search_grid("vqt", 128)
+    assert [p["lr"] for p in points[::4]] == [0.5, 0.25, 0.125, 0.05, 0.025]  # the official grid x 128/256
+    assert [p["weight_decay"] for p in points[:4]] == [1e-2, 1e-3, 1e-4, 0.0]
+    scores = [0.5] * 20
+    assert select_best(list(zip(points, scores))) == {"lr": 0.025, "weight_decay": 1e-2}
+    scores[5], scores[9], scores[10] = 0.9, 0.9, 0.9  # (0.25, 1e-3), (0.125, 1e-3), (0.125, 1e-4)
+    assert select_best(list(zip(points, scores))) == {"lr": 0.125, "weight_decay": 1e-3}
+
+
+def test_grid_refuses_members_it_cannot_stack(tiny_backbone_dir, tiny_task, tmp_path):
+    common = _common(tiny_backbone_dir, tiny_task, tmp_path)
+    with pytest.raises(ConfigError, match="adapts the trunk"):
+        train_members("lora", tiny_backbone_dir, tiny_task, {tmp_path / "a": {}}, **common)
+    with pytest.raises(ConfigError, match=r"differ only in .*\(not epochs"):
+        train_members("vqt", tiny_backbone_dir, tiny_task, {tmp_path / "a": {"epochs": 1}, tmp_path / "b": {}},
+                      train_settings=SETTINGS, **common)
+    with pytest.raises(ConfigError, match="share one epoch order"):
+        train_members("vqt", tiny_backbone_dir, tiny_task, {tmp_path / "a": {"seed": 1}, tmp_path / "b": {}},
+                      train_settings=SETTINGS, **common)
+    assert not (tmp_path / "a").exists()
+
+
+def test_seeds_flag_is_checked(tiny_backbone_dir, tiny_task, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--method", "vqt", "-b", str(tiny_backbone_dir), "-d", str(tiny_task), "-o",
+              str(tmp_path / "out"), "--seeds", "0"])
+    assert exit_info.value.code == 2 and "--seeds must be at least 1" in capsys.readouterr().err
