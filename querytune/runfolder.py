@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from safetensors.torch import load, save
 
 from .errors import CheckpointError, StorageError, one_line
 from .files import remove_stale_temporaries, storage_error, write_atomic, write_json, write_text
+from .train import TrainConfig
 
 ADAPTER = "adapter.safetensors"
 ADAPTER_CHECKSUM = "adapter.sha256"
@@ -35,9 +37,11 @@ if TYPE_CHECKING:
 
 
 def run_settings(config: dict[str, Any]) -> dict[str, Any]:
-    """The parts of config.json that must match for a run to be resumed."""
-    settings = {k: config[k] for k in ("method", "options", "backbone", "data", "train_split", "image_size", "train")}
-    return {**settings, "normalisation": config.get("normalisation")}
+    """The parts of config.json that must match for a run to be resumed. A training setting that a later
+    version added is absent from older runs' configs: they trained with its default."""
+    settings = {k: config[k] for k in ("method", "options", "backbone", "data", "train_split", "image_size")}
+    train_defaults = {field.name: field.default for field in fields(TrainConfig)}
+    return {**settings, "train": {**train_defaults, **config["train"]}, "normalisation": config.get("normalisation")}
 
 
 def setting_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:

@@ -71,6 +71,12 @@ def test_bench_writes_results_report_and_plot_and_resumes(suite, tiny_backbone_d
     assert kept.read_bytes() == kept_before
     assert trained == [finished.parent] and len(again) == len(results)
 
+    # A finished bench run again (a retried job) trains nothing and writes the same report.
+    trained.clear()
+    report, table = (out / "report.md").read_bytes(), (out / "results.json").read_bytes()
+    _bench(suite, tiny_backbone_dir, out, measure=True, seeds=2).run()
+    assert trained == [] and (out / "report.md").read_bytes() == report and (out / "results.json").read_bytes() == table
+
 
 def test_failed_cell_is_reported_and_the_rest_continue(suite, tiny_backbone_dir, tmp_path):
     victim = sorted((suite / "beta" / "images" / "train800").iterdir())[0]

@@ -246,3 +246,12 @@ def test_rerunning_a_finished_train_is_a_no_op_and_other_settings_are_listed(tin
     assert other.stderr.strip().endswith("holds a finished run with other settings (train.lr: 0.03 -> 0.5); "
                                          "choose another --out")
     assert (tmp_path / "run" / "adapter.safetensors").read_bytes() == adapter
+
+    # A run recorded before a training setting existed trained with its default: still the same run.
+    config_path = tmp_path / "run" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["train"]["augment"], config["train"]["data_seed"]
+    config_path.write_text(json.dumps(config))
+    assert querytune(*args).returncode == 0
+    assert querytune(*args, "--data-seed", "3").stderr.strip().endswith("(train.data_seed: None -> 3); choose another "
+                                                                         "--out")
