@@ -3,6 +3,8 @@ untouched original tokens, task concatenation and extension runs."""
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -199,8 +201,10 @@ def test_extension_run_trains_only_the_new_task_and_reloads(tiny_backbone_dir, t
         torch.testing.assert_close(served["base"], base(features), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(served["ext"], extension(features), rtol=1e-5, atol=1e-5)
 
-    adapter = tmp_path / "base" / "adapter.safetensors"  # the base run changes after the extension was trained
+    adapter = tmp_path / "base" / "adapter.safetensors"  # the base run is retrained after the extension was trained
     save_file({k: v + 1 for k, v in load_file(str(adapter)).items()}, str(adapter))
+    digest = hashlib.sha256(adapter.read_bytes()).hexdigest()
+    (tmp_path / "base" / "adapter.sha256").write_text(f"{digest}  adapter.safetensors\n")  # as a new run writes it
     with pytest.raises(CheckpointError, match="whose adapter has changed"):
         load_run(tmp_path / "ext")
 
