@@ -1,9 +1,10 @@
 """Put one method's accuracy from several bench folders side by side, task by task (markdown).
 
     python benchmarks/compare_benches.py --method vqt \
-        before=docs/bench-vtab1k-mini-paper after=/tmp/bench-vqt-fixed recipe=/tmp/bench-recipe
+        before=docs/bench-vtab1k-mini-paper after=/tmp/bench-vqt-fixed recipe=/tmp/bench-recipe,/tmp/bench-b
 
-Each bench's results.json gives the accuracy (mean over seeds) and the trainable parameters of its
+A name may gather several bench folders (comma-separated: benches of the same settings run on
+different tasks). Each bench's results.json gives the accuracy (mean over seeds) and the trainable parameters of its
 cells; a task a bench has not finished shows "-". The last rows are the mean over tasks and the mean
 of group means, over the tasks every bench finished.
 """
@@ -16,10 +17,11 @@ import statistics
 from pathlib import Path
 
 
-def cells(folder: Path, method: str) -> dict[str, dict]:
-    """Task -> {accuracy, params, group} of ``method``'s finished cells in a bench folder."""
+def cells(folders: list[Path], method: str) -> dict[str, dict]:
+    """Task -> {accuracy, params, group} of ``method``'s finished cells in the bench folders."""
     by_task: dict[str, list[dict]] = {}
-    for row in json.loads((folder / "results.json").read_text())["results"]:
+    rows = [row for folder in folders for row in json.loads((folder / "results.json").read_text())["results"]]
+    for row in rows:
         if row["method"] == method and row.get("accuracy") is not None:
             by_task.setdefault(row["task"], []).append(row)
     return {task: {"accuracy": statistics.mean(r["accuracy"] for r in rows), "params": rows[0]["trainable_params"],
@@ -29,10 +31,10 @@ def cells(folder: Path, method: str) -> dict[str, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", required=True)
-    parser.add_argument("benches", nargs="+", help="NAME=FOLDER")
+    parser.add_argument("benches", nargs="+", help="NAME=FOLDER[,FOLDER...]")
     args = parser.parse_args()
     named = [bench.split("=", 1) for bench in args.benches]
-    tables = {name: cells(Path(folder), args.method) for name, folder in named}
+    tables = {name: cells([Path(f) for f in folders.split(",")], args.method) for name, folders in named}
     tasks = sorted({task for table in tables.values() for task in table},
                    key=lambda t: (next(tb[t]["group"] for tb in tables.values() if t in tb), t))
     print("| task | group | " + " | ".join(f"{name} (%) | params" for name, _ in named) + " |")
