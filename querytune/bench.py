@@ -17,6 +17,10 @@ interrupted bench continues where it stopped: finished cells are read back, the
 interrupted one resumes from its checkpoint. A cell that fails is reported with its
 error and the others go on.
 
+``tasks`` trains only those tasks of the suite, so one bench can be split over processes or
+machines that share its folder (disjoint tasks each); the report then covers those tasks, and
+the same bench run once more without ``tasks`` reads every cell back and reports them all.
+
 Profiles: ``paper`` uses each method's published protocol; ``quick`` caps the epochs
 (:data:`QUICK_EPOCHS`) and scales the warm-up with them. ``search`` first picks the
 learning rate and weight decay from the method's grid by accuracy on ``val200`` after
@@ -65,18 +69,31 @@ def profile_settings(method: str, profile: str) -> dict[str, Any]:
     raise ConfigError(f"unknown profile {profile!r} (known: quick, paper)")
 
 
+def select_tasks(tasks: list[Task], names: list[str] | None) -> list[Task]:
+    """The suite's ``tasks`` named in ``names`` (all when None), in the suite's order."""
+    if names is None:
+        return tasks
+    known = [task.name for task in tasks]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise ConfigError(f"--tasks: {', '.join(unknown) or 'empty'} not in the suite (known: {', '.join(known)})")
+    return [task for task in tasks if task.name in names]
+
+
 class Bench:
     def __init__(self, suite: Path, methods: list[str], backbone: str, out: Path, *, profile: str = "quick",
                  seeds: int = 1, search: bool = False, image_size: int = 224, bf16: bool = False,
                  groups: dict[str, str] | None = None, recipe: str | None = None,
                  mean: list[float] | None = None, std: list[float] | None = None, cache_dir: Path | None = None,
-                 device: str | None = None, workers: int | None = None, show_progress: bool = True) -> None:
+                 device: str | None = None, workers: int | None = None, show_progress: bool = True,
+                 tasks: list[str] | None = None) -> None:
         for method in methods:
             method_class(method)  # unknown names fail before any work
             profile_settings(method, profile)
         if seeds < 1:
             raise ConfigError(f"--seeds must be at least 1 (got {seeds})")
         self.tasks = discover_tasks(suite, groups)
+        self.selected = select_tasks(self.tasks, tasks)
         self.recipe = recipe
         self.normalisation = check_normalisation(mean, std) if mean is not None or std is not None else None
         if recipe:  # an unknown recipe, or a task it does not know, fails before any work
@@ -154,7 +171,7 @@ class Bench:
         self.claim_folder()
         costs = {method: self.cost(method) for method in self.methods}
         results = []
-        for task in self.tasks:
+        for task in self.selected:
             self.prepare_cache(task)
             for method in self.methods:
                 self.train_seeds(method, task)
@@ -252,7 +269,7 @@ class Bench:
         writer.writeheader()
         writer.writerows({k: row.get(k) for k in RESULT_FIELDS} for row in results)
         write_text(self.out / "results.csv", table.getvalue())
-        write_text(self.out / "report.md", markdown_report(results, self.tasks, self.methods, self.describe()))
+        write_text(self.out / "report.md", markdown_report(results, self.selected, self.methods, self.describe()))
         plot_pareto(results, self.methods, self.out / "pareto.png")
 
     def describe(self) -> str:

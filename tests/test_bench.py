@@ -78,6 +78,27 @@ def test_bench_writes_results_report_and_plot_and_resumes(suite, tiny_backbone_d
     assert trained == [] and (out / "report.md").read_bytes() == report and (out / "results.json").read_bytes() == table
 
 
+def test_a_bench_split_by_task_shares_its_folder_and_one_more_run_reports_all(suite, tiny_backbone_dir, tmp_path,
+                                                                              monkeypatch):
+    out = tmp_path / "report"
+    alpha = _bench(suite, tiny_backbone_dir, out, tasks=["alpha"]).run()
+    beta = _bench(suite, tiny_backbone_dir, out, tasks=["beta"]).run()
+    assert {r["task"] for r in alpha} == {"alpha"} and {r["task"] for r in beta} == {"beta"}
+    assert "alpha" not in (out / "report.md").read_text()  # the last part's report covers its tasks
+    import querytune.grid as grid_module
+
+    trained = []
+    real = grid_module.fit_members
+    monkeypatch.setattr(grid_module, "fit_members",
+                        lambda members, *a, **k: trained.extend(m.run for m in members) or real(members, *a, **k))
+    whole = _bench(suite, tiny_backbone_dir, out).run()
+    assert trained == [] and whole == alpha + beta
+    report = (out / "report.md").read_text()
+    assert "alpha" in report and "beta" in report
+    with pytest.raises(ConfigError, match="--tasks: gamma not in the suite \\(known: alpha, beta\\)"):
+        _bench(suite, tiny_backbone_dir, out, tasks=["alpha", "gamma"])
+
+
 def test_failed_cell_is_reported_and_the_rest_continue(suite, tiny_backbone_dir, tmp_path):
     victim = sorted((suite / "beta" / "images" / "train800").iterdir())[0]
     victim.write_bytes(b"not an image")
