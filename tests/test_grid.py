@@ -76,11 +76,23 @@ def assert_member_equals_lone_run(member: Path, lone: Path) -> None:
         json.loads((lone / "config.json").read_text())["train"]
 
 
-@pytest.mark.parametrize("method,options", [("vqt", {"num_queries": 2}), ("synqt", {"num_queries": 2}), ("memory", {})])
-def test_every_member_equals_its_settings_trained_alone(method, options, tiny_backbone_dir, tiny_task, tmp_path):
+@pytest.mark.parametrize("method,options,rows_per_member,fused",
+                         [("vqt", {"num_queries": 2}, 2, True), ("synqt", {"num_queries": 2}, 2, False),
+                          ("memory", {}, 1, True)])
+def test_every_member_equals_its_settings_trained_alone(method, options, rows_per_member, fused, tiny_backbone_dir,
+                                                        tiny_task, tmp_path, monkeypatch):
+    from querytune.backbones.vit import Block
+
     common = _common(tiny_backbone_dir, tiny_task, tmp_path)
     members = {tmp_path / "grid" / name: own for name, own in MEMBERS.items()}
+    row_counts = set()
+    real_forward_rows = Block.forward_rows
+    monkeypatch.setattr(Block, "forward_rows", lambda self, rows, *a, **k:
+                        row_counts.add(rows.shape[1]) or real_forward_rows(self, rows, *a, **k))
     train_members(method, tiny_backbone_dir, tiny_task, members, options=options, train_settings=SETTINGS, **common)
+    # Fused: in training every member's rows pass each block in one call; otherwise one call per member.
+    assert max(row_counts) == (len(MEMBERS) * rows_per_member if fused else rows_per_member)
+    monkeypatch.setattr(Block, "forward_rows", real_forward_rows)
     for name, own in MEMBERS.items():
         train_run(method, tiny_backbone_dir, tiny_task, tmp_path / "alone" / name, options=options,
                   train_settings={**SETTINGS, **own}, **common)

@@ -23,6 +23,8 @@ whose tasks stay frozen and are read from that run folder when loading).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -189,6 +191,19 @@ class MemoryTokens(Method):
 
     def forward(self, inputs: Features) -> Tensor:
         return self.stack(inputs.layers, self.backbone)[-1]
+
+    @staticmethod
+    def forward_members(members: Sequence[Method], inputs: Any,
+                        random_stream: Callable[[int], AbstractContextManager[None]]) -> list[Tensor]:
+        """Grid members' tasks run as one concatenated :class:`TaskStack`: their class tokens pass each
+        block as rows of one ``forward_rows`` call, each reading the tokens, itself and its own memory
+        only, so each computes what its lone forward does (the method draws no random numbers)."""
+        memories = [m for m in members if isinstance(m, MemoryTokens)]
+        if len(memories) < len(members) or any(m.options.extend for m in memories):
+            return Method.forward_members(members, inputs, random_stream)  # an extension reads its base tasks
+        # Built, not merged with merge_stacks: members equal at the start must stay apart.
+        stack = TaskStack([m.stack.tasks[0] for m in memories], [() for _ in memories])
+        return stack(inputs.layers, memories[0].backbone)
 
     def load_trainable_state_dict(self, state: dict[str, Tensor], source: str = "adapter") -> None:
         if self.options.extend and "base_digest" in state and not torch.equal(state["base_digest"], self.base_digest):
