@@ -111,11 +111,16 @@ def test_failed_cell_is_reported_and_the_rest_continue(suite, tiny_backbone_dir,
 
 
 def test_search_picks_by_validation_accuracy(suite, tiny_backbone_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(METHODS["linear"], "search_grid", {"lr": (0.5, 1e-6), "weight_decay": (0.0,)})
+    for method in ("linear", "vqt"):
+        monkeypatch.setattr(METHODS[method], "search_grid", {"lr": (0.5, 1e-6), "weight_decay": (0.0,)})
     out = tmp_path / "report"
-    results = _bench(suite, tiny_backbone_dir, out, methods=["linear"], search=True).run()
-    assert all(r["lr"] == 0.5 for r in results)  # a learning rate of 1e-6 learns nothing in 20 epochs
+    cache = tmp_path / "cache"
+    results = _bench(suite, tiny_backbone_dir, out, methods=["linear", "vqt"], search=True, cache_dir=cache).run()
+    assert all(r["lr"] == 0.5 for r in results if r["method"] == "linear")  # 1e-6 learns nothing in 20 epochs
     assert (out / "search" / "alpha" / "linear" / "lr0.5_wd0" / "metrics.json").is_file()
+    # the search's train800 and val200 are read from the train800val200 entry: no trunk pass of their own
+    assert sorted(entry.name.split("-")[1] for entry in cache.iterdir()) == ["test", "test", "train800val200",
+                                                                              "train800val200"]
 
 
 def test_bad_settings_fail_before_any_work(suite, tiny_backbone_dir, tmp_path):

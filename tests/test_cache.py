@@ -386,3 +386,35 @@ def test_cache_splits_chooses_the_cached_splits_of_a_run(tiny_backbone_dir, tiny
     error = cli_error(capsys, *args, "--out", tmp_path / "other", "--cache-splits", "val200")
     assert error == "error: --cache-splits 'val200': not a split of this run (test, train800val200)"
     assert "exclude each other" in cli_error(capsys, *args, "--no-cache", "--cache-splits", "test")
+
+
+def test_train800_and_val200_are_read_from_the_train800val200_entry(tiny_backbone_dir, tiny_task, tmp_path, capsys):
+    backbone = tiny_vit()
+    preprocess = Preprocess(32, backbone.config.mean, backbone.config.std)
+    whole = open_split(tiny_task, "train800val200")
+    shared, own = tmp_path / "shared", tmp_path / "own"
+    open_or_build_cache(shared, backbone, whole, preprocess, with_layers=True, shard_size=4, show_progress=False)
+    for split in ("train800", "val200"):
+        images = open_split(tiny_task, split)
+        own_entry = build_cache(own, backbone, images, preprocess, shard_size=4, show_progress=False)
+        part = open_or_build_cache(shared, backbone, images, preprocess, with_layers=True, shard_size=4,
+                                   show_progress=False)
+        assert len(part) == len(images) and part.labels.tolist() == [label for _, label in images.items]
+        order = np.random.default_rng(0).permutation(len(images))
+        want, got = FeatureCache.open(own_entry).features(order), part.features(order)
+        assert torch.equal(got.layers, want.layers) and torch.equal(got.cls, want.cls)
+        cls, layers = part.load(torch.device("cpu"))  # as a GPU run holds an entry
+        assert torch.equal(cls, FeatureCache.open(own_entry).load(torch.device("cpu"))[0])
+        assert torch.equal(layers.transpose(0, 1), want.layers[np.argsort(order)])
+        assert part.nbytes() == FeatureCache.open(own_entry).nbytes()
+    assert [entry.name.split("-")[1] for entry in shared.iterdir()] == ["train800val200"]  # no entry of their own
+
+    # `cache build` of the parts builds nothing either; a split not all in the whole gets its own entry.
+    args = ["cache", "build", "--backbone", str(tiny_backbone_dir), "--data", str(tiny_task), "--cache",
+            str(tmp_path / "cli"), "--image-size", "32", "--workers", "0", "-q"]
+    main([*args, "--splits", "train800val200,train800,val200"])
+    out = capsys.readouterr().out
+    assert out.count(", built ->") == 1 and out.count("exists already, nothing to do") == 2
+    (tiny_task / "val200.txt").write_text((tiny_task / "val200.txt").read_text() + "images/test/00000.jpg 0\n")
+    main([*args, "--splits", "val200"])
+    assert ", built ->" in capsys.readouterr().out

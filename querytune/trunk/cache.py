@@ -170,9 +170,14 @@ class FeatureCache:
     shard_size: int
     layers: list[torch.Tensor] | None
     cls: list[torch.Tensor]
+    rows: np.ndarray | None = None  # a part of the entry (see :meth:`part`): its rows, in order
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def part(self, rows: np.ndarray) -> FeatureCache:
+        """The entry seen as holding only its ``rows`` (indices into the entry), in that order."""
+        return FeatureCache(self.path, self.labels[rows], self.shard_size, self.layers, self.cls, rows)
 
     @classmethod
     def open(cls, path: Path) -> FeatureCache:
@@ -200,24 +205,29 @@ class FeatureCache:
     def nbytes(self, with_layers: bool = True) -> int:
         """Bytes of the entry's class tokens, and per-layer tokens with ``with_layers``."""
         kinds = [self.cls] + ([self.layers] if with_layers and self.layers is not None else [])
-        return sum(shard.nbytes for shards in kinds for shard in shards)
+        whole = sum(shard.nbytes for shards in kinds for shard in shards)
+        return whole if self.rows is None else whole * len(self) // sum(len(shard) for shard in self.cls)
 
     def load(self, device: torch.device, with_layers: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The whole entry in ``device`` memory, float16: class tokens (n, D) and, with ``with_layers``,
         per-layer tokens stored layer-major (L, n, N, D), so that gathering a batch along dim 1 yields
         each layer's tokens contiguous."""
         cls = torch.cat([shard.to(device) for shard in self.cls])
+        rows = None if self.rows is None else torch.from_numpy(self.rows).to(device)
+        if rows is not None:
+            cls = cls.index_select(0, rows)
         if not with_layers:
             return cls, None
         if self.layers is None:
             raise DataError(f"{self.path}: holds class tokens only, per-layer features were asked for")
         first = self.layers[0]
-        layers = torch.empty(first.shape[1], len(self), *first.shape[2:], dtype=first.dtype, device=device)
+        stored = sum(len(shard) for shard in self.layers)  # the whole entry's images, also for a part
+        layers = torch.empty(first.shape[1], stored, *first.shape[2:], dtype=first.dtype, device=device)
         start = 0
         for shard in self.layers:
             layers[:, start : start + len(shard)] = shard.to(device).transpose(0, 1)
             start += len(shard)
-        return cls, layers
+        return cls, layers if rows is None else layers.index_select(1, rows)
 
     def features(self, indices: np.ndarray | list[int], with_layers: bool = True,
                  out: Features | None = None) -> Features:
@@ -235,6 +245,8 @@ class FeatureCache:
             out = Features(torch.empty(count, *self.cls[0].shape[1:], dtype=torch.float16),
                            torch.empty(count, *layers[0].shape[1:], dtype=torch.float16) if layers is not None
                            else None)
+        if self.rows is not None:
+            indices = self.rows[np.asarray(indices, dtype=np.int64)]
         for row, index in enumerate(indices):
             shard, offset = divmod(int(index), self.shard_size)
             out.cls[row].copy_(self.cls[shard][offset])
@@ -245,6 +257,31 @@ class FeatureCache:
             return Features(out.cls[:count], None)
         assert out.layers is not None
         return Features(out.cls[:count], out.layers[:count])
+
+
+# VTAB-1k's train800 and val200 are the two parts of its train800val200: where that split's entry is
+# complete, the parts are read from it (the search's splits then cost no trunk pass and no disk).
+WHOLE_SPLIT = {"train800": "train800val200", "val200": "train800val200"}
+
+
+def whole_split_entry(root: Path, backbone: VisionTransformer, images: ImageList, preprocess: Preprocess,
+                      bf16: bool) -> tuple[ImageList, np.ndarray] | None:
+    """Where ``images`` have no per-layer entry of their own but are all in the complete entry of the
+    split they are part of (:data:`WHOLE_SPLIT`): that split, and the rows of ``images`` in it."""
+    whole_name = WHOLE_SPLIT.get(images.split)
+    if whole_name is None or read_meta(cache_dir_for(root, backbone, images, preprocess, True, bf16)) is not None:
+        return None
+    try:
+        whole = open_split(images.root, whole_name)
+    except DataError:  # the task has no such split
+        return None
+    if read_meta(cache_dir_for(root, backbone, whole, preprocess, True, bf16)) is None:
+        return None
+    position = {item: row for row, item in enumerate(whole.items)}
+    rows = [position.get(item) for item in images.items]
+    if any(row is None for row in rows):
+        return None
+    return whole, np.asarray(rows, dtype=np.int64)
 
 
 def cache_dir_for(root: Path, backbone: VisionTransformer, images: ImageList, preprocess: Preprocess,
@@ -542,14 +579,26 @@ def cache_splits(root: Path, backbone: VisionTransformer, data: str | Path, spli
     each split's images, entry folder and whether this call built it (on rank 0). What ``querytune cache``
     and the bench do before training."""
     preprocess = Preprocess.for_backbone(backbone, image_size)
-    return [(images, *ensure_cache(root, backbone, images, preprocess, True, bf16, **kwargs))
-            for images in (open_split(data, split) for split in splits)]
+    entries = []
+    for images in (open_split(data, split) for split in splits):
+        part = whole_split_entry(root, backbone, images, preprocess, bf16)
+        if part is not None:  # read from the whole split's entry: nothing to build
+            entries.append((images, cache_dir_for(root, backbone, part[0], preprocess, True, bf16), False))
+        else:
+            entries.append((images, *ensure_cache(root, backbone, images, preprocess, True, bf16, **kwargs)))
+    return entries
 
 
 def open_or_build_cache(root: Path, backbone: VisionTransformer, images: ImageList, preprocess: Preprocess,
                         with_layers: bool, bf16: bool = False, **kwargs) -> FeatureCache:
     """The cache entry for ``images``, built where missing or torn and checked against its checksums once
-    (opened for training); a full entry also serves class-token readers."""
+    (opened for training); a full entry also serves class-token readers, and the entry of the split
+    ``images`` are part of serves them where they have none of their own (:func:`whole_split_entry`)."""
+    part = whole_split_entry(root, backbone, images, preprocess, bf16)
+    if part is not None:
+        whole, rows = part
+        path, _ = ensure_cache(root, backbone, whole, preprocess, True, bf16, verify=True, **kwargs)
+        return FeatureCache.open(path).part(rows)
     if read_meta(cache_dir_for(root, backbone, images, preprocess, True, bf16)) is not None:
         with_layers = True
     path, _ = ensure_cache(root, backbone, images, preprocess, with_layers, bf16, verify=True, **kwargs)
