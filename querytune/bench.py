@@ -49,6 +49,7 @@ from .recipes import recipe_options
 from .report import markdown_report, plot_pareto
 from .run import train_run
 from .suite import Task, discover_tasks
+from .trunk.device import resolve_device, resolve_workers
 
 if TYPE_CHECKING:
     from .backbones.vit import VisionTransformer
@@ -92,6 +93,7 @@ class Bench:
             profile_settings(method, profile)
         if seeds < 1:
             raise ConfigError(f"--seeds must be at least 1 (got {seeds})")
+        resolve_device(device), resolve_workers(workers)  # a bad one fails before any work, not in every cell
         self.tasks = discover_tasks(suite, groups)
         self.selected = select_tasks(self.tasks, tasks)
         self.recipe = recipe
@@ -190,7 +192,6 @@ class Bench:
             return
         from .backbones import load_backbone
         from .trunk.cache import cache_splits
-        from .trunk.device import default_device, default_workers
 
         if self.backbone_model is None:
             self.backbone_model = load_backbone(self.backbone)
@@ -199,8 +200,7 @@ class Bench:
         splits = ["train800val200", "test"] + (["train800", "val200"] if self.search else [])
         try:
             cache_splits(self.cache_dir, self.backbone_model, task.path, splits, self.image_size, self.bf16,
-                         device=self.device or default_device(),
-                         workers=default_workers() if self.workers is None else self.workers,
+                         device=resolve_device(self.device), workers=resolve_workers(self.workers),
                          show_progress=self.show_progress)
         except QuerytuneError:
             pass  # the task's cells meet the same error and report it

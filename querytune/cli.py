@@ -342,7 +342,7 @@ def predict(
     run that adapts the backbone from its own: one JSON line per image."""
     from .files import write_atomic
     from .serve import MultiTaskServer, collect_images
-    from .trunk.device import default_workers
+    from .trunk.device import resolve_workers
 
     if out is not None:
         if out.exists() and not overwrite:
@@ -353,7 +353,7 @@ def predict(
         raise ConfigError(f"--topk must be at least 1 (got {topk})")
     paths = collect_images(images)
     server = MultiTaskServer.from_runs(backbone, run, device=device)
-    records = server.predict_files(paths, batch_size, default_workers() if workers is None else workers, topk, logits)
+    records = server.predict_files(paths, batch_size, resolve_workers(workers), topk, logits)
     if out is None:
         for record in records:
             print(json.dumps(record), flush=True)
@@ -443,21 +443,19 @@ def cache_build(
     already is left as it is."""
     if ctx.invoked_subcommand is not None:  # run as the group's callback, before ls, rm or prune
         return
-    import torch
-
     from .backbones import load_backbone
     from .trunk.cache import cache_splits, default_cache_root, human_size
-    from .trunk.device import default_device, default_workers
+    from .trunk.device import resolve_device, resolve_workers
 
     if backbone is None or data is None:
         raise ConfigError(f"querytune cache build: {'--backbone' if backbone is None else '--data'} missing")
     if shard_size < 1:
         raise ConfigError(f"--shard-size must be positive (got {shard_size})")
-    where = distributed.init_from_env(torch.device(device) if device else default_device())
+    where = distributed.init_from_env(resolve_device(device))
     entries = cache_splits(cache or default_cache_root(), load_backbone(backbone), data,
                            [s for s in splits.split(",") if s], image_size, bf16, shard_size=shard_size,
                            batch_size=batch_size, device=where,
-                           workers=default_workers() if workers is None else workers, show_progress=not quiet)
+                           workers=resolve_workers(workers), show_progress=not quiet)
     if distributed.is_main():
         for images, path, built in entries:
             size = human_size(sum(file.stat().st_size for file in path.iterdir()))
@@ -655,9 +653,9 @@ def measure(
     """Measure one training step: trainable parameters, adapter bytes, activation bytes saved for
     backward, peak memory of training versus inference, step time."""
     from .measure import measure_method
-    from .trunk.device import default_device
+    from .trunk.device import resolve_device
 
-    result = measure_method(method, backbone, batch_size, image_size, bf16, device or default_device(), num_classes)
+    result = measure_method(method, backbone, batch_size, image_size, bf16, resolve_device(device), num_classes)
     if as_json:
         print(json.dumps(result))
     else:

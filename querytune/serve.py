@@ -36,7 +36,7 @@ from .methods.memory import MemoryTokens, merge_stacks
 from .run import load_run
 from .runfolder import read_run_config
 from .trunk.cache import backbone_fingerprint
-from .trunk.device import autocast, default_device, to_device
+from .trunk.device import autocast, resolve_device, to_device
 from .trunk.features import extract_features
 
 
@@ -72,7 +72,7 @@ class MultiTaskServer:
                                   "built on, which is the shared trunk here; build it on its own copy")
             if task.shares_trunk and backbone_fingerprint(task.method.backbone) != fingerprint:
                 raise ConfigError(f"task {task.name!r}: was built on another backbone than the one served")
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         self.backbone = backbone.to(self.device).eval()
         self.tasks = [ServedTask(t.name, t.method.to(self.device).eval(), t.classes) for t in tasks]
         self.preprocess = Preprocess.for_backbone(backbone, image_size)

@@ -170,6 +170,10 @@ def test_a_task_folder_is_a_suite_of_one_with_accuracy_and_cost_in_one_table(sui
     (task,) = discover_tasks(suite / "beta")
     assert (task.name, task.path, task.group) == ("beta", suite / "beta", "other")  # no suite groups.txt above it
     assert discover_tasks(suite / "beta", {"beta": "structured"})[0].group == "structured"
+    # the whole suite's groups serve a suite of one; groups without its task are refused
+    assert discover_tasks(suite / "beta", {"alpha": "natural", "beta": "structured"})[0].group == "structured"
+    with pytest.raises(ConfigError, match="^groups name no group for the task beta$"):
+        discover_tasks(suite / "beta", {"alpha": "natural"})
     out = tmp_path / "demo"
     results = _bench(suite / "beta", tiny_backbone_dir, out, methods=["linear", "vqt"]).run()
     assert [(r["task"], r["method"]) for r in results] == [("beta", "linear"), ("beta", "vqt")]

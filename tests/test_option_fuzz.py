@@ -167,3 +167,36 @@ def test_command_setting_of_the_wrong_type_in_a_config_file(key: str, task_and_b
     config.write_text(json.dumps({"method": "linear", key: value}))
     line = refused(["train", "--config", str(config), *common(task_and_backbone, tmp_path)], capsys, tmp_path)
     assert flag(key) in line
+
+
+@pytest.fixture(scope="module")
+def finished_run(task_and_backbone: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    task, backbone = task_and_backbone
+    out = tmp_path_factory.mktemp("finished") / "run"
+    cli.main(["train", "-m", "linear", "-b", str(backbone), "-d", str(task), "-o", str(out), "--no-cache",
+              "--epochs", "1", "--image-size", "32", "--workers", "0", "-q"])
+    return out
+
+
+def other_commands(task_and_backbone: tuple[Path, Path], run_folder: Path, tmp_path: Path) -> dict[str, list[str]]:
+    task, backbone = task_and_backbone
+    return {
+        "bench": ["bench", "--suite", str(task), "-b", str(backbone), "--out", str(tmp_path / "run"),
+                  "--image-size", "32", "-q"],
+        "cache": ["cache", "build", "-b", str(backbone), "--data", str(task), "--cache", str(tmp_path / "cache"),
+                  "--image-size", "32", "-q"],
+        "measure": ["measure", "-m", "linear", "-b", str(backbone), "--image-size", "32"],
+        "predict": ["predict", "--run", str(run_folder), str(task / "images" / "test")],
+        "serve": ["serve", "--run", str(run_folder)],
+    }
+
+
+@pytest.mark.parametrize("command,flags,named", [
+    (command, flags, flags[0]) for command in ("bench", "cache", "measure", "predict", "serve")
+    for flags in (["--device", "tpu"], ["--workers", "-1"]) if not (command in ("measure", "serve") and
+                                                                   flags[0] == "--workers")])
+def test_every_command_refuses_a_bad_device_or_worker_count(command: str, flags: list[str], named: str,
+                                                            task_and_backbone, finished_run: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture, no_work: None):
+    line = refused(other_commands(task_and_backbone, finished_run, tmp_path)[command] + flags, capsys, tmp_path)
+    assert named in line
