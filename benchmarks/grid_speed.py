@@ -1,19 +1,23 @@
-"""VQT's 20-member lr x wd grid trained as one stack, against one member alone and against 20
-separate runs, side by side in one run.
+"""A method's lr x wd grid trained as one stack (VQT: 20 members; masked memory: 8), against one
+member alone and against separate runs, side by side in one run.
 
     python benchmarks/grid_speed.py                                  # DINOv2-S/14, vtab1k-mini/cifar10, CPU
+    python benchmarks/grid_speed.py --method memory --threads 1
     python benchmarks/grid_speed.py --images 800 --device cuda --bf16 --repeats 3
 
 Timed, one epoch each over the same cached features of the task's first ``--images`` train800
 images (the order alternates over the configurations, best of ``--repeats`` after a warm-up):
 
-    one member      VQT with its default settings alone (``train.fit``)
-    grid auto       the 20 members of VQT's grid as one stack (``grid.fit_members``), each block's
-                    rows attending by the path ``rows_attention_path`` picks for the row count
+    one member      the method with its default settings alone (``train.fit``)
+    grid auto       the members of the method's grid as one stack (``grid.fit_members``), every
+                    member's rows (VQT's queries, memory's class tokens) through each block in one
+                    call, attending by the path ``rows_attention_path`` picks for the row count
     grid folded     the same stack, every block's rows with W_k and W_v folded in
     grid projected  the same stack, every block's keys and values projected once for all rows
+    grid unfused    the same stack, one forward per member on the shared batch (``Method.forward_members``,
+                    what SynQT's stacks do)
 
-20 separate runs are estimated as 20 x one member (the same work 20 times over; not run).
+K separate runs are estimated as K x one member (the same work K times over; not run).
 
 Then the model of one training step per path: multiply-adds (forward and backward of the rows,
 the heads and the shared projections) and the bytes the step moves (the feature batch gathered
@@ -32,7 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,6 +49,19 @@ SHARED = REPO.parent / "shared"
 DEFAULT_BACKBONE = SHARED / "weights" / "dinov2-small-imgfocus"
 DEFAULT_TASK = SHARED / "data" / "vtab1k-mini" / "cifar10"
 PATHS = ("auto", "folded", "projected")
+
+
+@contextmanager
+def unfused(method_cls: type) -> Iterator[None]:
+    """Make the stack run one forward per member (the base class's ``forward_members``)."""
+    from querytune.methods.base import Method
+
+    real = method_cls.forward_members
+    method_cls.forward_members = Method.forward_members
+    try:
+        yield
+    finally:
+        method_cls.forward_members = real
 
 
 @contextmanager
@@ -61,7 +78,8 @@ def rows_path(path: str) -> Iterator[None]:
 
 def step_model(batch: float, tokens: int, dim: int, heads: int, layers: int, rows: int, members: int, head_in: int,
                classes: int, path: str) -> dict[str, float]:
-    """Multiply-adds and bytes of one training step of ``members`` VQT members (``rows`` query rows in all)."""
+    """Multiply-adds and bytes of one training step of ``members`` members (``rows`` rows in all; the few
+    extra keys of memory tokens are left out)."""
     # per row: q, output projection and MLP (2 + 8 D^2); folded also applies W_k and W_v per row (2 D^2)
     row_dense = (12 if path == "folded" else 10) * dim * dim
     # Backward repeats each product once, for the rows' side only: the tokens and the block's weights are frozen.
@@ -102,6 +120,7 @@ def machine_limits(device: torch.device) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", choices=("vqt", "memory"), default="vqt")
     parser.add_argument("--backbone", type=Path, default=DEFAULT_BACKBONE)
     parser.add_argument("--task", type=Path, default=DEFAULT_TASK)
     parser.add_argument("--images", type=int, default=256, help="the first N train800 images")
@@ -123,6 +142,7 @@ def main() -> None:
     from querytune.data import Preprocess, open_split
     from querytune.grid import Member, fit_members, search_grid
     from querytune.methods import build_method, method_class
+    from querytune.runlog import EpochLog
     from querytune.train import TrainConfig, fit, rng_state, seed_everything
     from querytune.trunk.cache import default_cache_root, open_or_build_cache
     from querytune.trunk.device import default_workers
@@ -133,9 +153,9 @@ def main() -> None:
     images = open_split(args.task, "train800")
     images = replace(images, items=images.items[: args.images])
     preprocess = Preprocess.for_backbone(backbone, args.image_size)
-    vqt = method_class("vqt")
-    base = TrainConfig.for_method(vqt, {"epochs": 1, "bf16": args.bf16})
-    points = search_grid("vqt", base.batch_size)
+    method_cls = method_class(args.method)
+    base = TrainConfig.for_method(method_cls, {"epochs": 1, "bf16": args.bf16})
+    points = search_grid(args.method, base.batch_size)
     config = backbone.config
     print(f"device {device}, backbone {args.backbone.name} (D {config.embed_dim}, {config.num_heads} heads, "
           f"{config.depth} blocks), {args.image_size} px, {len(images.items)} images, batch {base.batch_size}, "
@@ -147,21 +167,23 @@ def main() -> None:
 
     def one_member() -> float:
         seed_everything(base.seed)
-        method = build_method("vqt", backbone, images.num_classes)
+        method = build_method(args.method, backbone, images.num_classes)
         return fit(method, source, base, device, show_progress=False).train_seconds
 
     def grid(path: str) -> float:
-        with tempfile.TemporaryDirectory() as root, rows_path(path):
+        fused = nullcontext() if path != "unfused" else unfused(method_cls)
+        with tempfile.TemporaryDirectory() as root, rows_path("auto" if path == "unfused" else path), fused:
             members = []
             for k, point in enumerate(points):
                 cfg = replace(base, **point)
                 seed_everything(cfg.seed)
-                method = build_method("vqt", backbone, images.num_classes)
+                method = build_method(args.method, backbone, images.num_classes)
                 (Path(root) / f"m{k}").mkdir()
-                members.append(Member(Path(root) / f"m{k}", cfg, method, {}, rng_state(device)))
+                run = Path(root) / f"m{k}"
+                members.append(Member(run, cfg, method, {}, rng_state(device), log=EpochLog(run)))
             return fit_members(members, source, device, show_progress=False)[0].train_seconds
 
-    timed = {"one member": one_member, **{f"grid {path}": (lambda p=path: grid(p)) for path in PATHS}}
+    timed = {"one member": one_member, **{f"grid {path}": (lambda p=path: grid(p)) for path in (*PATHS, "unfused")}}
     for run in timed.values():  # warm-up: page cache, allocator, kernels
         run()
     seconds = {name: math.inf for name in timed}
@@ -171,19 +193,19 @@ def main() -> None:
 
     one = seconds["one member"]
     tokens = config.num_tokens(args.image_size)
-    rows = len(points)  # one query per layer and member (VQT's default)
+    rows = len(points)  # one row per layer and member (VQT's default T = 1; memory's class token)
     chosen = vit.rows_attention_path(rows, tokens, config.embed_dim, config.num_heads, True, False)
     print(f"{'':<22}{'members':>8}{'epoch s':>10}{'s / member':>12}{'/ one member':>14}")
     for name, value in seconds.items():
         members = 1 if name == "one member" else rows
         label = f"{name} ({chosen})" if name == "grid auto" else name
         print(f"{label:<22}{members:>8}{value:>10.2f}{value / members:>12.3f}{value / one:>14.2f}")
-    print(f"{'20 separate (20 x one)':<22}{rows:>8}{20 * one:>10.2f}{one:>12.3f}{20.0:>14.2f}")
+    print(f"{f'{rows} separate ({rows} x one)':<22}{rows:>8}{rows * one:>10.2f}{one:>12.3f}{float(rows):>14.2f}")
 
     limits = machine_limits(device)
     steps = math.ceil(len(images.items) / base.batch_size)
     batch = len(images.items) / steps  # the mean batch of the epoch
-    head_in = config.embed_dim * (1 + config.depth)
+    head_in = config.embed_dim * (1 + config.depth) if args.method == "vqt" else config.embed_dim
     print(f"\nmachine: float32 matmul {limits['matmul_gflops']:.0f} GFLOP/s, copy {limits['copy_gbs']:.1f} GB/s "
           f"(measured now)\none training step (batch {batch:g}, {tokens} tokens, {config.depth} layers):")
     print(f"{'':<22}{'rows':>6}{'GFLOP':>9}{'GB moved':>10}{'step s':>9}{'GFLOP/s':>9}{'of peak':>9}{'GB/s':>8}"
