@@ -1,5 +1,5 @@
-"""A method's lr x wd grid trained as one stack (VQT: 20 members; masked memory: 8), against one
-member alone and against separate runs, side by side in one run.
+"""A method's lr x wd grid trained as one stack (VQT: 20 members; masked memory: 8; SynQT: 6),
+against one member alone and against separate runs, side by side in one run.
 
     python benchmarks/grid_speed.py                                  # DINOv2-S/14, vtab1k-mini/cifar10, CPU
     python benchmarks/grid_speed.py --method memory --threads 1
@@ -10,16 +10,16 @@ images (the order alternates over the configurations, best of ``--repeats`` afte
 
     one member      the method with its default settings alone (``train.fit``)
     grid auto       the members of the method's grid as one stack (``grid.fit_members``), every
-                    member's rows (VQT's queries, memory's class tokens) through each block in one
-                    call, attending by the path ``rows_attention_path`` picks for the row count
+                    member's rows (VQT's queries, memory's class tokens, SynQT's synthesized
+                    queries) through each block in one call, attending by the path
+                    ``rows_attention_path`` picks for the row count
     grid folded     the same stack, every block's rows with W_k and W_v folded in
     grid projected  the same stack, every block's keys and values projected once for all rows
-    grid unfused    the same stack, one forward per member on the shared batch (``Method.forward_members``,
-                    what SynQT's stacks do)
+    grid unfused    the same stack, one forward per member on the shared batch (``Method.forward_members``)
 
 K separate runs are estimated as K x one member (the same work K times over; not run).
 
-Then the model of one training step per path: multiply-adds (forward and backward of the rows,
+Then (VQT and memory) the model of one training step per path: multiply-adds (forward and backward of the rows,
 the heads and the shared projections) and the bytes the step moves (the feature batch gathered
 from the float16 cache, and each layer's tokens read by the attention), with what the timed epoch
 reached against the machine's matmul rate and copy bandwidth, measured in the same run.
@@ -120,7 +120,7 @@ def machine_limits(device: torch.device) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", choices=("vqt", "memory"), default="vqt")
+    parser.add_argument("--method", choices=("vqt", "memory", "synqt"), default="vqt")
     parser.add_argument("--backbone", type=Path, default=DEFAULT_BACKBONE)
     parser.add_argument("--task", type=Path, default=DEFAULT_TASK)
     parser.add_argument("--images", type=int, default=256, help="the first N train800 images")
@@ -193,7 +193,7 @@ def main() -> None:
 
     one = seconds["one member"]
     tokens = config.num_tokens(args.image_size)
-    rows = len(points)  # one row per layer and member (VQT's default T = 1; memory's class token)
+    rows = len(points)  # one row per layer and member (VQT's and SynQT's default T = 1; memory's class token)
     chosen = vit.rows_attention_path(rows, tokens, config.embed_dim, config.num_heads, True, False)
     print(f"{'':<22}{'members':>8}{'epoch s':>10}{'s / member':>12}{'/ one member':>14}")
     for name, value in seconds.items():
@@ -202,6 +202,8 @@ def main() -> None:
         print(f"{label:<22}{members:>8}{value:>10.2f}{value / members:>12.3f}{value / one:>14.2f}")
     print(f"{f'{rows} separate ({rows} x one)':<22}{rows:>8}{rows * one:>10.2f}{one:>12.3f}{float(rows):>14.2f}")
 
+    if args.method == "synqt":  # its side network's work is not in the model
+        return
     limits = machine_limits(device)
     steps = math.ceil(len(images.items) / base.batch_size)
     batch = len(images.items) / steps  # the mean batch of the epoch

@@ -11,8 +11,9 @@ and metrics: a member equals its settings trained alone (``train --seed S --data
 
 How the members compute on the shared batch is the method's (``Method.forward_members``): VQT
 puts every member's query rows through each block in one ``Block.forward_rows`` call, reading the
-layer's tokens once, and masked memory does the same with its members' class tokens (each row
-masked to its own memory); SynQT and linear run one forward per member on the shared batch.
+layer's tokens once; masked memory does the same with its members' class tokens (each row masked
+to its own memory), SynQT with its members' synthesized rows (each member's side network and head
+run on their own); linear runs one forward per member on the shared batch.
 Methods that adapt the trunk cannot share a backbone and are refused.
 
 The search protocol is VQT's (``head2toe_train.py``, see docs/recipes-vtab1k.md): train the grid

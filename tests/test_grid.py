@@ -4,6 +4,7 @@ run equals the same configuration trained alone, killed or not, and the search f
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -61,11 +62,19 @@ MEMBERS = {"a": {"lr": 0.05, "weight_decay": 1e-3, "seed": 3},
            "c": {"lr": 0.05, "weight_decay": 1e-3, "seed": 4, "data_seed": 3}}
 
 
-def assert_member_equals_lone_run(member: Path, lone: Path) -> None:
+# SynQT's QSM key bias adds q . b to every logit of a row, which the softmax cancels: its gradient is
+# rounding noise, which Adam scales up to full steps. A stacked SynQT member's rows share a matmul with
+# the other members' (whose kernel may sum in another order), so its key biases differ from the lone
+# run's by that noise (up to 2e-3 here, changing no output) and its other parameters by up to 5e-5.
+NO_GRADIENT = re.compile(r"synthesis\.qsm\.\d+\.attn\.k_proj\.fc2\.bias")
+
+
+def assert_member_equals_lone_run(member: Path, lone: Path, atol: float = 1e-5) -> None:
     stacked, alone = load_file(str(member / "adapter.safetensors")), load_file(str(lone / "adapter.safetensors"))
     assert stacked.keys() == alone.keys()
     for name in alone:
-        torch.testing.assert_close(stacked[name], alone[name], rtol=1e-4, atol=1e-5, msg=name)
+        if not NO_GRADIENT.fullmatch(name):
+            torch.testing.assert_close(stacked[name], alone[name], rtol=1e-4, atol=atol, msg=name)
     got, want = json.loads((member / "metrics.json").read_text()), json.loads((lone / "metrics.json").read_text())
     assert got.keys() == want.keys()
     for key in ("train_loss", "trainable_params", *(k for k in want if k.endswith("_accuracy"))):
@@ -77,7 +86,7 @@ def assert_member_equals_lone_run(member: Path, lone: Path) -> None:
 
 
 @pytest.mark.parametrize("method,options,rows_per_member,fused",
-                         [("vqt", {"num_queries": 2}, 2, True), ("synqt", {"num_queries": 2}, 2, False),
+                         [("vqt", {"num_queries": 2}, 2, True), ("synqt", {"num_queries": 2}, 2, True),
                           ("memory", {}, 1, True)])
 def test_every_member_equals_its_settings_trained_alone(method, options, rows_per_member, fused, tiny_backbone_dir,
                                                         tiny_task, tmp_path, monkeypatch):
@@ -96,7 +105,8 @@ def test_every_member_equals_its_settings_trained_alone(method, options, rows_pe
     for name, own in MEMBERS.items():
         train_run(method, tiny_backbone_dir, tiny_task, tmp_path / "alone" / name, options=options,
                   train_settings={**SETTINGS, **own}, **common)
-        assert_member_equals_lone_run(tmp_path / "grid" / name, tmp_path / "alone" / name)
+        assert_member_equals_lone_run(tmp_path / "grid" / name, tmp_path / "alone" / name,
+                                      atol=1e-4 if method == "synqt" else 1e-5)
 
 
 def test_members_left_at_different_epochs_resume_to_the_lone_results(tiny_backbone_dir, tiny_task, tmp_path,

@@ -227,6 +227,7 @@ class Block(nn.Module):
         mask: Tensor | None = None,
         drop_path: float = 0.0,
         path: str = "auto",
+        draw_keep: Callable[[Tensor], Tensor] | None = None,
     ) -> RowsOutput:
         """Push extra ``rows`` (B, R, D) through this block's weights.
 
@@ -240,7 +241,9 @@ class Block(nn.Module):
         The key bias adds the same ``q . b_k`` to every logit of a row, so it cancels
         in the softmax; the value bias is added once since attention weights sum to 1.
         ``drop_path`` > 0 drops the rows' attention and MLP branches per sample with that
-        probability (stochastic depth, as timm's blocks do to their own branches in training).
+        probability (stochastic depth, as timm's blocks do to their own branches in training);
+        ``draw_keep(branch)``, where given, draws the keep mask (1 or 0, broadcastable to the
+        branch) instead, e.g. per row group from each group's own random stream.
 
         ``path`` says how the attention is computed (:func:`rows_attention_path`): ``folded``
         folds W_k and W_v into each row, so the tokens are read as they are (cheapest for a few
@@ -271,9 +274,9 @@ class Block(nn.Module):
             raise ValueError(f"unknown rows attention path {path!r} (known: auto, folded, projected)")
         if b_v is not None:
             values = values + b_v
-        attn_branch = drop_samples(self.ls1(attn.proj(values)), drop_path)
+        attn_branch = drop_branch(self.ls1(attn.proj(values)), drop_path, draw_keep)
         a = rows + attn_branch
-        mlp_branch = drop_samples(self.mlp_branch(a), drop_path)
+        mlp_branch = drop_branch(self.mlp_branch(a), drop_path, draw_keep)
         return RowsOutput(a + mlp_branch, attn_branch, mlp_branch)
 
 
@@ -334,8 +337,19 @@ def drop_samples(x: Tensor, p: float) -> Tensor:
     """Stochastic depth: each sample's ``x`` is zeroed with probability ``p``, the rest scaled by 1 / (1 - p)."""
     if p == 0:
         return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
-    return x * keep / (1 - p)
+    return x * sample_keep(x, p) / (1 - p)
+
+
+def sample_keep(x: Tensor, p: float) -> Tensor:
+    """The keep mask of :func:`drop_samples`: 1 or 0 per sample, drawn with probability 1 - ``p``."""
+    return x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
+
+
+def drop_branch(x: Tensor, p: float, draw_keep: Callable[[Tensor], Tensor] | None) -> Tensor:
+    """:func:`drop_samples`, or with the keep mask ``draw_keep(x)`` where given."""
+    if p == 0 or draw_keep is None:
+        return drop_samples(x, p)
+    return x * draw_keep(x) / (1 - p)
 
 
 if TYPE_CHECKING:

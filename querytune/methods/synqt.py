@@ -47,13 +47,16 @@ paper text leaves open, we follow it:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbones.vit import VisionTransformer, drop_samples
+from ..backbones.vit import VisionTransformer, drop_samples, sample_keep
 from ..options import option
 from ..trunk import TrunkInput
 from ..trunk.features import Features
@@ -181,6 +184,20 @@ class SynQTHead(nn.Module):
         return self.classifier(self.norm(pooled))
 
 
+def keep_per_member(sizes: list[int], drop_path: float,
+                    random_stream: Callable[[int], AbstractContextManager[None]]) -> Callable[[Tensor], Tensor]:
+    """``draw_keep`` for stacked members' rows (``sizes`` rows each): each member's per-sample drop-path
+    mask, drawn from its own stream as its lone ``forward_rows`` draws it, spread over its rows."""
+    def draw_keep(branch: Tensor) -> Tensor:
+        keeps = []
+        for k, size in enumerate(sizes):
+            with random_stream(k):
+                keeps.append(sample_keep(branch[:, :1], drop_path).expand(-1, size, -1))
+        return torch.cat(keeps, dim=1)
+
+    return draw_keep
+
+
 def head_tokens(outputs: list[Tensor], attns: list[Tensor], mlps: list[Tensor]) -> Tensor:
     """[F_L, F_1..F_L, h_1..h_L, m_1..m_L] stacked to (B, 3L+1, D)."""
     return torch.stack([outputs[-1], *outputs, *attns, *mlps], dim=1)
@@ -202,17 +219,55 @@ class SynQT(Method):
         self.synthesis = QuerySynthesis(dim, depth, options)
         self.head = SynQTHead(dim, depth, options.adapter_dim, backbone.norm, num_classes)
 
+    def query_drop_path(self, index: int) -> float:
+        """The query branches' drop-path rate at block ``index`` (0 when not training)."""
+        return QUERY_DROP_PATH * index / max(1, len(self.backbone.blocks) - 1) if self.training else 0.0
+
     def forward(self, features: Features) -> Tensor:
         outputs: list[Tensor] = []
         attns: list[Tensor] = []
         mlps: list[Tensor] = []
         assert features.layers is not None
-        depth = len(self.backbone.blocks)
         for index, block in enumerate(self.backbone.blocks):
             rows = self.synthesis(index, len(features), outputs[-1] if outputs else None)
-            drop_path = QUERY_DROP_PATH * index / max(1, depth - 1) if self.training else 0.0
-            out, attn, mlp = block.forward_rows(rows, features.layers[:, index], drop_path=drop_path)
+            out, attn, mlp = block.forward_rows(rows, features.layers[:, index], drop_path=self.query_drop_path(index))
             outputs.append(out.mean(1))
             attns.append(attn.mean(1))
             mlps.append(mlp.mean(1))
         return self.head(head_tokens(outputs, attns, mlps))
+
+    @staticmethod
+    def forward_members(members: Sequence[Method], inputs: Any,
+                        random_stream: Callable[[int], AbstractContextManager[None]]) -> list[Tensor]:
+        """Every member's synthesized rows pass each frozen block together, in one ``forward_rows`` call
+        that reads the layer's tokens once; each member's side network and head run on their own. A
+        member draws its dropout and drop-path masks from its own stream in the order its lone forward
+        does: its synthesis, then its rows' attention and MLP keep masks, block by block, then its head."""
+        synqts = [m for m in members if isinstance(m, SynQT)]
+        if len(synqts) < len(members):
+            return Method.forward_members(members, inputs, random_stream)
+        features: Features = inputs
+        assert features.layers is not None
+        batch = len(features)
+        outputs: list[list[Tensor]] = [[] for _ in synqts]
+        attns: list[list[Tensor]] = [[] for _ in synqts]
+        mlps: list[list[Tensor]] = [[] for _ in synqts]
+        for index, block in enumerate(synqts[0].backbone.blocks):
+            rows = []
+            for k, synqt in enumerate(synqts):
+                with random_stream(k):
+                    rows.append(synqt.synthesis(index, batch, outputs[k][-1] if outputs[k] else None))
+            sizes = [r.shape[1] for r in rows]
+            drop_path = synqts[0].query_drop_path(index)
+            out, attn, mlp = block.forward_rows(torch.cat(rows, dim=1), features.layers[:, index],
+                                                drop_path=drop_path,
+                                                draw_keep=keep_per_member(sizes, drop_path, random_stream))
+            for k, (o, a, m) in enumerate(zip(out.split(sizes, 1), attn.split(sizes, 1), mlp.split(sizes, 1))):
+                outputs[k].append(o.mean(1))
+                attns[k].append(a.mean(1))
+                mlps[k].append(m.mean(1))
+        logits = []
+        for k, synqt in enumerate(synqts):
+            with random_stream(k):
+                logits.append(synqt.head(head_tokens(outputs[k], attns[k], mlps[k])))
+        return logits
