@@ -8,9 +8,9 @@ frozen-backbone methods share one feature cache. Each method's training cost
 process. The report folder gets ``results.csv``, ``results.json``, ``report.md`` and
 ``pareto.png``.
 
-Unless ``--cache`` names a folder to keep, the bench's feature cache is private and
-each task's entries are deleted once the task is done (they are large: L x N x D
-float16 values per image).
+Unless ``--cache`` names a folder to keep, each task's feature cache is private
+(``REPORT/feature-cache/<task>``) and deleted once the task is done (its entries are
+large: L x N x D float16 values per image).
 
 Every cell is a run folder under ``REPORT/runs/<task>/<method>/seed<k>``, so an
 interrupted bench continues where it stopped: finished cells are read back, the
@@ -18,8 +18,9 @@ interrupted one resumes from its checkpoint. A cell that fails is reported with 
 error and the others go on.
 
 ``tasks`` trains only those tasks of the suite, so one bench can be split over processes or
-machines that share its folder (disjoint tasks each); the report then covers those tasks, and
-the same bench run once more without ``tasks`` reads every cell back and reports them all.
+machines that share its folder and its ``--cache`` if any (disjoint tasks each); the report then
+covers those tasks, and the same bench run once more without ``tasks`` reads every cell back and
+reports them all.
 
 Profiles: ``paper`` uses each method's published protocol; ``quick`` caps the epochs
 (:data:`QUICK_EPOCHS`) and scales the warm-up with them. ``search`` first picks the
@@ -30,6 +31,7 @@ training on ``train800``. A frozen-trunk method's grid, and its seeds, train as 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -76,8 +78,10 @@ def select_tasks(tasks: list[Task], names: list[str] | None) -> list[Task]:
         return tasks
     known = [task.name for task in tasks]
     unknown = [name for name in names if name not in known]
-    if unknown or not names:
-        raise ConfigError(f"--tasks: {', '.join(unknown) or 'empty'} not in the suite (known: {', '.join(known)})")
+    if not names:
+        raise ConfigError(f"--tasks: no task named (known: {', '.join(known)})")
+    if unknown:
+        raise ConfigError(f"--tasks: {', '.join(unknown)} not in the suite (known: {', '.join(known)})")
     return [task for task in tasks if task.name in names]
 
 
@@ -105,9 +109,9 @@ class Bench:
         self.methods, self.backbone, self.out = methods, backbone, Path(out)
         self.profile, self.seeds, self.search = profile, seeds, search
         self.image_size, self.bf16 = image_size, bf16
-        # A bench-private cache (the default) is removed task by task once the task is done.
-        self.private_cache = cache_dir is None
-        self.cache_dir = Path(cache_dir) if cache_dir else self.out / "feature-cache"
+        # Without a cache folder to keep, each task's cache is private and removed once the task is done
+        # (per task, so that parts of a bench sharing the folder never remove each other's).
+        self.shared_cache = Path(cache_dir) if cache_dir else None
         self.device, self.workers, self.show_progress = device, workers, show_progress
         self.backbone_model: VisionTransformer | None = None
         self.chosen: dict[tuple[str, str], dict[str, float]] = {}  # (task, method) -> the searched lr, weight decay
@@ -118,8 +122,9 @@ class Bench:
     def run_arguments(self, task: Task) -> dict[str, Any]:
         """What every run of the task takes besides its method, folder, splits and training settings."""
         return dict(image_size=self.image_size, recipe=self.recipe, mean=self.normalisation and self.normalisation[0],
-                    std=self.normalisation and self.normalisation[1], task_name=task.name, cache_dir=self.cache_dir,
-                    device=self.device, workers=self.workers, show_progress=self.show_progress)
+                    std=self.normalisation and self.normalisation[1], task_name=task.name,
+                    cache_dir=self.cache_dir(task), device=self.device, workers=self.workers,
+                    show_progress=self.show_progress)
 
     def train(self, method: str, task: Task, run: Path, train_split: str, eval_split: str,
               settings: dict[str, Any]) -> dict[str, Any]:
@@ -180,8 +185,10 @@ class Bench:
                 for seed in range(self.seeds):
                     results.append(self.cell(task, method, seed, costs[method]))
                     self.write(results)
-            if self.private_cache:
-                shutil.rmtree(self.cache_dir, ignore_errors=True)
+            if self.shared_cache is None:
+                shutil.rmtree(self.cache_dir(task), ignore_errors=True)
+                with contextlib.suppress(OSError):  # the last part of a bench to finish removes the folder
+                    self.cache_dir(task).parent.rmdir()
         return results
 
     def prepare_cache(self, task: Task) -> None:
@@ -199,11 +206,14 @@ class Bench:
                 self.backbone_model.config.mean, self.backbone_model.config.std = self.normalisation
         splits = ["train800val200", "test"] + (["train800", "val200"] if self.search else [])
         try:
-            cache_splits(self.cache_dir, self.backbone_model, task.path, splits, self.image_size, self.bf16,
+            cache_splits(self.cache_dir(task), self.backbone_model, task.path, splits, self.image_size, self.bf16,
                          device=resolve_device(self.device), workers=resolve_workers(self.workers),
                          show_progress=self.show_progress)
         except QuerytuneError:
             pass  # the task's cells meet the same error and report it
+
+    def cache_dir(self, task: Task) -> Path:
+        return self.shared_cache or self.out / "feature-cache" / task.name
 
     def task_runs(self, task: Task) -> list[Path]:
         return [self.out / "runs" / task.name / m / f"seed{s}" for m in self.methods for s in range(self.seeds)]
@@ -242,7 +252,8 @@ class Bench:
             if json.loads(path.read_text()) != settings:
                 raise ConfigError(f"{self.out}: holds a bench with other settings; choose another --out")
             return
-        if self.out.exists() and any(self.out.iterdir()):
+        # (a temporary file may be another part of this bench writing bench.json at this moment)
+        if self.out.exists() and any(not p.name.endswith(".tmp") for p in self.out.iterdir()):
             raise ConfigError(f"{self.out}: exists, is not empty and is not a querytune bench folder")
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(path, settings)

@@ -587,8 +587,8 @@ def bench(
     groups: Optional[str] = typer.Option(None, help="task groups: a '<task> <group>' file or 'task=group,...' "
                                                     "(default: SUITE/groups.txt, then TASK/group.txt)"),
     tasks: Optional[str] = typer.Option(None, help="train only these tasks of the suite now, 'a,b' (a bench "
-                                                   "split over processes sharing --out; run it again without "
-                                                   "--tasks for the whole report)"),
+                                                   "split over processes sharing --out and --cache; run it "
+                                                   "again without --tasks for the whole report)"),
     image_size: Optional[int] = typer.Option(None, help="input size (default 224)"),
     bf16: Optional[bool] = typer.Option(None, "--bf16", help="bfloat16 autocast for the trunk and the training "
                                                              "steps"),
@@ -632,7 +632,8 @@ def bench(
                    std=triple(settings["std"], "--std"),
                    cache_dir=Path(settings["cache"]) if settings["cache"] else None, device=settings["device"],
                    workers=settings["workers"], show_progress=not quiet,
-                   tasks=[t for t in settings["tasks"].split(",") if t] if settings["tasks"] is not None else None)
+                   tasks=[t.strip() for t in settings["tasks"].split(",") if t.strip()] if settings["tasks"] is not None
+                   else None)
     results = runner.run()
     failed = sum(1 for r in results if r.get("error"))
     console.print((out_dir / "report.md").read_text(), soft_wrap=True)  # piped too: lines whole, not cut at 80

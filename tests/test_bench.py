@@ -79,10 +79,19 @@ def test_bench_writes_results_report_and_plot_and_resumes(suite, tiny_backbone_d
 
 
 def test_a_bench_split_by_task_shares_its_folder_and_one_more_run_reports_all(suite, tiny_backbone_dir, tmp_path,
-                                                                              monkeypatch):
+                                                                              monkeypatch, capsys):
+    from querytune.cli import main
+
     out = tmp_path / "report"
-    alpha = _bench(suite, tiny_backbone_dir, out, tasks=["alpha"]).run()
+    (out / "bench.json.123.tmp").parent.mkdir(parents=True)
+    (out / "bench.json.123.tmp").write_text("")  # another part writing bench.json at this moment
+    part = _bench(suite, tiny_backbone_dir, out, tasks=["alpha"])
+    part.claim_folder()
+    (out / "feature-cache" / "beta").mkdir(parents=True)  # the other part's private cache, in use
+    alpha = part.run()
+    assert (out / "feature-cache" / "beta").is_dir() and not (out / "feature-cache" / "alpha").exists()
     beta = _bench(suite, tiny_backbone_dir, out, tasks=["beta"]).run()
+    assert not (out / "feature-cache").exists()
     assert {r["task"] for r in alpha} == {"alpha"} and {r["task"] for r in beta} == {"beta"}
     assert "alpha" not in (out / "report.md").read_text()  # the last part's report covers its tasks
     import querytune.grid as grid_module
@@ -97,6 +106,14 @@ def test_a_bench_split_by_task_shares_its_folder_and_one_more_run_reports_all(su
     assert "alpha" in report and "beta" in report
     with pytest.raises(ConfigError, match="--tasks: gamma not in the suite \\(known: alpha, beta\\)"):
         _bench(suite, tiny_backbone_dir, out, tasks=["alpha", "gamma"])
+    from test_bad_input import cli_error
+
+    bench_args = ["bench", "--suite", suite, "-b", tiny_backbone_dir, "--out", tmp_path / "other", "--image-size", "32"]
+    assert cli_error(capsys, *bench_args, "--tasks", " , ") == "error: --tasks: no task named (known: alpha, beta)"
+    assert not (tmp_path / "other").exists()
+    monkeypatch.setattr(Bench, "cost", lambda self, method: dict(FIXED_COST))
+    main(["bench", *map(str, bench_args[1:]), "--tasks", " beta ", "--methods", "linear", "--workers", "0", "-q"])
+    assert {r["task"] for r in json.loads((tmp_path / "other" / "results.json").read_text())["results"]} == {"beta"}
 
 
 def test_failed_cell_is_reported_and_the_rest_continue(suite, tiny_backbone_dir, tmp_path):

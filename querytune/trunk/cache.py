@@ -212,22 +212,23 @@ class FeatureCache:
         """The whole entry in ``device`` memory, float16: class tokens (n, D) and, with ``with_layers``,
         per-layer tokens stored layer-major (L, n, N, D), so that gathering a batch along dim 1 yields
         each layer's tokens contiguous."""
+        if with_layers and self.layers is None:
+            raise DataError(f"{self.path}: holds class tokens only, per-layer features were asked for")
+        if self.rows is not None:  # a part: its rows gathered on the host, so the device holds only them
+            part = self.features(np.arange(len(self)), with_layers)
+            layers = part.layers.transpose(0, 1).contiguous().to(device) if part.layers is not None else None
+            return part.cls.to(device), layers
         cls = torch.cat([shard.to(device) for shard in self.cls])
-        rows = None if self.rows is None else torch.from_numpy(self.rows).to(device)
-        if rows is not None:
-            cls = cls.index_select(0, rows)
         if not with_layers:
             return cls, None
-        if self.layers is None:
-            raise DataError(f"{self.path}: holds class tokens only, per-layer features were asked for")
+        assert self.layers is not None  # checked above
         first = self.layers[0]
-        stored = sum(len(shard) for shard in self.layers)  # the whole entry's images, also for a part
-        layers = torch.empty(first.shape[1], stored, *first.shape[2:], dtype=first.dtype, device=device)
+        layers = torch.empty(first.shape[1], len(self), *first.shape[2:], dtype=first.dtype, device=device)
         start = 0
         for shard in self.layers:
             layers[:, start : start + len(shard)] = shard.to(device).transpose(0, 1)
             start += len(shard)
-        return cls, layers if rows is None else layers.index_select(1, rows)
+        return cls, layers
 
     def features(self, indices: np.ndarray | list[int], with_layers: bool = True,
                  out: Features | None = None) -> Features:
