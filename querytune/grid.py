@@ -11,8 +11,8 @@ and metrics: a member equals its settings trained alone (``train --seed S --data
 
 How the members compute on the shared batch is the method's (``Method.forward_members``): VQT
 puts every member's query rows through each block in one ``Block.forward_rows`` call, reading the
-layer's tokens once; masked memory does the same with its members' class tokens (each row masked
-to its own memory), SynQT with its members' synthesized rows (each member's side network and head
+layer's tokens once; masked memory does the same with its members' class tokens (each row reading
+its own memory only), SynQT with its members' synthesized rows (each member's side network and head
 run on their own); linear runs one forward per member on the shared batch.
 Methods that adapt the trunk cannot share a backbone and are refused.
 

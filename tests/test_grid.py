@@ -40,6 +40,21 @@ def test_folded_and_projected_rows_attention_agree_with_gradients(with_extra_and
     torch.testing.assert_close(grads["folded"], grads["projected"], rtol=1e-5, atol=1e-5)
 
 
+def test_grouped_extra_tokens_equal_a_mask_over_all_groups():
+    block = tiny_vit(layer_scale=True).blocks[1]
+    context, extra = torch.randn(3, 17, 48), torch.randn(3, 2, 4, 48)  # 2 groups of 4 extra tokens
+    rows = torch.randn(3, 6, 48)  # 3 rows a group
+    mask = torch.full((6, 17 + 8), float("-inf"))
+    mask[:, :17] = 0
+    mask[:3, 17:21] = mask[3:, 21:] = 0
+    grouped = block.forward_rows(rows, context, extra)
+    masked = block.forward_rows(rows, context, extra.flatten(1, 2), mask, path="folded")
+    for a, b in zip(grouped, masked):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="folded path only"):
+        block.forward_rows(rows, context, extra, path="projected")
+
+
 def test_rows_attention_path_follows_the_multiply_adds():
     # ViT-S: D 384, 6 heads, 257 tokens. Evaluation: projected once rows outnumber about D / H.
     assert rows_attention_path(70, 257, 384, 6, rows_grad=False, context_grad=False) == "folded"
@@ -189,3 +204,25 @@ def test_seeds_flag_is_checked(tiny_backbone_dir, tiny_task, tmp_path, capsys):
         main(["train", "--method", "vqt", "-b", str(tiny_backbone_dir), "-d", str(tiny_task), "-o",
               str(tmp_path / "out"), "--seeds", "0"])
     assert exit_info.value.code == 2 and "--seeds must be at least 1" in capsys.readouterr().err
+
+
+def test_a_diverged_memory_member_leaves_the_others_as_they_are(tiny_backbone_dir):
+    """Stacked memory members read only their own class token and memory: an inf in one cannot reach
+    the others (through a -inf mask it would: inf - inf and 0 * inf are NaN)."""
+    import contextlib
+
+    from querytune.backbones import load_backbone
+    from querytune.methods import build_method
+    from querytune.methods.memory import MemoryTokens
+    from querytune.trunk.features import Features, extract_features
+
+    backbone = load_backbone(tiny_backbone_dir)
+    torch.manual_seed(0)
+    features: Features = extract_features(backbone, torch.randn(4, 3, 32, 32)).to("cpu")  # float32
+    members = [build_method("memory", backbone, 3) for _ in range(3)]
+    with torch.no_grad():
+        members[0].stack.tasks[0].memory.fill_(float("inf"))
+    stacked = MemoryTokens.forward_members(members, features, lambda k: contextlib.nullcontext())
+    assert not torch.isfinite(stacked[0]).any()
+    for member, logits in zip(members[1:], stacked[1:]):
+        torch.testing.assert_close(logits, member(features), rtol=1e-5, atol=1e-6)

@@ -236,7 +236,10 @@ class Block(nn.Module):
         ``norm1(X)``, followed by those of ``extra`` (B, E, D), un-normalised tokens
         such as the rows themselves or memory tokens. ``mask`` (R, N + E) or
         (B, R, N + E) is added to the attention logits (use ``-inf`` to forbid).
-        The context tokens are read, never changed.
+        ``extra`` may also come in G groups, (B, G, E, D): the rows then split into G equal
+        consecutive groups, and group g reads ``extra[:, g]`` only (no mask; the other
+        groups' extras are never touched, so a non-finite value in one cannot reach the
+        others, as it would through a ``-inf`` mask). The context tokens are read, never changed.
 
         The key bias adds the same ``q . b_k`` to every logit of a row, so it cancels
         in the softmax; the value bias is added once since attention weights sum to 1.
@@ -262,10 +265,16 @@ class Block(nn.Module):
             # Cast the shared tokens once here, not once per matmul below (autocast would).
             context = context.to(torch.get_autocast_dtype(device_type))
         q = F.linear(self.norm1(rows), w_q, b_q).unflatten(-1, heads_shape)  # B, R, H, hd
-        extra_normed = self.norm1(extra) if extra is not None else None  # B, E, D
+        extra_normed = self.norm1(extra) if extra is not None else None  # B, (G,) E, D
+        grouped = extra is not None and extra.dim() == 4
+        if grouped and mask is not None:
+            raise ValueError("grouped extra tokens take no mask")
         if path == "auto":
-            path = rows_attention_path(num_rows, context.shape[1], dim, attn.num_heads,
-                                       rows.requires_grad and torch.is_grad_enabled(), context.requires_grad)
+            path = "folded" if grouped else rows_attention_path(
+                num_rows, context.shape[1], dim, attn.num_heads, rows.requires_grad and torch.is_grad_enabled(),
+                context.requires_grad)
+        if grouped and path != "folded":
+            raise ValueError("grouped extra tokens are read by the folded path only")
         if path == "folded":
             values = self._folded_attention(q, context, extra_normed, mask, w_k, w_v)
         elif path == "projected":
@@ -289,7 +298,12 @@ class Block(nn.Module):
         # that every product below is a plain batched matmul against the shared tokens.
         q_folded = torch.einsum("brhe,hed->brhd", q, w_k.unflatten(0, (heads, head_dim))).flatten(1, 2) * attn.scale
         logits = q_folded @ context.transpose(1, 2)  # B, R*H, N
-        if extra_normed is not None:
+        groups = extra_normed.shape[1] if extra_normed is not None and extra_normed.dim() == 4 else None
+        if groups is not None:  # group g's rows (consecutive) against extra_normed[:, g] only
+            assert extra_normed is not None
+            extra_logits = (q_folded.unflatten(1, (groups, -1)) @ extra_normed.transpose(-1, -2)).flatten(1, 2)
+            logits = torch.cat([logits, extra_logits], dim=-1)
+        elif extra_normed is not None:
             logits = torch.cat([logits, q_folded @ extra_normed.transpose(1, 2)], dim=-1)
         if mask is not None:
             # mask: (B,) R, N+E -> broadcast over heads
@@ -297,7 +311,10 @@ class Block(nn.Module):
         weights = logits.softmax(dim=-1)
         n_ctx = context.shape[1]
         mixed = weights[..., :n_ctx] @ context  # B, R*H, D: attention-weighted normalised tokens
-        if extra_normed is not None:
+        if groups is not None:
+            assert extra_normed is not None
+            mixed = mixed + (weights[..., n_ctx:].unflatten(1, (groups, -1)) @ extra_normed).flatten(1, 2)
+        elif extra_normed is not None:
             mixed = mixed + weights[..., n_ctx:] @ extra_normed
         # Apply W_v per head: (B, R, H, D) x (H, hd, D) -> (B, R, H, hd)
         return torch.einsum("brhd,hed->brhe", mixed.unflatten(1, (num_rows, heads)),

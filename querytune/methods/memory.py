@@ -101,9 +101,20 @@ class TaskStack(nn.Module):
         return torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
 
     def forward(self, layers: Tensor, backbone: VisionTransformer) -> list[Tensor]:
-        """Each task's logits from the normalised block inputs ``layers`` (B, L, N, D)."""
+        """Each task's logits from the normalised block inputs ``layers`` (B, L, N, D).
+
+        Tasks that read no other task (concatenated runs, grid members) with memories of one
+        size pass as groups of ``forward_rows`` (each row reads its own token and memory only);
+        otherwise every row reads every task's tokens under :meth:`extra_mask`."""
         batch, _, tokens, _ = layers.shape
         rows = torch.stack([task.class_token for task in self.tasks]).expand(batch, -1, -1)  # B, K, D
+        if all(not reads for reads in self.reads) and len({task.memory.shape for task in self.tasks}) == 1:
+            memories = torch.stack([task.memory for task in self.tasks], dim=1)  # L, K, m, D
+            for index, block in enumerate(backbone.blocks):
+                extra = torch.cat([rows.unsqueeze(2), memories[index].expand(batch, -1, -1, -1)], dim=2)
+                rows = block.forward_rows(rows, layers[:, index], extra).out
+            final = backbone.norm(rows)
+            return [task.head(final[:, k]) for k, task in enumerate(self.tasks)]
         memory = torch.cat([task.memory for task in self.tasks], dim=1)  # L, total memory, D
         mask = self.extra_mask()
         if mask is not None:  # the original tokens are readable by every row
