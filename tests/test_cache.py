@@ -408,6 +408,11 @@ def test_train800_and_val200_are_read_from_the_train800val200_entry(tiny_backbon
         assert torch.equal(layers.transpose(0, 1), want.layers[np.argsort(order)])
         assert part.nbytes() == FeatureCache.open(own_entry).nbytes()
     assert [entry.name.split("-")[1] for entry in shared.iterdir()] == ["train800val200"]  # no entry of their own
+    # training on a part with nothing cached builds the whole split's entry, for the other part and the final runs
+    fresh = tmp_path / "fresh"
+    part = open_or_build_cache(fresh, backbone, open_split(tiny_task, "val200"), preprocess, with_layers=True,
+                               shard_size=4, show_progress=False)
+    assert len(part) == 6 and [entry.name.split("-")[1] for entry in fresh.iterdir()] == ["train800val200"]
 
     # `cache build` of the parts builds nothing either; a split not all in the whole gets its own entry.
     args = ["cache", "build", "--backbone", str(tiny_backbone_dir), "--data", str(tiny_task), "--cache",

@@ -260,15 +260,17 @@ class FeatureCache:
         return Features(out.cls[:count], out.layers[:count])
 
 
-# VTAB-1k's train800 and val200 are the two parts of its train800val200: where that split's entry is
-# complete, the parts are read from it (the search's splits then cost no trunk pass and no disk).
+# VTAB-1k's train800 and val200 are the two parts of its train800val200: training reads the parts from
+# that split's entry (built where missing), so a search on train800 -> val200 and the final runs on
+# train800val200 cost one trunk pass and one entry's disk.
 WHOLE_SPLIT = {"train800": "train800val200", "val200": "train800val200"}
 
 
 def whole_split_entry(root: Path, backbone: VisionTransformer, images: ImageList, preprocess: Preprocess,
-                      bf16: bool) -> tuple[ImageList, np.ndarray] | None:
-    """Where ``images`` have no per-layer entry of their own but are all in the complete entry of the
-    split they are part of (:data:`WHOLE_SPLIT`): that split, and the rows of ``images`` in it."""
+                      bf16: bool, complete_only: bool = True) -> tuple[ImageList, np.ndarray] | None:
+    """Where ``images`` have no per-layer entry of their own but are all in the split they are part of
+    (:data:`WHOLE_SPLIT`), whose entry is complete (or, without ``complete_only``, may be built): that
+    split, and the rows of ``images`` in it."""
     whole_name = WHOLE_SPLIT.get(images.split)
     if whole_name is None or read_meta(cache_dir_for(root, backbone, images, preprocess, True, bf16)) is not None:
         return None
@@ -276,7 +278,7 @@ def whole_split_entry(root: Path, backbone: VisionTransformer, images: ImageList
         whole = open_split(images.root, whole_name)
     except DataError:  # the task has no such split
         return None
-    if read_meta(cache_dir_for(root, backbone, whole, preprocess, True, bf16)) is None:
+    if complete_only and read_meta(cache_dir_for(root, backbone, whole, preprocess, True, bf16)) is None:
         return None
     position = {item: row for row, item in enumerate(whole.items)}
     rows = [position.get(item) for item in images.items]
@@ -594,8 +596,9 @@ def open_or_build_cache(root: Path, backbone: VisionTransformer, images: ImageLi
                         with_layers: bool, bf16: bool = False, **kwargs) -> FeatureCache:
     """The cache entry for ``images``, built where missing or torn and checked against its checksums once
     (opened for training); a full entry also serves class-token readers, and the entry of the split
-    ``images`` are part of serves them where they have none of their own (:func:`whole_split_entry`)."""
-    part = whole_split_entry(root, backbone, images, preprocess, bf16)
+    ``images`` are part of (built where missing) serves them where they have none of their own
+    (:func:`whole_split_entry`)."""
+    part = whole_split_entry(root, backbone, images, preprocess, bf16, complete_only=False)
     if part is not None:
         whole, rows = part
         path, _ = ensure_cache(root, backbone, whole, preprocess, True, bf16, verify=True, **kwargs)
