@@ -413,6 +413,11 @@ def test_train800_and_val200_are_read_from_the_train800val200_entry(tiny_backbon
     part = open_or_build_cache(fresh, backbone, open_split(tiny_task, "val200"), preprocess, with_layers=True,
                                shard_size=4, show_progress=False)
     assert len(part) == 6 and [entry.name.split("-")[1] for entry in fresh.iterdir()] == ["train800val200"]
+    # a class-token reader (the linear probe) does not build per-layer features it will not read
+    cls_only = tmp_path / "cls-only"
+    open_or_build_cache(cls_only, backbone, open_split(tiny_task, "val200"), preprocess, with_layers=False,
+                        shard_size=4, show_progress=False)
+    assert [entry.name.split("-")[1:3] for entry in cls_only.iterdir()] == [["val200", "cls"]]
 
     # `cache build` of the parts builds nothing either; a split not all in the whole gets its own entry.
     args = ["cache", "build", "--backbone", str(tiny_backbone_dir), "--data", str(tiny_task), "--cache",

@@ -596,9 +596,9 @@ def open_or_build_cache(root: Path, backbone: VisionTransformer, images: ImageLi
                         with_layers: bool, bf16: bool = False, **kwargs) -> FeatureCache:
     """The cache entry for ``images``, built where missing or torn and checked against its checksums once
     (opened for training); a full entry also serves class-token readers, and the entry of the split
-    ``images`` are part of (built where missing) serves them where they have none of their own
-    (:func:`whole_split_entry`)."""
-    part = whole_split_entry(root, backbone, images, preprocess, bf16, complete_only=False)
+    ``images`` are part of serves them where they have none of their own (:func:`whole_split_entry`);
+    per-layer readers build it where missing, class-token readers use it only where it exists."""
+    part = whole_split_entry(root, backbone, images, preprocess, bf16, complete_only=not with_layers)
     if part is not None:
         whole, rows = part
         path, _ = ensure_cache(root, backbone, whole, preprocess, True, bf16, verify=True, **kwargs)
