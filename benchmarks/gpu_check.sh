@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure, in two invocations of about 6 minutes each on one H100/H200:
+# Every GPU figure, in two invocations of about 6-8 minutes each on one H100/H200:
 #
 #   benchmarks/gpu_check.sh OUT [SHARED]                       # tests, measure, epochs, full runs
 #   PARTS=bench benchmarks/gpu_check.sh OUT2 [SHARED]          # the bench of every method on $TASKS
@@ -14,6 +14,7 @@
 #   measure-vit-s.json   one training step of every method, shared DINOv2-S/14, batch 64, bf16
 #   measure-vit-b.json   the same with a random ViT-B/16
 #   epochs.json          VQT epoch: features in GPU memory vs streamed from the cache vs live trunk
+#   compile.json         the GPU-resident VQT epoch eager vs with the step compiled ($COMPILE_MODES)
 #   full-run-vit-s.json  100 VQT epochs on cifar10 end to end, caching train and test included
 #   full-run-vit-b.json  the same with the random ViT-B/16 (timing only: its accuracy means nothing)
 #   (check.log)          grid: VQT's 20-member grid as one stack vs one member alone (grid_speed.py)
@@ -38,7 +39,8 @@ ALL_METHODS=linear,vqt,vqt-naive,synqt,memory,full,vpt,lora,adaptformer,bitfit,v
 MEASURE_METHODS=${MEASURE_METHODS:-$ALL_METHODS}
 BENCH_METHODS=${BENCH_METHODS:-linear,vqt,synqt,memory,full,vpt,lora,adaptformer,bitfit,vqt+lora,vqt+adaptformer,vqt+vpt}
 TEST_ARGS=${TEST_ARGS:-}
-PARTS=${PARTS:-tests random measure epochs full grid}  # any of: tests random measure epochs full grid bench
+COMPILE_MODES=${COMPILE_MODES:-default,reduce-overhead}  # the torch.compile modes the compile part times
+PARTS=${PARTS:-tests random measure epochs compile full grid}  # any of those and bench
 LIMIT_SCALE=${LIMIT_SCALE:-1}  # multiplies every part's time limit (a CPU dry run needs more)
 
 mkdir -p "$OUT"
@@ -82,6 +84,10 @@ part measure-vit-b 40 $PYTHON benchmarks/gpu_figures.py measure --backbone "$VIT
 part epochs 30 $PYTHON benchmarks/gpu_figures.py epochs --backbone "$BACKBONE" --task "$SHARED/data/vtab1k-mini/cifar10" \
     --epoch-images "$EPOCH_IMAGES" --image-size "$SIZE" --workers "$WORKERS" $BF16 --device "$DEVICE" \
     --cache-root "$WORK" --out "$OUT/epochs.json"
+# the cached VQT step is launch-bound on a GPU: torch.compile (reduce-overhead: CUDA graphs) against eager
+part compile 60 $PYTHON benchmarks/gpu_figures.py epochs --placements device --compile "$COMPILE_MODES" \
+    --backbone "$BACKBONE" --task "$SHARED/data/vtab1k-mini/cifar10" --epoch-images "$EPOCH_IMAGES" \
+    --image-size "$SIZE" --workers "$WORKERS" $BF16 --device "$DEVICE" --cache-root "$WORK" --out "$OUT/compile.json"
 for model in vit-s vit-b; do
     source=$([ $model = vit-s ] && echo "$BACKBONE" || echo "$VIT_B")
     part full-run-$model 60 $PYTHON benchmarks/gpu_figures.py full-run --backbone "$source" \

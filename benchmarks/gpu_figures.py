@@ -9,6 +9,8 @@
 GPU peaks are allocator statistics), saved-for-backward bytes and peak memory of a
 step against an inference forward, side by side. ``epochs``: one VQT epoch with the
 features in GPU memory, streamed from the memory-mapped cache, and computed live.
+``epochs --placements device --compile default,reduce-overhead``: the GPU-resident
+epoch eager and with the training step through ``torch.compile`` in each mode.
 ``full-run``: ``querytune train --method vqt`` for 100 epochs with a fresh cache,
 caching train and test included, timed end to end. Each part prints what it writes.
 Nothing here is a test: compare ratios within one run, never numbers across runs.
@@ -77,14 +79,20 @@ def measure(args: argparse.Namespace) -> dict:
 
 def epochs(args: argparse.Namespace) -> dict:
     """One VQT epoch over the task's training images: features in GPU memory, streamed, live."""
+    compile_modes = tuple(args.compile.split(",")) if args.compile else ()
     result = time_vqt_epochs(args.backbone, args.task, args.epoch_images, args.image_size, args.bf16, args.device,
-                             args.workers, args.cache_root, placements=("device", "host"))
+                             args.workers, args.cache_root, placements=tuple(args.placements.split(",")),
+                             compile_modes=compile_modes)
     resident = result["epoch_seconds_cached_device"]
     print(f"VQT epoch over {result['images']} images: GPU-resident cache {resident:.3f} s, streamed "
-          f"{result['epoch_seconds_cached_host']:.3f} s, live trunk {result['epoch_seconds_live']:.3f} s "
-          f"(live / resident {result['epoch_seconds_live'] / resident:.1f}x, streamed / resident "
-          f"{result['epoch_seconds_cached_host'] / resident:.2f}x); "
+          f"{result.get('epoch_seconds_cached_host', float('nan')):.3f} s, live trunk "
+          f"{result['epoch_seconds_live']:.3f} s (live / resident {result['epoch_seconds_live'] / resident:.1f}x); "
           f"building the cache {result['cache_build_seconds']:.1f} s")
+    for mode in compile_modes:
+        compiled = result[f"epoch_seconds_cached_device_{mode}"]
+        print(f"  GPU-resident epoch with the step compiled ({mode}): {compiled:.3f} s, eager / compiled "
+              f"{resident / compiled:.2f}x (first epoch, compiling included: "
+              f"{result[f'first_epoch_seconds_{mode}']:.1f} s)")
     return result
 
 
@@ -110,6 +118,9 @@ def main() -> None:
     parser.add_argument("--epoch-images", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--cache-root", default=None)
+    parser.add_argument("--placements", default="device,host", help="epochs: where the cached features live, "
+                        "the first one GPU memory")
+    parser.add_argument("--compile", default="", help="epochs: also the resident epoch compiled in these modes")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()

@@ -12,7 +12,8 @@ the training step and of one inference forward (process RSS on CPU,
 ``torch.cuda.max_memory_allocated`` on GPU) and step time.
 
 Part 2, VQT epochs over ``--epoch-images`` images: uncached (trunk every epoch)
-versus building the feature cache once and reading it.
+versus building the feature cache once and reading it; with ``--compile MODES`` the
+cached epoch again with the training step through ``torch.compile`` in each mode.
 
 Nothing here is a test: figures depend on the machine and its load. Compare ratios
 printed by one run, never numbers across runs.
@@ -69,10 +70,14 @@ def print_ratios(rows: list[dict]) -> None:
 
 
 def time_vqt_epochs(backbone_path: Path, task: Path, epoch_images: int, image_size: int, bf16: bool, device: str,
-                    workers: int, cache_root: str | None, placements: tuple[str, ...] = ("host",)) -> dict:
+                    workers: int, cache_root: str | None, placements: tuple[str, ...] = ("host",),
+                    compile_modes: tuple[str, ...] = ()) -> dict:
     """Seconds of one VQT epoch over the task's first ``epoch_images`` training images with the trunk run live
     and with the features read from a fresh cache in each of ``placements`` (best of two after a warm-up
-    epoch; on a GPU the live epoch is warmed up too), and the seconds the cache took to build."""
+    epoch; on a GPU the live epoch is warmed up too), and the seconds the cache took to build. Each of
+    ``compile_modes`` adds the cached epoch of the first placement with the step compiled in that mode
+    (``epoch_seconds_cached_<placement>_<mode>``) and its warm-up epoch, compilation included
+    (``first_epoch_seconds_<mode>``)."""
     from dataclasses import replace
 
     from querytune import load_backbone
@@ -90,15 +95,19 @@ def time_vqt_epochs(backbone_path: Path, task: Path, epoch_images: int, image_si
     method = build_method("vqt", backbone, images.num_classes)
     cfg = TrainConfig.for_method(type(method), {"epochs": 1, "bf16": bf16})
 
-    def epoch_seconds(source, warm_up: bool = True) -> float:
-        if warm_up:  # workers, page cache, GPU kernels
-            fit(method, source, cfg, where, show_progress=False)
-        return min(fit(method, source, cfg, where, show_progress=False).train_seconds for _ in range(1 + warm_up))
+    def epoch_seconds(source, warm_up: bool = True, compile_mode: str = "off") -> float:
+        if warm_up:  # workers, page cache, GPU kernels, compilation
+            started = time.perf_counter()
+            fit(method, source, cfg, where, show_progress=False, compile_mode=compile_mode)
+            if compile_mode != "off":
+                result[f"first_epoch_seconds_{compile_mode}"] = time.perf_counter() - started
+        return min(fit(method, source, cfg, where, show_progress=False, compile_mode=compile_mode).train_seconds
+                   for _ in range(1 + warm_up))
 
     live = LiveFeatureBatches(ImageBatches(images, preprocess, workers, where.type == "cuda"), backbone, True, where,
                               bf16)
-    result = {"images": len(images.items), "bf16": bf16, "backbone": str(backbone_path),
-              "epoch_seconds_live": epoch_seconds(live, warm_up=where.type == "cuda")}
+    result: dict = {"images": len(images.items), "bf16": bf16, "backbone": str(backbone_path)}
+    result["epoch_seconds_live"] = epoch_seconds(live, warm_up=where.type == "cuda")
     with tempfile.TemporaryDirectory(dir=cache_root) as root:
         started = time.perf_counter()
         cache = open_or_build_cache(Path(root), backbone, images, preprocess, True, bf16, device=where,
@@ -107,6 +116,9 @@ def time_vqt_epochs(backbone_path: Path, task: Path, epoch_images: int, image_si
         for placement in placements:
             result[f"epoch_seconds_cached_{placement}"] = epoch_seconds(
                 CachedFeatureBatches(cache, True, bf16, where, placement))
+        source = CachedFeatureBatches(cache, True, bf16, where, placements[0])
+        for mode in compile_modes:
+            result[f"epoch_seconds_cached_{placements[0]}_{mode}"] = epoch_seconds(source, compile_mode=mode)
     return result
 
 
@@ -114,8 +126,9 @@ def epoch_timing(args: argparse.Namespace) -> None:
     """VQT epochs over the task's first ``epoch_images`` training images: live trunk vs feature cache."""
     from querytune.trunk.device import default_workers
 
+    compile_modes = tuple(args.compile.split(",")) if args.compile else ()
     timing = time_vqt_epochs(args.backbone, args.task, args.epoch_images, args.image_size, args.bf16, args.device,
-                             default_workers(), args.cache_root)
+                             default_workers(), args.cache_root, compile_modes=compile_modes)
     uncached, cached = timing["epoch_seconds_live"], timing["epoch_seconds_cached_host"]
     build_seconds = timing["cache_build_seconds"]
     print(f"\nVQT epoch over {timing['images']} images ({'bf16' if args.bf16 else 'fp32'}):")
@@ -124,6 +137,11 @@ def epoch_timing(args: argparse.Namespace) -> None:
     print(f"  cached epoch:                 {cached:8.2f} s   -> uncached / cached = {uncached / cached:.1f}x")
     print(f"  100 epochs: cache build + 100 cached epochs = {build_seconds + 100 * cached:.0f} s "
           f"(uncached: {100 * uncached:.0f} s)")
+    for mode in compile_modes:
+        compiled = timing[f"epoch_seconds_cached_host_{mode}"]
+        print(f"  cached epoch, step compiled ({mode}): {compiled:8.2f} s   -> eager / compiled = "
+              f"{cached / compiled:.2f}x (first epoch, compiling included: "
+              f"{timing[f'first_epoch_seconds_{mode}']:.1f} s)")
 
 
 def time_full_run(backbone: Path, task: Path, epochs: int, image_size: int, bf16: bool, device: str | None,
@@ -160,6 +178,8 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (trunk and step)")
     parser.add_argument("--epoch-images", type=int, default=1000, help="0 skips the epoch timing")
     parser.add_argument("--full-run", action="store_true", help="also time 100 cached VQT epochs end to end")
+    parser.add_argument("--compile", default="", help="also time the cached epoch with the step compiled in these "
+                        "torch.compile modes, e.g. default,reduce-overhead")
     parser.add_argument("--cache-root", default=None, help="where temporary caches go (default: the system's)")
     args = parser.parse_args()
 

@@ -66,6 +66,7 @@ class TrainCommand:
     workers: int | None = None
     grid: bool = False
     seeds: int | None = None
+    compile: str = "off"
 
 
 TRAIN_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs", "grad_clip",
@@ -237,6 +238,9 @@ def train(
                                         "(OUT/seed<s>)"),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="train seeds --seed .. --seed+N-1 as one stack "
                                         "(OUT/seed<s>), sharing the first seed's data order"),
+    compile: Optional[str] = typer.Option(None, "--compile", help="torch.compile the training step: off (the "
+                                          "default), default, reduce-overhead (CUDA graphs) or max-autotune; "
+                                          "single runs only"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Train a method on a task and report its test accuracy. The method options (below) come from
@@ -267,10 +271,14 @@ def train(
         show_progress=not quiet,
     )
     if settings["grid"] or settings["seeds"] is not None:
+        if settings["compile"] != "off":
+            # a grid step draws each member's dropout inside its own forked random stream: graph breaks
+            raise ConfigError("--compile applies to single runs, not to --grid or --seeds")
         _train_grid(settings, common)
         return
     metrics = train_run(settings["method"], settings["backbone"], settings["data"], settings["out"],
-                        options=settings["options"], train_settings=settings["train"], **common)
+                        options=settings["options"], train_settings=settings["train"],
+                        compile_mode=settings["compile"], **common)
     if distributed.is_main():
         _print_metrics(metrics)
 

@@ -35,7 +35,7 @@ from .runlog import EpochLog, check_loggers
 from .train import FitResult, TrainConfig, evaluate, fit, seed_everything
 from .trunk import TrunkInput
 from .trunk.cache import backbone_fingerprint
-from .trunk.device import resolve_device, resolve_workers
+from .trunk.device import check_compile_mode, resolve_device, resolve_workers
 from .trunk.sources import BatchSource, check_augment, check_placement, make_source
 from .version import __version__
 
@@ -232,6 +232,7 @@ def train_run(
     device: torch.device | str | None = None,
     workers: int | None = None,
     show_progress: bool = True,
+    compile_mode: str = "off",
 ) -> dict[str, Any]:
     """Train a method on a task folder, save the adapter, evaluate, and return the metrics.
 
@@ -241,6 +242,8 @@ def train_run(
     run's config.json records the one used, and evaluation and serving use it. ``cache_splits``
     names the splits whose features are cached under ``cache_dir`` (default: both); the others
     run the frozen trunk live.
+    ``compile_mode`` runs the training forward through ``torch.compile`` (:func:`trunk.device.compiled`);
+    it is how the run computes, not what it computes, so a run may resume with another mode.
 
     ``train_split`` defaults to ``train800val200`` where the task has it, else ``train``. With
     ``train_settings={"augment": True}`` the training images are cropped and flipped at random
@@ -261,6 +264,7 @@ def train_run(
     workers = resolve_workers(workers)
     cache_dir = Path(cache_dir) if cache_dir is not None else None
     check_placement(cache_placement)
+    check_compile_mode(compile_mode)
     method_cls, _ = resolve_method(method_name, options)
     cfg = TrainConfig.for_method(method_cls, train_settings or {})
     check_augment(cfg.augment, method_cls.reads, cache_dir)
@@ -283,7 +287,7 @@ def train_run(
     distributed.barrier()  # the folder is ready before any rank looks for a checkpoint in it
     try:
         result = fit(method, source, cfg, device, checkpoint=out / "checkpoint.pt", log=log,
-                     show_progress=show_progress)
+                     show_progress=show_progress, compile_mode=compile_mode)
         extra_metrics = method.post_train(source, cfg, device)  # alike on every rank: nothing to communicate
         if distributed.is_main():
             save_adapter(out, method)
@@ -294,7 +298,8 @@ def train_run(
             discard_run_folder(out, created)
         raise
 
-    metrics = setup.metrics(method, cfg, result, extra_metrics, accuracy, source, resuming)
+    metrics = {**setup.metrics(method, cfg, result, extra_metrics, accuracy, source, resuming),
+               "compile": compile_mode}
     if distributed.is_main():
         finish_run_folder(out, metrics)
     distributed.barrier()  # every rank leaves once the run is written (and tears its process group down together)

@@ -22,7 +22,7 @@ from .errors import CheckpointError, ConfigError, one_line
 from .files import recording_writes, write_atomic
 from .options import check_value, option
 from .progress import progress_bar
-from .trunk.device import autocast, to_device
+from .trunk.device import autocast, compiled, to_device
 from .trunk.sources import BatchSource, epoch_order
 
 if TYPE_CHECKING:
@@ -124,8 +124,10 @@ def fit(
     checkpoint: Path | None = None,
     log: EpochLog | None = None,
     show_progress: bool = True,
+    compile_mode: str = "off",
 ) -> FitResult:
     """Train ``method`` on ``source``; with ``checkpoint`` set, resume from it and save it after every epoch.
+    ``compile_mode`` (:func:`querytune.trunk.device.compiled`) runs the forward through ``torch.compile``.
 
     The checkpoint holds only the trainable state, the optimiser state and every
     process's RNG state, so a resumed run ends exactly where an uninterrupted one would.
@@ -137,6 +139,7 @@ def fit(
     local_batch_size = distributed.local_batch_size(cfg.batch_size)
     method.to(device)  # before the optimiser loads its state: that state follows the parameters' device
     method.backbone.set_grad_checkpointing(cfg.checkpointing)
+    forward = compiled(method, compile_mode)
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.fp16)  # with fp16 only; otherwise it passes through
@@ -172,7 +175,7 @@ def fit(
                     inputs, labels = batch
                     labels = labels.to(device)
                     with autocast(device, cfg.bf16, cfg.fp16):
-                        logits = method(to_device(inputs, device, cfg.bf16))
+                        logits = forward(to_device(inputs, device, cfg.bf16))
                     loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
                     # this rank's share of the global batch's mean loss (the whole of it in one process)
                     global_batch = min(cfg.batch_size, len(source) - batch_index * cfg.batch_size)

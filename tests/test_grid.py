@@ -206,6 +206,14 @@ def test_seeds_flag_is_checked(tiny_backbone_dir, tiny_task, tmp_path, capsys):
     assert exit_info.value.code == 2 and "--seeds must be at least 1" in capsys.readouterr().err
 
 
+def test_a_grid_refuses_compile(tiny_backbone_dir, tiny_task, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--method", "vqt", "-b", str(tiny_backbone_dir), "-d", str(tiny_task), "-o",
+              str(tmp_path / "out"), "--seeds", "2", "--compile", "default"])
+    assert exit_info.value.code == 2 and "--compile applies to single runs" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_diverged_memory_member_leaves_the_others_as_they_are(tiny_backbone_dir):
     """Stacked memory members read only their own class token and memory: an inf in one cannot reach
     the others (through a -inf mask it would: inf - inf and 0 * inf are NaN)."""

@@ -372,3 +372,27 @@ def test_fp16_training_scales_its_loss_and_resumes_exactly(tiny_backbone_dir, ti
         assert torch.equal(whole[name], cut[name]), name
     with pytest.raises(ConfigError, match="--bf16 and --fp16 exclude each other"):
         TrainConfig(bf16=True, fp16=True)
+
+
+def test_compiled_training_computes_what_eager_training_does(tiny_backbone_dir, tiny_task, tmp_path):
+    """``--compile``: the same adapter as an eager run (no dropout, so both draw nothing at random),
+    over epochs whose last batch is short (a second shape for the compiled step)."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    options = {"num_queries": 2, "query_dropout": 0.0}
+    runs = {mode: _train(tiny_backbone_dir, tiny_task, tmp_path / mode, method="vqt", options=options,
+                         cache_dir=tmp_path / "cache", train_settings={**FAST, "epochs": 2}, compile_mode=mode)
+            for mode in ("off", "default")}
+    assert counters["stats"]["unique_graphs"] >= 1  # the compiled run did go through dynamo
+    assert runs["default"]["compile"] == "default" and runs["off"]["compile"] == "off"
+    eager, compiled = (load_file(str(tmp_path / mode / "adapter.safetensors")) for mode in ("off", "default"))
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5)
+    assert runs["default"]["test_accuracy"] == runs["off"]["test_accuracy"]
+
+
+def test_an_unknown_compile_mode_is_refused_before_anything_is_written(tiny_backbone_dir, tiny_task, tmp_path):
+    with pytest.raises(ConfigError, match="--compile 'fast': expected one of off, default, reduce-overhead"):
+        _train(tiny_backbone_dir, tiny_task, tmp_path / "run", compile_mode="fast")
+    assert not (tmp_path / "run").exists()

@@ -1,10 +1,11 @@
 """Where and in what precision the work runs: default device and loader workers, moving a
-batch to the device, autocast."""
+batch to the device, autocast, torch.compile."""
 
 from __future__ import annotations
 
 import os
-from typing import overload
+from collections.abc import Callable
+from typing import Any, overload
 
 import torch
 
@@ -62,3 +63,19 @@ def autocast(device: torch.device, bf16: bool, fp16: bool = False) -> torch.auto
     """bfloat16 or float16 autocast (neither: a no-op context)."""
     return torch.autocast(device_type=device.type, dtype=torch.float16 if fp16 else torch.bfloat16,
                           enabled=bf16 or fp16)
+
+
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+
+
+def check_compile_mode(mode: str) -> None:
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"--compile {mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+
+
+def compiled(module: torch.nn.Module, mode: str) -> Callable[..., Any]:
+    """``module``'s forward through ``torch.compile`` in ``mode`` (``off``: the module itself). The
+    compiled forward shares the module's parameters; it computes the same function up to float rounding,
+    but its dropout masks are drawn differently, so a compiled run does not replay an eager one exactly."""
+    check_compile_mode(mode)
+    return module if mode == "off" else torch.compile(module, mode=None if mode == "default" else mode)
