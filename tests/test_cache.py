@@ -30,7 +30,15 @@ from querytune.data import Preprocess, open_split
 from querytune.errors import CheckpointError, DataError
 from querytune.run import load_run
 from querytune.trunk import cache as cache_module
-from querytune.trunk.cache import FeatureCache, build_cache, cache_splits, human_size, open_or_build_cache, read_meta
+from querytune.trunk.cache import (
+    FeatureCache,
+    ShardWriter,
+    build_cache,
+    cache_splits,
+    human_size,
+    open_or_build_cache,
+    read_meta,
+)
 
 
 def cache_args(backbone: Path, task: Path, root: Path, *extra: str) -> list[str]:
@@ -186,6 +194,27 @@ def test_free_space_is_checked_before_building_with_the_estimate(monkeypatch, ti
     assert f"{root}/tiny-train800val200-" in error
     assert "the feature cache of tiny/train800val200 needs 88.0 KiB, 1000 B free there" in error
     assert leftovers(root) == []
+
+
+def test_a_failed_shard_write_drops_the_writes_queued_after_it(tmp_path, monkeypatch):
+    """The background writer: once a shard's rename fails, the next shard's queued rows must not land
+    in the failed shard's files (and be renamed into place under the next shard's name)."""
+    renames = []
+
+    def failing_replace(source, target):
+        renames.append(target)
+        time.sleep(0.2)  # every write below is queued by now
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cache_module.os, "replace", failing_replace)
+    writer = ShardWriter(tmp_path, {"cls": [3]}, rows=[2, 2], depth=4)
+    for shard, row in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        writer.write(shard, row, {"cls": np.full((1, 3), shard, np.float16)})
+    with pytest.raises(OSError, match="No space left"):
+        writer.finish()
+    writer.close()
+    assert len(renames) == 1
+    assert leftovers(tmp_path) == []  # the unfinished shard's temporary file is gone
 
 
 # --- two builders of one entry ------------------------------------------------------------------------

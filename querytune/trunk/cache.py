@@ -55,7 +55,9 @@ import json
 import os
 import shutil
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -461,9 +463,8 @@ def build_shards(path: Path, backbone: VisionTransformer, images: ImageList, pre
                  bf16: bool, batch_size: int, device: torch.device | str, workers: int,
                  show_progress: bool) -> dict[str, str]:
     """Compute the shards ``todo`` of the entry at ``path``; return their files' data checksums by name."""
-    checksums: dict[str, str] = {}
     if not todo:
-        return checksums
+        return {}
     backbone = backbone.to(device).eval()
     # One loader for every shard to do (workers start once); no batch spans two shards.
     plan = [(shard, list(range(first, min(first + batch_size, shard * shard_size + rows[shard]))))
@@ -472,37 +473,89 @@ def build_shards(path: Path, backbone: VisionTransformer, images: ImageList, pre
         ImageDataset(images, preprocess), batch_sampler=[indices for _, indices in plan], num_workers=workers,
         pin_memory=torch.device(device).type == "cuda", generator=private_generator(),
     )
-    files: dict[str, np.memmap] = {}
+    writer = ShardWriter(path, shapes, rows)
     with progress_bar(f"caching {images.task}/{images.split}", total=sum(rows[s] for s in todo),
                       enabled=show_progress) as advance:
         try:
             path.mkdir(parents=True, exist_ok=True)
             for (shard, indices), (batch, _) in zip(plan, iterate_loader(loader)):
-                if not files:  # a shard begins: written in place into temporary files, renamed once whole
-                    for kind, shape in shapes.items():
-                        files[kind] = reserved_shard(temporary_path(shard_file(path, shard, kind)),
-                                                     (rows[shard], *shape))
-                row = indices[0] - shard * shard_size
                 feats = extract_features(backbone, batch.to(device, non_blocking=True), with_layers, STORAGE_DTYPE,
                                          bf16)
-                files["cls"][row : row + len(batch)] = feats.cls.cpu().numpy()
+                arrays = {"cls": feats.cls.cpu().numpy()}
                 if feats.layers is not None:  # with_layers
-                    files["layers"][row : row + len(batch)] = feats.layers.cpu().numpy()
+                    arrays["layers"] = feats.layers.cpu().numpy()
+                writer.write(shard, indices[0] - shard * shard_size, arrays)
                 advance(len(batch))
-                if row + len(batch) == rows[shard]:
-                    for kind, array in files.items():
-                        array.flush()
-                        checksums[shard_file(path, shard, kind).name] = data_checksum(array)
-                        assert array.filename is not None  # a memmap opened on a file
-                        os.replace(array.filename, shard_file(path, shard, kind))
-                    files = {}
+            writer.finish()
         except OSError as error:
             raise storage_error(path, error, "the feature cache") from error
         finally:
-            for array in files.values():  # a shard left unfinished
-                assert array.filename is not None
-                Path(array.filename).unlink(missing_ok=True)
-    return checksums
+            writer.close()
+    return writer.checksums
+
+
+class ShardWriter:
+    """Writes computed batches into an entry's shard files on one background thread, so that the trunk
+    computes the next batch while this one is copied into the memory map and, at a shard's end, flushed,
+    hashed and renamed into place (on a GPU the trunk is faster than the disk). At most ``depth`` batches
+    wait; a failed write surfaces at the next :meth:`write` or at :meth:`finish`, and the writes queued
+    after it are dropped (they would land in the failed shard's files).
+
+    A shard is written in place into temporary files, reserved whole first, and renamed once whole;
+    :meth:`close` removes the temporary files of a shard left unfinished."""
+
+    def __init__(self, path: Path, shapes: dict[str, list[int]], rows: list[int], depth: int = 2) -> None:
+        self.path, self.shapes, self.rows, self.depth = path, shapes, rows, depth
+        self.checksums: dict[str, str] = {}
+        self._failed = False
+        self._files: dict[str, np.memmap] = {}  # the shard being written: touched by the writer thread only
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer")
+        self._pending: deque[Future[None]] = deque()
+
+    def write(self, shard: int, row: int, arrays: dict[str, np.ndarray]) -> None:
+        """Queue ``arrays`` (by kind) for rows ``row ..`` of ``shard``."""
+        while len(self._pending) >= self.depth:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self._write, shard, row, arrays))
+
+    def finish(self) -> None:
+        """Wait for every queued write."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        """Let queued writes end (their errors were or will be raised by the caller's path), stop the
+        thread, and remove an unfinished shard's temporary files."""
+        self._pool.shutdown(wait=True)
+        self._pending.clear()
+        for array in self._files.values():
+            assert array.filename is not None
+            Path(array.filename).unlink(missing_ok=True)
+        self._files = {}
+
+    def _write(self, shard: int, row: int, arrays: dict[str, np.ndarray]) -> None:
+        if self._failed:
+            return
+        try:
+            self._write_rows(shard, row, arrays)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def _write_rows(self, shard: int, row: int, arrays: dict[str, np.ndarray]) -> None:
+        if not self._files:  # a shard begins
+            for kind, shape in self.shapes.items():
+                self._files[kind] = reserved_shard(temporary_path(shard_file(self.path, shard, kind)),
+                                                   (self.rows[shard], *shape))
+        for kind, array in arrays.items():
+            self._files[kind][row : row + len(array)] = array
+        if row + len(arrays["cls"]) == self.rows[shard]:
+            for kind, mapped in self._files.items():
+                mapped.flush()
+                self.checksums[shard_file(self.path, shard, kind).name] = data_checksum(mapped)
+                assert mapped.filename is not None  # a memmap opened on a file
+                os.replace(mapped.filename, shard_file(self.path, shard, kind))
+            self._files = {}
 
 
 def verify_entry(path: Path, show_progress: bool = True, record: bool = True) -> list[Path]:
