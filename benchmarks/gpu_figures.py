@@ -84,10 +84,11 @@ def epochs(args: argparse.Namespace) -> dict:
                              args.workers, args.cache_root, placements=tuple(args.placements.split(",")),
                              compile_modes=compile_modes)
     resident = result["epoch_seconds_cached_device"]
-    print(f"VQT epoch over {result['images']} images: GPU-resident cache {resident:.3f} s, streamed "
-          f"{result.get('epoch_seconds_cached_host', float('nan')):.3f} s, live trunk "
-          f"{result['epoch_seconds_live']:.3f} s (live / resident {result['epoch_seconds_live'] / resident:.1f}x); "
-          f"building the cache {result['cache_build_seconds']:.1f} s")
+    streamed = result.get("epoch_seconds_cached_host")
+    print(f"VQT epoch over {result['images']} images: GPU-resident cache {resident:.3f} s, "
+          + (f"streamed {streamed:.3f} s, " if streamed is not None else "")
+          + f"live trunk {result['epoch_seconds_live']:.3f} s (live / resident "
+          f"{result['epoch_seconds_live'] / resident:.1f}x); building the cache {result['cache_build_seconds']:.1f} s")
     for mode in compile_modes:
         compiled = result[f"epoch_seconds_cached_device_{mode}"]
         print(f"  GPU-resident epoch with the step compiled ({mode}): {compiled:.3f} s, eager / compiled "
