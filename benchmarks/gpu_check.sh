@@ -85,7 +85,7 @@ part epochs 30 $PYTHON benchmarks/gpu_figures.py epochs --backbone "$BACKBONE" -
     --epoch-images "$EPOCH_IMAGES" --image-size "$SIZE" --workers "$WORKERS" $BF16 --device "$DEVICE" \
     --cache-root "$WORK" --out "$OUT/epochs.json"
 # the cached VQT step is launch-bound on a GPU: torch.compile (reduce-overhead: CUDA graphs) against eager
-part compile 60 $PYTHON benchmarks/gpu_figures.py epochs --placements device --compile "$COMPILE_MODES" \
+part compile 120 $PYTHON benchmarks/gpu_figures.py epochs --placements device --compile "$COMPILE_MODES" \
     --backbone "$BACKBONE" --task "$SHARED/data/vtab1k-mini/cifar10" --epoch-images "$EPOCH_IMAGES" \
     --image-size "$SIZE" --workers "$WORKERS" $BF16 --device "$DEVICE" --cache-root "$WORK" --out "$OUT/compile.json"
 for model in vit-s vit-b; do
