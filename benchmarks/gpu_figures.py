@@ -24,7 +24,7 @@ import platform
 from pathlib import Path
 
 import torch
-from vqt_memory_speed import time_full_run, time_vqt_epochs  # this folder's sibling script
+from vqt_memory_speed import print_compiled_epochs, time_full_run, time_vqt_epochs  # this folder's sibling
 
 from querytune.backbones import save_backbone
 from querytune.backbones.vit import VisionTransformer, ViTConfig
@@ -89,11 +89,7 @@ def epochs(args: argparse.Namespace) -> dict:
           + (f"streamed {streamed:.3f} s, " if streamed is not None else "")
           + f"live trunk {result['epoch_seconds_live']:.3f} s (live / resident "
           f"{result['epoch_seconds_live'] / resident:.1f}x); building the cache {result['cache_build_seconds']:.1f} s")
-    for mode in compile_modes:
-        compiled = result[f"epoch_seconds_cached_device_{mode}"]
-        print(f"  GPU-resident epoch with the step compiled ({mode}): {compiled:.3f} s, eager / compiled "
-              f"{resident / compiled:.2f}x (first epoch, compiling included: "
-              f"{result[f'first_epoch_seconds_{mode}']:.1f} s)")
+    print_compiled_epochs(result, "device", compile_modes)
     return result
 
 

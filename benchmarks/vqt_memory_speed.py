@@ -122,6 +122,16 @@ def time_vqt_epochs(backbone_path: Path, task: Path, epoch_images: int, image_si
     return result
 
 
+def print_compiled_epochs(timing: dict, placement: str, compile_modes: tuple[str, ...]) -> None:
+    """The cached epoch with the step compiled in each mode against the eager one (``time_vqt_epochs``)."""
+    eager = timing[f"epoch_seconds_cached_{placement}"]
+    for mode in compile_modes:
+        compiled = timing[f"epoch_seconds_cached_{placement}_{mode}"]
+        print(f"  cached epoch ({placement}), step compiled ({mode}): {compiled:8.3f} s   -> eager / compiled = "
+              f"{eager / compiled:.2f}x (first epoch, compiling included: "
+              f"{timing[f'first_epoch_seconds_{mode}']:.1f} s)")
+
+
 def epoch_timing(args: argparse.Namespace) -> None:
     """VQT epochs over the task's first ``epoch_images`` training images: live trunk vs feature cache."""
     from querytune.trunk.device import default_workers
@@ -137,11 +147,7 @@ def epoch_timing(args: argparse.Namespace) -> None:
     print(f"  cached epoch:                 {cached:8.2f} s   -> uncached / cached = {uncached / cached:.1f}x")
     print(f"  100 epochs: cache build + 100 cached epochs = {build_seconds + 100 * cached:.0f} s "
           f"(uncached: {100 * uncached:.0f} s)")
-    for mode in compile_modes:
-        compiled = timing[f"epoch_seconds_cached_host_{mode}"]
-        print(f"  cached epoch, step compiled ({mode}): {compiled:8.2f} s   -> eager / compiled = "
-              f"{cached / compiled:.2f}x (first epoch, compiling included: "
-              f"{timing[f'first_epoch_seconds_{mode}']:.1f} s)")
+    print_compiled_epochs(timing, "host", compile_modes)
 
 
 def time_full_run(backbone: Path, task: Path, epochs: int, image_size: int, bf16: bool, device: str | None,
