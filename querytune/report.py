@@ -63,6 +63,10 @@ def markdown_report(results: list[dict[str, Any]], tasks: list[Task], methods: l
                for m in methods}
     mib = lambda v: f"{v / 2**20:.0f}" if isinstance(v, (int, float)) else "–"  # noqa: E731
     mean_seconds = lambda m: f"{statistics.fmean(seconds[m]):.0f}" if seconds[m] else "–"  # noqa: E731
+
+    def param_range(method: str) -> str:
+        counts = sorted({r["trainable_params"] for r in results if r["method"] == method and r.get("trainable_params")})
+        return "–" if not counts else f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
     lines = ["# querytune bench", "", description, ""]
     if len(ordered) == 1:  # one task: accuracy and cost side by side in one table
         lines += [f"Top-1 accuracy on {ordered[0].name} `test` (%, mean ± standard deviation over seeds), and "
@@ -84,14 +88,17 @@ def markdown_report(results: list[dict[str, Any]], tasks: list[Task], methods: l
                   "", header, "|" + "---|" * (len(columns) + 1)]
         for method in methods:
             lines.append(f"| {method} | " + " | ".join(fmt(v, b) for v, b in zip(table[method], best)) + " |")
-        lines += ["", "| method | trainable params | saved for backward (MiB) | peak training memory (MiB) | "
+        lines += ["", "Trainable parameters over the tasks (they differ by the number of classes, and by a "
+                  "recipe's settings); memory measured once per method, one step at batch 32 with its default "
+                  "options.", "",
+                  "| method | trainable params | saved for backward (MiB) | peak training memory (MiB) | "
                   "mean train seconds |", "|---|---|---|---|---|"]
         for method in methods:
             row = costs.get(method, {})
             if row.get("cost_error"):
                 lines.append(f"| {method} | measurement failed: {row['cost_error']} | | | |")
                 continue
-            lines.append(f"| {method} | {row.get('trainable_params') or '–'} | {mib(row.get('saved_bytes'))} | "
+            lines.append(f"| {method} | {param_range(method)} | {mib(row.get('saved_bytes'))} | "
                          f"{mib(row.get('train_peak_bytes'))} | {mean_seconds(method)} |")
     recipes = {(row["task"], row["method"]): row["recipe"] for row in results if row.get("recipe")}
     if recipes:

@@ -168,6 +168,22 @@ def test_report_means_are_group_means():
     assert cells[1:] == ["50.0", "70.0", "10.0", "60.0", "10.0", "35.0", "43.3"]  # mean of group means; over tasks
 
 
+def test_report_gives_the_trainable_parameters_over_the_tasks():
+    """A recipe's settings (and the number of classes) change a method's size per task: the cost table
+    gives the range, not one task's count."""
+    from pathlib import Path
+
+    from querytune.bench import Task
+
+    tasks = [Task("a", Path("a"), "natural"), Task("b", Path("b"), "natural")]
+    results = [{"task": t, "method": m, "seed": 0, "accuracy": 0.5, "trainable_params": n, "saved_bytes": 2**20}
+               for t, m, n in (("a", "vqt", 39558), ("b", "vqt", 1017610), ("a", "linear", 3850),
+                               ("b", "linear", 3850))]
+    lines = markdown_report(results, tasks, ["vqt", "linear"], "").splitlines()
+    assert "| vqt | 39558–1017610 | 1 | – | – |" in lines
+    assert "| linear | 3850 | 1 | – | – |" in lines
+
+
 def test_bench_recipe_checks_every_task_first_and_the_report_names_the_settings(suite, tiny_backbone_dir, tmp_path):
     from pathlib import Path
 
