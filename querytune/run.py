@@ -133,7 +133,8 @@ class RunSetup:
         return EpochLog(run, self.loggers, validate, self.eval_every or 1, cfg.epochs)
 
     def metrics(self, method: Method, cfg: TrainConfig, result: FitResult, extra_metrics: dict[str, Any],
-                accuracy: float | None, source: BatchSource, resuming: bool) -> dict[str, Any]:
+                accuracy: float | None, source: BatchSource, resuming: bool,
+                compile_mode: str = "off") -> dict[str, Any]:
         """A finished run's metrics.json."""
         metrics: dict[str, Any] = {
             "method": method.name,
@@ -150,6 +151,7 @@ class RunSetup:
             **extra_metrics,
             "device": str(self.device),
             "feature_placement": getattr(source, "placement", None),
+            "compile": compile_mode,
             "processes": distributed.world_size(),
             "host": platform.node(),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -298,8 +300,7 @@ def train_run(
             discard_run_folder(out, created)
         raise
 
-    metrics = {**setup.metrics(method, cfg, result, extra_metrics, accuracy, source, resuming),
-               "compile": compile_mode}
+    metrics = setup.metrics(method, cfg, result, extra_metrics, accuracy, source, resuming, compile_mode)
     if distributed.is_main():
         finish_run_folder(out, metrics)
     distributed.barrier()  # every rank leaves once the run is written (and tears its process group down together)
