@@ -19,10 +19,15 @@ from .errors import ConfigError
 
 
 def option(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-           min_open: bool = False, max_open: bool = False, choices: tuple[str, ...] | None = None) -> Any:
+           min_open: bool = False, max_open: bool = False, choices: tuple[str, ...] | None = None,
+           short: str | None = None) -> Any:
     """A field of an options dataclass: its default, its help text and what values it takes
-    (``min``/``max`` bounds, open with ``min_open``/``max_open``; ``choices`` for strings)."""
-    meta = {"help": help, "min": min, "max": max, "min_open": min_open, "max_open": max_open, "choices": choices}
+    (``min``/``max`` bounds, open with ``min_open``/``max_open``; ``choices`` for strings, or for each
+    item of a list); ``short`` is the flag's one-letter spelling (``-m``)."""
+    meta = {"help": help, "min": min, "max": max, "min_open": min_open, "max_open": max_open, "choices": choices,
+            "short": short}
+    if isinstance(default, list):  # a fresh list for every instance
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -84,8 +89,10 @@ def check_value(options_cls: type, field: dataclasses.Field, value: Any) -> None
         if not isinstance(value, list) or not all(_is_number(v) if numbers else isinstance(v, str) for v in value):
             raise ConfigError(f"{name} must be a list of {'numbers' if numbers else 'strings'} (got {value!r})")
     meta = field.metadata
-    if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(f"{name} must be one of {', '.join(meta['choices'])} (got {value!r})")
+    choices = meta.get("choices")
+    for item in value if isinstance(value, list) else [value]:
+        if choices and item not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)} (got {item!r})")
     low, high = meta.get("min"), meta.get("max")
     below = low is not None and (value <= low if meta["min_open"] else value < low)
     above = high is not None and (value >= high if meta["max_open"] else value > high)
