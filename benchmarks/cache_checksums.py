@@ -42,7 +42,7 @@ def main() -> None:
     from querytune import load_backbone
     from querytune.data import Preprocess, open_split
     from querytune.methods import build_method
-    from querytune.train import TrainConfig, fit
+    from querytune.train import Member, TrainConfig, fit
     from querytune.trunk.cache import FeatureCache, ensure_cache, human_size, verify_entry
     from querytune.trunk.device import default_workers
     from querytune.trunk.sources import CachedFeatureBatches
@@ -67,8 +67,8 @@ def main() -> None:
         epochs = {}
         for placement in placements:
             source = CachedFeatureBatches(cache, True, device=where, placement=placement)
-            fit(method, source, cfg, where, show_progress=False)  # warm-up: page cache, kernels
-            epochs[placement] = min(fit(method, source, cfg, where, show_progress=False).train_seconds
+            fit([Member(cfg, method)], source, where, show_progress=False)  # warm-up: page cache, kernels
+            epochs[placement] = min(fit([Member(cfg, method)], source, where, show_progress=False)[0].train_seconds
                                     for _ in range(2))
     print(f"entry: {len(images.items)} images, {human_size(cache.nbytes())}, {args.image_size} px, on {where}")
     print(f"  building it (sha256 included):      {build_seconds:8.2f} s")

@@ -9,7 +9,7 @@ Timed, one epoch each over the same cached features of the task's first ``--imag
 images (the order alternates over the configurations, best of ``--repeats`` after a warm-up):
 
     one member      the method with its default settings alone (``train.fit``)
-    grid auto       the members of the method's grid as one stack (``grid.fit_members``), every
+    grid auto       the members of the method's grid as one stack (``train.fit``), every
                     member's rows (VQT's queries, memory's class tokens, SynQT's synthesized
                     queries) through each block in one call, attending by the path
                     ``rows_attention_path`` picks for the row count
@@ -140,10 +140,10 @@ def main() -> None:
 
     from querytune import load_backbone
     from querytune.data import Preprocess, open_split
-    from querytune.grid import Member, fit_members, search_grid
+    from querytune.grid import search_grid
     from querytune.methods import build_method, method_class
     from querytune.runlog import EpochLog
-    from querytune.train import TrainConfig, fit, rng_state, seed_everything
+    from querytune.train import Member, TrainConfig, fit, rng_state, seed_everything
     from querytune.trunk.cache import default_cache_root, open_or_build_cache
     from querytune.trunk.device import default_workers
     from querytune.trunk.sources import CachedFeatureBatches
@@ -168,7 +168,7 @@ def main() -> None:
     def one_member() -> float:
         seed_everything(base.seed)
         method = build_method(args.method, backbone, images.num_classes)
-        return fit(method, source, base, device, show_progress=False).train_seconds
+        return fit([Member(base, method)], source, device, show_progress=False)[0].train_seconds
 
     def grid(path: str) -> float:
         fused = nullcontext() if path != "unfused" else unfused(method_cls)
@@ -180,8 +180,8 @@ def main() -> None:
                 method = build_method(args.method, backbone, images.num_classes)
                 (Path(root) / f"m{k}").mkdir()
                 run = Path(root) / f"m{k}"
-                members.append(Member(run, cfg, method, {}, rng_state(device), log=EpochLog(run)))
-            return fit_members(members, source, device, show_progress=False)[0].train_seconds
+                members.append(Member(cfg, method, log=EpochLog(run), stream=rng_state(device)))
+            return fit(members, source, device, show_progress=False)[0].train_seconds
 
     timed = {"one member": one_member, **{f"grid {path}": (lambda p=path: grid(p)) for path in (*PATHS, "unfused")}}
     for run in timed.values():  # warm-up: page cache, allocator, kernels

@@ -40,6 +40,7 @@ from querytune import MultiTaskServer, train_run
 from querytune.backbones import save_backbone
 from querytune.backbones.vit import VisionTransformer, ViTConfig
 from querytune.data import open_split
+from querytune.settings import RunSpec, Runtime
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DINOV2 = SHARED / "weights" / "dinov2-small-imgfocus"
@@ -55,8 +56,10 @@ def make_runs(backbone: str, data: Path, split: str, image_size: int, methods: l
     for i in range(count):
         method = methods[i % len(methods)]
         run = root / f"{method}-{i}"
-        train_run(method, backbone, data, run, train_settings={"epochs": 1, "batch_size": 32}, train_split=split,
-                  eval_split=None, image_size=image_size, cache_dir=root / "cache", workers=0, show_progress=False)
+        train_run(RunSpec(method=method, backbone=backbone, data=data, train_split=split, eval_split=None,
+                          image_size=image_size),
+                  run, train={"epochs": 1, "batch_size": 32},
+                  runtime=Runtime(cache=root / "cache", workers=0, progress=False))
         runs.append(run)
     return runs
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from querytune.measure import measure_method_isolated
+from querytune.settings import RunSpec, Runtime
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -83,7 +84,7 @@ def time_vqt_epochs(backbone_path: Path, task: Path, epoch_images: int, image_si
     from querytune import load_backbone
     from querytune.data import Preprocess, open_split
     from querytune.methods import build_method
-    from querytune.train import TrainConfig, fit
+    from querytune.train import Member, TrainConfig, fit
     from querytune.trunk.cache import open_or_build_cache
     from querytune.trunk.sources import CachedFeatureBatches, ImageBatches, LiveFeatureBatches
 
@@ -98,11 +99,11 @@ def time_vqt_epochs(backbone_path: Path, task: Path, epoch_images: int, image_si
     def epoch_seconds(source, warm_up: bool = True, compile_mode: str = "off") -> float:
         if warm_up:  # workers, page cache, GPU kernels, compilation
             started = time.perf_counter()
-            fit(method, source, cfg, where, show_progress=False, compile_mode=compile_mode)
+            fit([Member(cfg, method)], source, where, show_progress=False, compile_mode=compile_mode)
             if compile_mode != "off":
                 result[f"first_epoch_seconds_{compile_mode}"] = time.perf_counter() - started
-        return min(fit(method, source, cfg, where, show_progress=False, compile_mode=compile_mode).train_seconds
-                   for _ in range(1 + warm_up))
+        return min(fit([Member(cfg, method)], source, where, show_progress=False,
+                       compile_mode=compile_mode)[0].train_seconds for _ in range(1 + warm_up))
 
     live = LiveFeatureBatches(ImageBatches(images, preprocess, workers, where.type == "cuda"), backbone, True, where,
                               bf16)
@@ -156,9 +157,9 @@ def time_full_run(backbone: Path, task: Path, epochs: int, image_size: int, bf16
 
     with tempfile.TemporaryDirectory(dir=cache_root) as root:
         started = time.perf_counter()
-        metrics = train_run("vqt", backbone, task, Path(root) / "run", train_settings={"epochs": epochs, "bf16": bf16},
-                            image_size=image_size, cache_dir=Path(root) / "cache", device=device, workers=workers,
-                            show_progress=False)
+        metrics = train_run(RunSpec(method="vqt", backbone=backbone, data=task, image_size=image_size),
+                            Path(root) / "run", train={"epochs": epochs, "bf16": bf16},
+                            runtime=Runtime(cache=Path(root) / "cache", device=device, workers=workers, progress=False))
         return {**metrics, "total_seconds": time.perf_counter() - started}
 
 

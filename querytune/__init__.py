@@ -4,7 +4,8 @@ from .backbones import load_backbone
 from .methods import METHODS, build_method
 from .run import eval_run, load_run, train_run
 from .serve import MultiTaskServer, Predictor
+from .settings import BenchSpec, RunSpec, Runtime
 from .version import __version__
 
-__all__ = ["METHODS", "MultiTaskServer", "Predictor", "__version__", "build_method", "eval_run", "load_backbone",
-           "load_run", "train_run"]
+__all__ = ["METHODS", "BenchSpec", "MultiTaskServer", "Predictor", "RunSpec", "Runtime", "__version__", "build_method",
+           "eval_run", "load_backbone", "load_run", "train_run"]

@@ -37,21 +37,23 @@ import io
 import json
 import shutil
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .data import check_normalisation
 from .errors import ConfigError, QuerytuneError
 from .files import write_json, write_text
-from .grid import member_name, search_grid, seed_settings, select_best, train_members
+from .grid import member_name, search_grid, seed_settings, select_best
 from .measure import measure_method_isolated
 from .methods import method_class
 from .progress import note
 from .recipes import recipe_options
 from .report import markdown_report, plot_pareto
-from .run import train_run
-from .suite import Task, discover_tasks
-from .trunk.device import resolve_device, resolve_workers
+from .run import train_runs
+from .runfolder import read_metrics
+from .settings import BenchSpec, RunSpec, Runtime
+from .suite import Task, discover_tasks, read_groups_file
 
 if TYPE_CHECKING:
     from .backbones.vit import VisionTransformer
@@ -85,53 +87,65 @@ def select_tasks(tasks: list[Task], names: list[str] | None) -> list[Task]:
     return [task for task in tasks if task.name in names]
 
 
+def parse_groups(text: str | None) -> dict[str, str] | None:
+    """``--groups``: a '<task> <group>' file, or 'task=group,...'."""
+    if not text:
+        return None
+    if Path(text).is_file():
+        return read_groups_file(Path(text))
+    try:
+        return dict(item.split("=", 1) for item in text.split(","))
+    except ValueError as error:
+        raise ConfigError(f"--groups {text!r}: expected a file or 'task=group,...'") from error
+
+
 class Bench:
-    def __init__(self, suite: Path, methods: list[str], backbone: str, out: Path, *, profile: str = "quick",
-                 seeds: int = 1, search: bool = False, image_size: int = 224, bf16: bool = False,
-                 groups: dict[str, str] | None = None, recipe: str | None = None,
-                 mean: list[float] | None = None, std: list[float] | None = None, cache_dir: Path | None = None,
-                 device: str | None = None, workers: int | None = None, show_progress: bool = True,
-                 tasks: list[str] | None = None) -> None:
-        for method in methods:
+    """The bench ``spec`` computed under ``runtime`` (whose ``cache``, where given, is a feature cache
+    to keep; ``cache_splits`` is not the bench's: it caches what its methods read)."""
+
+    def __init__(self, spec: BenchSpec, runtime: Runtime | None = None) -> None:
+        missing = [flag for flag, value in (("--suite", spec.suite), ("--backbone", spec.backbone),
+                                            ("--out", spec.out)) if value is None]
+        if missing:
+            raise ConfigError(f"missing {', '.join(missing)}")
+        runtime = runtime or Runtime()
+        for method in spec.methods:
             method_class(method)  # unknown names fail before any work
-            profile_settings(method, profile)
-        if seeds < 1:
-            raise ConfigError(f"--seeds must be at least 1 (got {seeds})")
-        resolve_device(device), resolve_workers(workers)  # a bad one fails before any work, not in every cell
-        self.tasks = discover_tasks(suite, groups)
-        self.selected = select_tasks(self.tasks, tasks)
-        self.recipe = recipe
-        self.normalisation = check_normalisation(mean, std) if mean is not None or std is not None else None
-        if recipe:  # an unknown recipe, or a task it does not know, fails before any work
+        self.device, self.workers = runtime.torch_device, runtime.num_workers  # a bad one fails here, not per cell
+        self.tasks = discover_tasks(Path(str(spec.suite)), parse_groups(spec.groups))
+        self.selected = select_tasks(self.tasks, spec.tasks)
+        self.normalisation = (check_normalisation(spec.mean, spec.std)
+                              if spec.mean is not None or spec.std is not None else None)
+        if spec.recipe:  # an unknown recipe, or a task it does not know, fails before any work
             for task in self.tasks:
-                for method in methods:
-                    recipe_options(recipe, method_class(method).name, task.name)
-        self.methods, self.backbone, self.out = methods, backbone, Path(out)
-        self.profile, self.seeds, self.search = profile, seeds, search
-        self.image_size, self.bf16 = image_size, bf16
-        # Without a cache folder to keep, each task's cache is private and removed once the task is done
-        # (per task, so that parts of a bench sharing the folder never remove each other's).
-        self.shared_cache = Path(cache_dir) if cache_dir else None
-        self.device, self.workers, self.show_progress = device, workers, show_progress
+                for method in spec.methods:
+                    recipe_options(spec.recipe, method_class(method).name, task.name)
+        self.spec, self.runtime = spec, runtime
+        self.methods, self.backbone, self.out = spec.methods, str(spec.backbone), Path(str(spec.out))
+        self.seeds = spec.seeds
         self.backbone_model: VisionTransformer | None = None
         self.chosen: dict[tuple[str, str], dict[str, float]] = {}  # (task, method) -> the searched lr, weight decay
 
     def settings(self, method: str) -> dict[str, Any]:
-        return {**profile_settings(method, self.profile), "bf16": self.bf16}
+        return {**profile_settings(method, self.spec.profile), "bf16": self.spec.bf16}
 
-    def run_arguments(self, task: Task) -> dict[str, Any]:
-        """What every run of the task takes besides its method, folder, splits and training settings."""
-        return dict(image_size=self.image_size, recipe=self.recipe, mean=self.normalisation and self.normalisation[0],
-                    std=self.normalisation and self.normalisation[1], task_name=task.name,
-                    cache_dir=self.cache_dir(task), device=self.device, workers=self.workers,
-                    show_progress=self.show_progress)
+    def run_spec(self, method: str, task: Task, train_split: str, eval_split: str) -> RunSpec:
+        spec = self.spec
+        return RunSpec(backbone=self.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std,
+                       recipe=spec.recipe, method=method, data=str(task.path), train_split=train_split,
+                       eval_split=eval_split, task_name=task.name)
 
-    def train(self, method: str, task: Task, run: Path, train_split: str, eval_split: str,
-              settings: dict[str, Any]) -> dict[str, Any]:
-        if (run / "metrics.json").is_file():  # finished in an earlier, interrupted bench
-            return json.loads((run / "metrics.json").read_text())
-        return train_run(method, self.backbone, task.path, run, train_settings=settings, train_split=train_split,
-                         eval_split=eval_split, **self.run_arguments(task))
+    def task_runtime(self, task: Task) -> Runtime:
+        """The runtime of the task's runs: its feature cache. Without a cache folder to keep, each task's
+        cache is private and removed once the task is done (per task, so that parts of a bench sharing
+        the folder never remove each other's)."""
+        return replace(self.runtime, cache=str(self.cache_dir(task)), cache_splits=None)
+
+    def train(self, method: str, task: Task, runs: dict[Path, dict[str, Any]], train_split: str,
+              eval_split: str) -> list[dict[str, Any]]:
+        if all((run / "metrics.json").is_file() for run in runs):  # finished in an earlier, interrupted bench
+            return [read_metrics(run) for run in runs]
+        return train_runs(self.run_spec(method, task, train_split, eval_split), runs, self.task_runtime(task))
 
     @staticmethod
     def stacks(method: str) -> bool:
@@ -145,16 +159,16 @@ class Bench:
         points = search_grid(method, batch)
         runs = {self.out / "search" / task.name / method / member_name(point): {**base, **point} for point in points}
         if self.stacks(method):
-            metrics = train_members(method, self.backbone, task.path, runs, train_split="train800",
-                                    eval_split="val200", **self.run_arguments(task))
+            metrics = self.train(method, task, runs, "train800", "val200")
         else:
-            metrics = [self.train(method, task, run, "train800", "val200", settings) for run, settings in runs.items()]
+            metrics = [self.train(method, task, {run: settings}, "train800", "val200")[0]
+                       for run, settings in runs.items()]
         return select_best([(point, m["val200_accuracy"]) for point, m in zip(points, metrics)])
 
     def seed_runs(self, method: str, task: Task) -> dict[Path, dict[str, Any]]:
         """The final runs of ``method`` on ``task``, one per seed, with their training settings."""
         settings = self.settings(method)
-        if self.search:
+        if self.spec.search:
             if (task.name, method) not in self.chosen:
                 self.chosen[task.name, method] = self.choose_hyperparameters(method, task)
             settings.update(self.chosen[task.name, method])
@@ -168,8 +182,7 @@ class Bench:
         if not self.stacks(method) or all((run / "metrics.json").is_file() for run in self.seed_runs(method, task)):
             return
         try:
-            train_members(method, self.backbone, task.path, self.seed_runs(method, task),
-                          train_split="train800val200", eval_split="test", **self.run_arguments(task))
+            self.train(method, task, self.seed_runs(method, task), "train800val200", "test")
         except Exception:  # noqa: BLE001 - the cells meet the error again and report it
             with open(self.out / "errors.log", "a") as log:
                 log.write(f"{task.name}/{method} (seeds stacked)\n{traceback.format_exc()}\n")
@@ -185,7 +198,7 @@ class Bench:
                 for seed in range(self.seeds):
                     results.append(self.cell(task, method, seed, costs[method]))
                     self.write(results)
-            if self.shared_cache is None:
+            if self.runtime.cache is None:
                 shutil.rmtree(self.cache_dir(task), ignore_errors=True)
                 with contextlib.suppress(OSError):  # the last part of a bench to finish removes the folder
                     self.cache_dir(task).parent.rmdir()
@@ -204,16 +217,16 @@ class Bench:
             self.backbone_model = load_backbone(self.backbone)
             if self.normalisation is not None:
                 self.backbone_model.config.mean, self.backbone_model.config.std = self.normalisation
-        splits = ["train800val200", "test"] + (["train800", "val200"] if self.search else [])
+        splits = ["train800val200", "test"] + (["train800", "val200"] if self.spec.search else [])
         try:
-            cache_splits(self.cache_dir(task), self.backbone_model, task.path, splits, self.image_size, self.bf16,
-                         device=resolve_device(self.device), workers=resolve_workers(self.workers),
-                         show_progress=self.show_progress)
+            cache_splits(self.cache_dir(task), self.backbone_model, task.path, splits, self.spec.image_size,
+                         self.spec.bf16, device=self.device, workers=self.workers,
+                         show_progress=self.runtime.progress)
         except QuerytuneError:
             pass  # the task's cells meet the same error and report it
 
     def cache_dir(self, task: Task) -> Path:
-        return self.shared_cache or self.out / "feature-cache" / task.name
+        return self.runtime.cache_dir or self.out / "feature-cache" / task.name
 
     def task_runs(self, task: Task) -> list[Path]:
         return [self.out / "runs" / task.name / m / f"seed{s}" for m in self.methods for s in range(self.seeds)]
@@ -224,7 +237,7 @@ class Bench:
                                "train_peak_bytes": cost.get("train_peak_bytes"), "cost_error": cost.get("error")}
         try:
             run, settings = list(self.seed_runs(method, task).items())[seed]
-            metrics = self.train(method, task, run, "train800val200", "test", settings)
+            metrics = self.train(method, task, {run: settings}, "train800val200", "test")[0]
             config = json.loads((run / "config.json").read_text())
             row.update(accuracy=metrics["test_accuracy"], train_seconds=metrics["train_seconds"],
                        trainable_params=metrics["trainable_params"], lr=config["train"]["lr"],
@@ -241,10 +254,8 @@ class Bench:
         """Record this bench's settings; a folder holding another bench's results is refused, not mixed."""
         settings = {"suite": [str(t.path.resolve()) for t in self.tasks],
                     "groups": {t.name: t.group for t in self.tasks},
-                    "backbone": str(self.backbone), "profile": self.profile, "search": self.search,
-                    "image_size": self.image_size, "bf16": self.bf16}
-        if self.recipe:  # only then: benches from before recipes keep their settings
-            settings["recipe"] = self.recipe
+                    "backbone": self.backbone, "profile": self.spec.profile, "search": self.spec.search,
+                    "image_size": self.spec.image_size, "bf16": self.spec.bf16, "recipe": self.spec.recipe}
         if self.normalisation:
             settings["normalisation"] = [list(self.normalisation[0]), list(self.normalisation[1])]
         path = self.out / "bench.json"
@@ -263,8 +274,9 @@ class Bench:
         path = self.out / "costs" / f"{method}.json"
         if path.is_file():
             return json.loads(path.read_text())
-        note(f"measuring one training step of {method} (batch 32, a fresh process)", self.show_progress)
-        result = measure_method_isolated(method, self.backbone, 32, self.image_size, self.bf16, self.device)
+        note(f"measuring one training step of {method} (batch 32, a fresh process)", self.runtime.progress)
+        result = measure_method_isolated(method, self.backbone, 32, self.spec.image_size, self.spec.bf16,
+                                         self.runtime.device)
         if "error" not in result:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json(path, result)
@@ -272,9 +284,10 @@ class Bench:
 
     def write(self, results: list[dict[str, Any]]) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        write_json(self.out / "results.json", {"profile": self.profile, "backbone": str(self.backbone),
-                                               "image_size": self.image_size, "bf16": self.bf16,
-                                               "search": self.search, "results": results})
+        spec = self.spec
+        write_json(self.out / "results.json", {"profile": spec.profile, "backbone": self.backbone,
+                                               "image_size": spec.image_size, "bf16": spec.bf16,
+                                               "search": spec.search, "results": results})
         table = io.StringIO()
         writer = csv.DictWriter(table, RESULT_FIELDS)
         writer.writeheader()
@@ -284,13 +297,14 @@ class Bench:
         plot_pareto(results, self.methods, self.out / "pareto.png")
 
     def describe(self) -> str:
+        spec = self.spec
         cut = ("quick profile: epochs capped at "
                f"{QUICK_EPOCHS[True]} (frozen-trunk methods) and {QUICK_EPOCHS[False]} (feature-adapting methods), "
-               "warm-up a tenth of the run" if self.profile == "quick"
+               "warm-up a tenth of the run" if spec.profile == "quick"
                else "paper profile: each method's published protocol")
-        search = ("learning rate and weight decay chosen on train800 -> val200" if self.search
+        search = ("learning rate and weight decay chosen on train800 -> val200" if spec.search
                   else "default hyperparameters")
-        recipe = f"; per-task method settings from recipe `{self.recipe}`" if self.recipe else ""
-        stacked = (" (frozen-trunk methods: as one stack, in seed 0's data order)" if self.seeds > 1 else "")
-        return (f"backbone `{self.backbone}`, {self.image_size} px, {'bf16' if self.bf16 else 'fp32'}; {cut}; "
-                f"{search}{recipe}; {self.seeds} seed(s){stacked}; accuracy on `test` after the last epoch.")
+        recipe = f"; per-task method settings from recipe `{spec.recipe}`" if spec.recipe else ""
+        stacked = (" (frozen-trunk methods: as one stack, in seed 0's data order)" if spec.seeds > 1 else "")
+        return (f"backbone `{self.backbone}`, {spec.image_size} px, {'bf16' if spec.bf16 else 'fp32'}; {cut}; "
+                f"{search}{recipe}; {spec.seeds} seed(s){stacked}; accuracy on `test` after the last epoch.")

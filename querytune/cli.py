@@ -23,6 +23,7 @@ from rich.table import Table
 
 from . import distributed
 from .errors import ConfigError, QuerytuneError, one_line
+from .settings import BenchSpec, RunSpec, Runtime
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Parameter- and memory-efficient transfer learning of Vision Transformers.")
@@ -213,8 +214,6 @@ def train(
                                            "images (the FGVC protocols); needs the trunk run live: methods that adapt "
                                            "it, or --no-cache"),
     image_size: Optional[int] = typer.Option(None, help="input size, images are resized to it (default 224)"),
-    memory_mode: Optional[str] = typer.Option(None, help="memory: masked | plain (old spelling of --method "
-                                                         "memory-plain)"),
     recipe: Optional[str] = typer.Option(None, help="take the method's per-task settings from this recipe "
                                                     "(vtab1k: the official VQT and SynQT settings; vtab1k-mini: "
                                                     "the same read for vtab1k-mini's tasks); flags override"),
@@ -249,7 +248,7 @@ def train(
     from .trunk.cache import default_cache_root
 
     settings = read_train_config(config) if config is not None else {"options": {}, "train": {}}
-    sections = {**dict.fromkeys(TRAIN_SETTINGS, "train"), "memory_mode": "options"}
+    sections = dict.fromkeys(TRAIN_SETTINGS, "train")
     settings = command_line_over(settings, ctx, TrainCommand, sections)
     settings["options"].update(parse_method_options(ctx.args))
     settings["log"] = logger_names(settings["log"])
@@ -260,30 +259,25 @@ def train(
     if settings["no_cache"] and (settings["cache"] is not None or settings["cache_splits"] is not None):
         raise ConfigError(f"{'--cache' if settings['cache'] is not None else '--cache-splits'} and --no-cache "
                           "exclude each other")
-    common = dict(
-        train_split=settings["train_split"], eval_split=settings["eval_split"] or None,
-        eval_every=settings["eval_every"], val_split=settings["val_split"], loggers=settings["log"],
-        image_size=settings["image_size"], recipe=settings["recipe"], task_name=settings["task_name"],
-        mean=triple(settings["mean"], "--mean"), std=triple(settings["std"], "--std"),
-        cache_dir=None if settings["no_cache"] else settings["cache"] or default_cache_root(),
-        cache_splits=None if settings["cache_splits"] is None else settings["cache_splits"].split(","),
-        cache_placement=settings["cache_placement"], device=settings["device"], workers=settings["workers"],
-        show_progress=not quiet,
-    )
+    spec = RunSpec(method=settings["method"], backbone=settings["backbone"], data=str(settings["data"]),
+                   train_split=settings["train_split"], eval_split=settings["eval_split"],
+                   eval_every=settings["eval_every"], val_split=settings["val_split"], log=settings["log"],
+                   image_size=settings["image_size"], recipe=settings["recipe"], task_name=settings["task_name"],
+                   mean=triple(settings["mean"], "--mean"), std=triple(settings["std"], "--std"),
+                   options=settings["options"])
+    runtime = Runtime(device=settings["device"], workers=settings["workers"],
+                      cache=None if settings["no_cache"] else str(settings["cache"] or default_cache_root()),
+                      cache_splits=None if settings["cache_splits"] is None else settings["cache_splits"].split(","),
+                      cache_placement=settings["cache_placement"], compile=settings["compile"], progress=not quiet)
     if settings["grid"] or settings["seeds"] is not None:
-        if settings["compile"] != "off":
-            # a grid step draws each member's dropout inside its own forked random stream: graph breaks
-            raise ConfigError("--compile applies to single runs, not to --grid or --seeds")
-        _train_grid(settings, common)
+        _train_grid(settings, spec, runtime)
         return
-    metrics = train_run(settings["method"], settings["backbone"], settings["data"], settings["out"],
-                        options=settings["options"], train_settings=settings["train"],
-                        compile_mode=settings["compile"], **common)
+    metrics = train_run(spec, settings["out"], settings["train"], runtime)
     if distributed.is_main():
         _print_metrics(metrics)
 
 
-def _train_grid(settings: dict[str, Any], common: dict[str, Any]) -> None:
+def _train_grid(settings: dict[str, Any], spec: RunSpec, runtime: Runtime) -> None:
     """``train --grid`` / ``--seeds N`` (:mod:`querytune.grid`): print the search and the seeds."""
     from .grid import train_grid
 
@@ -291,9 +285,8 @@ def _train_grid(settings: dict[str, Any], common: dict[str, Any]) -> None:
     if count < 1:
         raise ConfigError(f"--seeds must be at least 1 (got {count})")
     first = settings["train"].get("seed") or 0
-    summary = train_grid(settings["method"], settings["backbone"], settings["data"], settings["out"],
-                         search=bool(settings["grid"]), seeds=[first + i for i in range(count)],
-                         options=settings["options"], train_settings=settings["train"], **common)
+    summary = train_grid(spec, settings["out"], settings["train"], runtime, search=bool(settings["grid"]),
+                         seeds=[first + i for i in range(count)])
     if summary["search"]:
         table = Table("lr", "weight decay", "val200 accuracy", "", title="search (train800 -> val200)")
         for row in summary["search"]:
@@ -327,8 +320,9 @@ def eval_command(
     """Evaluate a saved adapter on a split; prints the accuracy."""
     from .run import eval_run
 
-    accuracy = eval_run(run, data, split, backbone=backbone, cache_dir=cache, cache_placement=cache_placement,
-                        device=device, workers=workers, show_progress=not quiet)
+    runtime = Runtime(device=device, workers=workers, cache=None if cache is None else str(cache),
+                      cache_placement=cache_placement, progress=not quiet)
+    accuracy = eval_run(run, data, split, runtime, backbone)
     if distributed.is_main():
         console.print(f"{split} accuracy: {accuracy:.4f}")
 
@@ -612,7 +606,6 @@ def bench(
 ) -> None:
     """Train every method on every task of a suite; write results.csv/json, report.md and pareto.png."""
     from .bench import Bench
-    from .suite import read_groups_file
 
     settings: dict[str, Any] = {}
     if config is not None:
@@ -623,25 +616,17 @@ def bench(
         print(json.dumps(settings, indent=1))
         return
     require(settings, ("suite", "backbone", "out"))
-    group_map = None
-    if settings["groups"]:
-        if Path(settings["groups"]).is_file():
-            group_map = read_groups_file(Path(settings["groups"]))
-        else:
-            try:
-                group_map = dict(item.split("=", 1) for item in settings["groups"].split(","))
-            except ValueError as error:
-                raise ConfigError(f"--groups {settings['groups']!r}: expected a file or 'task=group,...'") from error
+    spec = BenchSpec(suite=str(settings["suite"]), methods=[m for m in settings["methods"].split(",") if m],
+                     backbone=settings["backbone"], out=str(settings["out"]), profile=settings["profile"],
+                     seeds=settings["seeds"], search=settings["search"], image_size=settings["image_size"],
+                     bf16=settings["bf16"], groups=settings["groups"], recipe=settings["recipe"],
+                     mean=triple(settings["mean"], "--mean"), std=triple(settings["std"], "--std"),
+                     tasks=[t.strip() for t in settings["tasks"].split(",") if t.strip()]
+                     if settings["tasks"] is not None else None)
+    runtime = Runtime(device=settings["device"], workers=settings["workers"],
+                      cache=str(settings["cache"]) if settings["cache"] else None, progress=not quiet)
     out_dir = Path(settings["out"])
-    runner = Bench(Path(settings["suite"]), [m for m in settings["methods"].split(",") if m], settings["backbone"],
-                   out_dir, profile=settings["profile"], seeds=settings["seeds"], search=settings["search"],
-                   image_size=settings["image_size"], bf16=settings["bf16"], groups=group_map,
-                   recipe=settings["recipe"], mean=triple(settings["mean"], "--mean"),
-                   std=triple(settings["std"], "--std"),
-                   cache_dir=Path(settings["cache"]) if settings["cache"] else None, device=settings["device"],
-                   workers=settings["workers"], show_progress=not quiet,
-                   tasks=[t.strip() for t in settings["tasks"].split(",") if t.strip()] if settings["tasks"] is not None
-                   else None)
+    runner = Bench(spec, runtime)
     results = runner.run()
     failed = sum(1 for r in results if r.get("error"))
     console.print((out_dir / "report.md").read_text(), soft_wrap=True)  # piped too: lines whole, not cut at 80

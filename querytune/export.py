@@ -52,7 +52,7 @@ from .backbones.loading import CONFIG_METADATA_KEY
 from .backbones.vit import VisionTransformer, ViTConfig
 from .errors import CheckpointError, ConfigError, one_line
 from .files import remove_stale_temporaries, temporary_path
-from .methods import resolve_method
+from .methods import method_class
 from .methods.base import Method
 from .methods.lora import LoRAQKV
 from .run import load_run
@@ -103,7 +103,7 @@ def export_runs(run_folders: Sequence[str | Path], format: str, out: str | Path)
         _check_method(run, config["method"], format)
     if format == "onnx" and len(runs) > 1:
         for run, config in zip(runs, configs):
-            if not resolve_method(config["method"], config["options"])[0].reads.frozen:
+            if not method_class(config["method"]).reads.frozen:
                 raise ConfigError(f"{run}: method {config['method']!r} changes the backbone's features, so it "
                                   "cannot share a trunk pass with other runs; export it alone")
     manifest = {"format": format, "runs": [_run_identity(run) for run in runs]}
@@ -361,7 +361,7 @@ def onnx_graph(runs: Sequence[Path]) -> tuple[nn.Module, list[str], int]:
     configs = [read_run_config(run) for run in runs]
     size = configs[0]["image_size"]
     graph: ImageGraph | ServedGraph
-    if len(runs) == 1 and not resolve_method(configs[0]["method"], configs[0]["options"])[0].reads.frozen:
+    if len(runs) == 1 and not method_class(configs[0]["method"]).reads.frozen:
         graph, names = ImageGraph(load_run(runs[0])[0]), [runs[0].resolve().name]
     else:
         server = MultiTaskServer.from_runs(None, runs, device="cpu", bf16=False)

@@ -1,11 +1,16 @@
 """Training and evaluation runs: what ``querytune train`` and ``querytune eval`` do, from the
-command line's settings to a finished run folder (:mod:`querytune.runfolder`)."""
+command line's settings (a :class:`~querytune.settings.RunSpec` and a
+:class:`~querytune.settings.Runtime`) to finished run folders (:mod:`querytune.runfolder`).
+
+One path serves a lone run and a stack of runs (a grid's members, a task's seeds:
+:mod:`querytune.grid`): :func:`train_runs` checks the inputs once (:func:`prepare_run`), builds each
+run's method, trains them together (:func:`querytune.train.fit`) and finishes each run folder.
+"""
 
 from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -18,7 +23,7 @@ from .backbones import load_backbone
 from .backbones.vit import VisionTransformer
 from .data import ImageList, Preprocess, check_normalisation, default_train_split, open_split
 from .errors import CheckpointError, ConfigError, QuerytuneError
-from .methods import build_method, options_dict, resolve_method
+from .methods import build_method, method_class, options_dict
 from .methods.base import Method
 from .recipes import recipe_options
 from .runfolder import (
@@ -32,116 +37,102 @@ from .runfolder import (
     start_run_folder,
 )
 from .runlog import EpochLog, check_loggers
-from .train import FitResult, TrainConfig, evaluate, fit, seed_everything
+from .settings import RunSpec, Runtime
+from .train import FitResult, Member, TrainConfig, evaluate, fit, random_stream, rng_state, seed_everything
 from .trunk import TrunkInput
 from .trunk.cache import backbone_fingerprint
-from .trunk.device import check_compile_mode, resolve_device, resolve_workers
-from .trunk.sources import BatchSource, check_augment, check_placement, make_source
+from .trunk.sources import BatchSource, check_augment, make_source
 from .version import __version__
 
-DEFAULT_IMAGE_SIZE = 224
+# What the runs of a stack may differ in; everything else of their training settings is shared.
+MEMBER_SETTINGS = ("lr", "weight_decay", "seed", "data_seed")
 
 
-def _source_string(source: str | Path | VisionTransformer, backbone: VisionTransformer) -> str:
+def _source_string(spec: RunSpec, backbone: VisionTransformer) -> str:
     """How config.json names the backbone: a resolved local path, a hub name, or (for an
     in-memory model, which must then be passed again at eval time) its name."""
-    if isinstance(source, (str, Path)):
-        return str(Path(source).resolve()) if Path(source).exists() else str(source)
-    return backbone.config.name
+    if spec.backbone_model is not None:
+        return backbone.config.name
+    source = str(spec.backbone)
+    return str(Path(source).resolve()) if Path(source).exists() else source
 
 
 @dataclass
 class RunSetup:
-    """What every run of one method on one task shares (train_run's, or a grid's members'): the checked
+    """What every run of one method on one task shares (a lone run's, or a stack's): the checked
     inputs, the loaded backbone and the preprocessing. :meth:`build` makes a run's method and config."""
 
-    method_name: str
-    options: dict[str, Any]
-    backbone_source: str | Path | VisionTransformer
+    spec: RunSpec
+    runtime: Runtime
+    device: torch.device
+    workers: int
+    method_cls: type[Method]
+    options: dict[str, Any]  # the recipe's for the task, then the spec's
+    recipe_settings: dict[str, Any]
+    task: str
     backbone: VisionTransformer
     fingerprint: str
-    data: Path
-    task: str
-    recipe: str | None
-    recipe_settings: dict[str, Any]
+    preprocess: Preprocess
     train_images: ImageList
     eval_images: ImageList | None
-    train_split: str
-    eval_split: str | None
-    image_size: int
-    preprocess: Preprocess
-    device: torch.device
-    val_images: ImageList | None = None
-    eval_every: int | None = None
-    loggers: tuple[str, ...] = ()
-    cache_splits: tuple[str, ...] | None = None  # None: every split is cached (where a cache folder is given)
+    val_images: ImageList | None
+    eval_every: int | None
 
     def build(self, cfg: TrainConfig) -> tuple[Method, dict[str, Any]]:
         """The run's method, built from ``cfg.seed``'s random stream, and its config.json."""
         seed_everything(cfg.seed)
-        method = build_method(self.method_name, self.backbone, self.train_images.num_classes, self.options)
+        method = build_method(self.method_cls.name, self.backbone, self.train_images.num_classes, self.options)
         if cfg.checkpointing and method.reads.frozen:
             raise ConfigError(f"--checkpointing: method {method.name!r} does not backpropagate through the trunk")
+        spec = self.spec
         config = {
             "querytune_version": __version__,
             "method": method.name,
             "options": options_dict(method),
             "backbone": {
-                "source": _source_string(self.backbone_source, self.backbone),
+                "source": _source_string(spec, self.backbone),
                 "name": self.backbone.config.name,
                 "fingerprint": self.fingerprint,
             },
-            "data": str(self.data.resolve()),
+            "data": str(Path(required(spec)[1]).resolve()),
             "task": self.task,
-            "recipe": {"name": self.recipe, "settings": self.recipe_settings} if self.recipe else None,
-            "train_split": self.train_split,
+            "recipe": {"name": spec.recipe, "settings": self.recipe_settings} if spec.recipe else None,
+            "train_split": self.train_images.split,
             "num_classes": self.train_images.num_classes,
             "classes": list(self.train_images.classes) if self.train_images.classes else None,
-            "image_size": self.image_size,
+            "image_size": spec.image_size,
             "normalisation": {"mean": list(self.preprocess.mean), "std": list(self.preprocess.std)},
             "train": asdict(cfg),
             "val_split": self.val_images.split if self.val_images is not None else None,
             "eval_every": self.eval_every,
-            "log": list(self.loggers),
+            "log": list(spec.log),
         }
         return method, config
 
-    def cache_for(self, split: str | None, cache_dir: Path | None) -> Path | None:
-        """Where ``split``'s features are cached: None where it runs the trunk live."""
-        return cache_dir if self.cache_splits is None or split in self.cache_splits else None
+    def source(self, reads: TrunkInput, images: ImageList, bf16: bool, augment: bool = False) -> BatchSource:
+        """The batches of ``images``, read from the feature cache where the runtime caches their split."""
+        splits = self.runtime.cache_splits
+        cache_dir = self.runtime.cache_dir if splits is None or images.split in splits else None
+        return make_source(reads, self.backbone, images, self.preprocess, self.device, cache_dir, self.workers,
+                           self.runtime.progress, bf16, self.runtime.cache_placement, augment)
 
-    def sources(self, reads: TrunkInput, cache_dir: Path | None, workers: int, show_progress: bool, bf16: bool,
-                cache_placement: str, augment: bool = False) -> tuple[BatchSource, BatchSource | None]:
-        """The training split's batches and the evaluation split's (None without one)."""
-        def source(images: ImageList, augment: bool = False) -> BatchSource:
-            return make_source(reads, self.backbone, images, self.preprocess, self.device,
-                               self.cache_for(images.split, cache_dir), workers, show_progress, bf16,
-                               cache_placement, augment)
-
-        return (source(self.train_images, augment),
-                source(self.eval_images) if self.eval_images is not None else None)
-
-    def epoch_log(self, run: Path, method: Method, cfg: TrainConfig, cache_dir: Path | None, workers: int,
-                  show_progress: bool, cache_placement: str) -> EpochLog:
+    def epoch_log(self, run: Path, method: Method, cfg: TrainConfig) -> EpochLog:
         """The run's per-epoch log, validating ``method`` on the held-out split where one is asked for."""
-        validate: Callable[[], float] | None = None
+        validate = None
         if self.val_images is not None:
-            val_source = make_source(method.reads, self.backbone, self.val_images, self.preprocess, self.device,
-                                     self.cache_for(self.val_images.split, cache_dir), workers, show_progress,
-                                     cfg.bf16, cache_placement)
+            val_source = self.source(method.reads, self.val_images, cfg.bf16)
             validate = partial(evaluate, method, val_source, self.device, bf16=cfg.bf16, fp16=cfg.fp16)
-        return EpochLog(run, self.loggers, validate, self.eval_every or 1, cfg.epochs)
+        return EpochLog(run, self.spec.log, validate, self.eval_every or 1, cfg.epochs)
 
     def metrics(self, method: Method, cfg: TrainConfig, result: FitResult, extra_metrics: dict[str, Any],
-                accuracy: float | None, source: BatchSource, resuming: bool,
-                compile_mode: str = "off") -> dict[str, Any]:
+                accuracy: float | None, source: BatchSource, resuming: bool) -> dict[str, Any]:
         """A finished run's metrics.json."""
         metrics: dict[str, Any] = {
             "method": method.name,
             "task": self.task,
             "backbone": self.backbone.config.name,
-            "train_split": self.train_split,
-            "eval_split": self.eval_split,
+            "train_split": self.train_images.split,
+            "eval_split": self.spec.eval_split or None,
             "epochs": cfg.epochs,
             "trainable_params": method.num_trainable_params(),
             "train_seconds": result.train_seconds,
@@ -151,159 +142,191 @@ class RunSetup:
             **extra_metrics,
             "device": str(self.device),
             "feature_placement": getattr(source, "placement", None),
-            "compile": compile_mode,
+            "compile": self.runtime.compile,
             "processes": distributed.world_size(),
             "host": platform.node(),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         if accuracy is not None:
-            metrics[f"{self.eval_split}_accuracy"] = accuracy
+            metrics[f"{self.spec.eval_split}_accuracy"] = accuracy
         return metrics
 
 
-def prepare_run(
-    method_name: str,
-    backbone_source: str | Path | VisionTransformer,
-    data: str | Path,
-    options: dict[str, Any] | None,
-    train_split: str | None,
-    eval_split: str | None,
-    image_size: int,
-    recipe: str | None,
-    task_name: str | None,
-    mean: Sequence[float] | None,
-    std: Sequence[float] | None,
-    device: torch.device,
-    *,
-    eval_every: int | None = None,
-    val_split: str | None = None,
-    loggers: Sequence[str] = (),
-    cache_splits: Sequence[str] | None = None,
-) -> RunSetup:
-    """Check the inputs of a run and load what it reads (see :func:`train_run`)."""
-    train_split = train_split or default_train_split(data)
-    train_images = open_split(data, train_split)
-    method_cls, _ = resolve_method(method_name, options)
-    task = task_name or train_images.task
-    recipe_settings = recipe_options(recipe, method_cls.name, task) if recipe else {}
-    options = {**recipe_settings, **(options or {})}
-    eval_images = open_split(data, eval_split) if eval_split else None
-    val_images, eval_every = validation_split(data, train_images, val_split, eval_every)
-    check_loggers(loggers)
-    if cache_splits is not None:
-        run_splits = {split for split in (train_split, eval_split, val_images and val_images.split) if split}
-        unknown = sorted(set(cache_splits) - run_splits)
+def prepare_run(spec: RunSpec, runtime: Runtime, device: torch.device) -> RunSetup:
+    """Check the inputs of a run and load what it reads (see :func:`train_runs`)."""
+    method_name, data, backbone_source = required(spec)
+    method_cls = method_class(method_name)
+    train_images = open_split(data, spec.train_split or default_train_split(data))
+    task = spec.task_name or train_images.task
+    recipe_settings = recipe_options(spec.recipe, method_cls.name, task) if spec.recipe else {}
+    eval_images = open_split(data, spec.eval_split) if spec.eval_split else None
+    val_images, eval_every = validation_split(data, train_images, spec.val_split, spec.eval_every)
+    check_loggers(spec.log)
+    if runtime.cache_splits is not None:
+        run_splits = {images.split for images in (train_images, eval_images, val_images) if images is not None}
+        unknown = sorted(set(runtime.cache_splits) - run_splits)
         if unknown:
             raise ConfigError(f"--cache-splits {unknown[0]!r}: not a split of this run "
                               f"({', '.join(sorted(run_splits))})")
     backbone = load_backbone(backbone_source)
     fingerprint = backbone_fingerprint(backbone)  # of the checkpoint as loaded, before a method adds adapters
-    if mean is not None or std is not None:
-        backbone.config.mean, backbone.config.std = check_normalisation(mean, std)
+    if spec.mean is not None or spec.std is not None:
+        backbone.config.mean, backbone.config.std = check_normalisation(spec.mean, spec.std)
     patch = backbone.config.patch_size
-    if image_size < patch or image_size % patch:
-        raise ConfigError(f"--image-size {image_size}: must be a positive multiple of the backbone's patch size "
-                          f"{patch}")
-    return RunSetup(method_name, options, backbone_source, backbone, fingerprint, Path(data), task, recipe,
-                    recipe_settings, train_images, eval_images, train_split, eval_split, image_size,
-                    Preprocess.for_backbone(backbone, image_size), device, val_images, eval_every, tuple(loggers),
-                    None if cache_splits is None else tuple(cache_splits))
+    if spec.image_size < patch or spec.image_size % patch:
+        raise ConfigError(f"--image-size {spec.image_size}: must be a positive multiple of the backbone's patch "
+                          f"size {patch}")
+    return RunSetup(spec, runtime, device, runtime.num_workers, method_cls, {**recipe_settings, **spec.options},
+                    recipe_settings, task, backbone, fingerprint, Preprocess.for_backbone(backbone, spec.image_size),
+                    train_images, eval_images, val_images, eval_every)
 
 
-def train_run(
-    method_name: str,
-    backbone_source: str | Path | VisionTransformer,
-    data: str | Path,
-    out: str | Path,
-    *,
-    options: dict[str, Any] | None = None,
-    train_settings: dict[str, Any] | None = None,
-    train_split: str | None = None,
-    eval_split: str | None = "test",
-    eval_every: int | None = None,
-    val_split: str | None = None,
-    loggers: Sequence[str] = (),
-    image_size: int = DEFAULT_IMAGE_SIZE,
-    recipe: str | None = None,
-    task_name: str | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    cache_dir: str | Path | None = None,
-    cache_splits: Sequence[str] | None = None,
-    cache_placement: str = "auto",
-    device: torch.device | str | None = None,
-    workers: int | None = None,
-    show_progress: bool = True,
-    compile_mode: str = "off",
-) -> dict[str, Any]:
-    """Train a method on a task folder, save the adapter, evaluate, and return the metrics.
+def required(spec: RunSpec) -> tuple[str, str, str | VisionTransformer]:
+    """The spec's method, data folder and backbone (its source, or the loaded model); one line naming
+    each that is missing."""
+    backbone = spec.backbone if spec.backbone_model is None else spec.backbone_model
+    missing = [flag for flag, value in (("--method", spec.method), ("--backbone", backbone), ("--data", spec.data))
+               if value is None]
+    if missing or spec.method is None or spec.data is None or backbone is None:
+        raise ConfigError(f"missing {', '.join(missing)}")
+    return spec.method, spec.data, backbone
 
-    With ``recipe`` (:mod:`querytune.recipes`) the method takes the recipe's settings for the task
-    (``task_name``, else the data folder's name) as its options; ``options`` given override them.
-    ``mean``/``std`` set the input normalisation (required where the backbone's is unknown); the
-    run's config.json records the one used, and evaluation and serving use it. ``cache_splits``
-    names the splits whose features are cached under ``cache_dir`` (default: both); the others
-    run the frozen trunk live.
-    ``compile_mode`` runs the training forward through ``torch.compile`` (:func:`trunk.device.compiled`);
-    it is how the run computes, not what it computes, so a run may resume with another mode.
 
-    ``train_split`` defaults to ``train800val200`` where the task has it, else ``train``. With
-    ``train_settings={"augment": True}`` the training images are cropped and flipped at random
-    (methods that run the trunk live: those that adapt it, or frozen ones with no cache).
+def train_run(spec: RunSpec, out: str | Path, train: dict[str, Any] | None = None,
+              runtime: Runtime | None = None) -> dict[str, Any]:
+    """Train ``spec``'s method on its task, save the adapter in the run folder ``out``, evaluate, and
+    return the metrics. ``train``: the training settings given (:class:`~querytune.train.TrainConfig`
+    fields), over the method's protocol. See :func:`train_runs`."""
+    return train_runs(spec, {Path(out): train or {}}, runtime)[0]
 
-    With ``eval_every`` (or ``val_split``) the accuracy on ``val_split`` (default ``val200`` when
-    training on ``train800``; it must share no image with the training split) is logged every
-    ``eval_every`` epochs (default 1) and after the last. ``log.jsonl`` and ``curves.png`` are
-    always written; ``loggers`` adds ``csv`` and/or ``tensorboard`` (:mod:`querytune.runlog`).
 
-    Every input is checked, and the features cached, before the run folder is made; a
-    user error (:class:`QuerytuneError`) found later in a new run (an image that does not
-    decode, met on the fly) removes the run folder again. Under torchrun the processes
-    train data-parallel (:mod:`querytune.distributed`) and only rank 0 writes the run folder.
+@dataclass
+class StackRun:
+    """A run of :func:`train_runs`: its folder, its config.json and its state in :func:`fit`."""
+
+    folder: Path
+    config: dict[str, Any]
+    member: Member
+    state: str = "new"  # of the folder, as check_run_folder says
+    created: bool | None = None  # whether this invocation made the folder (rank 0 of a new run only)
+    finished: bool = False
+
+
+def train_runs(spec: RunSpec, runs: dict[Path, dict[str, Any]], runtime: Runtime | None = None) -> list[dict[str, Any]]:
+    """Train the runs ``runs`` (run folder -> its training settings) of ``spec`` together and return their
+    metrics, in order. Several runs form a stack: they must use a frozen-trunk method and may differ only
+    in :data:`MEMBER_SETTINGS` and must share the epochs' order; each is still an ordinary run folder,
+    equal to its settings trained alone. Finished runs are read back; unfinished ones resume.
+
+    With ``spec.recipe`` (:mod:`querytune.recipes`) the method takes the recipe's settings for the task
+    (``spec.task_name``, else the data folder's name) as its options; ``spec.options`` override them.
+    ``spec.mean``/``spec.std`` set the input normalisation (required where the backbone's is unknown);
+    config.json records the one used, and evaluation and serving use it. ``runtime.cache_splits`` names
+    the splits whose features are cached under ``runtime.cache`` (default: all); the others run the
+    frozen trunk live. ``runtime.compile`` runs a lone run's training forward through ``torch.compile``;
+    it is how the run computes, not what it computes, so a run may resume under another runtime.
+
+    ``spec.train_split`` defaults to ``train800val200`` where the task has it, else ``train``. With
+    ``{"augment": True}`` the training images are cropped and flipped at random (methods that run the
+    trunk live: those that adapt it, or frozen ones with no cache).
+
+    With ``spec.eval_every`` (or ``spec.val_split``) the accuracy on the validation split (default
+    ``val200`` when training on ``train800``; it must share no image with the training split) is
+    logged every ``eval_every`` epochs (default 1) and after the last. ``log.jsonl`` and ``curves.png``
+    are always written; ``spec.log`` adds ``csv`` and/or ``tensorboard`` (:mod:`querytune.runlog`).
+
+    Every input is checked, and the features cached, before a run folder is made; a user error
+    (:class:`QuerytuneError`) found later in a new run (an image that does not decode, met on the fly)
+    removes its run folder again. Under torchrun the processes train a lone run data-parallel
+    (:mod:`querytune.distributed`) and only rank 0 writes the run folder.
     """
-    out = Path(out)
-    device = distributed.init_from_env(resolve_device(device))
-    workers = resolve_workers(workers)
-    cache_dir = Path(cache_dir) if cache_dir is not None else None
-    check_placement(cache_placement)
-    check_compile_mode(compile_mode)
-    method_cls, _ = resolve_method(method_name, options)
-    cfg = TrainConfig.for_method(method_cls, train_settings or {})
-    check_augment(cfg.augment, method_cls.reads, cache_dir)
-    distributed.local_batch_size(cfg.batch_size)
-    setup = prepare_run(method_name, backbone_source, data, options, train_split, eval_split, image_size, recipe,
-                        task_name, mean, std, device, eval_every=eval_every, val_split=val_split, loggers=loggers,
-                        cache_splits=cache_splits)
-    method, config = setup.build(cfg)
-    state = check_run_folder(out, config)
-    if state == "finished":  # the very same run, done already (a retried job, a rerun cell): its results
-        return read_metrics(out)
-    resuming = state == "unfinished"
-    source, eval_source = setup.sources(method.reads, cache_dir, workers, show_progress, cfg.bf16, cache_placement,
-                                        cfg.augment)
-    log = setup.epoch_log(out, method, cfg, cache_dir, workers, show_progress, cache_placement)
-    distributed.barrier()  # every rank has looked at the folder before rank 0 changes it
-    created = None  # whether this invocation made the folder (rank 0 of a new run only)
-    if distributed.is_main() and not resuming:
-        created = start_run_folder(out, config)
-    distributed.barrier()  # the folder is ready before any rank looks for a checkpoint in it
-    try:
-        result = fit(method, source, cfg, device, checkpoint=out / "checkpoint.pt", log=log,
-                     show_progress=show_progress, compile_mode=compile_mode)
-        extra_metrics = method.post_train(source, cfg, device)  # alike on every rank: nothing to communicate
-        if distributed.is_main():
-            save_adapter(out, method)
-        accuracy = (evaluate(method, eval_source, device, bf16=cfg.bf16, fp16=cfg.fp16)
-                    if eval_source is not None else None)
-    except QuerytuneError:
-        if created is not None:
-            discard_run_folder(out, created)
-        raise
+    method_cls = method_class(required(spec)[0])
+    runtime = runtime or Runtime()
+    device = distributed.init_from_env(runtime.torch_device)
+    configs = [TrainConfig.for_method(method_cls, own) for own in runs.values()]
+    if len(configs) > 1:
+        check_stack(method_cls, configs, runtime)
+    check_augment(configs[0].augment, method_cls.reads, runtime.cache_dir)
+    distributed.local_batch_size(configs[0].batch_size)
+    setup = prepare_run(spec, runtime, device)
+    stack = []
+    for folder, cfg in zip(runs, configs):
+        method, config = setup.build(cfg)
+        member = Member(cfg, method, Path(folder) / "checkpoint.pt", stream=rng_state(device))
+        stack.append(StackRun(Path(folder), config, member, check_run_folder(Path(folder), config)))
+    # a finished run is the very same run, done already (a retried job, a rerun cell): its results
+    metrics = {run.folder: read_metrics(run.folder) for run in stack if run.state == "finished"}
+    training = [run for run in stack if run.state != "finished"]
+    if training:
+        metrics.update(train_stack(setup, training))
+    return [metrics[run.folder] for run in stack]
 
-    metrics = setup.metrics(method, cfg, result, extra_metrics, accuracy, source, resuming, compile_mode)
+
+def check_stack(method_cls: type[Method], configs: list[TrainConfig], runtime: Runtime) -> None:
+    """Runs trained as a stack share a frozen trunk, one process, and every setting but
+    :data:`MEMBER_SETTINGS`, and the epochs' order."""
+    if distributed.world_size() > 1:
+        raise ConfigError("a grid or several seeds train in one process (not under torchrun)")
+    if runtime.compile != "off":
+        raise ConfigError(f"--compile {runtime.compile}: --compile applies to single runs, not to a grid or "
+                          "several seeds")
+    if not method_cls.reads.frozen:
+        raise ConfigError(f"method {method_cls.name!r} adapts the trunk, so its runs cannot share one: a grid or "
+                          "several seeds need a frozen-trunk method")
+    first = {k: v for k, v in vars(configs[0]).items() if k not in MEMBER_SETTINGS}
+    for cfg in configs[1:]:
+        differing = [k for k, v in vars(cfg).items() if k not in MEMBER_SETTINGS and first[k] != v]
+        if differing:
+            raise ConfigError(f"members of a grid may differ only in {', '.join(MEMBER_SETTINGS)} "
+                              f"(not {', '.join(differing)})")
+    orders = {cfg.order_seed for cfg in configs}
+    if len(orders) > 1:
+        raise ConfigError(f"members of a grid share one epoch order (data seeds {sorted(orders)} differ)")
+
+
+def train_stack(setup: RunSetup, stack: list[StackRun]) -> dict[Path, dict[str, Any]]:
+    """Train the unfinished runs ``stack`` together and finish each run folder; their metrics."""
+    cfg = stack[0].member.cfg
+    source = setup.source(setup.method_cls.reads, setup.train_images, cfg.bf16, cfg.augment)
+    eval_source = (setup.source(setup.method_cls.reads, setup.eval_images, cfg.bf16)
+                   if setup.eval_images is not None else None)
+    for run in stack:
+        run.member.log = setup.epoch_log(run.folder, run.member.method, run.member.cfg)
+    distributed.barrier()  # every rank has looked at the folders before rank 0 changes them
+    for run in stack:
+        if distributed.is_main() and run.state == "new":
+            run.created = start_run_folder(run.folder, run.config)
+    distributed.barrier()  # the folders are ready before any rank looks for a checkpoint in them
+    metrics = {}
+    try:
+        results = fit([run.member for run in stack], source, setup.device, setup.runtime.progress,
+                      setup.runtime.compile)
+        for run, result in zip(stack, results):
+            metrics[run.folder] = finish_run(setup, run, result, source, eval_source)
+    except QuerytuneError:
+        for run in stack:
+            if run.created is not None and not run.finished:
+                discard_run_folder(run.folder, run.created)
+        raise
+    distributed.barrier()  # every rank leaves once the runs are written (and tears its process group down together)
+    return metrics
+
+
+def finish_run(setup: RunSetup, run: StackRun, result: FitResult, source: BatchSource,
+               eval_source: BatchSource | None) -> dict[str, Any]:
+    """After training: post-training (alike on every rank), adapter, evaluation, metrics.json."""
+    member, device = run.member, setup.device
+    with random_stream(member.stream, device):  # head compression draws dropout masks
+        extra_metrics = member.method.post_train(source, member.cfg, device)
     if distributed.is_main():
-        finish_run_folder(out, metrics)
-    distributed.barrier()  # every rank leaves once the run is written (and tears its process group down together)
+        save_adapter(run.folder, member.method)
+    accuracy = (evaluate(member.method, eval_source, device, bf16=member.cfg.bf16, fp16=member.cfg.fp16)
+                if eval_source is not None else None)
+    metrics = setup.metrics(member.method, member.cfg, result, extra_metrics, accuracy, source,
+                            run.state == "unfinished")
+    if distributed.is_main():
+        finish_run_folder(run.folder, metrics)
+    run.finished = True
     return metrics
 
 
@@ -335,29 +358,18 @@ def load_run(run: str | Path, backbone: VisionTransformer | str | Path | None = 
     backbone = load_backbone(backbone if backbone is not None else trained["source"])
     if backbone_fingerprint(backbone) != trained["fingerprint"]:
         raise CheckpointError(f"{run}: was trained on backbone {trained['name']!r}, which differs from the one given")
-    if "normalisation" in config:  # the run's own (runs from before it was recorded: the backbone's)
-        backbone.config.mean = tuple(config["normalisation"]["mean"])
-        backbone.config.std = tuple(config["normalisation"]["std"])
+    backbone.config.mean = tuple(config["normalisation"]["mean"])
+    backbone.config.std = tuple(config["normalisation"]["std"])
     method = build_method(config["method"], backbone, config["num_classes"], config["options"])
     load_adapter(run, method)
     return method.eval(), config
 
 
-def eval_run(
-    run: str | Path,
-    data: str | Path,
-    split: str = "test",
-    *,
-    backbone: str | Path | None = None,
-    cache_dir: str | Path | None = None,
-    cache_placement: str = "auto",
-    device: torch.device | str | None = None,
-    workers: int | None = None,
-    show_progress: bool = True,
-) -> float:
+def eval_run(run: str | Path, data: str | Path, split: str = "test", runtime: Runtime | None = None,
+             backbone: str | Path | None = None) -> float:
     """Accuracy of a finished run's adapter on a split."""
-    check_placement(cache_placement)
-    device = distributed.init_from_env(resolve_device(device))
+    runtime = runtime or Runtime()
+    device = distributed.init_from_env(runtime.torch_device)
     method, config = load_run(run, backbone)
     images = open_split(data, split)
     if images.num_classes > config["num_classes"]:
@@ -366,8 +378,7 @@ def eval_run(
             f"{config['num_classes']} classes"
         )
     preprocess = Preprocess.for_backbone(method.backbone, config["image_size"])
-    workers = resolve_workers(workers)
     bf16 = config["train"]["bf16"]
-    source = make_source(method.reads, method.backbone, images, preprocess, device,
-                         Path(cache_dir) if cache_dir else None, workers, show_progress, bf16, cache_placement)
-    return evaluate(method, source, device, bf16=bf16, fp16=config["train"].get("fp16", False))
+    source = make_source(method.reads, method.backbone, images, preprocess, device, runtime.cache_dir,
+                         runtime.num_workers, runtime.progress, bf16, runtime.cache_placement)
+    return evaluate(method, source, device, bf16=bf16, fp16=config["train"]["fp16"])

@@ -27,10 +27,8 @@ LOGGERS = ("csv", "tensorboard")
 
 
 def check_loggers(loggers: Sequence[str]) -> None:
-    """Known names, and TensorBoard's package where it is asked for (before any work)."""
-    unknown = [name for name in loggers if name not in LOGGERS]
-    if unknown:
-        raise ConfigError(f"--log {unknown[0]!r}: unknown logger (known: {', '.join(LOGGERS)})")
+    """TensorBoard's package where it is asked for (before any work); the names are checked with the
+    run's settings (:class:`~querytune.settings.RunSpec`)."""
     if "tensorboard" in loggers:
         try:
             import tensorboard  # noqa: F401

@@ -30,7 +30,7 @@ from .backbones import load_backbone
 from .backbones.vit import VisionTransformer
 from .data import IMAGE_SUFFIXES, Preprocess, load_image
 from .errors import ConfigError, DataError
-from .methods import resolve_method
+from .methods import method_class
 from .methods.base import Method
 from .methods.memory import MemoryTokens, merge_stacks
 from .run import load_run
@@ -103,7 +103,7 @@ class MultiTaskServer:
             if resolved.count(path) > 1:
                 raise ConfigError(f"{run}: given twice")
         configs = [read_run_config(run) for run in runs]
-        frozen = [resolve_method(config["method"], config["options"])[0].reads.frozen for config in configs]
+        frozen = [method_class(config["method"]).reads.frozen for config in configs]
         for run, config in zip(runs, configs):
             if config["backbone"]["fingerprint"] != configs[0]["backbone"]["fingerprint"]:
                 raise ConfigError(f"{run}: was trained on backbone {config['backbone']['name']!r} and {runs[0]} on "

@@ -21,10 +21,9 @@ from typing import Any
 import torch
 
 from .options import check_value, option
+from .runlog import LOGGERS
 from .trunk.device import COMPILE_MODES, resolve_device, resolve_workers
 from .trunk.sources import PLACEMENTS
-
-LOGGERS = ("csv", "tensorboard")
 
 
 def check_fields(settings: Any) -> None:

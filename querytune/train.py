@@ -1,7 +1,8 @@
-"""The training loop: optimiser, warm-up + cosine schedule, clipping, bf16 or fp16 autocast,
-evaluation, JSON-lines log, and a resumable checkpoint of the trainable state.
+"""The training loop, for a lone run and for a stack of runs alike: optimiser, warm-up + cosine
+schedule, clipping, bf16 or fp16 autocast, a resumable checkpoint of the trainable state, and
+evaluation. Each epoch's record goes to the run's :class:`~querytune.runlog.EpochLog`, which writes it.
 
-Read top to bottom: :class:`TrainConfig`, :func:`fit`, :func:`evaluate`.
+Read top to bottom: :class:`TrainConfig`, :class:`Member`, :func:`fit`, :func:`evaluate`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,8 +60,8 @@ class TrainConfig:
     augment: bool = option(False, "random resized crop and flip of the training images (needs the trunk run live)")
 
     def __post_init__(self) -> None:
-        for field in fields(self):
-            check_value(type(self), field, getattr(self, field.name))
+        for declared in fields(self):
+            check_value(type(self), declared, getattr(self, declared.name))
         if self.bf16 and self.fp16:
             raise ConfigError("--bf16 and --fp16 exclude each other")
 
@@ -116,102 +119,168 @@ class FitResult:
     train_accuracy: float
 
 
-def fit(
-    method: Method,
-    source: BatchSource,
-    cfg: TrainConfig,
-    device: torch.device,
-    checkpoint: Path | None = None,
-    log: EpochLog | None = None,
-    show_progress: bool = True,
-    compile_mode: str = "off",
-) -> FitResult:
-    """Train ``method`` on ``source``; with ``checkpoint`` set, resume from it and save it after every epoch.
-    ``compile_mode`` (:func:`querytune.trunk.device.compiled`) runs the forward through ``torch.compile``.
+@dataclass
+class Member:
+    """One run trained by :func:`fit`; a lone run is a stack of one member. ``stream`` is its random
+    stream (initialisation and dropout draws), as :func:`rng_state` gives it."""
 
-    The checkpoint holds only the trainable state, the optimiser state and every
-    process's RNG state, so a resumed run ends exactly where an uninterrupted one would.
-    Across processes (:mod:`querytune.distributed`) ``cfg.batch_size`` is the global
-    batch, each rank trains on its slice of it, and only rank 0 writes the checkpoint
+    cfg: TrainConfig
+    method: Method
+    checkpoint: Path | None = None  # resumed from, and written after every epoch
+    log: EpochLog | None = None
+    stream: dict[str, torch.Tensor] = field(default_factory=dict)  # empty: the current one
+    optimizer: torch.optim.Optimizer = field(init=False)
+    scaler: torch.amp.GradScaler = field(init=False)
+    done: dict[str, Any] = field(init=False)
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.method.parameters() if p.requires_grad]
+
+    def result(self) -> FitResult:
+        return FitResult(self.done["train_seconds"], self.done["loss"], self.done["train_accuracy"])
+
+
+@contextmanager
+def random_stream(stream: dict[str, torch.Tensor], device: torch.device) -> Iterator[None]:
+    """Draw from ``stream`` inside the block, and keep where it got to."""
+    outer = rng_state(device)
+    restore_rng_state(stream, device)
+    try:
+        yield
+    finally:
+        stream.update(rng_state(device))
+        restore_rng_state(outer, device)
+
+
+def streams_of(members: list[Member], device: torch.device) -> Callable[[int], AbstractContextManager[None]]:
+    """``k`` -> the context in which member k's random stream is the current one."""
+    return lambda k: random_stream(members[k].stream, device)
+
+
+def fit(members: list[Member], source: BatchSource, device: torch.device, show_progress: bool = True,
+        compile_mode: str = "off") -> list[FitResult]:
+    """Train every member on ``source``, one shared batch per step (the members' settings share the
+    epochs, the batch size, the epochs' order and the precision); each member resumes from its
+    checkpoint and saves it after every epoch (a member a killed stack left ahead waits for the rest).
+    ``compile_mode`` (:func:`querytune.trunk.device.compiled`) runs a lone member's forward through
+    ``torch.compile``; a stack's members compute together (``Method.forward_members``).
+
+    A checkpoint holds only the trainable state, the optimiser and gradient-scaler state and the
+    member's random stream on every process, so a resumed run ends exactly where an uninterrupted
+    one would. Across processes (:mod:`querytune.distributed`, a lone member only) ``cfg.batch_size``
+    is the global batch, each rank trains on its slice of it, and only rank 0 writes the checkpoint
     and the log.
     """
-    rank, world = distributed.rank(), distributed.world_size()
+    cfg = members[0].cfg  # the shared settings
+    if len(members) > 1 and (distributed.world_size() > 1 or compile_mode != "off"):
+        raise ConfigError("a stack of runs trains in one process, uncompiled (not under torchrun or --compile)")
+    for member in members:
+        start(member, device)
+    forward = compiled(members[0].method, compile_mode)
     local_batch_size = distributed.local_batch_size(cfg.batch_size)
-    method.to(device)  # before the optimiser loads its state: that state follows the parameters' device
-    method.backbone.set_grad_checkpointing(cfg.checkpointing)
-    forward = compiled(method, compile_mode)
-    params = [p for p in method.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.fp16)  # with fp16 only; otherwise it passes through
     steps_per_epoch = math.ceil(len(source) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    done: dict[str, Any] = {"epochs_done": 0, "train_seconds": 0.0,
-                            "loss": float("nan"), "train_accuracy": float("nan")}
-    if checkpoint is not None and checkpoint.is_file():
-        done = load_checkpoint(checkpoint, method, optimizer, scaler, device, cfg.seed)
-    elif world > 1:
-        torch.manual_seed(rank_seed(cfg.seed, rank, 0))  # every rank draws its own dropout masks
-    distributed.broadcast_from_main(list(method.trainable_state_dict().values()))
-    start_epoch, train_seconds = done["epochs_done"], done["train_seconds"]
-    loss_value, accuracy = done["loss"], done["train_accuracy"]
-    if log is not None:
-        log.start(start_epoch)
-    with progress_bar(f"training {method.name}", total=(cfg.epochs - start_epoch) * steps_per_epoch,
-                      enabled=show_progress) as advance:
+    total_steps, warmup_steps = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
+    start_epoch = min(member.done["epochs_done"] for member in members)
+    label = f"training {members[0].method.name}" if len(members) == 1 else \
+        f"training {len(members)} {members[0].method.name} members"
+    with progress_bar(label, total=(cfg.epochs - start_epoch) * steps_per_epoch, enabled=show_progress) as advance:
         for epoch in range(start_epoch, cfg.epochs):
+            active = [member for member in members if member.done["epochs_done"] <= epoch]
             started = time.perf_counter()
-            method.train()
-            loss_sum, correct, seen = 0.0, 0, 0
+            sums = [[0.0, 0, 0] for _ in active]  # loss sum, correct, seen
+            for member in active:
+                member.method.train()
             order = distributed.rank_order(epoch_order(len(source), cfg.order_seed, epoch), cfg.batch_size)
             batches = source.batches(order, local_batch_size)
             for batch_index in range(steps_per_epoch):
                 step = epoch * steps_per_epoch + batch_index
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, total_steps, warmup_steps, cfg)
-                optimizer.zero_grad(set_to_none=True)
+                for member in active:
+                    for group in member.optimizer.param_groups:
+                        group["lr"] = lr_at(step, total_steps, warmup_steps, member.cfg)
+                    member.optimizer.zero_grad(set_to_none=True)
                 batch = next(batches, None)  # None: this rank has no part of the epoch's last, short batch
                 if batch is not None:
                     inputs, labels = batch
                     labels = labels.to(device)
+                    streams = streams_of(active, device)
                     with autocast(device, cfg.bf16, cfg.fp16):
-                        logits = forward(to_device(inputs, device, cfg.bf16))
-                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+                        inputs = to_device(inputs, device, cfg.bf16)
+                        if len(members) == 1:  # a lone run, compiled or not
+                            with streams(0):
+                                logits = [forward(inputs)]
+                        else:
+                            logits = type(active[0].method).forward_members([m.method for m in active], inputs,
+                                                                            streams)
                     # this rank's share of the global batch's mean loss (the whole of it in one process)
-                    global_batch = min(cfg.batch_size, len(source) - batch_index * cfg.batch_size)
-                    scaler.scale(loss * (len(labels) / global_batch)).backward()
-                    loss_sum += loss.item() * len(labels)
-                    correct += (logits.argmax(-1) == labels).sum().item()
-                    seen += len(labels)
-                    advance(1, epoch=epoch + 1, loss=loss.item(), acc=correct / seen)
-                distributed.sum_gradients(params)  # alike on every rank, so is the scaler's verdict on them
-                if cfg.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                scaler.step(optimizer)  # skips the step where fp16 gradients overflowed
-                scaler.update()
-            train_seconds += time.perf_counter() - started
-            total_loss, total_correct, total_seen = distributed.all_reduce_sum([loss_sum, correct, seen])
-            loss_value, accuracy = total_loss / total_seen, total_correct / total_seen
-            if log is not None:  # every rank: a validation takes all of them
-                log.epoch_end({"epoch": epoch + 1, "loss": loss_value, "train_accuracy": accuracy,
-                               "lr": optimizer.param_groups[0]["lr"], "seconds": train_seconds})
-            if checkpoint is not None:
-                rng_states = distributed.all_gather(rng_state(device))  # every rank takes part
-                if rank == 0:
-                    save_checkpoint(checkpoint, {
-                        "epochs_done": epoch + 1,
-                        "train_seconds": train_seconds,
-                        "loss": loss_value,
-                        "train_accuracy": accuracy,
-                        "trainable": {k: v.cpu() for k, v in method.trainable_state_dict().items()},
-                        "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "rng": rng_states,
-                    })
-    if log is not None:
-        log.finish()
-    return FitResult(train_seconds, loss_value, accuracy)
+                    share = len(labels) / min(cfg.batch_size, len(source) - batch_index * cfg.batch_size)
+                    total_loss = torch.zeros((), device=device)
+                    for member, member_logits, member_sums in zip(active, logits, sums):
+                        loss = F.cross_entropy(member_logits.float(), labels,
+                                               label_smoothing=member.cfg.label_smoothing)
+                        total_loss = total_loss + member.scaler.scale(loss * share)  # parameters are disjoint
+                        member_sums[0] += loss.item() * len(labels)
+                        member_sums[1] += (member_logits.argmax(-1) == labels).sum().item()
+                        member_sums[2] += len(labels)
+                    total_loss.backward()
+                    if len(active) == 1:
+                        advance(1, epoch=epoch + 1, loss=loss.item(), acc=sums[0][1] / sums[0][2])
+                    else:
+                        advance(1, epoch=epoch + 1, members=len(active))
+                for member in active:
+                    distributed.sum_gradients(member.params)  # alike on every rank, so is the scaler's verdict
+                    if member.cfg.grad_clip:
+                        member.scaler.unscale_(member.optimizer)
+                        torch.nn.utils.clip_grad_norm_(member.params, member.cfg.grad_clip)
+                    member.scaler.step(member.optimizer)  # skips the step where fp16 gradients overflowed
+                    member.scaler.update()
+            seconds = time.perf_counter() - started  # the stack's time: each member's share of the machine
+            for member, member_sums in zip(active, sums):
+                loss_sum, correct, seen = distributed.all_reduce_sum(member_sums)
+                end_epoch(member, epoch, loss_sum / seen, correct / seen, seconds, device)
+    for member in members:
+        if member.log is not None:
+            member.log.finish()
+    return [member.result() for member in members]
+
+
+def start(member: Member, device: torch.device) -> None:
+    """Set up the member's optimiser and gradient scaler, and resume it from its checkpoint."""
+    member.method.to(device)  # before the optimiser loads its state: that state follows the parameters' device
+    member.method.backbone.set_grad_checkpointing(member.cfg.checkpointing)
+    member.optimizer = make_optimizer(member.params, member.cfg)
+    member.scaler = torch.amp.GradScaler(device.type, enabled=member.cfg.fp16)  # otherwise it passes through
+    member.done = {"epochs_done": 0, "train_seconds": 0.0, "loss": float("nan"), "train_accuracy": float("nan")}
+    if not member.stream:
+        member.stream = rng_state(device)
+    with random_stream(member.stream, device):  # a checkpoint's stream becomes the member's
+        if member.checkpoint is not None and member.checkpoint.is_file():
+            member.done = load_checkpoint(member.checkpoint, member.method, member.optimizer, member.scaler, device,
+                                          member.cfg.seed)
+        elif distributed.world_size() > 1:  # every rank draws its own dropout masks
+            torch.manual_seed(rank_seed(member.cfg.seed, distributed.rank(), 0))
+    distributed.broadcast_from_main(list(member.method.trainable_state_dict().values()))
+    if member.log is not None:
+        member.log.start(member.done["epochs_done"])
+
+
+def end_epoch(member: Member, epoch: int, loss: float, accuracy: float, seconds: float, device: torch.device) -> None:
+    """Log the member's epoch and save its checkpoint."""
+    member.done = {"epochs_done": epoch + 1, "train_seconds": member.done["train_seconds"] + seconds,
+                   "loss": loss, "train_accuracy": accuracy}
+    if member.log is not None:  # every rank: a validation takes all of them
+        member.log.epoch_end({"epoch": epoch + 1, "loss": loss, "train_accuracy": accuracy,
+                              "lr": member.optimizer.param_groups[0]["lr"], "seconds": member.done["train_seconds"]})
+    if member.checkpoint is not None:
+        streams = distributed.all_gather(dict(member.stream))  # every rank takes part
+        if distributed.is_main():
+            save_checkpoint(member.checkpoint, {
+                **member.done,
+                "trainable": {k: v.cpu() for k, v in member.method.trainable_state_dict().items()},
+                "optimizer": member.optimizer.state_dict(),
+                "scaler": member.scaler.state_dict(),
+                "rng": streams,
+            })
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:

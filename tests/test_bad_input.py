@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from conftest import write_task
 from querytune import train_run
 from querytune.cli import main
+from querytune.settings import RunSpec, Runtime
 
 TRAIN_LIST = "train800val200.txt"
 
@@ -182,8 +183,8 @@ def test_bad_backbone_checkpoint(kind, says, capsys, tiny_backbone_dir, tiny_tas
 def unfinished_run(tiny_backbone_dir, tiny_task, tmp_path) -> Path:
     """A run folder as a kill after one epoch leaves it (config, log, checkpoint)."""
     out = tmp_path / "run"
-    train_run("linear", tiny_backbone_dir, tiny_task, out, image_size=32, workers=0, show_progress=False,
-              train_settings={"epochs": 1, "batch_size": 8})
+    train_run(RunSpec(method="linear", backbone=tiny_backbone_dir, data=tiny_task, image_size=32), out,
+              train={"epochs": 1, "batch_size": 8}, runtime=Runtime(workers=0, progress=False))
     (out / "metrics.json").unlink()
     (out / "adapter.safetensors").unlink()
     return out
@@ -243,8 +244,8 @@ def finished_runs(tmp_path_factory) -> dict[str, Path]:
     runs = {"backbone": backbone, "task": task}
     for method in ("linear", "vqt"):
         runs[method] = root / method
-        train_run(method, backbone, task, runs[method], image_size=32, workers=0, show_progress=False,
-                  eval_split=None, train_settings={"epochs": 1, "batch_size": 8})
+        train_run(RunSpec(method=method, backbone=backbone, data=task, image_size=32, eval_split=None), runs[method],
+                  train={"epochs": 1, "batch_size": 8}, runtime=Runtime(workers=0, progress=False))
     return runs
 
 

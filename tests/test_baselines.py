@@ -14,6 +14,7 @@ from querytune import eval_run, train_run
 from querytune.errors import ConfigError
 from querytune.measure import measure_step
 from querytune.methods import build_method
+from querytune.settings import RunSpec, Runtime
 from querytune.trunk.features import extract_features
 
 NEW_METHODS = ["vpt", "lora", "adaptformer", "bitfit", "vqt+lora", "vqt+adaptformer", "vqt+vpt"]
@@ -297,12 +298,13 @@ def test_measure_step_works(name):
 @pytest.mark.parametrize("name", ["lora", "bitfit", "vqt+vpt"])
 def test_train_then_eval_reproduces_the_accuracy(name, tiny_backbone_dir, tiny_task, tmp_path):
     run = tmp_path / "run"
-    metrics = train_run(name, tiny_backbone_dir, tiny_task, run, image_size=IMAGES, workers=0,
-                        show_progress=False, train_settings={"epochs": 2, "batch_size": 8})
+    metrics = train_run(RunSpec(method=name, backbone=tiny_backbone_dir, data=tiny_task, image_size=IMAGES), run,
+                        train={"epochs": 2, "batch_size": 8}, runtime=Runtime(workers=0, progress=False))
     adapter = load_file(str(run / "adapter.safetensors"))
     assert "head.weight" in adapter and not any("merged" in k or k.endswith("qkv.base.weight") for k in adapter)
     assert json.loads((run / "config.json").read_text())["method"] == name
-    assert eval_run(run, tiny_task, "test", workers=0, show_progress=False) == pytest.approx(metrics["test_accuracy"])
+    assert eval_run(run, tiny_task, "test",
+                    runtime=Runtime(workers=0, progress=False)) == pytest.approx(metrics["test_accuracy"])
 
 
 @pytest.mark.parametrize("name", ["vpt", "vqt+vpt"])

@@ -11,6 +11,7 @@ from conftest import write_task
 from querytune.bench import Bench, discover_tasks, markdown_report
 from querytune.errors import ConfigError
 from querytune.methods import METHODS
+from querytune.settings import BenchSpec, Runtime
 
 
 @pytest.fixture
@@ -28,8 +29,9 @@ FIXED_COST = {"trainable_params": 1, "saved_bytes": 0, "train_peak_bytes": 2**20
 def _bench(suite, tiny_backbone_dir, out, measure=False, **kwargs):
     """A bench on the tiny suite; unless ``measure``, the per-method cost (a subprocess each) is stubbed."""
     kwargs.setdefault("methods", ["linear", "vqt"])
-    bench = Bench(suite, kwargs.pop("methods"), str(tiny_backbone_dir), out, image_size=32, workers=0,
-                  show_progress=False, **kwargs)
+    cache = kwargs.pop("cache_dir", None)
+    bench = Bench(BenchSpec(suite=suite, backbone=str(tiny_backbone_dir), out=out, image_size=32, **kwargs),
+                  Runtime(workers=0, progress=False, cache=cache))
     if not measure:
         bench.cost = lambda method: dict(FIXED_COST)
     return bench
@@ -62,11 +64,12 @@ def test_bench_writes_results_report_and_plot_and_resumes(suite, tiny_backbone_d
     kept_before = kept.read_bytes()
     finished.unlink()
     trained = []
-    import querytune.grid as grid_module
+    import querytune.run as run_module
 
-    real = grid_module.fit_members  # the seeds of these frozen-trunk methods train as stacks
-    monkeypatch.setattr(grid_module, "fit_members",
-                        lambda members, *a, **k: trained.extend(m.run for m in members) or real(members, *a, **k))
+    real = run_module.fit  # the seeds of these frozen-trunk methods train as stacks
+    monkeypatch.setattr(run_module, "fit",
+                        lambda members, *a, **k: trained.extend(m.checkpoint.parent for m in members)
+                        or real(members, *a, **k))
     again = _bench(suite, tiny_backbone_dir, out, measure=True, seeds=2).run()  # costs are read back, not remeasured
     assert kept.read_bytes() == kept_before
     assert trained == [finished.parent] and len(again) == len(results)
@@ -94,12 +97,13 @@ def test_a_bench_split_by_task_shares_its_folder_and_one_more_run_reports_all(su
     assert not (out / "feature-cache").exists()
     assert {r["task"] for r in alpha} == {"alpha"} and {r["task"] for r in beta} == {"beta"}
     assert "alpha" not in (out / "report.md").read_text()  # the last part's report covers its tasks
-    import querytune.grid as grid_module
+    import querytune.run as run_module
 
     trained = []
-    real = grid_module.fit_members
-    monkeypatch.setattr(grid_module, "fit_members",
-                        lambda members, *a, **k: trained.extend(m.run for m in members) or real(members, *a, **k))
+    real = run_module.fit
+    monkeypatch.setattr(run_module, "fit",
+                        lambda members, *a, **k: trained.extend(m.checkpoint.parent for m in members)
+                        or real(members, *a, **k))
     whole = _bench(suite, tiny_backbone_dir, out).run()
     assert trained == [] and whole == alpha + beta
     report = (out / "report.md").read_text()
@@ -227,14 +231,14 @@ def test_bench_search_with_seeds_runs_end_to_end_as_stacks(suite, tiny_backbone_
     for method in ("linear", "vqt", "synqt", "memory"):  # a 2 x 2 grid each, to keep the test short
         monkeypatch.setattr(METHODS[method], "search_grid", {"lr": (0.5, 0.05), "weight_decay": (1e-3, 0.0)})
     import querytune.bench as bench_module
-    import querytune.grid as grid_module
+    import querytune.run as run_module
 
     monkeypatch.setattr(bench_module, "QUICK_EPOCHS", {True: 2, False: 1})
     monkeypatch.setattr(Bench, "cost", lambda self, method: dict(FIXED_COST))  # measured in other tests,
     monkeypatch.setattr(bench_module, "plot_pareto", lambda *args: None)  # and so is the plot (3 s a cell)
     stacks = []
-    real = grid_module.fit_members
-    monkeypatch.setattr(grid_module, "fit_members",
+    real = run_module.fit
+    monkeypatch.setattr(run_module, "fit",
                         lambda members, *a, **k: stacks.append(len(members)) or real(members, *a, **k))
     out = tmp_path / "report"
     main(["bench", "--suite", str(suite), "--methods", "linear,vqt,synqt,memory", "-b", str(tiny_backbone_dir),

@@ -117,9 +117,9 @@ def test_train_takes_the_options_of_a_method_registered_only_here(monkeypatch, t
     monkeypatch.setitem(METHODS, "gamma", Gamma)
     seen = {}
 
-    def fake_train_run(method, backbone, data, out, *, options, **settings):
-        seen.update(method=method, options=options)
-        return {"method": method}
+    def fake_train_run(spec, out, train, runtime):
+        seen.update(method=spec.method, options=spec.options)
+        return {"method": spec.method}
 
     monkeypatch.setattr(run, "train_run", fake_train_run)
     cli.main(["train", "--help"])

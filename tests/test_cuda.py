@@ -15,7 +15,8 @@ from querytune import train_run
 from querytune.data import Preprocess, open_split
 from querytune.measure import measure_method
 from querytune.methods import METHODS, build_method, synqt
-from querytune.train import TrainConfig, fit
+from querytune.settings import RunSpec, Runtime
+from querytune.train import Member, TrainConfig, fit
 from querytune.trunk.cache import FeatureCache, build_cache
 from querytune.trunk.features import extract_features
 from querytune.trunk.sources import CachedFeatureBatches
@@ -68,7 +69,7 @@ def test_cached_features_train_alike_in_gpu_memory_streamed_and_on_cpu(tiny_task
         method = build_method("vqt", backbone, images.num_classes, {"query_dropout": 0.0})
         source = CachedFeatureBatches(cache, True, device=device, placement=placement)
         assert source.placement == placement
-        fit(method, source, cfg, torch.device(device), show_progress=False)
+        fit([Member(cfg, method)], source, torch.device(device), show_progress=False)
         adapters[(str(device), placement)] = {k: v.cpu() for k, v in method.trainable_state_dict().items()}
     reference = adapters[("cpu", "host")]
     for key, adapter in adapters.items():
@@ -77,9 +78,9 @@ def test_cached_features_train_alike_in_gpu_memory_streamed_and_on_cpu(tiny_task
 
 
 def test_bf16_run_on_cuda_end_to_end(tiny_backbone_dir, tiny_task, tmp_path):
-    metrics = train_run("vqt", tiny_backbone_dir, tiny_task, tmp_path / "run", image_size=32, workers=2,
-                        train_settings={"epochs": 3, "batch_size": 8, "bf16": True}, cache_dir=tmp_path / "cache",
-                        show_progress=False)
+    metrics = train_run(RunSpec(method="vqt", backbone=tiny_backbone_dir, data=tiny_task, image_size=32),
+                        tmp_path / "run", train={"epochs": 3, "batch_size": 8, "bf16": True},
+                        runtime=Runtime(workers=2, cache=tmp_path / "cache", progress=False))
     assert metrics["device"].startswith("cuda") and metrics["feature_placement"] == "device"
     assert set(load_file(str(tmp_path / "run" / "adapter.safetensors"))) >= {"head.weight", "query_path.queries"}
 

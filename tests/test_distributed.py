@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from conftest import write_task
 from querytune import distributed, train_run
 from querytune.errors import ConfigError
+from querytune.settings import RunSpec, Runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,9 +69,11 @@ def test_two_processes_train_like_one(method, cached, tiny_backbone_dir, tmp_pat
                       *flags, *features)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    one = train_run(method, tiny_backbone_dir, task, tmp_path / "one", train_split="train800", image_size=32,
-                    workers=0, show_progress=False, cache_dir=tmp_path / "one-cache" if cached else None, device="cpu",
-                    options=options, train_settings={"epochs": 2, "batch_size": 8, "lr": 0.05}, eval_every=1)
+    one = train_run(RunSpec(method=method, backbone=tiny_backbone_dir, data=task, train_split="train800", image_size=32,
+                            options=options, eval_every=1),
+                    tmp_path / "one", train={"epochs": 2, "batch_size": 8, "lr": 0.05},
+                    runtime=Runtime(workers=0, progress=False, cache=tmp_path / "one-cache" if cached else None,
+                                    device="cpu"))
     ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert ddp["processes"] == 2 and one["processes"] == 1
     assert ddp["test_accuracy"] == one["test_accuracy"]

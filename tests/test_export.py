@@ -20,6 +20,7 @@ from querytune.backbones.vit import VisionTransformer
 from querytune.errors import CheckpointError, ConfigError
 from querytune.export import export_runs
 from querytune.serve import MultiTaskServer
+from querytune.settings import RunSpec, Runtime
 
 FAST = {"epochs": 2, "batch_size": 8}
 SIZE = 40  # not the tiny ViT's native 32 px: the exports must carry the resampled position embeddings
@@ -35,8 +36,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     for method, options in [("linear", {}), ("vqt", {"num_queries": 2}), ("memory", {"memory_tokens": 2}),
                             ("lora", {"lora_rank": 2, "lora_alpha": 4.0}), ("bitfit", {}), ("full", {})]:
         found[method] = root / method
-        train_run(method, root / "tiny.safetensors", task, found[method], options=options, train_settings=FAST,
-                  image_size=SIZE, workers=0, show_progress=False)
+        train_run(RunSpec(method=method, backbone=root / "tiny.safetensors", data=task, options=options,
+                          image_size=SIZE),
+                  found[method], train=FAST, runtime=Runtime(workers=0, progress=False))
     return found
 
 
@@ -67,8 +69,9 @@ def test_merged_weights_load_into_a_plain_vit_with_equal_logits(method, runs, tm
 
 def test_merged_global_pool_model_names_its_final_norm_as_timm_does(tmp_path):
     save_backbone(tiny_vit(global_pool=True), tmp_path / "gap.safetensors")
-    train_run("bitfit", tmp_path / "gap.safetensors", write_task(tmp_path / "task"), tmp_path / "run",
-              train_settings=FAST, image_size=32, workers=0, show_progress=False)
+    train_run(RunSpec(method="bitfit", backbone=tmp_path / "gap.safetensors", data=write_task(tmp_path / "task"),
+                      image_size=32),
+              tmp_path / "run", train=FAST, runtime=Runtime(workers=0, progress=False))
     export_runs([tmp_path / "run"], "merged", tmp_path / "out")
     state = load_file(tmp_path / "out" / "model.safetensors")
     assert "fc_norm.weight" in state and "norm.weight" not in state  # timm's global_pool='avg' layout
@@ -86,9 +89,10 @@ def test_peft_round_trip_gives_the_runs_logits(kind, tmp_path):
     transformers = pytest.importorskip("transformers")
     hf_model(kind).save_pretrained(tmp_path / "hf")
     task = write_task(tmp_path / "task")
-    normalisation = {} if kind == "dinov2" else {"mean": (0.5,) * 3, "std": (0.5,) * 3}  # a ViT's is not known
-    train_run("lora", tmp_path / "hf", task, tmp_path / "run", options={"lora_rank": 4, "lora_alpha": 2.0},
-              train_settings=FAST, image_size=32, workers=0, show_progress=False, **normalisation)
+    normalisation = {} if kind == "dinov2" else {"mean": [0.5] * 3, "std": [0.5] * 3}  # a ViT's is not known
+    train_run(RunSpec(method="lora", backbone=tmp_path / "hf", data=task, image_size=32,
+                      options={"lora_rank": 4, "lora_alpha": 2.0}, **normalisation),
+              tmp_path / "run", FAST, Runtime(workers=0, progress=False))
     export_runs([tmp_path / "run"], "peft", tmp_path / "peft")
 
     adapter = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())

@@ -15,8 +15,9 @@ from conftest import tiny_vit
 from querytune.backbones.vit import rows_attention_path
 from querytune.cli import main
 from querytune.errors import ConfigError
-from querytune.grid import member_name, search_grid, select_best, train_members
-from querytune.run import train_run
+from querytune.grid import member_name, search_grid, select_best
+from querytune.run import train_runs
+from querytune.settings import RunSpec, Runtime
 
 
 @pytest.mark.parametrize("with_extra_and_mask", [False, True])
@@ -66,9 +67,12 @@ def test_rows_attention_path_follows_the_multiply_adds():
     assert rows_attention_path(40, 257, 384, 6, rows_grad=True, context_grad=True) == "folded"
 
 
-def _common(backbone, task, tmp_path):
-    return {"train_split": "train800", "eval_split": "val200", "image_size": 32, "workers": 0,
-            "cache_dir": tmp_path / "cache", "show_progress": False, "device": "cpu"}
+def _stack(method, backbone, task, tmp_path, runs, **options):
+    """Train ``runs`` (folder -> own settings over SETTINGS) as one stack on train800 -> val200."""
+    spec = RunSpec(method=method, backbone=backbone, data=task, train_split="train800", eval_split="val200",
+                   image_size=32, options=options)
+    runtime = Runtime(workers=0, cache=tmp_path / "cache", progress=False, device="cpu")
+    return train_runs(spec, {run: {**SETTINGS, **own} for run, own in runs.items()}, runtime)
 
 
 SETTINGS = {"epochs": 3, "batch_size": 8}  # 12 images: a full and a short batch per epoch
@@ -107,19 +111,17 @@ def test_every_member_equals_its_settings_trained_alone(method, options, rows_pe
                                                         tiny_task, tmp_path, monkeypatch):
     from querytune.backbones.vit import Block
 
-    common = _common(tiny_backbone_dir, tiny_task, tmp_path)
     members = {tmp_path / "grid" / name: own for name, own in MEMBERS.items()}
     row_counts = set()
     real_forward_rows = Block.forward_rows
     monkeypatch.setattr(Block, "forward_rows", lambda self, rows, *a, **k:
                         row_counts.add(rows.shape[1]) or real_forward_rows(self, rows, *a, **k))
-    train_members(method, tiny_backbone_dir, tiny_task, members, options=options, train_settings=SETTINGS, **common)
+    _stack(method, tiny_backbone_dir, tiny_task, tmp_path, members, **options)
     # Fused: in training every member's rows pass each block in one call; otherwise one call per member.
     assert max(row_counts) == (len(MEMBERS) * rows_per_member if fused else rows_per_member)
     monkeypatch.setattr(Block, "forward_rows", real_forward_rows)
     for name, own in MEMBERS.items():
-        train_run(method, tiny_backbone_dir, tiny_task, tmp_path / "alone" / name, options=options,
-                  train_settings={**SETTINGS, **own}, **common)
+        _stack(method, tiny_backbone_dir, tiny_task, tmp_path, {tmp_path / "alone" / name: own}, **options)
         assert_member_equals_lone_run(tmp_path / "grid" / name, tmp_path / "alone" / name,
                                       atol=1e-4 if method == "synqt" else 1e-5)
 
@@ -127,28 +129,26 @@ def test_every_member_equals_its_settings_trained_alone(method, options, rows_pe
 def test_members_left_at_different_epochs_resume_to_the_lone_results(tiny_backbone_dir, tiny_task, tmp_path,
                                                                      monkeypatch):
     """A stack killed between two members' checkpoints: the member ahead waits while the other catches up."""
-    import querytune.grid as grid_module
+    import querytune.train as train_module
 
-    common = _common(tiny_backbone_dir, tiny_task, tmp_path)
     members = {tmp_path / "grid" / name: own for name, own in MEMBERS.items()}
-    real_save = grid_module.save_checkpoint
+    real_save = train_module.save_checkpoint
 
     def save_then_die(path, state):
         real_save(path, state)
         if state["epochs_done"] == 2 and path.parent.name == "b":  # a and b saved epoch 2, c has epoch 1
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(grid_module, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train_members("vqt", tiny_backbone_dir, tiny_task, members, train_settings=SETTINGS, **common)
+        _stack("vqt", tiny_backbone_dir, tiny_task, tmp_path, members)
     epochs_done = {run.name: torch.load(run / "checkpoint.pt")["epochs_done"] for run in members}
     assert epochs_done == {"a": 2, "b": 2, "c": 1}
-    monkeypatch.setattr(grid_module, "save_checkpoint", real_save)
-    metrics = train_members("vqt", tiny_backbone_dir, tiny_task, members, train_settings=SETTINGS, **common)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    metrics = _stack("vqt", tiny_backbone_dir, tiny_task, tmp_path, members)
     assert all(m["resumed"] for m in metrics)
     for name, own in MEMBERS.items():
-        train_run("vqt", tiny_backbone_dir, tiny_task, tmp_path / "alone" / name, train_settings={**SETTINGS, **own},
-                  **common)
+        _stack("vqt", tiny_backbone_dir, tiny_task, tmp_path, {tmp_path / "alone" / name: own})
         assert_member_equals_lone_run(tmp_path / "grid" / name, tmp_path / "alone" / name)
 
 
@@ -187,15 +187,12 @@ def test_search_picks_the_best_validation_accuracy_ties_to_the_smaller_lr():
 
 
 def test_grid_refuses_members_it_cannot_stack(tiny_backbone_dir, tiny_task, tmp_path):
-    common = _common(tiny_backbone_dir, tiny_task, tmp_path)
     with pytest.raises(ConfigError, match="adapts the trunk"):
-        train_members("lora", tiny_backbone_dir, tiny_task, {tmp_path / "a": {}}, **common)
+        _stack("lora", tiny_backbone_dir, tiny_task, tmp_path, {tmp_path / "a": {}, tmp_path / "b": {}})
     with pytest.raises(ConfigError, match=r"differ only in .*\(not epochs"):
-        train_members("vqt", tiny_backbone_dir, tiny_task, {tmp_path / "a": {"epochs": 1}, tmp_path / "b": {}},
-                      train_settings=SETTINGS, **common)
+        _stack("vqt", tiny_backbone_dir, tiny_task, tmp_path, {tmp_path / "a": {"epochs": 1}, tmp_path / "b": {}})
     with pytest.raises(ConfigError, match="share one epoch order"):
-        train_members("vqt", tiny_backbone_dir, tiny_task, {tmp_path / "a": {"seed": 1}, tmp_path / "b": {}},
-                      train_settings=SETTINGS, **common)
+        _stack("vqt", tiny_backbone_dir, tiny_task, tmp_path, {tmp_path / "a": {"seed": 1}, tmp_path / "b": {}})
     assert not (tmp_path / "a").exists()
 
 

@@ -17,6 +17,7 @@ from querytune import cli
 from querytune.data import ImageDataset, Preprocess, default_train_split, list_splits, open_split
 from querytune.errors import ConfigError, DataError
 from querytune.run import train_run
+from querytune.settings import RunSpec, Runtime
 from querytune.trunk.sources import ImageBatches
 
 COLOURS = [(220, 30, 30), (30, 220, 30), (30, 30, 220)]
@@ -67,8 +68,9 @@ def test_no_default_split_names_the_flag(tmp_path: Path):
 
 def test_train_needs_no_split_flags_on_train_and_test_folders(tiny_backbone_dir: Path, tmp_path: Path):
     root = class_folders(tmp_path / "pets", ("train", "test"))
-    metrics = train_run("linear", tiny_backbone_dir, root, tmp_path / "run", image_size=32, workers=0,
-                        train_settings={"epochs": 1, "batch_size": 4}, show_progress=False)
+    metrics = train_run(RunSpec(method="linear", backbone=tiny_backbone_dir, data=root, image_size=32),
+                        tmp_path / "run", train={"epochs": 1, "batch_size": 4},
+                        runtime=Runtime(workers=0, progress=False))
     assert metrics["train_split"] == "train" and "test_accuracy" in metrics
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train_split"] == "train"
 
@@ -268,8 +270,9 @@ def test_train_and_eval_on_a_datasets_folder_through_the_feature_cache(tiny_back
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(hf_images(6), features=features),
                           "test": datasets.Dataset.from_dict(hf_images(3), features=features)}).save_to_disk(str(root))
     cache = tmp_path / "cache"
-    metrics = train_run("linear", tiny_backbone_dir, root, tmp_path / "run", image_size=32, workers=0, cache_dir=cache,
-                        train_settings={"epochs": 1, "batch_size": 3}, show_progress=False)
+    metrics = train_run(RunSpec(method="linear", backbone=tiny_backbone_dir, data=root, image_size=32),
+                        tmp_path / "run", train={"epochs": 1, "batch_size": 3},
+                        runtime=Runtime(workers=0, cache=cache, progress=False))
     assert metrics["train_split"] == "train" and "test_accuracy" in metrics
     assert any(cache.rglob("*")), "the features were not cached"
     config = json.loads((tmp_path / "run" / "config.json").read_text())

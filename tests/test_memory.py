@@ -15,14 +15,15 @@ from querytune.errors import CheckpointError, ConfigError
 from querytune.methods import build_method
 from querytune.methods.memory import TaskStack, merge_stacks
 from querytune.reference import naive_masked_memory, naive_plain_memory_logits
+from querytune.settings import RunSpec, Runtime
 from querytune.trunk.features import extract_features
 
 FAST = {"epochs": 2, "batch_size": 8}
 
 
-def _memory(backbone, seed=1, num_classes=5, **options):
+def _memory(backbone, seed=1, num_classes=5, method_name="memory", **options):
     torch.manual_seed(seed)
-    method = build_method("memory", backbone, num_classes, options)
+    method = build_method(method_name, backbone, num_classes, options)
     with torch.no_grad():  # non-trivial parameters, so that every one of them matters to the logits
         for name, param in method.named_parameters():
             if not name.startswith("backbone.") and param.requires_grad:
@@ -52,7 +53,7 @@ def test_masked_mode_matches_naive_masked_sequence(layer_scale, registers, optio
                                      {"memory_tokens": 2, "train_class_token": False}])
 def test_plain_mode_matches_naive_appended_memory(options):
     backbone = tiny_vit(layer_scale=True, num_reg_tokens=1)
-    method = _memory(backbone, memory_mode="plain", **options).train()
+    method = _memory(backbone, method_name="memory-plain", **options).train()
     assert not method.frozen_trunk
     images = torch.randn(3, 3, 32, 32)
     fast = method(images)
@@ -62,7 +63,7 @@ def test_plain_mode_matches_naive_appended_memory(options):
 
 def test_plain_mode_without_memory_or_class_token_is_the_linear_probe():
     backbone = tiny_vit(layer_scale=True)
-    method = _memory(backbone, memory_mode="plain", memory_tokens=0, train_class_token=False)
+    method = _memory(backbone, method_name="memory-plain", memory_tokens=0, train_class_token=False)
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(method(images), method.head(backbone(images)), rtol=0, atol=0)
 
@@ -159,21 +160,20 @@ def test_extension_matches_naive_reference_in_logits_and_gradients():
     assert set(grads) == {"tasks.1.class_token", "tasks.1.memory", "tasks.1.head.weight", "tasks.1.head.bias"}
 
 
-@pytest.mark.parametrize("bad", [{"memory_mode": "sideways"}, {"memory_tokens": -1},
-                                 {"memory_tokens": 0, "train_class_token": False}, {"extend": "/nowhere"},
-                                 {"num_queries": 2}])
-def test_bad_options_are_named(bad):
-    options = {**bad, "memory_mode": "plain"} if "extend" in bad else bad
+@pytest.mark.parametrize("method,bad", [("memory", {"memory_tokens": -1}),
+                                        ("memory", {"memory_tokens": 0, "train_class_token": False}),
+                                        ("memory-plain", {"extend": "/nowhere"}), ("memory", {"num_queries": 2})])
+def test_bad_options_are_named(method, bad):
     with pytest.raises(ConfigError, match="--" + next(iter(bad)).replace("_", "-")):
-        build_method("memory", tiny_vit(), 5, options)
+        build_method(method, tiny_vit(), 5, bad)
 
 
 # ---------------------------------------------------------------- extension runs
 
 
 def _train(backbone_dir, task, out, method="memory", **options):
-    return train_run(method, backbone_dir, task, out, options=options, train_settings=FAST, image_size=32,
-                     workers=0, show_progress=False)
+    return train_run(RunSpec(method=method, backbone=backbone_dir, data=task, options=options, image_size=32), out,
+                     train=FAST, runtime=Runtime(workers=0, progress=False))
 
 
 def test_extension_run_trains_only_the_new_task_and_reloads(tiny_backbone_dir, tiny_task, tmp_path):

@@ -10,6 +10,7 @@ from conftest import write_task
 from querytune import train_run
 from querytune.errors import ConfigError
 from querytune.recipes import load_recipe, recipe_options
+from querytune.settings import RunSpec, Runtime
 
 FAST = {"epochs": 1, "batch_size": 8}
 VTAB1K_TASKS = {"caltech101", "cifar", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397",
@@ -33,10 +34,10 @@ def test_vtab1k_recipe_holds_the_official_settings_with_their_sources():
 
 def test_a_recipe_changes_exactly_the_settings_it_names(tiny_backbone_dir, tmp_path):
     task = write_task(tmp_path / "dtd")  # named like the VTAB-1k folder
-    plain = train_run("vqt", tiny_backbone_dir, task, tmp_path / "plain", train_settings=FAST, image_size=32,
-                      workers=0, show_progress=False)
-    recipe = train_run("vqt", tiny_backbone_dir, task, tmp_path / "recipe", train_settings=FAST, image_size=32,
-                       workers=0, show_progress=False, recipe="vtab1k")
+    plain = train_run(RunSpec(method="vqt", backbone=tiny_backbone_dir, data=task, image_size=32), tmp_path / "plain",
+                      train=FAST, runtime=Runtime(workers=0, progress=False))
+    recipe = train_run(RunSpec(method="vqt", backbone=tiny_backbone_dir, data=task, image_size=32, recipe="vtab1k"),
+                       tmp_path / "recipe", train=FAST, runtime=Runtime(workers=0, progress=False))
     assert recipe["kept_features"] < recipe["total_features"] and "kept_features" not in plain
     plain_options = json.loads((tmp_path / "plain" / "config.json").read_text())["options"]
     config = json.loads((tmp_path / "recipe" / "config.json").read_text())
@@ -44,21 +45,23 @@ def test_a_recipe_changes_exactly_the_settings_it_names(tiny_backbone_dir, tmp_p
     assert changed == {"compress"} and config["options"]["compress"] == 0.7  # num_queries 1 is VQT's default too
     assert config["recipe"] == {"name": "vtab1k", "settings": {"num_queries": 1, "compress": 0.7}}
 
-    overridden = train_run("vqt", tiny_backbone_dir, task, tmp_path / "flag", train_settings=FAST, image_size=32,
-                           workers=0, show_progress=False, recipe="vtab1k", options={"compress": 0.5})
+    overridden = train_run(RunSpec(method="vqt", backbone=tiny_backbone_dir, data=task, image_size=32, recipe="vtab1k",
+                                   options={"compress": 0.5}),
+                           tmp_path / "flag", train=FAST, runtime=Runtime(workers=0, progress=False))
     assert overridden["kept_features"] == round(0.5 * overridden["total_features"])  # a given option wins
 
 
 def test_recipe_errors_name_the_culprit_and_write_nothing(tiny_backbone_dir, tiny_task, tmp_path):
     with pytest.raises(ConfigError, match=r"task 'tiny' is not in recipe 'vtab1k' for vqt \(known: caltech101, "):
-        train_run("vqt", tiny_backbone_dir, tiny_task, tmp_path / "run", train_settings=FAST, image_size=32,
-                  workers=0, show_progress=False, recipe="vtab1k")
+        train_run(RunSpec(method="vqt", backbone=tiny_backbone_dir, data=tiny_task, image_size=32, recipe="vtab1k"),
+                  tmp_path / "run", train=FAST, runtime=Runtime(workers=0, progress=False))
     with pytest.raises(ConfigError, match=r"unknown recipe 'vtab2k' \(known: vtab1k, vtab1k-mini\)"):
-        train_run("vqt", tiny_backbone_dir, tiny_task, tmp_path / "run", train_settings=FAST, image_size=32,
-                  workers=0, show_progress=False, recipe="vtab2k")
+        train_run(RunSpec(method="vqt", backbone=tiny_backbone_dir, data=tiny_task, image_size=32, recipe="vtab2k"),
+                  tmp_path / "run", train=FAST, runtime=Runtime(workers=0, progress=False))
     assert not (tmp_path / "run").exists()
-    metrics = train_run("synqt", tiny_backbone_dir, tiny_task, tmp_path / "named", train_settings=FAST,
-                        image_size=32, workers=0, show_progress=False, recipe="vtab1k", task_name="dtd")
+    metrics = train_run(RunSpec(method="synqt", backbone=tiny_backbone_dir, data=tiny_task, image_size=32,
+                                recipe="vtab1k", task_name="dtd"),
+                        tmp_path / "named", train=FAST, runtime=Runtime(workers=0, progress=False))
     assert metrics["task"] == "dtd"
 
 

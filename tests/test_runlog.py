@@ -11,6 +11,7 @@ import pytest
 from querytune import eval_run, train_run
 from querytune.cli import main
 from querytune.errors import ConfigError
+from querytune.settings import RunSpec, Runtime
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -32,7 +33,7 @@ def test_eval_every_logs_the_held_out_accuracy_with_csv_and_curves(tiny_backbone
     assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5]
     # every second epoch and the last, on val200 (the default held-out split of train800)
     assert [r["epoch"] for r in records if "val_accuracy" in r] == [2, 4, 5]
-    final = eval_run(run, tiny_task, "val200", workers=0, show_progress=False)
+    final = eval_run(run, tiny_task, "val200", runtime=Runtime(workers=0, progress=False))
     assert records[-1]["val_accuracy"] == pytest.approx(final)
     config = json.loads((run / "config.json").read_text())
     assert (config["val_split"], config["eval_every"], config["log"]) == ("val200", 2, ["csv"])
@@ -50,8 +51,8 @@ def test_eval_every_logs_the_held_out_accuracy_with_csv_and_curves(tiny_backbone
 
 def test_every_run_writes_curves_and_no_extra_loggers_unless_asked(tiny_backbone_dir, tiny_task, tmp_path):
     run = tmp_path / "run"
-    train_run("linear", tiny_backbone_dir, tiny_task, run, train_settings={"epochs": 2, "batch_size": 8},
-              image_size=32, workers=0, show_progress=False)
+    train_run(RunSpec(method="linear", backbone=tiny_backbone_dir, data=tiny_task, image_size=32), run,
+              train={"epochs": 2, "batch_size": 8}, runtime=Runtime(workers=0, progress=False))
     assert (run / "curves.png").read_bytes().startswith(PNG)
     assert all("val_accuracy" not in r for r in _log(run))
     assert not (run / "log.csv").exists() and not (run / "tensorboard").exists()
@@ -61,13 +62,13 @@ def test_every_run_writes_curves_and_no_extra_loggers_unless_asked(tiny_backbone
     ({"eval_every": 1}, "give --val-split, a split held out from 'train800val200'"),
     ({"val_split": "val200"}, "--val-split val200: 6 of its images are in the training split 'train800val200'"),
     ({"eval_every": 0, "train_split": "train800"}, "--eval-every must be at least 1 (got 0)"),
-    ({"loggers": ["wandb"]}, "--log 'wandb': unknown logger (known: csv, tensorboard)"),
+    ({"log": ["wandb"]}, "--log must be one of csv, tensorboard (got 'wandb')"),
 ])
 def test_bad_validation_or_logger_settings_are_refused_before_any_work(tiny_backbone_dir, tiny_task, tmp_path,
                                                                        kwargs, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        train_run("linear", tiny_backbone_dir, tiny_task, tmp_path / "run", train_settings={"epochs": 1},
-                  image_size=32, workers=0, show_progress=False, **kwargs)
+        train_run(RunSpec(method="linear", backbone=tiny_backbone_dir, data=tiny_task, image_size=32, **kwargs),
+                  tmp_path / "run", {"epochs": 1}, Runtime(workers=0, progress=False))
     assert not (tmp_path / "run").exists()
 
 
@@ -76,7 +77,7 @@ def test_unknown_logger_on_the_command_line_is_one_line_exit_2(tiny_backbone_dir
         main(["train", "--method", "linear", "--backbone", str(tiny_backbone_dir), "--data", str(tiny_task),
               "--out", str(tmp_path / "run"), "--log", "csv,wandb", "-q"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == "error: --log 'wandb': unknown logger (known: csv, tensorboard)"
+    assert capsys.readouterr().err.strip() == "error: --log must be one of csv, tensorboard (got 'wandb')"
 
 
 def test_a_resumed_run_logs_the_whole_run_once(tiny_backbone_dir, tiny_task, tmp_path, monkeypatch):
@@ -88,9 +89,9 @@ def test_a_resumed_run_logs_the_whole_run_once(tiny_backbone_dir, tiny_task, tmp
     import querytune.train as train_module
 
     def run(out):
-        return train_run("linear", tiny_backbone_dir, tiny_task, out, train_settings={"epochs": 3, "batch_size": 4},
-                         train_split="train800", eval_every=1, loggers=["csv", "tensorboard"], image_size=32,
-                         workers=0, show_progress=False)
+        return train_run(RunSpec(method="linear", backbone=tiny_backbone_dir, data=tiny_task, train_split="train800",
+                                 eval_every=1, log=["csv", "tensorboard"], image_size=32),
+                         out, train={"epochs": 3, "batch_size": 4}, runtime=Runtime(workers=0, progress=False))
 
     save = train_module.save_checkpoint
     saved = []

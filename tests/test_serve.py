@@ -18,6 +18,7 @@ from querytune.methods import build_method
 from querytune.methods.memory import TaskStack
 from querytune.run import eval_run
 from querytune.serve import MultiTaskServer, ServedTask, collect_images
+from querytune.settings import RunSpec, Runtime
 from querytune.train import predict
 from querytune.trunk.features import extract_features
 from querytune.trunk.sources import make_source
@@ -51,7 +52,7 @@ def test_server_answers_every_task_from_one_trunk_pass():
 
 def test_server_refuses_adapting_methods_on_the_shared_trunk_and_foreign_backbones():
     backbone = tiny_vit()
-    plain = build_method("memory", backbone, 3, {"memory_mode": "plain"})
+    plain = build_method("memory-plain", backbone, 3, {})
     with pytest.raises(ConfigError, match="task 'p': method 'memory-plain' adapts the backbone it was built on"):
         MultiTaskServer(backbone, [ServedTask("p", plain)])
     other = build_method("linear", tiny_vit(seed=5), 3, {})
@@ -63,8 +64,8 @@ def test_runs_served_together_must_share_backbone_and_image_size(tiny_backbone_d
     from querytune.backbones import save_backbone
 
     _train(tiny_backbone_dir, tiny_task, tmp_path / "a", method="linear")
-    train_run("linear", tiny_backbone_dir, tiny_task, tmp_path / "b", train_settings=FAST, image_size=40, workers=0,
-              show_progress=False)
+    train_run(RunSpec(method="linear", backbone=tiny_backbone_dir, data=tiny_task, image_size=40), tmp_path / "b",
+              train=FAST, runtime=Runtime(workers=0, progress=False))
     with pytest.raises(ConfigError, match="a: given twice"):
         MultiTaskServer.from_runs(None, [tmp_path / "a", tmp_path / "b" / ".." / "a"])
     with pytest.raises(ConfigError, match=r"b: was trained at 40 px .* need one input size"):
@@ -73,8 +74,8 @@ def test_runs_served_together_must_share_backbone_and_image_size(tiny_backbone_d
     save_backbone(tiny_vit(seed=7), other)
     with pytest.raises(CheckpointError, match="a: was trained on backbone"):
         MultiTaskServer.from_runs(other, [tmp_path / "a"])
-    train_run("linear", other, tiny_task, tmp_path / "c", train_settings=FAST, image_size=32, workers=0,
-              show_progress=False)
+    train_run(RunSpec(method="linear", backbone=other, data=tiny_task, image_size=32), tmp_path / "c", train=FAST,
+              runtime=Runtime(workers=0, progress=False))
     with pytest.raises(ConfigError, match=r"c: was trained on backbone 'other.safetensors' .* share one"):
         MultiTaskServer.from_runs(None, [tmp_path / "a", tmp_path / "c"])
 
@@ -117,7 +118,8 @@ def test_predict_cli_serves_runs_together_as_eval_predicts_them(tiny_backbone_di
             assert served["label"] == index.item() and served["class"] == config["classes"][index]
             assert served["probability"] == pytest.approx(probability.item(), rel=1e-5, abs=1e-6)
             correct += served["label"] == label
-        assert correct / len(images) == eval_run(tmp_path / name, tiny_task, "test", workers=0, show_progress=False)
+        assert correct / len(images) == eval_run(tmp_path / name, tiny_task, "test",
+                                                 runtime=Runtime(workers=0, progress=False))
 
     before = out.read_bytes()
     result = querytune("predict", *runs, tiny_task / "images" / "test", "--out", out)

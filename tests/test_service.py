@@ -23,6 +23,7 @@ from conftest import tiny_vit, write_task
 from querytune import MultiTaskServer, train_run
 from querytune.backbones import save_backbone
 from querytune.errors import ConfigError
+from querytune.settings import RunSpec, Runtime
 
 httpx = pytest.importorskip("httpx", reason="the service's tests need the test extra (httpx)")
 uvicorn = pytest.importorskip("uvicorn", reason="the service needs the extra querytune[serve] (uvicorn)")
@@ -39,8 +40,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     task = write_task(root / "tiny")
     save_backbone(tiny_vit(layer_scale=True), root / "tiny-vit.safetensors")
     for method in RUNS:
-        train_run(method, root / "tiny-vit.safetensors", task, root / method, train_settings={"epochs": 1,
-                  "batch_size": 8}, image_size=32, workers=0, show_progress=False)
+        train_run(RunSpec(method=method, backbone=root / "tiny-vit.safetensors", data=task, image_size=32),
+                  root / method, train={"epochs": 1,
+                  "batch_size": 8}, runtime=Runtime(workers=0, progress=False))
     return [root / method for method in RUNS]
 
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from querytune import eval_run, train_run
 from querytune.data import Preprocess, open_split
 from querytune.errors import CheckpointError, ConfigError, DataError
+from querytune.settings import RunSpec, Runtime
 from querytune.train import TrainConfig, lr_at
 from querytune.trunk.cache import FeatureCache, build_cache, cache_dir_for
 from querytune.trunk.features import Features
@@ -22,10 +23,10 @@ from querytune.trunk.features import Features
 FAST = {"epochs": 3, "batch_size": 8, "lr": 0.05}
 
 
-def _train(tiny_backbone_dir, tiny_task, out, method="linear", **kwargs):
-    kwargs.setdefault("train_settings", FAST)
-    return train_run(method, tiny_backbone_dir, tiny_task, out, image_size=32, workers=0, show_progress=False,
-                     **kwargs)
+def _train(tiny_backbone_dir, tiny_task, out, method="linear", train=FAST, cache=None, compile="off", **spec):
+    runtime = Runtime(workers=0, progress=False, cache=cache, compile=compile)
+    return train_run(RunSpec(method=method, backbone=tiny_backbone_dir, data=tiny_task, image_size=32, **spec), out,
+                     train, runtime)
 
 
 def test_linear_run_writes_metrics_adapter_and_config(tiny_backbone_dir, tiny_task, tmp_path):
@@ -41,12 +42,13 @@ def test_linear_run_writes_metrics_adapter_and_config(tiny_backbone_dir, tiny_ta
     assert saved["trainable_params"] == 48 * 3 + 3
     assert not (run / "checkpoint.pt").exists()
     assert len((run / "log.jsonl").read_text().splitlines()) == 3
-    assert eval_run(run, tiny_task, "test", workers=0, show_progress=False) == pytest.approx(saved["test_accuracy"])
+    assert eval_run(run, tiny_task, "test",
+                    runtime=Runtime(workers=0, progress=False)) == pytest.approx(saved["test_accuracy"])
 
 
 def test_linear_probe_learns_colours(tiny_backbone_dir, tiny_task, tmp_path):
     metrics = _train(tiny_backbone_dir, tiny_task, tmp_path / "run",
-                     train_settings={"epochs": 30, "batch_size": 6, "lr": 0.05})
+                     train={"epochs": 30, "batch_size": 6, "lr": 0.05})
     assert metrics["train_accuracy"] == 1.0
 
 
@@ -56,9 +58,9 @@ def test_cached_and_live_training_agree(tiny_backbone_dir, tiny_task, tmp_path, 
     options = {"num_queries": 2}
     settings = {**FAST, "bf16": bf16}
     live = _train(tiny_backbone_dir, tiny_task, tmp_path / "live", method=method, options=options,
-                  train_settings=settings)
+                  train=settings)
     cached = _train(tiny_backbone_dir, tiny_task, tmp_path / "cached", method=method, options=options,
-                    cache_dir=tmp_path / "cache", train_settings=settings)
+                    cache=tmp_path / "cache", train=settings)
     a = load_file(str(tmp_path / "live" / "adapter.safetensors"))
     b = load_file(str(tmp_path / "cached" / "adapter.safetensors"))
     for name in a:
@@ -107,7 +109,7 @@ def test_finished_or_foreign_run_folder_is_never_overwritten(tiny_backbone_dir, 
     # the very same run again (a retried job, a notebook cell run twice): a no-op that returns its metrics
     assert _train(tiny_backbone_dir, tiny_task, tmp_path / "run") == json.loads(json.dumps(metrics))
     with pytest.raises(CheckpointError, match=r"holds a finished run with other settings \(train.seed: 0 -> 1\)"):
-        _train(tiny_backbone_dir, tiny_task, tmp_path / "run", train_settings={**FAST, "seed": 1})
+        _train(tiny_backbone_dir, tiny_task, tmp_path / "run", train={**FAST, "seed": 1})
     assert {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir()} == files
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
@@ -132,7 +134,7 @@ def test_eval_rejects_more_classes_than_the_adapter(tiny_backbone_dir, tiny_task
     _train(tiny_backbone_dir, tiny_task, tmp_path / "run")
     wider = write_task(tmp_path / "wider", classes=5)
     with pytest.raises(CheckpointError, match="3 classes"):
-        eval_run(tmp_path / "run", wider, "test", workers=0, show_progress=False)
+        eval_run(tmp_path / "run", wider, "test", runtime=Runtime(workers=0, progress=False))
 
 
 def test_unknown_method_option_and_setting(tiny_backbone_dir, tiny_task, tmp_path):
@@ -141,7 +143,7 @@ def test_unknown_method_option_and_setting(tiny_backbone_dir, tiny_task, tmp_pat
     with pytest.raises(ConfigError, match="--num-queries does not apply to method 'linear'"):
         _train(tiny_backbone_dir, tiny_task, tmp_path / "b", options={"num_queries": 2})
     with pytest.raises(ConfigError, match="optimizer"):
-        _train(tiny_backbone_dir, tiny_task, tmp_path / "c", train_settings={"optimizer": "lbfgs"})
+        _train(tiny_backbone_dir, tiny_task, tmp_path / "c", train={"optimizer": "lbfgs"})
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
@@ -207,7 +209,7 @@ def test_vqt_head_compression_keeps_a_fraction_and_reloads(tiny_backbone_dir, ti
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(method(extract_features(method.backbone, images, dtype=torch.float32)),
                                naive_vqt_logits(method, images), rtol=1e-5, atol=1e-5)
-    assert eval_run(tmp_path / "run", tiny_task, "test", workers=0, show_progress=False) == pytest.approx(
+    assert eval_run(tmp_path / "run", tiny_task, "test", runtime=Runtime(workers=0, progress=False)) == pytest.approx(
         metrics["test_accuracy"])
 
 
@@ -332,10 +334,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(method):
 def test_checkpointing_is_refused_for_frozen_trunk_methods(tiny_backbone_dir, tiny_task, tmp_path):
     with pytest.raises(ConfigError, match="--checkpointing: method 'vqt' does not backpropagate"):
         _train(tiny_backbone_dir, tiny_task, tmp_path / "run", method="vqt",
-               train_settings={**FAST, "checkpointing": True})
+               train={**FAST, "checkpointing": True})
     assert not (tmp_path / "run").exists()
     metrics = _train(tiny_backbone_dir, tiny_task, tmp_path / "full", method="full",
-                     train_settings={**FAST, "checkpointing": True})
+                     train={**FAST, "checkpointing": True})
     assert json.loads((tmp_path / "full" / "config.json").read_text())["train"]["checkpointing"] is True
     assert metrics["feature_placement"] is None  # images, not cached features
 
@@ -349,7 +351,7 @@ def test_fp16_training_scales_its_loss_and_resumes_exactly(tiny_backbone_dir, ti
     import querytune.train as train_module
 
     settings = {**FAST, "epochs": 4, "fp16": True}
-    metrics = _train(tiny_backbone_dir, tiny_task, tmp_path / "whole", method="vqt", train_settings=settings)
+    metrics = _train(tiny_backbone_dir, tiny_task, tmp_path / "whole", method="vqt", train=settings)
     assert math.isfinite(metrics["train_loss"])  # no overflow reached the weights
     real_save = train_module.save_checkpoint
     saved = {}
@@ -362,10 +364,10 @@ def test_fp16_training_scales_its_loss_and_resumes_exactly(tiny_backbone_dir, ti
 
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        _train(tiny_backbone_dir, tiny_task, tmp_path / "cut", method="vqt", train_settings=settings)
+        _train(tiny_backbone_dir, tiny_task, tmp_path / "cut", method="vqt", train=settings)
     assert saved["scaler"]["scale"] > 1  # the loss was scaled up, and the scale is kept for resuming
     monkeypatch.setattr(train_module, "save_checkpoint", real_save)
-    assert _train(tiny_backbone_dir, tiny_task, tmp_path / "cut", method="vqt", train_settings=settings)["resumed"]
+    assert _train(tiny_backbone_dir, tiny_task, tmp_path / "cut", method="vqt", train=settings)["resumed"]
     whole = load_file(str(tmp_path / "whole" / "adapter.safetensors"))
     cut = load_file(str(tmp_path / "cut" / "adapter.safetensors"))
     for name in whole:
@@ -382,7 +384,7 @@ def test_compiled_training_computes_what_eager_training_does(tiny_backbone_dir, 
     counters.clear()
     options = {"num_queries": 2, "query_dropout": 0.0}
     runs = {mode: _train(tiny_backbone_dir, tiny_task, tmp_path / mode, method="vqt", options=options,
-                         cache_dir=tmp_path / "cache", train_settings={**FAST, "epochs": 2}, compile_mode=mode)
+                         cache=tmp_path / "cache", train={**FAST, "epochs": 2}, compile=mode)
             for mode in ("off", "default")}
     assert counters["stats"]["unique_graphs"] >= 1  # the compiled run did go through dynamo
     assert runs["default"]["compile"] == "default" and runs["off"]["compile"] == "off"
@@ -393,6 +395,6 @@ def test_compiled_training_computes_what_eager_training_does(tiny_backbone_dir, 
 
 
 def test_an_unknown_compile_mode_is_refused_before_anything_is_written(tiny_backbone_dir, tiny_task, tmp_path):
-    with pytest.raises(ConfigError, match="--compile 'fast': expected one of off, default, reduce-overhead"):
-        _train(tiny_backbone_dir, tiny_task, tmp_path / "run", compile_mode="fast")
+    with pytest.raises(ConfigError, match=r"--compile must be one of off, default, .* \(got 'fast'\)"):
+        _train(tiny_backbone_dir, tiny_task, tmp_path / "run", compile="fast")
     assert not (tmp_path / "run").exists()

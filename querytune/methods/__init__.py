@@ -8,6 +8,6 @@ from __future__ import annotations
 
 from . import adaptformer, bitfit, full, linear, lora, memory, memory_plain, synqt, vpt, vqt, vqt_addon  # noqa: F401
 from .base import Method
-from .registry import METHODS, build_method, method_class, options_dict, register, resolve_method
+from .registry import METHODS, build_method, method_class, options_dict, register
 
-__all__ = ["METHODS", "Method", "build_method", "method_class", "options_dict", "register", "resolve_method"]
+__all__ = ["METHODS", "Method", "build_method", "method_class", "options_dict", "register"]

@@ -17,7 +17,7 @@ Only the parameters that require grad are trained and saved (``trainable_state_d
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -51,12 +51,6 @@ class Method(nn.Module):
         self.num_classes = num_classes
         self.options = options
 
-    @classmethod
-    def variant(cls, options: dict[str, Any]) -> tuple[type[Method], dict[str, Any]]:
-        """The method that ``options`` ask for: this one, or a sibling an old option names
-        (``memory --memory-mode plain`` is ``memory-plain``)."""
-        return cls, options
-
     @property
     def frozen_trunk(self) -> bool:
         """Alias of ``reads.frozen``."""
@@ -72,7 +66,8 @@ class Method(nn.Module):
         """The logits of every member of a grid (:mod:`querytune.grid`: one method and its options, each
         member with its own parameters) on one batch; inside ``random_stream(k)`` member k's random
         draws (dropout) come from its own stream. Here each member runs its own forward; a method whose
-        members can share the work overrides this."""
+        members can share the work overrides this, and its ``forward`` is then this of one member (with
+        :func:`current_stream`), so that the method has one computation."""
         outputs = []
         for k, member in enumerate(members):
             with random_stream(k):
@@ -114,6 +109,11 @@ class Method(nn.Module):
             with torch.no_grad():
                 param.copy_(state[name])
         self.train(self.training)  # re-apply the mode: mode-dependent state (LoRA's merged weights) follows
+
+
+def current_stream(k: int) -> AbstractContextManager[None]:
+    """The random streams of a lone member (``forward_members`` of one): the current stream."""
+    return nullcontext()
 
 
 def parse_options(method_cls: type[Method], given: dict[str, Any]) -> Any:

@@ -39,12 +39,11 @@ from ..runfolder import load_adapter, read_run_config
 from ..trunk import TrunkInput
 from ..trunk.features import Features
 from .base import Method
-from .registry import METHODS, build_method, register, resolve_method
+from .registry import build_method, register
 
 if TYPE_CHECKING:
     from ..backbones.vit import ModuleListOf
 
-MODES = ("plain", "masked")  # the old --memory-mode option: plain is the method memory-plain
 MEMORY_INIT_STD = 0.02
 # The paper: SGD momentum 0.9, clipping 1.0, a 5-step linear warm-up, cosine, lr about 0.1 at
 # batch 512 for 20k steps. Here batch 128 (a VTAB-1k task has 1000 images), 100 epochs.
@@ -162,13 +161,6 @@ class MemoryTokens(Method):
     search_grid = SEARCH_GRID
     base_digest: Tensor  # a buffer, registered with --extend
 
-    @classmethod
-    def variant(cls, options: dict[str, Any]) -> tuple[type[Method], dict[str, Any]]:
-        mode = options.pop("memory_mode", "masked")
-        if mode not in MODES:
-            raise ConfigError(f"--memory-mode must be one of {', '.join(MODES)} (got {mode!r})")
-        return (METHODS["memory-plain"] if mode == "plain" else cls), options
-
     def __init__(self, backbone: VisionTransformer, num_classes: int, options: MemoryOptions) -> None:
         super().__init__(backbone, num_classes, options)
         depth, dim = backbone.config.depth, backbone.config.embed_dim
@@ -189,9 +181,9 @@ class MemoryTokens(Method):
             config = read_run_config(run)
         except QuerytuneError as error:
             raise type(error)(f"--extend {run}: {error}") from error
-        resolved, _ = resolve_method(config["method"], config["options"])
-        if resolved is not type(self):
-            raise ConfigError(f"--extend {run}: is a {resolved.name!r} run; only a masked-memory run can be extended")
+        if config["method"] != self.name:
+            raise ConfigError(f"--extend {run}: is a {config['method']!r} run; only a masked-memory run can be "
+                              "extended")
         base = build_method(config["method"], self.backbone, config["num_classes"], config["options"])
         try:
             load_adapter(run, base)
@@ -201,20 +193,13 @@ class MemoryTokens(Method):
         return base.requires_grad_(False)
 
     def forward(self, inputs: Features) -> Tensor:
-        return self.stack(inputs.layers, self.backbone)[-1]
+        return stacked_logits([self], inputs)[0]
 
     @staticmethod
     def forward_members(members: Sequence[Method], inputs: Any,
                         random_stream: Callable[[int], AbstractContextManager[None]]) -> list[Tensor]:
-        """Grid members' tasks run as one concatenated :class:`TaskStack`: their class tokens pass each
-        block as rows of one ``forward_rows`` call, each reading the tokens, itself and its own memory
-        only, so each computes what its lone forward does (the method draws no random numbers)."""
-        memories = [m for m in members if isinstance(m, MemoryTokens)]
-        if len(memories) < len(members) or any(m.options.extend for m in memories):
-            return Method.forward_members(members, inputs, random_stream)  # an extension reads its base tasks
-        # Built, not merged with merge_stacks: members equal at the start must stay apart.
-        stack = TaskStack([m.stack.tasks[0] for m in memories], [() for _ in memories])
-        return stack(inputs.layers, memories[0].backbone)
+        """:func:`stacked_logits` (the method draws no random numbers)."""
+        return stacked_logits(cast("list[MemoryTokens]", members), inputs)
 
     def load_trainable_state_dict(self, state: dict[str, Tensor], source: str = "adapter") -> None:
         if self.options.extend and "base_digest" in state and not torch.equal(state["base_digest"], self.base_digest):
@@ -226,3 +211,14 @@ class MemoryTokens(Method):
 def _file_digest(path: Path) -> Tensor:
     """sha256 of a file, as 32 bytes in a tensor (so that it is saved with the adapter)."""
     return torch.frombuffer(bytearray(hashlib.sha256(path.read_bytes()).digest()), dtype=torch.uint8)
+
+
+def stacked_logits(memories: Sequence[MemoryTokens], features: Features) -> list[Tensor]:
+    """Each member's logits. Their tasks run as one concatenated :class:`TaskStack`: their class tokens
+    pass each block as rows of one ``forward_rows`` call, each reading the tokens, itself and its own
+    memory only, so each computes what it computes alone. An extension runs its own stack."""
+    if any(len(m.stack.tasks) > 1 for m in memories):  # an extension: its stack reads its base tasks
+        return [m.stack(features.layers, m.backbone)[-1] for m in memories]
+    # Built, not merged with merge_stacks: members equal at the start must stay apart.
+    stack = TaskStack([m.stack.tasks[0] for m in memories], [() for _ in memories])
+    return stack(features.layers, memories[0].backbone)

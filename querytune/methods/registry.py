@@ -29,15 +29,9 @@ def method_class(name: str) -> type[Method]:
     return METHODS[name]
 
 
-def resolve_method(name: str, options: dict[str, Any] | None = None) -> tuple[type[Method], dict[str, Any]]:
-    """The method class that ``name`` with ``options`` means, and the options it takes: old
-    spellings stay valid (``memory`` with ``memory_mode="plain"`` is ``memory-plain``)."""
-    return method_class(name).variant(dict(options or {}))
-
-
 def build_method(name: str, backbone: VisionTransformer, num_classes: int,
                  options: dict[str, Any] | None = None) -> Method:
-    cls, options = resolve_method(name, options)
+    cls, options = method_class(name), dict(options or {})
     parsed = parse_options(cls, options)
     try:
         return cls(backbone, num_classes, parsed)

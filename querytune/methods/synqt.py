@@ -40,9 +40,11 @@ paper text leaves open, we follow it:
 - The head LayerNorm is trainable, initialised with a copy of the backbone's final
   norm. SynQT's own LayerNorms use PyTorch's default eps, as in the official code.
 - Linear layers keep PyTorch's default initialisation.
+- Stochastic depth: the official backbone's drop-path (0 -> 0.1 over the blocks) is applied
+  to the query branches, as its ``forward_block`` does; the trunk's own tokens stay
+  deterministic (they are cached).
 - Left out: two parameter sets the official code creates but never uses (12 LayerNorms
-  ``pre_norm`` and a 37-vector ``weight`` in the combine block), and the stochastic depth
-  0.1 its backbone applies while training: our trunk is deterministic (it is cached).
+  ``pre_norm`` and a 37-vector ``weight`` in the combine block).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +62,7 @@ from ..backbones.vit import VisionTransformer, drop_samples, sample_keep
 from ..options import option
 from ..trunk import TrunkInput
 from ..trunk.features import Features
-from .base import Method
+from .base import Method, current_stream
 from .registry import register
 
 QUERY_DROPOUT = 0.1
@@ -224,50 +226,42 @@ class SynQT(Method):
         return QUERY_DROP_PATH * index / max(1, len(self.backbone.blocks) - 1) if self.training else 0.0
 
     def forward(self, features: Features) -> Tensor:
-        outputs: list[Tensor] = []
-        attns: list[Tensor] = []
-        mlps: list[Tensor] = []
-        assert features.layers is not None
-        for index, block in enumerate(self.backbone.blocks):
-            rows = self.synthesis(index, len(features), outputs[-1] if outputs else None)
-            out, attn, mlp = block.forward_rows(rows, features.layers[:, index], drop_path=self.query_drop_path(index))
-            outputs.append(out.mean(1))
-            attns.append(attn.mean(1))
-            mlps.append(mlp.mean(1))
-        return self.head(head_tokens(outputs, attns, mlps))
+        return stacked_logits([self], features, current_stream)[0]
 
     @staticmethod
     def forward_members(members: Sequence[Method], inputs: Any,
                         random_stream: Callable[[int], AbstractContextManager[None]]) -> list[Tensor]:
-        """Every member's synthesized rows pass each frozen block together, in one ``forward_rows`` call
-        that reads the layer's tokens once; each member's side network and head run on their own. A
-        member draws its dropout and drop-path masks from its own stream in the order its lone forward
-        does: its synthesis, then its rows' attention and MLP keep masks, block by block, then its head."""
-        synqts = [m for m in members if isinstance(m, SynQT)]
-        if len(synqts) < len(members):
-            return Method.forward_members(members, inputs, random_stream)
-        features: Features = inputs
-        assert features.layers is not None
-        batch = len(features)
-        outputs: list[list[Tensor]] = [[] for _ in synqts]
-        attns: list[list[Tensor]] = [[] for _ in synqts]
-        mlps: list[list[Tensor]] = [[] for _ in synqts]
-        for index, block in enumerate(synqts[0].backbone.blocks):
-            rows = []
-            for k, synqt in enumerate(synqts):
-                with random_stream(k):
-                    rows.append(synqt.synthesis(index, batch, outputs[k][-1] if outputs[k] else None))
-            sizes = [r.shape[1] for r in rows]
-            drop_path = synqts[0].query_drop_path(index)
-            out, attn, mlp = block.forward_rows(torch.cat(rows, dim=1), features.layers[:, index],
-                                                drop_path=drop_path,
-                                                draw_keep=keep_per_member(sizes, drop_path, random_stream))
-            for k, (o, a, m) in enumerate(zip(out.split(sizes, 1), attn.split(sizes, 1), mlp.split(sizes, 1))):
-                outputs[k].append(o.mean(1))
-                attns[k].append(a.mean(1))
-                mlps[k].append(m.mean(1))
-        logits = []
+        """:func:`stacked_logits`: the members' rows pass each frozen block together."""
+        return stacked_logits(cast("list[SynQT]", members), inputs, random_stream)
+
+
+def stacked_logits(synqts: Sequence[SynQT], features: Features,
+                   random_stream: Callable[[int], AbstractContextManager[None]]) -> list[Tensor]:
+    """Every member's synthesized rows pass each frozen block together, in one ``forward_rows`` call
+    that reads the layer's tokens once; each member's side network and head run on their own. A
+    member draws its dropout and drop-path masks from its own stream in the order its lone forward
+    does: its synthesis, then its rows' attention and MLP keep masks, block by block, then its head."""
+    assert features.layers is not None
+    batch = len(features)
+    outputs: list[list[Tensor]] = [[] for _ in synqts]
+    attns: list[list[Tensor]] = [[] for _ in synqts]
+    mlps: list[list[Tensor]] = [[] for _ in synqts]
+    for index, block in enumerate(synqts[0].backbone.blocks):
+        rows = []
         for k, synqt in enumerate(synqts):
             with random_stream(k):
-                logits.append(synqt.head(head_tokens(outputs[k], attns[k], mlps[k])))
-        return logits
+                rows.append(synqt.synthesis(index, batch, outputs[k][-1] if outputs[k] else None))
+        sizes = [r.shape[1] for r in rows]
+        drop_path = synqts[0].query_drop_path(index)
+        out, attn, mlp = block.forward_rows(torch.cat(rows, dim=1), features.layers[:, index],
+                                            drop_path=drop_path,
+                                            draw_keep=keep_per_member(sizes, drop_path, random_stream))
+        for k, (o, a, m) in enumerate(zip(out.split(sizes, 1), attn.split(sizes, 1), mlp.split(sizes, 1))):
+            outputs[k].append(o.mean(1))
+            attns[k].append(a.mean(1))
+            mlps[k].append(m.mean(1))
+    logits = []
+    for k, synqt in enumerate(synqts):
+        with random_stream(k):
+            logits.append(synqt.head(head_tokens(outputs[k], attns[k], mlps[k])))
+    return logits

@@ -23,7 +23,7 @@ import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ from ..trunk import TrunkInput
 from ..trunk.device import autocast, to_device
 from ..trunk.features import Features
 from ..trunk.sources import epoch_order
-from .base import Method
+from .base import Method, current_stream
 from .registry import register
 from .vpt import vpt_init_bound
 
@@ -100,11 +100,25 @@ class QueryPath(nn.Module):
         """Z_l (B, T, D) of each query layer, from the normalised block inputs ``layers``: a
         (B, L, N, D) tensor, or a list of L (B, N, D) tensors (an adapted trunk's, left unstacked)."""
         per_layer = layers.unbind(1) if isinstance(layers, Tensor) else layers
+        return QueryPath.stacked_outputs([self], per_layer, blocks, current_stream)[0]
+
+    @staticmethod
+    def stacked_outputs(paths: Sequence[QueryPath], per_layer: Sequence[Tensor], blocks: ModuleListOf[Block],
+                        random_stream: Callable[[int], AbstractContextManager[None]]) -> list[list[Tensor]]:
+        """Each path's Z_l: every path's query rows pass each block together, in one ``forward_rows`` call
+        that reads the layer's tokens once (their rows never attend to each other); path k draws its
+        dropout masks inside ``random_stream(k)``. The paths share their query layers."""
         batch = per_layer[0].shape[0]
-        outputs = []
-        for i, layer in enumerate(self.layer_ids):
-            rows = self.dropout(self.queries[i].expand(batch, -1, -1))
-            outputs.append(blocks[layer].forward_rows(rows, per_layer[layer]).out)
+        dropped = []  # per path, per query layer: its (B, T, D) rows
+        for k, path in enumerate(paths):
+            with random_stream(k):
+                dropped.append([path.dropout(queries.expand(batch, -1, -1)) for queries in path.queries])
+        outputs: list[list[Tensor]] = [[] for _ in paths]
+        for i, layer in enumerate(paths[0].layer_ids):
+            rows = [path_rows[i] for path_rows in dropped]
+            out = blocks[layer].forward_rows(torch.cat(rows, dim=1), per_layer[layer]).out
+            for path_outputs, z in zip(outputs, out.split([r.shape[1] for r in rows], dim=1)):
+                path_outputs.append(z)
         return outputs
 
     def forward(self, layers: Tensor | Sequence[Tensor], cls: Tensor, blocks: ModuleListOf[Block]) -> Tensor:
@@ -145,39 +159,23 @@ class VQT(Method):
         return self.query_path(features.layers, features.cls, self.backbone.blocks)
 
     def forward(self, features: Features) -> Tensor:
-        x = self.head_input(features)
-        if self.kept_features is not None:
-            x = x[:, self.kept_features]
-        return self.head(x)
+        return self.classify(self.head_input(features))
+
+    def classify(self, head_input: Tensor) -> Tensor:
+        """The logits from the head input (the features a compressed head keeps)."""
+        return self.head(head_input if self.kept_features is None else head_input[:, self.kept_features])
 
     @staticmethod
     def forward_members(members: Sequence[Method], inputs: Any,
                         random_stream: Callable[[int], AbstractContextManager[None]]) -> list[Tensor]:
-        """Every member's query rows pass each block together, in one ``forward_rows`` call that reads
-        the layer's tokens once (their rows never attend to each other); each member draws its dropout
-        masks from its own stream, in the order its lone forward draws them."""
-        vqts = [m for m in members if isinstance(m, VQT)]
-        if len(vqts) < len(members) or any(m.kept_features is not None for m in vqts):
-            # compressed heads read other features: one forward each
-            return Method.forward_members(members, inputs, random_stream)
+        """Every member's query rows pass each block together (:meth:`QueryPath.stacked_outputs`); each
+        member draws its dropout masks from its own stream, in the order its lone forward draws them."""
+        vqts = cast("list[VQT]", members)
         features: Features = inputs
         assert features.layers is not None  # VQT reads LAYERS
-        per_layer = features.layers.unbind(1)
-        batch = features.cls.shape[0]
-        dropped = []  # per member, per query layer: its (B, T, D) rows
-        for k, vqt in enumerate(vqts):
-            path = vqt.query_path
-            with random_stream(k):
-                dropped.append([path.dropout(path.queries[i].expand(batch, -1, -1))
-                                for i in range(len(path.layer_ids))])
-        outputs: list[list[Tensor]] = [[] for _ in vqts]
-        blocks = vqts[0].backbone.blocks
-        for i, layer in enumerate(vqts[0].query_path.layer_ids):
-            rows = [member_rows[i] for member_rows in dropped]
-            out = blocks[layer].forward_rows(torch.cat(rows, dim=1), per_layer[layer]).out
-            for member_outputs, z in zip(outputs, out.split([r.shape[1] for r in rows], dim=1)):
-                member_outputs.append(z)
-        return [vqt.head(vqt.query_path.summary(features.cls, z)) for vqt, z in zip(vqts, outputs)]
+        outputs = QueryPath.stacked_outputs([vqt.query_path for vqt in vqts], features.layers.unbind(1),
+                                            vqts[0].backbone.blocks, random_stream)
+        return [vqt.classify(vqt.query_path.summary(features.cls, z)) for vqt, z in zip(vqts, outputs)]
 
     def keep_features(self, kept: Tensor, head: nn.Linear | None = None) -> None:
         """Make the head read only the ``kept`` head-input features."""
