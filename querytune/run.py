@@ -9,8 +9,10 @@ run's method, trains them together (:func:`querytune.train.fit`) and finishes ea
 
 from __future__ import annotations
 
+import json
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -121,7 +123,7 @@ class RunSetup:
         validate = None
         if self.val_images is not None:
             val_source = self.source(method.reads, self.val_images, cfg.bf16)
-            validate = partial(evaluate, method, val_source, self.device, bf16=cfg.bf16, fp16=cfg.fp16)
+            validate = partial(evaluate_one, method, val_source, self.device, bf16=cfg.bf16, fp16=cfg.fp16)
         return EpochLog(run, self.spec.log, validate, self.eval_every or 1, cfg.epochs)
 
     def metrics(self, method: Method, cfg: TrainConfig, result: FitResult, extra_metrics: dict[str, Any],
@@ -297,12 +299,10 @@ def train_stack(setup: RunSetup, stack: list[StackRun]) -> dict[Path, dict[str, 
         if distributed.is_main() and run.state == "new":
             run.created = start_run_folder(run.folder, run.config)
     distributed.barrier()  # the folders are ready before any rank looks for a checkpoint in them
-    metrics = {}
     try:
         results = fit([run.member for run in stack], source, setup.device, setup.runtime.progress,
                       setup.runtime.compile)
-        for run, result in zip(stack, results):
-            metrics[run.folder] = finish_run(setup, run, result, source, eval_source)
+        metrics = finish_runs(setup, stack, results, source, eval_source)
     except QuerytuneError:
         for run in stack:
             if run.created is not None and not run.finished:
@@ -312,21 +312,30 @@ def train_stack(setup: RunSetup, stack: list[StackRun]) -> dict[Path, dict[str, 
     return metrics
 
 
-def finish_run(setup: RunSetup, run: StackRun, result: FitResult, source: BatchSource,
-               eval_source: BatchSource | None) -> dict[str, Any]:
-    """After training: post-training (alike on every rank), adapter, evaluation, metrics.json."""
-    member, device = run.member, setup.device
-    with random_stream(member.stream, device):  # head compression draws dropout masks
-        extra_metrics = member.method.post_train(source, member.cfg, device)
-    if distributed.is_main():
-        save_adapter(run.folder, member.method)
-    accuracy = (evaluate(member.method, eval_source, device, bf16=member.cfg.bf16, fp16=member.cfg.fp16)
-                if eval_source is not None else None)
-    metrics = setup.metrics(member.method, member.cfg, result, extra_metrics, accuracy, source,
-                            run.state == "unfinished")
-    if distributed.is_main():
-        finish_run_folder(run.folder, metrics)
-    run.finished = True
+def finish_runs(setup: RunSetup, stack: list[StackRun], results: list[FitResult], source: BatchSource,
+                eval_source: BatchSource | None) -> dict[Path, dict[str, Any]]:
+    """After training: post-training (alike on every rank), adapters, the evaluation of every run in one
+    pass over the evaluation split, metrics.json; the runs' metrics."""
+    device = setup.device
+    extra_metrics = []
+    for run in stack:
+        member = run.member
+        with random_stream(member.stream, device):  # head compression draws dropout masks
+            extra_metrics.append(member.method.post_train(source, member.cfg, device))
+        if distributed.is_main():
+            save_adapter(run.folder, member.method)
+    cfg = stack[0].member.cfg  # the precision, shared
+    accuracies: list[float | None] = [None] * len(stack)
+    if eval_source is not None:
+        accuracies = [*evaluate([run.member.method for run in stack], eval_source, device, bf16=cfg.bf16,
+                                fp16=cfg.fp16)]
+    metrics = {}
+    for run, result, extra, accuracy in zip(stack, results, extra_metrics, accuracies):
+        metrics[run.folder] = setup.metrics(run.member.method, run.member.cfg, result, extra, accuracy, source,
+                                            run.state == "unfinished")
+        if distributed.is_main():
+            finish_run_folder(run.folder, metrics[run.folder])
+        run.finished = True
     return metrics
 
 
@@ -352,7 +361,8 @@ def validation_split(data: str | Path, train_images: ImageList, val_split: str |
 
 
 def load_run(run: str | Path, backbone: VisionTransformer | str | Path | None = None) -> tuple[Method, dict[str, Any]]:
-    """Rebuild a finished run's method with its adapter loaded (eval mode)."""
+    """Rebuild a finished run's method with its adapter loaded (eval mode), on ``backbone`` (a loaded
+    model is used as it is; default: the run's own backbone source)."""
     config = read_run_config(run)
     trained = config["backbone"]
     backbone = load_backbone(backbone if backbone is not None else trained["source"])
@@ -367,18 +377,40 @@ def load_run(run: str | Path, backbone: VisionTransformer | str | Path | None = 
 
 def eval_run(run: str | Path, data: str | Path, split: str = "test", runtime: Runtime | None = None,
              backbone: str | Path | None = None) -> float:
-    """Accuracy of a finished run's adapter on a split."""
+    """Accuracy of a finished run's adapter on a split (:func:`eval_runs` of one)."""
+    return eval_runs([run], data, split, runtime, backbone)[0]
+
+
+def eval_runs(runs: Sequence[str | Path], data: str | Path, split: str = "test", runtime: Runtime | None = None,
+              backbone: str | Path | None = None) -> list[float]:
+    """Accuracy of each finished run on a split of ``data``. The frozen-trunk runs that share a backbone,
+    input size, normalisation and precision are evaluated together: the split passes the trunk once
+    for all of them (or is read once from the feature cache); a backbone-adapting run has its own pass."""
     runtime = runtime or Runtime()
     device = distributed.init_from_env(runtime.torch_device)
-    method, config = load_run(run, backbone)
     images = open_split(data, split)
-    if images.num_classes > config["num_classes"]:
-        raise CheckpointError(
-            f"{images.source}: has {images.num_classes} classes, but the adapter in {run} has "
-            f"{config['num_classes']} classes"
-        )
-    preprocess = Preprocess.for_backbone(method.backbone, config["image_size"])
-    bf16 = config["train"]["bf16"]
-    source = make_source(method.reads, method.backbone, images, preprocess, device, runtime.cache_dir,
-                         runtime.num_workers, runtime.progress, bf16, runtime.cache_placement)
-    return evaluate(method, source, device, bf16=bf16, fp16=config["train"]["fp16"])
+    groups: dict[Any, list[int]] = {}
+    for index, run in enumerate(runs):
+        config = read_run_config(run)
+        if images.num_classes > config["num_classes"]:
+            raise CheckpointError(f"{images.source}: has {images.num_classes} classes, but the adapter in {run} "
+                                  f"has {config['num_classes']} classes")
+        shared = (config["backbone"]["fingerprint"], json.dumps(config["normalisation"]), config["image_size"],
+                  config["train"]["bf16"], config["train"]["fp16"])
+        groups.setdefault(shared if method_class(config["method"]).reads.frozen else index, []).append(index)
+    accuracies = [0.0] * len(runs)
+    for indices in groups.values():
+        method, config = load_run(runs[indices[0]], backbone)
+        methods = [method] + [load_run(runs[i], method.backbone)[0] for i in indices[1:]]
+        reads = TrunkInput.LAYERS if any(m.reads.with_layers for m in methods) else method.reads
+        bf16, fp16 = config["train"]["bf16"], config["train"]["fp16"]
+        preprocess = Preprocess.for_backbone(method.backbone, config["image_size"])
+        source = make_source(reads, method.backbone, images, preprocess, device, runtime.cache_dir,
+                             runtime.num_workers, runtime.progress, bf16, runtime.cache_placement)
+        for index, accuracy in zip(indices, evaluate(methods, source, device, bf16=bf16, fp16=fp16)):
+            accuracies[index] = accuracy
+    return accuracies
+
+
+def evaluate_one(method: Method, source: BatchSource, device: torch.device, **kwargs: Any) -> float:
+    return evaluate([method], source, device, **kwargs)[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -341,25 +341,34 @@ def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer
 
 
 @torch.no_grad()
-def predict(method: Method, source: BatchSource, device: torch.device, batch_size: int = 128,
+def predict(methods: Sequence[Method], source: BatchSource, device: torch.device, batch_size: int = 128,
             bf16: bool = False, show_progress: bool = False, indices: np.ndarray | None = None,
-            fp16: bool = False) -> torch.Tensor:
-    """Logits for the items ``indices`` of ``source`` (default: all of them), in order."""
+            fp16: bool = False) -> list[torch.Tensor]:
+    """Every method's logits for the items ``indices`` of ``source`` (default: all of them), in order, from
+    one pass over ``source``: methods reading the frozen trunk from a live source share each batch's trunk
+    pass."""
+    members = list(methods)
     indices = np.arange(len(source)) if indices is None else indices
-    method.to(device).eval()
-    outputs = [torch.empty(0, method.num_classes)]
-    with progress_bar(f"evaluating {method.name}", total=len(indices), enabled=show_progress) as advance:
+    outputs: list[list[torch.Tensor]] = [[torch.empty(0, m.num_classes)] for m in members]
+    for method in members:
+        method.to(device).eval()
+    label = f"evaluating {members[0].name}" if len(members) == 1 else f"evaluating {len(members)} runs"
+    with progress_bar(label, total=len(indices), enabled=show_progress) as advance:
         for inputs, _ in source.batches(indices, batch_size):
+            inputs = to_device(inputs, device, bf16)
             with autocast(device, bf16, fp16):
-                outputs.append(method(to_device(inputs, device, bf16)).float().cpu())
-            advance(len(outputs[-1]))
-    return torch.cat(outputs)
+                for method, method_outputs in zip(members, outputs):
+                    method_outputs.append(method(inputs).float().cpu())
+            advance(len(outputs[0][-1]))
+    return [torch.cat(method_outputs) for method_outputs in outputs]
 
 
-def evaluate(method: Method, source: BatchSource, device: torch.device, **kwargs: Any) -> float:
-    """Accuracy on ``source``; across processes every rank predicts every ``world``-th item."""
+def evaluate(methods: Sequence[Method], source: BatchSource, device: torch.device, **kwargs: Any) -> list[float]:
+    """Each method's accuracy on ``source``, from one pass over it; across processes every rank predicts
+    every ``world``-th item."""
     part = np.arange(len(source))[distributed.rank() :: distributed.world_size()]
-    logits = predict(method, source, device, indices=part, **kwargs)
-    correct = (logits.argmax(-1).numpy() == source.labels[part]).sum().item()
-    correct, total = distributed.all_reduce_sum([correct, len(part)])
-    return correct / total
+    labels = source.labels[part]
+    correct = [(logits.argmax(-1).numpy() == labels).sum().item()
+               for logits in predict(methods, source, device, indices=part, **kwargs)]
+    totals = distributed.all_reduce_sum([*correct, len(part)])
+    return [count / totals[-1] for count in totals[:-1]]

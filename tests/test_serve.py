@@ -111,7 +111,7 @@ def test_predict_cli_serves_runs_together_as_eval_predicts_them(tiny_backbone_di
         method, config = load_run(tmp_path / name)
         preprocess = Preprocess(32, method.backbone.config.mean, method.backbone.config.std)
         source = make_source(method.reads, method.backbone, images, preprocess, torch.device("cpu"))
-        top = predict(method, source, torch.device("cpu")).softmax(-1).max(-1)
+        top = predict([method], source, torch.device("cpu"))[0].softmax(-1).max(-1)
         correct = 0
         for (path, label), probability, index in zip(images.items, top.values, top.indices):
             served = records[str(path)][name]
@@ -162,7 +162,7 @@ def test_runs_of_every_method_are_served_as_their_own_eval_predicts_them(tiny_ba
         method, _ = load_run(run)
         preprocess = Preprocess(32, method.backbone.config.mean, method.backbone.config.std)
         source = make_source(method.reads, method.backbone, images, preprocess, torch.device("cpu"))
-        torch.testing.assert_close(logits[run.name], predict(method, source, torch.device("cpu")), rtol=0, atol=0,
+        torch.testing.assert_close(logits[run.name], predict([method], source, torch.device("cpu"))[0], rtol=0, atol=0,
                                    msg=run.name)
 
     paths = [path for path, _ in images.items[:2]]
