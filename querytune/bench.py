@@ -50,8 +50,8 @@ from .methods import method_class
 from .progress import note
 from .recipes import recipe_options
 from .report import markdown_report, plot_pareto
-from .run import train_runs
-from .runfolder import read_metrics
+from .run import eval_runs, train_runs
+from .runfolder import read_metrics, read_run_config, record_accuracy
 from .settings import BenchSpec, RunSpec, Runtime
 from .suite import Task, discover_tasks, read_groups_file
 
@@ -99,6 +99,10 @@ def parse_groups(text: str | None) -> dict[str, str] | None:
         raise ConfigError(f"--groups {text!r}: expected a file or 'task=group,...'") from error
 
 
+def describe_error(error: Exception) -> str:
+    return str(error) if isinstance(error, QuerytuneError) else f"{type(error).__name__}: {error}"
+
+
 class Bench:
     """The bench ``spec`` computed under ``runtime`` (whose ``cache``, where given, is a feature cache
     to keep; ``cache_splits`` is not the bench's: it caches what its methods read)."""
@@ -139,74 +143,111 @@ class Bench:
         """The runtime of the task's runs: its feature cache. Without a cache folder to keep, each task's
         cache is private and removed once the task is done (per task, so that parts of a bench sharing
         the folder never remove each other's)."""
-        return replace(self.runtime, cache=str(self.cache_dir(task)), cache_splits=None)
-
-    def train(self, method: str, task: Task, runs: dict[Path, dict[str, Any]], train_split: str,
-              eval_split: str) -> list[dict[str, Any]]:
-        if all((run / "metrics.json").is_file() for run in runs):  # finished in an earlier, interrupted bench
-            return [read_metrics(run) for run in runs]
-        return train_runs(self.run_spec(method, task, train_split, eval_split), runs, self.task_runtime(task))
+        return replace(self.runtime, cache=str(self.cache_dir(task)))
 
     @staticmethod
     def stacks(method: str) -> bool:
         """Whether the method's search points and seeds train as stacks (:mod:`querytune.grid`)."""
         return method_class(method).reads.frozen
 
-    def choose_hyperparameters(self, method: str, task: Task) -> dict[str, float]:
-        """Grid search: train on train800, pick by val200 accuracy (ties: the smaller learning rate)."""
+    def train(self, method: str, task: Task, runs: dict[Path, dict[str, Any]], train_split: str,
+              errors: dict[Path, str]) -> None:
+        """Train the unfinished ``runs`` of ``method``, without evaluating them (:meth:`evaluate` does,
+        for every run of the task at once): a frozen-trunk method's as one stack, where that fails each
+        alone. A run that fails gets its error in ``errors``; the others go on."""
+        pending = {run: settings for run, settings in runs.items() if not (run / "metrics.json").is_file()}
+        batches = [pending] if self.stacks(method) and len(pending) > 1 else [{r: s} for r, s in pending.items()]
+        for batch in batches:
+            try:
+                train_runs(self.run_spec(method, task, train_split, ""), batch, self.task_runtime(task))
+            except Exception as error:  # a failed run must not end the bench; its error goes into the table
+                self.log_error(f"{task.name}/{method} ({', '.join(run.name for run in batch)})", error)
+                if len(batch) == 1:
+                    errors.update(dict.fromkeys(batch, describe_error(error)))
+                    continue
+                for run, settings in batch.items():  # each run meets the error again alone, or trains
+                    self.train(method, task, {run: settings}, train_split, errors)
+
+    def evaluate(self, task: Task, runs: list[Path], split: str, errors: dict[Path, str]) -> None:
+        """The accuracy on ``split`` of every trained run of the task that lacks it, measured together
+        (:func:`querytune.run.eval_runs`: one pass of the split through the frozen trunk for all the
+        frozen-trunk runs), recorded in each run's metrics.json."""
+        todo = [run for run in runs if run not in errors and (run / "metrics.json").is_file()
+                and f"{split}_accuracy" not in read_metrics(run)]
+        if not todo:
+            return
+        runtime = replace(self.task_runtime(task), cache_splits=self.runtime.cache_splits or [])
+        try:
+            accuracies = eval_runs(todo, task.path, split, runtime)
+        except Exception as error:  # reported in every run's cell
+            self.log_error(f"{task.name} (evaluating on {split})", error)
+            errors.update(dict.fromkeys(todo, describe_error(error)))
+            return
+        for run, accuracy in zip(todo, accuracies):
+            record_accuracy(run, split, accuracy)
+
+    def search_runs(self, method: str, task: Task) -> dict[Path, dict[str, Any]]:
         base = self.settings(method)
         batch = base.get("batch_size", method_class(method).train_defaults.get("batch_size", 64))
-        points = search_grid(method, batch)
-        runs = {self.out / "search" / task.name / method / member_name(point): {**base, **point} for point in points}
-        if self.stacks(method):
-            metrics = self.train(method, task, runs, "train800", "val200")
-        else:
-            metrics = [self.train(method, task, {run: settings}, "train800", "val200")[0]
-                       for run, settings in runs.items()]
-        return select_best([(point, m["val200_accuracy"]) for point, m in zip(points, metrics)])
+        return {self.out / "search" / task.name / method / member_name(point): {**base, **point}
+                for point in search_grid(method, batch)}
+
+    def choose_hyperparameters(self, task: Task, errors: dict[Path, str]) -> None:
+        """Grid search of every method: train each grid on train800, evaluate all of them on val200 at
+        once, and pick each method's best point (ties: the smaller learning rate)."""
+        grids = {method: self.search_runs(method, task) for method in self.methods}
+        for method, runs in grids.items():
+            self.train(method, task, runs, "train800", errors)
+        self.evaluate(task, [run for runs in grids.values() for run in runs], "val200", errors)
+        for method, runs in grids.items():
+            if not any(run in errors for run in runs):
+                scored = [({"lr": s["lr"], "weight_decay": s["weight_decay"]}, read_metrics(run)["val200_accuracy"])
+                          for run, s in runs.items()]
+                self.chosen[task.name, method] = select_best(scored)
 
     def seed_runs(self, method: str, task: Task) -> dict[Path, dict[str, Any]]:
         """The final runs of ``method`` on ``task``, one per seed, with their training settings."""
-        settings = self.settings(method)
-        if self.spec.search:
-            if (task.name, method) not in self.chosen:
-                self.chosen[task.name, method] = self.choose_hyperparameters(method, task)
-            settings.update(self.chosen[task.name, method])
+        settings = {**self.settings(method), **self.chosen.get((task.name, method), {})}
         runs = self.task_runs(task)[self.methods.index(method) * self.seeds:][:self.seeds]
         if not self.stacks(method):
             return {run: {**settings, "seed": seed} for seed, run in enumerate(runs)}
         return {run: {**settings, **own} for run, own in zip(runs, seed_settings(range(self.seeds)))}
-
-    def train_seeds(self, method: str, task: Task) -> None:
-        """Train a stacking method's seeds as one stack; where that fails, each cell retries alone and reports."""
-        if not self.stacks(method) or all((run / "metrics.json").is_file() for run in self.seed_runs(method, task)):
-            return
-        try:
-            self.train(method, task, self.seed_runs(method, task), "train800val200", "test")
-        except Exception:  # noqa: BLE001 - the cells meet the error again and report it
-            with open(self.out / "errors.log", "a") as log:
-                log.write(f"{task.name}/{method} (seeds stacked)\n{traceback.format_exc()}\n")
 
     def run(self) -> list[dict[str, Any]]:
         self.claim_folder()
         costs = {method: self.cost(method) for method in self.methods}
         results = []
         for task in self.selected:
-            self.prepare_cache(task)
-            for method in self.methods:
-                self.train_seeds(method, task)
-                for seed in range(self.seeds):
-                    results.append(self.cell(task, method, seed, costs[method]))
-                    self.write(results)
+            results.extend(self.run_task(task, costs))
+            self.write(results)
             if self.runtime.cache is None:
                 shutil.rmtree(self.cache_dir(task), ignore_errors=True)
                 with contextlib.suppress(OSError):  # the last part of a bench to finish removes the folder
                     self.cache_dir(task).parent.rmdir()
         return results
 
+    def run_task(self, task: Task, costs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        """Train and evaluate every cell of the task (what is finished is read back); its rows."""
+        errors: dict[Path, str] = {}
+        self.prepare_cache(task)
+        if self.spec.search:
+            self.choose_hyperparameters(task, errors)
+        seed_runs: dict[str, dict[Path, dict[str, Any]]] = {}
+        for method in self.methods:
+            seed_runs[method] = self.seed_runs(method, task)
+            if self.spec.search and (task.name, method) not in self.chosen:
+                failed = next(errors[run] for run in self.search_runs(method, task) if run in errors)
+                errors.update(dict.fromkeys(seed_runs[method], f"search: {failed}"))
+                continue
+            self.train(method, task, seed_runs[method], "train800val200", errors)
+        self.evaluate(task, [run for runs in seed_runs.values() for run in runs], "test", errors)
+        return [self.cell(task, method, seed, run, costs[method], errors)
+                for method, runs in seed_runs.items() for seed, run in enumerate(runs)]
+
     def prepare_cache(self, task: Task) -> None:
-        """Build the per-layer feature cache of the task's splits once when any method reads it, so that
-        class-token readers (run first or not) reuse it instead of running the trunk again."""
+        """Build the per-layer feature cache of the task's cached splits (default: the training split)
+        once when any method reads it, so that class-token readers reuse it instead of running the
+        trunk again. train800 (the search's) is read from the train800val200 entry."""
         readers = [m for m in self.methods if method_class(m).reads.with_layers]
         if not readers or all((r / "metrics.json").is_file() for r in self.task_runs(task)):
             return
@@ -217,13 +258,22 @@ class Bench:
             self.backbone_model = load_backbone(self.backbone)
             if self.normalisation is not None:
                 self.backbone_model.config.mean, self.backbone_model.config.std = self.normalisation
-        splits = ["train800val200", "test"] + (["train800", "val200"] if self.spec.search else [])
         try:
-            cache_splits(self.cache_dir(task), self.backbone_model, task.path, splits, self.spec.image_size,
-                         self.spec.bf16, device=self.device, workers=self.workers,
+            cache_splits(self.cache_dir(task), self.backbone_model, task.path, self.cached_splits(),
+                         self.spec.image_size, self.spec.bf16, device=self.device, workers=self.workers,
                          show_progress=self.runtime.progress)
         except QuerytuneError:
             pass  # the task's cells meet the same error and report it
+
+    def cached_splits(self) -> list[str]:
+        """The splits whose features are cached: ``--cache-splits``, by default the training split."""
+        return self.runtime.cache_splits or ["train800val200"]
+
+    def log_error(self, what: str, error: Exception) -> None:
+        """An unexpected error's traceback goes to REPORT/errors.log (a user error's line is in the table)."""
+        if not isinstance(error, QuerytuneError):
+            with open(self.out / "errors.log", "a") as log:
+                log.write(f"{what}\n{traceback.format_exc()}\n")
 
     def cache_dir(self, task: Task) -> Path:
         return self.runtime.cache_dir or self.out / "feature-cache" / task.name
@@ -231,23 +281,19 @@ class Bench:
     def task_runs(self, task: Task) -> list[Path]:
         return [self.out / "runs" / task.name / m / f"seed{s}" for m in self.methods for s in range(self.seeds)]
 
-    def cell(self, task: Task, method: str, seed: int, cost: dict[str, Any]) -> dict[str, Any]:
+    def cell(self, task: Task, method: str, seed: int, run: Path, cost: dict[str, Any],
+             errors: dict[Path, str]) -> dict[str, Any]:
+        """The table row of one run: its accuracy and cost, or its error."""
         row: dict[str, Any] = {"task": task.name, "group": task.group, "method": method, "seed": seed,
                                "trainable_params": cost.get("trainable_params"), "saved_bytes": cost.get("saved_bytes"),
                                "train_peak_bytes": cost.get("train_peak_bytes"), "cost_error": cost.get("error")}
-        try:
-            run, settings = list(self.seed_runs(method, task).items())[seed]
-            metrics = self.train(method, task, {run: settings}, "train800val200", "test")[0]
-            config = json.loads((run / "config.json").read_text())
-            row.update(accuracy=metrics["test_accuracy"], train_seconds=metrics["train_seconds"],
-                       trainable_params=metrics["trainable_params"], lr=config["train"]["lr"],
-                       weight_decay=config["train"]["weight_decay"], recipe=config.get("recipe"))
-        except QuerytuneError as error:
-            row["error"] = str(error)
-        except Exception as error:  # a crashed cell must not end the bench; its error goes into the table
-            row["error"] = f"{type(error).__name__}: {error}"
-            with open(self.out / "errors.log", "a") as log:
-                log.write(f"{task.name}/{method}/seed{seed}\n{traceback.format_exc()}\n")
+        if run in errors:
+            row["error"] = errors[run]
+            return row
+        metrics, config = read_metrics(run), read_run_config(run)
+        row.update(accuracy=metrics["test_accuracy"], train_seconds=metrics["train_seconds"],
+                   trainable_params=metrics["trainable_params"], lr=config["train"]["lr"],
+                   weight_decay=config["train"]["weight_decay"], recipe=config.get("recipe"))
         return row
 
     def claim_folder(self) -> None:

@@ -112,9 +112,13 @@ class RunSetup:
         return method, config
 
     def source(self, reads: TrunkInput, images: ImageList, bf16: bool, augment: bool = False) -> BatchSource:
-        """The batches of ``images``, read from the feature cache where the runtime caches their split."""
+        """The batches of ``images``, read from the feature cache where the runtime caches their split:
+        by default the splits read more than once (the training split, the validation split of
+        ``eval_every``); the evaluation split, read once, runs the trunk live."""
         splits = self.runtime.cache_splits
-        cache_dir = self.runtime.cache_dir if splits is None or images.split in splits else None
+        if splits is None:
+            splits = [self.train_images.split] + ([self.val_images.split] if self.val_images is not None else [])
+        cache_dir = self.runtime.cache_dir if images.split in splits else None
         return make_source(reads, self.backbone, images, self.preprocess, self.device, cache_dir, self.workers,
                            self.runtime.progress, bf16, self.runtime.cache_placement, augment)
 
@@ -224,9 +228,10 @@ def train_runs(spec: RunSpec, runs: dict[Path, dict[str, Any]], runtime: Runtime
     (``spec.task_name``, else the data folder's name) as its options; ``spec.options`` override them.
     ``spec.mean``/``spec.std`` set the input normalisation (required where the backbone's is unknown);
     config.json records the one used, and evaluation and serving use it. ``runtime.cache_splits`` names
-    the splits whose features are cached under ``runtime.cache`` (default: all); the others run the
-    frozen trunk live. ``runtime.compile`` runs a lone run's training forward through ``torch.compile``;
-    it is how the run computes, not what it computes, so a run may resume under another runtime.
+    the splits whose features are cached under ``runtime.cache`` (default: those read more than once,
+    the training split and the validation split); the others run the frozen trunk live.
+    ``runtime.compile`` runs a lone run's training forward through ``torch.compile``; it is how the
+    run computes, not what it computes, so a run may resume under another runtime.
 
     ``spec.train_split`` defaults to ``train800val200`` where the task has it, else ``train``. With
     ``{"augment": True}`` the training images are cropped and flipped at random (methods that run the
@@ -385,7 +390,9 @@ def eval_runs(runs: Sequence[str | Path], data: str | Path, split: str = "test",
               backbone: str | Path | None = None) -> list[float]:
     """Accuracy of each finished run on a split of ``data``. The frozen-trunk runs that share a backbone,
     input size, normalisation and precision are evaluated together: the split passes the trunk once
-    for all of them (or is read once from the feature cache); a backbone-adapting run has its own pass."""
+    for all of them; a backbone-adapting run has its own pass. With ``runtime.cache`` the split's
+    features are read from (or written to) the feature cache, unless ``runtime.cache_splits`` leaves
+    the split out."""
     runtime = runtime or Runtime()
     device = distributed.init_from_env(runtime.torch_device)
     images = open_split(data, split)
@@ -405,7 +412,8 @@ def eval_runs(runs: Sequence[str | Path], data: str | Path, split: str = "test",
         reads = TrunkInput.LAYERS if any(m.reads.with_layers for m in methods) else method.reads
         bf16, fp16 = config["train"]["bf16"], config["train"]["fp16"]
         preprocess = Preprocess.for_backbone(method.backbone, config["image_size"])
-        source = make_source(reads, method.backbone, images, preprocess, device, runtime.cache_dir,
+        cached = runtime.cache_splits is None or split in runtime.cache_splits
+        source = make_source(reads, method.backbone, images, preprocess, device, runtime.cache_dir if cached else None,
                              runtime.num_workers, runtime.progress, bf16, runtime.cache_placement)
         for index, accuracy in zip(indices, evaluate(methods, source, device, bf16=bf16, fp16=fp16)):
             accuracies[index] = accuracy

@@ -129,6 +129,14 @@ def finish_run_folder(out: Path, metrics: dict[str, Any]) -> None:
     (out / "checkpoint.pt").unlink(missing_ok=True)
 
 
+def record_accuracy(run: Path, split: str, accuracy: float) -> dict[str, Any]:
+    """Add the accuracy on ``split``, measured after training (``eval_runs``), to a finished run's
+    metrics.json; return the metrics."""
+    metrics = {**read_metrics(run), "eval_split": split, f"{split}_accuracy": accuracy}
+    write_json(run / "metrics.json", metrics)
+    return metrics
+
+
 def read_run_config(run: str | Path) -> dict[str, Any]:
     """The config.json of a finished run (one with its adapter written)."""
     run = Path(run)

@@ -80,8 +80,10 @@ class Runtime:
     workers: int | None = option(None, "image-loading processes (default: from the CPU count)", min=0)
     cache: str | None = option(None, "feature-cache folder (default: $QUERYTUNE_CACHE or "
                                      "~/.cache/querytune/features; bench: a private one under OUT)")
-    cache_splits: list[str] | None = option(None, "splits whose features are cached (default: all); the others "
-                                                  "run the trunk live, e.g. the test split, which is read once")
+    cache_splits: list[str] | None = option(None, "splits whose features are cached (default: those read more "
+                                                  "than once: the training split, and the validation split of "
+                                                  "--eval-every); the others, such as the test split, which is "
+                                                  "read once, run the trunk live")
     cache_placement: str = option("auto", "on a GPU, where cached features live: device (GPU memory), host "
                                           "(streamed from disk) or auto (device when they fit)", choices=PLACEMENTS)
     compile: str = option("off", "torch.compile the training step: off, default, reduce-overhead (CUDA graphs) "

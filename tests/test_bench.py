@@ -245,7 +245,7 @@ def test_bench_search_with_seeds_runs_end_to_end_as_stacks(suite, tiny_backbone_
           "--out", str(out), "--search", "--seeds", "3", "--image-size", "32", "--workers", "0", "-q"])
     results = json.loads((out / "results.json").read_text())["results"]
     assert len(results) == 2 * 4 * 3 and not any(r.get("error") for r in results)
-    assert stacks == [4, 3] * 8  # per task and method: the grid, then the seeds, each one stack
+    assert stacks == ([4] * 4 + [3] * 4) * 2  # per task: each method's grid, then each method's seeds, as stacks
     for task in ("alpha", "beta"):
         for method in ("linear", "vqt", "synqt", "memory"):
             cells = [r for r in results if r["task"] == task and r["method"] == method]

@@ -404,9 +404,10 @@ def test_cache_splits_chooses_the_cached_splits_of_a_run(tiny_backbone_dir, tiny
     root = tmp_path / "cache"
     args = [a for a in train_args(tiny_backbone_dir, tiny_task, tmp_path / "run") if a != "-q"]
     args[args.index("linear")] = "vqt"
-    main([str(a) for a in args] + ["--cache", str(root), "--cache-splits", "train800val200"])
+    main([str(a) for a in args] + ["--cache", str(root)])
     assert [entry.name.split("-")[1] for entry in root.iterdir()] == ["train800val200"]  # the test split ran live
-    main([str(a) for a in args] + ["--out", str(tmp_path / "all"), "--cache", str(tmp_path / "all-cache")])
+    main([str(a) for a in args] + ["--out", str(tmp_path / "all"), "--cache", str(tmp_path / "all-cache"),
+                                   "--cache-splits", "train800val200,test"])
     assert sorted(entry.name.split("-")[1] for entry in (tmp_path / "all-cache").iterdir()) == ["test",
                                                                                                 "train800val200"]
     live, cached = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("run", "all"))
