@@ -37,12 +37,13 @@ import io
 import json
 import shutil
 import traceback
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .data import check_normalisation
-from .errors import ConfigError, QuerytuneError
+from .backbones import load_backbone
+from .data import Preprocess, check_normalisation, open_split
+from .errors import ConfigError, QuerytuneError, StorageError
 from .files import write_json, write_text
 from .grid import member_name, search_grid, seed_settings, select_best
 from .measure import measure_method_isolated
@@ -54,6 +55,17 @@ from .run import eval_runs, train_runs
 from .runfolder import read_metrics, read_run_config, record_accuracy
 from .settings import BenchSpec, RunSpec, Runtime
 from .suite import Task, discover_tasks, read_groups_file
+from .train import TrainConfig
+from .trunk.cache import (
+    SHARD_SIZE,
+    cache_dir_for,
+    cache_splits,
+    entry_nbytes,
+    feature_shapes,
+    human_size,
+    read_meta,
+    shard_rows,
+)
 
 if TYPE_CHECKING:
     from .backbones.vit import VisionTransformer
@@ -97,6 +109,27 @@ def parse_groups(text: str | None) -> dict[str, str] | None:
         return dict(item.split("=", 1) for item in text.split(","))
     except ValueError as error:
         raise ConfigError(f"--groups {text!r}: expected a file or 'task=group,...'") from error
+
+
+@dataclass
+class TaskPlan:
+    """What a bench will do for one task, before any work: the images of each split, the feature-cache
+    bytes it will write, the images it will put through the trunk, the runs it will train, and the
+    free disk where its cache goes."""
+
+    task: str
+    images: dict[str, int]
+    cache_bytes: int
+    trunk_images: int
+    cells: int
+    cache_dir: Path
+    free_bytes: int
+
+    def line(self) -> str:
+        splits = ", ".join(f"{split} {count:,}" for split, count in self.images.items())
+        return (f"{self.task}: {splits} images; cache {human_size(self.cache_bytes)} to write "
+                f"({human_size(self.free_bytes)} free in {self.cache_dir}); {self.trunk_images:,} images through "
+                f"the trunk; {self.cells} runs to train")
 
 
 def describe_error(error: Exception) -> str:
@@ -215,6 +248,8 @@ class Bench:
 
     def run(self) -> list[dict[str, Any]]:
         self.claim_folder()
+        plans = self.plan()
+        note("plan:\n" + "\n".join(plan.line() for plan in plans), self.runtime.progress)
         costs = {method: self.cost(method) for method in self.methods}
         results = []
         for task in self.selected:
@@ -251,19 +286,74 @@ class Bench:
         readers = [m for m in self.methods if method_class(m).reads.with_layers]
         if not readers or all((r / "metrics.json").is_file() for r in self.task_runs(task)):
             return
-        from .backbones import load_backbone
-        from .trunk.cache import cache_splits
-
-        if self.backbone_model is None:
-            self.backbone_model = load_backbone(self.backbone)
-            if self.normalisation is not None:
-                self.backbone_model.config.mean, self.backbone_model.config.std = self.normalisation
         try:
-            cache_splits(self.cache_dir(task), self.backbone_model, task.path, self.cached_splits(),
+            cache_splits(self.cache_dir(task), self.backbone_for_cache(), task.path, self.cached_splits(),
                          self.spec.image_size, self.spec.bf16, device=self.device, workers=self.workers,
                          show_progress=self.runtime.progress)
         except QuerytuneError:
             pass  # the task's cells meet the same error and report it
+
+    def backbone_for_cache(self) -> VisionTransformer:
+        if self.backbone_model is None:
+            self.backbone_model = load_backbone(self.backbone)
+            if self.normalisation is not None:
+                self.backbone_model.config.mean, self.backbone_model.config.std = self.normalisation
+        return self.backbone_model
+
+    def plan(self) -> list[TaskPlan]:
+        """Each selected task's :class:`TaskPlan`; finished runs and cache entries already built count
+        as done. A task whose cache would not fit in the free disk is refused (one line), before any work."""
+        backbone = self.backbone_for_cache()
+        preprocess = Preprocess.for_backbone(backbone, self.spec.image_size)
+        frozen = [m for m in self.methods if self.stacks(m)]
+        with_layers = any(method_class(m).reads.with_layers for m in frozen)
+        shapes = feature_shapes(backbone, preprocess, with_layers)
+        plans, shared_bytes = [], 0
+        for task in self.selected:
+            splits = ["train800val200", "test"] + (["train800", "val200"] if self.spec.search else [])
+            images = {split: open_split(task.path, split) for split in splits}
+            cached = set(self.cached_splits()) | ({"train800"} if "train800val200" in self.cached_splits() else set())
+            stages = [("train800", "val200", self.search_runs)] if self.spec.search else []
+            stages.append(("train800val200", "test", self.seed_runs))
+            cells = trunk = 0
+            frozen_evaluated, frozen_trained = set(), False
+            for train_split, eval_split, runs_of in stages:
+                for method in self.methods:
+                    runs = list(runs_of(method, task))
+                    pending = [run for run in runs if not (run / "metrics.json").is_file()]
+                    unevaluated = [run for run in runs if not (run / "metrics.json").is_file()
+                                   or f"{eval_split}_accuracy" not in read_metrics(run)]
+                    epochs = TrainConfig.for_method(method_class(method), self.settings(method)).epochs
+                    cells += len(pending)
+                    train_images = len(images[train_split])
+                    if method in frozen:
+                        frozen_trained |= bool(pending)
+                        if pending and train_split not in cached:  # a stack reads each batch once
+                            trunk += epochs * train_images
+                        if unevaluated:
+                            frozen_evaluated.add(eval_split)
+                    else:  # each run puts its images through its own trunk, every epoch
+                        trunk += len(pending) * epochs * train_images + len(unevaluated) * len(images[eval_split])
+            trunk += sum(len(images[split]) for split in frozen_evaluated if split not in cached)
+            cache_bytes = 0
+            if frozen_trained:
+                for split in self.cached_splits():
+                    entry = cache_dir_for(self.cache_dir(task), backbone, images[split], preprocess, with_layers,
+                                          self.spec.bf16)
+                    if read_meta(entry) is None:
+                        cache_bytes += entry_nbytes(shapes, shard_rows(len(images[split]), SHARD_SIZE))
+                        trunk += len(images[split])
+            cache_dir = self.cache_dir(task)
+            folder = next(p for p in (cache_dir, *cache_dir.parents) if p.exists())
+            plan = TaskPlan(task.name, {split: len(found) for split, found in images.items()}, cache_bytes, trunk,
+                            cells, cache_dir, shutil.disk_usage(folder).free)
+            shared_bytes = shared_bytes + cache_bytes if self.runtime.cache is not None else cache_bytes
+            if shared_bytes > plan.free_bytes:
+                raise StorageError(f"bench: task {task.name}: its feature cache needs {human_size(shared_bytes)}, "
+                                   f"{human_size(plan.free_bytes)} free in {folder}; give --cache a folder on a "
+                                   "larger disk")
+            plans.append(plan)
+        return plans
 
     def cached_splits(self) -> list[str]:
         """The splits whose features are cached: ``--cache-splits``, by default the training split."""

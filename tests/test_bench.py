@@ -254,3 +254,34 @@ def test_bench_search_with_seeds_runs_end_to_end_as_stacks(suite, tiny_backbone_
                        for s in range(3)]
             assert [(c["train"]["seed"], c["train"]["data_seed"]) for c in configs] == [(0, None), (1, 0), (2, 0)]
     assert " ± " in (out / "report.md").read_text()
+
+
+def test_the_plan_is_what_the_bench_then_does(suite, tiny_backbone_dir, tmp_path, monkeypatch):
+    """Cache bytes written and images through the trunk, as planned: the training split once into the cache,
+    each evaluated split once for all frozen-trunk runs, an adapting method's every epoch and evaluation."""
+    from querytune.backbones.vit import PatchEmbed
+
+    seen = [0]
+    real = PatchEmbed.forward
+    monkeypatch.setattr(PatchEmbed, "forward", lambda self, images: seen.__setitem__(0, seen[0] + len(images))
+                        or real(self, images))
+    cache = tmp_path / "cache"
+    bench = _bench(suite, tiny_backbone_dir, tmp_path / "out", methods=["linear", "vqt", "memory", "bitfit"],
+                   seeds=2, search=True, cache_dir=cache)
+    for method in ("linear", "vqt", "memory", "bitfit"):  # a 2 x 1 grid each, to keep the test short
+        monkeypatch.setattr(METHODS[method], "search_grid", {"lr": (0.5, 0.05), "weight_decay": (0.0,)})
+    plans = bench.plan()
+    assert [p.task for p in plans] == ["alpha", "beta"] and all(p.cells == 4 * (2 + 2) for p in plans)
+    results = bench.run()
+    assert not any(r.get("error") for r in results)
+    written = sum(f.stat().st_size for f in cache.rglob("*.npy"))
+    assert written == pytest.approx(sum(p.cache_bytes for p in plans), rel=0.01)
+    assert {entry.name.split("-")[1] for entry in cache.iterdir()} == {"train800val200"}  # what is read twice
+    assert seen[0] == sum(p.trunk_images for p in plans)
+    epochs = 5  # the quick profile's for bitfit, which adapts the trunk
+    for plan, task in zip(plans, ("alpha", "beta")):
+        n = plan.images
+        frozen = n["train800val200"] + n["val200"] + n["test"]  # one pass each, for all 3 frozen methods x runs
+        adapting = 2 * (epochs * n["train800"] + n["val200"]) + 2 * (epochs * n["train800val200"] + n["test"])
+        assert plan.trunk_images == frozen + adapting
+    assert all(p.cells == 0 and p.cache_bytes == 0 and p.trunk_images == 0 for p in bench.plan())  # all done
