@@ -38,9 +38,11 @@ import json
 import shutil
 import traceback
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import distributed
 from .backbones import load_backbone
 from .data import Preprocess, check_normalisation, open_split
 from .errors import ConfigError, QuerytuneError, StorageError
@@ -70,6 +72,7 @@ from .trunk.cache import (
 if TYPE_CHECKING:
     from .backbones.vit import VisionTransformer
 
+RANKS_WAIT = timedelta(days=7)  # how long a bench's rank done with its tasks waits for the others
 # quick profile: epochs for methods whose trunk runs without / with autograd
 QUICK_EPOCHS = {True: 20, False: 5}
 RESULT_FIELDS = ("task", "group", "method", "seed", "accuracy", "trainable_params", "saved_bytes",
@@ -247,14 +250,39 @@ class Bench:
         return {run: {**settings, **own} for run, own in zip(runs, seed_settings(range(self.seeds)))}
 
     def run(self) -> list[dict[str, Any]]:
-        self.claim_folder()
-        plans = self.plan()
-        note("plan:\n" + "\n".join(plan.line() for plan in plans), self.runtime.progress)
-        costs = {method: self.cost(method) for method in self.methods}
+        """Every cell of the selected tasks, trained, evaluated and reported (what is finished is read back).
+        Under torchrun each rank takes whole tasks (task i: rank i mod N) and trains them on its own; rank 0
+        then reads every cell back and writes the report (the others return no rows)."""
+        if not distributed.launched():
+            self.claim_folder()
+            return self.run_tasks(self.selected, {method: self.cost(method) for method in self.methods})
+        device = distributed.init_from_env(self.device, timeout=RANKS_WAIT)
+        self.device, self.runtime = device, replace(self.runtime, device=str(device))
+        rank, world = distributed.rank(), distributed.world_size()
+        for turn in (0, 1):  # rank 0 records the bench's settings before the others compare theirs
+            if (rank == 0) == (turn == 0):
+                self.claim_folder()
+            distributed.barrier()
+        with distributed.alone():
+            self.run_tasks(self.selected[rank::world], {}, report=False)
+        distributed.barrier()  # every task done (a killed rank ends them all; the next run resumes its cells)
         results = []
-        for task in self.selected:
+        if rank == 0:
+            with distributed.alone():
+                results = self.run_tasks(self.selected, {method: self.cost(method) for method in self.methods})
+        distributed.barrier()
+        return results
+
+    def run_tasks(self, tasks: list[Task], costs: dict[str, dict[str, Any]],
+                  report: bool = True) -> list[dict[str, Any]]:
+        """Run ``tasks`` one after the other; with ``report``, write the report after each."""
+        plans = self.plan(tasks)
+        note("plan:\n" + "\n".join(plan.line() for plan in plans), self.runtime.progress)
+        results = []
+        for task in tasks:
             results.extend(self.run_task(task, costs))
-            self.write(results)
+            if report:
+                self.write(results)
             if self.runtime.cache is None:
                 shutil.rmtree(self.cache_dir(task), ignore_errors=True)
                 with contextlib.suppress(OSError):  # the last part of a bench to finish removes the folder
@@ -276,7 +304,7 @@ class Bench:
                 continue
             self.train(method, task, seed_runs[method], "train800val200", errors)
         self.evaluate(task, [run for runs in seed_runs.values() for run in runs], "test", errors)
-        return [self.cell(task, method, seed, run, costs[method], errors)
+        return [self.cell(task, method, seed, run, costs.get(method, {}), errors)
                 for method, runs in seed_runs.items() for seed, run in enumerate(runs)]
 
     def prepare_cache(self, task: Task) -> None:
@@ -300,16 +328,17 @@ class Bench:
                 self.backbone_model.config.mean, self.backbone_model.config.std = self.normalisation
         return self.backbone_model
 
-    def plan(self) -> list[TaskPlan]:
-        """Each selected task's :class:`TaskPlan`; finished runs and cache entries already built count
-        as done. A task whose cache would not fit in the free disk is refused (one line), before any work."""
+    def plan(self, tasks: list[Task] | None = None) -> list[TaskPlan]:
+        """The :class:`TaskPlan` of each of ``tasks`` (default: the selected ones); finished runs and cache
+        entries already built count as done. A task whose cache would not fit in the free disk is refused
+        (one line), before any work."""
         backbone = self.backbone_for_cache()
         preprocess = Preprocess.for_backbone(backbone, self.spec.image_size)
         frozen = [m for m in self.methods if self.stacks(m)]
         with_layers = any(method_class(m).reads.with_layers for m in frozen)
         shapes = feature_shapes(backbone, preprocess, with_layers)
         plans, shared_bytes = [], 0
-        for task in self.selected:
+        for task in self.selected if tasks is None else tasks:
             splits = ["train800val200", "test"] + (["train800", "val200"] if self.spec.search else [])
             images = {split: open_split(task.path, split) for split in splits}
             cached = set(self.cached_splits()) | ({"train800"} if "train800val200" in self.cached_splits() else set())

@@ -19,6 +19,8 @@ How the work is split:
 - Training metrics are summed across ranks; evaluation splits the items across ranks.
 - Only rank 0 writes run files and shows progress.
 - Feature-cache shards are built round-robin by rank (:func:`querytune.cache.ensure_cache`).
+- ``querytune bench`` under torchrun spreads whole tasks over the ranks instead: each rank trains
+  its tasks on its own (:func:`alone`), and rank 0 writes the report once all are done.
 
 Run folders and caches must be on a filesystem that every rank can read.
 """
@@ -26,6 +28,9 @@ Run folders and caches must be on a filesystem that every rank can read.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -35,18 +40,24 @@ import torch.distributed as dist
 from .errors import ConfigError
 
 
-def init_from_env(device: torch.device) -> torch.device:
-    """Join the process group torchrun describes (when WORLD_SIZE > 1); return this process's device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+def launched() -> bool:
+    """Whether torchrun started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(device: torch.device, timeout: timedelta | None = None) -> torch.device:
+    """Join the process group torchrun describes (when WORLD_SIZE > 1); return this process's device.
+    ``timeout``: how long a collective waits for the other ranks (default: torch's)."""
+    if not launched():
         return device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("nccl", device_id=device, timeout=timeout)
         elif device.type == "cpu":
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=timeout)
         else:
             raise ConfigError(f"distributed training runs on cpu or cuda, not {device}")
     return device
@@ -57,12 +68,27 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+_alone = False  # see alone()
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """Inside the block this process works on its own (a bench's rank training its own tasks): the
+    helpers here see one process, rank 0, and never communicate."""
+    global _alone
+    before, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = before
+
+
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return dist.get_rank() if dist.is_initialized() and not _alone else 0
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return dist.get_world_size() if dist.is_initialized() and not _alone else 1
 
 
 def is_main() -> bool:

@@ -93,10 +93,33 @@ def test_two_processes_train_like_one(method, cached, tiny_backbone_dir, tmp_pat
 
     # the cache the two ranks built shard by shard equals the one built by one process
     entries = sorted((tmp_path / "one-cache").iterdir())
-    # test; train800val200 (77 images), which train800 and val200 are read from
-    assert [len(list(entry.glob("shard-*.cls.npy"))) for entry in entries] == [1, 2]
+    # train800val200 (77 images), which train800 and val200 are read from (test, read once, runs live)
+    assert [len(list(entry.glob("shard-*.cls.npy"))) for entry in entries] == [2]
     for entry in entries:
         twin = tmp_path / "ddp-cache" / entry.name
         assert sorted(p.name for p in entry.iterdir()) == sorted(p.name for p in twin.iterdir())
         for file in entry.iterdir():
             assert file.read_bytes() == (twin / file.name).read_bytes(), file
+
+
+def test_a_bench_over_two_ranks_reports_what_one_process_does(tiny_backbone_dir, tmp_path):
+    """Each gloo rank trains whole tasks; rank 0 reads every cell back and writes the one report."""
+    from querytune.cli import main
+
+    suite = tmp_path / "suite"
+    for index, task in enumerate(("alpha", "beta", "gamma")):
+        write_task(suite / task, classes=2 + index, seed=index)
+    args = ["bench", "--suite", suite, "--methods", "linear,vqt", "-b", tiny_backbone_dir, "--seeds", "2",
+            "--image-size", "32", "--workers", "0", "-q"]
+    result = torchrun(*args, "--out", tmp_path / "ranks")
+    assert result.returncode == 0, result.stderr[-3000:]
+    main([str(a) for a in (*args, "--out", tmp_path / "one")])
+    cells = {}
+    for out in ("ranks", "one"):
+        rows = json.loads((tmp_path / out / "results.json").read_text())["results"]
+        # all but what is timed or measured on the running process (the step's peak memory)
+        cells[out] = [{k: v for k, v in row.items() if k not in ("train_seconds", "train_peak_bytes")} for row in rows]
+    assert len(cells["one"]) == 3 * 2 * 2 and not any(row.get("error") for row in cells["one"])
+    assert cells["ranks"] == cells["one"]
+    hosts = {json.loads(run.read_text())["processes"] for run in (tmp_path / "ranks" / "runs").rglob("metrics.json")}
+    assert hosts == {1}  # every run trained on one rank, alone
