@@ -212,7 +212,8 @@ class Bench:
                 and f"{split}_accuracy" not in read_metrics(run)]
         if not todo:
             return
-        runtime = replace(self.task_runtime(task), cache_splits=self.runtime.cache_splits or [])
+        # val200 is read from the train800val200 entry where that is cached; what else is read once runs live
+        runtime = replace(self.task_runtime(task), cache_splits=self.runtime.cache_splits or ["val200"])
         try:
             accuracies = eval_runs(todo, task.path, split, runtime)
         except Exception as error:  # reported in every run's cell
@@ -341,7 +342,9 @@ class Bench:
         for task in self.selected if tasks is None else tasks:
             splits = ["train800val200", "test"] + (["train800", "val200"] if self.spec.search else [])
             images = {split: open_split(task.path, split) for split in splits}
-            cached = set(self.cached_splits()) | ({"train800"} if "train800val200" in self.cached_splits() else set())
+            cached = set(self.cached_splits())
+            if "train800val200" in cached:  # its parts are read from its entry
+                cached |= {"train800", "val200"}
             stages = [("train800", "val200", self.search_runs)] if self.spec.search else []
             stages.append(("train800val200", "test", self.seed_runs))
             cells = trunk = 0
