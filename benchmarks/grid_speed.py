@@ -154,7 +154,7 @@ def main() -> None:
     images = replace(images, items=images.items[: args.images])
     preprocess = Preprocess.for_backbone(backbone, args.image_size)
     method_cls = method_class(args.method)
-    base = TrainConfig.for_method(method_cls, {"epochs": 1, "bf16": args.bf16})
+    base = TrainConfig.for_method(method_cls, {"epochs": 1, "precision": "bf16" if args.bf16 else "fp32"})
     points = search_grid(args.method, base.batch_size)
     config = backbone.config
     print(f"device {device}, backbone {args.backbone.name} (D {config.embed_dim}, {config.num_heads} heads, "

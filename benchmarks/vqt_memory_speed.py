@@ -94,7 +94,7 @@ def time_vqt_epochs(backbone_path: Path, task: Path, epoch_images: int, image_si
     images = replace(images, items=images.items[:epoch_images])
     preprocess = Preprocess.for_backbone(backbone, image_size)
     method = build_method("vqt", backbone, images.num_classes)
-    cfg = TrainConfig.for_method(type(method), {"epochs": 1, "bf16": bf16})
+    cfg = TrainConfig.for_method(type(method), {"epochs": 1, "precision": "bf16" if bf16 else "fp32"})
 
     def epoch_seconds(source, warm_up: bool = True, compile_mode: str = "off") -> float:
         if warm_up:  # workers, page cache, GPU kernels, compilation
@@ -158,7 +158,7 @@ def time_full_run(backbone: Path, task: Path, epochs: int, image_size: int, bf16
     with tempfile.TemporaryDirectory(dir=cache_root) as root:
         started = time.perf_counter()
         metrics = train_run(RunSpec(method="vqt", backbone=backbone, data=task, image_size=image_size),
-                            Path(root) / "run", train={"epochs": epochs, "bf16": bf16},
+                            Path(root) / "run", train={"epochs": epochs, "precision": "bf16" if bf16 else "fp32"},
                             runtime=Runtime(cache=Path(root) / "cache", device=device, workers=workers, progress=False))
         return {**metrics, "total_seconds": time.perf_counter() - started}
 

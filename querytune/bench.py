@@ -68,6 +68,7 @@ from .trunk.cache import (
     read_meta,
     shard_rows,
 )
+from .trunk.device import resolve_precision
 
 if TYPE_CHECKING:
     from .backbones.vit import VisionTransformer
@@ -152,6 +153,8 @@ class Bench:
         for method in spec.methods:
             method_class(method)  # unknown names fail before any work
         self.device, self.workers = runtime.torch_device, runtime.num_workers  # a bad one fails here, not per cell
+        self.precision, self.precision_reason = resolve_precision(spec.precision, self.device)
+        self.bf16 = self.precision == "bf16"  # the trunk's, in the feature cache
         self.tasks = discover_tasks(Path(str(spec.suite)), parse_groups(spec.groups))
         self.selected = select_tasks(self.tasks, spec.tasks)
         self.normalisation = (check_normalisation(spec.mean, spec.std)
@@ -167,7 +170,7 @@ class Bench:
         self.chosen: dict[tuple[str, str], dict[str, float]] = {}  # (task, method) -> the searched lr, weight decay
 
     def settings(self, method: str) -> dict[str, Any]:
-        return {**profile_settings(method, self.spec.profile), "bf16": self.spec.bf16}
+        return {**profile_settings(method, self.spec.profile), "precision": self.precision}
 
     def run_spec(self, method: str, task: Task, train_split: str, eval_split: str) -> RunSpec:
         spec = self.spec
@@ -278,7 +281,8 @@ class Bench:
                   report: bool = True) -> list[dict[str, Any]]:
         """Run ``tasks`` one after the other; with ``report``, write the report after each."""
         plans = self.plan(tasks)
-        note("plan:\n" + "\n".join(plan.line() for plan in plans), self.runtime.progress)
+        note(f"precision {self.precision} ({self.precision_reason}); plan:\n" + "\n".join(p.line() for p in plans),
+             self.runtime.progress)
         results = []
         for task in tasks:
             results.extend(self.run_task(task, costs))
@@ -317,7 +321,7 @@ class Bench:
             return
         try:
             cache_splits(self.cache_dir(task), self.backbone_for_cache(), task.path, self.cached_splits(),
-                         self.spec.image_size, self.spec.bf16, device=self.device, workers=self.workers,
+                         self.spec.image_size, self.bf16, device=self.device, workers=self.workers,
                          show_progress=self.runtime.progress)
         except QuerytuneError:
             pass  # the task's cells meet the same error and report it
@@ -371,7 +375,7 @@ class Bench:
             if frozen_trained:
                 for split in self.cached_splits():
                     entry = cache_dir_for(self.cache_dir(task), backbone, images[split], preprocess, with_layers,
-                                          self.spec.bf16)
+                                          self.bf16)
                     if read_meta(entry) is None:
                         cache_bytes += entry_nbytes(shapes, shard_rows(len(images[split]), SHARD_SIZE))
                         trunk += len(images[split])
@@ -423,7 +427,7 @@ class Bench:
         settings = {"suite": [str(t.path.resolve()) for t in self.tasks],
                     "groups": {t.name: t.group for t in self.tasks},
                     "backbone": self.backbone, "profile": self.spec.profile, "search": self.spec.search,
-                    "image_size": self.spec.image_size, "bf16": self.spec.bf16, "recipe": self.spec.recipe}
+                    "image_size": self.spec.image_size, "precision": self.precision, "recipe": self.spec.recipe}
         if self.normalisation:
             settings["normalisation"] = [list(self.normalisation[0]), list(self.normalisation[1])]
         path = self.out / "bench.json"
@@ -443,7 +447,7 @@ class Bench:
         if path.is_file():
             return json.loads(path.read_text())
         note(f"measuring one training step of {method} (batch 32, a fresh process)", self.runtime.progress)
-        result = measure_method_isolated(method, self.backbone, 32, self.spec.image_size, self.spec.bf16,
+        result = measure_method_isolated(method, self.backbone, 32, self.spec.image_size, self.bf16,
                                          self.runtime.device)
         if "error" not in result:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -454,7 +458,7 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         spec = self.spec
         write_json(self.out / "results.json", {"profile": spec.profile, "backbone": self.backbone,
-                                               "image_size": spec.image_size, "bf16": spec.bf16,
+                                               "image_size": spec.image_size, "precision": self.precision,
                                                "search": spec.search, "results": results})
         table = io.StringIO()
         writer = csv.DictWriter(table, RESULT_FIELDS)
@@ -474,5 +478,5 @@ class Bench:
                   else "default hyperparameters")
         recipe = f"; per-task method settings from recipe `{spec.recipe}`" if spec.recipe else ""
         stacked = (" (frozen-trunk methods: as one stack, in seed 0's data order)" if spec.seeds > 1 else "")
-        return (f"backbone `{self.backbone}`, {spec.image_size} px, {'bf16' if spec.bf16 else 'fp32'}; {cut}; "
+        return (f"backbone `{self.backbone}`, {spec.image_size} px, {self.precision}; {cut}; "
                 f"{search}{recipe}; {spec.seeds} seed(s){stacked}; accuracy on `test` after the last epoch.")

@@ -71,7 +71,7 @@ class TrainCommand:
 
 
 TRAIN_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs", "grad_clip",
-                  "label_smoothing", "seed", "data_seed", "bf16", "fp16", "checkpointing", "augment")
+                  "label_smoothing", "seed", "data_seed", "precision", "checkpointing", "augment")
 RUN_RECORD = ("querytune_version", "num_classes", "classes")  # what a run's config.json holds beside its settings
 
 
@@ -203,10 +203,10 @@ def train(
     label_smoothing: Optional[float] = typer.Option(None),
     seed: Optional[int] = typer.Option(None),
     data_seed: Optional[int] = typer.Option(None, help="seed of the epochs' order (default: --seed)"),
-    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16",
-                                        help="bfloat16 autocast for the trunk and the training step"),
-    fp16: Optional[bool] = typer.Option(None, "--fp16/--no-fp16", help="float16 autocast with a gradient scaler "
-                                        "(for GPUs without bfloat16)"),
+    precision: Optional[str] = typer.Option(None, help="auto (the default: bf16 where the device computes it "
+                                            "natively, else fp32) | fp32 | bf16 | fp16"),
+    bf16: bool = typer.Option(False, "--bf16", help="--precision bf16"),
+    fp16: bool = typer.Option(False, "--fp16", help="--precision fp16"),
     checkpointing: Optional[bool] = typer.Option(None, "--checkpointing", help="gradient checkpointing: recompute "
                                                  "each block in backward (methods that backpropagate through the "
                                                  "trunk)"),
@@ -249,6 +249,13 @@ def train(
 
     settings = read_train_config(config) if config is not None else {"options": {}, "train": {}}
     sections = dict.fromkeys(TRAIN_SETTINGS, "train")
+    spelled = [kind for kind, given in (("bf16", bf16), ("fp16", fp16)) if given]
+    if spelled:
+        if len(spelled) > 1 or precision not in (None, spelled[0]):
+            raise ConfigError(f"--{spelled[0]} and --{spelled[-1] if len(spelled) > 1 else 'precision'} "
+                              "exclude each other")
+        ctx.params["precision"] = spelled[0]
+    ctx.params.pop("bf16"), ctx.params.pop("fp16")
     settings = command_line_over(settings, ctx, TrainCommand, sections)
     settings["options"].update(parse_method_options(ctx.args))
     settings["log"] = logger_names(settings["log"])
@@ -560,7 +567,7 @@ class BenchCommand:
     groups: str | None = None
     tasks: str | None = None
     image_size: int = 224
-    bf16: bool = False
+    precision: str = "auto"
     recipe: str | None = None
     mean: list[float] | None = None  # 'R,G,B' on the command line
     std: list[float] | None = None
@@ -592,8 +599,9 @@ def bench(
                                                    "split over processes sharing --out and --cache; run it "
                                                    "again without --tasks for the whole report)"),
     image_size: Optional[int] = typer.Option(None, help="input size (default 224)"),
-    bf16: Optional[bool] = typer.Option(None, "--bf16", help="bfloat16 autocast for the trunk and the training "
-                                                             "steps"),
+    precision: Optional[str] = typer.Option(None, help="auto (the default: bf16 where the device computes it "
+                                            "natively, else fp32) | fp32 | bf16 | fp16"),
+    bf16: bool = typer.Option(False, "--bf16", help="--precision bf16"),
     recipe: Optional[str] = typer.Option(None, help="per-task method settings from this recipe (vtab1k, "
                                                     "vtab1k-mini); task names are the suite's folder names"),
     mean: Optional[str] = typer.Option(None, help="input normalisation mean 'R,G,B' (needed where the backbone's "
@@ -611,6 +619,9 @@ def bench(
     if config is not None:
         settings = read_settings_file(config)
         check_settings(config, settings, BenchCommand)
+    if bf16:
+        ctx.params["precision"] = "bf16"
+    ctx.params.pop("bf16")
     settings = command_line_over(settings, ctx, BenchCommand)
     if print_config:
         print(json.dumps(settings, indent=1))
@@ -619,7 +630,7 @@ def bench(
     spec = BenchSpec(suite=str(settings["suite"]), methods=[m for m in settings["methods"].split(",") if m],
                      backbone=settings["backbone"], out=str(settings["out"]), profile=settings["profile"],
                      seeds=settings["seeds"], search=settings["search"], image_size=settings["image_size"],
-                     bf16=settings["bf16"], groups=settings["groups"], recipe=settings["recipe"],
+                     precision=settings["precision"], groups=settings["groups"], recipe=settings["recipe"],
                      mean=triple(settings["mean"], "--mean"), std=triple(settings["std"], "--std"),
                      tasks=[t.strip() for t in settings["tasks"].split(",") if t.strip()]
                      if settings["tasks"] is not None else None)

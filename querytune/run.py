@@ -13,7 +13,7 @@ import json
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from .data import ImageList, Preprocess, check_normalisation, default_train_spli
 from .errors import CheckpointError, ConfigError, QuerytuneError
 from .methods import build_method, method_class, options_dict
 from .methods.base import Method
+from .progress import note
 from .recipes import recipe_options
 from .runfolder import (
     check_run_folder,
@@ -43,6 +44,7 @@ from .settings import RunSpec, Runtime
 from .train import FitResult, Member, TrainConfig, evaluate, fit, random_stream, rng_state, seed_everything
 from .trunk import TrunkInput
 from .trunk.cache import backbone_fingerprint
+from .trunk.device import resolve_precision
 from .trunk.sources import BatchSource, check_augment, make_source
 from .version import __version__
 
@@ -251,11 +253,15 @@ def train_runs(spec: RunSpec, runs: dict[Path, dict[str, Any]], runtime: Runtime
     runtime = runtime or Runtime()
     device = distributed.init_from_env(runtime.torch_device)
     configs = [TrainConfig.for_method(method_cls, own) for own in runs.values()]
+    precision, why = resolve_precision(configs[0].precision, device)  # a stack's runs share it (check_stack)
+    configs = [replace(cfg, precision=resolve_precision(cfg.precision, device)[0]) for cfg in configs]
     if len(configs) > 1:
         check_stack(method_cls, configs, runtime)
     check_augment(configs[0].augment, method_cls.reads, runtime.cache_dir)
     distributed.local_batch_size(configs[0].batch_size)
     setup = prepare_run(spec, runtime, device)
+    if why != "as given":
+        note(f"precision {precision} ({why})", runtime.progress)
     stack = []
     for folder, cfg in zip(runs, configs):
         method, config = setup.build(cfg)
@@ -403,14 +409,14 @@ def eval_runs(runs: Sequence[str | Path], data: str | Path, split: str = "test",
             raise CheckpointError(f"{images.source}: has {images.num_classes} classes, but the adapter in {run} "
                                   f"has {config['num_classes']} classes")
         shared = (config["backbone"]["fingerprint"], json.dumps(config["normalisation"]), config["image_size"],
-                  config["train"]["bf16"], config["train"]["fp16"])
+                  config["train"]["precision"])
         groups.setdefault(shared if method_class(config["method"]).reads.frozen else index, []).append(index)
     accuracies = [0.0] * len(runs)
     for indices in groups.values():
         method, config = load_run(runs[indices[0]], backbone)
         methods = [method] + [load_run(runs[i], method.backbone)[0] for i in indices[1:]]
         reads = TrunkInput.LAYERS if any(m.reads.with_layers for m in methods) else method.reads
-        bf16, fp16 = config["train"]["bf16"], config["train"]["fp16"]
+        bf16, fp16 = (config["train"]["precision"] == kind for kind in ("bf16", "fp16"))
         preprocess = Preprocess.for_backbone(method.backbone, config["image_size"])
         cached = runtime.cache_splits is None or split in runtime.cache_splits
         source = make_source(reads, method.backbone, images, preprocess, device, runtime.cache_dir if cached else None,

@@ -124,7 +124,7 @@ class MultiTaskServer:
             method, _ = load_run(run, backbone if shares_trunk else copy.deepcopy(backbone))
             tasks.append(ServedTask(name, method, config.get("classes")))
         if bf16 is None:
-            bf16 = all(config["train"]["bf16"] for config in configs)
+            bf16 = all(config["train"]["precision"] == "bf16" for config in configs)
         return cls(backbone, tasks, configs[0]["image_size"], bf16, device)
 
     @torch.no_grad()

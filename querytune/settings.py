@@ -22,7 +22,7 @@ import torch
 
 from .options import check_value, option
 from .runlog import LOGGERS
-from .trunk.device import COMPILE_MODES, resolve_device, resolve_workers
+from .trunk.device import COMPILE_MODES, PRECISIONS, resolve_device, resolve_workers
 from .trunk.sources import PLACEMENTS
 
 
@@ -121,7 +121,9 @@ class BenchSpec(ModelSpec):
     tasks: list[str] | None = option(None, "train only these tasks of the suite now (a bench split over processes "
                                            "sharing --out and --cache; run it again without --tasks for the whole "
                                            "report)")
-    bf16: bool = option(False, "bfloat16 autocast for the trunk and the training steps")
+    precision: str = option("auto", "the trunk's and the training steps' precision: auto (bf16 where the device "
+                                    "computes it natively, else fp32) | fp32 | bf16 | fp16; --bf16 spells bf16",
+                            choices=PRECISIONS)
 
     def __post_init__(self) -> None:
         check_fields(self)

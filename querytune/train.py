@@ -25,7 +25,7 @@ from .errors import CheckpointError, ConfigError, one_line
 from .files import recording_writes, write_atomic
 from .options import check_value, option
 from .progress import progress_bar
-from .trunk.device import autocast, compiled, to_device
+from .trunk.device import PRECISIONS, autocast, compiled, to_device
 from .trunk.sources import BatchSource, epoch_order
 
 if TYPE_CHECKING:
@@ -53,8 +53,10 @@ class TrainConfig:
     seed: int = option(0, "random seed", min=0, max=2**32 - 1)  # numpy's seeds are 32-bit
     # Stacked seeds (querytune.grid) share one data order.
     data_seed: int | None = option(None, "seed of the epochs' order (default: --seed)", min=0, max=2**32 - 1)
-    bf16: bool = option(False, "bfloat16 autocast")
-    fp16: bool = option(False, "float16 autocast with a gradient scaler, for GPUs without bfloat16")
+    precision: str = option("auto", "auto (bf16 where the device computes it natively: a GPU with bf16, a CPU "
+                                    "with AVX-512 BF16 or AMX; else fp32) | fp32 | bf16 (autocast) | fp16 (autocast "
+                                    "and a gradient scaler, for GPUs without bfloat16); --bf16 and --fp16 spell the "
+                                    "last two", choices=PRECISIONS)
     checkpointing: bool = option(False, "recompute each block in backward (methods that backpropagate through "
                                         "the trunk)")
     augment: bool = option(False, "random resized crop and flip of the training images (needs the trunk run live)")
@@ -62,8 +64,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for declared in fields(self):
             check_value(type(self), declared, getattr(self, declared.name))
-        if self.bf16 and self.fp16:
-            raise ConfigError("--bf16 and --fp16 exclude each other")
 
     @classmethod
     def for_method(cls, method_cls: type[Method], overrides: dict[str, Any]) -> TrainConfig:
@@ -78,6 +78,14 @@ class TrainConfig:
         if "warmup_epochs" not in given and cfg.epochs < method_cls.train_defaults.get("epochs", cls.epochs):
             cfg.warmup_epochs = min(cfg.warmup_epochs, cfg.epochs / 10)
         return cfg
+
+    @property
+    def bf16(self) -> bool:
+        return self.precision == "bf16"
+
+    @property
+    def fp16(self) -> bool:
+        return self.precision == "fp16"
 
     @property
     def order_seed(self) -> int:

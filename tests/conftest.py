@@ -87,6 +87,13 @@ def private_feature_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pa
     return path
 
 
+@pytest.fixture(autouse=True)
+def float32_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--precision auto`` means float32 in the tests (and in the processes they start), whatever this
+    CPU computes natively, so that the tests compute alike on every machine; tests of ``auto`` unset it."""
+    monkeypatch.setenv("QUERYTUNE_PRECISION", "fp32")
+
+
 def assert_matches_reference(module: torch.nn.Module, fast: torch.Tensor, naive, grad_floor: float = 0.0) -> dict:
     """The efficient path's logits ``fast`` equal the naive reference's ``naive()``, and so do the
     gradients of a random linear loss for every trainable parameter of ``module``.

@@ -79,7 +79,7 @@ def test_cached_features_train_alike_in_gpu_memory_streamed_and_on_cpu(tiny_task
 
 def test_bf16_run_on_cuda_end_to_end(tiny_backbone_dir, tiny_task, tmp_path):
     metrics = train_run(RunSpec(method="vqt", backbone=tiny_backbone_dir, data=tiny_task, image_size=32),
-                        tmp_path / "run", train={"epochs": 3, "batch_size": 8, "bf16": True},
+                        tmp_path / "run", train={"epochs": 3, "batch_size": 8, "precision": "bf16"},
                         runtime=Runtime(workers=2, cache=tmp_path / "cache", progress=False))
     assert metrics["device"].startswith("cuda") and metrics["feature_placement"] == "device"
     assert set(load_file(str(tmp_path / "run" / "adapter.safetensors"))) >= {"head.weight", "query_path.queries"}

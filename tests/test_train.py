@@ -52,11 +52,11 @@ def test_linear_probe_learns_colours(tiny_backbone_dir, tiny_task, tmp_path):
     assert metrics["train_accuracy"] == 1.0
 
 
-@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("method", ["vqt", "synqt"])
-def test_cached_and_live_training_agree(tiny_backbone_dir, tiny_task, tmp_path, method, bf16):
+def test_cached_and_live_training_agree(tiny_backbone_dir, tiny_task, tmp_path, method, precision):
     options = {"num_queries": 2}
-    settings = {**FAST, "bf16": bf16}
+    settings = {**FAST, "precision": precision}
     live = _train(tiny_backbone_dir, tiny_task, tmp_path / "live", method=method, options=options,
                   train=settings)
     cached = _train(tiny_backbone_dir, tiny_task, tmp_path / "cached", method=method, options=options,
@@ -350,7 +350,7 @@ def test_fp16_training_scales_its_loss_and_resumes_exactly(tiny_backbone_dir, ti
 
     import querytune.train as train_module
 
-    settings = {**FAST, "epochs": 4, "fp16": True}
+    settings = {**FAST, "epochs": 4, "precision": "fp16"}
     metrics = _train(tiny_backbone_dir, tiny_task, tmp_path / "whole", method="vqt", train=settings)
     assert math.isfinite(metrics["train_loss"])  # no overflow reached the weights
     real_save = train_module.save_checkpoint
@@ -372,8 +372,6 @@ def test_fp16_training_scales_its_loss_and_resumes_exactly(tiny_backbone_dir, ti
     cut = load_file(str(tmp_path / "cut" / "adapter.safetensors"))
     for name in whole:
         assert torch.equal(whole[name], cut[name]), name
-    with pytest.raises(ConfigError, match="--bf16 and --fp16 exclude each other"):
-        TrainConfig(bf16=True, fp16=True)
 
 
 def test_compiled_training_computes_what_eager_training_does(tiny_backbone_dir, tiny_task, tmp_path):
@@ -398,3 +396,30 @@ def test_an_unknown_compile_mode_is_refused_before_anything_is_written(tiny_back
     with pytest.raises(ConfigError, match=r"--compile must be one of off, default, .* \(got 'fast'\)"):
         _train(tiny_backbone_dir, tiny_task, tmp_path / "run", compile="fast")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("flags", "expected"), [({"avx2", "fma"}, "fp32"), ({"avx2", "avx512_bf16"}, "bf16"),
+                                                 ({"amx_bf16", "amx_tile"}, "bf16")])
+def test_auto_precision_is_bfloat16_only_where_the_cpu_computes_it(flags, expected, tiny_backbone_dir, tiny_task,
+                                                                   tmp_path, monkeypatch, capsys):
+    import querytune.trunk.device as device_module
+
+    monkeypatch.delenv("QUERYTUNE_PRECISION")
+    monkeypatch.setattr(device_module, "cpu_flags", lambda: flags)
+    runtime = Runtime(workers=0, progress=True, device="cpu")
+    train_run(RunSpec(method="linear", backbone=tiny_backbone_dir, data=tiny_task, image_size=32), tmp_path / "run",
+              {"epochs": 1}, runtime)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["precision"] == expected
+    assert f"precision {expected} (auto: " in capsys.readouterr().err  # the choice is said and recorded
+
+
+def test_a_given_precision_is_kept_and_a_wrong_one_named(monkeypatch):
+    from querytune.trunk.device import resolve_precision
+
+    assert resolve_precision("fp16", torch.device("cpu"))[0] == "fp16"
+    assert resolve_precision("auto", torch.device("cpu"))[0] == "fp32"  # $QUERYTUNE_PRECISION, set by conftest
+    monkeypatch.setenv("QUERYTUNE_PRECISION", "half")
+    with pytest.raises(ConfigError, match=r"\$QUERYTUNE_PRECISION must be one of fp32, bf16, fp16 \(got 'half'\)"):
+        resolve_precision("auto", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="--precision must be one of auto, fp32, bf16, fp16"):
+        TrainConfig(precision="fp64")
