@@ -8,19 +8,25 @@ SHARED ?= ../shared
 BACKBONE ?= $(SHARED)/weights/dinov2-small-imgfocus
 DATA ?= $(SHARED)/data/vtab1k-mini/dtd10
 DEMO_METHODS ?= linear,vqt,memory,synqt
+# 112 px: DINOv2's 14-pixel patches make 8 x 8 of them, a quarter of 224 px's tokens
+DEMO_IMAGE_SIZE ?= 112
 
-$(VENV)/installed: pyproject.toml
+# The demo needs the package alone; the tests and the linters its dev extra too.
+$(VENV)/base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/installed: $(VENV)/base
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
 .PHONY: demo test lint install-check
-demo: $(VENV)/installed
+demo: $(VENV)/base
 	@test -e "$(BACKBONE)" -a -e "$(DATA)" || { echo "demo: $(BACKBONE) or $(DATA) not found; run 'make demo BACKBONE=<model> DATA=<task folder>'"; exit 2; }
 	$(PY) -m querytune bench --suite $(DATA) --methods $(DEMO_METHODS) --backbone $(BACKBONE) --profile quick \
-		--bf16 --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+		--image-size $(DEMO_IMAGE_SIZE) --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(VENV)/installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q  # tiny test models: one thread each is faster

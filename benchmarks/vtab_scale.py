@@ -36,6 +36,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--methods", default="linear,vqt,synqt,memory")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--tasks", help="only these tasks of the suite, 'a,b' (default: all)")
     parser.add_argument("--alone-tasks", type=int, default=2, help="tasks whose runs are also evaluated alone")
     parser.add_argument("--plan-only", action="store_true")
     return parser.parse_args()
@@ -67,7 +68,8 @@ def main() -> None:
         backbone = str(random_vit_b16(Path(scratch))) if args.random_vit_b16 else args.backbone
         cache = args.out / "cache"
         spec = BenchSpec(suite=str(args.suite), backbone=backbone, out=str(args.out), methods=args.methods.split(","),
-                         seeds=args.seeds, search=True, image_size=args.image_size)
+                         seeds=args.seeds, search=True, image_size=args.image_size,
+                         tasks=args.tasks.split(",") if args.tasks else None)
         bench = Bench(spec, Runtime(cache=str(cache), progress=False))
         print(f"suite {args.suite}, backbone {backbone}, {args.image_size} px, methods {args.methods}, --search "
               f"--seeds {args.seeds}, torch {torch.__version__}, {torch.get_num_threads()} threads")
