@@ -157,6 +157,7 @@ def _same_task(a: MemoryTask, b: MemoryTask) -> bool:
 class MemoryTokens(Method):
     name = "memory"
     reads = TrunkInput.LAYERS
+    not_mergeable = "its memory tokens join every block's attention"
     Options = MemoryOptions
     train_defaults = TRAIN_DEFAULTS
     search_grid = SEARCH_GRID
@@ -202,6 +203,9 @@ class MemoryTokens(Method):
 
     def forward(self, inputs: Features) -> Tensor:
         return self.stack(inputs.layers, self.backbone)[-1]
+
+    def task_stack(self) -> TaskStack:
+        return self.stack
 
     @staticmethod
     def forward_members(members: Sequence[Method], inputs: Any,

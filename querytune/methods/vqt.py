@@ -128,6 +128,7 @@ class QueryPath(nn.Module):
 class VQT(Method):
     name = "vqt"
     reads = TrunkInput.LAYERS
+    not_mergeable = "its query tokens pass every block as extra rows"
     Options: ClassVar[type[VQTOptions]] = VQTOptions
     # Paper protocol: 100 epochs, 10 warm-up, cosine, batch 128, Adam, lr from the grid x batch/256.
     train_defaults = {"epochs": 100, "warmup_epochs": 10, "batch_size": 128, "optimizer": "adam",
