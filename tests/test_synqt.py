@@ -10,8 +10,8 @@ from querytune.backbones.vit import VisionTransformer, ViTConfig
 from querytune.errors import ConfigError
 from querytune.measure import SavedTensorMeter, measure_step
 from querytune.methods import build_method
-from querytune.reference import naive_synqt_logits
 from querytune.trunk.features import extract_features
+from reference import naive_synqt_logits
 
 
 def _synqt(backbone, num_classes: int = 5, **options):

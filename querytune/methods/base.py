@@ -20,7 +20,9 @@ What the rest of querytune asks a method, so that adding one means one file:
 - ``peft_exportable`` (``--format peft``): whether PEFT has the very same adapter (LoRA only);
 - ``task_stack()`` (:class:`~querytune.serve.MultiTaskServer`): the
   :class:`~querytune.methods.memory.TaskStack` of class-token rows that serving merges with the
-  other runs' stacks into one pass, or None.
+  other runs' stacks into one pass, or None;
+- ``published_way()`` (``querytune measure --method NAME-naive``): the method executed the way its
+  published code does, to measure what that costs, or None where there is no other way.
 """
 
 from __future__ import annotations
@@ -95,6 +97,10 @@ class Method(nn.Module):
 
     def task_stack(self) -> TaskStack | None:
         """The class-token rows that serving may merge with other runs' into one pass; None: served alone."""
+        return None
+
+    def published_way(self) -> Method | None:
+        """This method executed the way its published code does (same parameters), or None."""
         return None
 
     def post_train(self, source: Any, cfg: Any, device: torch.device) -> dict[str, Any]:
