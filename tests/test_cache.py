@@ -329,20 +329,6 @@ def test_a_read_only_entry_is_checked_on_every_open_and_never_written(tiny_task,
     assert (path / "meta.json").read_bytes() == meta and not (path / ".lock").exists()
 
 
-def test_entries_from_before_checksums_stay_readable_and_get_them(tiny_task, tmp_path):
-    backbone = tiny_vit()
-    images = open_split(tiny_task, "test")
-    preprocess = Preprocess(32, backbone.config.mean, backbone.config.std)
-    path = build_cache(tmp_path, backbone, images, preprocess, shard_size=4, show_progress=False)
-    meta = read_meta(path)
-    checksums = meta.pop("checksums")
-    del meta["verified"]
-    (path / "meta.json").write_text(json.dumps(meta))  # as querytune wrote it before checksums
-    open_or_build_cache(tmp_path, backbone, images, preprocess, with_layers=True, shard_size=4, show_progress=False)
-    meta = read_meta(path)
-    assert meta["checksums"] == checksums and meta["verified"]
-
-
 def test_a_corrupted_adapter_is_refused(tiny_backbone_dir, tiny_task, tmp_path, capsys):
     out = tmp_path / "run"
     main([str(a) for a in train_args(tiny_backbone_dir, tiny_task, out, "--no-cache")])
@@ -351,8 +337,9 @@ def test_a_corrupted_adapter_is_refused(tiny_backbone_dir, tiny_task, tmp_path, 
     with pytest.raises(CheckpointError, match=r"adapter.safetensors: corrupted \(its sha256 differs from "
                                               r"adapter.sha256\); train the run again"):
         load_run(out)
-    (out / "adapter.sha256").unlink()  # a run from before checksums: loads as it did
-    load_run(out)
+    (out / "adapter.sha256").unlink()  # no checksum, nothing to check the adapter against: refused
+    with pytest.raises(CheckpointError, match=r"adapter.safetensors: not a readable adapter .*adapter.sha256"):
+        load_run(out)
 
 
 # --- housekeeping: build again, ls, rm, prune ---------------------------------------------------------

@@ -57,12 +57,7 @@ def backbone_fingerprint(backbone: VisionTransformer) -> str:
     cached = getattr(backbone, FINGERPRINT_ATTRIBUTE, None)
     if cached is not None:
         return cached
-    # Earlier runs' fingerprints hold: "extra", a field ViTConfig once had (always empty), is hashed still,
-    # and fields added since are hashed only where they differ from their defaults.
-    architecture = {**backbone.config.to_dict(), "extra": {}}
-    if not architecture["global_pool"]:
-        del architecture["global_pool"]
-    digest = hashlib.sha256(json.dumps(architecture, sort_keys=True, default=str).encode())
+    digest = hashlib.sha256(json.dumps(backbone.config.to_dict(), sort_keys=True, default=str).encode())
     for name, tensor in sorted(backbone.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
@@ -167,24 +162,22 @@ def complete_meta(path: Path) -> dict[str, Any] | None:
 
 def verify_entry(path: Path, show_progress: bool = True, record: bool = True) -> list[Path]:
     """Check every shard of the complete entry at ``path`` against its checksum; return the corrupted shards'
-    files. With ``record``, where all held, meta.json records that (and the checksums of an entry from
-    before they existed)."""
+    files. With ``record``, where all held, meta.json records that."""
     meta = read_meta(path)
     assert meta is not None  # a complete entry
-    recorded = meta.get("checksums", {})
-    corrupted, checksums = [], {}
+    recorded = meta["checksums"]
+    corrupted = []
     rows = shard_rows(meta["num_images"], meta["shard_size"])
     with progress_bar(f"checking {path.name}", total=len(rows), enabled=show_progress) as advance:
         for shard, count in enumerate(rows):
             for kind, shape in meta["shapes"].items():
                 file = shard_file(path, shard, kind)
                 array = open_shard(file, (count, *shape))
-                checksums[file.name] = "" if array is None else data_checksum(array)
-                if not checksums[file.name] or checksums[file.name] != recorded.get(file.name, checksums[file.name]):
+                if array is None or data_checksum(array) != recorded.get(file.name):
                     corrupted.append(file)
             advance()
     if record and not corrupted:
-        write_text(path / "meta.json", json.dumps({**meta, "checksums": checksums, "verified": True}))
+        write_text(path / "meta.json", json.dumps({**meta, "verified": True}))
     return corrupted
 
 
