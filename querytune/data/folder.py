@@ -27,7 +27,8 @@ def open_split(data: str | Path, split: str) -> ImageList:
     layout, splits = _layout(root)
     if not splits:
         raise DataError(
-            f"{root}: no split found (expected <split>.txt lists, <split>.csv lists or class folders)"
+            f"{root}: no split found (expected a datasets save_to_disk folder, <split>.json, <split>.txt or "
+            "<split>.csv lists, or class folders)"
         )
     if split not in splits:
         raise DataError(f"{root}: no split {split!r} in this {layout}; available: {', '.join(sorted(splits))}")
