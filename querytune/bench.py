@@ -58,16 +58,9 @@ from .runfolder import read_metrics, read_run_config, record_accuracy
 from .settings import BenchSpec, RunSpec, Runtime
 from .suite import Task, discover_tasks, read_groups_file
 from .train import TrainConfig
-from .trunk.cache import (
-    SHARD_SIZE,
-    cache_dir_for,
-    cache_splits,
-    entry_nbytes,
-    feature_shapes,
-    human_size,
-    read_meta,
-    shard_rows,
-)
+from .trunk.cache import cache_dir_for, cache_splits, human_size, read_meta
+from .trunk.cache.build import SHARD_SIZE, entry_nbytes
+from .trunk.cache.entry import feature_shapes, shard_rows
 from .trunk.device import resolve_precision
 
 if TYPE_CHECKING:

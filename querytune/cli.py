@@ -436,8 +436,8 @@ def cache_build(
     ctx: typer.Context,
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="HF model folder, timm checkpoint, "
                                                                           ".npz, hub name"),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="task folder (VTAB-1k layout, CSV lists or "
-                                                                   "class folders)"),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="task folder (datasets folder, FGVC JSON, "
+                                                                   "VTAB-1k or CSV lists, class folders)"),
     cache: Optional[Path] = CacheRootOpt,
     splits: str = typer.Option("train800val200,test", help="comma-separated splits"),
     image_size: int = typer.Option(224),

@@ -62,17 +62,7 @@ from .trunk.features import Features, extract_features
 from .version import __version__
 
 FORMATS = ("peft", "merged", "onnx")
-MERGEABLE = ("linear", "full", "lora", "bitfit")
 MANIFEST = "export.json"
-
-# Why a method's trained state has no place in a plain ViT's weights (prefix of the method name -> reason).
-_NOT_MERGEABLE = {
-    "vqt": "its query tokens pass every block as extra rows",
-    "synqt": "its query tokens and synthesis path run beside the trunk",
-    "vpt": "its prompt tokens join the token sequence",
-    "memory": "its memory tokens join every block's attention",
-    "adaptformer": "its adapters add a nonlinear branch beside every MLP",
-}
 
 
 @dataclass
@@ -100,7 +90,7 @@ def export_runs(run_folders: Sequence[str | Path], format: str, out: str | Path)
                           "(frozen-backbone runs served together)")
     configs = [_finished_run_config(run) for run in runs]
     for run, config in zip(runs, configs):
-        _check_method(run, config["method"], format)
+        _check_method(run, config, format)
     if format == "onnx" and len(runs) > 1:
         for run, config in zip(runs, configs):
             if not method_class(config["method"]).reads.frozen:
@@ -139,16 +129,15 @@ def _finished_run_config(run: Path) -> dict[str, Any]:
     return read_run_config(run)
 
 
-def _check_method(run: Path, method: str, format: str) -> None:
-    mergeable = method in MERGEABLE
-    if format == "peft" and method != "lora":
-        instead = "--format merged or onnx" if mergeable else "--format onnx"
+def _check_method(run: Path, config: dict[str, Any], format: str) -> None:
+    method = config["method"]
+    cls = method_class(method)
+    if format == "peft" and not cls.peft_exportable:
+        instead = "--format merged or onnx" if cls.not_mergeable is None else "--format onnx"
         raise ConfigError(f"{run}: method {method!r} has no PEFT equivalent (only LoRA runs export to PEFT); "
                           f"use {instead}")
-    if format == "merged" and not mergeable:
-        reason = next((why for prefix, why in _NOT_MERGEABLE.items() if method.startswith(prefix)),
-                      "it adds modules a plain ViT lacks")
-        raise ConfigError(f"{run}: method {method!r} cannot be merged into plain ViT weights ({reason}); "
+    if format == "merged" and cls.not_mergeable is not None:
+        raise ConfigError(f"{run}: method {method!r} cannot be merged into plain ViT weights ({cls.not_mergeable}); "
                           "use --format onnx")
 
 

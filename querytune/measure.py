@@ -14,21 +14,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import ConfigError
 from .methods.base import Method
 from .trunk.device import autocast, to_device
 from .trunk.features import Features, extract_features
 
-if TYPE_CHECKING:
-    from .reference import NaiveVQT
 
-
-def adapter_bytes(method: Method | NaiveVQT) -> int:
+def adapter_bytes(method: Method) -> int:
     """Bytes of what one task stores: its adapter (trainable state, float32)."""
     return sum(t.numel() * t.element_size() for t in method.trainable_state_dict().values())
 
@@ -94,7 +91,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def method_inputs(method: Method | NaiveVQT, images: Tensor, bf16: bool) -> Callable[[], Features | Tensor]:
+def method_inputs(method: Method, images: Tensor, bf16: bool) -> Callable[[], Features | Tensor]:
     """What feeding the method costs per step: the live frozen trunk (no_grad) or the images."""
     if method.reads.frozen:
         return lambda: to_device(extract_features(method.backbone, images, method.reads.with_layers, bf16=bf16),
@@ -110,7 +107,7 @@ class StepCost:
     step_seconds: float
 
 
-def measure_step(method: Method | NaiveVQT, images: Tensor, labels: Tensor, repeats: int = 2,
+def measure_step(method: Method, images: Tensor, labels: Tensor, repeats: int = 2,
                  bf16: bool = False) -> StepCost:
     """One training step (inputs, forward, backward, optimiser) against one inference forward, same batch."""
     device = images.device
@@ -155,22 +152,25 @@ def measure_method(method_name: str, backbone_source: str | Path, batch_size: in
                    options: dict | None = None) -> dict:
     """One training step of a method on random images, measured in this process.
 
-    ``vqt-naive`` measures VQT executed the published way (see :mod:`querytune.reference`).
+    ``NAME-naive`` (``vqt-naive``) measures the method executed the way its published code does
+    (:meth:`Method.published_way`).
     """
     from .backbones import load_backbone
     from .methods import build_method
-    from .reference import NaiveVQT
 
     device = torch.device(device)
     torch.manual_seed(0)
     # on a GPU, memory that others hold in this process is not the step's (peaks are allocator statistics)
     baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     backbone = load_backbone(backbone_source).to(device)
-    method: Method | NaiveVQT
-    if method_name == "vqt-naive":
-        method = NaiveVQT(build_method("vqt", backbone, num_classes, options))
-    else:
-        method = build_method(method_name, backbone, num_classes, options)
+    naive = method_name.endswith("-naive")
+    method = build_method(method_name.removesuffix("-naive"), backbone, num_classes, options)
+    if naive:
+        published = method.published_way()
+        if published is None:
+            raise ConfigError(f"--method {method_name}: method {method.name!r} has no other, published way to "
+                              f"run; measure --method {method.name}")
+        method = published
     images = torch.randn(batch_size, 3, image_size, image_size, device=device)
     labels = torch.randint(0, num_classes, (batch_size,), device=device)
     cost = measure_step(method, images, labels, bf16=bf16)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +26,6 @@ from safetensors.torch import load, save
 
 from .errors import CheckpointError, StorageError, one_line
 from .files import remove_stale_temporaries, storage_error, write_atomic, write_json, write_text
-from .train import TrainConfig
 
 ADAPTER = "adapter.safetensors"
 ADAPTER_CHECKSUM = "adapter.sha256"
@@ -37,11 +35,9 @@ if TYPE_CHECKING:
 
 
 def run_settings(config: dict[str, Any]) -> dict[str, Any]:
-    """The parts of config.json that must match for a run to be resumed. A training setting that a later
-    version added is absent from older runs' configs: they trained with its default."""
-    settings = {k: config[k] for k in ("method", "options", "backbone", "data", "train_split", "image_size")}
-    train_defaults = {field.name: field.default for field in fields(TrainConfig)}
-    return {**settings, "train": {**train_defaults, **config["train"]}, "normalisation": config.get("normalisation")}
+    """The parts of config.json that must match for a run to be resumed."""
+    keys = ("method", "options", "backbone", "data", "train_split", "image_size", "train", "normalisation")
+    return {k: config[k] for k in keys}
 
 
 def setting_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
@@ -159,15 +155,15 @@ def read_run_config(run: str | Path) -> dict[str, Any]:
 
 def load_adapter(run: str | Path, method: Method) -> None:
     """Load a finished run's adapter into ``method`` (built from the run's config), checked against its
-    checksum where the run has one (runs from before checksums were written have none)."""
+    checksum."""
     adapter_path = Path(run) / ADAPTER
     checksum_path = Path(run) / ADAPTER_CHECKSUM
     try:
         data = adapter_path.read_bytes()
-        expected = checksum_path.read_text().split()[0] if checksum_path.exists() else None
+        expected = checksum_path.read_text().split()[0]
     except (OSError, IndexError) as error:
         raise CheckpointError(f"{adapter_path}: not a readable adapter ({one_line(error)})") from error
-    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+    if hashlib.sha256(data).hexdigest() != expected:
         raise CheckpointError(f"{adapter_path}: corrupted (its sha256 differs from {checksum_path.name}); "
                               "train the run again")
     try:

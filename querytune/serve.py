@@ -32,7 +32,7 @@ from .data import IMAGE_SUFFIXES, Preprocess, load_image
 from .errors import ConfigError, DataError
 from .methods import method_class
 from .methods.base import Method
-from .methods.memory import MemoryTokens, merge_stacks
+from .methods.memory import merge_stacks
 from .run import load_run
 from .runfolder import read_run_config
 from .trunk.cache import backbone_fingerprint
@@ -79,13 +79,12 @@ class MultiTaskServer:
         self.bf16 = bf16
         self.shared = [task for task in self.tasks if task.shares_trunk]
         self.with_layers = any(task.method.reads.with_layers for task in self.shared)
-        memory = [task for task in self.shared if isinstance(task.method, MemoryTokens)]
+        stacks = {task.name: stack for task in self.shared if (stack := task.method.task_stack()) is not None}
         self.stack = None
-        self.stack_rows: dict[str, int] = {}  # memory task -> the merged stack's row of its own class token
-        if memory:
-            stacks = [task.method.stack for task in memory if isinstance(task.method, MemoryTokens)]
-            self.stack, placement = merge_stacks(stacks)
-            self.stack_rows = {task.name: where[-1] for task, where in zip(memory, placement)}
+        self.stack_rows: dict[str, int] = {}  # stacked task -> the merged stack's row of its own class token
+        if stacks:
+            self.stack, placement = merge_stacks(list(stacks.values()))
+            self.stack_rows = {name: where[-1] for name, where in zip(stacks, placement)}
 
     @classmethod
     def from_runs(cls, backbone_source: str | Path | VisionTransformer | None, runs: Sequence[str | Path],

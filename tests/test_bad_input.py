@@ -3,6 +3,7 @@ line, for list files), exit code 2, and nothing written into the run folder."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import shutil
 from pathlib import Path
@@ -261,7 +262,6 @@ def test_bad_eval(kind, says, capsys, finished_runs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(finished_runs["linear"], run)
     adapter, data = run / "adapter.safetensors", finished_runs["task"]
-    (run / "adapter.sha256").unlink()  # the adapter's own checks, as for runs from before checksums (test_cache)
     culprit = adapter
     if kind == "adapter of another method":
         shutil.copy(finished_runs["vqt"] / "adapter.safetensors", adapter)
@@ -276,6 +276,9 @@ def test_bad_eval(kind, says, capsys, finished_runs, tmp_path):
     else:
         data = write_task(tmp_path / "wider", classes=5)
         culprit = data / "test.txt"
+    if adapter.exists():  # the checksum of the adapter as it is now, so that the adapter's own checks speak
+        checksum = run / "adapter.sha256"
+        checksum.write_text(f"{hashlib.sha256(adapter.read_bytes()).hexdigest()}  {adapter.name}\n")
     before = snapshot(run)
     error = cli_error(capsys, "eval", "--run", run, "--data", data, "--workers", "0", "-q")
     assert error.startswith(f"error: {culprit}: ") and says in error

@@ -29,7 +29,6 @@ from querytune.cli import main
 from querytune.data import Preprocess, open_split
 from querytune.errors import CheckpointError, DataError
 from querytune.run import load_run
-from querytune.trunk import cache as cache_module
 from querytune.trunk.cache import (
     FeatureCache,
     ShardWriter,
@@ -39,6 +38,8 @@ from querytune.trunk.cache import (
     open_or_build_cache,
     read_meta,
 )
+from querytune.trunk.cache import build as cache_build
+from querytune.trunk.cache import entry as cache_entry
 
 
 def cache_args(backbone: Path, task: Path, root: Path, *extra: str) -> list[str]:
@@ -92,7 +93,7 @@ def test_a_full_small_filesystem_is_one_line_not_a_sigbus(small_tmpfs, tiny_back
     # a disk filled after the check (by another process): the reservation fails; before, this was a SIGBUS,
     # so in a process of its own
     result = run_cli(cache_args(tiny_backbone_dir, tiny_task, fs),
-                     patch="import querytune.trunk.cache as c; c.check_free_space = lambda *args: None")
+                     patch="import querytune.trunk.cache.build as c; c.check_free_space = lambda *args: None")
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(f"error: {fs}/tiny-train800val200-") and "No space left" in result.stderr
     assert result.stderr.count("\n") == 1
@@ -168,7 +169,7 @@ def test_failed_reservation_is_one_line_and_leaves_no_entry(monkeypatch, tiny_ba
     def no_space(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(cache_module.os, "posix_fallocate", no_space)
+    monkeypatch.setattr(cache_build.os, "posix_fallocate", no_space)
     error = cli_error(capsys, *cache_args(tiny_backbone_dir, tiny_task, tmp_path / "cache"))
     assert "No space left on device" in error
     assert leftovers(tmp_path / "cache") == []
@@ -188,7 +189,7 @@ def test_failed_run_file_writes_are_one_line_and_remove_the_new_run(name, failin
 
 def test_free_space_is_checked_before_building_with_the_estimate(monkeypatch, tiny_backbone_dir, tiny_task,
                                                                   tmp_path, capsys):
-    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+    monkeypatch.setattr(cache_build.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
     root = tmp_path / "cache"
     error = cli_error(capsys, *cache_args(tiny_backbone_dir, tiny_task, root))
     assert f"{root}/tiny-train800val200-" in error
@@ -206,7 +207,7 @@ def test_a_failed_shard_write_drops_the_writes_queued_after_it(tmp_path, monkeyp
         time.sleep(0.2)  # every write below is queued by now
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(cache_module.os, "replace", failing_replace)
+    monkeypatch.setattr(cache_build.os, "replace", failing_replace)
     writer = ShardWriter(tmp_path, {"cls": [3]}, rows=[2, 2], depth=4)
     for shard, row in ((0, 0), (0, 1), (1, 0), (1, 1)):
         writer.write(shard, row, {"cls": np.full((1, 3), shard, np.float16)})
@@ -235,7 +236,7 @@ def gated_builder(args: list[str], log: Path, gate: Path, free_images: int = 0) 
     its output (wide, unwrapped) goes to ``log``."""
     env = {**os.environ, "COLUMNS": "400",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    code = ("import os, time, querytune.data as data; load, calls = data.load_image, []\n"
+    code = ("import os, time, querytune.data.core as data; load, calls = data.load_image, []\n"
             "def gated(path):\n"
             "    calls.append(path)\n"
             f"    while len(calls) > {free_images} and not os.path.exists({str(gate)!r}): time.sleep(0.02)\n"
@@ -307,7 +308,8 @@ def test_a_corrupted_shard_is_found_once_opened_for_training_and_rebuilt(tiny_ta
 
     # checked once: a later corruption is not looked for again (the cost is a read of the whole entry)
     hashed = []
-    monkeypatch.setattr(cache_module, "data_checksum", lambda array: hashed.append(array) or "")
+    for module in (cache_entry, cache_build):
+        monkeypatch.setattr(module, "data_checksum", lambda array: hashed.append(array) or "")
     open_or_build_cache(tmp_path, backbone, images, preprocess, with_layers=True, shard_size=4, show_progress=False)
     assert hashed == []
 
@@ -317,7 +319,7 @@ def test_a_read_only_entry_is_checked_on_every_open_and_never_written(tiny_task,
     images = open_split(tiny_task, "test")
     preprocess = Preprocess(32, backbone.config.mean, backbone.config.std)
     path = build_cache(tmp_path, backbone, images, preprocess, shard_size=4, show_progress=False)
-    monkeypatch.setattr(cache_module.os, "access", lambda path, mode: False)  # root may write anywhere
+    monkeypatch.setattr(cache_build.os, "access", lambda path, mode: False)  # root may write anywhere
     meta = (path / "meta.json").read_bytes()
     open_or_build_cache(tmp_path, backbone, images, preprocess, with_layers=True, shard_size=4, show_progress=False)
     flip_a_byte(path / "shard-00002.cls.npy", from_end=1)
@@ -325,20 +327,6 @@ def test_a_read_only_entry_is_checked_on_every_open_and_never_written(tiny_task,
         open_or_build_cache(tmp_path, backbone, images, preprocess, with_layers=True, shard_size=4,
                             show_progress=False)
     assert (path / "meta.json").read_bytes() == meta and not (path / ".lock").exists()
-
-
-def test_entries_from_before_checksums_stay_readable_and_get_them(tiny_task, tmp_path):
-    backbone = tiny_vit()
-    images = open_split(tiny_task, "test")
-    preprocess = Preprocess(32, backbone.config.mean, backbone.config.std)
-    path = build_cache(tmp_path, backbone, images, preprocess, shard_size=4, show_progress=False)
-    meta = read_meta(path)
-    checksums = meta.pop("checksums")
-    del meta["verified"]
-    (path / "meta.json").write_text(json.dumps(meta))  # as querytune wrote it before checksums
-    open_or_build_cache(tmp_path, backbone, images, preprocess, with_layers=True, shard_size=4, show_progress=False)
-    meta = read_meta(path)
-    assert meta["checksums"] == checksums and meta["verified"]
 
 
 def test_a_corrupted_adapter_is_refused(tiny_backbone_dir, tiny_task, tmp_path, capsys):
@@ -349,8 +337,9 @@ def test_a_corrupted_adapter_is_refused(tiny_backbone_dir, tiny_task, tmp_path, 
     with pytest.raises(CheckpointError, match=r"adapter.safetensors: corrupted \(its sha256 differs from "
                                               r"adapter.sha256\); train the run again"):
         load_run(out)
-    (out / "adapter.sha256").unlink()  # a run from before checksums: loads as it did
-    load_run(out)
+    (out / "adapter.sha256").unlink()  # no checksum, nothing to check the adapter against: refused
+    with pytest.raises(CheckpointError, match=r"adapter.safetensors: not a readable adapter .*adapter.sha256"):
+        load_run(out)
 
 
 # --- housekeeping: build again, ls, rm, prune ---------------------------------------------------------

@@ -24,7 +24,7 @@ from querytune.trunk.cache import FeatureCache, build_cache, open_or_build_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 # The command line with every image load slowed down, so that the test can kill it mid-way.
-SLOWED_CLI = ("import time, querytune.data as data; load = data.load_image; "
+SLOWED_CLI = ("import time, querytune.data.core as data; load = data.load_image; "
               "data.load_image = lambda path: (time.sleep({delay}), load(path))[1]; "
               "from querytune.cli import main; main()")
 

@@ -1,40 +1,76 @@
-"""Measurement: every method can be measured in float32 and bfloat16, and the counts mean what they say."""
+"""Measurement: the counts of one training step against independent counts of what each method must keep."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import tiny_vit
-from querytune.measure import SavedTensorMeter, measure_step
+from querytune.errors import ConfigError
+from querytune.measure import SavedTensorMeter, measure_method, measure_step
 from querytune.methods import build_method
-from querytune.reference import NaiveVQT
+
+BATCH, CLASSES, SIZE = 4, 5, 64  # 65 tokens: the per-layer tokens dominate what the rows forward keeps
+
+
+def step_saved_bytes(name: str, bf16: bool = False, **options) -> tuple[int, object]:
+    method = build_method(name, tiny_vit(layer_scale=True, image_size=SIZE), CLASSES, options)
+    images, labels = torch.randn(BATCH, 3, SIZE, SIZE), torch.arange(BATCH) % CLASSES
+    return measure_step(method, images, labels, repeats=1, bf16=bf16).saved_bytes, method.backbone.config
+
+
+def loss_saved_bytes() -> int:
+    """What the cross-entropy of (B, C) float32 logits keeps, counted on its own."""
+    logits = torch.randn(BATCH, CLASSES, requires_grad=True)
+    with SavedTensorMeter()() as meter:
+        F.cross_entropy(logits, torch.arange(BATCH) % CLASSES)
+    return meter.bytes
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-@pytest.mark.parametrize("name", ["linear", "vqt", "synqt", "full"])
-def test_measure_step_in_both_precisions(name, bf16):
-    method = build_method(name, tiny_vit(layer_scale=True), 5, {})
-    cost = measure_step(method, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), repeats=1, bf16=bf16)
-    config, element = method.backbone.config, 2 if bf16 else 4
-    # a linear probe keeps its (B, D) input for the weight gradient; the others at least one (B, N, D)
-    # tensor per block (the rows forward keeps each layer's normalised tokens, full FT much more)
-    least = 4 * config.embed_dim * (1 if name == "linear" else config.depth * config.num_tokens(32))
-    assert cost.saved_bytes >= least * element
-    weights = sum(p.numel() * p.element_size() for p in method.parameters())
-    assert cost.inference_peak_bytes > weights and cost.train_peak_bytes > weights  # process RSS holds the model
-    assert cost.step_seconds > 0
+def test_a_linear_probe_keeps_its_head_input_and_the_loss_only(bf16):
+    saved, config = step_saved_bytes("linear", bf16)
+    head_input = BATCH * config.embed_dim * (2 if bf16 else 4)  # the (B, D) class tokens, for the weight gradient
+    assert saved == head_input + loss_saved_bytes()
 
 
-def test_vqt_saves_a_fraction_of_the_naive_formulation():
-    """The efficient path keeps about one (B, N, D) tensor per layer; the published way keeps the whole
-    trunk's activations."""
-    backbone = tiny_vit(image_size=64)  # 65 tokens
-    vqt = build_method("vqt", backbone, 5, {})
-    images, labels = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
-    fast = measure_step(vqt, images, labels, repeats=1).saved_bytes
-    naive = measure_step(NaiveVQT(vqt), images, labels, repeats=1).saved_bytes
-    assert fast < 0.25 * naive
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("name", ["vqt", "synqt"])
+def test_the_rows_forward_keeps_about_one_token_tensor_per_layer(name, bf16):
+    saved, config = step_saved_bytes(name, bf16)
+    tokens = config.depth * BATCH * config.num_tokens(SIZE) * config.embed_dim  # each layer's (B, N, D)
+    assert tokens * (2 if bf16 else 4) <= saved <= 3 * tokens * 4  # and the small query rows' own tensors
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_vqt_saves_a_fraction_of_full_fine_tuning_and_of_its_published_way(bf16):
+    vqt, _ = step_saved_bytes("vqt", bf16)
+    full, _ = step_saved_bytes("full", bf16)
+    assert vqt < 0.25 * full
+    method = build_method("vqt", tiny_vit(layer_scale=True, image_size=SIZE), CLASSES, {})
+    images, labels = torch.randn(BATCH, 3, SIZE, SIZE), torch.arange(BATCH) % CLASSES
+    naive = measure_step(method.published_way(), images, labels, repeats=1, bf16=bf16).saved_bytes
+    assert vqt < 0.25 * naive
+
+
+def test_measure_names_a_naive_variant_only_where_a_method_has_one(tiny_backbone_dir):
+    result = measure_method("vqt-naive", tiny_backbone_dir, batch_size=2, image_size=32, num_classes=3)
+    vqt = measure_method("vqt", tiny_backbone_dir, batch_size=2, image_size=32, num_classes=3)
+    assert result["method"] == "vqt-naive" and result["trainable_params"] == vqt["trainable_params"]
+    assert result["adapter_bytes"] == vqt["adapter_bytes"] and result["saved_bytes"] > vqt["saved_bytes"]
+    for name in ("linear-naive", "vqt+lora-naive"):
+        with pytest.raises(ConfigError, match=rf"--method {re.escape(name)}: .* has no other, published way"):
+            measure_method(name, tiny_backbone_dir, batch_size=2, image_size=32, num_classes=3)
+
+
+def test_the_backbone_gets_no_gradient_where_it_is_frozen():
+    method = build_method("synqt", tiny_vit(layer_scale=True), 3, {"num_queries": 2})
+    measure_step(method, torch.randn(2, 3, 32, 32), torch.tensor([0, 2]), repeats=1)
+    assert all(p.grad is None for p in method.backbone.parameters())
+    assert all(p.grad is not None for p in method.parameters() if p.requires_grad)
 
 
 def test_meter_counts_each_storage_once_and_skips_parameters():

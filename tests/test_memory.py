@@ -14,9 +14,9 @@ from querytune import load_run, train_run
 from querytune.errors import CheckpointError, ConfigError
 from querytune.methods import build_method
 from querytune.methods.memory import TaskStack, merge_stacks
-from querytune.reference import naive_masked_memory, naive_plain_memory_logits
 from querytune.settings import RunSpec, Runtime
 from querytune.trunk.features import extract_features
+from reference import naive_masked_memory, naive_plain_memory_logits
 
 FAST = {"epochs": 2, "batch_size": 8}
 

@@ -196,7 +196,7 @@ def test_schedule_warms_up_then_decays_to_min_lr():
 
 def test_vqt_head_compression_keeps_a_fraction_and_reloads(tiny_backbone_dir, tiny_task, tmp_path):
     from querytune import load_run
-    from querytune.reference import naive_vqt_logits
+    from querytune.methods.vqt import naive_vqt_logits
     from querytune.trunk.features import extract_features
 
     metrics = _train(tiny_backbone_dir, tiny_task, tmp_path / "run", method="vqt", options={"compress": 0.5})

@@ -7,7 +7,7 @@ import torch
 
 from conftest import assert_matches_reference, tiny_vit
 from querytune.methods import build_method
-from querytune.reference import naive_vqt_logits
+from querytune.methods.vqt import naive_vqt_logits
 from querytune.trunk.features import extract_features
 
 

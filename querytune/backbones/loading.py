@@ -254,7 +254,7 @@ def _hub_snapshot(repo_id: str) -> Path:
         try:
             fetch("preprocessor_config.json")
         except (OSError, ValueError):
-            pass  # optional: ImageNet mean/std then
+            pass  # optional: without it a DINOv2 takes its own (ImageNet's) mean/std, a ViT or DeiT none
     return config.parent
 
 

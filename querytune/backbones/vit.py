@@ -369,6 +369,52 @@ def drop_branch(x: Tensor, p: float, draw_keep: Callable[[Tensor], Tensor] | Non
     return x * draw_keep(x) / (1 - p)
 
 
+# The way the methods' published code runs extra tokens: concatenated into the whole sequence under an
+# additive attention mask, autograd through all of it. Written out from a block's weights, apart from
+# Block.forward and forward_rows, so that the tests check those against it (tests/reference.py) and
+# `querytune measure --method vqt-naive` measures what it costs.
+
+NEG_INF = float("-inf")
+
+
+def _layer_scale(module: torch.nn.Module, x: Tensor) -> Tensor:
+    gamma = getattr(module, "gamma", None)
+    return x * gamma if gamma is not None else x
+
+
+def naive_block_parts(block: Block, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """One pre-norm block over the whole sequence ``x`` with an additive attention ``mask`` (N, N):
+    (output, attention branch, MLP branch), the branches before their residuals."""
+    dim = x.shape[-1]
+    heads = block.attn.num_heads
+    u = F.layer_norm(x, (dim,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
+    q, k, v = F.linear(u, block.attn.qkv.weight, block.attn.qkv.bias).chunk(3, dim=-1)
+    q, k, v = (t.unflatten(-1, (heads, dim // heads)).transpose(1, 2) for t in (q, k, v))
+    logits = q @ k.transpose(-1, -2) * (dim // heads) ** -0.5
+    if mask is not None:
+        logits = logits + mask
+    attended = (logits.softmax(-1) @ v).transpose(1, 2).flatten(2)
+    attn = _layer_scale(block.ls1, F.linear(attended, block.attn.proj.weight, block.attn.proj.bias))
+    a = x + attn
+    h = F.layer_norm(a, (dim,), block.norm2.weight, block.norm2.bias, block.norm2.eps)
+    h = F.linear(F.gelu(F.linear(h, block.mlp.fc1.weight, block.mlp.fc1.bias)),
+                 block.mlp.fc2.weight, block.mlp.fc2.bias)
+    mlp = _layer_scale(block.ls2, h)
+    if block.mlp_parallel is not None:
+        mlp = mlp + block.mlp_parallel(a)
+    return a + mlp, attn, mlp
+
+
+def naive_block(block: Block, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """One pre-norm block over the whole sequence ``x`` with an additive attention ``mask`` (N, N)."""
+    return naive_block_parts(block, x, mask)[0]
+
+
+def final_class_token(backbone: VisionTransformer, x: Tensor) -> Tensor:
+    norm = backbone.norm
+    return F.layer_norm(x[:, 0], (x.shape[-1],), norm.weight, norm.bias, norm.eps)
+
+
 if TYPE_CHECKING:
     M = TypeVar("M", bound=nn.Module)
 

@@ -69,6 +69,7 @@ def add_adapters(backbone: VisionTransformer, options: AdaptFormerOptions) -> No
 class AdaptFormer(Method):
     name = "adaptformer"
     reads = TrunkInput.IMAGES
+    not_mergeable = "its adapters add a nonlinear branch beside every MLP"
     Options = AdaptFormerOptions
     train_defaults = {"epochs": 100, "warmup_epochs": 20, "batch_size": 64, "optimizer": "sgd",
                       "lr": 0.1 * 64 / 256, "weight_decay": 0.0}

@@ -12,6 +12,17 @@ takes from the trunk, which decides its input:
 
 Only the parameters that require grad are trained and saved (``trainable_state_dict``).
 ``train_defaults`` holds the published protocol's training settings.
+
+What the rest of querytune asks a method, so that adding one means one file:
+
+- ``not_mergeable`` (``querytune export --format merged``): why its trained state has no place in a
+  plain ViT's weights, or None where it has one (its backbone and linear ``head`` are a plain ViT's);
+- ``peft_exportable`` (``--format peft``): whether PEFT has the very same adapter (LoRA only);
+- ``task_stack()`` (:class:`~querytune.serve.MultiTaskServer`): the
+  :class:`~querytune.methods.memory.TaskStack` of class-token rows that serving merges with the
+  other runs' stacks into one pass, or None;
+- ``published_way()`` (``querytune measure --method NAME-naive``): the method executed the way its
+  published code does, to measure what that costs, or None where there is no other way.
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +39,9 @@ from ..backbones.vit import VisionTransformer
 from ..errors import CheckpointError, ConfigError
 from ..options import check_options
 from ..trunk import TrunkInput
+
+if TYPE_CHECKING:
+    from .memory import TaskStack
 
 
 @dataclass
@@ -44,6 +58,8 @@ class Method(nn.Module):
     # learning rates are multiplied by batch/256 when scale_lr_by_batch is set).
     search_grid: ClassVar[dict[str, Any]] = {"lr": (1.0, 0.5, 0.25, 0.1, 0.05),
                                              "weight_decay": (1e-2, 1e-3, 1e-4, 0.0), "scale_lr_by_batch": True}
+    not_mergeable: ClassVar[str | None] = "it adds modules a plain ViT lacks"
+    peft_exportable: ClassVar[bool] = False
 
     def __init__(self, backbone: VisionTransformer, num_classes: int, options: Any) -> None:
         super().__init__()
@@ -73,6 +89,14 @@ class Method(nn.Module):
             with random_stream(k):
                 outputs.append(member(inputs))
         return outputs
+
+    def task_stack(self) -> TaskStack | None:
+        """The class-token rows that serving may merge with other runs' into one pass; None: served alone."""
+        return None
+
+    def published_way(self) -> Method | None:
+        """This method executed the way its published code does (same parameters), or None."""
+        return None
 
     def post_train(self, source: Any, cfg: Any, device: torch.device) -> dict[str, Any]:
         """Work after the main training (e.g. head compression); returns extra metrics."""

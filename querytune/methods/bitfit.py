@@ -26,6 +26,7 @@ from .registry import register
 class BitFit(Method):
     name = "bitfit"
     reads = TrunkInput.IMAGES
+    not_mergeable = None
     train_defaults = {"epochs": 100, "warmup_epochs": 10, "batch_size": 64, "optimizer": "adamw", "lr": 1e-3,
                       "weight_decay": 0.0}
     search_grid = {"lr": (5e-3, 1e-3, 5e-4, 1e-4), "weight_decay": (1e-4, 0.0)}  # AdamW

@@ -13,6 +13,7 @@ from .registry import register
 class FullFineTune(Method):
     name = "full"
     reads = TrunkInput.IMAGES
+    not_mergeable = None
     train_defaults = {"epochs": 100, "optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-4, "batch_size": 64,
                       "grad_clip": 1.0}
     # VPT's grid for full FT with Adam

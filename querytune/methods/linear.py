@@ -14,6 +14,7 @@ from .registry import register
 class LinearProbe(Method):
     name = "linear"
     reads = TrunkInput.CLASS_TOKEN
+    not_mergeable = None
     train_defaults = {"epochs": 100, "optimizer": "adamw", "lr": 0.03, "weight_decay": 1e-4, "batch_size": 64}
 
     def __init__(self, backbone, num_classes, options) -> None:

@@ -122,6 +122,8 @@ def add_lora(backbone: VisionTransformer, options: LoRAOptions) -> None:
 class LoRA(Method):
     name = "lora"
     reads = TrunkInput.IMAGES
+    not_mergeable = None  # the update merges into qkv
+    peft_exportable = True
     Options = LoRAOptions
     train_defaults = {"epochs": 100, "warmup_epochs": 10, "batch_size": 64, "optimizer": "adamw",
                       "lr": 5e-3 * 64 / 512, "weight_decay": 1e-4}

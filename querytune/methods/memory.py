@@ -156,6 +156,7 @@ def _same_task(a: MemoryTask, b: MemoryTask) -> bool:
 class MemoryTokens(Method):
     name = "memory"
     reads = TrunkInput.LAYERS
+    not_mergeable = "its memory tokens join every block's attention"
     Options = MemoryOptions
     train_defaults = TRAIN_DEFAULTS
     search_grid = SEARCH_GRID
@@ -194,6 +195,9 @@ class MemoryTokens(Method):
 
     def forward(self, inputs: Features) -> Tensor:
         return stacked_logits([self], inputs)[0]
+
+    def task_stack(self) -> TaskStack:
+        return self.stack
 
     @staticmethod
     def forward_members(members: Sequence[Method], inputs: Any,

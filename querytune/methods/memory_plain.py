@@ -29,6 +29,7 @@ class MemoryPlainOptions:
 class MemoryPlain(Method):
     name = "memory-plain"
     reads = TrunkInput.IMAGES
+    not_mergeable = "its memory tokens join every block's attention"
     Options = MemoryPlainOptions
     train_defaults = TRAIN_DEFAULTS
     search_grid = SEARCH_GRID

@@ -209,6 +209,7 @@ def head_tokens(outputs: list[Tensor], attns: list[Tensor], mlps: list[Tensor]) 
 class SynQT(Method):
     name = "synqt"
     reads = TrunkInput.LAYERS
+    not_mergeable = "its query tokens and synthesis path run beside the trunk"
     Options = SynQTOptions
     # Official protocol: AdamW, lr 1e-3, wd 1e-2, batch 64, 50 epochs, 10 warm-up, cosine to 1e-6 per iteration.
     train_defaults = {"epochs": 50, "warmup_epochs": 10, "batch_size": 64, "optimizer": "adamw",

@@ -83,6 +83,7 @@ class Prompts(nn.Module):
 class VPT(Method):
     name = "vpt"
     reads = TrunkInput.IMAGES
+    not_mergeable = "its prompt tokens join the token sequence"
     Options = VPTOptions
     train_defaults = {"epochs": 100, "warmup_epochs": 10, "batch_size": 64, "optimizer": "sgd",
                       "lr": 1.0 * 64 / 256, "weight_decay": 1e-3}

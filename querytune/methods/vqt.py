@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbones.vit import VisionTransformer
+from ..backbones.vit import NEG_INF, VisionTransformer, final_class_token, naive_block
 from ..errors import ConfigError
 from ..options import option
 from ..train import TrainConfig, lr_at
@@ -142,6 +142,7 @@ class QueryPath(nn.Module):
 class VQT(Method):
     name = "vqt"
     reads = TrunkInput.LAYERS
+    not_mergeable = "its query tokens pass every block as extra rows"
     Options: ClassVar[type[VQTOptions]] = VQTOptions
     # Paper protocol: 100 epochs, 10 warm-up, cosine, batch 128, Adam, lr from the grid x batch/256.
     train_defaults = {"epochs": 100, "warmup_epochs": 10, "batch_size": 128, "optimizer": "adam",
@@ -186,6 +187,9 @@ class VQT(Method):
         if "kept_features" in state:
             self.keep_features(state["kept_features"])
         super().load_trainable_state_dict(state, source)
+
+    def published_way(self) -> Method | None:
+        return NaiveVQT(self)
 
     def post_train(self, source: Any, cfg: Any, device: torch.device) -> dict[str, Any]:
         if self.options.compress is None:
@@ -255,3 +259,56 @@ def compress_head(method: VQT, source: Any, cfg: TrainConfig, device: torch.devi
     method.keep_features(kept, head)
     return {"head_params_before": params_before, "head_params_after": head.weight.numel() + head.bias.numel(),
             "kept_features": kept_count, "total_features": num_features}
+
+
+# VQT the published way, which `querytune measure --method vqt-naive` measures.
+
+
+def naive_vqt_head_input(method: VQT, images: Tensor) -> Tensor:
+    """VQT's head input computed the published way: at each query layer the queries are
+    appended to the sequence; every row may attend to the original tokens only."""
+    backbone, path = method.backbone, method.query_path
+    x = backbone.embed(images)
+    batch, tokens = x.shape[0], x.shape[1]
+    summaries = []
+    for index, block in enumerate(backbone.blocks):
+        if index not in path.layer_ids:
+            x = naive_block(block, x)
+            continue
+        slot = path.layer_ids.index(index)
+        queries = path.dropout(path.queries[slot].expand(batch, -1, -1))
+        sequence = torch.cat([x, queries], dim=1)
+        mask = torch.zeros(sequence.shape[1], sequence.shape[1], dtype=x.dtype, device=x.device)
+        mask[:, tokens:] = NEG_INF
+        out = naive_block(block, sequence, mask)
+        x, z = out[:, :tokens], out[:, tokens:]
+        if path.combine == "concat":
+            summaries.append(z.flatten(1))
+        elif path.combine == "mean":
+            summaries.append(z.mean(1))
+        else:
+            summaries.append((z * path.query_weights[slot][None, :, None]).sum(1))
+    pieces = [final_class_token(backbone, x), *summaries]
+    return torch.cat([F.normalize(p, dim=-1) for p in pieces], dim=-1)
+
+
+def naive_vqt_logits(method: VQT, images: Tensor) -> Tensor:
+    x = naive_vqt_head_input(method, images)
+    if method.kept_features is not None:
+        x = x[:, method.kept_features]
+    return method.head(x)
+
+
+class NaiveVQT(Method):
+    """A VQT executed the published way (queries concatenated into the sequence, autograd through the
+    whole backbone), with the VQT's own parameters."""
+
+    name = "vqt-naive"
+    reads = TrunkInput.IMAGES
+
+    def __init__(self, vqt: VQT) -> None:
+        super().__init__(vqt.backbone, vqt.num_classes, vqt.options)
+        self.vqt = vqt
+
+    def forward(self, images: Tensor) -> Tensor:
+        return naive_vqt_logits(self.vqt, images)

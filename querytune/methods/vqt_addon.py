@@ -43,6 +43,9 @@ class VQTAddOn(VQT):
         """A change to the tokens entering block ``index`` (VPT's prompts); none by default."""
         return x
 
+    def published_way(self) -> None:
+        return None  # the naive VQT runs the plain trunk, not the add-on's
+
     def head_input(self, images: Tensor) -> Tensor:
         layers: list[Tensor] = []
         x = self.backbone.run_blocks(self.backbone.embed(images), self.before_block,

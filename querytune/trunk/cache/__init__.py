@@ -1,0 +1,16 @@
+"""On-disk feature cache for the frozen-backbone methods.
+
+- :mod:`.entry`: an entry's key, format and reader (:class:`FeatureCache`), its checksum check;
+- :mod:`.build`: building entries under faults (full disks, kills, concurrent builders, torchrun ranks);
+- :mod:`.housekeeping`: listing and removing entries (``querytune cache ls|rm|prune``).
+"""
+
+from __future__ import annotations
+
+from .build import ShardWriter, build_cache, cache_splits, ensure_cache, human_size, open_or_build_cache
+from .entry import FeatureCache, backbone_fingerprint, cache_dir_for, read_meta, verify_entry
+from .housekeeping import default_cache_root, list_entries, prune_entries, remove_entry
+
+__all__ = ["FeatureCache", "ShardWriter", "backbone_fingerprint", "build_cache", "cache_dir_for", "cache_splits",
+           "default_cache_root", "ensure_cache", "human_size", "list_entries", "open_or_build_cache", "prune_entries",
+           "read_meta", "remove_entry", "verify_entry"]

@@ -1,0 +1,387 @@
+"""Building feature-cache entries (:mod:`.entry`), under faults, for training and ``querytune cache build``.
+
+Faults: every shard is written to a temporary file and renamed once whole
+(:mod:`querytune.files`), so an interrupted build leaves only whole shards and
+building again computes the rest; a shard that fails its header and size check is
+rebuilt, never read.
+
+Space: the entry's size is printed and checked against the free space before building,
+and each shard's blocks are allocated (``posix_fallocate``) before it is written
+through its memory map, so a full disk is a one-line :class:`~querytune.errors.StorageError`
+naming the folder, not a SIGBUS; a failed build leaves no temporary file and no meta.json.
+
+Checksums: each shard's sha256 is computed while it is written. Checking them costs a read of
+the whole entry, more than a few percent of a cached epoch (``benchmarks/cache_checksums.py``),
+so an entry is checked once, the first time it is opened for training, and meta.json
+records that it was (``verified``); a corrupted shard is rebuilt.
+
+Across processes (torchrun) every rank builds every ``world``-th shard, then rank 0
+checks them all and writes meta.json (:func:`ensure_cache`). Two jobs that want the
+same entry (two benches, two torchrun jobs on shared storage) take its lock file
+(``flock``, which the kernel releases when its holder dies, even by ``kill -9``): one
+builds, the other waits and then finds the entry complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ... import distributed
+from ...backbones.vit import VisionTransformer
+from ...data import ImageDataset, ImageList, Preprocess, iterate_loader, open_split, private_generator
+from ...errors import DataError, StorageError
+from ...files import remove_stale_temporaries, storage_error, temporary_path, write_text
+from ...progress import note, progress_bar
+from ..features import extract_features
+from .entry import (
+    FORMAT_VERSION,
+    LOCK_FILE,
+    STORAGE_DTYPE,
+    FeatureCache,
+    cache_dir_for,
+    complete_meta,
+    data_checksum,
+    entry_shard_size,
+    feature_shapes,
+    open_shard,
+    read_meta,
+    shard_file,
+    shard_rows,
+    verify_entry,
+    whole_shards,
+    whole_split_entry,
+)
+
+SHARD_SIZE = 64  # images per shard: also the unit of work split across ranks and redone after a kill
+NPY_HEADER_BYTES = 128  # a .npy header of these shapes (the estimate's per-file overhead)
+
+
+def human_size(nbytes: float) -> str:
+    """'88.0 KiB': binary units, as ``du -h`` and ``df -h`` count."""
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    power = 0
+    while nbytes >= 1024 and power < len(units) - 1:
+        nbytes /= 1024
+        power += 1
+    return f"{nbytes:.0f} B" if power == 0 else f"{nbytes:.1f} {units[power]}"
+
+
+def entry_nbytes(shapes: dict[str, list[int]], rows: list[int]) -> int:
+    """Bytes on disk of the shards holding ``rows`` images each."""
+    per_image = sum(2 * int(np.prod(shape)) for shape in shapes.values())  # float16
+    return sum(count * per_image + NPY_HEADER_BYTES * len(shapes) for count in rows)
+
+
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    """A StorageError naming ``folder`` (or the nearest existing folder above it) where ``needed`` bytes do not fit."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise StorageError(f"{folder}: {what} needs {human_size(needed)}, {human_size(free)} free there; free "
+                           "space or choose another --cache")
+
+
+def reserved_shard(file: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A new float16 ``.npy`` file of ``shape``, memory-mapped for writing, its blocks allocated first:
+    writing through a memory map into a sparse file on a full disk kills the process with SIGBUS."""
+    try:
+        array = np.lib.format.open_memmap(file, mode="w+", dtype=np.float16, shape=shape)
+        with open(file, "r+b") as handle:
+            os.posix_fallocate(handle.fileno(), 0, array.offset + array.nbytes)
+    except BaseException:
+        file.unlink(missing_ok=True)
+        raise
+    return array
+
+
+@contextlib.contextmanager
+def entry_lock(path: Path, show_progress: bool = True) -> Iterator[None]:
+    """Hold the lock of the entry at ``path`` (created if absent), waiting while another process holds it.
+
+    ``flock``: the kernel releases it when its holder dies, even by ``kill -9``, so a killed
+    builder never leaves the entry locked; on NFS Linux maps it to a lock the server keeps.
+    A folder left holding only the lock file (a build refused for lack of space) is removed.
+    """
+    lock = path / LOCK_FILE
+    while True:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            handle = open(lock, "a")
+        except OSError as error:
+            raise storage_error(path, error, "the feature cache") from error
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            note(f"{path.name}: another process is building it; waiting for it", show_progress)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            if os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()  # the entry was removed while this process waited: lock the one there now
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if os.listdir(path) == [LOCK_FILE]:
+                shutil.rmtree(path)  # waiters find their lock file gone and lock the next one
+        handle.close()
+
+
+def build_cache(
+    root: Path,
+    backbone: VisionTransformer,
+    images: ImageList,
+    preprocess: Preprocess,
+    with_layers: bool = True,
+    bf16: bool = False,
+    batch_size: int = 64,
+    shard_size: int = SHARD_SIZE,
+    device: torch.device | str = "cpu",
+    workers: int = 0,
+    shards: range | None = None,
+    show_progress: bool = True,
+) -> Path:
+    """Compute the shards of the cache entry for ``images`` that are missing or torn; return its folder.
+
+    ``shards`` restricts the work to some shard indices (distributed building). A call
+    for all shards (the default) also finalises the entry: it writes meta.json and
+    removes temporary files that killed builders left behind. An entry started with
+    another shard size keeps its own. The caller holds the entry's lock (:func:`ensure_cache`).
+    """
+    path = cache_dir_for(root, backbone, images, preprocess, with_layers, bf16)
+    shard_size = entry_shard_size(path, shard_size)
+    shapes = feature_shapes(backbone, preprocess, with_layers)
+    rows = shard_rows(len(images.items), shard_size)
+    wanted = shards if shards is not None else range(len(rows))
+    whole = set(whole_shards(path, shapes, rows, wanted))
+    todo = [s for s in wanted if s not in whole]
+    if not todo and (shards is not None or read_meta(path) is not None):
+        return path
+    needed = entry_nbytes(shapes, [rows[s] for s in todo])
+    check_free_space(path, needed, f"the feature cache of {images.task}/{images.split}")
+    if todo:
+        note(f"caching {images.task}/{images.split}: {len(images.items)} images, "
+             f"{human_size(entry_nbytes(shapes, rows))} on disk ({human_size(needed)} to write) -> {path}",
+             show_progress)
+    checksums = build_shards(path, backbone, images, preprocess, shapes, rows, shard_size, todo, with_layers, bf16,
+                             batch_size, device, workers, show_progress)
+    if shards is None:
+        remove_stale_temporaries(path)
+        for shard in sorted(whole):  # built by other ranks or an earlier, killed build: read back once
+            for kind in shapes:
+                array = open_shard(shard_file(path, shard, kind), (rows[shard], *shapes[kind]))
+                assert array is not None  # checked whole above; only this entry's lock holder writes it
+                checksums[shard_file(path, shard, kind).name] = data_checksum(array)
+        meta = {
+            "format": FORMAT_VERSION,
+            "task": images.task,
+            "split": images.split,
+            "backbone": backbone.config.name,
+            "image_size": preprocess.image_size,
+            "num_images": len(images.items),
+            "trunk_bf16": bf16,
+            "shard_size": shard_size,
+            "shapes": shapes,
+            "labels": [label for _, label in images.items],
+            "checksums": dict(sorted(checksums.items())),
+            "verified": False,
+        }
+        write_text(path / "meta.json", json.dumps(meta))
+    return path
+
+
+def build_shards(path: Path, backbone: VisionTransformer, images: ImageList, preprocess: Preprocess,
+                 shapes: dict[str, list[int]], rows: list[int], shard_size: int, todo: list[int], with_layers: bool,
+                 bf16: bool, batch_size: int, device: torch.device | str, workers: int,
+                 show_progress: bool) -> dict[str, str]:
+    """Compute the shards ``todo`` of the entry at ``path``; return their files' data checksums by name."""
+    if not todo:
+        return {}
+    backbone = backbone.to(device).eval()
+    # One loader for every shard to do (workers start once); no batch spans two shards.
+    plan = [(shard, list(range(first, min(first + batch_size, shard * shard_size + rows[shard]))))
+            for shard in todo for first in range(shard * shard_size, shard * shard_size + rows[shard], batch_size)]
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(images, preprocess), batch_sampler=[indices for _, indices in plan], num_workers=workers,
+        pin_memory=torch.device(device).type == "cuda", generator=private_generator(),
+    )
+    writer = ShardWriter(path, shapes, rows)
+    with progress_bar(f"caching {images.task}/{images.split}", total=sum(rows[s] for s in todo),
+                      enabled=show_progress) as advance:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            for (shard, indices), (batch, _) in zip(plan, iterate_loader(loader)):
+                feats = extract_features(backbone, batch.to(device, non_blocking=True), with_layers, STORAGE_DTYPE,
+                                         bf16)
+                arrays = {"cls": feats.cls.cpu().numpy()}
+                if feats.layers is not None:  # with_layers
+                    arrays["layers"] = feats.layers.cpu().numpy()
+                writer.write(shard, indices[0] - shard * shard_size, arrays)
+                advance(len(batch))
+            writer.finish()
+        except OSError as error:
+            raise storage_error(path, error, "the feature cache") from error
+        finally:
+            writer.close()
+    return writer.checksums
+
+
+class ShardWriter:
+    """Writes computed batches into an entry's shard files on one background thread, so that the trunk
+    computes the next batch while this one is copied into the memory map and, at a shard's end, flushed,
+    hashed and renamed into place (on a GPU the trunk is faster than the disk). At most ``depth`` batches
+    wait; a failed write surfaces at the next :meth:`write` or at :meth:`finish`, and the writes queued
+    after it are dropped (they would land in the failed shard's files).
+
+    A shard is written in place into temporary files, reserved whole first, and renamed once whole;
+    :meth:`close` removes the temporary files of a shard left unfinished."""
+
+    def __init__(self, path: Path, shapes: dict[str, list[int]], rows: list[int], depth: int = 2) -> None:
+        self.path, self.shapes, self.rows, self.depth = path, shapes, rows, depth
+        self.checksums: dict[str, str] = {}
+        self._failed = False
+        self._files: dict[str, np.memmap] = {}  # the shard being written: touched by the writer thread only
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer")
+        self._pending: deque[Future[None]] = deque()
+
+    def write(self, shard: int, row: int, arrays: dict[str, np.ndarray]) -> None:
+        """Queue ``arrays`` (by kind) for rows ``row ..`` of ``shard``."""
+        while len(self._pending) >= self.depth:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self._write, shard, row, arrays))
+
+    def finish(self) -> None:
+        """Wait for every queued write."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        """Let queued writes end (their errors were or will be raised by the caller's path), stop the
+        thread, and remove an unfinished shard's temporary files."""
+        self._pool.shutdown(wait=True)
+        self._pending.clear()
+        for array in self._files.values():
+            assert array.filename is not None
+            Path(array.filename).unlink(missing_ok=True)
+        self._files = {}
+
+    def _write(self, shard: int, row: int, arrays: dict[str, np.ndarray]) -> None:
+        if self._failed:
+            return
+        try:
+            self._write_rows(shard, row, arrays)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def _write_rows(self, shard: int, row: int, arrays: dict[str, np.ndarray]) -> None:
+        if not self._files:  # a shard begins
+            for kind, shape in self.shapes.items():
+                self._files[kind] = reserved_shard(temporary_path(shard_file(self.path, shard, kind)),
+                                                   (self.rows[shard], *shape))
+        for kind, array in arrays.items():
+            self._files[kind][row : row + len(array)] = array
+        if row + len(arrays["cls"]) == self.rows[shard]:
+            for kind, mapped in self._files.items():
+                mapped.flush()
+                self.checksums[shard_file(self.path, shard, kind).name] = data_checksum(mapped)
+                assert mapped.filename is not None  # a memmap opened on a file
+                os.replace(mapped.filename, shard_file(self.path, shard, kind))
+            self._files = {}
+
+
+def ensure_cache(root: Path, backbone: VisionTransformer, images: ImageList, preprocess: Preprocess,
+                 with_layers: bool = True, bf16: bool = False, shard_size: int = SHARD_SIZE, verify: bool = False,
+                 **kwargs) -> tuple[Path, bool]:
+    """The folder of a complete cache entry for ``images``, built where missing or torn, and whether this
+    call built any of it; with ``verify`` (training) its shards are checked against their checksums once,
+    a corrupted one rebuilt.
+
+    Rank 0 holds the entry's lock while it is built or checked. Across processes every rank
+    builds shards ``rank, rank + world, ...``; after a barrier rank 0 checks every shard
+    (building any still missing) and writes meta.json; after another barrier every rank may
+    read the entry.
+    """
+    path = cache_dir_for(root, backbone, images, preprocess, with_layers, bf16)
+    rank, world = distributed.rank(), distributed.world_size()
+    show_progress = kwargs.get("show_progress", True)
+    meta = complete_meta(path)
+    ready = meta is not None and (meta.get("verified", False) or not verify)
+    if meta is not None and not ready and not os.access(path, os.W_OK):
+        # a read-only cache (shared, a snapshot): nothing can be recorded or rebuilt, so checked on every open
+        corrupted = verify_entry(path, show_progress, record=False)
+        if corrupted:
+            raise DataError(f"{corrupted[0]}: corrupted (its checksum differs) in a read-only feature cache; "
+                            "build the cache in another --cache folder")
+        return path, False
+    built = False
+    with entry_lock(path, show_progress) if rank == 0 and not ready else contextlib.nullcontext():
+        distributed.barrier()  # no rank builds before rank 0 holds the entry
+        if world > 1:
+            num_shards = len(shard_rows(len(images.items), entry_shard_size(path, shard_size)))
+            build_cache(root, backbone, images, preprocess, with_layers, bf16, shard_size=shard_size,
+                        shards=range(rank, num_shards, world), **kwargs)
+            distributed.barrier()
+        if rank == 0:
+            built = complete_meta(path) is None  # another process may have built it while this one waited
+            build_cache(root, backbone, images, preprocess, with_layers, bf16, shard_size=shard_size, **kwargs)
+            meta = read_meta(path)
+            assert meta is not None  # built just now
+            if verify and not meta.get("verified") and (corrupted := verify_entry(path, show_progress)):
+                note(f"{', '.join(str(file) for file in corrupted)}: corrupted (checksum differs); rebuilding",
+                     show_progress)
+                for file in corrupted:
+                    file.unlink()
+                build_cache(root, backbone, images, preprocess, with_layers, bf16, shard_size=shard_size, **kwargs)
+                verify_entry(path, show_progress)  # a second read of the entry, but only where one was corrupted
+    distributed.barrier()
+    return path, built
+
+
+def cache_splits(root: Path, backbone: VisionTransformer, data: str | Path, splits: list[str], image_size: int,
+                 bf16: bool = False, **kwargs: Any) -> list[tuple[ImageList, Path, bool]]:
+    """Build (where missing or torn) the per-layer cache entries of a task's ``splits``, in order; return
+    each split's images, entry folder and whether this call built it (on rank 0). What ``querytune cache``
+    and the bench do before training."""
+    preprocess = Preprocess.for_backbone(backbone, image_size)
+    entries = []
+    for images in (open_split(data, split) for split in splits):
+        part = whole_split_entry(root, backbone, images, preprocess, bf16)
+        if part is not None:  # read from the whole split's entry: nothing to build
+            entries.append((images, cache_dir_for(root, backbone, part[0], preprocess, True, bf16), False))
+        else:
+            entries.append((images, *ensure_cache(root, backbone, images, preprocess, True, bf16, **kwargs)))
+    return entries
+
+
+def open_or_build_cache(root: Path, backbone: VisionTransformer, images: ImageList, preprocess: Preprocess,
+                        with_layers: bool, bf16: bool = False, **kwargs) -> FeatureCache:
+    """The cache entry for ``images``, built where missing or torn and checked against its checksums once
+    (opened for training); a full entry also serves class-token readers, and the entry of the split
+    ``images`` are part of serves them where they have none of their own (:func:`whole_split_entry`);
+    per-layer readers build it where missing, class-token readers use it only where it exists."""
+    part = whole_split_entry(root, backbone, images, preprocess, bf16, complete_only=not with_layers)
+    if part is not None:
+        whole, rows = part
+        path, _ = ensure_cache(root, backbone, whole, preprocess, True, bf16, verify=True, **kwargs)
+        return FeatureCache.open(path).part(rows)
+    if read_meta(cache_dir_for(root, backbone, images, preprocess, True, bf16)) is not None:
+        with_layers = True
+    path, _ = ensure_cache(root, backbone, images, preprocess, with_layers, bf16, verify=True, **kwargs)
+    return FeatureCache.open(path)

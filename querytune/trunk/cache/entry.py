@@ -1,0 +1,307 @@
+"""A feature-cache entry: its key, its format and reading it.
+
+The frozen trunk is run once per image; its :class:`~querytune.trunk.features.Features`
+(per-block normalised tokens and the final class token) are stored in float16 as
+``.npy`` shards that later epochs memory-map, so data larger than RAM works.
+
+Layout of one cache entry, ``<root>/<task>-<split>-<key16>/``:
+
+    shard-00000.layers.npy   (n, L, N, D) float16   (absent in a class-token-only entry)
+    shard-00000.cls.npy      (n, D) float16
+    ...
+    meta.json                written once every shard exists: shard size, feature shapes, labels,
+                             each shard's sha256; its modification time is when the entry was last used
+    .lock                    held (flock) by the process building the entry
+
+The key hashes everything the features depend on: the backbone's weights and
+architecture, the preprocessing (image size, mean, std), the split's file list with
+labels, sizes and modification times, the storage dtype and the format version, so a
+stale entry is never reused. Methods that read only the final class token (linear
+probe) use a class-token-only entry, or a full one where it exists.
+
+Whatever may sit under a shard's final name (a file truncated or overwritten by other
+means) is caught by checking every shard's header (dtype, shape) and file size against
+what the entry must hold, each time the entry is built or opened (a few bytes read per
+shard). Corruption (bytes changed, size kept) is caught by the sha256 of each shard's data,
+kept in meta.json and checked by :func:`verify_entry`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...backbones.vit import VisionTransformer
+from ...data import ImageList, Preprocess, open_split
+from ...errors import DataError
+from ...files import write_text
+from ...progress import progress_bar
+from ..features import Features, copy_converted
+
+FORMAT_VERSION = 2
+STORAGE_DTYPE = torch.float16
+FINGERPRINT_ATTRIBUTE = "_querytune_fingerprint"  # where a backbone object keeps its fingerprint once computed
+LOCK_FILE = ".lock"
+
+
+def backbone_fingerprint(backbone: VisionTransformer) -> str:
+    """sha256 of the architecture and every weight (computed once per model object)."""
+    cached = getattr(backbone, FINGERPRINT_ATTRIBUTE, None)
+    if cached is not None:
+        return cached
+    digest = hashlib.sha256(json.dumps(backbone.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(backbone.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    fingerprint = digest.hexdigest()
+    setattr(backbone, FINGERPRINT_ATTRIBUTE, fingerprint)  # a plain attribute, not a tensor or a module
+    return fingerprint
+
+
+def cache_key(backbone: VisionTransformer, images: ImageList, preprocess: Preprocess, with_layers: bool,
+              bf16: bool) -> str:
+    parts = {
+        "with_layers": with_layers,
+        "trunk_bf16": bf16,
+        "format": FORMAT_VERSION,
+        "dtype": str(STORAGE_DTYPE),
+        "backbone": backbone_fingerprint(backbone),
+        "image_size": preprocess.image_size,
+        "mean": list(preprocess.mean),
+        "std": list(preprocess.std),
+        "images": images.fingerprint(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def cache_dir_for(root: Path, backbone: VisionTransformer, images: ImageList, preprocess: Preprocess,
+                  with_layers: bool = True, bf16: bool = False) -> Path:
+    kind = ("" if with_layers else "-cls") + ("-bf16" if bf16 else "")
+    key = cache_key(backbone, images, preprocess, with_layers, bf16)
+    return Path(root) / f"{images.task}-{images.split}{kind}-{key[:16]}"
+
+
+def shard_file(path: Path, shard: int, kind: str) -> Path:
+    return path / f"shard-{shard:05d}.{kind}.npy"
+
+
+def open_shard(file: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """``file`` memory-mapped (copy-on-write) if it holds exactly a float16 array of ``shape``, else None.
+
+    Reads only the header: a missing, truncated, extended or foreign file is caught by
+    its header or its size, not by reading the data.
+    """
+    try:
+        array = np.load(file, mmap_mode="c")
+    except (OSError, ValueError, EOFError):  # missing, shorter than its header says, not .npy
+        return None
+    if array.dtype != np.float16 or array.shape != shape or file.stat().st_size != array.offset + array.nbytes:
+        return None
+    return array
+
+
+def data_checksum(array: np.ndarray) -> str:
+    """The sha256 of an array's data (its header is checked by :func:`open_shard`)."""
+    return hashlib.sha256(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data).hexdigest()
+
+
+def shard_rows(num_images: int, shard_size: int) -> list[int]:
+    """The number of images in each shard."""
+    return [min(shard_size, num_images - start) for start in range(0, num_images, shard_size)]
+
+
+def feature_shapes(backbone: VisionTransformer, preprocess: Preprocess, with_layers: bool) -> dict[str, list[int]]:
+    """The per-image shape of each stored kind: ``cls`` (D,) and, with layers, ``layers`` (L, N, D)."""
+    config = backbone.config
+    shapes = {"cls": [config.embed_dim]}
+    if with_layers:
+        shapes["layers"] = [config.depth, config.num_tokens(preprocess.image_size), config.embed_dim]
+    return shapes
+
+
+def read_meta(path: Path) -> dict[str, Any] | None:
+    """The meta.json of the entry at ``path`` where it is whole and of this format, else None."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        if meta["format"] == FORMAT_VERSION and isinstance(meta["shard_size"], int) and meta["shard_size"] > 0:
+            return meta
+    except (OSError, ValueError, TypeError, KeyError):  # absent, or torn by a power loss
+        pass
+    return None
+
+
+def entry_shard_size(path: Path, default: int) -> int:
+    """The shard size of the entry at ``path`` where its meta.json says, else ``default``."""
+    meta = read_meta(path)
+    return default if meta is None else meta["shard_size"]
+
+
+def whole_shards(path: Path, shapes: dict[str, list[int]], rows: list[int], shards: range | list[int]) -> list[int]:
+    """Which of ``shards`` are whole: each kind's file there with the header and size it must have."""
+    return [shard for shard in shards
+            if all(open_shard(shard_file(path, shard, kind), (rows[shard], *shape)) is not None
+                   for kind, shape in shapes.items())]
+
+
+def complete_meta(path: Path) -> dict[str, Any] | None:
+    """The meta.json of the entry at ``path`` where the entry is complete (every shard whole), else None."""
+    meta = read_meta(path)
+    if meta is None:
+        return None
+    rows = shard_rows(meta["num_images"], meta["shard_size"])
+    return meta if len(whole_shards(path, meta["shapes"], rows, range(len(rows)))) == len(rows) else None
+
+
+def verify_entry(path: Path, show_progress: bool = True, record: bool = True) -> list[Path]:
+    """Check every shard of the complete entry at ``path`` against its checksum; return the corrupted shards'
+    files. With ``record``, where all held, meta.json records that."""
+    meta = read_meta(path)
+    assert meta is not None  # a complete entry
+    recorded = meta["checksums"]
+    corrupted = []
+    rows = shard_rows(meta["num_images"], meta["shard_size"])
+    with progress_bar(f"checking {path.name}", total=len(rows), enabled=show_progress) as advance:
+        for shard, count in enumerate(rows):
+            for kind, shape in meta["shapes"].items():
+                file = shard_file(path, shard, kind)
+                array = open_shard(file, (count, *shape))
+                if array is None or data_checksum(array) != recorded.get(file.name):
+                    corrupted.append(file)
+            advance()
+    if record and not corrupted:
+        write_text(path / "meta.json", json.dumps({**meta, "verified": True}))
+    return corrupted
+
+
+@dataclass
+class FeatureCache:
+    """A complete cache entry, memory-mapped."""
+
+    path: Path
+    labels: np.ndarray
+    shard_size: int
+    layers: list[torch.Tensor] | None
+    cls: list[torch.Tensor]
+    rows: np.ndarray | None = None  # a part of the entry (see :meth:`part`): its rows, in order
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def part(self, rows: np.ndarray) -> FeatureCache:
+        """The entry seen as holding only its ``rows`` (indices into the entry), in that order."""
+        return FeatureCache(self.path, self.labels[rows], self.shard_size, self.layers, self.cls, rows)
+
+    @classmethod
+    def open(cls, path: Path) -> FeatureCache:
+        meta = read_meta(path)
+        if meta is None:
+            raise DataError(f"{path}: not a complete feature cache (meta.json missing, unreadable or of another "
+                            "format); build the cache again")
+        with contextlib.suppress(OSError):  # a read-only cache serves all the same
+            os.utime(path / "meta.json")  # marks the entry used (``querytune cache ls``, ``prune``)
+        layers, cls_tokens = [], []
+        for shard, rows in enumerate(shard_rows(meta["num_images"], meta["shard_size"])):
+            arrays = {}
+            for kind in meta["shapes"]:
+                file = shard_file(path, shard, kind)
+                # copy-on-write mappings: never written, but torch wants writable arrays
+                arrays[kind] = open_shard(file, (rows, *meta["shapes"][kind]))
+                if arrays[kind] is None:
+                    raise DataError(f"{file}: missing or torn feature-cache shard; build the cache again to redo it")
+            cls_tokens.append(torch.from_numpy(arrays["cls"]))
+            if "layers" in arrays:
+                layers.append(torch.from_numpy(arrays["layers"]))
+        return cls(path, np.asarray(meta["labels"], dtype=np.int64), meta["shard_size"],
+                   layers if "layers" in meta["shapes"] else None, cls_tokens)
+
+    def nbytes(self, with_layers: bool = True) -> int:
+        """Bytes of the entry's class tokens, and per-layer tokens with ``with_layers``."""
+        kinds = [self.cls] + ([self.layers] if with_layers and self.layers is not None else [])
+        whole = sum(shard.nbytes for shards in kinds for shard in shards)
+        return whole if self.rows is None else whole * len(self) // sum(len(shard) for shard in self.cls)
+
+    def load(self, device: torch.device, with_layers: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The whole entry in ``device`` memory, float16: class tokens (n, D) and, with ``with_layers``,
+        per-layer tokens stored layer-major (L, n, N, D), so that gathering a batch along dim 1 yields
+        each layer's tokens contiguous."""
+        if with_layers and self.layers is None:
+            raise DataError(f"{self.path}: holds class tokens only, per-layer features were asked for")
+        if self.rows is not None:  # a part: its rows gathered on the host, so the device holds only them
+            part = self.features(np.arange(len(self)), with_layers)
+            layers = part.layers.transpose(0, 1).contiguous().to(device) if part.layers is not None else None
+            return part.cls.to(device), layers
+        cls = torch.cat([shard.to(device) for shard in self.cls])
+        if not with_layers:
+            return cls, None
+        assert self.layers is not None  # checked above
+        first = self.layers[0]
+        layers = torch.empty(first.shape[1], len(self), *first.shape[2:], dtype=first.dtype, device=device)
+        start = 0
+        for shard in self.layers:
+            layers[:, start : start + len(shard)] = shard.to(device).transpose(0, 1)
+            start += len(shard)
+        return cls, layers
+
+    def features(self, indices: np.ndarray | list[int], with_layers: bool = True,
+                 out: Features | None = None) -> Features:
+        """Features of the given image indices, in that order.
+
+        With ``out`` (buffers of at least ``len(indices)`` rows, any float dtype) the rows are
+        converted into it and views of it are returned: reusing buffers across batches avoids
+        faulting in fresh pages for every batch, which otherwise costs more than the copy.
+        """
+        layers = self.layers if with_layers else None
+        if with_layers and layers is None:
+            raise DataError(f"{self.path}: holds class tokens only, per-layer features were asked for")
+        count = len(indices)
+        if out is None:
+            out = Features(torch.empty(count, *self.cls[0].shape[1:], dtype=torch.float16),
+                           torch.empty(count, *layers[0].shape[1:], dtype=torch.float16) if layers is not None
+                           else None)
+        if self.rows is not None:
+            indices = self.rows[np.asarray(indices, dtype=np.int64)]
+        for row, index in enumerate(indices):
+            shard, offset = divmod(int(index), self.shard_size)
+            out.cls[row].copy_(self.cls[shard][offset])
+            if layers is not None:
+                assert out.layers is not None  # buffers given in ``out`` hold per-layer rows too
+                copy_converted(out.layers[row], layers[shard][offset])
+        if layers is None:
+            return Features(out.cls[:count], None)
+        assert out.layers is not None
+        return Features(out.cls[:count], out.layers[:count])
+
+
+# VTAB-1k's train800 and val200 are the two parts of its train800val200: training reads the parts from
+# that split's entry (built where missing), so a search on train800 -> val200 and the final runs on
+# train800val200 cost one trunk pass and one entry's disk.
+WHOLE_SPLIT = {"train800": "train800val200", "val200": "train800val200"}
+
+
+def whole_split_entry(root: Path, backbone: VisionTransformer, images: ImageList, preprocess: Preprocess,
+                      bf16: bool, complete_only: bool = True) -> tuple[ImageList, np.ndarray] | None:
+    """Where ``images`` have no per-layer entry of their own but are all in the split they are part of
+    (:data:`WHOLE_SPLIT`), whose entry is complete (or, without ``complete_only``, may be built): that
+    split, and the rows of ``images`` in it."""
+    whole_name = WHOLE_SPLIT.get(images.split)
+    if whole_name is None or read_meta(cache_dir_for(root, backbone, images, preprocess, True, bf16)) is not None:
+        return None
+    try:
+        whole = open_split(images.root, whole_name)
+    except DataError:  # the task has no such split
+        return None
+    if complete_only and read_meta(cache_dir_for(root, backbone, whole, preprocess, True, bf16)) is None:
+        return None
+    position = {item: row for row, item in enumerate(whole.items)}
+    rows = [position.get(item) for item in images.items]
+    if any(row is None for row in rows):
+        return None
+    return whole, np.asarray(rows, dtype=np.int64)

@@ -1,0 +1,83 @@
+"""Naive reference formulations of SynQT and memory tokens, as the methods' published code executes them.
+
+Extra tokens are concatenated into the sequence, an attention mask keeps them from
+disturbing the original tokens, and autograd runs through the whole backbone. The
+block arithmetic is the package's naive one (``querytune.backbones.vit.naive_block``),
+written from the block's weights, independently of :meth:`Block.forward` and
+:meth:`Block.forward_rows`. VQT's reference lives with VQT
+(``querytune.methods.vqt.naive_vqt_logits``), where ``querytune measure --method
+vqt-naive`` measures what it costs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from querytune.backbones.vit import NEG_INF, VisionTransformer, final_class_token, naive_block, naive_block_parts
+
+
+def naive_synqt_logits(method, images: Tensor) -> Tensor:
+    """SynQT's logits computed the published way: at every block the synthesized queries are
+    appended to the sequence; they attend to the original tokens only and no token attends
+    to them. The query synthesis and the head are the method's own modules."""
+    backbone = method.backbone
+    x = backbone.embed(images)
+    batch, tokens = x.shape[0], x.shape[1]
+    outputs: list[Tensor] = []
+    attns: list[Tensor] = []
+    mlps: list[Tensor] = []
+    for index, block in enumerate(backbone.blocks):
+        queries = method.synthesis(index, batch, outputs[-1] if outputs else None)
+        sequence = torch.cat([x, queries], dim=1)
+        mask = torch.zeros(sequence.shape[1], sequence.shape[1], dtype=x.dtype, device=x.device)
+        mask[:, tokens:] = NEG_INF
+        out, attn, mlp = naive_block_parts(block, sequence, mask)
+        x = out[:, :tokens]
+        outputs.append(out[:, tokens:].mean(1))
+        attns.append(attn[:, tokens:].mean(1))
+        mlps.append(mlp[:, tokens:].mean(1))
+    return method.head(torch.stack([outputs[-1], *outputs, *attns, *mlps], dim=1))
+
+
+def naive_plain_memory_logits(method, images: Tensor) -> Tensor:
+    """Plain memory the published way: each block's memory is appended to the sequence, every
+    row attends to everything, and the memory rows' outputs are dropped."""
+    backbone = method.backbone
+    x = backbone.embed(images)
+    x = torch.cat([method.class_token.expand(x.shape[0], 1, -1), x[:, 1:]], dim=1)
+    tokens = x.shape[1]
+    for block, memory in zip(backbone.blocks, method.memory):
+        sequence = torch.cat([x, memory.expand(x.shape[0], -1, -1)], dim=1)
+        x = naive_block(block, sequence)[:, :tokens]
+    return method.head(final_class_token(backbone, x))
+
+
+def naive_masked_memory(stack, backbone: VisionTransformer, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """Masked (non-destructive) memory the published way: the sequence of every block is
+    [original tokens; class tokens C_1..C_K; memories M_1..M_K] under one full attention mask.
+    Returns the original final class token (after the final norm) and each task's logits."""
+    tasks, count = list(stack.tasks), len(stack.tasks)
+    x = backbone.embed(images)
+    batch, tokens = x.shape[:2]
+    sizes = [task.memory.shape[1] for task in tasks]
+    memory_at = [tokens + count + sum(sizes[:j]) for j in range(count)]
+    total = tokens + count + sum(sizes)
+    mask = torch.full((total, total), NEG_INF, dtype=x.dtype, device=x.device)
+    mask[:tokens, :tokens] = 0  # the original tokens see only each other
+    mask[tokens + count :, :] = 0  # memory rows: their outputs are dropped; allowing all keeps them finite
+    for k in range(count):
+        row = tokens + k
+        mask[row, :tokens] = 0
+        for j in (k, *stack.reads[k]):
+            mask[row, tokens + j] = 0
+            mask[row, memory_at[j] : memory_at[j] + sizes[j]] = 0
+    classes = torch.stack([task.class_token for task in tasks]).expand(batch, -1, -1)
+    for index, block in enumerate(backbone.blocks):
+        memory = torch.cat([task.memory[index] for task in tasks]).expand(batch, -1, -1)
+        out = naive_block(block, torch.cat([x, classes, memory], dim=1), mask)
+        x, classes = out[:, :tokens], out[:, tokens : tokens + count]
+    norm = backbone.norm
+    finals = F.layer_norm(classes, (x.shape[-1],), norm.weight, norm.bias, norm.eps)
+    return final_class_token(backbone, x), [task.head(finals[:, k]) for k, task in enumerate(tasks)]
