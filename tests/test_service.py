@@ -464,17 +464,22 @@ def test_page_asks_for_the_token_once_and_shows_every_task_answer_in_headless_ch
 
 
 def test_serve_command_under_a_bounded_load_of_good_and_malformed_requests(tiny_task):
-    """benchmarks/serve_load.py, small: `querytune serve` in its own process answers concurrent clients; every good
-    answer is right, every malformed request (wrong type, truncated, 100 MB, slow client...) a 4xx; no crash."""
+    """benchmarks/serve_load.py, small: `querytune serve` in its own process, with a token, answers concurrent clients;
+    every good answer is right, every malformed request (wrong type, truncated, 100 MB, slow client, no token...) a
+    4xx; no crash."""
     pytest.importorskip("psutil", reason="the load check reads the server's memory with psutil (test extra)")
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
-    result = subprocess.run([sys.executable, script, "--backbone", "tiny", "--data", tiny_task, "--train-split",
-                             "train800", "--tasks", "2", "--clients", "4", "--seconds", "1", "--faults", "200",
-                             "--json"], capture_output=True, text=True, timeout=300)
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, root / "benchmarks" / "serve_load.py", "--backbone", "tiny", "--data",
+                             tiny_task, "--train-split", "train800", "--tasks", "2", "--clients", "4", "--seconds", "1",
+                             "--faults", "200", "--json"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(root)})  # this checkout's querytune, not another
     assert result.returncode == 0, result.stdout + result.stderr
     load, faults = map(json.loads, result.stdout.splitlines())
     assert load["phase"] == "load" and load["requests"] > 0 and load["errors"] == 0
     assert faults["failures"] == 0 and faults["alive"] and faults["health"] == "ok", faults
     assert faults["by_kind"]["100 MB body"] == 1 and faults["by_kind"]["slow client"] == 1
-    assert sum(faults["by_kind"].values()) == 200
+    assert sum(faults["by_kind"].values()) == 200 and faults["by_kind"]["no token"] > 0
+    log = faults["access_log"]  # with the token on: one line per request sent, the refused ones 401, no body
+    assert log["ok"] and log["lines"] == log["requests"] == 1 + 1 + load["requests"] + 200 + 1, log
+    assert log["unauthorised"] == faults["by_kind"]["no token"] + faults["by_kind"]["wrong token"]
     assert faults["rss_after_mb"] - faults["rss_before_mb"] < 64  # the benchmark's 10k requests say more
