@@ -213,6 +213,8 @@ def test_service_limits_are_checked(tmp_path, capsys):
         ServiceLimits(max_wait_ms=-1)
     error = cli_error(capsys, "serve", "--run", tmp_path, "--max-batch", "0")
     assert error == "error: --max-batch must be at least 1 (got 0)"
+    error = cli_error(capsys, "serve", "--run", tmp_path, "--max-inflight-per-client", "0")
+    assert error == "error: --max-inflight-per-client must be at least 1 (got 0)"
 
 
 SAMPLE = re.compile(r"([a-z_]+)(\{[^}]*\})? (\S+)")
