@@ -5,15 +5,18 @@
 
 For each K in ``--tasks`` it trains K frozen-backbone runs (cycling ``--methods``, one epoch on
 ``--train-split`` of ``--data``, sharing one feature cache), starts ``querytune serve`` on them in a
-process of its own, and then:
+process of its own, with a token (``--token-file``, sent by every client) and an access log, and then:
 
 1. load: ``--clients`` clients each post one test image after another for ``--seconds``; reports
    throughput, p50/p99 latency, errors (any answer but 200) and the server's RSS and peak RSS;
 2. faults (``--faults`` requests, when given): the clients cycle through good requests (raw body and a
    two-image form) and malformed ones (wrong content type, truncated image, not an image, empty body,
-   unknown task), plus a few 100 MB bodies and slow clients (who send half a body and stall). Every
-   good answer is checked against the engine's own answer for that image, every bad one must be a
-   4xx; the server's RSS is read after a warm-up and at the end.
+   unknown task, no token, a wrong token), plus a few 100 MB bodies and slow clients (who send half a
+   body and stall). Every good answer is checked against the engine's own answer for that image, every
+   bad one must be a 4xx (401 for the tokens); the server's RSS is read after a warm-up and at the end.
+
+Once the server has stopped, its access log must hold one JSON line per request it was sent, and none
+of the bodies.
 
 It prints one JSON line per K and phase, then a table, and exits 1 if any check failed. Nothing here is
 a timed test: figures depend on the machine and its load.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
 import socket
 import statistics
 import subprocess
@@ -46,6 +50,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 DINOV2 = SHARED / "weights" / "dinov2-small-imgfocus"
 DATA = SHARED / "data" / "vtab1k-mini" / "cifar10"
 HUNDRED_MB = 100_000_000
+NOT_AN_IMAGE = b"<html>not an image</html>"  # a body that must not reach the access log
 SLOW_READ_TIMEOUT = 1.0  # the server's --read-timeout: how long a slow client holds a request
 
 
@@ -70,9 +75,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(runs: list[Path], port: int, max_body_mb: float) -> subprocess.Popen:
+def start_server(runs: list[Path], port: int, max_body_mb: float, token_file: Path,
+                 access_log: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "querytune", "serve", "--port", str(port), "--max-body-mb", str(max_body_mb),
-               "--read-timeout", str(SLOW_READ_TIMEOUT), "--device", "cpu"]
+               "--read-timeout", str(SLOW_READ_TIMEOUT), "--device", "cpu", "--token-file", str(token_file),
+               "--access-log", str(access_log)]
     for run in runs:
         command += ["--run", str(run)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -98,11 +105,12 @@ def memory_mb(pid: int) -> tuple[float, float]:
     return round(rss, 1), round(peak, 1)
 
 
-async def load(url: str, images: list[bytes], clients: int, seconds: float) -> dict[str, Any]:
+async def load(url: str, token: str, images: list[bytes], clients: int, seconds: float) -> dict[str, Any]:
     latencies: list[float] = []
     errors = 0
+    headers = {"content-type": "image/jpeg", "authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:  # a first request warms the server up
-        await http.post("/predict", content=images[0], headers={"content-type": "image/jpeg"})
+        await http.post("/predict", content=images[0], headers=headers)
     deadline = time.monotonic() + seconds
 
     async def client(index: int) -> None:
@@ -111,8 +119,7 @@ async def load(url: str, images: list[bytes], clients: int, seconds: float) -> d
             i = index
             while time.monotonic() < deadline:
                 started = time.perf_counter()
-                response = await http.post("/predict", content=images[i % len(images)],
-                                            headers={"content-type": "image/jpeg"})
+                response = await http.post("/predict", content=images[i % len(images)], headers=headers)
                 latencies.append(time.perf_counter() - started)
                 errors += response.status_code != 200
                 i += clients
@@ -125,25 +132,26 @@ async def load(url: str, images: list[bytes], clients: int, seconds: float) -> d
             "p50_ms": round(1000 * cuts[49], 1), "p99_ms": round(1000 * cuts[98], 1), "errors": errors}
 
 
-async def slow_client(port: int, image: bytes) -> int:
+async def slow_client(port: int, token: str, image: bytes) -> int:
     """Sends the headers and half the body, then stalls: the status the server answers."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {len(image)}"
-                 "\r\n\r\n".encode() + image[: len(image) // 2])
+    writer.write(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nAuthorization: Bearer {token}"
+                 f"\r\nContent-Length: {len(image)}\r\n\r\n".encode() + image[: len(image) // 2])
     await writer.drain()
     status = int((await asyncio.wait_for(reader.readline(), SLOW_READ_TIMEOUT + 30)).split()[1])
     writer.close()
     return status
 
 
-async def faults(url: str, port: int, images: list[bytes], expected: list[dict], count: int, clients: int,
-                 first: int = 0) -> dict[str, Any]:
+async def faults(url: str, port: int, token: str, images: list[bytes], expected: list[dict], count: int,
+                 clients: int, first: int = 0) -> dict[str, Any]:
     """Requests ``first`` to ``first + count`` of the cycle through good and malformed kinds; returns counts by
     kind and what failed."""
     huge = b"\0" * HUNDRED_MB
-    jpeg = {"content-type": "image/jpeg"}
+    auth = {"authorization": f"Bearer {token}"}
+    jpeg = {"content-type": "image/jpeg", **auth}
     kinds = ["good", "good form", "wrong content type", "truncated image", "not an image", "empty body",
-             "unknown task"]
+             "unknown task", "no token", "wrong token"]
     tally: dict[str, int] = {}
     failures: list[str] = []
 
@@ -152,7 +160,7 @@ async def faults(url: str, port: int, images: list[bytes], expected: list[dict],
         if i % 5000 == 199:  # a few: a 100 MB body allocates on both sides
             kind, response = "100 MB body", await http.post("/predict", content=huge, headers=jpeg)
         elif i % 1000 == 99:
-            kind, status = "slow client", await slow_client(port, image)
+            kind, status = "slow client", await slow_client(port, token, image)
             tally[kind] = tally.get(kind, 0) + 1
             if status != 408:
                 failures.append(f"request {i} ({kind}): status {status}")
@@ -161,12 +169,14 @@ async def faults(url: str, port: int, images: list[bytes], expected: list[dict],
             kind = kinds[i % len(kinds)]
             request: dict[str, Any] = {
                 "good": {"content": image, "headers": jpeg},
-                "good form": {"files": [("image", ("a.jpg", image)), ("image", ("b.jpg", image))]},
-                "wrong content type": {"content": image, "headers": {"content-type": "text/plain"}},
+                "good form": {"files": [("image", ("a.jpg", image)), ("image", ("b.jpg", image))], "headers": auth},
+                "wrong content type": {"content": image, "headers": {"content-type": "text/plain", **auth}},
                 "truncated image": {"content": image[: len(image) // 2], "headers": jpeg},
-                "not an image": {"content": b"<html>not an image</html>", "headers": jpeg},
+                "not an image": {"content": NOT_AN_IMAGE, "headers": jpeg},
                 "empty body": {"content": b"", "headers": jpeg},
                 "unknown task": {"content": image, "headers": jpeg, "params": {"tasks": "no-such-task"}},
+                "no token": {"content": image, "headers": {"content-type": "image/jpeg"}},
+                "wrong token": {"content": image, "headers": {**jpeg, "authorization": f"Bearer {token}x"}},
             }[kind]
             response = await http.post("/predict", **request)
         tally[kind] = tally.get(kind, 0) + 1
@@ -175,7 +185,8 @@ async def faults(url: str, port: int, images: list[bytes], expected: list[dict],
             if len(answers) != (2 if kind == "good form" else 1) or not all(
                     same_answer(a["predictions"], answer["predictions"]) for a in answers):
                 failures.append(f"request {i} ({kind}): status {response.status_code}, {response.text[:200]}")
-        elif not 400 <= response.status_code < 500 or "error" not in response.json():
+        elif not (response.status_code == 401 if kind.endswith("token") else 400 <= response.status_code < 500) \
+                or "error" not in response.json():
             failures.append(f"request {i} ({kind}): status {response.status_code}, {response.text[:200]}")
 
     async def client(index: int) -> None:
@@ -195,6 +206,15 @@ def same_answer(served: dict, expected: dict) -> bool:
     return served.keys() == expected.keys() and all(
         served[task]["label"] == expected[task]["label"]
         and abs(served[task]["probability"] - expected[task]["probability"]) < 1e-4 for task in expected)
+
+
+def check_access_log(log: Path, sent: int) -> dict[str, Any]:
+    """The access log's lines against the requests sent; whether it holds a body it must not."""
+    text = log.read_text()
+    lines = [json.loads(line) for line in text.splitlines()]
+    body = NOT_AN_IMAGE.decode() in text
+    return {"lines": len(lines), "requests": sent, "unauthorised": sum(line["status"] == 401 for line in lines),
+            "body_in_log": body, "ok": len(lines) == sent and not body}
 
 
 def main() -> None:
@@ -224,27 +244,33 @@ def main() -> None:
         counts = [int(k) for k in args.tasks.split(",")]
         all_runs = make_runs(backbone, Path(args.data), args.train_split, image_size, args.methods.split(","),
                              max(counts), root)
+        token = secrets.token_urlsafe(24)
+        token_file = root / "token"
+        token_file.write_text(token + "\n")
         for count in counts:
             runs = all_runs[:count]
             expected = MultiTaskServer.from_runs(None, runs, device="cpu")(paths)
             port = free_port()
-            server = start_server(runs, port, max_body_mb=20)
+            access_log = root / f"access-{count}.jsonl"
+            server = start_server(runs, port, max_body_mb=20, token_file=token_file, access_log=access_log)
             url = f"http://127.0.0.1:{port}"
+            sent = 1  # requests that reached the server: start_server's answered /health
             try:
                 idle = memory_mb(server.pid)
                 row = {"tasks": count, "backbone": Path(args.backbone).name, "image_size": image_size,
                        "clients": args.clients, "phase": "load", "rss_idle_mb": idle[0],
-                       **asyncio.run(load(url, images, args.clients, args.seconds))}
+                       **asyncio.run(load(url, token, images, args.clients, args.seconds))}
                 row["rss_mb"], row["peak_rss_mb"] = memory_mb(server.pid)
                 rows.append(row)
+                sent += 1 + row["requests"]  # the warm-up, the load
                 if args.faults:
                     # RSS after the load phase (warm), after the first half of the requests and at the end: a
                     # leak grows in both halves, warming up (allocator arenas, caches) mostly in the first
                     before = memory_mb(server.pid)[0]
                     started = time.monotonic()
-                    first = asyncio.run(faults(url, port, images, expected, args.faults // 2, args.clients))
+                    first = asyncio.run(faults(url, port, token, images, expected, args.faults // 2, args.clients))
                     middle = memory_mb(server.pid)[0]
-                    result = asyncio.run(faults(url, port, images, expected, args.faults - args.faults // 2,
+                    result = asyncio.run(faults(url, port, token, images, expected, args.faults - args.faults // 2,
                                                 args.clients, first=args.faults // 2))
                     after, peak = memory_mb(server.pid)
                     result["failures"] += first["failures"]
@@ -252,6 +278,7 @@ def main() -> None:
                     for kind, count_ in first["by_kind"].items():
                         result["by_kind"][kind] = result["by_kind"].get(kind, 0) + count_
                     health = httpx.get(url + "/health").json()
+                    sent += args.faults + 1
                     rows.append({"tasks": count, "backbone": Path(args.backbone).name, "image_size": image_size,
                                  "clients": args.clients, "phase": "faults", "requests": args.faults,
                                  "seconds": round(time.monotonic() - started, 1), "rss_before_mb": before,
@@ -260,6 +287,7 @@ def main() -> None:
             finally:
                 server.terminate()
                 server.wait(30)
+            rows[-1]["access_log"] = check_access_log(access_log, sent)
     for row in rows:
         print(json.dumps(row), flush=True)
     if not args.json:
@@ -273,7 +301,8 @@ def main() -> None:
                 print(f"| {r['tasks']} | faults | {r['requests']} | {r['requests'] / r['seconds']:.1f} | | | "
                       f"{r['failures']} | {r['rss_before_mb']} -> {r['rss_middle_mb']} -> {r['rss_after_mb']} | "
                       f"{r['peak_rss_mb']} |")
-    failed = any(r.get("errors") or r.get("failures") or r.get("alive") is False for r in rows)
+    failed = any(r.get("errors") or r.get("failures") or r.get("alive") is False
+                 or r.get("access_log", {"ok": True})["ok"] is False for r in rows)
     sys.exit(1 if failed else 0)
 
 

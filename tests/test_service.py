@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import re
 import shutil
 import socket
 import subprocess
@@ -13,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -27,11 +30,13 @@ from querytune.settings import RunSpec, Runtime
 
 httpx = pytest.importorskip("httpx", reason="the service's tests need the test extra (httpx)")
 uvicorn = pytest.importorskip("uvicorn", reason="the service needs the extra querytune[serve] (uvicorn)")
-from querytune.service import ServiceLimits, create_app  # noqa: E402  (after the extra is known present)
+from querytune.service import ServiceAccess, ServiceLimits, create_app  # noqa: E402  (after the extra is known present)
 
 RUNS = ("linear", "memory", "lora")  # frozen-backbone runs sharing a pass, and one adapting the backbone
 JPEG = {"content-type": "image/jpeg"}
 FIELD_ONLY = b'--x\r\nContent-Disposition: form-data; name="name"\r\n\r\ncat\r\n--x--\r\n'  # a form, no file
+TOKEN = "s3cret-Token_42"
+BEARER = {"authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +57,9 @@ def images(runs: list[Path]) -> list[Path]:
 
 
 @contextmanager
-def running(server: MultiTaskServer, **limits: float) -> Iterator[str]:
+def running(server: MultiTaskServer, access: ServiceAccess | None = None, **limits: float) -> Iterator[str]:
     """The service on a free loopback port, in a thread of this process; yields its base URL."""
-    config = uvicorn.Config(create_app(server, ServiceLimits(**limits)), host="127.0.0.1", port=0,
+    config = uvicorn.Config(create_app(server, ServiceLimits(**limits), access), host="127.0.0.1", port=0,
                             log_level="warning")
     service = uvicorn.Server(config)
     thread = threading.Thread(target=service.run, daemon=True)
@@ -210,16 +215,217 @@ def test_service_limits_are_checked(tmp_path, capsys):
         ServiceLimits(max_wait_ms=-1)
     error = cli_error(capsys, "serve", "--run", tmp_path, "--max-batch", "0")
     assert error == "error: --max-batch must be at least 1 (got 0)"
+    error = cli_error(capsys, "serve", "--run", tmp_path, "--max-inflight-per-client", "0")
+    assert error == "error: --max-inflight-per-client must be at least 1 (got 0)"
 
 
-def test_page_shows_every_task_answer_in_headless_chromium(runs, images, tmp_path):
+SAMPLE = re.compile(r"([a-z_]+)(\{[^}]*\})? (\S+)")
+
+
+def scrape(client: httpx.Client) -> dict[str, float]:
+    """GET /metrics, checked to be the Prometheus text format: each sample by its name and labels."""
+    response = client.get("/metrics")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    samples, typed = {}, set()
+    for line in response.text.splitlines():
+        if line.startswith("# TYPE "):
+            typed.add(line.split()[2])
+        elif not line.startswith("# HELP "):
+            match = SAMPLE.fullmatch(line)
+            assert match, line
+            family = re.sub(r"_(bucket|sum|count)$", "", match[1])
+            assert match[1] in typed or family in typed, f"{line}: no # TYPE before it"
+            samples[match[1] + (match[2] or "")] = float(match[3])
+    return samples
+
+
+def test_every_request_but_health_and_the_page_needs_the_token(runs, images):
+    server = MultiTaskServer.from_runs(None, runs[:1], device="cpu")
+    good = images[0].read_bytes()
+    refused = [({}, "missing token: send the header 'Authorization: Bearer <token>'"),
+               ({"authorization": "Bearer wrong"}, "wrong token"),
+               ({"authorization": f"Bearer {TOKEN}x"}, "wrong token"),
+               ({"authorization": f"Bearer {TOKEN[:-1]}"}, "wrong token"),
+               ({"authorization": f"Basic {TOKEN}"}, "the Authorization header must be 'Bearer <token>'"),
+               ({"authorization": TOKEN}, "the Authorization header must be 'Bearer <token>'")]
+    with running(server, ServiceAccess(token=TOKEN)) as url, httpx.Client(base_url=url) as client:
+        for headers, says in refused:
+            for method, path in (("POST", "/predict"), ("GET", "/tasks"), ("GET", "/metrics"), ("POST", "/health"),
+                                 ("GET", "/nothing")):
+                response = client.request(method, path, content=good, headers={**JPEG, **headers})
+                assert response.status_code == 401 and response.json() == {"error": says}, (headers, path)
+                assert response.headers["www-authenticate"] == "Bearer"
+        assert client.get("/health").json()["batches"] == 0  # nothing refused reached the model
+        assert "<title>querytune</title>" in client.get("/").text  # the page's HTML, which asks for the token
+        for scheme in ("Bearer", "bearer"):  # the scheme is case-insensitive (RFC 9110)
+            response = client.post("/predict", content=good, headers={**JPEG, "authorization": f"{scheme} {TOKEN}"})
+            assert response.status_code == 200 and response.json()["images"][0]["name"] == "body", response.text
+        assert client.get("/tasks", headers=BEARER).json()["tasks"][0]["name"] == "linear"
+        assert client.get("/health").json()["batches"] == 2
+
+
+def test_metrics_count_what_was_answered(runs, images):
+    server = MultiTaskServer.from_runs(None, runs[:2], device="cpu")
+    good = images[0].read_bytes()
+    with running(server, ServiceAccess(token=TOKEN), max_batch=4) as url, \
+            httpx.Client(base_url=url, headers=BEARER) as client:
+        first = scrape(client)
+        assert not any(name.startswith("querytune_requests_total") for name in first), first
+        assert first["querytune_images_total"] == 0 and first["querytune_batch_images_count"] == 0
+        assert first["querytune_requests_in_flight"] == 1  # the scrape itself
+        assert client.post("/predict", content=good, headers=JPEG).status_code == 200
+        assert client.post("/predict", files=[("f", ("a.jpg", good))] * 3).status_code == 200
+        assert client.post("/predict", content=b"not an image", headers=JPEG).status_code == 400
+        assert httpx.post(url + "/predict", content=good, headers=JPEG).status_code == 401
+        assert client.get("/health").status_code == 200 and client.get("/nothing").status_code == 404
+        samples = scrape(client)
+    requests = {name: value for name, value in samples.items() if name.startswith("querytune_requests_total")}
+    assert requests == {'querytune_requests_total{route="/predict",status="200"}': 2,
+                        'querytune_requests_total{route="/predict",status="400"}': 1,
+                        'querytune_requests_total{route="/predict",status="401"}': 1,
+                        'querytune_requests_total{route="/health",status="200"}': 1,
+                        'querytune_requests_total{route="/metrics",status="200"}': 1,  # the first scrape
+                        'querytune_requests_total{route="other",status="404"}': 1}
+    assert samples["querytune_images_total"] == 4
+    batches = {name: value for name, value in samples.items() if name.startswith("querytune_batch_images")}
+    assert batches == {'querytune_batch_images_bucket{le="1"}': 1, 'querytune_batch_images_bucket{le="2"}': 1,
+                       'querytune_batch_images_bucket{le="4"}': 2, 'querytune_batch_images_bucket{le="+Inf"}': 2,
+                       "querytune_batch_images_sum": 4, "querytune_batch_images_count": 2}
+    latency = [value for name, value in samples.items()
+               if name.startswith('querytune_request_duration_seconds_bucket{route="/predict"')]
+    assert len(latency) == 12 and latency == sorted(latency) and latency[-1] == 4  # cumulative, +Inf last
+    assert samples['querytune_request_duration_seconds_count{route="/predict"}'] == 4
+    assert 0 < samples['querytune_request_duration_seconds_sum{route="/predict"}'] < 4 * 60
+
+
+def test_the_access_log_says_who_asked_for_what_and_holds_no_body(runs, images, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    log = tmp_path / "access.jsonl"
+    access = ServiceAccess.from_options("127.0.0.1", token_file, False, str(log))
+    assert access.token == TOKEN  # the trailing newline stripped
+    server = MultiTaskServer.from_runs(None, runs[:2], device="cpu")
+    good, marker = images[0].read_bytes(), b"BODY-MARKER " * 200
+    both = ["linear", "memory"]
+    sent = [  # (method, path, request, status, logged tasks, logged images)
+        ("POST", "/predict?tasks=memory", dict(content=good, headers={**JPEG, **BEARER}), 200, ["memory"], 1),
+        ("POST", "/predict", dict(files=[("f", ("a.jpg", good)), ("f", ("b.jpg", good))], headers=BEARER), 200,
+         both, 2),
+        ("POST", "/predict", dict(content=marker, headers={**JPEG, **BEARER}), 400, both, 1),
+        ("POST", "/predict", dict(content=marker, headers=JPEG), 401, None, 0),
+        ("POST", "/predict?tasks=cats", dict(content=good, headers={**JPEG, **BEARER}), 404, ["cats"], 0),
+        ("GET", "/health", {}, 200, None, 0),
+        ("GET", "/tasks", dict(headers=BEARER), 200, None, 0),
+    ]
+    with running(server, access) as url, httpx.Client(base_url=url) as client:
+        for method, path, request, status, _, _ in sent:
+            assert client.request(method, path, **request).status_code == status, path
+    assert access.log is not None
+    access.log.close()
+    text = log.read_text()
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert [(line["method"], line["route"], line["tasks"], line["images"], line["status"]) for line in lines] == [
+        (method, path.split("?")[0], tasks, count, status) for method, path, _, status, tasks, count in sent]
+    for line in lines:
+        assert line.keys() == {"time", "client", "method", "route", "tasks", "images", "status", "ms"}
+        assert line["client"] == "127.0.0.1" and 0 <= line["ms"] < 60_000
+        assert time.time() - datetime.fromisoformat(line["time"]).timestamp() < 600
+    assert "BODY-MARKER" not in text and TOKEN not in text and len(text) < 250 * len(lines)  # no body, no token
+
+
+def test_a_client_past_its_inflight_limit_gets_429_and_others_are_served(runs, images):
+    server = MultiTaskServer.from_runs(None, runs[:1], device="cpu")
+    good = images[0].read_bytes()
+    elsewhere = httpx.HTTPTransport(local_address="127.0.0.2")  # another client: another loopback address
+    with running(server, ServiceAccess(token=TOKEN), max_inflight_per_client=2, read_timeout=5) as url, \
+            httpx.Client(base_url=url, headers=BEARER) as here, \
+            httpx.Client(base_url=url, headers=BEARER, transport=elsewhere) as there:
+        port = int(url.rsplit(":", 1)[1])
+        stalled = []
+        for _ in range(2):  # client 127.0.0.2 sends half a body, twice, and stalls: two requests in flight
+            sock = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0))
+            sock.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nAuthorization: Bearer "
+                         f"{TOKEN}\r\nContent-Length: {len(good)}\r\n\r\n".encode() + good[:100])
+            stalled.append(sock)
+        deadline = time.monotonic() + 4
+        while scrape(here)["querytune_requests_in_flight"] < 3:  # the two, and the scrape
+            assert time.monotonic() < deadline, "the stalled requests did not arrive"
+            time.sleep(0.02)
+        response = there.post("/predict", content=good, headers=JPEG)
+        assert response.status_code == 429 and response.headers["retry-after"] == "1"
+        assert response.json() == {"error": "client 127.0.0.2 already has 2 requests unanswered, the most allowed "
+                                            "(--max-inflight-per-client)"}
+        assert there.get("/health").status_code == 200  # never limited
+        assert here.post("/predict", content=good, headers=JPEG).status_code == 200  # another client meanwhile
+        for sock in stalled:
+            sock.settimeout(30)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 408"), "a stalled request was not timed out"
+            sock.close()
+        assert there.post("/predict", content=good, headers=JPEG).status_code == 200  # its slots are free again
+        samples = scrape(here)
+    assert samples['querytune_requests_total{route="/predict",status="429"}'] == 1
+    assert samples['querytune_requests_total{route="/predict",status="408"}'] == 2
+    assert samples["querytune_requests_in_flight"] == 1
+
+
+def test_serving_beyond_loopback_needs_a_token(runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("QUERYTUNE_TOKEN", raising=False)
+    run = str(runs[0])
+    for host in ("0.0.0.0", "::", "192.168.1.20", "example.org"):
+        assert cli_error(capsys, "serve", "--run", run, "--host", host) == (
+            f"error: --host {host} is reachable from other machines: give a token (--token-file FILE or "
+            "QUERYTUNE_TOKEN), or --no-auth to answer anyone")
+    for host in ("127.0.0.1", "127.3.2.1", "::1", "[::1]", "localhost", "LocalHost"):
+        assert ServiceAccess.from_options(host, None, False, None) == ServiceAccess(None, None), host
+    assert ServiceAccess.from_options("0.0.0.0", None, True, None).token is None  # --no-auth says so
+
+    token_file = tmp_path / "token"
+    for text, says in (("", "is empty: it must hold the token"), ("\n", "is empty: it must hold the token"),
+                       ("two words\n", "the token must be printable ASCII without spaces"),
+                       ("t\u00f6ken", "the token must be printable ASCII without spaces")):
+        token_file.write_text(text)
+        assert cli_error(capsys, "serve", "--run", run, "--token-file", token_file).startswith(
+            f"error: --token-file {token_file}"), text
+        assert says in cli_error(capsys, "serve", "--run", run, "--token-file", token_file)
+    assert cli_error(capsys, "serve", "--run", run, "--token-file", tmp_path / "absent") == (
+        f"error: --token-file {tmp_path / 'absent'}: No such file or directory")
+    token_file.write_text("from-the-file\r\n")
+    assert cli_error(capsys, "serve", "--run", run, "--token-file", token_file, "--no-auth") == (
+        "error: --no-auth contradicts the token of --token-file")
+    assert cli_error(capsys, "serve", "--run", run, "--access-log", tmp_path / "no" / "log") == (
+        f"error: --access-log {tmp_path / 'no' / 'log'}: No such file or directory")
+    monkeypatch.setenv("QUERYTUNE_TOKEN", TOKEN)
+    assert ServiceAccess.from_options("0.0.0.0", None, False, None).token == TOKEN
+    assert ServiceAccess.from_options("0.0.0.0", token_file, False, None).token == "from-the-file"  # the flag first
+    monkeypatch.setenv("QUERYTUNE_TOKEN", "")
+    assert cli_error(capsys, "serve", "--run", run) == "error: QUERYTUNE_TOKEN is empty: it must hold the token"
+
+    monkeypatch.delenv("QUERYTUNE_TOKEN")  # the real command, in its own process: one line, exit 2, nothing bound
+    result = subprocess.run([sys.executable, "-m", "querytune", "serve", "--run", run, "--host", "0.0.0.0"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("error: --host 0.0.0.0 is reachable"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+
+
+def page_test_needs(reason: str) -> None:
+    """Skips the page test for ``reason`` (what it needs and lacks); fails it in CI, where it must run."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI must run the page test (.ci/run installs Chromium)")
+    pytest.skip(reason)
+
+
+def test_page_asks_for_the_token_once_and_shows_every_task_answer_in_headless_chromium(runs, images, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="the page test needs selenium (test extra)")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+    except ImportError:
+        page_test_needs("the page test needs selenium (test extra)")
     if browser is None or driver is None:
-        pytest.skip("headless Chromium is absent (apt-get install chromium chromium-driver; .ci/run does as root)")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+        page_test_needs("headless Chromium is absent (apt-get install chromium chromium-driver; .ci/run does as root)")
 
     server = MultiTaskServer.from_runs(None, runs, device="cpu")
     (expected,) = server([images[0]], topk=3)
@@ -229,11 +435,19 @@ def test_page_shows_every_task_answer_in_headless_chromium(runs, images, tmp_pat
     options.binary_location = browser
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         options.add_argument(argument)
-    with running(server) as url:
+    with running(server, ServiceAccess(token=TOKEN)) as url:
         chrome = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
         try:
             chrome.get(url + "/")
+            WebDriverWait(chrome, 30).until(lambda c: c.find_element(By.ID, "login").is_displayed())
+            for token in ("not-the-token", TOKEN):
+                chrome.find_element(By.ID, "token").send_keys(token)
+                chrome.find_element(By.CSS_SELECTOR, "#login button").click()
+                if token != TOKEN:
+                    WebDriverWait(chrome, 30).until(lambda c: c.find_element(By.ID, "login-error").text)
+                    refused = chrome.find_element(By.ID, "login-error").text
             WebDriverWait(chrome, 30).until(lambda c: "3 tasks" in c.find_element(By.ID, "tasks").text)
+            assert not chrome.find_element(By.ID, "login").is_displayed()
             chrome.find_element(By.ID, "file").send_keys(str(images[0]))
             WebDriverWait(chrome, 30).until(lambda c: c.find_element(By.ID, "answers").is_displayed())
             rows = {row.get_attribute("data-task"): [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
@@ -241,8 +455,12 @@ def test_page_shows_every_task_answer_in_headless_chromium(runs, images, tmp_pat
             chrome.find_element(By.ID, "file").send_keys(str(not_image))
             WebDriverWait(chrome, 30).until(lambda c: c.find_element(By.ID, "error").text)
             error = chrome.find_element(By.ID, "error").text
+            chrome.refresh()  # asked once: the tab keeps the token
+            WebDriverWait(chrome, 30).until(lambda c: "3 tasks" in c.find_element(By.ID, "tasks").text)
+            asked_again = chrome.find_element(By.ID, "login").is_displayed()
         finally:
             chrome.quit()
+    assert refused == "that token was refused" and not asked_again
     assert rows.keys() == set(RUNS)
     for task, answer in expected["predictions"].items():
         assert rows[task][:4] == [task, task, answer["class"], f"{100 * answer['probability']:.1f}%"]
@@ -250,17 +468,22 @@ def test_page_shows_every_task_answer_in_headless_chromium(runs, images, tmp_pat
 
 
 def test_serve_command_under_a_bounded_load_of_good_and_malformed_requests(tiny_task):
-    """benchmarks/serve_load.py, small: `querytune serve` in its own process answers concurrent clients; every good
-    answer is right, every malformed request (wrong type, truncated, 100 MB, slow client...) a 4xx; no crash."""
+    """benchmarks/serve_load.py, small: `querytune serve` in its own process, with a token, answers concurrent clients;
+    every good answer is right, every malformed request (wrong type, truncated, 100 MB, slow client, no token...) a
+    4xx; no crash."""
     pytest.importorskip("psutil", reason="the load check reads the server's memory with psutil (test extra)")
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
-    result = subprocess.run([sys.executable, script, "--backbone", "tiny", "--data", tiny_task, "--train-split",
-                             "train800", "--tasks", "2", "--clients", "4", "--seconds", "1", "--faults", "200",
-                             "--json"], capture_output=True, text=True, timeout=300)
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, root / "benchmarks" / "serve_load.py", "--backbone", "tiny", "--data",
+                             tiny_task, "--train-split", "train800", "--tasks", "2", "--clients", "4", "--seconds", "1",
+                             "--faults", "200", "--json"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(root)})  # this checkout's querytune, not another
     assert result.returncode == 0, result.stdout + result.stderr
     load, faults = map(json.loads, result.stdout.splitlines())
     assert load["phase"] == "load" and load["requests"] > 0 and load["errors"] == 0
     assert faults["failures"] == 0 and faults["alive"] and faults["health"] == "ok", faults
     assert faults["by_kind"]["100 MB body"] == 1 and faults["by_kind"]["slow client"] == 1
-    assert sum(faults["by_kind"].values()) == 200
+    assert sum(faults["by_kind"].values()) == 200 and faults["by_kind"]["no token"] > 0
+    log = faults["access_log"]  # with the token on: one line per request sent, the refused ones 401, no body
+    assert log["ok"] and log["lines"] == log["requests"] == 1 + 1 + load["requests"] + 200 + 1, log
+    assert log["unauthorised"] == faults["by_kind"]["no token"] + faults["by_kind"]["wrong token"]
     assert faults["rss_after_mb"] - faults["rss_before_mb"] < 64  # the benchmark's 10k requests say more
