@@ -155,7 +155,8 @@ def open_split(data: str | Path, split: str) -> ImageList:
     layout, splits = _layout(root)
     if not splits:
         raise DataError(
-            f"{root}: no split found (expected <split>.txt lists, <split>.csv lists or class folders)"
+            f"{root}: no split found (expected <split>.txt, <split>.csv or <split>.json lists, class folders or "
+            "a datasets save_to_disk folder)"
         )
     if split not in splits:
         raise DataError(f"{root}: no split {split!r} in this {layout}; available: {', '.join(sorted(splits))}")
