@@ -42,7 +42,7 @@ from querytune.trunk.cache import (
 
 
 def cache_args(backbone: Path, task: Path, root: Path, *extra: str) -> list[str]:
-    return ["cache", "--backbone", str(backbone), "--data", str(task), "--cache", str(root), "--splits",
+    return ["cache", "build", "--backbone", str(backbone), "--data", str(task), "--cache", str(root), "--splits",
             "train800val200", "--image-size", "32", "--workers", "0", "-q", *extra]
 
 
