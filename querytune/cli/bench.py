@@ -11,7 +11,7 @@ import typer
 
 from ..settings import BenchSpec, Runtime
 from .app import app, console
-from .configfile import check_file, read_settings_file, require, resolve
+from .configfile import PrintConfigOpt, check_file, config_option, read_settings_file, require, resolve
 from .flags import Flags, Given, settings_command, settings_of, spelled_precision
 
 BENCH_GROUPS = (Flags(BenchSpec, "Bench"), Flags(Runtime, "Runtime", ("device", "workers", "cache", "progress")))
@@ -21,10 +21,8 @@ BENCH_GROUPS = (Flags(BenchSpec, "Bench"), Flags(Runtime, "Runtime", ("device", 
 @settings_command(*BENCH_GROUPS)
 def bench(
     given: Given,
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML or JSON file of these settings; flags "
-                                                                  "override it"),
-    print_config: bool = typer.Option(False, "--print-config", help="print the resolved settings, a --config file, "
-                                                                    "and exit"),
+    config: Optional[Path] = config_option(),
+    print_config: bool = PrintConfigOpt,
     bf16: bool = typer.Option(False, "--bf16", help="--precision bf16", rich_help_panel="Bench"),
 ) -> None:
     """Train every method on every task of a suite; write results.csv/json, report.md and pareto.png."""

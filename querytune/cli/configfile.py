@@ -9,11 +9,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import typer
+
 from ..errors import ConfigError, one_line
 from ..options import flag
 from .flags import Flags, Given, default_of, setting_value
 
 RUN_RECORD = ("querytune_version", "num_classes", "classes")  # what a run's config.json holds beside its settings
+PrintConfigOpt = typer.Option(False, "--print-config", help="print the resolved settings, a --config file, and exit")
+
+
+def config_option(note: str = "") -> Any:
+    """The ``--config`` option of a command; ``note`` says more of what the file may be."""
+    return typer.Option(None, "--config", help=f"YAML or JSON file of these settings{note}; flags override it")
 
 
 def read_settings_file(path: Path) -> dict[str, Any]:

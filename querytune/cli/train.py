@@ -19,7 +19,15 @@ from ..options import option
 from ..settings import RunSpec, Runtime
 from ..train import TrainConfig
 from .app import app, console
-from .configfile import check_file, from_run_config, read_settings_file, require, resolve
+from .configfile import (
+    PrintConfigOpt,
+    check_file,
+    config_option,
+    from_run_config,
+    read_settings_file,
+    require,
+    resolve,
+)
 from .flags import Flags, Given, parse_method_options, setting_help, settings_command, settings_of, spelled_precision
 from .printing import print_grid_summary, print_metrics
 
@@ -46,10 +54,8 @@ EVAL_RUNTIME = Flags(Runtime, "Runtime", ("device", "workers", "cache", "cache_p
 def train(
     ctx: typer.Context,
     given: Given,
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML or JSON file of these settings (a run's "
-                                                                  "config.json replays the run); flags override it"),
-    print_config: bool = typer.Option(False, "--print-config", help="print the resolved settings, a --config file, "
-                                                                    "and exit"),
+    config: Optional[Path] = config_option(" (a run's config.json replays the run)"),
+    print_config: bool = PrintConfigOpt,
     bf16: bool = typer.Option(False, "--bf16", help="--precision bf16", rich_help_panel="Training"),
     fp16: bool = typer.Option(False, "--fp16", help="--precision fp16", rich_help_panel="Training"),
 ) -> None:
