@@ -79,7 +79,8 @@ class Runtime:
     device: str | None = option(None, "cpu | cuda | cuda:N (default: cuda when present)")
     workers: int | None = option(None, "image-loading processes (default: from the CPU count)", min=0)
     cache: str | None = option(None, "feature-cache folder (default: $QUERYTUNE_CACHE or "
-                                     "~/.cache/querytune/features; bench: a private one under OUT)")
+                                     "~/.cache/querytune/features; bench: a private one under OUT; eval: none, "
+                                     "the trunk runs live)")
     cache_splits: list[str] | None = option(None, "splits whose features are cached (default: those read more "
                                                   "than once: the training split, and the validation split of "
                                                   "--eval-every); the others, such as the test split, which is "

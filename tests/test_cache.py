@@ -43,7 +43,7 @@ from querytune.trunk.cache import entry as cache_entry
 
 
 def cache_args(backbone: Path, task: Path, root: Path, *extra: str) -> list[str]:
-    return ["cache", "--backbone", str(backbone), "--data", str(task), "--cache", str(root), "--splits",
+    return ["cache", "build", "--backbone", str(backbone), "--data", str(task), "--cache", str(root), "--splits",
             "train800val200", "--image-size", "32", "--workers", "0", "-q", *extra]
 
 
@@ -350,7 +350,7 @@ def test_cache_commands_build_list_remove_and_prune(tiny_backbone_dir, tiny_task
     both[both.index("--splits") + 1] = "train800val200,test"
     main(both)
     assert capsys.readouterr().out.count(", built ->") == 2
-    main(["cache", "build", *both[1:]])  # the same build again: a no-op that says so
+    main(both)  # the same build again: a no-op that says so
     out = capsys.readouterr().out
     assert out.count("exists already, nothing to do") == 2 and "built" not in out
 

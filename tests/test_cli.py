@@ -1,4 +1,6 @@
-"""The command line: the train/eval/info contract and one-line errors with exit code 2."""
+"""The command line: the train/eval/info contract, what the flags and --config files build (the
+RunSpec, Runtime, training settings and BenchSpec handed to the runs), and one-line errors with exit
+code 2."""
 
 from __future__ import annotations
 
@@ -6,8 +8,11 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from querytune import cli
 
 
 def querytune(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -173,7 +178,8 @@ def test_config_file_and_the_same_flags_give_identical_runs_and_config_json_repl
 @pytest.mark.parametrize(("text", "message"), [
     ("method: [vqt", "neither YAML nor JSON"),
     ("- vqt", "expected a mapping of settings, got list"),
-    ("methd: vqt", "unknown setting 'methd' (known: method, backbone,"),
+    ("methd: vqt", "unknown setting 'methd' (known: backbone, image_size,"),
+    ("train: {lrr: 0.1}", "unknown setting 'train.lrr' (known: epochs, batch_size,"),
     ("image_size: big", "--image-size must be an integer (got 'big')"),
     ("train: {epochs: ten}", "--epochs must be an integer (got 'ten')"),
     ("options: {num_queries: 0}", "--num-queries must be at least 1 (got 0)"),
@@ -196,10 +202,10 @@ def test_bench_takes_a_config_file_that_flags_override(tmp_path):
     assert shown.returncode == 0, shown.stderr
     settings = json.loads(shown.stdout)
     assert (settings["methods"], settings["profile"], settings["seeds"], settings["image_size"]) == (
-        "linear,vqt,synqt", "paper", 2, 224)
+        ["linear", "vqt", "synqt"], "paper", 2, 224)
     config.write_text(json.dumps({"suite": "tasks", "sedes": 3}))
     result = querytune("bench", "--config", config, "--print-config")
-    assert result.returncode == 2 and "unknown setting 'sedes' (known: suite, methods," in result.stderr
+    assert result.returncode == 2 and "unknown setting 'sedes' (known: backbone, image_size," in result.stderr
 
 
 def test_a_backbone_of_unknown_normalisation_needs_mean_and_std(tiny_task, tmp_path):
@@ -255,3 +261,187 @@ def test_rerunning_a_finished_train_is_a_no_op_and_other_settings_are_listed(tin
     assert querytune(*args).returncode == 0
     assert querytune(*args, "--data-seed", "3").stderr.strip().endswith("(train.data_seed: None -> 3); choose another "
                                                                          "--out")
+
+
+# What the commands build: the run, runtime and training settings handed to the runs, caught here.
+
+
+@pytest.fixture
+def calls(monkeypatch) -> dict[str, Any]:
+    """What train_run, train_grid, eval_run and Bench were called with (nothing is trained)."""
+    from querytune import bench, grid, run
+
+    seen: dict[str, Any] = {}
+
+    def train_run(spec, out, train=None, runtime=None):
+        seen["train_run"] = {"spec": spec, "out": out, "train": train, "runtime": runtime}
+        return {"method": spec.method}
+
+    def train_grid(spec, out, train, runtime, *, search, seeds):
+        seen["train_grid"] = {"spec": spec, "out": out, "train": train, "runtime": runtime, "search": search,
+                              "seeds": seeds}
+        return {"search": [], "chosen": {}, "seeds": [], "eval_split": "test", "mean_accuracy": None}
+
+    def eval_run(run, data, split, runtime, backbone=None):
+        seen["eval_run"] = {"run": run, "data": data, "split": split, "runtime": runtime, "backbone": backbone}
+        return 0.5
+
+    class Bench:
+        def __init__(self, spec, runtime):
+            seen["bench"] = {"spec": spec, "runtime": runtime}
+
+        def run(self):
+            (Path(seen["bench"]["spec"].out) / "report.md").write_text("report")
+            return []
+
+    monkeypatch.setattr(run, "train_run", train_run)
+    monkeypatch.setattr(grid, "train_grid", train_grid)
+    monkeypatch.setattr(run, "eval_run", eval_run)
+    monkeypatch.setattr(bench, "Bench", Bench)
+    return seen
+
+
+def test_flags_reach_the_run_spec_the_runtime_and_the_training_settings(calls, tmp_path):
+    from querytune.settings import RunSpec, Runtime
+
+    cli.main(["train", "-m", "vqt", "-b", "vit.safetensors", "-d", str(tmp_path / "task"), "-o", str(tmp_path / "run"),
+              "--image-size", "32", "--mean", "0.1,0.2,0.3", "--std", "0.5,0.5,0.5", "--eval-split", "",
+              "--log", "csv", "--log", "tensorboard", "--train-split", "train800", "--eval-every", "2",
+              "--task-name", "t", "--num-queries", "3", "--momentum", "0.5", "--min-lr", "0.001", "--data-seed", "7",
+              "--optimizer", "sgd", "--epochs", "4", "--bf16", "--no-augment", "--workers", "0", "--device", "cpu",
+              "--cache", str(tmp_path / "cache"), "--cache-splits", "train800,val200", "--cache-placement", "host",
+              "-q"])
+    call = calls["train_run"]
+    assert call["spec"] == RunSpec(method="vqt", backbone="vit.safetensors", data=str(tmp_path / "task"),
+                                   image_size=32, mean=[0.1, 0.2, 0.3], std=[0.5, 0.5, 0.5], eval_split=None,
+                                   log=["csv", "tensorboard"], train_split="train800", eval_every=2, task_name="t",
+                                   options={"num_queries": 3})
+    assert call["out"] == tmp_path / "run"
+    assert call["train"] == {"momentum": 0.5, "min_lr": 0.001, "data_seed": 7, "optimizer": "sgd", "epochs": 4,
+                             "precision": "bf16", "augment": False}  # only what was given: the method fills the rest
+    assert call["runtime"] == Runtime(device="cpu", workers=0, cache=str(tmp_path / "cache"),
+                                      cache_splits=["train800", "val200"], cache_placement="host", progress=False)
+
+
+def test_the_defaults_a_run_gets_from_the_command_line(calls, tmp_path, monkeypatch):
+    from querytune.settings import RunSpec, Runtime
+
+    monkeypatch.setenv("QUERYTUNE_CACHE", str(tmp_path / "default-cache"))
+    cli.main(["train", "-m", "linear", "-b", "b", "-d", "task", "-o", str(tmp_path / "run")])
+    call = calls["train_run"]
+    assert call["spec"] == RunSpec(method="linear", backbone="b", data="task")
+    assert call["spec"].eval_split == "test" and call["train"] == {}
+    assert call["runtime"] == Runtime(cache=str(tmp_path / "default-cache"))  # --no-cache: None, the trunk live
+    cli.main(["train", "-m", "linear", "-b", "b", "-d", "task", "-o", str(tmp_path / "run"), "--no-cache"])
+    assert calls["train_run"]["runtime"].cache is None
+
+
+def test_grid_and_seeds_reach_train_grid(calls, tmp_path):
+    cli.main(["train", "-m", "vqt", "-b", "b", "-d", "task", "-o", str(tmp_path / "run"), "--grid", "--seeds", "3",
+              "--seed", "5", "--lr", "0.1"])
+    call = calls["train_grid"]
+    assert (call["search"], call["seeds"], call["train"]) == (True, [5, 6, 7], {"seed": 5, "lr": 0.1})
+    assert "train_run" not in calls
+
+
+def test_a_flag_overrides_the_config_file(calls, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("method: vqt\nbackbone: b\ndata: task\nimage_size: 32\nlog: csv\nworkers: 2\n"
+                      "options: {num_queries: 2, query_dropout: 0.1}\ntrain: {epochs: 2, lr: 0.5}\n")
+    cli.main(["train", "--config", str(config), "-o", str(tmp_path / "run"), "--image-size", "64", "--workers", "0",
+              "--num-queries", "4", "--epochs", "3", "--no-progress"])
+    call = calls["train_run"]
+    assert (call["spec"].image_size, call["spec"].log, call["spec"].method) == (64, ["csv"], "vqt")
+    assert call["spec"].options == {"num_queries": 4, "query_dropout": 0.1}
+    assert call["train"] == {"epochs": 3, "lr": 0.5}
+    assert (call["runtime"].workers, call["runtime"].progress) == (0, False)
+
+
+def test_print_config_round_trips_as_a_config_file(calls, tmp_path, capsys):
+    args = ["-m", "vqt", "-b", "b", "-d", "task", "-o", str(tmp_path / "run"), "--mean", "0.1,0.2,0.3",
+            "--std", "0.5,0.5,0.5", "--log", "csv", "--epochs", "3", "--num-queries", "2", "--cache-splits", "train",
+            "--compile", "default", "-q"]
+    cli.main(["train", *args])
+    direct = calls.pop("train_run")
+    capsys.readouterr()  # the metrics it printed
+    cli.main(["train", *args, "--print-config"])
+    printed = capsys.readouterr().out
+    assert "train_run" not in calls
+    config = tmp_path / "printed.json"
+    config.write_text(printed)
+    cli.main(["train", "--config", str(config)])
+    assert calls["train_run"] == direct
+    capsys.readouterr()
+    cli.main(["train", "--config", str(config), "--print-config"])
+    assert json.loads(capsys.readouterr().out) == json.loads(printed)
+
+
+def test_print_config_with_a_recipe_prints_the_recipe_options(tmp_path, capsys):
+    from querytune.recipes import recipe_options
+
+    cli.main(["train", "-m", "vqt", "-b", "b", "-d", str(tmp_path / "dtd10"), "--recipe", "vtab1k-mini",
+              "--num-queries", "3", "--print-config"])
+    options = json.loads(capsys.readouterr().out)["options"]
+    assert options == {**recipe_options("vtab1k-mini", "vqt", "dtd10"), "num_queries": 3}
+    assert len(options) > 1  # the recipe's own, under the one given
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--bf16", "--fp16"], "--bf16 and --fp16 exclude each other"),
+    (["--bf16", "--precision", "fp32"], "--bf16 and --precision exclude each other"),
+    (["--no-cache", "--cache", "c"], "--cache and --no-cache exclude each other"),
+    (["--seeds", "0"], "--seeds must be at least 1 (got 0)"),
+    (["--mean", "a,b,c"], "--mean 'a,b,c': expected numbers separated by commas"),
+    (["--log", "csv,xml"], "--log must be one of csv, tensorboard (got 'xml')"),
+    (["--momentum", "2"], "--momentum must be in [0, 1] (got 2.0)"),
+])
+def test_bad_combinations_are_one_line(args, says, calls, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "-m", "linear", "-b", "b", "-d", "task", "-o", str(tmp_path / "run"), *args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {says}")
+    assert not calls
+
+
+def test_every_setting_has_a_flag_with_its_help(capsys):
+    """train --help and bench --help list a flag for every declared setting, with the setting's help."""
+    from querytune.cli.bench import BENCH_GROUPS
+    from querytune.cli.train import TRAIN_GROUPS, TRAINING
+    from querytune.options import flag
+
+    for command, groups in (("train", [*TRAIN_GROUPS, TRAINING]), ("bench", BENCH_GROUPS)):
+        cli.main([command, "--help"])
+        shown = " ".join(capsys.readouterr().out.replace("│", " ").split())
+        for flags in groups:
+            for field in flags.fields():
+                assert flag(field.name) in shown, (command, field.name)
+                assert " ".join(field.metadata["help"].split()[:4]) in shown, (command, field.name)
+
+
+def test_eval_takes_the_runtime_flags(calls, tmp_path):
+    from querytune.settings import Runtime
+
+    cli.main(["eval", "-r", str(tmp_path / "run"), "-d", "task", "--split", "val200", "--workers", "1",
+              "--cache-placement", "host", "-q"])
+    call = calls["eval_run"]
+    assert (call["run"], call["data"], call["split"], call["backbone"]) == (tmp_path / "run", Path("task"), "val200",
+                                                                            None)
+    assert call["runtime"] == Runtime(workers=1, cache_placement="host", progress=False)  # no cache: the trunk live
+
+
+def test_bench_flags_and_config_file_reach_the_bench_spec(calls, tmp_path):
+    from querytune.settings import BenchSpec, Runtime
+
+    config = tmp_path / "bench.yaml"
+    config.write_text("suite: tasks\nbackbone: b\nmethods: linear,synqt\nseeds: 3\n")
+    cli.main(["bench", "--config", str(config), "-o", str(tmp_path), "--seeds", "2", "--tasks", "a,b", "--bf16",
+              "--search", "--workers", "0", "-q"])
+    assert calls["bench"]["spec"] == BenchSpec(suite="tasks", backbone="b", methods=["linear", "synqt"], seeds=2,
+                                               out=str(tmp_path), tasks=["a", "b"], precision="bf16", search=True)
+    assert calls["bench"]["runtime"] == Runtime(workers=0, progress=False)
+
+
+def test_the_old_cache_form_is_gone(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["cache", "--backbone", "b", "--data", "task", "--cache", str(tmp_path)])
+    assert exit_info.value.code == 2 and "--backbone" in capsys.readouterr().err

@@ -71,7 +71,7 @@ def test_kill_during_training_then_rerun_ends_like_an_uninterrupted_run(tiny_bac
 
 def test_kill_during_caching_then_rerun_ends_like_an_uninterrupted_build(tiny_backbone_dir, tiny_task, tmp_path):
     def args(cache: Path) -> list[str]:
-        return ["cache", "--backbone", str(tiny_backbone_dir), "--data", str(tiny_task), "--cache", str(cache),
+        return ["cache", "build", "--backbone", str(tiny_backbone_dir), "--data", str(tiny_task), "--cache", str(cache),
                 "--splits", "train800val200", "--shard-size", "4", "--batch-size", "2", "--image-size", "32",
                 "--workers", "0", "-q"]
 

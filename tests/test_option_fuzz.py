@@ -1,11 +1,13 @@
-"""Every option of every method, and every training setting, given a value the method, the backbone
-or the training loop cannot take, on the command line or in a --config file: exit 2, one line on
-stderr naming the option, nothing written, and no work started (the check comes before any feature
-is computed)."""
+"""Every option of every method, and every run, runtime, training and bench setting (each declared
+field of RunSpec, Runtime, TrainConfig, BenchSpec and train's own TrainCommand), given a value the
+method, the backbone or the run cannot take, on the command line or in a --config file: exit 2, one
+line on stderr naming the option, nothing written, and no work started (the check comes before any
+feature is computed)."""
 
 from __future__ import annotations
 
 import json
+import typing
 from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -14,10 +16,13 @@ from typing import Any
 import pytest
 
 from conftest import tiny_vit, write_task
+from querytune import bench as bench_module
 from querytune import cli, run
-from querytune.cli import TRAIN_SETTINGS, TrainCommand
+from querytune.cli.bench import BENCH_GROUPS
+from querytune.cli.train import TRAIN_GROUPS, TRAINING
 from querytune.methods import METHODS
 from querytune.options import flag, value_type
+from querytune.settings import BenchSpec, RunSpec, Runtime
 from querytune.train import TrainConfig
 
 # Free-form string options have no declared type beyond str: their bad values are listed here, and a
@@ -25,6 +30,22 @@ from querytune.train import TrainConfig
 FREE_FORM_BAD = {
     "layers": ["0-99", "3", "-1", "x-y", "2-0", "1,1", ""],  # the tiny backbone has blocks 0-2
     "extend": ["no-such-run"],
+}
+# The free-form settings of train and bench: a value each that the run or the bench refuses up front
+# (a tuple: the value and the other flags it needs).
+SETTING_BAD: dict[str, list[Any]] = {
+    "backbone": ["no-such-folder/vit.safetensors"], "recipe": ["no-such-recipe"], "method": ["sorcery"],
+    "methods": ["sorcery"], "data": ["no-such-task"], "suite": ["no-such-suite"],
+    "train_split": ["train999"], "eval_split": ["test999"], "val_split": ["val999"],
+    "task_name": [("no-such-task", "--recipe", "vtab1k-mini", "-m", "vqt")], "out": ["/dev/null"],
+    "device": ["tpu"], "cache_splits": ["test999"], "groups": ["no-groups"], "tasks": ["no-such-task"],
+}
+# Free-form settings no value of which can be refused before the work starts, and why.
+UNCHECKED_UP_FRONT = {
+    ("train", "cache"): "any folder may become a feature cache; one that cannot is met where it is written",
+    ("bench", "cache"): "the same",
+    ("bench", "out"): "the report folder is claimed when the bench starts",
+    ("bench", "backbone"): "the backbone is loaded when the bench starts",
 }
 # Values within the declared bounds that the tiny backbone (width 48) cannot take.
 BACKBONE_BAD = {"lora_rank": ["49"]}
@@ -39,7 +60,7 @@ def bad_values(options_cls: type, field: Any) -> Iterator[str]:
         return
     if kind is int:
         yield from ("abc", "2.5")
-        if options_cls is not TrainConfig:
+        if options_cls in METHOD_OPTIONS:
             yield str(2**40)  # as a size: more parameters than any memory holds
     if kind is float:
         yield from ("abc", "nan", "inf")
@@ -49,9 +70,20 @@ def bad_values(options_cls: type, field: Any) -> Iterator[str]:
         yield str(meta["max"] if meta["max_open"] else meta["max"] + 1)
     if meta.get("choices"):
         yield "bogus"
-    if kind is str and not meta.get("choices"):
+    if typing.get_origin(kind) is list and typing.get_args(kind)[0] is float:
+        yield from ("abc", "0.5,0.5")  # 'R,G,B': not numbers, or too few
+    if kind in (str, list[str]) and not meta.get("choices") and options_cls in METHOD_OPTIONS:
         yield from FREE_FORM_BAD[field.name]
     yield from BACKBONE_BAD.get(field.name, [])
+
+
+def setting_bad_values(command: str, settings: type, field: Any) -> Iterator[Any]:
+    """A setting's bad values: those of its declared type and bounds, and the listed ones of a free-form one."""
+    kind, _ = value_type(settings, field.name)
+    yield from bad_values(settings, field)
+    if kind in (str, list[str]) and not field.metadata.get("choices") and (command, field.name) not in \
+            UNCHECKED_UP_FRONT:
+        yield from SETTING_BAD[field.name]
 
 
 def wrong_type(options_cls: type, field: Any) -> Any:
@@ -60,12 +92,16 @@ def wrong_type(options_cls: type, field: Any) -> Any:
     return {bool: "yes", int: "two", float: [1.0], str: 5}.get(kind, 5)  # 5 for a list of numbers
 
 
+METHOD_OPTIONS = {cls.Options for cls in METHODS.values()}
 CASES = [(method, field.name, value) for method, cls in sorted(METHODS.items()) for field in fields(cls.Options)
          for value in bad_values(cls.Options, field)]
 CONFIG_CASES = [(method, field.name, wrong_type(cls.Options, field)) for method, cls in sorted(METHODS.items())
                 for field in fields(cls.Options)]
-TRAIN_FIELDS = [field for field in fields(TrainConfig) if field.name in TRAIN_SETTINGS]
-TRAIN_CASES = [(field.name, value) for field in TRAIN_FIELDS for value in bad_values(TrainConfig, field)]
+COMMAND_SETTINGS = {"train": [*TRAIN_GROUPS, TRAINING], "bench": list(BENCH_GROUPS)}
+SETTINGS = [(command, flags.settings, field) for command, groups in COMMAND_SETTINGS.items() for flags in groups
+            for field in flags.fields()]
+SETTING_CASES = [(command, settings, field.name, value) for command, settings, field in SETTINGS
+                 for value in setting_bad_values(command, settings, field)]
 
 
 @pytest.fixture(scope="module")
@@ -128,45 +164,58 @@ def test_wrong_type_in_a_config_file(method: str, option: str, value: Any, task_
     assert flag(option) in line
 
 
-def test_every_training_setting_is_fuzzed():
-    assert {field.name for field in TRAIN_FIELDS} == set(TRAIN_SETTINGS)
+def test_every_declared_setting_is_fuzzed():
+    """Every declared field of the settings dataclasses is a flag of train (bench: its own and its
+    runtime's), and every free-form one has bad values or a reason why none is refused up front."""
+    covered = {(settings, field.name) for _, settings, field in SETTINGS}
+    declared = {(settings, field.name) for settings in (RunSpec, Runtime, TrainConfig, BenchSpec)
+                for field in fields(settings) if field.metadata}
+    assert declared <= covered, sorted(name for _, name in declared - covered)
+    free = {(command, field.name) for command, settings, field in SETTINGS
+            if value_type(settings, field.name)[0] in (str, list[str]) and not field.metadata["choices"]}
+    listed = {(command, name) for command, name in free if name in SETTING_BAD} | set(UNCHECKED_UP_FRONT)
+    assert free <= listed, f"add bad values for {sorted(free - listed)}"
 
 
-@pytest.mark.parametrize("setting,value", TRAIN_CASES, ids=[f"{s}-{v!r}" for s, v in TRAIN_CASES])
-def test_bad_training_setting_on_the_command_line(setting: str, value: str, task_and_backbone, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture, no_work: None):
-    kind, _ = value_type(TrainConfig, setting)
-    given = [f"{flag(setting)}={value}"] if kind is bool else [flag(setting), value]
-    line = refused(["train", "-m", "linear", *common(task_and_backbone, tmp_path), *given], capsys, tmp_path)
-    assert flag(setting) in line
+@pytest.fixture
+def no_bench(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bench that starts means the bad value was not caught up front."""
+    def started(self: Any) -> None:
+        raise AssertionError("the bench started before the bad setting was refused")
+
+    monkeypatch.setattr(bench_module.Bench, "run", started)
 
 
-@pytest.mark.parametrize("setting", [field.name for field in TRAIN_FIELDS])
-def test_training_setting_of_the_wrong_type_in_a_config_file(setting: str, task_and_backbone, tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture, no_work: None):
+def command_args(command: str, task_and_backbone: tuple[Path, Path], tmp_path: Path) -> list[str]:
+    task, backbone = task_and_backbone
+    if command == "bench":
+        return ["bench", "--suite", str(task), "-b", str(backbone), "-o", str(tmp_path / "run"), "--image-size", "32",
+                "--workers", "0", "-q"]
+    return ["train", "-m", "linear", *common(task_and_backbone, tmp_path)]
+
+
+@pytest.mark.parametrize("command,settings,name,value", SETTING_CASES,
+                         ids=[f"{c}-{s.__name__}-{n}-{v!r}" for c, s, n, v in SETTING_CASES])
+def test_bad_setting_on_the_command_line(command: str, settings: type, name: str, value: Any, task_and_backbone,
+                                         tmp_path: Path, capsys: pytest.CaptureFixture, no_work: None,
+                                         no_bench: None):
+    kind, _ = value_type(settings, name)
+    value, *others = value if isinstance(value, tuple) else (value,)
+    given = [f"{flag(name)}={value}"] if kind is bool else [flag(name), value]
+    line = refused([*command_args(command, task_and_backbone, tmp_path), *given, *others], capsys, tmp_path)
+    assert flag(name) in line or value in line
+
+
+@pytest.mark.parametrize("command,settings,name", [(c, s, f.name) for c, s, f in SETTINGS],
+                         ids=[f"{c}-{s.__name__}-{f.name}" for c, s, f in SETTINGS])
+def test_setting_of_the_wrong_type_in_a_config_file(command: str, settings: type, name: str, task_and_backbone,
+                                                    tmp_path: Path, capsys: pytest.CaptureFixture, no_work: None,
+                                                    no_bench: None):
     config = tmp_path / "config.json"
-    value = wrong_type(TrainConfig, next(f for f in TRAIN_FIELDS if f.name == setting))
-    config.write_text(json.dumps({"method": "linear", "train": {setting: value}}))
-    line = refused(["train", "--config", str(config), *common(task_and_backbone, tmp_path)], capsys, tmp_path)
-    assert flag(setting) in line
-
-
-@pytest.mark.parametrize("flags,named", [(["--workers", "-1"], "--workers"), (["--device", "tpu"], "--device"),
-                                         (["--image-size", "30"], "--image-size")])
-def test_bad_run_settings(flags: list[str], named: str, task_and_backbone, tmp_path: Path,
-                          capsys: pytest.CaptureFixture, no_work: None):
-    line = refused(["train", "-m", "linear", *common(task_and_backbone, tmp_path), *flags], capsys, tmp_path)
-    assert named in line
-
-
-@pytest.mark.parametrize("key", [field.name for field in fields(TrainCommand)])
-def test_command_setting_of_the_wrong_type_in_a_config_file(key: str, task_and_backbone, tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture, no_work: None):
-    config = tmp_path / "config.json"
-    value = wrong_type(TrainCommand, next(field for field in fields(TrainCommand) if field.name == key))
-    config.write_text(json.dumps({"method": "linear", key: value}))
-    line = refused(["train", "--config", str(config), *common(task_and_backbone, tmp_path)], capsys, tmp_path)
-    assert flag(key) in line
+    value = wrong_type(settings, next(f for f in fields(settings) if f.name == name))
+    config.write_text(json.dumps({"train": {name: value}} if settings is TrainConfig else {name: value}))
+    line = refused([*command_args(command, task_and_backbone, tmp_path), "--config", str(config)], capsys, tmp_path)
+    assert flag(name) in line and str(config) in line
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,52 @@
+"""``querytune info | methods | measure``: what a backbone is, what the methods take, what a step costs."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+from ..settings import RunSpec, Runtime
+from .app import app
+from .flags import setting_help
+from .printing import print_backbone, print_methods, print_metrics
+
+BackboneOpt = typer.Option(..., "--backbone", "-b", help=setting_help(RunSpec, "backbone"))
+
+
+@app.command()
+def measure(
+    method: str = typer.Option(..., "--method", "-m", help="a method, or vqt-naive (VQT the published way)"),
+    backbone: str = BackboneOpt,
+    batch_size: int = typer.Option(32),
+    image_size: int = typer.Option(224),
+    num_classes: int = typer.Option(10),
+    bf16: bool = typer.Option(False, "--bf16"),
+    device: Optional[str] = typer.Option(None, help=setting_help(Runtime, "device")),
+    as_json: bool = typer.Option(False, "--json", help="one JSON line instead of a table"),
+) -> None:
+    """Measure one training step: trainable parameters, adapter bytes, activation bytes saved for
+    backward, peak memory of training versus inference, step time."""
+    from ..measure import measure_method
+    from ..trunk.device import resolve_device
+
+    result = measure_method(method, backbone, batch_size, image_size, bf16, resolve_device(device), num_classes)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print_metrics(result)
+
+
+@app.command()
+def info(backbone: str = BackboneOpt) -> None:
+    """Print a backbone's architecture, parameter count and input size."""
+    from ..backbones import load_backbone
+
+    print_backbone(load_backbone(backbone))
+
+
+@app.command()
+def methods() -> None:
+    """List the methods: what each reads from the trunk, its options and their defaults."""
+    print_methods()

@@ -1,0 +1,48 @@
+"""``querytune bench``: the bench's settings (:class:`~querytune.settings.BenchSpec`) and its runtime from the
+command line and a ``--config`` file, handed to :class:`querytune.bench.Bench` whole."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from ..settings import BenchSpec, Runtime
+from .app import app, console
+from .configfile import PrintConfigOpt, check_file, config_option, read_settings_file, require, resolve
+from .flags import Flags, Given, settings_command, settings_of, spelled_precision
+
+BENCH_GROUPS = (Flags(BenchSpec, "Bench"), Flags(Runtime, "Runtime", ("device", "workers", "cache", "progress")))
+
+
+@app.command()
+@settings_command(*BENCH_GROUPS)
+def bench(
+    given: Given,
+    config: Optional[Path] = config_option(),
+    print_config: bool = PrintConfigOpt,
+    bf16: bool = typer.Option(False, "--bf16", help="--precision bf16", rich_help_panel="Bench"),
+) -> None:
+    """Train every method on every task of a suite; write results.csv/json, report.md and pareto.png."""
+    spelled_precision(given[BenchSpec], bf16=bf16)
+    settings = bench_settings(config, given)
+    if print_config:
+        print(json.dumps(settings, indent=1))
+        return
+    from ..bench import Bench
+
+    require(settings, ("suite", "backbone", "out"))
+    spec = BenchSpec(**settings_of(BenchSpec, settings))
+    results = Bench(spec, Runtime(**settings_of(Runtime, settings, BENCH_GROUPS[1].only))).run()
+    failed = sum(1 for r in results if r.get("error"))
+    out = Path(str(spec.out))
+    console.print((out / "report.md").read_text(), soft_wrap=True)  # piped too: lines whole, not cut at 80
+    console.print(f"{len(results) - failed} cells finished, {failed} failed; report in {out}")
+
+
+def bench_settings(config: Path | None, given: Given) -> dict[str, Any]:
+    """bench's resolved settings, as a --config file holds them: the file's (if given) under the flags'."""
+    from_file = check_file(config, read_settings_file(config), BENCH_GROUPS) if config is not None else {}
+    return resolve(BENCH_GROUPS, from_file, given)

@@ -1,0 +1,111 @@
+"""``querytune predict | serve | export``: finished runs put to use."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from ..errors import ConfigError
+from ..settings import Runtime
+from .app import app, console
+from .flags import setting_help
+
+RunsOpt = typer.Option(..., "--run", "-r", help="a finished run of any method; repeat for more tasks")
+BackboneOpt = typer.Option(None, "--backbone", "-b", help="default: the first run's own")
+
+
+@app.command()
+def predict(
+    images: list[Path] = typer.Argument(..., help="image files and folders of images (searched recursively)"),
+    run: list[Path] = RunsOpt,
+    backbone: Optional[str] = BackboneOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON-lines file (default: standard output)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out file"),
+    topk: int = typer.Option(1, "--topk", help="also list each task's k most probable classes (under 'top')"),
+    logits: bool = typer.Option(False, "--logits", help="also write each task's logits"),
+    batch_size: int = typer.Option(32),
+    device: Optional[str] = typer.Option(None, help=setting_help(Runtime, "device")),
+    workers: Optional[int] = typer.Option(None, help=setting_help(Runtime, "workers")),
+) -> None:
+    """Answer every run's task, the frozen-backbone runs from one shared backbone pass per image batch and each
+    run that adapts the backbone from its own: one JSON line per image."""
+    from ..files import write_atomic
+    from ..serve import MultiTaskServer, collect_images
+    from ..trunk.device import resolve_workers
+
+    if out is not None:
+        if out.exists() and not overwrite:
+            raise ConfigError(f"{out}: exists; pass --overwrite to replace it")
+        if not out.parent.is_dir():
+            raise ConfigError(f"{out}: its folder does not exist")
+    if topk < 1:
+        raise ConfigError(f"--topk must be at least 1 (got {topk})")
+    paths = collect_images(images)
+    server = MultiTaskServer.from_runs(backbone, run, device=device)
+    records = server.predict_files(paths, batch_size, resolve_workers(workers), topk, logits)
+    if out is None:
+        for record in records:
+            print(json.dumps(record), flush=True)
+        return
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as handle:
+            for record in records:
+                handle.write(json.dumps(record) + "\n")
+
+    write_atomic(out, write)  # a failed run leaves no partial --out behind
+    console.print(f"{len(paths)} images x {len(server.tasks)} tasks -> {out}", highlight=False)
+
+
+@app.command("export")
+def export_command(
+    runs: list[Path] = typer.Argument(..., help="a finished run folder; several frozen-backbone runs for onnx"),
+    format: str = typer.Option(..., "--format", "-f", help="peft (LoRA runs), merged (linear, full, LoRA, "
+                                                             "BitFit) or onnx (any run)"),
+    out: Path = typer.Option(..., "--out", "-o", help="the export folder (absent or empty)"),
+) -> None:
+    """Export runs for other tools, with a model card: PEFT adapter, merged ViT weights, or an ONNX graph."""
+    from ..export import export_runs
+
+    done = export_runs(runs, format, out)
+    state = "already holds this export; nothing to do" if done.unchanged else "written"
+    console.print(f"{out}: {state} ({', '.join(done.files)})", highlight=False, soft_wrap=True)
+
+
+def _limit_help(name: str) -> str:
+    """A ``serve`` limit's help and default, from :class:`querytune.service.ServiceLimits` (no web stack needed)."""
+    from ..service import ServiceLimits
+
+    field = next(f for f in fields(ServiceLimits) if f.name == name)
+    return f"{field.metadata['help']} (default {field.default})"
+
+
+@app.command()
+def serve(
+    run: list[Path] = RunsOpt,
+    backbone: Optional[str] = BackboneOpt,
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8000, help="port to listen on"),
+    max_batch: Optional[int] = typer.Option(None, help=_limit_help("max_batch")),
+    max_wait_ms: Optional[float] = typer.Option(None, help=_limit_help("max_wait_ms")),
+    max_images: Optional[int] = typer.Option(None, help=_limit_help("max_images")),
+    max_body_mb: Optional[float] = typer.Option(None, help=_limit_help("max_body_mb")),
+    max_pixels: Optional[int] = typer.Option(None, help=_limit_help("max_pixels")),
+    read_timeout: Optional[float] = typer.Option(None, help=_limit_help("read_timeout")),
+    device: Optional[str] = typer.Option(None, help=setting_help(Runtime, "device")),
+) -> None:
+    r"""Answer every run's task over HTTP: POST /predict (images), GET /tasks, GET /health, and a page at /.
+    Needs the extra querytune\[serve]."""
+    from ..serve import MultiTaskServer
+    from ..service import ServiceLimits
+    from ..service import serve as run_service
+
+    limits: dict[str, Any] = dict(max_batch=max_batch, max_wait_ms=max_wait_ms, max_images=max_images,
+                                  max_body_mb=max_body_mb, max_pixels=max_pixels, read_timeout=read_timeout)
+    server = MultiTaskServer.from_runs(backbone, run, device=device)
+    console.print(f"serving {', '.join(task.name for task in server.tasks)} on http://{host}:{port}", highlight=False)
+    run_service(server, host, port, ServiceLimits(**{k: v for k, v in limits.items() if v is not None}))
