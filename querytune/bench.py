@@ -175,7 +175,9 @@ class Bench:
         """The runtime of the task's runs: its feature cache. Without a cache folder to keep, each task's
         cache is private and removed once the task is done (per task, so that parts of a bench sharing
         the folder never remove each other's)."""
-        return replace(self.runtime, cache=str(self.cache_dir(task)))
+        splits = self.runtime.cache_splits  # the training runs cache their training split unless it is left out
+        training = None if splits is None or "train800val200" in splits else []
+        return replace(self.runtime, cache=str(self.cache_dir(task)), cache_splits=training)
 
     @staticmethod
     def stacks(method: str) -> bool:
@@ -209,7 +211,8 @@ class Bench:
         if not todo:
             return
         # val200 is read from the train800val200 entry where that is cached; what else is read once runs live
-        runtime = replace(self.task_runtime(task), cache_splits=self.runtime.cache_splits or ["val200"])
+        cached = self.cached_splits() + (["val200"] if "train800val200" in self.cached_splits() else [])
+        runtime = replace(self.task_runtime(task), cache_splits=cached)
         try:
             accuracies = eval_runs(todo, task.path, split, runtime)
         except Exception as error:  # reported in every run's cell

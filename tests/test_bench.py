@@ -284,3 +284,19 @@ def test_the_plan_is_what_the_bench_then_does(suite, tiny_backbone_dir, tmp_path
         adapting = 2 * (epochs * n["train800"] + n["val200"]) + 2 * (epochs * n["train800val200"] + n["test"])
         assert plan.trunk_images == frozen + adapting
     assert all(p.cells == 0 and p.cache_bytes == 0 and p.trunk_images == 0 for p in bench.plan())  # all done
+
+
+def test_bench_plan_flag_prints_the_plan_and_cache_splits_caches_the_test_split_too(suite, tiny_backbone_dir,
+                                                                                    tmp_path, capsys, monkeypatch):
+    from querytune.cli import main
+
+    monkeypatch.setattr(Bench, "cost", lambda self, method: dict(FIXED_COST))
+    args = ["bench", "--suite", str(suite), "--methods", "linear,vqt", "-b", str(tiny_backbone_dir), "--image-size",
+            "32", "--workers", "0", "-q", "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")]
+    main(args + ["--plan"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == ["alpha", "beta"] and lines[2].startswith("in all: ")
+    assert "2 runs to train" in lines[0] and not (tmp_path / "out").exists()  # nothing done
+    main(args + ["--cache-splits", "train800val200,test"])
+    assert sorted(entry.name.split("-")[1] for entry in (tmp_path / "cache").iterdir()) == [
+        "test", "test", "train800val200", "train800val200"]

@@ -53,3 +53,16 @@ def test_eval_runs_reads_the_split_once_for_every_frozen_run(tiny_backbone_dir, 
     assert trunk_images[0] == 2 * test  # the four frozen-trunk runs share one pass; bitfit adapts its own trunk
     alone = [eval_run(run, tiny_task, "test", runtime) for run in runs]
     assert together == pytest.approx(alone)
+
+
+def test_eval_takes_several_runs_on_the_command_line(tiny_backbone_dir, tiny_task, tmp_path, capsys):
+    from querytune.cli import main
+
+    runs = [tmp_path / "linear", tmp_path / "vqt"]
+    for run in runs:
+        train_runs(_spec(run.name, tiny_backbone_dir, tiny_task), {run: FAST}, Runtime(workers=0, progress=False))
+    capsys.readouterr()
+    main(["eval", "--run", str(runs[0]), "--run", str(runs[1]), "--data", str(tiny_task), "--workers", "0", "-q"])
+    printed = capsys.readouterr().out.strip().splitlines()
+    expected = [eval_run(run, tiny_task, "test", Runtime(workers=0, progress=False)) for run in runs]
+    assert printed == [f"test accuracy: {accuracy:.4f}  {run}" for accuracy, run in zip(expected, runs)]

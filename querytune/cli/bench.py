@@ -9,12 +9,14 @@ from typing import Any, Optional
 
 import typer
 
+from .. import distributed
 from ..settings import BenchSpec, Runtime
 from .app import app, console
 from .configfile import PrintConfigOpt, check_file, config_option, read_settings_file, require, resolve
 from .flags import Flags, Given, settings_command, settings_of, spelled_precision
 
-BENCH_GROUPS = (Flags(BenchSpec, "Bench"), Flags(Runtime, "Runtime", ("device", "workers", "cache", "progress")))
+BENCH_GROUPS = (Flags(BenchSpec, "Bench"),
+                Flags(Runtime, "Runtime", ("device", "workers", "cache", "cache_splits", "progress")))
 
 
 @app.command()
@@ -24,6 +26,9 @@ def bench(
     config: Optional[Path] = config_option(),
     print_config: bool = PrintConfigOpt,
     bf16: bool = typer.Option(False, "--bf16", help="--precision bf16", rich_help_panel="Bench"),
+    plan: bool = typer.Option(False, "--plan", help="print, per task, the images of each split, the cache bytes to "
+                                                   "write, the images through the trunk, the runs to train and the "
+                                                   "free disk, and exit", rich_help_panel="Bench"),
 ) -> None:
     """Train every method on every task of a suite; write results.csv/json, report.md and pareto.png."""
     spelled_precision(given[BenchSpec], bf16=bf16)
@@ -32,10 +37,22 @@ def bench(
         print(json.dumps(settings, indent=1))
         return
     from ..bench import Bench
+    from ..trunk.cache import human_size
 
     require(settings, ("suite", "backbone", "out"))
     spec = BenchSpec(**settings_of(BenchSpec, settings))
-    results = Bench(spec, Runtime(**settings_of(Runtime, settings, BENCH_GROUPS[1].only))).run()
+    runner = Bench(spec, Runtime(**settings_of(Runtime, settings, BENCH_GROUPS[1].only)))
+    if plan:
+        plans = runner.plan()
+        for task_plan in plans:
+            console.print(task_plan.line(), soft_wrap=True, highlight=False)
+        console.print(f"in all: {human_size(sum(p.cache_bytes for p in plans))} to cache, "
+                      f"{sum(p.trunk_images for p in plans):,} images through the trunk, "
+                      f"{sum(p.cells for p in plans):,} runs to train", highlight=False)
+        return
+    results = runner.run()
+    if not distributed.is_main():  # under torchrun: rank 0 reports
+        return
     failed = sum(1 for r in results if r.get("error"))
     out = Path(str(spec.out))
     console.print((out / "report.md").read_text(), soft_wrap=True)  # piped too: lines whole, not cut at 80

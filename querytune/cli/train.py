@@ -131,15 +131,18 @@ def start_training(spec: RunSpec, runtime: Runtime, command: TrainCommand, train
 @settings_command(EVAL_RUNTIME)
 def eval_command(
     given: Given,
-    run: Path = typer.Option(..., "--run", "-r", help="a finished run folder"),
+    runs: list[Path] = typer.Option(..., "--run", "-r", help="a finished run folder; repeat for several, evaluated "
+                                                           "together (the frozen-trunk ones in one trunk pass)"),
     data: Path = typer.Option(..., "--data", "-d", help=setting_help(RunSpec, "data")),
     split: str = typer.Option("test", help="the split to report the accuracy on"),
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b",
                                            help=setting_help(RunSpec, "backbone", "; default: the run's own")),
 ) -> None:
-    """Evaluate a saved adapter on a split; prints the accuracy."""
-    from ..run import eval_run
+    """Evaluate saved adapters on a split; prints each run's accuracy."""
+    from ..run import eval_runs
 
-    accuracy = eval_run(run, data, split, Runtime(**given[Runtime]), backbone=backbone)
+    accuracies = eval_runs(runs, data, split, Runtime(**given[Runtime]), backbone=backbone)
     if distributed.is_main():
-        console.print(f"{split} accuracy: {accuracy:.4f}")
+        for run, accuracy in zip(runs, accuracies):
+            console.print(f"{split} accuracy: {accuracy:.4f}" + (f"  {run}" if len(runs) > 1 else ""), soft_wrap=True,
+                          highlight=False)
