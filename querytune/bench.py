@@ -176,7 +176,7 @@ class Bench:
         cache is private and removed once the task is done (per task, so that parts of a bench sharing
         the folder never remove each other's)."""
         splits = self.runtime.cache_splits  # the training runs cache their training split unless it is left out
-        training = None if splits is None or "train800val200" in splits else []
+        training: list[str] | None = None if splits is None or "train800val200" in splits else []
         return replace(self.runtime, cache=str(self.cache_dir(task)), cache_splits=training)
 
     @staticmethod

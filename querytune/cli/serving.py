@@ -96,16 +96,25 @@ def serve(
     max_body_mb: Optional[float] = typer.Option(None, help=_limit_help("max_body_mb")),
     max_pixels: Optional[int] = typer.Option(None, help=_limit_help("max_pixels")),
     read_timeout: Optional[float] = typer.Option(None, help=_limit_help("read_timeout")),
+    max_inflight_per_client: Optional[int] = typer.Option(None, help=_limit_help("max_inflight_per_client")),
+    token_file: Optional[Path] = typer.Option(None, help="file holding the token that every request but GET /health "
+                                              "must send as 'Authorization: Bearer <token>' (or env QUERYTUNE_TOKEN)"),
+    no_auth: bool = typer.Option(False, "--no-auth", help="answer anyone on a non-loopback --host, without a token"),
+    access_log: str = typer.Option("-", help="append one JSON line per request to this file (-: stderr)"),
     device: Optional[str] = typer.Option(None, help=setting_help(Runtime, "device")),
 ) -> None:
-    r"""Answer every run's task over HTTP: POST /predict (images), GET /tasks, GET /health, and a page at /.
-    Needs the extra querytune\[serve]."""
+    r"""Answer every run's task over HTTP: POST /predict (images), GET /tasks, GET /health, GET /metrics, and a page
+    at /. Needs the extra querytune\[serve]; docs/serving.md."""
     from ..serve import MultiTaskServer
-    from ..service import ServiceLimits
+    from ..service import ServiceAccess, ServiceLimits
     from ..service import serve as run_service
 
-    limits: dict[str, Any] = dict(max_batch=max_batch, max_wait_ms=max_wait_ms, max_images=max_images,
-                                  max_body_mb=max_body_mb, max_pixels=max_pixels, read_timeout=read_timeout)
+    given: dict[str, Any] = dict(max_batch=max_batch, max_wait_ms=max_wait_ms, max_images=max_images,
+                                 max_body_mb=max_body_mb, max_pixels=max_pixels, read_timeout=read_timeout,
+                                 max_inflight_per_client=max_inflight_per_client)
+    limits = ServiceLimits(**{k: v for k, v in given.items() if v is not None})  # checked before any work
+    access = ServiceAccess.from_options(host, token_file, no_auth, access_log)  # before the model loads
     server = MultiTaskServer.from_runs(backbone, run, device=device)
-    console.print(f"serving {', '.join(task.name for task in server.tasks)} on http://{host}:{port}", highlight=False)
-    run_service(server, host, port, ServiceLimits(**{k: v for k, v in limits.items() if v is not None}))
+    console.print(f"serving {', '.join(task.name for task in server.tasks)} on http://{host}:{port} "
+                  f"({'token required' if access.token else 'no token'})", highlight=False)
+    run_service(server, host, port, limits, access)
