@@ -66,6 +66,7 @@ from .trunk.device import resolve_precision
 if TYPE_CHECKING:
     from .backbones.vit import VisionTransformer
 
+BENCH_SPLITS = ("train800val200", "test", "train800", "val200")
 RANKS_WAIT = timedelta(days=7)  # how long a bench's rank done with its tasks waits for the others
 # quick profile: epochs for methods whose trunk runs without / with autograd
 QUICK_EPOCHS = {True: 20, False: 5}
@@ -148,6 +149,9 @@ class Bench:
         self.device, self.workers = runtime.torch_device, runtime.num_workers  # a bad one fails here, not per cell
         self.precision, self.precision_reason = resolve_precision(spec.precision, self.device)
         self.bf16 = self.precision == "bf16"  # the trunk's, in the feature cache
+        unknown = sorted(set(runtime.cache_splits or ()) - set(BENCH_SPLITS))
+        if unknown:
+            raise ConfigError(f"--cache-splits {unknown[0]!r}: not a split a bench reads ({', '.join(BENCH_SPLITS)})")
         self.tasks = discover_tasks(Path(str(spec.suite)), parse_groups(spec.groups))
         self.selected = select_tasks(self.tasks, spec.tasks)
         self.normalisation = (check_normalisation(spec.mean, spec.std)

@@ -253,22 +253,13 @@ def test_rerunning_a_finished_train_is_a_no_op_and_other_settings_are_listed(tin
                                          "choose another --out")
     assert (tmp_path / "run" / "adapter.safetensors").read_bytes() == adapter
 
-    # A run recorded before a training setting existed trained with its default: still the same run.
-    config_path = tmp_path / "run" / "config.json"
-    config = json.loads(config_path.read_text())
-    del config["train"]["augment"], config["train"]["data_seed"]
-    config_path.write_text(json.dumps(config))
-    assert querytune(*args).returncode == 0
-    assert querytune(*args, "--data-seed", "3").stderr.strip().endswith("(train.data_seed: None -> 3); choose another "
-                                                                         "--out")
-
 
 # What the commands build: the run, runtime and training settings handed to the runs, caught here.
 
 
 @pytest.fixture
 def calls(monkeypatch) -> dict[str, Any]:
-    """What train_run, train_grid, eval_run and Bench were called with (nothing is trained)."""
+    """What train_run, train_grid, eval_runs and Bench were called with (nothing is trained)."""
     from querytune import bench, grid, run
 
     seen: dict[str, Any] = {}
@@ -282,9 +273,9 @@ def calls(monkeypatch) -> dict[str, Any]:
                               "seeds": seeds}
         return {"search": [], "chosen": {}, "seeds": [], "eval_split": "test", "mean_accuracy": None}
 
-    def eval_run(run, data, split, runtime, backbone=None):
-        seen["eval_run"] = {"run": run, "data": data, "split": split, "runtime": runtime, "backbone": backbone}
-        return 0.5
+    def eval_runs(runs, data, split, runtime, backbone=None):
+        seen["eval_runs"] = {"runs": runs, "data": data, "split": split, "runtime": runtime, "backbone": backbone}
+        return [0.5] * len(runs)
 
     class Bench:
         def __init__(self, spec, runtime):
@@ -296,7 +287,7 @@ def calls(monkeypatch) -> dict[str, Any]:
 
     monkeypatch.setattr(run, "train_run", train_run)
     monkeypatch.setattr(grid, "train_grid", train_grid)
-    monkeypatch.setattr(run, "eval_run", eval_run)
+    monkeypatch.setattr(run, "eval_runs", eval_runs)
     monkeypatch.setattr(bench, "Bench", Bench)
     return seen
 
@@ -423,9 +414,9 @@ def test_eval_takes_the_runtime_flags(calls, tmp_path):
 
     cli.main(["eval", "-r", str(tmp_path / "run"), "-d", "task", "--split", "val200", "--workers", "1",
               "--cache-placement", "host", "-q"])
-    call = calls["eval_run"]
-    assert (call["run"], call["data"], call["split"], call["backbone"]) == (tmp_path / "run", Path("task"), "val200",
-                                                                            None)
+    call = calls["eval_runs"]
+    assert (call["runs"], call["data"], call["split"], call["backbone"]) == ([tmp_path / "run"], Path("task"),
+                                                                             "val200", None)
     assert call["runtime"] == Runtime(workers=1, cache_placement="host", progress=False)  # no cache: the trunk live
 
 
