@@ -253,8 +253,9 @@ def train_runs(spec: RunSpec, runs: dict[Path, dict[str, Any]], runtime: Runtime
     runtime = runtime or Runtime()
     device = distributed.init_from_env(runtime.torch_device)
     configs = [TrainConfig.for_method(method_cls, own) for own in runs.values()]
-    precision, why = resolve_precision(configs[0].precision, device)  # a stack's runs share it (check_stack)
-    configs = [replace(cfg, precision=resolve_precision(cfg.precision, device)[0]) for cfg in configs]
+    resolved = [resolve_precision(cfg.precision, device) for cfg in configs]
+    configs = [replace(cfg, precision=precision) for cfg, (precision, _) in zip(configs, resolved)]
+    precision, why = resolved[0]  # a stack's runs share it (check_stack)
     if len(configs) > 1:
         check_stack(method_cls, configs, runtime)
     check_augment(configs[0].augment, method_cls.reads, runtime.cache_dir)
