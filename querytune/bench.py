@@ -130,6 +130,16 @@ class TaskPlan:
                 f"the trunk; {self.cells} runs to train")
 
 
+def trained(run: Path) -> bool:
+    """Whether the run folder holds a finished run (its metrics.json)."""
+    return (run / "metrics.json").is_file()
+
+
+def evaluated(run: Path, split: str) -> bool:
+    """Whether the finished run's metrics.json holds its accuracy on ``split``."""
+    return trained(run) and f"{split}_accuracy" in read_metrics(run)
+
+
 def describe_error(error: Exception) -> str:
     return str(error) if isinstance(error, QuerytuneError) else f"{type(error).__name__}: {error}"
 
@@ -169,11 +179,12 @@ class Bench:
     def settings(self, method: str) -> dict[str, Any]:
         return {**profile_settings(method, self.spec.profile), "precision": self.precision}
 
-    def run_spec(self, method: str, task: Task, train_split: str, eval_split: str) -> RunSpec:
+    def run_spec(self, method: str, task: Task, train_split: str) -> RunSpec:
+        """A run of the task, trained without evaluating it (:meth:`evaluate` does, for all of them at once)."""
         spec = self.spec
         return RunSpec(backbone=self.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std,
                        recipe=spec.recipe, method=method, data=str(task.path), train_split=train_split,
-                       eval_split=eval_split, task_name=task.name)
+                       eval_split="", task_name=task.name)
 
     def task_runtime(self, task: Task) -> Runtime:
         """The runtime of the task's runs: its feature cache. Without a cache folder to keep, each task's
@@ -193,11 +204,11 @@ class Bench:
         """Train the unfinished ``runs`` of ``method``, without evaluating them (:meth:`evaluate` does,
         for every run of the task at once): a frozen-trunk method's as one stack, where that fails each
         alone. A run that fails gets its error in ``errors``; the others go on."""
-        pending = {run: settings for run, settings in runs.items() if not (run / "metrics.json").is_file()}
+        pending = {run: settings for run, settings in runs.items() if not trained(run)}
         batches = [pending] if self.stacks(method) and len(pending) > 1 else [{r: s} for r, s in pending.items()]
         for batch in batches:
             try:
-                train_runs(self.run_spec(method, task, train_split, ""), batch, self.task_runtime(task))
+                train_runs(self.run_spec(method, task, train_split), batch, self.task_runtime(task))
             except Exception as error:  # a failed run must not end the bench; its error goes into the table
                 self.log_error(f"{task.name}/{method} ({', '.join(run.name for run in batch)})", error)
                 if len(batch) == 1:
@@ -210,8 +221,7 @@ class Bench:
         """The accuracy on ``split`` of every trained run of the task that lacks it, measured together
         (:func:`querytune.run.eval_runs`: one pass of the split through the frozen trunk for all the
         frozen-trunk runs), recorded in each run's metrics.json."""
-        todo = [run for run in runs if run not in errors and (run / "metrics.json").is_file()
-                and f"{split}_accuracy" not in read_metrics(run)]
+        todo = [run for run in runs if run not in errors and trained(run) and not evaluated(run, split)]
         if not todo:
             return
         # val200 is read from the train800val200 entry where that is cached; what else is read once runs live
@@ -317,7 +327,7 @@ class Bench:
         once when any method reads it, so that class-token readers reuse it instead of running the
         trunk again. train800 (the search's) is read from the train800val200 entry."""
         readers = [m for m in self.methods if method_class(m).reads.with_layers]
-        if not readers or all((r / "metrics.json").is_file() for r in self.task_runs(task)):
+        if not readers or all(trained(r) for r in self.task_runs(task)):
             return
         try:
             cache_splits(self.cache_dir(task), self.backbone_for_cache(), task.path, self.cached_splits(),
@@ -356,9 +366,8 @@ class Bench:
             for train_split, eval_split, runs_of in stages:
                 for method in self.methods:
                     runs = list(runs_of(method, task))
-                    pending = [run for run in runs if not (run / "metrics.json").is_file()]
-                    unevaluated = [run for run in runs if not (run / "metrics.json").is_file()
-                                   or f"{eval_split}_accuracy" not in read_metrics(run)]
+                    pending = [run for run in runs if not trained(run)]
+                    unevaluated = [run for run in runs if not evaluated(run, eval_split)]
                     epochs = TrainConfig.for_method(method_class(method), self.settings(method)).epochs
                     cells += len(pending)
                     train_images = len(images[train_split])
