@@ -101,12 +101,19 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, cfg: TrainConfig) -> f
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, decay_vectors: bool = True
+                   ) -> torch.optim.Optimizer:
+    """The optimiser of ``params``; ``decay_vectors`` False exempts the 1-D ones (biases, gains, scales and
+    shifts) from weight decay, as timm's optimiser factory does."""
+    groups: list[dict[str, Any]] = [{"params": params}]
+    if not decay_vectors:
+        groups = [{"params": [p for p in params if p.ndim > 1]},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def seed_everything(seed: int) -> None:
@@ -256,7 +263,7 @@ def start(member: Member, device: torch.device) -> None:
     """Set up the member's optimiser and gradient scaler, and resume it from its checkpoint."""
     member.method.to(device)  # before the optimiser loads its state: that state follows the parameters' device
     member.method.backbone.set_grad_checkpointing(member.cfg.checkpointing)
-    member.optimizer = make_optimizer(member.params, member.cfg)
+    member.optimizer = make_optimizer(member.params, member.cfg, member.method.decay_vectors)
     member.scaler = torch.amp.GradScaler(device.type, enabled=member.cfg.fp16)  # otherwise it passes through
     member.done = {"epochs_done": 0, "train_seconds": 0.0, "loss": float("nan"), "train_accuracy": float("nan")}
     if not member.stream:

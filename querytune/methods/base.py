@@ -58,6 +58,9 @@ class Method(nn.Module):
     # learning rates are multiplied by batch/256 when scale_lr_by_batch is set).
     search_grid: ClassVar[dict[str, Any]] = {"lr": (1.0, 0.5, 0.25, 0.1, 0.05),
                                              "weight_decay": (1e-2, 1e-3, 1e-4, 0.0), "scale_lr_by_batch": True}
+    # False: weight decay on the trainable matrices only, not on 1-D parameters (biases, scales), as the
+    # official code of methods trained with timm's optimiser factory has it.
+    decay_vectors: ClassVar[bool] = True
     not_mergeable: ClassVar[str | None] = "it adds modules a plain ViT lacks"
     peft_exportable: ClassVar[bool] = False
 
