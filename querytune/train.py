@@ -233,6 +233,9 @@ def fit(members: list[Member], source: BatchSource, device: torch.device, show_p
                     for member, member_logits, member_sums in zip(active, logits, sums):
                         loss = F.cross_entropy(member_logits.float(), labels,
                                                label_smoothing=member.cfg.label_smoothing)
+                        penalty = member.method.loss_penalty()
+                        if penalty is not None:
+                            loss = loss + penalty
                         total_loss = total_loss + member.scaler.scale(loss * share)  # parameters are disjoint
                         member_sums[0] += loss.item() * len(labels)
                         member_sums[1] += (member_logits.argmax(-1) == labels).sum().item()

@@ -93,6 +93,10 @@ class Method(nn.Module):
                 outputs.append(member(inputs))
         return outputs
 
+    def loss_penalty(self) -> Tensor | None:
+        """A term the training loop adds to this method's loss (Head2Toe's group lasso), or None."""
+        return None
+
     def task_stack(self) -> TaskStack | None:
         """The class-token rows that serving may merge with other runs' into one pass; None: served alone."""
         return None

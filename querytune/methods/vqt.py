@@ -32,12 +32,11 @@ from torch import Tensor, nn
 from ..backbones.vit import NEG_INF, VisionTransformer, final_class_token, naive_block
 from ..errors import ConfigError
 from ..options import option
-from ..train import TrainConfig, lr_at
+from ..train import TrainConfig
 from ..trunk import TrunkInput
-from ..trunk.device import autocast, to_device
 from ..trunk.features import Features
-from ..trunk.sources import epoch_order
 from .base import Method, current_stream
+from .heads import train_head
 from .registry import register
 from .vpt import vpt_init_bound
 
@@ -218,30 +217,6 @@ def official_head(in_features: int, num_classes: int, generator: torch.Generator
     return head
 
 
-def train_head(method: VQT, head: nn.Linear, kept: Tensor | None, source: Any, cfg: TrainConfig,
-               device: torch.device, group_lasso: float) -> None:
-    """Train ``head`` on the frozen query path's head inputs (features ``kept``, all where None), which
-    are computed afresh each step with query dropout on, as in the official stages."""
-    optimizer = torch.optim.Adam([{"params": [head.weight], "weight_decay": cfg.weight_decay},
-                                  {"params": [head.bias], "weight_decay": 0.0}], lr=cfg.lr)
-    steps_per_epoch = math.ceil(len(source) / cfg.batch_size)
-    total_steps, warmup_steps = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
-    method.train()
-    for epoch in range(cfg.epochs):
-        batches = source.batches(epoch_order(len(source), cfg.order_seed, epoch), cfg.batch_size)
-        for batch_index, (features, labels) in enumerate(batches):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(epoch * steps_per_epoch + batch_index, total_steps, warmup_steps, cfg)
-            with torch.no_grad(), autocast(device, cfg.bf16, cfg.fp16):
-                x = method.head_input(to_device(features, device, cfg.bf16)).float()
-            loss = F.cross_entropy(head(x if kept is None else x[:, kept]), labels.to(device))
-            if group_lasso:
-                loss = loss + group_lasso * head.weight.norm(dim=0).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-
 def compress_head(method: VQT, source: Any, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     keep_fraction = method.options.compress
     assert keep_fraction is not None
@@ -249,13 +224,14 @@ def compress_head(method: VQT, source: Any, cfg: TrainConfig, device: torch.devi
     num_features, params_before = method.head.in_features, method.head.weight.numel() + method.head.bias.numel()
     generator = torch.Generator().manual_seed(cfg.seed)  # the fresh heads, the same on every rank
 
+    method.train()  # the query dropout stays on, as in the official stages
     lasso_head = official_head(num_features, method.num_classes, generator).to(device)
-    train_head(method, lasso_head, None, source, stage_cfg, device, GROUP_LASSO)
+    train_head(lasso_head, method.head_input, source, stage_cfg, device, GROUP_LASSO)
     kept_count = max(1, int(keep_fraction * num_features))
     kept = lasso_head.weight.detach().norm(dim=0).topk(kept_count).indices.sort().values
 
     head = official_head(kept_count, method.num_classes, generator).to(device)
-    train_head(method, head, kept, source, stage_cfg, device, 0.0)
+    train_head(head, lambda features: method.head_input(features)[:, kept], source, stage_cfg, device, 0.0)
     method.keep_features(kept, head)
     return {"head_params_before": params_before, "head_params_after": head.weight.numel() + head.bias.numel(),
             "kept_features": kept_count, "total_features": num_features}
