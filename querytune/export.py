@@ -14,11 +14,12 @@ Formats (``FORMATS``):
   second half. The export checks that the PEFT model reproduces the run's logits before writing.
   A run on a timm or querytune checkpoint (no transformers model to attach to) is refused, as is
   every method other than LoRA: PEFT has no equivalent of them.
-- ``merged``: ``model.safetensors``, one timm-named state dict (LoRA's update or BitFit's biases
-  merged into the backbone, or the fully fine-tuned weights) plus ``head.weight``/``head.bias``,
-  position embeddings resampled to the run's input size, its ViT config in the metadata; it loads
-  into a plain ViT with strict keys (:func:`querytune.backbones.load_backbone`, or a timm model of
-  that architecture). Methods that add tokens or branches a plain ViT lacks are refused.
+- ``merged``: ``model.safetensors``, one timm-named state dict (LoRA's update, SSF's scales and
+  shifts or BitFit's biases merged into the backbone, or the fully fine-tuned weights) plus
+  ``head.weight``/``head.bias``, position embeddings resampled to the run's input size, its ViT
+  config in the metadata; it loads into a plain ViT with strict keys
+  (:func:`querytune.backbones.load_backbone`, or a timm model of that architecture). Methods that
+  add tokens or branches a plain ViT lacks are refused.
 - ``onnx``: ``model.onnx``, the inference graph from preprocessed images (batch, 3, S, S) to logits:
   one run, or several frozen-backbone runs in one graph with one trunk pass and an output per task,
   computed as :class:`querytune.serve.MultiTaskServer` does (float32).
@@ -186,7 +187,7 @@ def _write_merged(runs: list[Path], folder: Path) -> None:
 
 
 def write_merged(method: Method, image_size: int, path: Path) -> None:
-    """``method``'s backbone as plain ViT weights (LoRA, BitFit, fine-tuning in effect) and its head."""
+    """``method``'s backbone as plain ViT weights (LoRA, SSF, BitFit, fine-tuning in effect) and its head."""
     adapted = method.backbone
     config = ViTConfig.from_dict(adapted.config.to_dict())
     with torch.device("meta"):
@@ -203,8 +204,9 @@ def write_merged(method: Method, image_size: int, path: Path) -> None:
 
 
 def _effective(module: nn.Module, name: str) -> Tensor:
-    """The tensor a plain ViT's parameter ``name`` takes in ``module``: LoRA's wrapped qkv answers
-    ``weight`` with its merged weight, so the attribute path of the plain name reads it."""
+    """The tensor a plain ViT's parameter ``name`` takes in ``module``: LoRA's and SSF's wrapped modules
+    answer ``weight`` (and SSF's ``bias``) with their merged values, so the attribute path of the plain
+    name reads it."""
     *path, attribute = name.split(".")
     for part in path:
         module = getattr(module, part)

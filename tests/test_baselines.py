@@ -1,4 +1,4 @@
-"""The feature-adapting baselines (VPT, LoRA, AdaptFormer, BitFit) and VQT added on top of them."""
+"""The feature-adapting baselines (VPT, LoRA, AdaptFormer, BitFit, SSF) and VQT added on top of them."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from querytune.methods import build_method
 from querytune.settings import RunSpec, Runtime
 from querytune.trunk.features import extract_features
 
-NEW_METHODS = ["vpt", "lora", "adaptformer", "bitfit", "vqt+lora", "vqt+adaptformer", "vqt+vpt"]
+NEW_METHODS = ["vpt", "lora", "adaptformer", "bitfit", "ssf", "vqt+lora", "vqt+adaptformer", "vqt+vpt"]
 IMAGES = 32  # tiny_vit's input size: 4x4 patches of 8 px
 
 
@@ -295,7 +295,7 @@ def test_measure_step_works(name):
     assert cost.step_seconds > 0
 
 
-@pytest.mark.parametrize("name", ["lora", "bitfit", "vqt+vpt"])
+@pytest.mark.parametrize("name", ["lora", "bitfit", "ssf", "vqt+vpt"])
 def test_train_then_eval_reproduces_the_accuracy(name, tiny_backbone_dir, tiny_task, tmp_path):
     run = tmp_path / "run"
     metrics = train_run(RunSpec(method=name, backbone=tiny_backbone_dir, data=tiny_task, image_size=IMAGES), run,

@@ -34,7 +34,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     save_backbone(tiny_vit(layer_scale=True), root / "tiny.safetensors")
     found = {}
     for method, options in [("linear", {}), ("vqt", {"num_queries": 2}), ("memory", {"memory_tokens": 2}),
-                            ("lora", {"lora_rank": 2, "lora_alpha": 4.0}), ("bitfit", {}), ("full", {})]:
+                            ("lora", {"lora_rank": 2, "lora_alpha": 4.0}), ("bitfit", {}), ("ssf", {}),
+                            ("full", {})]:
         found[method] = root / method
         train_run(RunSpec(method=method, backbone=root / "tiny.safetensors", data=task, options=options,
                           image_size=SIZE),
@@ -46,7 +47,7 @@ def images(count: int = 3, size: int = SIZE) -> torch.Tensor:
     return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("method", ["lora", "bitfit", "full", "linear"])
+@pytest.mark.parametrize("method", ["lora", "bitfit", "ssf", "full", "linear"])
 def test_merged_weights_load_into_a_plain_vit_with_equal_logits(method, runs, tmp_path):
     export_runs([runs[method]], "merged", tmp_path / "out")
     path = tmp_path / "out" / "model.safetensors"
@@ -62,7 +63,8 @@ def test_merged_weights_load_into_a_plain_vit_with_equal_logits(method, runs, tm
         expected_logits = trained.head(trained.backbone(images())) if method == "linear" else trained(images())
     torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-5)
     original = tiny_vit(layer_scale=True).state_dict()
-    changed = {"lora": "blocks.0.attn.qkv.weight", "bitfit": "blocks.0.mlp.fc1.bias", "full": "blocks.0.mlp.fc1.weight"}
+    changed = {"lora": "blocks.0.attn.qkv.weight", "bitfit": "blocks.0.mlp.fc1.bias", "ssf": "blocks.0.mlp.fc1.weight",
+               "full": "blocks.0.mlp.fc1.weight"}
     if method in changed:  # the training is in the merged weights, not only in the head
         assert not torch.equal(state[changed[method]], original[changed[method]])
 

@@ -6,7 +6,21 @@ its options dataclass, decorated with ``@register``) and import it on the line b
 
 from __future__ import annotations
 
-from . import adaptformer, bitfit, full, head2toe, linear, lora, memory, memory_plain, synqt, vpt, vqt, vqt_addon  # noqa: F401
+from . import (  # noqa: F401
+    adaptformer,
+    bitfit,
+    full,
+    head2toe,
+    linear,
+    lora,
+    memory,
+    memory_plain,
+    ssf,
+    synqt,
+    vpt,
+    vqt,
+    vqt_addon,
+)
 from .base import Method
 from .registry import METHODS, build_method, method_class, options_dict, register
 
