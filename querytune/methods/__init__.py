@@ -6,7 +6,7 @@ its options dataclass, decorated with ``@register``) and import it on the line b
 
 from __future__ import annotations
 
-from . import adaptformer, bitfit, full, linear, lora, memory, memory_plain, synqt, vpt, vqt, vqt_addon  # noqa: F401
+from . import adaptformer, bitfit, dtl, full, linear, lora, memory, memory_plain, synqt, vpt, vqt, vqt_addon  # noqa: F401
 from .base import Method
 from .registry import METHODS, build_method, method_class, options_dict, register
 
