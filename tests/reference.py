@@ -1,4 +1,4 @@
-"""Naive reference formulations of SynQT and memory tokens, as the methods' published code executes them.
+"""Naive reference formulations of SynQT, memory tokens and DTL, as the methods' published code executes them.
 
 Extra tokens are concatenated into the sequence, an attention mask keeps them from
 disturbing the original tokens, and autograd runs through the whole backbone. The
@@ -81,3 +81,32 @@ def naive_masked_memory(stack, backbone: VisionTransformer, images: Tensor) -> t
     norm = backbone.norm
     finals = F.layer_norm(classes, (x.shape[-1],), norm.weight, norm.bias, norm.eps)
     return final_class_token(backbone, x), [task.head(finals[:, k]) for k, task in enumerate(tasks)]
+
+
+def naive_dtl_logits(method, images: Tensor) -> Tensor:
+    """DTL's logits as its official forward computes them: a plain block loop that adds each block's
+    low-rank map of the block's input to a running sum, and after every add-back block adds the sum's
+    swish (DTL+: the patch rows passed through the depthwise convolution on their grid, written here
+    with explicit padding) to the tokens; the head reads the normalised mean of the patch tokens.
+    The parameters are the method's; the block arithmetic is the naive one."""
+    backbone, side = method.backbone, method.side
+    prefix = backbone.config.num_prefix_tokens
+    height, width = (size // backbone.config.patch_size for size in images.shape[-2:])
+    x = backbone.embed(images)
+    residuals: Tensor | float = 0.0
+    for bid, block in enumerate(backbone.blocks):
+        residuals = residuals + x @ side.lora_a[bid].T @ side.lora_b[bid].T
+        x = naive_block(block, x)
+        if bid >= side.first:
+            assert isinstance(residuals, Tensor)
+            act = residuals * torch.sigmoid(side.beta * residuals)
+            if side.lora_fusion is not None:
+                weight = side.lora_fusion.weight  # D, 1, k, k
+                k = weight.shape[-1]
+                before, after = (k - 1) // 2, k - 1 - (k - 1) // 2  # PyTorch's 'same': the extra pad after
+                grid = act[:, prefix:].reshape(x.shape[0], height, width, -1).permute(0, 3, 1, 2)
+                fused = F.conv2d(F.pad(grid, (before, after, before, after)), weight, groups=grid.shape[1])
+                act = torch.cat([act[:, :prefix], fused.permute(0, 2, 3, 1).reshape(x.shape[0], height * width, -1)],
+                                dim=1)
+            x = x + act
+    return method.head(backbone.norm(x[:, prefix:].mean(dim=1)))

@@ -36,6 +36,7 @@ def test_train_then_eval(tiny_backbone_dir, tiny_task, tmp_path):
     ("vqt+lora", {"--num-queries": "2", "--lora-rank": "2", "--lora-alpha": "4", "--lora-dropout": "0.1"}),
     ("vqt+vpt", {"--prompts": "2", "--vpt-mode": "shallow", "--prompt-dropout": "0.2"}),
     ("adaptformer", {"--adapter-dim": "4", "--adapter-scale": "0.5", "--adapter-dropout": "0.0"}),
+    ("dtl+", {"--dtl-rank": "3", "--swish-beta": "10.0", "--add-from-block": "2", "--fusion-size": "2"}),
 ])
 def test_method_flags_reach_the_options(method, flags, tiny_backbone_dir, tiny_task, tmp_path):
     out = tmp_path / "run"

@@ -47,8 +47,8 @@ UNCHECKED_UP_FRONT = {
     ("bench", "out"): "the report folder is claimed when the bench starts",
     ("bench", "backbone"): "the backbone is loaded when the bench starts",
 }
-# Values within the declared bounds that the tiny backbone (width 48) cannot take.
-BACKBONE_BAD = {"lora_rank": ["49"]}
+# Values within the declared bounds that the tiny backbone (width 48, depth 3, 4 x 4 patches) cannot take.
+BACKBONE_BAD = {"lora_rank": ["49"], "dtl_rank": ["49"], "add_from_block": ["3"], "fusion_size": ["8"]}
 
 
 def bad_values(options_cls: type, field: Any) -> Iterator[str]:

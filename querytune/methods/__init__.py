@@ -9,6 +9,7 @@ from __future__ import annotations
 from . import (  # noqa: F401
     adaptformer,
     bitfit,
+    dtl,
     full,
     head2toe,
     linear,
