@@ -34,7 +34,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     save_backbone(tiny_vit(layer_scale=True), root / "tiny.safetensors")
     found = {}
     for method, options in [("linear", {}), ("vqt", {"num_queries": 2}), ("memory", {"memory_tokens": 2}),
-                            ("lora", {"lora_rank": 2, "lora_alpha": 4.0}), ("bitfit", {}), ("ssf", {}),
+                            ("head2toe", {"target_size": 96}), ("lora", {"lora_rank": 2, "lora_alpha": 4.0}),
+                            ("bitfit", {}), ("ssf", {}),
                             ("full", {})]:
         found[method] = root / method
         train_run(RunSpec(method=method, backbone=root / "tiny.safetensors", data=task, options=options,
@@ -113,7 +114,7 @@ def test_onnx_graphs_match_pytorch(runs, tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install "
                                                             "'querytune[onnx]')")
     onnx = pytest.importorskip("onnx")
-    frozen = [runs["linear"], runs["vqt"], runs["memory"]]
+    frozen = [runs["linear"], runs["vqt"], runs["memory"], runs["head2toe"]]
     export_runs(frozen, "onnx", tmp_path / "served")
     export_runs([runs["lora"]], "onnx", tmp_path / "lora")
 
@@ -123,18 +124,18 @@ def test_onnx_graphs_match_pytorch(runs, tmp_path):
     assert "Resize" not in operators  # the position embeddings were resampled to the input size once
     batch = images(5)  # another batch size than the export's example
     session = onnxruntime.InferenceSession(tmp_path / "served" / "model.onnx")
-    assert [output.name for output in session.get_outputs()] == ["linear", "vqt", "memory"]
+    assert [output.name for output in session.get_outputs()] == ["linear", "vqt", "memory", "head2toe"]
     answers = session.run(None, {"images": batch.numpy()})
     expected = MultiTaskServer.from_runs(None, frozen, device="cpu", bf16=False).predict(batch)
     differences = [(torch.from_numpy(answer) - expected[name]).abs().max().item()
-                   for answer, name in zip(answers, ["linear", "vqt", "memory"])]
+                   for answer, name in zip(answers, ["linear", "vqt", "memory", "head2toe"])]
     lora, _ = load_run(runs["lora"])
     with torch.no_grad():
         expected_lora = lora(batch)
     session = onnxruntime.InferenceSession(tmp_path / "lora" / "model.onnx")
     differences.append((torch.from_numpy(session.run(None, {"images": batch.numpy()})[0]) - expected_lora)
                        .abs().max().item())
-    print(f"ONNX Runtime vs PyTorch, max abs logit difference (linear, vqt, memory, lora): {differences}")
+    print(f"ONNX Runtime vs PyTorch, max abs logit difference (linear, vqt, memory, head2toe, lora): {differences}")
     assert max(differences) < 1e-4
 
 

@@ -75,9 +75,10 @@ def pooled_windows(target_size: int, dim: int) -> int:
 def pool_tokens(tokens: Tensor, windows: int) -> Tensor:
     """(B, N, D) tokens -> (B, windows * D): the means over ``windows`` consecutive runs of tokens that
     cover them all, window-major."""
-    if windows == 1:
-        return tokens.mean(1)
-    return F.adaptive_avg_pool1d(tokens.transpose(1, 2), windows).transpose(1, 2).flatten(1)
+    count = tokens.shape[1]
+    # adaptive average pooling's windows, written out (the ONNX exporter cannot take adaptive_avg_pool1d)
+    bounds = [(i * count // windows, -(-(i + 1) * count // windows)) for i in range(windows)]
+    return torch.cat([tokens[:, start:end].mean(1) for start, end in bounds], dim=1)
 
 
 def dense_head(in_features: int, num_classes: int, generator: torch.Generator | None = None) -> nn.Linear:
