@@ -300,3 +300,10 @@ def test_bench_plan_flag_prints_the_plan_and_cache_splits_caches_the_test_split_
     main(args + ["--cache-splits", "train800val200,test"])
     assert sorted(entry.name.split("-")[1] for entry in (tmp_path / "cache").iterdir()) == [
         "test", "test", "train800val200", "train800val200"]
+
+
+def test_bench_runs_head2toe_dtl_and_ssf(suite, tiny_backbone_dir, tmp_path):
+    methods = ["head2toe", "dtl", "dtl+", "ssf"]
+    results = _bench(suite / "alpha", tiny_backbone_dir, tmp_path / "out", methods=methods).run()
+    assert sorted(r["method"] for r in results) == sorted(methods)
+    assert all(not r.get("error") and 0 <= r["accuracy"] <= 1 for r in results)
