@@ -190,3 +190,10 @@ def test_one_dimensional_parameters_get_no_weight_decay():
     assert all(p.ndim == 1 for p in exempt["params"])
     (group,) = make_optimizer(params, cfg, decay_vectors=True).param_groups
     assert len(group["params"]) == len(params) and group["weight_decay"] == 5e-5
+
+
+def test_lora_on_an_ssf_backbone_is_refused():
+    backbone = tiny_vit()
+    build_method("ssf", backbone, 5, {})
+    with pytest.raises(ConfigError, match="already carries"):
+        build_method("lora", backbone, 5, {})

@@ -114,7 +114,9 @@ def add_lora(backbone: VisionTransformer, options: LoRAOptions) -> None:
         qkv = block.attn.qkv
         if isinstance(qkv, LoRAQKV):
             raise ConfigError("the backbone already carries LoRA; build each method on a freshly loaded backbone")
-        assert isinstance(qkv, nn.Linear)
+        if type(qkv) is not nn.Linear:
+            raise ConfigError("the backbone already carries another method's adapters; build each method on a "
+                              "freshly loaded backbone")
         block.attn.qkv = LoRAQKV(qkv, options.lora_rank, options.lora_alpha, options.lora_dropout)
 
 
