@@ -54,7 +54,7 @@ from ..options import option
 from ..trunk import TrunkInput
 from ..trunk.features import Features
 from .base import Method
-from .heads import group_lasso, precompute, train_head
+from .heads import SelectingHead, group_lasso, precompute, train_head
 from .registry import register
 
 
@@ -91,7 +91,7 @@ def dense_head(in_features: int, num_classes: int, generator: torch.Generator | 
 
 
 @register
-class Head2Toe(Method):
+class Head2Toe(SelectingHead):
     name = "head2toe"
     reads = TrunkInput.LAYERS
     not_mergeable = "its head reads pooled features of every layer"
@@ -105,8 +105,6 @@ class Head2Toe(Method):
         config = backbone.config
         self.windows = pooled_windows(options.target_size, config.embed_dim)
         self.head = dense_head(config.embed_dim * (1 + config.depth * self.windows), num_classes)
-        # Indices of the features the final head reads (None: all, while ranking them).
-        self.register_buffer("kept_features", None)
 
     def groups(self, features: Features) -> list[Tensor]:
         """The pooled features, one (B, size) group per layer after the final class token's."""
@@ -142,17 +140,6 @@ class Head2Toe(Method):
         if self.kept_features is not None or not self.options.group_lasso:
             return None
         return self.options.group_lasso * group_lasso(self.head.weight)
-
-    def keep_features(self, kept: Tensor, head: nn.Linear | None = None) -> None:
-        """Make the head read only the ``kept`` features."""
-        device = self.head.weight.device
-        self.kept_features = kept.to(device)
-        self.head = head if head is not None else nn.Linear(len(kept), self.num_classes).to(device)
-
-    def load_trainable_state_dict(self, state: dict[str, Tensor], source: str = "adapter") -> None:
-        if "kept_features" in state:
-            self.keep_features(state["kept_features"])
-        super().load_trainable_state_dict(state, source)
 
     def post_train(self, source: Any, cfg: Any, device: torch.device) -> dict[str, Any]:
         """Rank the features by the trained head's squared weights, keep the top fraction, and train a fresh

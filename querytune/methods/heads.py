@@ -17,6 +17,30 @@ from torch import Tensor, nn
 from ..train import TrainConfig, lr_at
 from ..trunk.device import autocast, to_device
 from ..trunk.sources import epoch_order
+from .base import Method
+
+
+class SelectingHead(Method):
+    """A method whose linear ``head`` may come to read only some of its input features (``kept_features``,
+    a buffer saved with the adapter; None: all of them)."""
+
+    head: nn.Linear
+    kept_features: Tensor | None
+
+    def __init__(self, backbone: Any, num_classes: int, options: Any) -> None:
+        super().__init__(backbone, num_classes, options)
+        self.register_buffer("kept_features", None)
+
+    def keep_features(self, kept: Tensor, head: nn.Linear | None = None) -> None:
+        """Make the head read only the ``kept`` features (a fresh head of that width unless ``head``)."""
+        device = self.head.weight.device
+        self.kept_features = kept.to(device)
+        self.head = head if head is not None else nn.Linear(len(kept), self.num_classes).to(device)
+
+    def load_trainable_state_dict(self, state: dict[str, Tensor], source: str = "adapter") -> None:
+        if "kept_features" in state:
+            self.keep_features(state["kept_features"])
+        super().load_trainable_state_dict(state, source)
 
 
 def group_lasso(weight: Tensor) -> Tensor:

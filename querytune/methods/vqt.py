@@ -36,7 +36,7 @@ from ..train import TrainConfig
 from ..trunk import TrunkInput
 from ..trunk.features import Features
 from .base import Method, current_stream
-from .heads import train_head
+from .heads import SelectingHead, train_head
 from .registry import register
 from .vpt import vpt_init_bound
 
@@ -138,7 +138,7 @@ class QueryPath(nn.Module):
 
 
 @register
-class VQT(Method):
+class VQT(SelectingHead):
     name = "vqt"
     reads = TrunkInput.LAYERS
     not_mergeable = "its query tokens pass every block as extra rows"
@@ -151,8 +151,6 @@ class VQT(Method):
         super().__init__(backbone, num_classes, options)
         self.query_path = QueryPath(backbone, options)
         self.head = official_head(self.query_path.out_dim, num_classes)
-        # Indices of the head-input features a compressed head reads (None: all).
-        self.register_buffer("kept_features", None)
 
     # ``Any``: Features here; the add-ons (vqt_addon) read images, as their ``reads`` says.
     def head_input(self, features: Any) -> Tensor:
@@ -176,16 +174,6 @@ class VQT(Method):
         outputs = QueryPath.stacked_outputs([vqt.query_path for vqt in vqts], features.layers.unbind(1),
                                             vqts[0].backbone.blocks, random_stream)
         return [vqt.classify(vqt.query_path.summary(features.cls, z)) for vqt, z in zip(vqts, outputs)]
-
-    def keep_features(self, kept: Tensor, head: nn.Linear | None = None) -> None:
-        """Make the head read only the ``kept`` head-input features."""
-        self.kept_features = kept.to(self.head.weight.device)
-        self.head = head if head is not None else nn.Linear(len(kept), self.num_classes).to(self.head.weight.device)
-
-    def load_trainable_state_dict(self, state: dict[str, Tensor], source: str = "adapter") -> None:
-        if "kept_features" in state:
-            self.keep_features(state["kept_features"])
-        super().load_trainable_state_dict(state, source)
 
     def published_way(self) -> Method | None:
         return NaiveVQT(self)
