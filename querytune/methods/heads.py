@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..train import TrainConfig, lr_at
+from ..train import TrainConfig, lr_at, make_optimizer
 from ..trunk.device import autocast, to_device
 from ..trunk.sources import epoch_order
 from .base import Method
@@ -55,8 +56,7 @@ def train_head(head: nn.Linear, head_input: Callable[[Any], Tensor], source: Any
     so that a method's dropout stays on if it is in train mode) plus ``lasso`` times :func:`group_lasso`:
     the optimiser of ``cfg`` restricted to Adam with weight decay on the weight only, its warm-up +
     cosine schedule per step, its epochs and batch size."""
-    optimizer = torch.optim.Adam([{"params": [head.weight], "weight_decay": cfg.weight_decay},
-                                  {"params": [head.bias], "weight_decay": 0.0}], lr=cfg.lr)
+    optimizer = make_optimizer(list(head.parameters()), replace(cfg, optimizer="adam"), decay_vectors=False)
     steps_per_epoch = math.ceil(len(source) / cfg.batch_size)
     total_steps, warmup_steps = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
     for epoch in range(cfg.epochs):
