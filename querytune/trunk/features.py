@@ -4,7 +4,7 @@ For every image the trunk yields, per block l, the block's normalised input
 ``U_l = norm1(X_l)`` (B, N, D): the keys and values of block l are affine maps of it,
 so it is all a query row needs (see :meth:`Block.forward_rows`). It also yields the
 final class token after the final norm (what a linear probe reads). The trunk runs
-under ``torch.no_grad``; the feature cache (:mod:`querytune.cache`) stores exactly
+under ``torch.no_grad``; the feature cache (:mod:`querytune.trunk.cache`) stores exactly
 these tensors.
 """
 
