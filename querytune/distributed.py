@@ -18,7 +18,7 @@ How the work is split:
   same optimiser step.
 - Training metrics are summed across ranks; evaluation splits the items across ranks.
 - Only rank 0 writes run files and shows progress.
-- Feature-cache shards are built round-robin by rank (:func:`querytune.cache.ensure_cache`).
+- Feature-cache shards are built round-robin by rank (:func:`querytune.trunk.cache.ensure_cache`).
 - ``querytune bench`` under torchrun spreads whole tasks over the ranks instead: each rank trains
   its tasks on its own (:func:`alone`), and rank 0 writes the report once all are done.
 

@@ -338,7 +338,7 @@ class ServedGraph(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         trunk = extract_features(self.backbone, images, self.with_layers)
-        features = Features(trunk.cls.float(), trunk.layers.float() if trunk.layers is not None else None)
+        features = Features(trunk.pooled.float(), trunk.layers.float() if trunk.layers is not None else None)
         stacked = self.stack(features.layers, self.backbone) if self.stack is not None else []
         return tuple(stacked[row] if row is not None else method(features)
                      for row, method in zip(self.stack_rows, self.methods))

@@ -18,7 +18,6 @@ behind their own error types is what is reported.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -84,15 +83,6 @@ def recording_writes(path: Path) -> Iterator[IO[bytes]]:
             if file.error is not None and file.error is not error:
                 raise file.error from error
             raise
-
-
-def sha256_file(path: Path, chunk: int = 2**22) -> str:
-    """The sha256 of a file's bytes, read in chunks (files larger than memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_text(path: Path, text: str) -> None:

@@ -1,5 +1,6 @@
-"""The house rules that a reader cannot see at a glance: no import cycles between querytune's
-modules, imports inside functions included (only ``if TYPE_CHECKING:`` imports are left out)."""
+"""The house rules that a reader cannot see at a glance: imports go down the layers that
+docs/architecture.md draws, and no import cycles between querytune's modules, imports inside
+functions included (only ``if TYPE_CHECKING:`` imports are left out)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,18 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "querytune"
+
+# docs/architecture.md's layers, top to bottom, by the part of querytune a module is in (``querytune.service.app``
+# is in ``service``; ``querytune`` is the package's own __init__): a module imports from its own layer or lower ones.
+LAYERS = [
+    {"querytune", "__main__", "cli"},
+    {"service", "bench", "export"},
+    {"serve", "grid", "measure", "suite", "report"},
+    {"run"},
+    {"settings", "train", "runfolder", "trunk", "methods"},
+    {"backbones"},
+    {"data", "recipes", "runlog", "options", "files", "errors", "progress", "distributed", "version"},
+]
 
 
 def module_name(path: Path) -> str:
@@ -55,13 +68,45 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_no_import_cycles():
+def layer(module: str) -> int:
+    """The index in LAYERS of the layer ``module`` belongs to (0 is the top)."""
+    part = module.split(".")[1] if "." in module else module
+    return next(index for index, names in enumerate(LAYERS) if part in names)
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a module by one in a lower layer, as 'importer -> imported'."""
+    return [f"{source} -> {target}" for source in sorted(graph) for target in sorted(graph[source])
+            if layer(target) < layer(source)]
+
+
+def import_graph() -> dict[str, set[str]]:
     files = {module_name(path): path for path in PACKAGE.rglob("*.py")}
-    graph = {name: imported_modules(path, set(files)) - {name} for name, path in files.items()}
+    return {name: imported_modules(path, set(files)) - {name} for name, path in files.items()}
+
+
+def test_no_import_cycles():
+    graph = import_graph()
     assert "querytune.trunk.features" in graph["querytune.trunk.cache.entry"]  # the graph sees relative imports
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_every_module_has_a_layer():
+    parts = {module.split(".")[1] if "." in module else module for module in import_graph()}
+    assert parts <= set().union(*LAYERS), f"place {sorted(parts - set().union(*LAYERS))} in LAYERS and the docs"
+
+
+def test_imports_go_down_the_layers():
+    graph = import_graph()
+    assert "querytune.trunk.cache" in graph["querytune.cli.printing"]  # the graph sees imports inside functions
+    assert upward_imports(graph) == []
 
 
 def test_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_upward_import_is_found():
+    graph = {"querytune.cli.app": {"querytune.run"}, "querytune.trunk.cache.entry": {"querytune.service.app"}}
+    assert upward_imports(graph) == ["querytune.trunk.cache.entry -> querytune.service.app"]

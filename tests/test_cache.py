@@ -421,9 +421,9 @@ def test_train800_and_val200_are_read_from_the_train800val200_entry(tiny_backbon
         assert len(part) == len(images) and part.labels.tolist() == [label for _, label in images.items]
         order = np.random.default_rng(0).permutation(len(images))
         want, got = FeatureCache.open(own_entry).features(order), part.features(order)
-        assert torch.equal(got.layers, want.layers) and torch.equal(got.cls, want.cls)
-        cls, layers = part.load(torch.device("cpu"))  # as a GPU run holds an entry
-        assert torch.equal(cls, FeatureCache.open(own_entry).load(torch.device("cpu"))[0])
+        assert torch.equal(got.layers, want.layers) and torch.equal(got.pooled, want.pooled)
+        pooled, layers = part.load(torch.device("cpu"))  # as a GPU run holds an entry
+        assert torch.equal(pooled, FeatureCache.open(own_entry).load(torch.device("cpu"))[0])
         assert torch.equal(layers.transpose(0, 1), want.layers[np.argsort(order)])
         assert part.nbytes() == FeatureCache.open(own_entry).nbytes()
     assert [entry.name.split("-")[1] for entry in shared.iterdir()] == ["train800val200"]  # no entry of their own

@@ -155,7 +155,7 @@ def test_the_training_loop_adds_the_group_lasso():
         def batches(self, order, batch_size):
             for start in range(0, len(order), batch_size):
                 index = torch.as_tensor(order[start : start + batch_size])
-                yield Features(features.cls[index], features.layers[index]), labels[index]
+                yield Features(features.pooled[index], features.layers[index]), labels[index]
 
     norms = {}
     for lasso in (0.0, 1.0):

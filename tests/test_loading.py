@@ -427,7 +427,7 @@ def test_mae_checkpoint_pools_the_patch_tokens_through_fc_norm(tmp_path):
         tokens = reference.run_blocks(reference.embed(images))  # class token, then 4 patch tokens
         expected = F.layer_norm(tokens[:, 1:].mean(1), (192,), state["fc_norm.weight"], state["fc_norm.bias"], 1e-6)
         torch.testing.assert_close(ours(images), expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(extract_features(ours, images, dtype=torch.float32).cls, expected,
+        torch.testing.assert_close(extract_features(ours, images, dtype=torch.float32).pooled, expected,
                                    rtol=1e-5, atol=1e-5)
     saved = tmp_path / "saved.safetensors"  # querytune's own format keeps the pooling
     save_backbone(ours, saved)

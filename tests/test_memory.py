@@ -83,7 +83,7 @@ def test_masked_mode_leaves_every_original_token_bit_for_bit():
     assert all(p.grad is None for p in backbone.parameters())
     assert method.stack.tasks[0].class_token.grad.abs().sum() > 0
     assert torch.equal(features.layers, layers)  # what the rows read is never written
-    assert torch.equal(features.cls, tokens[:, 0])  # the original class-token output
+    assert torch.equal(features.pooled, tokens[:, 0])  # the original class-token output
     assert torch.equal(backbone.forward_features(images), tokens)
     assert all(torch.equal(weights[k], v) for k, v in backbone.state_dict().items())
     # the naive masked sequence keeps them too, up to the rounding of its longer softmax

@@ -72,7 +72,7 @@ def test_features_reach_the_method_layer_major_in_the_compute_dtype():
     layers = torch.randn(3, 4, 5, 6).half()
     for bf16, dtype in ((False, torch.float32), (True, torch.bfloat16)):
         features = Features(torch.randn(3, 6).half(), layers).to("cpu", bf16)
-        assert features.cls.dtype == torch.float32 and features.layers.dtype == dtype
+        assert features.pooled.dtype == torch.float32 and features.layers.dtype == dtype
         assert torch.equal(features.layers, layers.float().to(dtype))
         assert all(features.layers[:, layer].is_contiguous() for layer in range(4))
 
@@ -235,7 +235,8 @@ class FeatureSource:
     def batches(self, order, batch_size):
         for start in range(0, len(order), batch_size):
             index = torch.as_tensor(order[start : start + batch_size])
-            yield Features(self.features.cls[index], self.features.layers[index]), torch.as_tensor(self.labels[index])
+            features = Features(self.features.pooled[index], self.features.layers[index])
+            yield features, torch.as_tensor(self.labels[index])
 
 
 def test_compression_stages_match_an_independent_reference_of_the_official_procedure():
@@ -306,7 +307,8 @@ def test_cache_placement_device_gathers_what_the_memory_map_gives(tiny_task, tmp
         resident = CachedFeatureBatches(cache, True, bf16, placement="device")
         assert (mapped.placement, resident.placement) == ("host", "device")
         for (a, labels_a), (b, labels_b) in zip(mapped.batches(order, 4), resident.batches(order, 4), strict=True):
-            assert torch.equal(a.cls, b.cls) and torch.equal(a.layers, b.layers) and torch.equal(labels_a, labels_b)
+            assert torch.equal(a.pooled, b.pooled) and torch.equal(a.layers, b.layers)
+            assert torch.equal(labels_a, labels_b)
             assert b.layers.dtype == (torch.bfloat16 if bf16 else torch.float32)
             assert b.layers[:, 1].is_contiguous()  # layer-major, as the rows' batched matmuls read it
     with pytest.raises(ConfigError, match="unknown cache placement 'gpu'"):

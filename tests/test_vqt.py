@@ -32,6 +32,17 @@ def test_fast_path_matches_naive_reference(layer_scale, registers, options):
     assert fast_grads["query_path.queries"].abs().sum() > 0
 
 
+def test_naive_vqt_reads_the_pooled_feature_of_a_global_pool_backbone():
+    """``vqt-naive`` (what ``measure`` runs) and VQT agree on the head's first piece, ``Features.pooled``:
+    on a global-pool backbone the mean of the patch tokens, not the class token."""
+    backbone = tiny_vit(num_reg_tokens=1, global_pool=True)
+    method = _vqt(backbone, query_dropout=0.0, num_queries=2).train()
+    images = torch.randn(4, 3, 32, 32)
+    features = extract_features(backbone, images, dtype=torch.float32)
+    assert not torch.allclose(features.pooled, backbone.forward_features(images)[:, 0])  # not the class token
+    assert_matches_reference(method, method(features), lambda: naive_vqt_logits(method, images))
+
+
 def test_backbone_gets_no_gradient_and_original_tokens_unchanged():
     backbone = tiny_vit(layer_scale=True)
     method = _vqt(backbone, num_queries=2)

@@ -110,7 +110,7 @@ class Head2Toe(SelectingHead):
         """The pooled features, one (B, size) group per layer after the final class token's."""
         assert features.layers is not None  # Head2Toe reads LAYERS
         pooled = [pool_tokens(layer, self.windows).float() for layer in features.layers.unbind(1)]
-        return [features.cls.float(), *pooled]
+        return [features.pooled.float(), *pooled]
 
     def head_input(self, groups: Sequence[Tensor]) -> Tensor:
         """Each group's (kept) features at unit norm, concatenated."""

@@ -1,4 +1,5 @@
-"""Linear probe: a linear head on the frozen final class token (after the final norm)."""
+"""Linear probe: a linear head on the frozen trunk's pooled final feature (the normalised final class token,
+or with ``global_pool`` the normalised mean of the patch tokens)."""
 
 from __future__ import annotations
 
@@ -22,4 +23,4 @@ class LinearProbe(Method):
         self.head = nn.Linear(backbone.num_features, num_classes)
 
     def forward(self, features: Features) -> Tensor:
-        return self.head(features.cls)
+        return self.head(features.pooled)

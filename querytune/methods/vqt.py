@@ -3,7 +3,8 @@
 Per block l, T learnable query tokens P_l pass through block l as extra *query rows*:
 they attend to the block's own tokens (never to each other), the tokens never attend
 to them, and their outputs Z_l are collected, not passed on. The head reads the
-L2-normalised final class token and the L2-normalised Z_l of every layer.
+L2-normalised pooled final feature (``VisionTransformer.pool``: the final class token, or the
+mean of the patch tokens on a ``global_pool`` backbone) and the L2-normalised Z_l of every layer.
 
 Execution: the trunk runs under no_grad (or comes from the feature cache); only the
 query rows are differentiated, through :meth:`Block.forward_rows`, which reads the
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbones.vit import NEG_INF, VisionTransformer, final_class_token, naive_block
+from ..backbones.vit import NEG_INF, VisionTransformer, naive_block
 from ..errors import ConfigError
 from ..options import option
 from ..train import TrainConfig
@@ -120,13 +121,13 @@ class QueryPath(nn.Module):
                 path_outputs.append(z)
         return outputs
 
-    def forward(self, layers: Tensor | Sequence[Tensor], cls: Tensor, blocks: ModuleListOf[Block]) -> Tensor:
-        """Head input: L2-normalised [final class token, per-layer query summaries]."""
-        return self.summary(cls, self.layer_outputs(layers, blocks))
+    def forward(self, layers: Tensor | Sequence[Tensor], pooled: Tensor, blocks: ModuleListOf[Block]) -> Tensor:
+        """Head input: L2-normalised [pooled final feature, per-layer query summaries]."""
+        return self.summary(pooled, self.layer_outputs(layers, blocks))
 
-    def summary(self, cls: Tensor, outputs: Sequence[Tensor]) -> Tensor:
-        """Head input from the final class token and the query outputs Z_l of every query layer."""
-        pieces = [cls]
+    def summary(self, pooled: Tensor, outputs: Sequence[Tensor]) -> Tensor:
+        """Head input from the pooled final feature and the query outputs Z_l of every query layer."""
+        pieces = [pooled]
         for i, z in enumerate(outputs):
             if self.combine == "concat":
                 pieces.append(z.flatten(1))
@@ -154,7 +155,7 @@ class VQT(SelectingHead):
 
     # ``Any``: Features here; the add-ons (vqt_addon) read images, as their ``reads`` says.
     def head_input(self, features: Any) -> Tensor:
-        return self.query_path(features.layers, features.cls, self.backbone.blocks)
+        return self.query_path(features.layers, features.pooled, self.backbone.blocks)
 
     def forward(self, features: Features) -> Tensor:
         return self.classify(self.head_input(features))
@@ -173,7 +174,7 @@ class VQT(SelectingHead):
         assert features.layers is not None  # VQT reads LAYERS
         outputs = QueryPath.stacked_outputs([vqt.query_path for vqt in vqts], features.layers.unbind(1),
                                             vqts[0].backbone.blocks, random_stream)
-        return [vqt.classify(vqt.query_path.summary(features.cls, z)) for vqt, z in zip(vqts, outputs)]
+        return [vqt.classify(vqt.query_path.summary(features.pooled, z)) for vqt, z in zip(vqts, outputs)]
 
     def published_way(self) -> Method | None:
         return NaiveVQT(self)
@@ -252,7 +253,7 @@ def naive_vqt_head_input(method: VQT, images: Tensor) -> Tensor:
             summaries.append(z.mean(1))
         else:
             summaries.append((z * path.query_weights[slot][None, :, None]).sum(1))
-    pieces = [final_class_token(backbone, x), *summaries]
+    pieces = [backbone.pool(x), *summaries]
     return torch.cat([F.normalize(p, dim=-1) for p in pieces], dim=-1)
 
 

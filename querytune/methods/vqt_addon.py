@@ -4,7 +4,7 @@ The adapting part (LoRA on q and v, AdaptFormer's adapters, VPT's prompts) chang
 trunk, which runs with autograd. VQT's queries then read the *adapted* normalised block
 inputs through the adapted blocks: the rows forward sees LoRA's effective q/v weights
 and the adapter beside each MLP. One linear head reads VQT's head input (the adapted
-final class token and the query summaries). Options of both parts apply, and the
+pooled final feature and the query summaries). Options of both parts apply, and the
 gradient reaches the queries, the adapting part and the head. Head compression
 (``--compress``) works as for ``vqt``.
 

@@ -20,8 +20,8 @@ class TrunkInput(Enum):
     """What a method reads from the trunk: the one declaration that routes its input."""
 
     IMAGES = "images"  # it adapts the trunk: images in, the trunk runs with autograd
-    CLASS_TOKEN = "class token"  # the frozen trunk's final class token
-    LAYERS = "layers"  # the frozen trunk's normalised tokens of every block (and the class token)
+    CLASS_TOKEN = "class token"  # the frozen trunk's pooled final feature (``Features.pooled``)
+    LAYERS = "layers"  # the frozen trunk's normalised tokens of every block (and the pooled feature)
 
     @property
     def frozen(self) -> bool:

@@ -3,8 +3,10 @@
 For every image the trunk yields, per block l, the block's normalised input
 ``U_l = norm1(X_l)`` (B, N, D): the keys and values of block l are affine maps of it,
 so it is all a query row needs (see :meth:`Block.forward_rows`). It also yields the
-final class token after the final norm (what a linear probe reads). The trunk runs
-under ``torch.no_grad``; the feature cache (:mod:`querytune.cache`) stores exactly
+backbone's pooled final feature, :meth:`VisionTransformer.pool` (the final class token after
+the final norm, or with ``global_pool`` the normalised mean of the patch tokens; what a linear
+probe reads). The trunk runs
+under ``torch.no_grad``; the feature cache (:mod:`querytune.trunk.cache`) stores exactly
 these tensors.
 """
 
@@ -22,18 +24,19 @@ from ..backbones.vit import VisionTransformer
 class Features:
     """Frozen-trunk outputs for a batch.
 
-    ``layers``: (B, L, N, D) normalised block inputs, or None when only the class
-    token was asked for. ``cls``: (B, D) final class token after the final norm.
+    ``layers``: (B, L, N, D) normalised block inputs, or None when only the pooled
+    feature was asked for. ``pooled``: (B, D) the backbone's final feature,
+    :meth:`VisionTransformer.pool` of the last block's output.
     """
 
-    cls: Tensor
+    pooled: Tensor
     layers: Tensor | None = None
 
     def __len__(self) -> int:
-        return self.cls.shape[0]
+        return self.pooled.shape[0]
 
     def to(self, device: torch.device | str, bf16: bool = False) -> Features:
-        """On ``device`` for computing: the class token in float32, the per-layer tokens in float32,
+        """On ``device`` for computing: the pooled feature in float32, the per-layer tokens in float32,
         or in bfloat16 with ``bf16`` (autocast would cast them to it anyway, once per use)."""
         layers = self.layers
         if layers is not None:
@@ -41,7 +44,7 @@ class Features:
             dtype = torch.bfloat16 if bf16 else torch.float32
             if layers.dtype != dtype:
                 layers = layer_major(layers, dtype)
-        return Features(self.cls.to(device, torch.float32, non_blocking=True), layers)
+        return Features(self.pooled.to(device, torch.float32, non_blocking=True), layers)
 
 
 def empty_layer_major(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None = None,
@@ -82,7 +85,7 @@ def extract_features(
     with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=bf16):
         x = backbone.run_blocks(backbone.embed(images),
                                 after_norm=(lambda _, u: layers.append(u.to(dtype))) if with_layers else None)
-        cls = backbone.pool(x).to(dtype)
+        pooled = backbone.pool(x).to(dtype)
     # Stacking float16 tensors fails under an autocast a caller may have entered around us.
     with torch.autocast(device_type=images.device.type, enabled=False):
-        return Features(cls, torch.stack(layers, dim=1) if with_layers else None)
+        return Features(pooled, torch.stack(layers, dim=1) if with_layers else None)

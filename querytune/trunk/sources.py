@@ -159,13 +159,13 @@ class CachedFeatureBatches:
 
     def _gather_on_device(self, order: np.ndarray, batch_size: int) -> Iterator[tuple[Features, Tensor]]:
         assert self.resident is not None
-        cls, layers = self.resident  # (n, D) and layer-major (L, n, N, D), float16
+        pooled, layers = self.resident  # (n, D) and layer-major (L, n, N, D), float16
         for indices in _batch_indices(order, batch_size):
             index = torch.tensor(indices, device=self.device)
             batch_layers = None
             if layers is not None:  # (L, B, N, D) in the compute dtype, seen as a layer-major (B, L, N, D)
                 batch_layers = layers.index_select(1, index).to(self.layers_dtype).transpose(0, 1)
-            yield Features(cls.index_select(0, index).float(), batch_layers), torch.from_numpy(self.labels[indices])
+            yield Features(pooled.index_select(0, index).float(), batch_layers), torch.from_numpy(self.labels[indices])
 
     def _stream(self, order: np.ndarray, batch_size: int) -> Iterator[tuple[Features, Tensor]]:
         """Two pinned float16 buffers: a thread gathers batch i + 1 into one while batch i, copied out of
@@ -195,19 +195,19 @@ class CachedFeatureBatches:
                     event.record(copy_stream)
                 compute = torch.cuda.current_stream(self.device)
                 compute.wait_stream(copy_stream)
-                for tensor in (features.cls, features.layers):
+                for tensor in (features.pooled, features.layers):
                     if tensor is not None:
                         tensor.record_stream(compute)  # made on the side stream, used and freed on this one
                 yield features, torch.from_numpy(self.labels[indices])
 
-    def _host_buffers(self, batch_size: int, cls_dtype: torch.dtype, layers_dtype: torch.dtype,
+    def _host_buffers(self, batch_size: int, pooled_dtype: torch.dtype, layers_dtype: torch.dtype,
                       pin: bool = False) -> Features:
         cache = self.cache
         layers = None
         if self.with_layers:  # laid out as Features.to lays them out
             assert cache.layers is not None
             layers = empty_layer_major((batch_size, *cache.layers[0].shape[1:]), layers_dtype, pin_memory=pin)
-        return Features(torch.empty(batch_size, *cache.cls[0].shape[1:], dtype=cls_dtype, pin_memory=pin), layers)
+        return Features(torch.empty(batch_size, *cache.pooled[0].shape[1:], dtype=pooled_dtype, pin_memory=pin), layers)
 
 
 def choose_placement(cache: FeatureCache, with_layers: bool, device: torch.device, placement: str) -> str:

@@ -48,6 +48,7 @@ from ..features import extract_features
 from .entry import (
     FORMAT_VERSION,
     LOCK_FILE,
+    POOLED_KIND,
     STORAGE_DTYPE,
     FeatureCache,
     cache_dir_for,
@@ -229,7 +230,7 @@ def build_shards(path: Path, backbone: VisionTransformer, images: ImageList, pre
             for (shard, indices), (batch, _) in zip(plan, iterate_loader(loader)):
                 feats = extract_features(backbone, batch.to(device, non_blocking=True), with_layers, STORAGE_DTYPE,
                                          bf16)
-                arrays = {"cls": feats.cls.cpu().numpy()}
+                arrays = {POOLED_KIND: feats.pooled.cpu().numpy()}
                 if feats.layers is not None:  # with_layers
                     arrays["layers"] = feats.layers.cpu().numpy()
                 writer.write(shard, indices[0] - shard * shard_size, arrays)
@@ -297,7 +298,7 @@ class ShardWriter:
                                                    (self.rows[shard], *shape))
         for kind, array in arrays.items():
             self._files[kind][row : row + len(array)] = array
-        if row + len(arrays["cls"]) == self.rows[shard]:
+        if row + len(arrays[POOLED_KIND]) == self.rows[shard]:
             for kind, mapped in self._files.items():
                 mapped.flush()
                 self.checksums[shard_file(self.path, shard, kind).name] = data_checksum(mapped)

@@ -1,13 +1,13 @@
 """A feature-cache entry: its key, its format and reading it.
 
 The frozen trunk is run once per image; its :class:`~querytune.trunk.features.Features`
-(per-block normalised tokens and the final class token) are stored in float16 as
+(per-block normalised tokens and the pooled final feature) are stored in float16 as
 ``.npy`` shards that later epochs memory-map, so data larger than RAM works.
 
 Layout of one cache entry, ``<root>/<task>-<split>-<key16>/``:
 
     shard-00000.layers.npy   (n, L, N, D) float16   (absent in a class-token-only entry)
-    shard-00000.cls.npy      (n, D) float16
+    shard-00000.cls.npy      (n, D) float16      (``Features.pooled``; the kind's name on disk is ``cls``)
     ...
     meta.json                written once every shard exists: shard size, feature shapes, labels,
                              each shard's sha256; its modification time is when the entry was last used
@@ -16,8 +16,8 @@ Layout of one cache entry, ``<root>/<task>-<split>-<key16>/``:
 The key hashes everything the features depend on: the backbone's weights and
 architecture, the preprocessing (image size, mean, std), the split's file list with
 labels, sizes and modification times, the storage dtype and the format version, so a
-stale entry is never reused. Methods that read only the final class token (linear
-probe) use a class-token-only entry, or a full one where it exists.
+stale entry is never reused. Methods that read only the pooled feature (linear
+probe) use a class-token-only entry (``-cls``), or a full one where it exists.
 
 Whatever may sit under a shard's final name (a file truncated or overwritten by other
 means) is caught by checking every shard's header (dtype, shape) and file size against
@@ -50,6 +50,7 @@ FORMAT_VERSION = 2
 STORAGE_DTYPE = torch.float16
 FINGERPRINT_ATTRIBUTE = "_querytune_fingerprint"  # where a backbone object keeps its fingerprint once computed
 LOCK_FILE = ".lock"
+POOLED_KIND = "cls"  # the stored kind that holds ``Features.pooled``, as its shards are named on disk
 
 
 def backbone_fingerprint(backbone: VisionTransformer) -> str:
@@ -119,9 +120,9 @@ def shard_rows(num_images: int, shard_size: int) -> list[int]:
 
 
 def feature_shapes(backbone: VisionTransformer, preprocess: Preprocess, with_layers: bool) -> dict[str, list[int]]:
-    """The per-image shape of each stored kind: ``cls`` (D,) and, with layers, ``layers`` (L, N, D)."""
+    """The per-image shape of each stored kind: the pooled feature (D,) and, with layers, ``layers`` (L, N, D)."""
     config = backbone.config
-    shapes = {"cls": [config.embed_dim]}
+    shapes = {POOLED_KIND: [config.embed_dim]}
     if with_layers:
         shapes["layers"] = [config.depth, config.num_tokens(preprocess.image_size), config.embed_dim]
     return shapes
@@ -189,7 +190,7 @@ class FeatureCache:
     labels: np.ndarray
     shard_size: int
     layers: list[torch.Tensor] | None
-    cls: list[torch.Tensor]
+    pooled: list[torch.Tensor]
     rows: np.ndarray | None = None  # a part of the entry (see :meth:`part`): its rows, in order
 
     def __len__(self) -> int:
@@ -197,7 +198,7 @@ class FeatureCache:
 
     def part(self, rows: np.ndarray) -> FeatureCache:
         """The entry seen as holding only its ``rows`` (indices into the entry), in that order."""
-        return FeatureCache(self.path, self.labels[rows], self.shard_size, self.layers, self.cls, rows)
+        return FeatureCache(self.path, self.labels[rows], self.shard_size, self.layers, self.pooled, rows)
 
     @classmethod
     def open(cls, path: Path) -> FeatureCache:
@@ -207,7 +208,7 @@ class FeatureCache:
                             "format); build the cache again")
         with contextlib.suppress(OSError):  # a read-only cache serves all the same
             os.utime(path / "meta.json")  # marks the entry used (``querytune cache ls``, ``prune``)
-        layers, cls_tokens = [], []
+        layers, pooled = [], []
         for shard, rows in enumerate(shard_rows(meta["num_images"], meta["shard_size"])):
             arrays = {}
             for kind in meta["shapes"]:
@@ -216,20 +217,20 @@ class FeatureCache:
                 arrays[kind] = open_shard(file, (rows, *meta["shapes"][kind]))
                 if arrays[kind] is None:
                     raise DataError(f"{file}: missing or torn feature-cache shard; build the cache again to redo it")
-            cls_tokens.append(torch.from_numpy(arrays["cls"]))
+            pooled.append(torch.from_numpy(arrays[POOLED_KIND]))
             if "layers" in arrays:
                 layers.append(torch.from_numpy(arrays["layers"]))
         return cls(path, np.asarray(meta["labels"], dtype=np.int64), meta["shard_size"],
-                   layers if "layers" in meta["shapes"] else None, cls_tokens)
+                   layers if "layers" in meta["shapes"] else None, pooled)
 
     def nbytes(self, with_layers: bool = True) -> int:
-        """Bytes of the entry's class tokens, and per-layer tokens with ``with_layers``."""
-        kinds = [self.cls] + ([self.layers] if with_layers and self.layers is not None else [])
+        """Bytes of the entry's pooled features, and per-layer tokens with ``with_layers``."""
+        kinds = [self.pooled] + ([self.layers] if with_layers and self.layers is not None else [])
         whole = sum(shard.nbytes for shards in kinds for shard in shards)
-        return whole if self.rows is None else whole * len(self) // sum(len(shard) for shard in self.cls)
+        return whole if self.rows is None else whole * len(self) // sum(len(shard) for shard in self.pooled)
 
     def load(self, device: torch.device, with_layers: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The whole entry in ``device`` memory, float16: class tokens (n, D) and, with ``with_layers``,
+        """The whole entry in ``device`` memory, float16: pooled features (n, D) and, with ``with_layers``,
         per-layer tokens stored layer-major (L, n, N, D), so that gathering a batch along dim 1 yields
         each layer's tokens contiguous."""
         if with_layers and self.layers is None:
@@ -237,10 +238,10 @@ class FeatureCache:
         if self.rows is not None:  # a part: its rows gathered on the host, so the device holds only them
             part = self.features(np.arange(len(self)), with_layers)
             layers = part.layers.transpose(0, 1).contiguous().to(device) if part.layers is not None else None
-            return part.cls.to(device), layers
-        cls = torch.cat([shard.to(device) for shard in self.cls])
+            return part.pooled.to(device), layers
+        pooled = torch.cat([shard.to(device) for shard in self.pooled])
         if not with_layers:
-            return cls, None
+            return pooled, None
         assert self.layers is not None  # checked above
         first = self.layers[0]
         layers = torch.empty(first.shape[1], len(self), *first.shape[2:], dtype=first.dtype, device=device)
@@ -248,7 +249,7 @@ class FeatureCache:
         for shard in self.layers:
             layers[:, start : start + len(shard)] = shard.to(device).transpose(0, 1)
             start += len(shard)
-        return cls, layers
+        return pooled, layers
 
     def features(self, indices: np.ndarray | list[int], with_layers: bool = True,
                  out: Features | None = None) -> Features:
@@ -263,21 +264,21 @@ class FeatureCache:
             raise DataError(f"{self.path}: holds class tokens only, per-layer features were asked for")
         count = len(indices)
         if out is None:
-            out = Features(torch.empty(count, *self.cls[0].shape[1:], dtype=torch.float16),
+            out = Features(torch.empty(count, *self.pooled[0].shape[1:], dtype=torch.float16),
                            torch.empty(count, *layers[0].shape[1:], dtype=torch.float16) if layers is not None
                            else None)
         if self.rows is not None:
             indices = self.rows[np.asarray(indices, dtype=np.int64)]
         for row, index in enumerate(indices):
             shard, offset = divmod(int(index), self.shard_size)
-            out.cls[row].copy_(self.cls[shard][offset])
+            out.pooled[row].copy_(self.pooled[shard][offset])
             if layers is not None:
                 assert out.layers is not None  # buffers given in ``out`` hold per-layer rows too
                 copy_converted(out.layers[row], layers[shard][offset])
         if layers is None:
-            return Features(out.cls[:count], None)
+            return Features(out.pooled[:count], None)
         assert out.layers is not None
-        return Features(out.cls[:count], out.layers[:count])
+        return Features(out.pooled[:count], out.layers[:count])
 
 
 # VTAB-1k's train800 and val200 are the two parts of its train800val200: training reads the parts from

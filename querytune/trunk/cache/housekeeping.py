@@ -12,7 +12,7 @@ from typing import Any
 
 from ...errors import DataError, StorageError
 from ...progress import note
-from .entry import LOCK_FILE, read_meta
+from .entry import LOCK_FILE, POOLED_KIND, read_meta, shard_file
 
 
 @dataclass
@@ -31,7 +31,8 @@ class CacheEntry:
 
 def is_entry(path: Path) -> bool:
     """Whether ``path`` is a folder this module wrote (meta.json, shards or its lock file)."""
-    return path.is_dir() and any((path / name).exists() for name in ("meta.json", LOCK_FILE, "shard-00000.cls.npy"))
+    return path.is_dir() and any(file.exists() for file in (path / "meta.json", path / LOCK_FILE,
+                                                            shard_file(path, 0, POOLED_KIND)))
 
 
 def list_entries(root: Path) -> list[CacheEntry]:
