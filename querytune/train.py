@@ -1,8 +1,11 @@
-"""The training loop, for a lone run and for a stack of runs alike: optimiser, warm-up + cosine
-schedule, clipping, bf16 or fp16 autocast, a resumable checkpoint of the trainable state, and
-evaluation. Each epoch's record goes to the run's :class:`~querytune.runlog.EpochLog`, which writes it.
+"""The training loop, for a lone run, a stack of runs and a method's fresh heads alike: optimiser,
+warm-up + cosine schedule, clipping, bf16 or fp16 autocast, a resumable checkpoint of the trainable
+state, and evaluation. Each epoch's record goes to the run's :class:`~querytune.runlog.EpochLog`, which
+writes it.
 
-Read top to bottom: :class:`TrainConfig`, :class:`Member`, :func:`fit`, :func:`evaluate`.
+Read top to bottom: :class:`TrainConfig`, :class:`Schedule`; :class:`Learner` (what a step updates),
+:class:`EpochStats`, :func:`train_step`, :func:`train_epoch` (which :func:`querytune.methods.heads.train_head`
+uses too); then the runs: :class:`Member`, :func:`fit`; and :func:`evaluate`.
 """
 
 from __future__ import annotations
@@ -93,12 +96,27 @@ class TrainConfig:
         return self.seed if self.data_seed is None else self.data_seed
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, cfg: TrainConfig) -> float:
-    """Linear warm-up from 0 to ``lr``, then cosine decay to ``min_lr``, per iteration."""
-    if step < warmup_steps:
-        return cfg.lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+@dataclass(frozen=True)
+class Schedule:
+    """The steps of a training and the learning rate at each: linear warm-up, then cosine decay."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, items: int) -> Schedule:
+        """``cfg.epochs`` epochs of ``items`` items in batches of ``cfg.batch_size``, the first
+        ``cfg.warmup_epochs`` of them warming up."""
+        steps_per_epoch = math.ceil(items / cfg.batch_size)
+        return cls(steps_per_epoch, steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch))
+
+    def lr(self, step: int, cfg: TrainConfig) -> float:
+        """The learning rate at ``step``: from 0 up to ``cfg.lr``, then down to ``cfg.min_lr``."""
+        if step < self.warmup_steps:
+            return cfg.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, decay_vectors: bool = True
@@ -128,6 +146,111 @@ def rank_seed(seed: int, rank: int, epoch: int) -> int:
 
 
 @dataclass
+class Learner:
+    """What a training step updates: ``params``, by ``optimizer`` through the gradient ``scaler`` (it passes
+    through but for fp16), at the learning rate of ``cfg``'s schedule and with its clipping, on the
+    cross-entropy with ``cfg``'s label smoothing plus ``penalty()`` (None: nothing)."""
+
+    cfg: TrainConfig
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    penalty: Callable[[], torch.Tensor | None]
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
+        penalty = self.penalty()
+        return loss if penalty is None else loss + penalty
+
+
+@dataclass
+class EpochStats:
+    """A learner's loss sum, correct predictions and items seen so far in an epoch."""
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Count a batch whose mean loss was ``loss``."""
+        self.loss_sum += loss.item() * len(labels)
+        self.correct += int((logits.argmax(-1) == labels).sum().item())
+        self.seen += len(labels)
+
+    def over_processes(self) -> EpochStats:
+        """These statistics summed over all processes."""
+        loss_sum, correct, seen = distributed.all_reduce_sum([self.loss_sum, self.correct, self.seen])
+        return EpochStats(loss_sum, int(correct), int(seen))
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.seen
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.seen
+
+
+Batch = tuple[Any, torch.Tensor]  # inputs and labels, on the device
+
+
+def train_step(learners: Sequence[Learner], step: int, schedule: Schedule, batch: Batch | None, global_items: int,
+               logits_of: Callable[[Any], list[torch.Tensor]], stats: Sequence[EpochStats]) -> torch.Tensor | None:
+    """One optimiser step of every learner, at ``step`` of ``schedule``, on this process's ``batch`` of a
+    global batch of ``global_items`` items (all of it in one process; None: no part of it, but this process
+    joins the gradient sum over the processes). ``logits_of(inputs)`` gives each learner's logits, which add to
+    its ``stats``. Returns the last learner's loss (None: no batch)."""
+    for learner in learners:
+        lr = schedule.lr(step, learner.cfg)
+        for group in learner.optimizer.param_groups:
+            group["lr"] = lr
+        learner.optimizer.zero_grad(set_to_none=True)
+    loss = None
+    if batch is not None:
+        inputs, labels = batch
+        share = len(labels) / global_items  # this rank's share of the global batch's mean loss
+        total_loss = torch.zeros((), device=labels.device)
+        for learner, logits, learner_stats in zip(learners, logits_of(inputs), stats):
+            loss = learner.loss(logits, labels)
+            total_loss = total_loss + learner.scaler.scale(loss * share)  # parameters are disjoint
+            learner_stats.add(loss, logits, labels)
+        total_loss.backward()
+    for learner in learners:
+        distributed.sum_gradients(learner.params)  # alike on every rank, so is the scaler's verdict
+        if learner.cfg.grad_clip:
+            learner.scaler.unscale_(learner.optimizer)
+            torch.nn.utils.clip_grad_norm_(learner.params, learner.cfg.grad_clip)
+        learner.scaler.step(learner.optimizer)  # skips the step where fp16 gradients overflowed
+        learner.scaler.update()
+    return loss
+
+
+def train_epoch(learners: Sequence[Learner], logits_of: Callable[[Any], list[torch.Tensor]], source: BatchSource,
+                epoch: int, schedule: Schedule, cfg: TrainConfig, device: torch.device,
+                advance: Callable[..., None] | None = None) -> list[EpochStats]:
+    """Epoch ``epoch`` of ``learners`` on ``source`` (:func:`train_step` on each batch of ``cfg``'s batch size,
+    in its epochs' order, of ``cfg``'s precision), reporting each step to ``advance`` where given; each
+    learner's statistics on this process. Across processes each takes its slice of every global batch."""
+    stats = [EpochStats() for _ in learners]
+    order = distributed.rank_order(epoch_order(len(source), cfg.order_seed, epoch), cfg.batch_size)
+    batches = source.batches(order, distributed.local_batch_size(cfg.batch_size))
+    for batch_index in range(schedule.steps_per_epoch):
+        global_items = min(cfg.batch_size, len(source) - batch_index * cfg.batch_size)
+        batch = next(batches, None)  # None: this rank has no part of the epoch's last, short batch
+        if batch is not None:
+            inputs, labels = batch
+            batch = to_device(inputs, device, cfg.bf16), labels.to(device)
+        loss = train_step(learners, epoch * schedule.steps_per_epoch + batch_index, schedule, batch, global_items,
+                          logits_of, stats)
+        if advance is not None and loss is not None:
+            if len(learners) == 1:
+                advance(1, epoch=epoch + 1, loss=loss.item(), acc=stats[0].accuracy)
+            else:
+                advance(1, epoch=epoch + 1, members=len(learners))
+    return stats
+
+
+@dataclass
 class FitResult:
     train_seconds: float
     final_loss: float
@@ -144,13 +267,8 @@ class Member:
     checkpoint: Path | None = None  # resumed from, and written after every epoch
     log: EpochLog | None = None
     stream: dict[str, torch.Tensor] = field(default_factory=dict)  # empty: the current one
-    optimizer: torch.optim.Optimizer = field(init=False)
-    scaler: torch.amp.GradScaler = field(init=False)
+    learner: Learner = field(init=False)
     done: dict[str, Any] = field(init=False)
-
-    @property
-    def params(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.method.parameters() if p.requires_grad]
 
     def result(self) -> FitResult:
         return FitResult(self.done["train_seconds"], self.done["loss"], self.done["train_accuracy"])
@@ -192,89 +310,61 @@ def fit(members: list[Member], source: BatchSource, device: torch.device, show_p
         raise ConfigError("a stack of runs trains in one process, uncompiled (not under torchrun or --compile)")
     for member in members:
         start(member, device)
-    forward = compiled(members[0].method, compile_mode)
-    local_batch_size = distributed.local_batch_size(cfg.batch_size)
-    steps_per_epoch = math.ceil(len(source) / cfg.batch_size)
-    total_steps, warmup_steps = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
+    lone_forward = compiled(members[0].method, compile_mode) if len(members) == 1 else None
+    schedule = Schedule.of(cfg, len(source))
     start_epoch = min(member.done["epochs_done"] for member in members)
     label = f"training {members[0].method.name}" if len(members) == 1 else \
         f"training {len(members)} {members[0].method.name} members"
-    with progress_bar(label, total=(cfg.epochs - start_epoch) * steps_per_epoch, enabled=show_progress) as advance:
+    total = (cfg.epochs - start_epoch) * schedule.steps_per_epoch
+    with progress_bar(label, total=total, enabled=show_progress) as advance:
         for epoch in range(start_epoch, cfg.epochs):
             active = [member for member in members if member.done["epochs_done"] <= epoch]
             started = time.perf_counter()
-            sums = [[0.0, 0, 0] for _ in active]  # loss sum, correct, seen
             for member in active:
                 member.method.train()
-            order = distributed.rank_order(epoch_order(len(source), cfg.order_seed, epoch), cfg.batch_size)
-            batches = source.batches(order, local_batch_size)
-            for batch_index in range(steps_per_epoch):
-                step = epoch * steps_per_epoch + batch_index
-                for member in active:
-                    for group in member.optimizer.param_groups:
-                        group["lr"] = lr_at(step, total_steps, warmup_steps, member.cfg)
-                    member.optimizer.zero_grad(set_to_none=True)
-                batch = next(batches, None)  # None: this rank has no part of the epoch's last, short batch
-                if batch is not None:
-                    inputs, labels = batch
-                    labels = labels.to(device)
-                    streams = streams_of(active, device)
-                    with autocast(device, cfg.bf16, cfg.fp16):
-                        inputs = to_device(inputs, device, cfg.bf16)
-                        if len(members) == 1:  # a lone run, compiled or not
-                            with streams(0):
-                                logits = [forward(inputs)]
-                        else:
-                            logits = type(active[0].method).forward_members([m.method for m in active], inputs,
-                                                                            streams)
-                    # this rank's share of the global batch's mean loss (the whole of it in one process)
-                    share = len(labels) / min(cfg.batch_size, len(source) - batch_index * cfg.batch_size)
-                    total_loss = torch.zeros((), device=device)
-                    for member, member_logits, member_sums in zip(active, logits, sums):
-                        loss = F.cross_entropy(member_logits.float(), labels,
-                                               label_smoothing=member.cfg.label_smoothing)
-                        penalty = member.method.loss_penalty()
-                        if penalty is not None:
-                            loss = loss + penalty
-                        total_loss = total_loss + member.scaler.scale(loss * share)  # parameters are disjoint
-                        member_sums[0] += loss.item() * len(labels)
-                        member_sums[1] += (member_logits.argmax(-1) == labels).sum().item()
-                        member_sums[2] += len(labels)
-                    total_loss.backward()
-                    if len(active) == 1:
-                        advance(1, epoch=epoch + 1, loss=loss.item(), acc=sums[0][1] / sums[0][2])
-                    else:
-                        advance(1, epoch=epoch + 1, members=len(active))
-                for member in active:
-                    distributed.sum_gradients(member.params)  # alike on every rank, so is the scaler's verdict
-                    if member.cfg.grad_clip:
-                        member.scaler.unscale_(member.optimizer)
-                        torch.nn.utils.clip_grad_norm_(member.params, member.cfg.grad_clip)
-                    member.scaler.step(member.optimizer)  # skips the step where fp16 gradients overflowed
-                    member.scaler.update()
+            logits_of = members_logits(active, lone_forward, device, cfg)
+            stats = train_epoch([member.learner for member in active], logits_of, source, epoch, schedule, cfg,
+                                device, advance)
             seconds = time.perf_counter() - started  # the stack's time: each member's share of the machine
-            for member, member_sums in zip(active, sums):
-                loss_sum, correct, seen = distributed.all_reduce_sum(member_sums)
-                end_epoch(member, epoch, loss_sum / seen, correct / seen, seconds, device)
+            for member, member_stats in zip(active, stats):
+                end_epoch(member, epoch, member_stats.over_processes(), seconds, device)
     for member in members:
         if member.log is not None:
             member.log.finish()
     return [member.result() for member in members]
 
 
+def members_logits(active: list[Member], lone_forward: Callable[..., Any] | None, device: torch.device,
+                   cfg: TrainConfig) -> Callable[[Any], list[torch.Tensor]]:
+    """``inputs`` -> the ``active`` members' logits, each member drawing from its own random stream: a lone
+    member's through ``lone_forward`` (compiled or not), a stack's together."""
+    streams = streams_of(active, device)
+
+    def logits_of(inputs: Any) -> list[torch.Tensor]:
+        with autocast(device, cfg.bf16, cfg.fp16):
+            if lone_forward is not None:
+                with streams(0):
+                    return [lone_forward(inputs)]
+            return type(active[0].method).forward_members([member.method for member in active], inputs, streams)
+
+    return logits_of
+
+
 def start(member: Member, device: torch.device) -> None:
-    """Set up the member's optimiser and gradient scaler, and resume it from its checkpoint."""
+    """Set up the member's learner (optimiser and gradient scaler), and resume it from its checkpoint."""
     member.method.to(device)  # before the optimiser loads its state: that state follows the parameters' device
     member.method.backbone.set_grad_checkpointing(member.cfg.checkpointing)
-    member.optimizer = make_optimizer(member.params, member.cfg, member.method.decay_vectors)
-    member.scaler = torch.amp.GradScaler(device.type, enabled=member.cfg.fp16)  # otherwise it passes through
+    params = [p for p in member.method.parameters() if p.requires_grad]
+    member.learner = Learner(member.cfg, params, make_optimizer(params, member.cfg, member.method.decay_vectors),
+                             torch.amp.GradScaler(device.type, enabled=member.cfg.fp16),  # otherwise it passes through
+                             member.method.loss_penalty)
     member.done = {"epochs_done": 0, "train_seconds": 0.0, "loss": float("nan"), "train_accuracy": float("nan")}
     if not member.stream:
         member.stream = rng_state(device)
     with random_stream(member.stream, device):  # a checkpoint's stream becomes the member's
         if member.checkpoint is not None and member.checkpoint.is_file():
-            member.done = load_checkpoint(member.checkpoint, member.method, member.optimizer, member.scaler, device,
-                                          member.cfg.seed)
+            member.done = load_checkpoint(member.checkpoint, member.method, member.learner.optimizer,
+                                          member.learner.scaler, device, member.cfg.seed)
         elif distributed.world_size() > 1:  # every rank draws its own dropout masks
             torch.manual_seed(rank_seed(member.cfg.seed, distributed.rank(), 0))
     distributed.broadcast_from_main(list(member.method.trainable_state_dict().values()))
@@ -282,21 +372,22 @@ def start(member: Member, device: torch.device) -> None:
         member.log.start(member.done["epochs_done"])
 
 
-def end_epoch(member: Member, epoch: int, loss: float, accuracy: float, seconds: float, device: torch.device) -> None:
-    """Log the member's epoch and save its checkpoint."""
+def end_epoch(member: Member, epoch: int, stats: EpochStats, seconds: float, device: torch.device) -> None:
+    """Log the member's epoch (``stats`` over all processes) and save its checkpoint."""
     member.done = {"epochs_done": epoch + 1, "train_seconds": member.done["train_seconds"] + seconds,
-                   "loss": loss, "train_accuracy": accuracy}
+                   "loss": stats.loss, "train_accuracy": stats.accuracy}
     if member.log is not None:  # every rank: a validation takes all of them
-        member.log.epoch_end({"epoch": epoch + 1, "loss": loss, "train_accuracy": accuracy,
-                              "lr": member.optimizer.param_groups[0]["lr"], "seconds": member.done["train_seconds"]})
+        member.log.epoch_end({"epoch": epoch + 1, "loss": stats.loss, "train_accuracy": stats.accuracy,
+                              "lr": member.learner.optimizer.param_groups[0]["lr"],
+                              "seconds": member.done["train_seconds"]})
     if member.checkpoint is not None:
         streams = distributed.all_gather(dict(member.stream))  # every rank takes part
         if distributed.is_main():
             save_checkpoint(member.checkpoint, {
                 **member.done,
                 "trainable": {k: v.cpu() for k, v in member.method.trainable_state_dict().items()},
-                "optimizer": member.optimizer.state_dict(),
-                "scaler": member.scaler.state_dict(),
+                "optimizer": member.learner.optimizer.state_dict(),
+                "scaler": member.learner.scaler.state_dict(),
                 "rng": streams,
             })
 

@@ -16,7 +16,7 @@ from querytune import eval_run, train_run
 from querytune.data import Preprocess, open_split
 from querytune.errors import CheckpointError, ConfigError, DataError
 from querytune.settings import RunSpec, Runtime
-from querytune.train import TrainConfig, lr_at
+from querytune.train import Schedule, TrainConfig
 from querytune.trunk.cache import FeatureCache, build_cache, cache_dir_for
 from querytune.trunk.features import Features
 
@@ -189,7 +189,8 @@ def test_warm_up_is_the_protocols_unless_the_run_is_cut_short():
 
 def test_schedule_warms_up_then_decays_to_min_lr():
     cfg = TrainConfig(epochs=10, lr=1.0, min_lr=0.0, warmup_epochs=1)
-    lrs = [lr_at(step, 100, 10, cfg) for step in range(100)]
+    schedule = Schedule(steps_per_epoch=10, total_steps=100, warmup_steps=10)
+    lrs = [schedule.lr(step, cfg) for step in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.01
 
@@ -239,10 +240,12 @@ class FeatureSource:
             yield features, torch.as_tensor(self.labels[index])
 
 
-def test_compression_stages_match_an_independent_reference_of_the_official_procedure():
+@pytest.mark.parametrize("run_settings", [{}, {"grad_clip": 1e-3, "label_smoothing": 0.2}])
+def test_compression_stages_match_an_independent_reference_of_the_official_procedure(run_settings):
     """Stage 1: a fresh (official-init) head trained with group lasso; the top int(D * keep) columns by
     L2 norm kept; stage 2: another fresh head on them. Adam at half the lr, weight decay on the weight
-    only, warm-up + cosine per step; the queries frozen (their head inputs recomputed every step)."""
+    only, warm-up + cosine per step; the queries frozen (their head inputs recomputed every step). The
+    run's clipping and label smoothing do not reach the heads."""
     from conftest import tiny_vit
     from querytune.methods import build_method
     from querytune.methods.vqt import compress_head
@@ -252,7 +255,7 @@ def test_compression_stages_match_an_independent_reference_of_the_official_proce
     method = build_method("vqt", tiny_vit(), 3, {"query_dropout": 0.0, "compress": 0.3})
     images, labels = torch.randn(10, 3, 32, 32), torch.tensor([0, 1, 2] * 3 + [0])
     features = extract_features(method.backbone, images, dtype=torch.float32)
-    cfg = TrainConfig(epochs=3, batch_size=4, lr=0.2, weight_decay=1e-3, warmup_epochs=1, seed=5)
+    cfg = TrainConfig(epochs=3, batch_size=4, lr=0.2, weight_decay=1e-3, warmup_epochs=1, seed=5, **run_settings)
     queries_before = method.query_path.queries.detach().clone()
     compress_head(method, FeatureSource(features, labels), cfg, torch.device("cpu"))
 

@@ -5,19 +5,17 @@ compression (:func:`querytune.methods.vqt.compress_head`) and Head2Toe's final h
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..train import TrainConfig, lr_at, make_optimizer
+from .. import distributed
+from ..train import Learner, Schedule, TrainConfig, make_optimizer, train_epoch
 from ..trunk.device import autocast, to_device
-from ..trunk.sources import epoch_order
 from .base import Method
 
 
@@ -53,25 +51,26 @@ def group_lasso(weight: Tensor) -> Tensor:
 def train_head(head: nn.Linear, head_input: Callable[[Any], Tensor], source: Any, cfg: TrainConfig,
                device: torch.device, lasso: float) -> None:
     """Train ``head`` on ``head_input(batch)`` of ``source`` (computed without gradient, afresh each step,
-    so that a method's dropout stays on if it is in train mode) plus ``lasso`` times :func:`group_lasso`:
-    the optimiser of ``cfg`` restricted to Adam with weight decay on the weight only, its warm-up +
-    cosine schedule per step, its epochs and batch size."""
-    optimizer = make_optimizer(list(head.parameters()), replace(cfg, optimizer="adam"), decay_vectors=False)
-    steps_per_epoch = math.ceil(len(source) / cfg.batch_size)
-    total_steps, warmup_steps = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
-    for epoch in range(cfg.epochs):
-        batches = source.batches(epoch_order(len(source), cfg.order_seed, epoch), cfg.batch_size)
-        for batch_index, (inputs, labels) in enumerate(batches):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(epoch * steps_per_epoch + batch_index, total_steps, warmup_steps, cfg)
-            with torch.no_grad(), autocast(device, cfg.bf16, cfg.fp16):
-                x = head_input(to_device(inputs, device, cfg.bf16)).float()
-            loss = F.cross_entropy(head(x), labels.to(device))
-            if lasso:
-                loss = loss + lasso * group_lasso(head.weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    so that a method's dropout stays on if it is in train mode) plus ``lasso`` times :func:`group_lasso`,
+    by the training loop's step and epoch (:func:`querytune.train.train_epoch`): the optimiser of ``cfg``
+    restricted to Adam with weight decay on the weight only, its warm-up + cosine schedule per step, its
+    epochs and batch size; no clipping, label smoothing or gradient scaling (the head computes in float32).
+    Every process trains the whole head alike."""
+    head_cfg = replace(cfg, optimizer="adam", grad_clip=None, label_smoothing=0.0)
+    params = list(head.parameters())
+    learner = Learner(head_cfg, params, make_optimizer(params, head_cfg, decay_vectors=False),
+                      torch.amp.GradScaler(device.type, enabled=False),
+                      lambda: lasso * group_lasso(head.weight) if lasso else None)
+
+    def logits_of(inputs: Any) -> list[Tensor]:
+        with torch.no_grad(), autocast(device, cfg.bf16, cfg.fp16):
+            features = head_input(inputs).float()
+        return [head(features)]
+
+    schedule = Schedule.of(cfg, len(source))
+    with distributed.alone():  # no slicing of the batches, no gradient sum
+        for epoch in range(cfg.epochs):
+            train_epoch([learner], logits_of, source, epoch, schedule, cfg, device)
 
 
 class RowBatches:
