@@ -146,7 +146,7 @@ def describe_error(error: Exception) -> str:
 
 class Bench:
     """The bench ``spec`` computed under ``runtime`` (whose ``cache``, where given, is a feature cache
-    to keep; ``cache_splits`` is not the bench's: it caches what its methods read)."""
+    to keep; ``cache_splits``, where given, the splits to cache: :meth:`cached_splits`)."""
 
     def __init__(self, spec: BenchSpec, runtime: Runtime | None = None) -> None:
         missing = [flag for flag, value in (("--suite", spec.suite), ("--backbone", spec.backbone),

@@ -24,7 +24,7 @@ from . import distributed
 from .backbones import load_backbone
 from .backbones.vit import VisionTransformer
 from .data import ImageList, Preprocess, check_normalisation, default_train_split, open_split
-from .data.splits import SEARCH_TRAIN, SEARCH_VAL, WHOLE_SPLIT
+from .data.splits import SEARCH_TRAIN, SEARCH_VAL, TEST, WHOLE_SPLIT
 from .errors import CheckpointError, ConfigError, QuerytuneError
 from .methods import build_method, method_class, options_dict
 from .methods.base import Method
@@ -403,13 +403,13 @@ def load_run(run: str | Path, backbone: VisionTransformer | str | Path | None = 
     return method.eval(), config
 
 
-def eval_run(run: str | Path, data: str | Path, split: str = "test", runtime: Runtime | None = None,
+def eval_run(run: str | Path, data: str | Path, split: str = TEST, runtime: Runtime | None = None,
              backbone: str | Path | None = None) -> float:
     """Accuracy of a finished run's adapter on a split (:func:`eval_runs` of one)."""
     return eval_runs([run], data, split, runtime, backbone)[0]
 
 
-def eval_runs(runs: Sequence[str | Path], data: str | Path, split: str = "test", runtime: Runtime | None = None,
+def eval_runs(runs: Sequence[str | Path], data: str | Path, split: str = TEST, runtime: Runtime | None = None,
               backbone: str | Path | None = None) -> list[float]:
     """Accuracy of each finished run on a split of ``data``. The frozen-trunk runs that share a backbone,
     input size, normalisation and precision are evaluated together: the split passes the trunk once

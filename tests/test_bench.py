@@ -308,3 +308,13 @@ def test_bench_runs_head2toe_dtl_and_ssf(suite, tiny_backbone_dir, tmp_path):
     results = _bench(suite / "alpha", tiny_backbone_dir, tmp_path / "out", methods=methods).run()
     assert sorted(r["method"] for r in results) == sorted(methods)
     assert all(not r.get("error") and 0 <= r["accuracy"] <= 1 for r in results)
+
+
+def test_a_cached_whole_split_holds_its_parts_and_only_the_whole_has_an_entry():
+    from querytune.run import cached_splits, entry_splits
+
+    assert cached_splits(None, ["train800val200"]) == ["train800val200", "train800", "val200"]
+    assert cached_splits(["test"], ["train800val200"]) == ["test"]  # given, they replace the default
+    assert cached_splits(["train800", "test"], []) == ["train800", "test"]  # a part alone has no whole
+    assert entry_splits(cached_splits(["val200", "train800val200"], [])) == ["train800val200"]
+    assert entry_splits(["train800", "test"]) == ["train800", "test"]
