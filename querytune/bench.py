@@ -42,21 +42,21 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import distributed
+from . import distributed, grid
 from .backbones import load_backbone
 from .data import Preprocess, check_normalisation, open_split
+from .data.splits import FINAL, SEARCH
 from .errors import ConfigError, QuerytuneError, StorageError
 from .files import write_json, write_text
-from .grid import member_name, search_grid, seed_settings, select_best
 from .measure import measure_method_isolated
 from .methods import method_class
 from .progress import note
 from .recipes import recipe_options
 from .report import markdown_report, plot_pareto
-from .run import eval_runs, train_runs
+from .run import cached_splits, entry_splits, eval_runs, train_runs
 from .runfolder import read_metrics, read_run_config, record_accuracy
 from .settings import BenchSpec, RunSpec, Runtime
-from .suite import Task, discover_tasks, read_groups_file
+from .suite import SuiteTask, discover_tasks, read_groups_file
 from .train import TrainConfig
 from .trunk.cache import cache_dir_for, cache_splits, human_size, read_meta
 from .trunk.cache.build import SHARD_SIZE, entry_nbytes
@@ -66,7 +66,7 @@ from .trunk.device import resolve_precision
 if TYPE_CHECKING:
     from .backbones.vit import VisionTransformer
 
-BENCH_SPLITS = ("train800val200", "test", "train800", "val200")
+BENCH_SPLITS = tuple(split for stage in grid.protocol(search=True) for split in stage)  # what --cache-splits may name
 RANKS_WAIT = timedelta(days=7)  # how long a bench's rank done with its tasks waits for the others
 # quick profile: epochs for methods whose trunk runs without / with autograd
 QUICK_EPOCHS = {True: 20, False: 5}
@@ -79,12 +79,12 @@ def profile_settings(method: str, profile: str) -> dict[str, Any]:
         return {}
     if profile == "quick":
         cls = method_class(method)
-        protocol_epochs = cls.train_defaults.get("epochs", 100)
+        protocol_epochs = TrainConfig.for_method(cls, {}).epochs
         return {"epochs": min(protocol_epochs, QUICK_EPOCHS[cls.reads.frozen])}
     raise ConfigError(f"unknown profile {profile!r} (known: quick, paper)")
 
 
-def select_tasks(tasks: list[Task], names: list[str] | None) -> list[Task]:
+def select_tasks(tasks: list[SuiteTask], names: list[str] | None) -> list[SuiteTask]:
     """The suite's ``tasks`` named in ``names`` (all when None), in the suite's order."""
     if names is None:
         return tasks
@@ -146,7 +146,7 @@ def describe_error(error: Exception) -> str:
 
 class Bench:
     """The bench ``spec`` computed under ``runtime`` (whose ``cache``, where given, is a feature cache
-    to keep; ``cache_splits`` is not the bench's: it caches what its methods read)."""
+    to keep; ``cache_splits``, where given, the splits to cache: :meth:`cached_splits`)."""
 
     def __init__(self, spec: BenchSpec, runtime: Runtime | None = None) -> None:
         missing = [flag for flag, value in (("--suite", spec.suite), ("--backbone", spec.backbone),
@@ -179,27 +179,26 @@ class Bench:
     def settings(self, method: str) -> dict[str, Any]:
         return {**profile_settings(method, self.spec.profile), "precision": self.precision}
 
-    def run_spec(self, method: str, task: Task, train_split: str) -> RunSpec:
+    def run_spec(self, method: str, task: SuiteTask, train_split: str) -> RunSpec:
         """A run of the task, trained without evaluating it (:meth:`evaluate` does, for all of them at once)."""
         spec = self.spec
         return RunSpec(backbone=self.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std,
                        recipe=spec.recipe, method=method, data=str(task.path), train_split=train_split,
                        eval_split="", task_name=task.name)
 
-    def task_runtime(self, task: Task) -> Runtime:
-        """The runtime of the task's runs: its feature cache. Without a cache folder to keep, each task's
-        cache is private and removed once the task is done (per task, so that parts of a bench sharing
-        the folder never remove each other's)."""
-        splits = self.runtime.cache_splits  # the training runs cache their training split unless it is left out
-        training: list[str] | None = None if splits is None or "train800val200" in splits else []
-        return replace(self.runtime, cache=str(self.cache_dir(task)), cache_splits=training)
+    def task_runtime(self, task: SuiteTask, *splits: str) -> Runtime:
+        """The runtime of the task's runs that read ``splits``: its feature cache, for those of them the bench
+        caches. Without a cache folder to keep, each task's cache is private and removed once the task is
+        done (per task, so that parts of a bench sharing the folder never remove each other's)."""
+        cached = [split for split in splits if split in self.cached_splits()]
+        return replace(self.runtime, cache=str(self.cache_dir(task)), cache_splits=cached)
 
     @staticmethod
     def stacks(method: str) -> bool:
         """Whether the method's search points and seeds train as stacks (:mod:`querytune.grid`)."""
         return method_class(method).reads.frozen
 
-    def train(self, method: str, task: Task, runs: dict[Path, dict[str, Any]], train_split: str,
+    def train(self, method: str, task: SuiteTask, runs: dict[Path, dict[str, Any]], train_split: str,
               errors: dict[Path, str]) -> None:
         """Train the unfinished ``runs`` of ``method``, without evaluating them (:meth:`evaluate` does,
         for every run of the task at once): a frozen-trunk method's as one stack, where that fails each
@@ -208,7 +207,7 @@ class Bench:
         batches = [pending] if self.stacks(method) and len(pending) > 1 else [{r: s} for r, s in pending.items()]
         for batch in batches:
             try:
-                train_runs(self.run_spec(method, task, train_split), batch, self.task_runtime(task))
+                train_runs(self.run_spec(method, task, train_split), batch, self.task_runtime(task, train_split))
             except Exception as error:  # a failed run must not end the bench; its error goes into the table
                 self.log_error(f"{task.name}/{method} ({', '.join(run.name for run in batch)})", error)
                 if len(batch) == 1:
@@ -217,18 +216,15 @@ class Bench:
                 for run, settings in batch.items():  # each run meets the error again alone, or trains
                     self.train(method, task, {run: settings}, train_split, errors)
 
-    def evaluate(self, task: Task, runs: list[Path], split: str, errors: dict[Path, str]) -> None:
+    def evaluate(self, task: SuiteTask, runs: list[Path], split: str, errors: dict[Path, str]) -> None:
         """The accuracy on ``split`` of every trained run of the task that lacks it, measured together
         (:func:`querytune.run.eval_runs`: one pass of the split through the frozen trunk for all the
         frozen-trunk runs), recorded in each run's metrics.json."""
         todo = [run for run in runs if run not in errors and trained(run) and not evaluated(run, split)]
         if not todo:
             return
-        # val200 is read from the train800val200 entry where that is cached; what else is read once runs live
-        cached = self.cached_splits() + (["val200"] if "train800val200" in self.cached_splits() else [])
-        runtime = replace(self.task_runtime(task), cache_splits=cached)
         try:
-            accuracies = eval_runs(todo, task.path, split, runtime)
+            accuracies = eval_runs(todo, task.path, split, self.task_runtime(task, split))
         except Exception as error:  # reported in every run's cell
             self.log_error(f"{task.name} (evaluating on {split})", error)
             errors.update(dict.fromkeys(todo, describe_error(error)))
@@ -236,32 +232,28 @@ class Bench:
         for run, accuracy in zip(todo, accuracies):
             record_accuracy(run, split, accuracy)
 
-    def search_runs(self, method: str, task: Task) -> dict[Path, dict[str, Any]]:
-        base = self.settings(method)
-        batch = base.get("batch_size", method_class(method).train_defaults.get("batch_size", 64))
-        return {self.out / "search" / task.name / method / member_name(point): {**base, **point}
-                for point in search_grid(method, batch)}
+    def search_runs(self, method: str, task: SuiteTask) -> dict[Path, dict[str, Any]]:
+        """The search's runs of ``method`` on ``task`` (:func:`querytune.grid.search_runs`)."""
+        return grid.search_runs(method, self.settings(method), self.out / "search" / task.name / method)
 
-    def choose_hyperparameters(self, task: Task, errors: dict[Path, str]) -> None:
-        """Grid search of every method: train each grid on train800, evaluate all of them on val200 at
-        once, and pick each method's best point (ties: the smaller learning rate)."""
+    def choose_hyperparameters(self, task: SuiteTask, errors: dict[Path, str]) -> None:
+        """The search of every method (:mod:`querytune.grid`'s protocol): train each grid on train800,
+        evaluate all of them on val200 at once, and choose each method's point."""
+        train_split, eval_split = SEARCH
         grids = {method: self.search_runs(method, task) for method in self.methods}
         for method, runs in grids.items():
-            self.train(method, task, runs, "train800", errors)
-        self.evaluate(task, [run for runs in grids.values() for run in runs], "val200", errors)
+            self.train(method, task, runs, train_split, errors)
+        self.evaluate(task, [run for runs in grids.values() for run in runs], eval_split, errors)
         for method, runs in grids.items():
             if not any(run in errors for run in runs):
-                scored = [({"lr": s["lr"], "weight_decay": s["weight_decay"]}, read_metrics(run)["val200_accuracy"])
-                          for run, s in runs.items()]
-                self.chosen[task.name, method] = select_best(scored)
+                accuracies = [read_metrics(run)[f"{eval_split}_accuracy"] for run in runs]
+                self.chosen[task.name, method] = grid.choose(runs, accuracies)[0]
 
-    def seed_runs(self, method: str, task: Task) -> dict[Path, dict[str, Any]]:
-        """The final runs of ``method`` on ``task``, one per seed, with their training settings."""
+    def seed_runs(self, method: str, task: SuiteTask) -> dict[Path, dict[str, Any]]:
+        """The final runs of ``method`` on ``task``, one per seed, with their training settings
+        (:func:`querytune.grid.seed_runs`)."""
         settings = {**self.settings(method), **self.chosen.get((task.name, method), {})}
-        runs = self.task_runs(task)[self.methods.index(method) * self.seeds:][:self.seeds]
-        if not self.stacks(method):
-            return {run: {**settings, "seed": seed} for seed, run in enumerate(runs)}
-        return {run: {**settings, **own} for run, own in zip(runs, seed_settings(range(self.seeds)))}
+        return grid.seed_runs(self.seed_folders(task, method), settings, range(self.seeds), self.stacks(method))
 
     def run(self) -> list[dict[str, Any]]:
         """Every cell of the selected tasks, trained, evaluated and reported (what is finished is read back).
@@ -287,7 +279,7 @@ class Bench:
         distributed.barrier()
         return results
 
-    def run_tasks(self, tasks: list[Task], costs: dict[str, dict[str, Any]],
+    def run_tasks(self, tasks: list[SuiteTask], costs: dict[str, dict[str, Any]],
                   report: bool = True) -> list[dict[str, Any]]:
         """Run ``tasks`` one after the other; with ``report``, write the report after each."""
         plans = self.plan(tasks)
@@ -304,9 +296,10 @@ class Bench:
                     self.cache_dir(task).parent.rmdir()
         return results
 
-    def run_task(self, task: Task, costs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    def run_task(self, task: SuiteTask, costs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         """Train and evaluate every cell of the task (what is finished is read back); its rows."""
         errors: dict[Path, str] = {}
+        train_split, test_split = FINAL
         self.prepare_cache(task)
         if self.spec.search:
             self.choose_hyperparameters(task, errors)
@@ -317,20 +310,19 @@ class Bench:
                 failed = next(errors[run] for run in self.search_runs(method, task) if run in errors)
                 errors.update(dict.fromkeys(seed_runs[method], f"search: {failed}"))
                 continue
-            self.train(method, task, seed_runs[method], "train800val200", errors)
-        self.evaluate(task, [run for runs in seed_runs.values() for run in runs], "test", errors)
+            self.train(method, task, seed_runs[method], train_split, errors)
+        self.evaluate(task, [run for runs in seed_runs.values() for run in runs], test_split, errors)
         return [self.cell(task, method, seed, run, costs.get(method, {}), errors)
                 for method, runs in seed_runs.items() for seed, run in enumerate(runs)]
 
-    def prepare_cache(self, task: Task) -> None:
-        """Build the per-layer feature cache of the task's cached splits (default: the training split)
-        once when any method reads it, so that class-token readers reuse it instead of running the
-        trunk again. train800 (the search's) is read from the train800val200 entry."""
+    def prepare_cache(self, task: SuiteTask) -> None:
+        """Build the per-layer feature cache of the task's cached splits (:meth:`cached_splits`) once when
+        any method reads it, so that class-token readers reuse it instead of running the trunk again."""
         readers = [m for m in self.methods if method_class(m).reads.with_layers]
         if not readers or all(trained(r) for r in self.task_runs(task)):
             return
         try:
-            cache_splits(self.cache_dir(task), self.backbone_for_cache(), task.path, self.cached_splits(),
+            cache_splits(self.cache_dir(task), self.backbone_for_cache(), task.path, self.entry_splits(),
                          self.spec.image_size, self.bf16, device=self.device, workers=self.workers,
                          show_progress=self.runtime.progress)
         except QuerytuneError:
@@ -343,7 +335,7 @@ class Bench:
                 self.backbone_model.config.mean, self.backbone_model.config.std = self.normalisation
         return self.backbone_model
 
-    def plan(self, tasks: list[Task] | None = None) -> list[TaskPlan]:
+    def plan(self, tasks: list[SuiteTask] | None = None) -> list[TaskPlan]:
         """The :class:`TaskPlan` of each of ``tasks`` (default: the selected ones); finished runs and cache
         entries already built count as done. A task whose cache would not fit in the free disk is refused
         (one line), before any work."""
@@ -353,19 +345,14 @@ class Bench:
         with_layers = any(method_class(m).reads.with_layers for m in frozen)
         shapes = feature_shapes(backbone, preprocess, with_layers)
         plans, shared_bytes = [], 0
+        cached = self.cached_splits()
         for task in self.selected if tasks is None else tasks:
-            splits = ["train800val200", "test"] + (["train800", "val200"] if self.spec.search else [])
-            images = {split: open_split(task.path, split) for split in splits}
-            cached = set(self.cached_splits())
-            if "train800val200" in cached:  # its parts are read from its entry
-                cached |= {"train800", "val200"}
-            stages = [("train800", "val200", self.search_runs)] if self.spec.search else []
-            stages.append(("train800val200", "test", self.seed_runs))
+            images = {split: open_split(task.path, split) for split in self.splits_read()}
             cells = trunk = 0
             frozen_evaluated, frozen_trained = set(), False
-            for train_split, eval_split, runs_of in stages:
+            for train_split, eval_split in grid.protocol(self.spec.search):
                 for method in self.methods:
-                    runs = list(runs_of(method, task))
+                    runs = list(self.stage_runs((train_split, eval_split), method, task))
                     pending = [run for run in runs if not trained(run)]
                     unevaluated = [run for run in runs if not evaluated(run, eval_split)]
                     epochs = TrainConfig.for_method(method_class(method), self.settings(method)).epochs
@@ -382,7 +369,7 @@ class Bench:
             trunk += sum(len(images[split]) for split in frozen_evaluated if split not in cached)
             cache_bytes = 0
             if frozen_trained:
-                for split in self.cached_splits():
+                for split in self.entry_splits():
                     entry = cache_dir_for(self.cache_dir(task), backbone, images[split], preprocess, with_layers,
                                           self.bf16)
                     if read_meta(entry) is None:
@@ -400,9 +387,23 @@ class Bench:
             plans.append(plan)
         return plans
 
+    def splits_read(self) -> list[str]:
+        """The splits the bench reads, in the order of the protocol's stages (:func:`querytune.grid.protocol`)."""
+        return [split for stage in grid.protocol(self.spec.search) for split in stage]
+
+    def stage_runs(self, stage: tuple[str, str], method: str, task: SuiteTask) -> dict[Path, dict[str, Any]]:
+        """The runs of ``method`` on ``task`` in a stage of the protocol: the search's grid, or the seeds."""
+        return self.search_runs(method, task) if stage == SEARCH else self.seed_runs(method, task)
+
+    def entry_splits(self) -> list[str]:
+        """The splits whose feature-cache entries the bench builds: the cached splits it reads, but those
+        read from another's entry (:func:`querytune.run.entry_splits`)."""
+        return [split for split in entry_splits(self.cached_splits()) if split in self.splits_read()]
+
     def cached_splits(self) -> list[str]:
-        """The splits whose features are cached: ``--cache-splits``, by default the training split."""
-        return self.runtime.cache_splits or ["train800val200"]
+        """The splits whose features are cached (:func:`querytune.run.cached_splits`): ``--cache-splits``,
+        by default the final runs' training split, which holds the search's splits too."""
+        return cached_splits(self.runtime.cache_splits, [FINAL[0]])
 
     def log_error(self, what: str, error: Exception) -> None:
         """An unexpected error's traceback goes to REPORT/errors.log (a user error's line is in the table)."""
@@ -410,13 +411,16 @@ class Bench:
             with open(self.out / "errors.log", "a") as log:
                 log.write(f"{what}\n{traceback.format_exc()}\n")
 
-    def cache_dir(self, task: Task) -> Path:
+    def cache_dir(self, task: SuiteTask) -> Path:
         return self.runtime.cache_dir or self.out / "feature-cache" / task.name
 
-    def task_runs(self, task: Task) -> list[Path]:
-        return [self.out / "runs" / task.name / m / f"seed{s}" for m in self.methods for s in range(self.seeds)]
+    def seed_folders(self, task: SuiteTask, method: str) -> list[Path]:
+        return [self.out / "runs" / task.name / method / f"seed{seed}" for seed in range(self.seeds)]
 
-    def cell(self, task: Task, method: str, seed: int, run: Path, cost: dict[str, Any],
+    def task_runs(self, task: SuiteTask) -> list[Path]:
+        return [run for method in self.methods for run in self.seed_folders(task, method)]
+
+    def cell(self, task: SuiteTask, method: str, seed: int, run: Path, cost: dict[str, Any],
              errors: dict[Path, str]) -> dict[str, Any]:
         """The table row of one run: its accuracy and cost, or its error."""
         row: dict[str, Any] = {"task": task.name, "group": task.group, "method": method, "seed": seed,

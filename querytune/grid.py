@@ -19,7 +19,10 @@ Methods that adapt the trunk cannot share a backbone and are refused.
 The search protocol is VQT's (its ``head2toe_train.py``, ``find_best_lrwd``): train the grid
 on train800, score val200 top-1 after the last epoch, take the best (ties to the smaller learning
 rate; equal learning rates: the first in the grid's order), then retrain the chosen setting on
-train800val200 for each seed and report test top-1 after the last epoch.
+train800val200 for each seed and report test top-1 after the last epoch. Its one statement is here:
+the stages' splits (:func:`protocol`), the grid's runs (:func:`search_runs`), the choice
+(:func:`choose`) and the seeds' runs (:func:`seed_runs`); :func:`train_grid` and the bench
+(:mod:`querytune.bench`, which lays the runs out in its own folders) both follow it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from .data.splits import FINAL, SEARCH, SEARCH_TRAIN, SEARCH_VAL
 from .files import write_json
 from .methods import method_class
 from .run import train_runs
@@ -57,15 +61,41 @@ def select_best(scored: Sequence[tuple[dict[str, float], float]]) -> dict[str, f
     return scored[best][0]
 
 
-def seed_settings(seeds: Sequence[int]) -> list[dict[str, int | None]]:
-    """Each seed's settings in a stack: all read the first seed's order (which is its own)."""
-    return [{"seed": seed, "data_seed": None if seed == seeds[0] else seeds[0]} for seed in seeds]
+def protocol(search: bool) -> list[tuple[str, str]]:
+    """The (training split, evaluation split) of each stage on a VTAB-1k task: with ``search``, the grid
+    on train800 scored on val200; then the final runs on train800val200, tested on test."""
+    return [SEARCH, FINAL] if search else [FINAL]
+
+
+def search_runs(method: str, settings: dict[str, Any], folder: Path) -> dict[Path, dict[str, Any]]:
+    """The search's runs: one member ``folder/lr<lr>_wd<wd>`` per point of the method's grid, with
+    ``settings`` under the point (their batch size, or the method's, scales the grid's learning rates
+    where its paper does)."""
+    batch_size = TrainConfig.for_method(method_class(method), settings).batch_size
+    return {folder / member_name(point): {**settings, **point} for point in search_grid(method, batch_size)}
+
+
+def choose(runs: dict[Path, dict[str, Any]], accuracies: Sequence[float]) -> tuple[dict[str, float],
+                                                                                  list[dict[str, Any]]]:
+    """The search's choice from each of its ``runs``' accuracy on val200 (:func:`select_best`), and its
+    table: each point with that accuracy."""
+    scored = [({"lr": settings["lr"], "weight_decay": settings["weight_decay"]}, accuracy)
+              for settings, accuracy in zip(runs.values(), accuracies)]
+    return select_best(scored), [{**point, f"{SEARCH_VAL}_accuracy": accuracy} for point, accuracy in scored]
+
+
+def seed_runs(folders: Sequence[Path], settings: dict[str, Any], seeds: Sequence[int],
+              stacked: bool = True) -> dict[Path, dict[str, Any]]:
+    """The final runs, one per seed in its folder, with ``settings`` (the search's choice among them):
+    stacked, every seed reads the first seed's order (which is its own); alone, each its own."""
+    return {folder: {**settings, "seed": seed, "data_seed": seeds[0] if stacked and seed != seeds[0] else None}
+            for folder, seed in zip(folders, seeds)}
 
 
 def train_grid(spec: RunSpec, out: str | Path, train: dict[str, Any] | None = None, runtime: Runtime | None = None,
                *, search: bool, seeds: Sequence[int]) -> dict[str, Any]:
     """``querytune train --grid`` / ``--seeds N``: with ``search``, the method's grid as one stack on
-    train800 -> val200 (``OUT/search/lr<lr>_wd<wd>``) and the best point chosen (:func:`select_best`);
+    train800 -> val200 (``OUT/search/lr<lr>_wd<wd>``) and the best point chosen (:func:`choose`);
     then the chosen (or given) settings for every seed as one stack on the spec's splits
     (``OUT/seed<s>``). Writes and returns ``OUT/grid.json``: the search's table, the choice, each
     seed's accuracy, their mean and spread."""
@@ -74,14 +104,10 @@ def train_grid(spec: RunSpec, out: str | Path, train: dict[str, Any] | None = No
     chosen: dict[str, float] = {}
     searched: list[dict[str, Any]] = []
     if search:
-        points = search_grid(str(spec.method),
-                             TrainConfig.for_method(method_class(str(spec.method)), settings).batch_size)
-        runs = {out / "search" / member_name(point): {**settings, **point} for point in points}
-        metrics = train_runs(replace(spec, train_split="train800", eval_split="val200"), runs, runtime)
-        scored = [(point, m["val200_accuracy"]) for point, m in zip(points, metrics)]
-        chosen = select_best(scored)
-        searched = [{**point, "val200_accuracy": accuracy} for point, accuracy in scored]
-    runs = {out / f"seed{own['seed']}": {**settings, **chosen, **own} for own in seed_settings(seeds)}
+        runs = search_runs(str(spec.method), settings, out / "search")
+        metrics = train_runs(replace(spec, train_split=SEARCH_TRAIN, eval_split=SEARCH_VAL), runs, runtime)
+        chosen, searched = choose(runs, [m[f"{SEARCH_VAL}_accuracy"] for m in metrics])
+    runs = seed_runs([out / f"seed{seed}" for seed in seeds], {**settings, **chosen}, seeds)
     metrics = train_runs(spec, runs, runtime)
     accuracies = [m.get(f"{spec.eval_split}_accuracy") for m in metrics]
     known = [a for a in accuracies if a is not None]

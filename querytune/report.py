@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import write_atomic
-from .suite import Task
+from .suite import SuiteTask
 
 GROUP_ORDER = ("natural", "specialized", "structured")
 
@@ -16,7 +16,7 @@ def _mean_spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def markdown_report(results: list[dict[str, Any]], tasks: list[Task], methods: list[str], description: str) -> str:
+def markdown_report(results: list[dict[str, Any]], tasks: list[SuiteTask], methods: list[str], description: str) -> str:
     """Per-task accuracy (mean ± spread over seeds), group means, their mean and the mean over tasks, best
     per column in bold; then each method's cost, and the per-task settings a recipe gave (rows' ``recipe``)."""
     accuracy: dict[tuple[str, str], list[float]] = {}

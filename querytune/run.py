@@ -24,6 +24,7 @@ from . import distributed
 from .backbones import load_backbone
 from .backbones.vit import VisionTransformer
 from .data import ImageList, Preprocess, check_normalisation, default_train_split, open_split
+from .data.splits import SEARCH_TRAIN, SEARCH_VAL, TEST, WHOLE_SPLIT
 from .errors import CheckpointError, ConfigError, QuerytuneError
 from .methods import build_method, method_class, options_dict
 from .methods.base import Method
@@ -114,13 +115,12 @@ class RunSetup:
         return method, config
 
     def source(self, reads: TrunkInput, images: ImageList, bf16: bool, augment: bool = False) -> BatchSource:
-        """The batches of ``images``, read from the feature cache where the runtime caches their split:
-        by default the splits read more than once (the training split, the validation split of
-        ``eval_every``); the evaluation split, read once, runs the trunk live."""
-        splits = self.runtime.cache_splits
-        if splits is None:
-            splits = [self.train_images.split] + ([self.val_images.split] if self.val_images is not None else [])
-        cache_dir = self.runtime.cache_dir if images.split in splits else None
+        """The batches of ``images``, read from the feature cache where the runtime caches their split
+        (:func:`cached_splits`: by default the splits read more than once, the training split and the
+        validation split of ``eval_every``; the evaluation split, read once, runs the trunk live)."""
+        read_again = [self.train_images.split] + ([self.val_images.split] if self.val_images is not None else [])
+        cached = images.split in cached_splits(self.runtime.cache_splits, read_again)
+        cache_dir = self.runtime.cache_dir if cached else None
         return make_source(reads, self.backbone, images, self.preprocess, self.device, cache_dir, self.workers,
                            self.runtime.progress, bf16, self.runtime.cache_placement, augment)
 
@@ -231,7 +231,8 @@ def train_runs(spec: RunSpec, runs: dict[Path, dict[str, Any]], runtime: Runtime
     ``spec.mean``/``spec.std`` set the input normalisation (required where the backbone's is unknown);
     config.json records the one used, and evaluation and serving use it. ``runtime.cache_splits`` names
     the splits whose features are cached under ``runtime.cache`` (default: those read more than once,
-    the training split and the validation split); the others run the frozen trunk live.
+    the training split and the validation split; :func:`cached_splits`); the others run the frozen
+    trunk live.
     ``runtime.compile`` runs a lone run's training forward through ``torch.compile``; it is how the
     run computes, not what it computes, so a run may resume under another runtime.
 
@@ -351,6 +352,21 @@ def finish_runs(setup: RunSetup, stack: list[StackRun], results: list[FitResult]
     return metrics
 
 
+def cached_splits(given: Sequence[str] | None, read_again: Sequence[str]) -> list[str]:
+    """The splits whose features are read from the feature cache: those ``given`` (``--cache-splits``),
+    by default those read more than once (``read_again``), each with its parts (VTAB-1k's
+    train800val200 with train800 and val200: :data:`~querytune.data.splits.WHOLE_SPLIT`), which are
+    read from its entry."""
+    splits = list(read_again if given is None else given)
+    return splits + [part for part, whole in WHOLE_SPLIT.items() if whole in splits and part not in splits]
+
+
+def entry_splits(cached: Sequence[str]) -> list[str]:
+    """The splits of ``cached`` that have feature-cache entries of their own: all but the parts of a
+    cached split (read from its entry)."""
+    return [split for split in cached if WHOLE_SPLIT.get(split) not in cached]
+
+
 def validation_split(data: str | Path, train_images: ImageList, val_split: str | None,
                      eval_every: int | None) -> tuple[ImageList | None, int | None]:
     """The held-out split to log the accuracy on during training, and how often (epochs); (None, None)
@@ -360,10 +376,10 @@ def validation_split(data: str | Path, train_images: ImageList, val_split: str |
     if eval_every is not None and eval_every < 1:
         raise ConfigError(f"--eval-every must be at least 1 (got {eval_every})")
     if val_split is None:
-        if train_images.split != "train800":
+        if train_images.split != SEARCH_TRAIN:
             raise ConfigError(f"--eval-every: give --val-split, a split held out from {train_images.split!r} "
-                              "(val200 is the default only when training on train800)")
-        val_split = "val200"
+                              f"({SEARCH_VAL} is the default only when training on {SEARCH_TRAIN})")
+        val_split = SEARCH_VAL
     val_images = open_split(data, val_split)
     shared = {path for path, _ in train_images.items} & {path for path, _ in val_images.items}
     if shared:
@@ -387,19 +403,19 @@ def load_run(run: str | Path, backbone: VisionTransformer | str | Path | None = 
     return method.eval(), config
 
 
-def eval_run(run: str | Path, data: str | Path, split: str = "test", runtime: Runtime | None = None,
+def eval_run(run: str | Path, data: str | Path, split: str = TEST, runtime: Runtime | None = None,
              backbone: str | Path | None = None) -> float:
     """Accuracy of a finished run's adapter on a split (:func:`eval_runs` of one)."""
     return eval_runs([run], data, split, runtime, backbone)[0]
 
 
-def eval_runs(runs: Sequence[str | Path], data: str | Path, split: str = "test", runtime: Runtime | None = None,
+def eval_runs(runs: Sequence[str | Path], data: str | Path, split: str = TEST, runtime: Runtime | None = None,
               backbone: str | Path | None = None) -> list[float]:
     """Accuracy of each finished run on a split of ``data``. The frozen-trunk runs that share a backbone,
     input size, normalisation and precision are evaluated together: the split passes the trunk once
     for all of them; a backbone-adapting run has its own pass. With ``runtime.cache`` the split's
     features are read from (or written to) the feature cache, unless ``runtime.cache_splits`` leaves
-    the split out."""
+    the split out (:func:`cached_splits`)."""
     runtime = runtime or Runtime()
     device = distributed.init_from_env(runtime.torch_device)
     images = open_split(data, split)
@@ -419,7 +435,7 @@ def eval_runs(runs: Sequence[str | Path], data: str | Path, split: str = "test",
         reads = TrunkInput.LAYERS if any(m.reads.with_layers for m in methods) else method.reads
         bf16, fp16 = (config["train"]["precision"] == kind for kind in ("bf16", "fp16"))
         preprocess = Preprocess.for_backbone(method.backbone, config["image_size"])
-        cached = runtime.cache_splits is None or split in runtime.cache_splits
+        cached = split in cached_splits(runtime.cache_splits, [split])
         source = make_source(reads, method.backbone, images, preprocess, device, runtime.cache_dir if cached else None,
                              runtime.num_workers, runtime.progress, bf16, runtime.cache_placement)
         for index, accuracy in zip(indices, evaluate(methods, source, device, bf16=bf16, fp16=fp16)):

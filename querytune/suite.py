@@ -7,17 +7,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data import list_splits
+from .data.splits import FINAL
 from .errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
-class Task:
+class SuiteTask:
+    """A task of a bench's suite: its name, folder and VTAB group."""
+
     name: str
     path: Path
     group: str
 
 
-def discover_tasks(suite: Path, groups: dict[str, str] | None = None) -> list[Task]:
+def discover_tasks(suite: Path, groups: dict[str, str] | None = None) -> list[SuiteTask]:
     """Task folders of a suite with their groups; a task folder itself is a suite of that one task.
 
     Groups come from ``groups`` (explicit), else a ``groups.txt`` in the suite folder
@@ -34,13 +37,13 @@ def discover_tasks(suite: Path, groups: dict[str, str] | None = None) -> list[Ta
                    and has_bench_splits(p)]
         known = dict(groups or {}) or read_groups_file(suite / "groups.txt")
     if not folders:
-        raise DataError(f"{suite}: no task folders with train800val200 and test splits")
+        raise DataError(f"{suite}: no task folders with {' and '.join(FINAL)} splits")
     tasks = []
     for folder in folders:
         name = Path(os.path.abspath(folder)).name  # as data.py names a task: a symlink keeps its own name
         group_file = folder / "group.txt"
         group = known.get(name) or (group_file.read_text().strip() if group_file.is_file() else "other")
-        tasks.append(Task(name, folder, group.lower()))
+        tasks.append(SuiteTask(name, folder, group.lower()))
     if folders == [suite]:  # a suite of one may take the whole suite's groups, but must find its own there
         if known and tasks[0].name not in known:
             raise ConfigError(f"groups name no group for the task {tasks[0].name}")
@@ -52,12 +55,13 @@ def discover_tasks(suite: Path, groups: dict[str, str] | None = None) -> list[Ta
 
 
 def has_bench_splits(folder: Path) -> bool:
-    """Whether ``folder`` is a task folder the bench can use: train800val200 to train on, test to report."""
+    """Whether ``folder`` is a task folder the bench can use: the final runs' splits (train800val200 to
+    train on, test to report)."""
     try:
         splits = list_splits(folder)
     except DataError:
         return False
-    return "train800val200" in splits and "test" in splits
+    return all(split in splits for split in FINAL)
 
 
 def read_groups_file(path: Path) -> dict[str, str]:

@@ -160,9 +160,10 @@ def test_bad_settings_fail_before_any_work(suite, tiny_backbone_dir, tmp_path):
 def test_report_means_are_group_means():
     from pathlib import Path
 
-    from querytune.bench import Task
+    from querytune.bench import SuiteTask
 
-    tasks = [Task("a", Path("a"), "natural"), Task("b", Path("b"), "natural"), Task("c", Path("c"), "structured")]
+    tasks = [SuiteTask("a", Path("a"), "natural"), SuiteTask("b", Path("b"), "natural"),
+             SuiteTask("c", Path("c"), "structured")]
     results = [{"task": t, "method": "m", "seed": 0, "accuracy": acc}
                for t, acc in (("a", 0.5), ("b", 0.7), ("c", 0.1))]
     report = markdown_report(results, tasks, ["m"], "")
@@ -176,9 +177,9 @@ def test_report_gives_the_trainable_parameters_over_the_tasks():
     gives the range, not one task's count."""
     from pathlib import Path
 
-    from querytune.bench import Task
+    from querytune.bench import SuiteTask
 
-    tasks = [Task("a", Path("a"), "natural"), Task("b", Path("b"), "natural")]
+    tasks = [SuiteTask("a", Path("a"), "natural"), SuiteTask("b", Path("b"), "natural")]
     results = [{"task": t, "method": m, "seed": 0, "accuracy": 0.5, "trainable_params": n, "saved_bytes": 2**20}
                for t, m, n in (("a", "vqt", 39558), ("b", "vqt", 1017610), ("a", "linear", 3850),
                                ("b", "linear", 3850))]
@@ -190,14 +191,14 @@ def test_report_gives_the_trainable_parameters_over_the_tasks():
 def test_bench_recipe_checks_every_task_first_and_the_report_names_the_settings(suite, tiny_backbone_dir, tmp_path):
     from pathlib import Path
 
-    from querytune.bench import Task
+    from querytune.bench import SuiteTask
 
     with pytest.raises(ConfigError, match="task 'alpha' is not in recipe 'vtab1k' for vqt"):
         _bench(suite, tiny_backbone_dir, tmp_path / "out", recipe="vtab1k")
     assert not (tmp_path / "out").exists()
     recipe = {"name": "vtab1k", "settings": {"num_queries": 10}}
     results = [{"task": "dtd", "method": "vqt", "seed": 0, "accuracy": 0.5, "recipe": recipe}]
-    report = markdown_report(results, [Task("dtd", Path("dtd"), "natural")], ["vqt"], "")
+    report = markdown_report(results, [SuiteTask("dtd", Path("dtd"), "natural")], ["vqt"], "")
     assert "- dtd / vqt: num_queries 10 (recipe vtab1k)" in report.splitlines()
 
 
@@ -307,3 +308,13 @@ def test_bench_runs_head2toe_dtl_and_ssf(suite, tiny_backbone_dir, tmp_path):
     results = _bench(suite / "alpha", tiny_backbone_dir, tmp_path / "out", methods=methods).run()
     assert sorted(r["method"] for r in results) == sorted(methods)
     assert all(not r.get("error") and 0 <= r["accuracy"] <= 1 for r in results)
+
+
+def test_a_cached_whole_split_holds_its_parts_and_only_the_whole_has_an_entry():
+    from querytune.run import cached_splits, entry_splits
+
+    assert cached_splits(None, ["train800val200"]) == ["train800val200", "train800", "val200"]
+    assert cached_splits(["test"], ["train800val200"]) == ["test"]  # given, they replace the default
+    assert cached_splits(["train800", "test"], []) == ["train800", "test"]  # a part alone has no whole
+    assert entry_splits(cached_splits(["val200", "train800val200"], [])) == ["train800val200"]
+    assert entry_splits(["train800", "test"]) == ["train800", "test"]

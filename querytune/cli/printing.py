@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
+from ..data.splits import SEARCH_TRAIN, SEARCH_VAL
 from ..options import flag
 from .app import console
 
@@ -27,10 +28,11 @@ def print_metrics(metrics: dict[str, Any]) -> None:
 def print_grid_summary(summary: dict[str, Any], out: Path) -> None:
     """``train --grid`` / ``--seeds``: the search's table (the chosen point marked), each seed, their mean."""
     if summary["search"]:
-        table = Table("lr", "weight decay", "val200 accuracy", "", title="search (train800 -> val200)")
+        table = Table("lr", "weight decay", f"{SEARCH_VAL} accuracy", "",
+                      title=f"search ({SEARCH_TRAIN} -> {SEARCH_VAL})")
         for row in summary["search"]:
             chosen = row["lr"] == summary["chosen"]["lr"] and row["weight_decay"] == summary["chosen"]["weight_decay"]
-            table.add_row(f"{row['lr']:g}", f"{row['weight_decay']:g}", f"{row['val200_accuracy']:.4f}",
+            table.add_row(f"{row['lr']:g}", f"{row['weight_decay']:g}", f"{row[f'{SEARCH_VAL}_accuracy']:.4f}",
                           "chosen" if chosen else "")
         console.print(table)
     table = Table("seed", f"{summary['eval_split']} accuracy", "run", title="seeds")

@@ -25,7 +25,8 @@ Problems with the folder, a list or an image raise :class:`DataError` naming the
 
 Modules: :mod:`.folder` (the layout and splits of a task folder, :func:`open_split`), one per
 layout (:mod:`.hf_datasets`, :mod:`.fgvc_json`, :mod:`.lists` for VTAB-1k and CSV lists,
-:mod:`.class_folders`), and :mod:`.core` (:class:`ImageList`, images, :class:`Preprocess`).
+:mod:`.class_folders`), :mod:`.core` (:class:`ImageList`, images, :class:`Preprocess`), and
+:mod:`.splits` (VTAB-1k's split names: what the final runs and a search train and evaluate on).
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ from .core import ImageList
 from .fgvc_json import JSON_LISTS, open_json
 from .hf_datasets import HF_DATASETS, datasets_splits, open_datasets
 from .lists import CSV, VTAB, open_list
+from .splits import TRAIN
 
-DEFAULT_TRAIN_SPLITS = ("train800val200", "train")
+DEFAULT_TRAIN_SPLITS = (TRAIN, "train")
 # Files beside the split lists that are not lists themselves.
 _NOT_LISTS = frozenset({"classes", "readme", "license"})
 

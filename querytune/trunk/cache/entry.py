@@ -41,6 +41,7 @@ import torch
 
 from ...backbones.vit import VisionTransformer
 from ...data import ImageList, Preprocess, open_split
+from ...data.splits import WHOLE_SPLIT
 from ...errors import DataError
 from ...files import write_text
 from ...progress import progress_bar
@@ -281,16 +282,12 @@ class FeatureCache:
         return Features(out.pooled[:count], out.layers[:count])
 
 
-# VTAB-1k's train800 and val200 are the two parts of its train800val200: training reads the parts from
-# that split's entry (built where missing), so a search on train800 -> val200 and the final runs on
-# train800val200 cost one trunk pass and one entry's disk.
-WHOLE_SPLIT = {"train800": "train800val200", "val200": "train800val200"}
-
-
 def whole_split_entry(root: Path, backbone: VisionTransformer, images: ImageList, preprocess: Preprocess,
                       bf16: bool, complete_only: bool = True) -> tuple[ImageList, np.ndarray] | None:
     """Where ``images`` have no per-layer entry of their own but are all in the split they are part of
-    (:data:`WHOLE_SPLIT`), whose entry is complete (or, without ``complete_only``, may be built): that
+    (:data:`~querytune.data.splits.WHOLE_SPLIT`: VTAB-1k's train800 and val200 are the parts of its
+    train800val200, so a search on train800 -> val200 and the final runs on train800val200 cost one trunk
+    pass and one entry's disk), whose entry is complete (or, without ``complete_only``, may be built): that
     split, and the rows of ``images`` in it."""
     whole_name = WHOLE_SPLIT.get(images.split)
     if whole_name is None or read_meta(cache_dir_for(root, backbone, images, preprocess, True, bf16)) is not None:
