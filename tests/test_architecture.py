@@ -65,3 +65,13 @@ def test_no_import_cycles():
 def test_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_export_and_serving_ask_methods_through_the_contract_only():
+    """What a method allows export and serving is said by its hooks (``Method.to_peft``, ``shared_rows``):
+    they import no method module, only the contract and the registry."""
+    files = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    allowed = {"querytune.methods.base", "querytune.methods.registry"}
+    for client in ("querytune.export", "querytune.serve"):
+        methods = {name for name in imported_modules(files[client], set(files)) if name.startswith("querytune.methods")}
+        assert methods and methods <= allowed, f"{client} imports {sorted(methods - allowed)}"
