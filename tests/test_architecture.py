@@ -1,5 +1,6 @@
 """The house rules that a reader cannot see at a glance: no import cycles between querytune's
-modules, imports inside functions included (only ``if TYPE_CHECKING:`` imports are left out)."""
+modules, imports inside functions included (only ``if TYPE_CHECKING:`` imports are left out), and
+export and serving reach methods through their contract only."""
 
 from __future__ import annotations
 
