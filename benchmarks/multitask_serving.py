@@ -26,7 +26,7 @@ import torch
 
 from querytune import load_backbone
 from querytune.methods import build_method
-from querytune.serve import MultiTaskServer, ServedTask
+from querytune.serve import MultiTaskServer, ServedMethod
 
 DEFAULT_BACKBONE = Path(__file__).resolve().parents[2] / "shared" / "weights" / "dinov2-small-imgfocus"
 
@@ -55,7 +55,7 @@ def main() -> None:
     methods = args.methods.split(",")
     torch.manual_seed(0)
     backbone = load_backbone(args.backbone)
-    tasks = [ServedTask(f"{methods[i % len(methods)]}-{i}", build_method(methods[i % len(methods)], backbone, 10))
+    tasks = [ServedMethod(f"{methods[i % len(methods)]}-{i}", build_method(methods[i % len(methods)], backbone, 10))
              for i in range(max(counts))]
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     print(f"{backbone.config.name}, {args.image_size} px, batch {args.batch_size}, device {args.device}, "

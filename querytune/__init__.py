@@ -3,9 +3,9 @@
 from .backbones import load_backbone
 from .methods import METHODS, build_method
 from .run import eval_run, load_run, train_run
-from .serve import MultiTaskServer, Predictor
+from .serve import MultiTaskServer
 from .settings import BenchSpec, RunSpec, Runtime
 from .version import __version__
 
-__all__ = ["METHODS", "BenchSpec", "MultiTaskServer", "Predictor", "RunSpec", "Runtime", "__version__", "build_method",
+__all__ = ["METHODS", "BenchSpec", "MultiTaskServer", "RunSpec", "Runtime", "__version__", "build_method",
            "eval_run", "load_backbone", "load_run", "train_run"]

@@ -3,17 +3,13 @@
 Formats (``FORMATS``):
 
 - ``peft``: a LoRA run as ``adapter_config.json`` + ``adapter_model.safetensors`` for the PEFT
-  library, on the run's Hugging Face backbone as ``AutoModelForImageClassification``. Our LoRA
-  updates the q and v slices of each block's fused qkv projection with A (r x D), B (D x r) and
-  scale alpha / r; Hugging Face ViT/DeiT/DINOv2 keep q, k and v as separate linear layers, so
-  PEFT's ``LoraConfig(r, lora_alpha, target_modules=[q, v])`` on those two layers is the very same
-  update (PEFT's scale is lora_alpha / r too), with no fused-qkv workaround (such as a
-  block-structured rank-2r update of a timm qkv). The head is PEFT's ``modules_to_save``
-  classifier: Hugging Face's ViT/DeiT classifier reads the normalised class token, as ours does;
-  DINOv2's reads [class token, mean patch token], so our head weight is padded with zeros for the
-  second half. The export checks that the PEFT model reproduces the run's logits before writing.
-  A run on a timm or querytune checkpoint (no transformers model to attach to) is refused, as is
-  every method other than LoRA: PEFT has no equivalent of them.
+  library, on the run's Hugging Face backbone as ``AutoModelForImageClassification``. The method
+  maps its adapter onto PEFT's (:meth:`Method.to_peft`, where ``peft_exportable``: LoRA only); the
+  head is PEFT's ``modules_to_save`` classifier: Hugging Face's ViT/DeiT classifier reads the
+  normalised class token, as ours does; DINOv2's reads [class token, mean patch token], so our head
+  weight is padded with zeros for the second half. The export checks that the PEFT model reproduces
+  the run's logits before writing. A run on a timm or querytune checkpoint (no transformers model to
+  attach to) is refused, as is every method without a PEFT equivalent.
 - ``merged``: ``model.safetensors``, one timm-named state dict (LoRA's update, SSF's scales and
   shifts or BitFit's biases merged into the backbone, or the fully fine-tuned weights) plus
   ``head.weight``/``head.bias``, position embeddings resampled to the run's input size, its ViT
@@ -35,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -53,9 +48,8 @@ from .backbones.loading import CONFIG_METADATA_KEY
 from .backbones.vit import VisionTransformer, ViTConfig
 from .errors import CheckpointError, ConfigError, one_line
 from .files import remove_stale_temporaries, temporary_path
-from .methods import method_class
 from .methods.base import Method
-from .methods.lora import LoRAQKV
+from .methods.registry import method_class
 from .run import load_run
 from .runfolder import read_metrics, read_run_config
 from .serve import MultiTaskServer
@@ -224,7 +218,7 @@ def _plain_vit(config: ViTConfig, state: dict[str, Tensor]) -> VisionTransformer
 
 
 def _write_peft(runs: list[Path], folder: Path) -> None:
-    peft = _optional("peft", "peft")
+    _optional("peft", "peft")
     transformers = _optional("transformers", "peft")
     method, config = load_run(runs[0])
     source = config["backbone"]["source"]
@@ -237,15 +231,11 @@ def _write_peft(runs: list[Path], folder: Path) -> None:
     hf_config.num_labels = config["num_classes"]
     hf_config.id2label = dict(enumerate(classes))
     hf_config.label2id = {name: label for label, name in enumerate(classes)}
-    options = config["options"]
     with _quiet(transformers):
         model = transformers.AutoModelForImageClassification.from_pretrained(source, config=hf_config,
                                                                              dtype=torch.float32)
-        lora = peft.LoraConfig(r=options["lora_rank"], lora_alpha=options["lora_alpha"],
-                               lora_dropout=options["lora_dropout"], target_modules=_hf_qv_names(model),
-                               modules_to_save=["classifier"], bias="none")
-        peft_model = peft.get_peft_model(model, lora).eval()
-        set_peft_weights(peft_model, method)
+        peft_model = method.to_peft(model, modules_to_save=["classifier"]).eval()
+        _set_peft_head(peft_model, method)
         _check_same_logits(method, peft_model, config["image_size"], runs[0])
         peft_model.save_pretrained(str(folder))
 
@@ -268,31 +258,12 @@ def _quiet(transformers: Any) -> Iterator[None]:
             logging.enable_progress_bar()
 
 
-_HF_QV = re.compile(r".*layers?\.(\d+)\.attention\.(?:attention\.)?(q_proj|v_proj|query|value)")
-
-
-def _hf_qv_names(model: nn.Module) -> list[str]:
-    """The names of a transformers ViT's query and value projections: ``query`` and ``value`` in
-    transformers 4, ``q_proj`` and ``v_proj`` in transformers 5."""
-    return sorted({match[2] for name, _ in model.named_modules() if (match := _HF_QV.fullmatch(name))})
-
-
-def set_peft_weights(peft_model: Any, method: Method) -> None:
-    """Copy the run's LoRA factors and head into a PEFT LoRA model of its Hugging Face backbone."""
-    blocks = method.backbone.blocks
+def _set_peft_head(peft_model: Any, method: Method) -> None:
+    """Copy the run's head into the PEFT model's classifier (one of its ``modules_to_save``)."""
+    classifier = peft_model.base_model.model.classifier.modules_to_save["default"]
+    head = method.head
+    assert isinstance(head, nn.Linear)
     with torch.no_grad():
-        for name, module in peft_model.named_modules():
-            match = _HF_QV.fullmatch(name)
-            if match is None:
-                continue
-            qkv = blocks[int(match[1])].attn.qkv
-            assert isinstance(qkv, LoRAQKV)
-            part = 0 if match[2] in ("q_proj", "query") else 1
-            module.lora_A["default"].weight.copy_(qkv.lora_a[part])
-            module.lora_B["default"].weight.copy_(qkv.lora_b[part])
-        classifier = peft_model.base_model.model.classifier.modules_to_save["default"]
-        head = method.head
-        assert isinstance(head, nn.Linear)
         classifier.weight.zero_()  # DINOv2's classifier also reads the mean patch token: its weights stay 0
         classifier.weight[:, : head.in_features].copy_(head.weight)
         classifier.bias.copy_(head.bias)
@@ -331,17 +302,17 @@ class ServedGraph(nn.Module):
     def __init__(self, server: MultiTaskServer) -> None:
         super().__init__()
         self.backbone = server.backbone
+        self.names = [task.name for task in server.tasks]
         self.methods = nn.ModuleList(task.method for task in server.tasks)
-        self.stack = server.stack
-        self.stack_rows = [server.stack_rows.get(task.name) for task in server.tasks]
+        self.rows = server.rows
         self.with_layers = server.with_layers
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         trunk = extract_features(self.backbone, images, self.with_layers)
         features = Features(trunk.pooled.float(), trunk.layers.float() if trunk.layers is not None else None)
-        stacked = self.stack(features.layers, self.backbone) if self.stack is not None else []
-        return tuple(stacked[row] if row is not None else method(features)
-                     for row, method in zip(self.stack_rows, self.methods))
+        from_rows = self.rows(features.layers, self.backbone)
+        return tuple(from_rows[name] if name in from_rows else method(features)
+                     for name, method in zip(self.names, self.methods))
 
 
 def onnx_graph(runs: Sequence[Path]) -> tuple[nn.Module, list[str], int]:

@@ -2,9 +2,9 @@
 
 A frozen-backbone method (``reads.frozen``) reads only what the unmodified trunk
 computes, so K such tasks need the trunk once per image batch, not K times. The trunk
-keeps its per-block tokens only when some task reads them. Masked-memory tasks are
-also merged into one concatenated :class:`~querytune.methods.memory.TaskStack`, whose
-class tokens pass each block as rows of a single call. A method that adapts the
+keeps its per-block tokens only when some task reads them. Tasks whose method passes rows
+through the blocks (:meth:`Method.shared_rows`: masked memory's class tokens) are also
+merged, per method, into one set whose rows pass each block in a single call. A method that adapts the
 backbone (full, LoRA, VPT, AdaptFormer, BitFit, plain memory, the ``vqt+`` composites)
 runs its own copy of the backbone on the images: one more trunk pass per such task.
 
@@ -30,9 +30,8 @@ from .backbones import load_backbone
 from .backbones.vit import VisionTransformer
 from .data import IMAGE_SUFFIXES, Preprocess, load_image
 from .errors import ConfigError, DataError
-from .methods import method_class
-from .methods.base import Method
-from .methods.memory import merge_stacks
+from .methods.base import Method, SharedRows
+from .methods.registry import method_class
 from .run import load_run
 from .runfolder import read_run_config
 from .trunk.cache import backbone_fingerprint
@@ -41,8 +40,8 @@ from .trunk.features import extract_features
 
 
 @dataclass
-class ServedTask:
-    """A task to answer: its name in the outputs, its method, and its class names where known."""
+class ServedMethod:
+    """A method served as a task: the task's name in the outputs, the method, and its class names where known."""
 
     name: str
     method: Method
@@ -54,11 +53,37 @@ class ServedTask:
         return self.method.reads.frozen
 
 
+class MergedRows(torch.nn.Module):
+    """The served tasks' :meth:`Method.shared_rows`, merged per kind (a kind per method that has them): each
+    kind's merged set passes the blocks once per batch and answers each of its tasks from that task's own row."""
+
+    def __init__(self, tasks: Sequence[ServedMethod]) -> None:
+        super().__init__()
+        by_kind: dict[type[SharedRows], dict[str, SharedRows]] = {}
+        for task in tasks:
+            if (rows := task.method.shared_rows()) is not None:
+                by_kind.setdefault(type(rows), {})[task.name] = rows
+        self.sets = torch.nn.ModuleList()
+        self.own_row: list[dict[str, int]] = []  # per set: task -> the set's row of the task's own logits
+        for kind, parts in by_kind.items():
+            merged, placement = kind.merge(list(parts.values()))
+            self.sets.append(merged)
+            self.own_row.append({name: where[-1] for name, where in zip(parts, placement)})
+
+    def forward(self, layers: Tensor, backbone: VisionTransformer) -> dict[str, Tensor]:
+        """The logits of every task that has shared rows, from the normalised block inputs ``layers``."""
+        logits: dict[str, Tensor] = {}
+        for rows, own_row in zip(self.sets, self.own_row):
+            outputs = rows(layers, backbone)
+            logits.update((name, outputs[row]) for name, row in own_row.items())
+        return logits
+
+
 class MultiTaskServer:
     """Answers every frozen-backbone task from one trunk pass per image batch, and every task that adapts
     the backbone from a pass of its own backbone (which must not be the shared one)."""
 
-    def __init__(self, backbone: VisionTransformer, tasks: Sequence[ServedTask], image_size: int = 224,
+    def __init__(self, backbone: VisionTransformer, tasks: Sequence[ServedMethod], image_size: int = 224,
                  bf16: bool = False, device: torch.device | str | None = None) -> None:
         names = [task.name for task in tasks]
         if not tasks:
@@ -74,17 +99,12 @@ class MultiTaskServer:
                 raise ConfigError(f"task {task.name!r}: was built on another backbone than the one served")
         self.device = resolve_device(device)
         self.backbone = backbone.to(self.device).eval()
-        self.tasks = [ServedTask(t.name, t.method.to(self.device).eval(), t.classes) for t in tasks]
+        self.tasks = [ServedMethod(t.name, t.method.to(self.device).eval(), t.classes) for t in tasks]
         self.preprocess = Preprocess.for_backbone(backbone, image_size)
         self.bf16 = bf16
         self.shared = [task for task in self.tasks if task.shares_trunk]
         self.with_layers = any(task.method.reads.with_layers for task in self.shared)
-        stacks = {task.name: stack for task in self.shared if (stack := task.method.task_stack()) is not None}
-        self.stack = None
-        self.stack_rows: dict[str, int] = {}  # stacked task -> the merged stack's row of its own class token
-        if stacks:
-            self.stack, placement = merge_stacks(list(stacks.values()))
-            self.stack_rows = {name: where[-1] for name, where in zip(stacks, placement)}
+        self.rows = MergedRows(self.shared)
 
     @classmethod
     def from_runs(cls, backbone_source: str | Path | VisionTransformer | None, runs: Sequence[str | Path],
@@ -121,7 +141,7 @@ class MultiTaskServer:
             # an adapting method changes the backbone it is built on (LoRA wraps its layers, full and BitFit
             # load weights into it): each gets its own copy, the shared trunk stays as loaded
             method, _ = load_run(run, backbone if shares_trunk else copy.deepcopy(backbone))
-            tasks.append(ServedTask(name, method, config.get("classes")))
+            tasks.append(ServedMethod(name, method, config.get("classes")))
         if bf16 is None:
             bf16 = all(config["train"]["precision"] == "bf16" for config in configs)
         return cls(backbone, tasks, configs[0]["image_size"], bf16, device)
@@ -136,13 +156,13 @@ class MultiTaskServer:
                                  self.device, self.bf16)
         logits = {}
         with autocast(self.device, self.bf16):
-            stacked = self.stack(features.layers, self.backbone) if self.stack is not None else []
+            from_rows = self.rows(features.layers, self.backbone) if self.rows.sets else {}
             for task in self.tasks:
                 if not task.shares_trunk:
                     logits[task.name] = task.method(images).float().cpu()
                     continue
-                row = self.stack_rows.get(task.name)
-                logits[task.name] = (stacked[row] if row is not None else task.method(features)).float().cpu()
+                answer = from_rows[task.name] if task.name in from_rows else task.method(features)
+                logits[task.name] = answer.float().cpu()
         return logits
 
     def answer(self, images: Tensor, topk: int = 1, with_logits: bool = False) -> list[dict[str, Any]]:
@@ -194,10 +214,6 @@ class MultiTaskServer:
             for i, record in enumerate(self.answer(images, topk, with_logits)):
                 yield {"path": str(paths[done + i]), **record}
             done += len(images)
-
-
-# The name notebooks and the README use: ``querytune.Predictor.from_runs(backbone, runs)(images)``.
-Predictor = MultiTaskServer
 
 
 class _ImageFiles(torch.utils.data.Dataset):

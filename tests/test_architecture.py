@@ -1,6 +1,7 @@
 """The house rules that a reader cannot see at a glance: imports go down the layers that
-docs/architecture.md draws, and no import cycles between querytune's modules, imports inside
-functions included (only ``if TYPE_CHECKING:`` imports are left out)."""
+docs/architecture.md draws, no import cycles between querytune's modules, imports inside functions
+included (only ``if TYPE_CHECKING:`` imports are left out), and export and serving reach methods
+through their contract only."""
 
 from __future__ import annotations
 
@@ -110,3 +111,13 @@ def test_cycle_finder_finds_a_cycle():
 def test_upward_import_is_found():
     graph = {"querytune.cli.app": {"querytune.run"}, "querytune.trunk.cache.entry": {"querytune.service.app"}}
     assert upward_imports(graph) == ["querytune.trunk.cache.entry -> querytune.service.app"]
+
+
+def test_export_and_serving_ask_methods_through_the_contract_only():
+    """What a method allows export and serving is said by its hooks (``Method.to_peft``, ``shared_rows``):
+    they import no method module, only the contract and the registry."""
+    files = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    allowed = {"querytune.methods.base", "querytune.methods.registry"}
+    for client in ("querytune.export", "querytune.serve"):
+        methods = {name for name in imported_modules(files[client], set(files)) if name.startswith("querytune.methods")}
+        assert methods and methods <= allowed, f"{client} imports {sorted(methods - allowed)}"

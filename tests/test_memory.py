@@ -13,7 +13,7 @@ from conftest import assert_matches_reference, tiny_vit
 from querytune import load_run, train_run
 from querytune.errors import CheckpointError, ConfigError
 from querytune.methods import build_method
-from querytune.methods.memory import TaskStack, merge_stacks
+from querytune.methods.memory import MemoryTaskSet
 from querytune.settings import RunSpec, Runtime
 from querytune.trunk.features import extract_features
 from reference import naive_masked_memory, naive_plain_memory_logits
@@ -54,7 +54,7 @@ def test_masked_mode_matches_naive_masked_sequence(layer_scale, registers, optio
 def test_plain_mode_matches_naive_appended_memory(options):
     backbone = tiny_vit(layer_scale=True, num_reg_tokens=1)
     method = _memory(backbone, method_name="memory-plain", **options).train()
-    assert not method.frozen_trunk
+    assert not method.reads.frozen
     images = torch.randn(3, 3, 32, 32)
     fast = method(images)
     assert_matches_reference(method, fast, lambda: naive_plain_memory_logits(method, images))
@@ -107,7 +107,7 @@ def test_concatenated_tasks_equal_their_own_models():
     second = _memory(backbone, seed=2, num_classes=4, memory_tokens=1)
     third = _memory(backbone, seed=3, num_classes=2, memory_tokens=0)
     features = _features(backbone, torch.randn(3, 3, 32, 32))
-    merged, placement = merge_stacks([first.stack, second.stack, third.stack])
+    merged, placement = MemoryTaskSet.merge([first.stack, second.stack, third.stack])
     assert placement == [[0], [1], [2]] and merged.reads == [(), (), ()]
     joint = merged(features.layers, backbone)
     for logits, own in zip(joint, (first, second, third)):
@@ -120,7 +120,7 @@ def test_extension_differs_from_concatenation_only_where_the_mask_allows():
     second = _memory(backbone, seed=2, memory_tokens=2).stack.tasks[0]
     images = torch.randn(3, 3, 32, 32)
     features = _features(backbone, images)
-    extension, concatenation = TaskStack([first, second], [(), (0,)]), TaskStack([first, second], [(), ()])
+    extension, concatenation = MemoryTaskSet([first, second], [(), (0,)]), MemoryTaskSet([first, second], [(), ()])
 
     @torch.no_grad()
     def run(stack):
@@ -153,7 +153,7 @@ def test_extension_matches_naive_reference_in_logits_and_gradients():
     backbone = tiny_vit(layer_scale=True, num_reg_tokens=1)
     base = _memory(backbone, seed=1, memory_tokens=2).stack.tasks[0].requires_grad_(False)
     new = _memory(backbone, seed=2, memory_tokens=3).stack.tasks[0]
-    stack = TaskStack([base, new], [(), (0,)])
+    stack = MemoryTaskSet([base, new], [(), (0,)])
     images = torch.randn(3, 3, 32, 32)
     fast = stack(_features(backbone, images).layers, backbone)[1]
     grads = assert_matches_reference(stack, fast, lambda: naive_masked_memory(stack, backbone, images)[1][1])
@@ -194,7 +194,8 @@ def test_extension_run_trains_only_the_new_task_and_reloads(tiny_backbone_dir, t
     from querytune.serve import MultiTaskServer
 
     server = MultiTaskServer.from_runs(None, [tmp_path / "base", tmp_path / "ext"], device="cpu")
-    assert len(server.stack.tasks) == 2 and server.stack.reads == [(), (0,)]  # the shared base task runs once
+    merged = server.rows.sets[0]
+    assert len(merged.tasks) == 2 and merged.reads == [(), (0,)]  # the shared base task runs once
     images = torch.randn(2, 3, 32, 32)
     served = server.predict(images)
     features = extract_features(base.backbone, images).to("cpu")

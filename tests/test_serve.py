@@ -15,9 +15,9 @@ from querytune import load_run, train_run
 from querytune.data import Preprocess, load_image, open_split
 from querytune.errors import CheckpointError, ConfigError
 from querytune.methods import build_method
-from querytune.methods.memory import TaskStack
+from querytune.methods.memory import MemoryTaskSet
 from querytune.run import eval_run
-from querytune.serve import MultiTaskServer, ServedTask, collect_images
+from querytune.serve import MultiTaskServer, ServedMethod, collect_images
 from querytune.settings import RunSpec, Runtime
 from querytune.train import predict
 from querytune.trunk.features import extract_features
@@ -32,11 +32,12 @@ def test_server_answers_every_task_from_one_trunk_pass():
     first = _memory(backbone, seed=1, memory_tokens=2)
     second = _memory(backbone, seed=2, num_classes=2, memory_tokens=0)
     extension = _memory(backbone, seed=3, memory_tokens=1)
-    extension.stack = TaskStack([first.stack.tasks[0], extension.stack.tasks[0]], [(), (0,)])
+    extension.stack = MemoryTaskSet([first.stack.tasks[0], extension.stack.tasks[0]], [(), (0,)])
     methods = {"linear": linear, "vqt": vqt, "first": first, "second": second, "extension": extension}
-    server = MultiTaskServer(backbone, [ServedTask(n, m) for n, m in methods.items()], image_size=32, device="cpu")
+    server = MultiTaskServer(backbone, [ServedMethod(n, m) for n, m in methods.items()], image_size=32, device="cpu")
     # first's task is also the extension's base: it runs once
-    assert len(server.stack.tasks) == 3 and server.stack.reads == [(), (), (0,)]
+    merged = server.rows.sets[0]
+    assert len(merged.tasks) == 3 and merged.reads == [(), (), (0,)]
 
     trunk_passes = []
     hook = backbone.patch_embed.register_forward_hook(lambda *_: trunk_passes.append(1))
@@ -54,10 +55,10 @@ def test_server_refuses_adapting_methods_on_the_shared_trunk_and_foreign_backbon
     backbone = tiny_vit()
     plain = build_method("memory-plain", backbone, 3, {})
     with pytest.raises(ConfigError, match="task 'p': method 'memory-plain' adapts the backbone it was built on"):
-        MultiTaskServer(backbone, [ServedTask("p", plain)])
+        MultiTaskServer(backbone, [ServedMethod("p", plain)])
     other = build_method("linear", tiny_vit(seed=5), 3, {})
     with pytest.raises(ConfigError, match="task 'o': was built on another backbone"):
-        MultiTaskServer(backbone, [ServedTask("o", other)])
+        MultiTaskServer(backbone, [ServedMethod("o", other)])
 
 
 def test_runs_served_together_must_share_backbone_and_image_size(tiny_backbone_dir, tiny_task, tmp_path):
@@ -157,13 +158,13 @@ def test_predict_cli_serves_runs_together_as_eval_predicts_them(tiny_backbone_di
 
 
 def test_runs_of_every_method_are_served_as_their_own_eval_predicts_them(tiny_backbone_dir, tiny_task, tmp_path):
-    from querytune import METHODS, Predictor
+    from querytune import METHODS, MultiTaskServer
 
     runs = []
     for name in sorted(METHODS):
         _train(tiny_backbone_dir, tiny_task, tmp_path / name, method=name)
         runs.append(tmp_path / name)
-    server = Predictor.from_runs(tiny_backbone_dir, runs, device="cpu")
+    server = MultiTaskServer.from_runs(tiny_backbone_dir, runs, device="cpu")
     adapting = [task.name for task in server.tasks if not task.shares_trunk]
     assert sorted(adapting) == sorted(n for n, cls in METHODS.items() if not cls.reads.frozen)
     backbones = {id(task.method.backbone) for task in server.tasks if not task.shares_trunk}

@@ -17,10 +17,10 @@ What the rest of querytune asks a method, so that adding one means one file:
 
 - ``not_mergeable`` (``querytune export --format merged``): why its trained state has no place in a
   plain ViT's weights, or None where it has one (its backbone and linear ``head`` are a plain ViT's);
-- ``peft_exportable`` (``--format peft``): whether PEFT has the very same adapter (LoRA only);
-- ``task_stack()`` (:class:`~querytune.serve.MultiTaskServer`): the
-  :class:`~querytune.methods.memory.TaskStack` of class-token rows that serving merges with the
-  other runs' stacks into one pass, or None;
+- ``peft_exportable`` and ``to_peft()`` (``--format peft``): whether PEFT has the very same adapter
+  (LoRA only), and the run's adapter as a PEFT model of its Hugging Face backbone;
+- ``shared_rows()`` (:class:`~querytune.serve.MultiTaskServer`): the :class:`SharedRows` that serving
+  merges with the other served runs' rows of the same kind into one pass, or None;
 - ``published_way()`` (``querytune measure --method NAME-naive``): the method executed the way its
   published code does, to measure what that costs, or None where there is no other way.
 """
@@ -41,7 +41,7 @@ from ..options import check_options
 from ..trunk import TrunkInput
 
 if TYPE_CHECKING:
-    from .memory import TaskStack
+    from typing_extensions import Self
 
 
 @dataclass
@@ -54,8 +54,9 @@ class Method(nn.Module):
     reads: ClassVar[TrunkInput] = TrunkInput.LAYERS
     Options: ClassVar[type] = NoOptions
     train_defaults: ClassVar[dict[str, Any]] = {}
-    # Learning-rate x weight-decay grid for `querytune bench --search` (VPT/VQT's grid for Adam;
-    # learning rates are multiplied by batch/256 when scale_lr_by_batch is set).
+    # Learning-rate x weight-decay grid (:func:`querytune.grid.search_grid`) for `querytune train --grid`
+    # and `querytune bench --search` (VPT/VQT's grid for Adam; learning rates are multiplied by batch/256
+    # when scale_lr_by_batch is set).
     search_grid: ClassVar[dict[str, Any]] = {"lr": (1.0, 0.5, 0.25, 0.1, 0.05),
                                              "weight_decay": (1e-2, 1e-3, 1e-4, 0.0), "scale_lr_by_batch": True}
     # False: weight decay on the trainable matrices only, not on 1-D parameters (biases, scales), as the
@@ -69,11 +70,6 @@ class Method(nn.Module):
         self.backbone = backbone
         self.num_classes = num_classes
         self.options = options
-
-    @property
-    def frozen_trunk(self) -> bool:
-        """Alias of ``reads.frozen``."""
-        return self.reads.frozen
 
     # ``Any``: each method takes what its ``reads`` gives it (Features or images) and narrows the type.
     def forward(self, inputs: Any) -> Tensor:  # pragma: no cover - abstract
@@ -97,9 +93,15 @@ class Method(nn.Module):
         """A term the training loop adds to this method's loss (Head2Toe's group lasso), or None."""
         return None
 
-    def task_stack(self) -> TaskStack | None:
-        """The class-token rows that serving may merge with other runs' into one pass; None: served alone."""
+    def shared_rows(self) -> SharedRows | None:
+        """The rows that serving may merge with other runs' rows of their kind into one pass; None: served alone."""
         return None
+
+    def to_peft(self, hf_model: nn.Module, modules_to_save: list[str]) -> Any:
+        """This run's adapter as a PEFT model of ``hf_model``, the Hugging Face transformers model of its
+        backbone, holding the trained adapter weights; PEFT keeps the modules named in ``modules_to_save``
+        whole (the classifier, which the caller fills). Only where ``peft_exportable``."""
+        raise NotImplementedError(f"method {self.name!r} has no PEFT equivalent")
 
     def published_way(self) -> Method | None:
         """This method executed the way its published code does (same parameters), or None."""
@@ -140,6 +142,24 @@ class Method(nn.Module):
             with torch.no_grad():
                 param.copy_(state[name])
         self.train(self.training)  # re-apply the mode: mode-dependent state (LoRA's merged weights) follows
+
+
+class SharedRows(nn.Module):
+    """Rows that the served runs of one method pass through the frozen trunk's blocks together (masked
+    memory's class tokens), each reading the blocks' tokens (not changing them) and giving a task's logits.
+
+    A run's rows end with the row of its own logits; the rows before it are rows it reads (an extension
+    reads its base run's)."""
+
+    def forward(self, layers: Tensor, backbone: VisionTransformer) -> list[Tensor]:
+        """Each row's logits from the normalised block inputs ``layers`` (B, L, N, D) of ``backbone``."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    @classmethod
+    def merge(cls, parts: Sequence[Self]) -> tuple[Self, list[list[int]]]:
+        """One set running the rows of all ``parts`` (rows equal in every respect may run once), and for
+        each part where its rows went."""
+        raise NotImplementedError  # pragma: no cover - abstract
 
 
 def current_stream(k: int) -> AbstractContextManager[None]:

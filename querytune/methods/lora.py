@@ -20,12 +20,19 @@ experiments/LoRA/ViT-B_prompt_lora_8.yaml, model/module/qkv_super_prompt.py).
 Training as in NOAH's VTAB-1k LoRA script (configs/LoRA/VTAB/slurm_train_lora_vtab.sh):
 AdamW, lr 5e-3 x batch / 512 (6.25e-4 at batch 64), weight decay 1e-4, batch 64,
 100 epochs, no augmentation.
+
+PEFT (``querytune export --format peft``): Hugging Face ViT/DeiT/DINOv2 keep q, k and v as
+separate linear layers, so PEFT's ``LoraConfig(r, lora_alpha, target_modules=[q, v])`` on those
+two layers is the very same update (PEFT's scale is lora_alpha / r too), with no fused-qkv
+workaround (such as a block-structured rank-2r update of a timm qkv).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -138,3 +145,33 @@ class LoRA(Method):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.backbone(images))
+
+    def to_peft(self, hf_model: nn.Module, modules_to_save: list[str]) -> Any:
+        """A PEFT LoRA model of ``hf_model`` on its query and value projections, holding this run's factors."""
+        import peft  # an optional dependency (querytune[peft])
+
+        options = self.options
+        config = peft.LoraConfig(r=options.lora_rank, lora_alpha=options.lora_alpha,
+                                 lora_dropout=options.lora_dropout, target_modules=_hf_qv_names(hf_model),
+                                 modules_to_save=modules_to_save, bias="none")
+        peft_model = peft.get_peft_model(hf_model, config)
+        with torch.no_grad():
+            for name, module in peft_model.named_modules():
+                match = _HF_QV.fullmatch(name)
+                if match is None:
+                    continue
+                qkv = self.backbone.blocks[int(match[1])].attn.qkv
+                assert isinstance(qkv, LoRAQKV)
+                part = 0 if match[2] in ("q_proj", "query") else 1
+                module.lora_A["default"].weight.copy_(qkv.lora_a[part])
+                module.lora_B["default"].weight.copy_(qkv.lora_b[part])
+        return peft_model
+
+
+_HF_QV = re.compile(r".*layers?\.(\d+)\.attention\.(?:attention\.)?(q_proj|v_proj|query|value)")
+
+
+def _hf_qv_names(model: nn.Module) -> list[str]:
+    """The names of a transformers ViT's query and value projections: ``query`` and ``value`` in
+    transformers 4, ``q_proj`` and ``v_proj`` in transformers 5."""
+    return sorted({match[2] for name, _ in model.named_modules() if (match := _HF_QV.fullmatch(name))})

@@ -11,7 +11,7 @@ the feature cache) and C passes each block as a row of :meth:`Block.forward_rows
 reading the block's normalised tokens. (The paper's plain variant, where every token
 reads the memory, is :mod:`.memory_plain`.)
 
-Task composition: a :class:`TaskStack` runs the class tokens of several tasks as rows
+Task composition: a :class:`MemoryTaskSet` runs the class tokens of several tasks as rows
 of one ``forward_rows`` call per block, with an explicit mask. Task k attends to the
 original tokens, itself, its own memory, and the class tokens and memory of the tasks
 in ``reads[k]``: none for *concatenated* tasks (each then computes exactly what its own
@@ -38,7 +38,7 @@ from ..options import option
 from ..runfolder import load_adapter, read_run_config
 from ..trunk import TrunkInput
 from ..trunk.features import Features
-from .base import Method
+from .base import Method, SharedRows
 from .registry import build_method, register
 
 if TYPE_CHECKING:
@@ -77,8 +77,8 @@ class MemoryTask(nn.Module):
         self.head = nn.Linear(class_token.shape[-1], num_classes)
 
 
-class TaskStack(nn.Module):
-    """Masked-mode tasks run together; ``reads[k]``: the earlier tasks task k may attend to."""
+class MemoryTaskSet(SharedRows):
+    """Masked-mode tasks run together, a row each; ``reads[k]``: the earlier tasks task k may attend to."""
 
     def __init__(self, tasks: list[MemoryTask], reads: list[tuple[int, ...]]) -> None:
         super().__init__()
@@ -124,27 +124,27 @@ class TaskStack(nn.Module):
         final = backbone.norm(rows)
         return [task.head(final[:, k]) for k, task in enumerate(self.tasks)]
 
+    @classmethod
+    def merge(cls, parts: Sequence[MemoryTaskSet]) -> tuple[MemoryTaskSet, list[list[int]]]:
+        """One set running the tasks of all ``parts`` (concatenated), and where each part's tasks went.
 
-def merge_stacks(stacks: list[TaskStack]) -> tuple[TaskStack, list[list[int]]]:
-    """One stack running the tasks of all ``stacks`` (concatenated), and where each stack's tasks went.
-
-    Tasks equal in every tensor and in what they read (the shared base of extensions
-    of one run, or that run itself) are run once.
-    """
-    tasks: list[MemoryTask] = []
-    reads: list[tuple[int, ...]] = []
-    placement = []
-    for stack in stacks:
-        where: list[int] = []
-        for task, task_reads in zip(stack.tasks, stack.reads):
-            mapped = tuple(where[j] for j in task_reads)
-            same = [i for i, (t, r) in enumerate(zip(tasks, reads)) if r == mapped and _same_task(t, task)]
-            if not same:
-                tasks.append(task)
-                reads.append(mapped)
-            where.append(same[0] if same else len(tasks) - 1)
-        placement.append(where)
-    return TaskStack(tasks, reads), placement
+        Tasks equal in every tensor and in what they read (the shared base of extensions
+        of one run, or that run itself) are run once.
+        """
+        tasks: list[MemoryTask] = []
+        reads: list[tuple[int, ...]] = []
+        placement = []
+        for part in parts:
+            where: list[int] = []
+            for task, task_reads in zip(part.tasks, part.reads):
+                mapped = tuple(where[j] for j in task_reads)
+                same = [i for i, (t, r) in enumerate(zip(tasks, reads)) if r == mapped and _same_task(t, task)]
+                if not same:
+                    tasks.append(task)
+                    reads.append(mapped)
+                where.append(same[0] if same else len(tasks) - 1)
+            placement.append(where)
+        return cls(tasks, reads), placement
 
 
 def _same_task(a: MemoryTask, b: MemoryTask) -> bool:
@@ -175,7 +175,8 @@ class MemoryTokens(Method):
             self.register_buffer("base_digest", _file_digest(Path(options.extend) / "adapter.safetensors"))
         task = MemoryTask(class_token, memory, num_classes)
         task.class_token.requires_grad_(options.train_class_token)
-        self.stack: TaskStack = TaskStack([*base_tasks, task], [*base_reads, tuple(range(len(base_tasks)))])
+        # named "stack" as in the adapters saved so far (their tensors are "stack.tasks.K....")
+        self.stack: MemoryTaskSet = MemoryTaskSet([*base_tasks, task], [*base_reads, tuple(range(len(base_tasks)))])
 
     def _load_base(self, run: str) -> MemoryTokens:
         try:
@@ -196,7 +197,7 @@ class MemoryTokens(Method):
     def forward(self, inputs: Features) -> Tensor:
         return stacked_logits([self], inputs)[0]
 
-    def task_stack(self) -> TaskStack:
+    def shared_rows(self) -> MemoryTaskSet:
         return self.stack
 
     @staticmethod
@@ -218,11 +219,11 @@ def _file_digest(path: Path) -> Tensor:
 
 
 def stacked_logits(memories: Sequence[MemoryTokens], features: Features) -> list[Tensor]:
-    """Each member's logits. Their tasks run as one concatenated :class:`TaskStack`: their class tokens
+    """Each member's logits. Their tasks run as one concatenated :class:`MemoryTaskSet`: their class tokens
     pass each block as rows of one ``forward_rows`` call, each reading the tokens, itself and its own
-    memory only, so each computes what it computes alone. An extension runs its own stack."""
-    if any(len(m.stack.tasks) > 1 for m in memories):  # an extension: its stack reads its base tasks
+    memory only, so each computes what it computes alone. An extension runs its own task set."""
+    if any(len(m.stack.tasks) > 1 for m in memories):  # an extension: its task set reads its base tasks
         return [m.stack(features.layers, m.backbone)[-1] for m in memories]
-    # Built, not merged with merge_stacks: members equal at the start must stay apart.
-    stack = TaskStack([m.stack.tasks[0] for m in memories], [() for _ in memories])
-    return stack(features.layers, memories[0].backbone)
+    # Built, not merged with MemoryTaskSet.merge: members equal at the start must stay apart.
+    concatenated = MemoryTaskSet([m.stack.tasks[0] for m in memories], [() for _ in memories])
+    return concatenated(features.layers, memories[0].backbone)
