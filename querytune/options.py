@@ -100,6 +100,14 @@ def check_value(options_cls: type, field: dataclasses.Field, value: Any) -> None
         raise ConfigError(f"{name} must be {describe_range(meta)} (got {value})")
 
 
+def check_fields(settings: Any) -> None:
+    """Every field of the settings dataclass ``settings`` declared with :func:`option` takes its value (one line
+    naming the flag)."""
+    for declared in dataclasses.fields(settings):
+        if declared.metadata:  # declared with option(): checked; plain fields are the caller's objects
+            check_value(type(settings), declared, getattr(settings, declared.name))
+
+
 def check_options(options_cls: type, given: dict[str, Any], method_name: str) -> None:
     """Every given option exists for the method and takes the value given."""
     known = {f.name: f for f in dataclasses.fields(options_cls)}

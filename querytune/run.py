@@ -373,8 +373,6 @@ def validation_split(data: str | Path, train_images: ImageList, val_split: str |
     when neither is asked for."""
     if eval_every is None and val_split is None:
         return None, None
-    if eval_every is not None and eval_every < 1:
-        raise ConfigError(f"--eval-every must be at least 1 (got {eval_every})")
     if val_split is None:
         if train_images.split != SEARCH_TRAIN:
             raise ConfigError(f"--eval-every: give --val-split, a split held out from {train_images.split!r} "

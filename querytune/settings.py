@@ -14,23 +14,16 @@ checks are generated from these fields.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .options import check_value, option
+from .options import check_fields, option
 from .runlog import LOGGERS
 from .trunk.device import COMPILE_MODES, PRECISIONS, resolve_device, resolve_workers
 from .trunk.sources import PLACEMENTS
-
-
-def check_fields(settings: Any) -> None:
-    """Every field of the settings dataclass ``settings`` takes its value (one line naming the flag)."""
-    for declared in fields(settings):
-        if declared.metadata:  # declared with option(): checked; plain fields are the caller's objects
-            check_value(type(settings), declared, getattr(settings, declared.name))
 
 
 @dataclass

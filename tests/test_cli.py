@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -396,12 +397,18 @@ def test_bad_combinations_are_one_line(args, says, calls, tmp_path, capsys):
 
 
 def test_every_setting_has_a_flag_with_its_help(capsys):
-    """train --help and bench --help list a flag for every declared setting, with the setting's help."""
+    """train, bench, serve and predict --help list a flag for every declared setting they take (serve: every
+    limit of ServiceLimits), with the setting's help."""
     from querytune.cli.bench import BENCH_GROUPS
+    from querytune.cli.serving import PREDICT_RUNTIME, SERVE_GROUPS
     from querytune.cli.train import TRAIN_GROUPS, TRAINING
     from querytune.options import flag
+    from querytune.service import ServiceLimits
 
-    for command, groups in (("train", [*TRAIN_GROUPS, TRAINING]), ("bench", BENCH_GROUPS)):
+    assert {field.name for flags in SERVE_GROUPS if flags.settings is ServiceLimits for field in flags.fields()} \
+        == {field.name for field in fields(ServiceLimits)}
+    for command, groups in (("train", [*TRAIN_GROUPS, TRAINING]), ("bench", BENCH_GROUPS), ("serve", SERVE_GROUPS),
+                            ("predict", [PREDICT_RUNTIME])):
         cli.main([command, "--help"])
         shown = " ".join(capsys.readouterr().out.replace("│", " ").split())
         for flags in groups:

@@ -19,6 +19,7 @@ from conftest import tiny_vit, write_task
 from querytune import bench as bench_module
 from querytune import cli, run
 from querytune.cli.bench import BENCH_GROUPS
+from querytune.cli.serving import SERVE_GROUPS
 from querytune.cli.train import TRAIN_GROUPS, TRAINING
 from querytune.methods import METHODS
 from querytune.options import flag, value_type
@@ -102,6 +103,8 @@ SETTINGS = [(command, flags.settings, field) for command, groups in COMMAND_SETT
             for field in flags.fields()]
 SETTING_CASES = [(command, settings, field.name, value) for command, settings, field in SETTINGS
                  for value in setting_bad_values(command, settings, field)]
+SERVE_CASES = [(field.name, value) for flags in SERVE_GROUPS for field in flags.fields()
+               for value in bad_values(flags.settings, field)]  # the limits (--device: below, with every command)
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +252,17 @@ def test_every_command_refuses_a_bad_device_or_worker_count(command: str, flags:
                                                             capsys: pytest.CaptureFixture, no_work: None):
     line = refused(other_commands(task_and_backbone, finished_run, tmp_path)[command] + flags, capsys, tmp_path)
     assert named in line
+
+
+@pytest.mark.parametrize("name,value", SERVE_CASES, ids=[f"{n}-{v!r}" for n, v in SERVE_CASES])
+def test_bad_serve_limit_on_the_command_line(name: str, value: str, finished_run: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    """Each limit of serve (declared in ServiceLimits) out of its bounds: refused before the model loads."""
+    from querytune.serve import MultiTaskServer
+
+    def loading(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the model loaded before the bad limit was refused")
+
+    monkeypatch.setattr(MultiTaskServer, "from_runs", loading)
+    line = refused(["serve", "--run", str(finished_run), flag(name), value], capsys, tmp_path)
+    assert flag(name) in line

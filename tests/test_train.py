@@ -314,8 +314,8 @@ def test_cache_placement_device_gathers_what_the_memory_map_gives(tiny_task, tmp
             assert torch.equal(labels_a, labels_b)
             assert b.layers.dtype == (torch.bfloat16 if bf16 else torch.float32)
             assert b.layers[:, 1].is_contiguous()  # layer-major, as the rows' batched matmuls read it
-    with pytest.raises(ConfigError, match="unknown cache placement 'gpu'"):
-        CachedFeatureBatches(cache, True, placement="gpu")
+    with pytest.raises(ConfigError, match=r"--cache-placement must be one of auto, device, host \(got 'gpu'\)"):
+        Runtime(cache_placement="gpu")
 
 
 @pytest.mark.parametrize("method", ["full", "vpt", "vqt+lora"])

@@ -41,7 +41,7 @@ def cache_build(
     already is left as it is."""
     from ..backbones import load_backbone
     from ..trunk.cache import cache_splits, default_cache_root, human_size
-    from ..trunk.device import resolve_device, resolve_workers
+    from ..trunk.device import resolve_device
 
     if backbone is None or data is None:
         raise ConfigError(f"querytune cache build: {'--backbone' if backbone is None else '--data'} missing")
@@ -51,7 +51,7 @@ def cache_build(
     entries = cache_splits(cache or default_cache_root(), load_backbone(backbone), data,
                            [s for s in splits.split(",") if s], image_size, bf16, shard_size=shard_size,
                            batch_size=batch_size, device=where,
-                           workers=resolve_workers(workers), show_progress=not quiet)
+                           workers=Runtime(workers=workers).num_workers, show_progress=not quiet)
     if distributed.is_main():
         for images, path, built in entries:
             size = human_size(sum(file.stat().st_size for file in path.iterdir()))

@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
 from ..errors import ConfigError
+from ..service import ServiceLimits
 from ..settings import Runtime
 from .app import app, console
-from .flags import setting_help
+from .flags import Flags, Given, settings_command
 
+PREDICT_RUNTIME = Flags(Runtime, "Options", ("device", "workers"))  # "Options": typer's own panel
+SERVE_GROUPS = (Flags(ServiceLimits, "Limits"), Flags(Runtime, "Options", ("device",)))
 RunsOpt = typer.Option(..., "--run", "-r", help="a finished run of any method; repeat for more tasks")
 BackboneOpt = typer.Option(None, "--backbone", "-b", help="default: the first run's own")
 
 
 @app.command()
+@settings_command(PREDICT_RUNTIME)
 def predict(
+    given: Given,
     images: list[Path] = typer.Argument(..., help="image files and folders of images (searched recursively)"),
     run: list[Path] = RunsOpt,
     backbone: Optional[str] = BackboneOpt,
@@ -28,14 +32,11 @@ def predict(
     topk: int = typer.Option(1, "--topk", help="also list each task's k most probable classes (under 'top')"),
     logits: bool = typer.Option(False, "--logits", help="also write each task's logits"),
     batch_size: int = typer.Option(32),
-    device: Optional[str] = typer.Option(None, help=setting_help(Runtime, "device")),
-    workers: Optional[int] = typer.Option(None, help=setting_help(Runtime, "workers")),
 ) -> None:
     """Answer every run's task, the frozen-backbone runs from one shared backbone pass per image batch and each
     run that adapts the backbone from its own: one JSON line per image."""
     from ..files import write_atomic
     from ..serve import MultiTaskServer, collect_images
-    from ..trunk.device import resolve_workers
 
     if out is not None:
         if out.exists() and not overwrite:
@@ -44,9 +45,10 @@ def predict(
             raise ConfigError(f"{out}: its folder does not exist")
     if topk < 1:
         raise ConfigError(f"--topk must be at least 1 (got {topk})")
+    runtime = Runtime(**given[Runtime])
     paths = collect_images(images)
-    server = MultiTaskServer.from_runs(backbone, run, device=device)
-    records = server.predict_files(paths, batch_size, resolve_workers(workers), topk, logits)
+    server = MultiTaskServer.from_runs(backbone, run, device=runtime.device)
+    records = server.predict_files(paths, batch_size, runtime.num_workers, topk, logits)
     if out is None:
         for record in records:
             print(json.dumps(record), flush=True)
@@ -76,45 +78,28 @@ def export_command(
     console.print(f"{out}: {state} ({', '.join(done.files)})", highlight=False, soft_wrap=True)
 
 
-def _limit_help(name: str) -> str:
-    """A ``serve`` limit's help and default, from :class:`querytune.service.ServiceLimits` (no web stack needed)."""
-    from ..service import ServiceLimits
-
-    field = next(f for f in fields(ServiceLimits) if f.name == name)
-    return f"{field.metadata['help']} (default {field.default})"
-
-
 @app.command()
+@settings_command(*SERVE_GROUPS)
 def serve(
+    given: Given,
     run: list[Path] = RunsOpt,
     backbone: Optional[str] = BackboneOpt,
     host: str = typer.Option("127.0.0.1", help="address to listen on"),
     port: int = typer.Option(8000, help="port to listen on"),
-    max_batch: Optional[int] = typer.Option(None, help=_limit_help("max_batch")),
-    max_wait_ms: Optional[float] = typer.Option(None, help=_limit_help("max_wait_ms")),
-    max_images: Optional[int] = typer.Option(None, help=_limit_help("max_images")),
-    max_body_mb: Optional[float] = typer.Option(None, help=_limit_help("max_body_mb")),
-    max_pixels: Optional[int] = typer.Option(None, help=_limit_help("max_pixels")),
-    read_timeout: Optional[float] = typer.Option(None, help=_limit_help("read_timeout")),
-    max_inflight_per_client: Optional[int] = typer.Option(None, help=_limit_help("max_inflight_per_client")),
     token_file: Optional[Path] = typer.Option(None, help="file holding the token that every request but GET /health "
                                               "must send as 'Authorization: Bearer <token>' (or env QUERYTUNE_TOKEN)"),
     no_auth: bool = typer.Option(False, "--no-auth", help="answer anyone on a non-loopback --host, without a token"),
     access_log: str = typer.Option("-", help="append one JSON line per request to this file (-: stderr)"),
-    device: Optional[str] = typer.Option(None, help=setting_help(Runtime, "device")),
 ) -> None:
     r"""Answer every run's task over HTTP: POST /predict (images), GET /tasks, GET /health, GET /metrics, and a page
     at /. Needs the extra querytune\[serve]; docs/serving.md."""
     from ..serve import MultiTaskServer
-    from ..service import ServiceAccess, ServiceLimits
+    from ..service import ServiceAccess
     from ..service import serve as run_service
 
-    given: dict[str, Any] = dict(max_batch=max_batch, max_wait_ms=max_wait_ms, max_images=max_images,
-                                 max_body_mb=max_body_mb, max_pixels=max_pixels, read_timeout=read_timeout,
-                                 max_inflight_per_client=max_inflight_per_client)
-    limits = ServiceLimits(**{k: v for k, v in given.items() if v is not None})  # checked before any work
+    limits = ServiceLimits(**given[ServiceLimits])  # checked before any work
     access = ServiceAccess.from_options(host, token_file, no_auth, access_log)  # before the model loads
-    server = MultiTaskServer.from_runs(backbone, run, device=device)
+    server = MultiTaskServer.from_runs(backbone, run, device=Runtime(**given[Runtime]).device)
     console.print(f"serving {', '.join(task.name for task in server.tasks)} on http://{host}:{port} "
                   f"({'token required' if access.token else 'no token'})", highlight=False)
     run_service(server, host, port, limits, access)

@@ -212,7 +212,6 @@ class CachedFeatureBatches:
 
 def choose_placement(cache: FeatureCache, with_layers: bool, device: torch.device, placement: str) -> str:
     """Where a cache entry's features live while training: ``device`` (GPU memory) or ``host``."""
-    check_placement(placement)
     if placement == "auto" and device.type != "cuda":
         return "host"
     if placement == "auto":
@@ -225,11 +224,6 @@ def check_augment(augment: bool, reads: TrunkInput, cache_dir: Path | None) -> N
     if augment and reads.frozen and cache_dir is not None:
         raise ConfigError("--augment: cached features hold one view of each image, computed once; augmenting "
                           "needs the frozen trunk run live every epoch: add --no-cache")
-
-
-def check_placement(placement: str) -> None:
-    if placement not in PLACEMENTS:
-        raise ConfigError(f"unknown cache placement {placement!r} (known: {', '.join(PLACEMENTS)})")
 
 
 def make_source(

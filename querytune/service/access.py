@@ -1,0 +1,168 @@
+"""Who may ask and what is written of each request: the token (:class:`ServiceAccess`), the loopback rule, the
+access log, and the :class:`Gate` middleware that answers 401 and 429 and counts every request for ``/metrics``."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TextIO
+
+from ..errors import ConfigError, one_line
+from .metrics import ROUTES, Metrics
+
+TOKEN_ENV = "QUERYTUNE_TOKEN"
+OPEN = (("GET", "/health"), ("GET", "/"))  # answered without a token (the page's HTML holds nothing)
+
+
+@dataclass
+class ServiceAccess:
+    """Who may ask, and where each request is logged (``querytune serve --token-file/--no-auth/--access-log``)."""
+
+    token: str | None = None  # None: anyone who reaches the port is answered
+    log: TextIO | None = None  # one JSON line per request
+
+    @classmethod
+    def from_options(cls, host: str, token_file: Path | None, no_auth: bool,
+                     access_log: str | None) -> ServiceAccess:
+        """The token (``token_file``, else env ``QUERYTUNE_TOKEN``) and the opened log (``-``: stderr), checked
+        before any model loads: a non-loopback ``host`` without a token is refused unless ``no_auth``."""
+        token = read_token(token_file)
+        if no_auth and token is not None:
+            raise ConfigError(f"--no-auth contradicts the token of {'--token-file' if token_file else TOKEN_ENV}")
+        if token is None and not no_auth and not is_loopback(host):
+            raise ConfigError(f"--host {host} is reachable from other machines: give a token (--token-file FILE "
+                              f"or {TOKEN_ENV}), or --no-auth to answer anyone")
+        return cls(token, open_log(access_log))
+
+
+def read_token(token_file: Path | None) -> str | None:
+    """The token in ``token_file`` (a trailing newline stripped), else in env ``QUERYTUNE_TOKEN``, else None."""
+    if token_file is not None:
+        where = f"--token-file {token_file}"
+        try:
+            text = token_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeError) as error:
+            raise ConfigError(f"{where}: {getattr(error, 'strerror', None) or one_line(error)}") from error
+    elif TOKEN_ENV in os.environ:
+        where, text = TOKEN_ENV, os.environ[TOKEN_ENV]
+    else:
+        return None
+    token = text.rstrip("\r\n")
+    if not token:
+        raise ConfigError(f"{where} is empty: it must hold the token")
+    if not all("!" <= char <= "~" for char in token):
+        raise ConfigError(f"{where}: the token must be printable ASCII without spaces (it is sent in a header)")
+    return token
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable only from this machine: localhost, 127.0.0.0/8 or ::1."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def open_log(target: str | None) -> TextIO | None:
+    """The access log: None for none, ``-`` for stderr, else the file, appended to line by line."""
+    if target is None:
+        return None
+    if target == "-":
+        return sys.stderr
+    try:
+        return open(target, "a", encoding="utf-8", buffering=1)
+    except OSError as error:
+        raise ConfigError(f"--access-log {target}: {error.strerror or one_line(error)}") from error
+
+
+
+ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Any]], Callable[[dict[str, Any]], Awaitable[None]]],
+                   Awaitable[None]]
+
+
+class Gate:
+    """ASGI middleware in front of the routes: the token (401), the per-client limit (429), then counts every
+    request for ``/metrics`` and writes its access log line (the endpoint adds ``tasks`` and ``images`` to the
+    request's state)."""
+
+    def __init__(self, app: ASGIApp, access: ServiceAccess, metrics: Metrics, max_inflight: int) -> None:
+        self.app = app
+        self.token = access.token.encode() if access.token else None
+        self.log = access.log
+        self.metrics = metrics
+        self.max_inflight = max_inflight
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
+                       send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        method, path = scope["method"], scope["path"]
+        client = scope["client"][0] if scope.get("client") else "unknown"
+        state = scope.setdefault("state", {})
+        status = 500  # unless a response starts
+
+        async def sending(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        in_flight, counted = self.metrics.in_flight, False
+        try:
+            refusal = None if self.token is None or (method, path) in OPEN else self.refusal(scope["headers"])
+            if refusal:
+                await _error(sending, 401, refusal, [(b"www-authenticate", b"Bearer")])
+            elif (method, path) != ("GET", "/health") and in_flight.get(client, 0) >= self.max_inflight:
+                await _error(sending, 429, f"client {client} already has {self.max_inflight} requests unanswered, "
+                                           "the most allowed (--max-inflight-per-client)", [(b"retry-after", b"1")])
+            else:
+                in_flight[client] = in_flight.get(client, 0) + 1
+                counted = True
+                await self.app(scope, receive, sending)
+        finally:
+            if counted:
+                in_flight[client] -= 1
+                if not in_flight[client]:
+                    del in_flight[client]
+            seconds = time.perf_counter() - started
+            self.metrics.request(path if path in ROUTES else "other", status, seconds)
+            if self.log is not None:
+                self.log.write(json.dumps({
+                    "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "client": client,
+                    "method": method, "route": path[:200], "tasks": state.get("tasks"),
+                    "images": state.get("images", 0), "status": status, "ms": round(1000 * seconds, 1)}) + "\n")
+
+    def refusal(self, headers: list[tuple[bytes, bytes]]) -> str | None:
+        """Why the request's ``Authorization`` header does not hold the token, or None where it does."""
+        assert self.token is not None
+        given = next((value for key, value in headers if key == b"authorization"), None)
+        if given is None:
+            return "missing token: send the header 'Authorization: Bearer <token>'"
+        scheme, _, credentials = given.partition(b" ")
+        if scheme.lower() != b"bearer":
+            return "the Authorization header must be 'Bearer <token>'"
+        if not hmac.compare_digest(credentials.strip(), self.token):  # constant time: no guessing byte by byte
+            return "wrong token"
+        return None
+
+
+async def _error(send: Callable[[dict[str, Any]], Awaitable[None]], status: int, message: str,
+                 headers: list[tuple[bytes, bytes]]) -> None:
+    """Answers a JSON ``{"error": message}`` with ``status``, without reading the request."""
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,185 @@
+"""The Starlette app of ``querytune serve`` (:func:`create_app`) and the uvicorn server around it (:func:`serve`):
+the routes, reading and checking a request's images, and the page at ``/``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..data import load_image
+from ..errors import ConfigError, QuerytuneError
+from ..serve import MultiTaskServer
+from .access import Gate, ServiceAccess
+from .batcher import Batcher
+from .limits import ServiceLimits
+from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+PAGE = Path(__file__).with_name("service.html")
+
+
+class HTTPError(Exception):
+    """A bad request: answered with ``status`` and a JSON error, the service goes on."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def create_app(server: MultiTaskServer, limits: ServiceLimits | None = None,
+               access: ServiceAccess | None = None) -> Starlette:
+    """The Starlette app answering ``server``'s tasks (to anyone, unlogged, unless ``access`` says otherwise)."""
+    try:
+        from starlette.applications import Starlette
+        from starlette.exceptions import HTTPException
+        from starlette.middleware import Middleware
+        from starlette.requests import Request
+        from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
+        from starlette.routing import Route
+    except ImportError as error:
+        raise ConfigError("the HTTP service needs its extra: pip install querytune[serve]") from error
+
+    limits = limits or ServiceLimits()
+    metrics = Metrics(limits.max_batch)
+    batcher = Batcher(server, limits.max_batch, limits.max_wait_ms, metrics.batch_images)
+    names = [task.name for task in server.tasks]
+    max_body = int(limits.max_body_mb * 1e6)
+    max_images = limits.max_images or limits.max_batch
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body:
+            raise HTTPError(413, f"body of {int(declared)} bytes is larger than the {max_body} allowed")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body:
+                raise HTTPError(413, f"body larger than the {max_body} bytes allowed")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def read_files(request: Request, kind: str) -> list[tuple[str, bytes]]:
+        body = await read_body(request)
+        if not body:
+            raise HTTPError(400, "empty body: no image")
+        if kind != "multipart/form-data":
+            return [("body", body)]
+        replay = Request(request.scope, _replay(body))  # the form parser reads the body already held
+        form = await replay.form(max_part_size=max_body)  # the count of files is checked once they are read
+        files = [(value.filename or key, await value.read())
+                 for key, value in form.multi_items() if not isinstance(value, str)]
+        await form.close()
+        if not files:
+            raise HTTPError(400, "no file in the multipart form")
+        return files
+
+    async def uploaded(request: Request) -> list[tuple[str, bytes]]:
+        """The request's images as (name, bytes): multipart file parts, or the whole body."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind not in ("multipart/form-data", "application/octet-stream") and not kind.startswith("image/"):
+            raise HTTPError(415, f"content type {kind or 'none'!r}: send multipart/form-data files, or one image "
+                                 "as the body (image/* or application/octet-stream)")
+        try:
+            return await asyncio.wait_for(read_files(request, kind), limits.read_timeout)
+        except asyncio.TimeoutError as error:
+            raise HTTPError(408, f"the request took longer than {limits.read_timeout:g} s to arrive") from error
+
+    def query(request: Request) -> tuple[int, list[str], bool]:
+        params = request.query_params
+        topk = params.get("topk", "1")
+        if not topk.isdigit() or int(topk) < 1:
+            raise HTTPError(400, f"topk {topk!r}: must be a positive integer")
+        chosen = [name for name in params.get("tasks", "").split(",") if name] or names
+        request.state.tasks = chosen  # for the access log: what was asked, served or not
+        unknown = [name for name in chosen if name not in names]
+        if unknown:
+            raise HTTPError(404, f"unknown task {unknown[0]!r} (served: {', '.join(names)})")
+        return int(topk), chosen, params.get("logits", "0").lower() in ("1", "true", "yes")
+
+    async def predict(request: Request) -> Response:
+        topk, chosen, with_logits = query(request)
+        files = await uploaded(request)
+        request.state.images = len(files)
+        if len(files) > max_images:
+            raise HTTPError(413, f"{len(files)} images in one request, more than the {max_images} allowed")
+
+        def preprocess() -> torch.Tensor:
+            return torch.stack([server.preprocess(load_image(data, name, limits.max_pixels))
+                                for name, data in files])
+
+        try:
+            images = await asyncio.to_thread(preprocess)
+        except QuerytuneError as error:
+            raise HTTPError(400, str(error)) from error
+        logits = await batcher.predict(images)
+        records = server.records({name: logits[name] for name in chosen}, topk, with_logits)
+        metrics.images += len(files)
+        return JSONResponse({"images": [{"name": name, **record} for (name, _), record in zip(files, records)]})
+
+    async def tasks(request: Request) -> Response:
+        return JSONResponse({"image_size": server.preprocess.image_size,
+                             "tasks": [{"name": task.name, "method": task.method.name,
+                                        "num_classes": task.method.num_classes,
+                                        "classes": list(task.classes) if task.classes else None,
+                                        "shares_trunk": task.shares_trunk} for task in server.tasks]})
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "tasks": len(server.tasks), "batches": metrics.batch_images.count,
+                             "images": metrics.images})
+
+    async def metrics_text(request: Request) -> Response:
+        return PlainTextResponse(metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def page(request: Request) -> Response:
+        return HTMLResponse(PAGE.read_text())
+
+    async def bad_request(request: Request, error: Exception) -> Response:
+        status = error.status if isinstance(error, HTTPError) else getattr(error, "status_code", 500)
+        return JSONResponse({"error": str(error) if isinstance(error, HTTPError) else getattr(error, "detail", "")},
+                            status_code=status)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        worker = asyncio.create_task(batcher.run())
+        yield
+        worker.cancel()
+
+    routes = [Route("/", page), Route("/predict", predict, methods=["POST"]), Route("/tasks", tasks),
+              Route("/health", health), Route("/metrics", metrics_text)]
+    gate = Middleware(Gate, access=access or ServiceAccess(), metrics=metrics,
+                      max_inflight=limits.max_inflight_per_client)
+    return Starlette(routes=routes, lifespan=lifespan, middleware=[gate],
+                     exception_handlers={HTTPError: bad_request, HTTPException: bad_request})
+
+
+def serve(server: MultiTaskServer, host: str, port: int, limits: ServiceLimits | None = None,
+          access: ServiceAccess | None = None) -> None:
+    """Serve until interrupted."""
+    try:
+        import uvicorn
+    except ImportError as error:
+        raise ConfigError("the HTTP service needs its extra: pip install querytune[serve]") from error
+    uvicorn.run(create_app(server, limits, access), host=host, port=port, log_level="warning")
+
+
+def _replay(body: bytes) -> Any:
+    """An ASGI ``receive`` that hands over ``body`` once."""
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive

@@ -1,0 +1,68 @@
+"""What ``GET /metrics`` shows: per route and status the requests answered and their latency, the images of
+each model call, the images answered and the requests in flight, in the Prometheus text format."""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+
+ROUTES = ("/", "/predict", "/tasks", "/health", "/metrics")  # the label values of /metrics (others: "other")
+LATENCY_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds, Prometheus' defaults
+
+
+class Histogram:
+    """Counts of observed values at or below each bound (a Prometheus histogram)."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name: str, labels: str = "") -> list[str]:
+        """The exposition's ``_bucket`` (cumulative), ``_sum`` and ``_count`` lines; ``labels`` like ``a="b",``."""
+        lines, total = [], 0
+        for bound, count in zip((*(f"{b:g}" for b in self.bounds), "+Inf"), self.counts):
+            total += count
+            lines.append(f'{name}_bucket{{{labels}le="{bound}"}} {total}')
+        inner = labels.rstrip(",")
+        suffix = f"{{{inner}}}" if inner else ""
+        return [*lines, f"{name}_sum{suffix} {self.sum!r}", f"{name}_count{suffix} {self.count}"]
+
+
+class Metrics:
+    """What ``GET /metrics`` shows, in the Prometheus text format (version 0.0.4). Written out here rather than
+    with prometheus_client: that is not a dependency, and the format of these four families is a few lines."""
+
+    def __init__(self, max_batch: int) -> None:
+        self.requests: dict[tuple[str, int], int] = {}  # (route, status) -> count
+        self.latency: dict[str, Histogram] = {}  # route -> seconds to answer
+        self.batch_images = Histogram(tuple(sorted({2 ** i for i in range(max_batch.bit_length())} | {max_batch})))
+        self.images = 0  # images answered with 200
+        self.in_flight: dict[str, int] = {}  # client address -> requests arrived, not answered (none: absent)
+
+    def request(self, route: str, status: int, seconds: float) -> None:
+        self.requests[route, status] = self.requests.get((route, status), 0) + 1
+        self.latency.setdefault(route, Histogram(LATENCY_BOUNDS)).observe(seconds)
+
+    def text(self) -> str:
+        lines = ["# HELP querytune_requests_total Requests answered, by route and status.",
+                 "# TYPE querytune_requests_total counter"]
+        lines += [f'querytune_requests_total{{route="{route}",status="{status}"}} {count}'
+                  for (route, status), count in sorted(self.requests.items())]
+        lines += ["# HELP querytune_request_duration_seconds Time from a request's arrival to its answer.",
+                  "# TYPE querytune_request_duration_seconds histogram"]
+        for route, histogram in sorted(self.latency.items()):
+            lines += histogram.lines("querytune_request_duration_seconds", f'route="{route}",')
+        lines += ["# HELP querytune_batch_images Images in each model call.",
+                  "# TYPE querytune_batch_images histogram", *self.batch_images.lines("querytune_batch_images"),
+                  "# HELP querytune_images_total Images answered.", "# TYPE querytune_images_total counter",
+                  f"querytune_images_total {self.images}",
+                  "# HELP querytune_requests_in_flight Requests arrived and not yet answered.",
+                  "# TYPE querytune_requests_in_flight gauge",
+                  f"querytune_requests_in_flight {sum(self.in_flight.values())}"]
+        return "\n".join(lines) + "\n"
