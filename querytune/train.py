@@ -25,7 +25,8 @@ from .errors import CheckpointError, ConfigError, one_line
 from .files import recording_writes, write_atomic
 from .options import check_value, option
 from .progress import progress_bar
-from .trunk.device import PRECISIONS, autocast, compiled, to_device
+from .trunk.device import compiled, to_device
+from .trunk.precision import PRECISIONS, Precision
 from .trunk.sources import BatchSource, epoch_order
 
 if TYPE_CHECKING:
@@ -55,8 +56,7 @@ class TrainConfig:
     data_seed: int | None = option(None, "seed of the epochs' order (default: --seed)", min=0, max=2**32 - 1)
     precision: str = option("auto", "auto (bf16 where the device computes it natively: a GPU with bf16, a CPU "
                                     "with AVX-512 BF16 or AMX; else fp32) | fp32 | bf16 (autocast) | fp16 (autocast "
-                                    "and a gradient scaler, for GPUs without bfloat16); --bf16 and --fp16 spell the "
-                                    "last two", choices=PRECISIONS)
+                                    "and a gradient scaler, for GPUs without bfloat16)", choices=PRECISIONS)
     checkpointing: bool = option(False, "recompute each block in backward (methods that backpropagate through "
                                         "the trunk)")
     augment: bool = option(False, "random resized crop and flip of the training images (needs the trunk run live)")
@@ -80,12 +80,10 @@ class TrainConfig:
         return cfg
 
     @property
-    def bf16(self) -> bool:
-        return self.precision == "bf16"
-
-    @property
-    def fp16(self) -> bool:
-        return self.precision == "fp16"
+    def resolved_precision(self) -> Precision:
+        """:attr:`precision` once resolved for the device, which :func:`querytune.run.train_runs` does before
+        anything trains (``auto`` is no precision of its own)."""
+        return Precision(self.precision)
 
     @property
     def order_seed(self) -> int:
@@ -219,8 +217,8 @@ def fit(members: list[Member], source: BatchSource, device: torch.device, show_p
                     inputs, labels = batch
                     labels = labels.to(device)
                     streams = streams_of(active, device)
-                    with autocast(device, cfg.bf16, cfg.fp16):
-                        inputs = to_device(inputs, device, cfg.bf16)
+                    with cfg.resolved_precision.autocast(device):
+                        inputs = to_device(inputs, device, cfg.resolved_precision)
                         if len(members) == 1:  # a lone run, compiled or not
                             with streams(0):
                                 logits = [forward(inputs)]
@@ -267,7 +265,8 @@ def start(member: Member, device: torch.device) -> None:
     member.method.to(device)  # before the optimiser loads its state: that state follows the parameters' device
     member.method.backbone.set_grad_checkpointing(member.cfg.checkpointing)
     member.optimizer = make_optimizer(member.params, member.cfg, member.method.decay_vectors)
-    member.scaler = torch.amp.GradScaler(device.type, enabled=member.cfg.fp16)  # otherwise it passes through
+    # fp16 scales the loss; otherwise the scaler passes the step through
+    member.scaler = torch.amp.GradScaler(device.type, enabled=member.cfg.resolved_precision.scales_loss)
     member.done = {"epochs_done": 0, "train_seconds": 0.0, "loss": float("nan"), "train_accuracy": float("nan")}
     if not member.stream:
         member.stream = rng_state(device)
@@ -360,8 +359,8 @@ def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer
 
 @torch.no_grad()
 def predict(methods: Sequence[Method], source: BatchSource, device: torch.device, batch_size: int = 128,
-            bf16: bool = False, show_progress: bool = False, indices: np.ndarray | None = None,
-            fp16: bool = False) -> list[torch.Tensor]:
+            precision: Precision = Precision.FP32, show_progress: bool = False,
+            indices: np.ndarray | None = None) -> list[torch.Tensor]:
     """Every method's logits for the items ``indices`` of ``source`` (default: all of them), in order, from
     one pass over ``source``: methods reading the frozen trunk from a live source share each batch's trunk
     pass."""
@@ -373,8 +372,8 @@ def predict(methods: Sequence[Method], source: BatchSource, device: torch.device
     label = f"evaluating {members[0].name}" if len(members) == 1 else f"evaluating {len(members)} runs"
     with progress_bar(label, total=len(indices), enabled=show_progress) as advance:
         for inputs, _ in source.batches(indices, batch_size):
-            inputs = to_device(inputs, device, bf16)
-            with autocast(device, bf16, fp16):
+            inputs = to_device(inputs, device, precision)
+            with precision.autocast(device):
                 for method, method_outputs in zip(members, outputs):
                     method_outputs.append(method(inputs).float().cpu())
             advance(len(outputs[0][-1]))

@@ -12,14 +12,20 @@ from conftest import tiny_vit
 from querytune.errors import ConfigError
 from querytune.measure import SavedTensorMeter, measure_method, measure_step
 from querytune.methods import build_method
+from querytune.trunk.precision import Precision
 
 BATCH, CLASSES, SIZE = 4, 5, 64  # 65 tokens: the per-layer tokens dominate what the rows forward keeps
+
+
+def bf16_or_fp32(bf16: bool) -> Precision:
+    return Precision.BF16 if bf16 else Precision.FP32
 
 
 def step_saved_bytes(name: str, bf16: bool = False, **options) -> tuple[int, object]:
     method = build_method(name, tiny_vit(layer_scale=True, image_size=SIZE), CLASSES, options)
     images, labels = torch.randn(BATCH, 3, SIZE, SIZE), torch.arange(BATCH) % CLASSES
-    return measure_step(method, images, labels, repeats=1, bf16=bf16).saved_bytes, method.backbone.config
+    cost = measure_step(method, images, labels, repeats=1, precision=bf16_or_fp32(bf16))
+    return cost.saved_bytes, method.backbone.config
 
 
 def loss_saved_bytes() -> int:
@@ -52,7 +58,7 @@ def test_vqt_saves_a_fraction_of_full_fine_tuning_and_of_its_published_way(bf16)
     assert vqt < 0.25 * full
     method = build_method("vqt", tiny_vit(layer_scale=True, image_size=SIZE), CLASSES, {})
     images, labels = torch.randn(BATCH, 3, SIZE, SIZE), torch.arange(BATCH) % CLASSES
-    naive = measure_step(method.published_way(), images, labels, repeats=1, bf16=bf16).saved_bytes
+    naive = measure_step(method.published_way(), images, labels, repeats=1, precision=bf16_or_fp32(bf16)).saved_bytes
     assert vqt < 0.25 * naive
 
 

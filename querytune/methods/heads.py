@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..train import TrainConfig, lr_at, make_optimizer
-from ..trunk.device import autocast, to_device
+from ..trunk.device import to_device
 from ..trunk.sources import epoch_order
 from .base import Method
 
@@ -64,8 +64,8 @@ def train_head(head: nn.Linear, head_input: Callable[[Any], Tensor], source: Any
         for batch_index, (inputs, labels) in enumerate(batches):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(epoch * steps_per_epoch + batch_index, total_steps, warmup_steps, cfg)
-            with torch.no_grad(), autocast(device, cfg.bf16, cfg.fp16):
-                x = head_input(to_device(inputs, device, cfg.bf16)).float()
+            with torch.no_grad(), cfg.resolved_precision.autocast(device):
+                x = head_input(to_device(inputs, device, cfg.resolved_precision)).float()
             loss = F.cross_entropy(head(x), labels.to(device))
             if lasso:
                 loss = loss + lasso * group_lasso(head.weight)
@@ -95,6 +95,6 @@ def precompute(rows_of: Callable[[Any], Tensor], source: Any, device: torch.devi
     """``rows_of(batch)`` for every item of ``source``, in its order, kept on ``device`` in float32."""
     rows = []
     for inputs, _ in source.batches(np.arange(len(source)), batch_size):
-        with autocast(device, cfg.bf16, cfg.fp16):
-            rows.append(rows_of(to_device(inputs, device, cfg.bf16)).float())
+        with cfg.resolved_precision.autocast(device):
+            rows.append(rows_of(to_device(inputs, device, cfg.resolved_precision)).float())
     return RowBatches(torch.cat(rows), np.asarray(source.labels))
