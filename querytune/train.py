@@ -81,9 +81,9 @@ class TrainConfig:
 
     @property
     def resolved_precision(self) -> Precision:
-        """:attr:`precision` once resolved for the device, which :func:`querytune.run.train_runs` does before
-        anything trains (``auto`` is no precision of its own)."""
-        return Precision(self.precision)
+        """:attr:`precision` as :func:`querytune.run.train_runs` resolved it for the device before anything
+        trained; ``auto`` left unresolved (a caller of :func:`fit` that skipped ``train_runs``) is fp32."""
+        return Precision.FP32 if self.precision == "auto" else Precision(self.precision)
 
     @property
     def order_seed(self) -> int:
