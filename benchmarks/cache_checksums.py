@@ -43,7 +43,7 @@ def main() -> None:
     from querytune.data import Preprocess, open_split
     from querytune.methods import build_method
     from querytune.train import Member, TrainConfig, fit
-    from querytune.trunk.cache import FeatureCache, ensure_cache, human_size, verify_entry
+    from querytune.trunk.cache import Building, CacheKey, FeatureCache, ensure_cache, human_size, verify_entry
     from querytune.trunk.device import default_workers
     from querytune.trunk.sources import CachedFeatureBatches
 
@@ -58,8 +58,8 @@ def main() -> None:
         Path(args.cache_root).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.cache_root) as root:
         started = time.perf_counter()
-        path, _ = ensure_cache(Path(root), backbone, images, preprocess, device=where, workers=default_workers(),
-                               show_progress=False)
+        path, _ = ensure_cache(Path(root), CacheKey(backbone, images, preprocess),
+                               Building(device=where, workers=default_workers(), show_progress=False))
         build_seconds = time.perf_counter() - started
         cache = FeatureCache.open(path)
         check_seconds = min(timed(lambda: verify_entry(path, show_progress=False)) for _ in range(2))

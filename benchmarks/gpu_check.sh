@@ -75,35 +75,35 @@ part tests 200 $PYTHON -m pytest -v -rf -p no:cacheprovider -p no:benchmark $XDI
 grep -E "FAILED|ERROR" "$OUT/tests.log" | head -n 40
 tail -n 3 "$OUT/tests.log"
 
-BF16=$([ "$DEVICE" = cuda ] && echo --bf16 || echo "")
+PRECISION=$([ "$DEVICE" = cuda ] && echo bf16 || echo fp32)  # bench's own default, auto, stays on a CPU
 part random-vit-b 20 $PYTHON benchmarks/gpu_figures.py random-vit --out "$VIT_B"
 part measure-vit-s 40 $PYTHON benchmarks/gpu_figures.py measure --backbone "$BACKBONE" --methods "$MEASURE_METHODS" \
-    --batch "$BATCH" --image-size "$SIZE" $BF16 --device "$DEVICE" --out "$OUT/measure-vit-s.json"
+    --batch "$BATCH" --image-size "$SIZE" --precision "$PRECISION" --device "$DEVICE" --out "$OUT/measure-vit-s.json"
 part measure-vit-b 40 $PYTHON benchmarks/gpu_figures.py measure --backbone "$VIT_B" --methods "$MEASURE_METHODS" \
-    --batch "$BATCH" --image-size "$SIZE" $BF16 --device "$DEVICE" --out "$OUT/measure-vit-b.json"
+    --batch "$BATCH" --image-size "$SIZE" --precision "$PRECISION" --device "$DEVICE" --out "$OUT/measure-vit-b.json"
 part epochs 30 $PYTHON benchmarks/gpu_figures.py epochs --backbone "$BACKBONE" --task "$SHARED/data/vtab1k-mini/cifar10" \
-    --epoch-images "$EPOCH_IMAGES" --image-size "$SIZE" --workers "$WORKERS" $BF16 --device "$DEVICE" \
+    --epoch-images "$EPOCH_IMAGES" --image-size "$SIZE" --workers "$WORKERS" --precision "$PRECISION" --device "$DEVICE" \
     --cache-root "$WORK" --out "$OUT/epochs.json"
 # the cached VQT step is launch-bound on a GPU: torch.compile (reduce-overhead: CUDA graphs) against eager
 part compile 120 $PYTHON benchmarks/gpu_figures.py epochs --placements device --compile "$COMPILE_MODES" \
     --backbone "$BACKBONE" --task "$SHARED/data/vtab1k-mini/cifar10" --epoch-images "$EPOCH_IMAGES" \
-    --image-size "$SIZE" --workers "$WORKERS" $BF16 --device "$DEVICE" --cache-root "$WORK" --out "$OUT/compile.json"
+    --image-size "$SIZE" --workers "$WORKERS" --precision "$PRECISION" --device "$DEVICE" --cache-root "$WORK" --out "$OUT/compile.json"
 for model in vit-s vit-b; do
     source=$([ $model = vit-s ] && echo "$BACKBONE" || echo "$VIT_B")
     part full-run-$model 60 $PYTHON benchmarks/gpu_figures.py full-run --backbone "$source" \
-        --task "$SHARED/data/vtab1k-mini/cifar10" --epochs "$EPOCHS" --image-size "$SIZE" --workers "$WORKERS" $BF16 --device "$DEVICE" \
+        --task "$SHARED/data/vtab1k-mini/cifar10" --epochs "$EPOCHS" --image-size "$SIZE" --workers "$WORKERS" --precision "$PRECISION" --device "$DEVICE" \
         --cache-root "$WORK" --out "$OUT/full-run-$model.json"
 done
 
 # one tiny VQT member leaves a GPU idle: the stack of 20 should cost little more than one
 part grid 60 $PYTHON benchmarks/grid_speed.py --backbone "$BACKBONE" --task "$SHARED/data/vtab1k-mini/cifar10" \
-    --images 800 --repeats 2 --image-size "$SIZE" $BF16 --device "$DEVICE" --cache "$WORK/grid-cache"
+    --images 800 --repeats 2 --image-size "$SIZE" --precision "$PRECISION" --device "$DEVICE" --cache "$WORK/grid-cache"
 
 mkdir -p "$WORK/suite"
 for task in $TASKS; do ln -s "$SHARED/data/vtab1k-mini/$task" "$WORK/suite/$task"; done
 TASK_GROUPS=$(for task in $TASKS; do grep "^$task " benchmarks/vtab1k-mini-groups.txt | tr ' ' '='; done | paste -sd,)
 part bench 330 $PYTHON -m querytune bench --suite "$WORK/suite" --groups "$TASK_GROUPS" \
-    --methods "$BENCH_METHODS" --backbone "$BACKBONE" --profile quick $BF16 --image-size "$SIZE" \
+    --methods "$BENCH_METHODS" --backbone "$BACKBONE" --profile quick --precision "$([ "$DEVICE" = cuda ] && echo bf16 || echo auto)" --image-size "$SIZE" \
     --device "$DEVICE" --workers "$WORKERS" --out "$WORK/bench" --quiet > "$WORK/bench.log" 2>&1
 tail -n 40 "$WORK/bench.log"
 cp "$WORK/bench.log" "$WORK/bench/" 2>/dev/null

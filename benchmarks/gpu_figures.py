@@ -29,6 +29,7 @@ from vqt_memory_speed import print_compiled_epochs, time_full_run, time_vqt_epoc
 from querytune.backbones import save_backbone
 from querytune.backbones.vit import VisionTransformer, ViTConfig
 from querytune.measure import measure_method_isolated
+from querytune.trunk.precision import Precision
 
 MiB = 2**20
 
@@ -52,7 +53,8 @@ def random_vit(args: argparse.Namespace) -> None:
 def measure(args: argparse.Namespace) -> dict:
     rows = []
     for method in args.methods.split(","):
-        row = measure_method_isolated(method, args.backbone, args.batch, args.image_size, args.bf16, args.device)
+        row = measure_method_isolated(method, args.backbone, args.batch, args.image_size, Precision(args.precision),
+                                      args.device)
         rows.append(row)
         if "error" in row:
             print(f"{method:<16} failed: {row['error']}", flush=True)
@@ -73,15 +75,15 @@ def measure(args: argparse.Namespace) -> dict:
                                                           / by_name[method]["inference_peak_bytes"])
     for name, value in ratios.items():
         print(f"  {name}: {value:.3f}")
-    return {"backbone": str(args.backbone), "batch": args.batch, "image_size": args.image_size, "bf16": args.bf16,
-            "rows": rows, "ratios": ratios}
+    return {"backbone": str(args.backbone), "batch": args.batch, "image_size": args.image_size,
+            "precision": args.precision, "rows": rows, "ratios": ratios}
 
 
 def epochs(args: argparse.Namespace) -> dict:
     """One VQT epoch over the task's training images: features in GPU memory, streamed, live."""
     compile_modes = tuple(args.compile.split(",")) if args.compile else ()
-    result = time_vqt_epochs(args.backbone, args.task, args.epoch_images, args.image_size, args.bf16, args.device,
-                             args.workers, args.cache_root, placements=tuple(args.placements.split(",")),
+    result = time_vqt_epochs(args.backbone, args.task, args.epoch_images, args.image_size, Precision(args.precision),
+                             args.device, args.workers, args.cache_root, placements=tuple(args.placements.split(",")),
                              compile_modes=compile_modes)
     resident = result["epoch_seconds_cached_device"]
     streamed = result.get("epoch_seconds_cached_host")
@@ -94,8 +96,8 @@ def epochs(args: argparse.Namespace) -> dict:
 
 
 def full_run(args: argparse.Namespace) -> dict:
-    metrics = time_full_run(args.backbone, args.task, args.epochs, args.image_size, args.bf16, args.device,
-                            args.workers, args.cache_root)
+    metrics = time_full_run(args.backbone, args.task, args.epochs, args.image_size, Precision(args.precision),
+                            args.device, args.workers, args.cache_root)
     print(f"{args.epochs} VQT epochs on {metrics['task']} ({args.backbone}), caching train and test included: "
           f"{metrics['total_seconds']:.1f} s (the epochs {metrics['train_seconds']:.1f} s), "
           f"test accuracy {metrics['test_accuracy']:.3f}, features {metrics['feature_placement']}")
@@ -118,7 +120,7 @@ def main() -> None:
     parser.add_argument("--placements", default="device,host", help="epochs: where the cached features live, "
                         "the first one GPU memory")
     parser.add_argument("--compile", default="", help="epochs: also the resident epoch compiled in these modes")
-    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--precision", choices=[p.value for p in Precision], default="fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     if args.part == "random-vit":

@@ -3,7 +3,7 @@ against one member alone and against separate runs, side by side in one run.
 
     python benchmarks/grid_speed.py                                  # DINOv2-S/14, vtab1k-mini/cifar10, CPU
     python benchmarks/grid_speed.py --method memory --threads 1
-    python benchmarks/grid_speed.py --images 800 --device cuda --bf16 --repeats 3
+    python benchmarks/grid_speed.py --images 800 --device cuda --precision bf16 --repeats 3
 
 Timed, one epoch each over the same cached features of the task's first ``--images`` train800
 images (the order alternates over the configurations, best of ``--repeats`` after a warm-up):
@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from querytune.backbones import vit
+from querytune.trunk.precision import Precision
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -127,7 +128,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=1, help="timed epochs per configuration (best taken)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--precision", choices=[p.value for p in Precision], default="fp32")
     parser.add_argument("--cache", type=Path, default=None, help="feature-cache folder (default: querytune's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (on a loaded CPU 1 avoids threads "
                                                                    "waiting on each other; default: torch's)")
@@ -144,7 +145,7 @@ def main() -> None:
     from querytune.methods import build_method, method_class
     from querytune.runlog import EpochLog
     from querytune.train import Member, TrainConfig, fit, rng_state, seed_everything
-    from querytune.trunk.cache import default_cache_root, open_or_build_cache
+    from querytune.trunk.cache import Building, CacheKey, default_cache_root, open_or_build_cache
     from querytune.trunk.device import default_workers
     from querytune.trunk.sources import CachedFeatureBatches
 
@@ -154,16 +155,18 @@ def main() -> None:
     images = replace(images, items=images.items[: args.images])
     preprocess = Preprocess.for_backbone(backbone, args.image_size)
     method_cls = method_class(args.method)
-    base = TrainConfig.for_method(method_cls, {"epochs": 1, "precision": "bf16" if args.bf16 else "fp32"})
+    precision = Precision(args.precision)
+    base = TrainConfig.for_method(method_cls, {"epochs": 1, "precision": args.precision})
     points = search_grid(args.method, base.batch_size)
     config = backbone.config
     print(f"device {device}, backbone {args.backbone.name} (D {config.embed_dim}, {config.num_heads} heads, "
           f"{config.depth} blocks), {args.image_size} px, {len(images.items)} images, batch {base.batch_size}, "
-          f"{'bf16' if args.bf16 else 'fp32'}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+          f"{precision}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}\n")
-    cache = open_or_build_cache(args.cache or default_cache_root(), backbone, images, preprocess, True, args.bf16,
-                                device=device, workers=default_workers(), show_progress=True)
-    source = CachedFeatureBatches(cache, True, args.bf16, device)
+    key = CacheKey(backbone, images, preprocess, True, precision)
+    cache = open_or_build_cache(args.cache or default_cache_root(), key,
+                                Building(device=device, workers=default_workers()))
+    source = CachedFeatureBatches(cache, True, precision, device)
 
     def one_member() -> float:
         seed_everything(base.seed)

@@ -32,6 +32,7 @@ import torch
 
 from querytune.measure import measure_method_isolated
 from querytune.settings import RunSpec, Runtime
+from querytune.trunk.precision import Precision
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -70,7 +71,8 @@ def print_ratios(rows: list[dict]) -> None:
               f"{by_name[method]['train_peak_bytes'] / by_name[method]['inference_peak_bytes']:.2f}")
 
 
-def time_vqt_epochs(backbone_path: Path, task: Path, epoch_images: int, image_size: int, bf16: bool, device: str,
+def time_vqt_epochs(backbone_path: Path, task: Path, epoch_images: int, image_size: int, precision: Precision,
+                    device: str,
                     workers: int, cache_root: str | None, placements: tuple[str, ...] = ("host",),
                     compile_modes: tuple[str, ...] = ()) -> dict:
     """Seconds of one VQT epoch over the task's first ``epoch_images`` training images with the trunk run live
@@ -85,7 +87,7 @@ def time_vqt_epochs(backbone_path: Path, task: Path, epoch_images: int, image_si
     from querytune.data import Preprocess, open_split
     from querytune.methods import build_method
     from querytune.train import Member, TrainConfig, fit
-    from querytune.trunk.cache import open_or_build_cache
+    from querytune.trunk.cache import Building, CacheKey, open_or_build_cache
     from querytune.trunk.sources import CachedFeatureBatches, ImageBatches, LiveFeatureBatches
 
     where = torch.device(device)
@@ -94,7 +96,7 @@ def time_vqt_epochs(backbone_path: Path, task: Path, epoch_images: int, image_si
     images = replace(images, items=images.items[:epoch_images])
     preprocess = Preprocess.for_backbone(backbone, image_size)
     method = build_method("vqt", backbone, images.num_classes)
-    cfg = TrainConfig.for_method(type(method), {"epochs": 1, "precision": "bf16" if bf16 else "fp32"})
+    cfg = TrainConfig.for_method(type(method), {"epochs": 1, "precision": precision.value})
 
     def epoch_seconds(source, warm_up: bool = True, compile_mode: str = "off") -> float:
         if warm_up:  # workers, page cache, GPU kernels, compilation
@@ -106,16 +108,16 @@ def time_vqt_epochs(backbone_path: Path, task: Path, epoch_images: int, image_si
                        compile_mode=compile_mode)[0].train_seconds for _ in range(1 + warm_up))
 
     live = LiveFeatureBatches(ImageBatches(images, preprocess, workers, where.type == "cuda"), backbone, True, where,
-                              bf16)
-    result: dict = {"images": len(images.items), "bf16": bf16, "backbone": str(backbone_path)}
+                              precision)
+    result: dict = {"images": len(images.items), "precision": precision.value, "backbone": str(backbone_path)}
     result["epoch_seconds_live"] = epoch_seconds(live, warm_up=where.type == "cuda")
     with tempfile.TemporaryDirectory(dir=cache_root) as root:
         started = time.perf_counter()
-        cache = open_or_build_cache(Path(root), backbone, images, preprocess, True, bf16, device=where,
-                                    workers=workers, show_progress=False)
+        cache = open_or_build_cache(Path(root), CacheKey(backbone, images, preprocess, True, precision),
+                                    Building(device=where, workers=workers, show_progress=False))
         result["cache_build_seconds"] = time.perf_counter() - started
         for placement in placements:
-            source = CachedFeatureBatches(cache, True, bf16, where, placement)
+            source = CachedFeatureBatches(cache, True, precision, where, placement)
             result[f"epoch_seconds_cached_{placement}"] = epoch_seconds(source)
             for mode in compile_modes if placement == placements[0] else ():
                 result[f"epoch_seconds_cached_{placement}_{mode}"] = epoch_seconds(source, compile_mode=mode)
@@ -137,11 +139,11 @@ def epoch_timing(args: argparse.Namespace) -> None:
     from querytune.trunk.device import default_workers
 
     compile_modes = tuple(args.compile.split(",")) if args.compile else ()
-    timing = time_vqt_epochs(args.backbone, args.task, args.epoch_images, args.image_size, args.bf16, args.device,
-                             default_workers(), args.cache_root, compile_modes=compile_modes)
+    timing = time_vqt_epochs(args.backbone, args.task, args.epoch_images, args.image_size, Precision(args.precision),
+                             args.device, default_workers(), args.cache_root, compile_modes=compile_modes)
     uncached, cached = timing["epoch_seconds_live"], timing["epoch_seconds_cached_host"]
     build_seconds = timing["cache_build_seconds"]
-    print(f"\nVQT epoch over {timing['images']} images ({'bf16' if args.bf16 else 'fp32'}):")
+    print(f"\nVQT epoch over {timing['images']} images ({args.precision}):")
     print(f"  uncached (trunk every epoch): {uncached:8.1f} s")
     print(f"  building the cache once:      {build_seconds:8.1f} s")
     print(f"  cached epoch:                 {cached:8.2f} s   -> uncached / cached = {uncached / cached:.1f}x")
@@ -150,7 +152,7 @@ def epoch_timing(args: argparse.Namespace) -> None:
     print_compiled_epochs(timing, "host", compile_modes)
 
 
-def time_full_run(backbone: Path, task: Path, epochs: int, image_size: int, bf16: bool, device: str | None,
+def time_full_run(backbone: Path, task: Path, epochs: int, image_size: int, precision: Precision, device: str | None,
                   workers: int | None, cache_root: str | None) -> dict:
     """``querytune train --method vqt`` with a fresh cache, timed end to end: its metrics and ``total_seconds``."""
     from querytune import train_run
@@ -158,15 +160,15 @@ def time_full_run(backbone: Path, task: Path, epochs: int, image_size: int, bf16
     with tempfile.TemporaryDirectory(dir=cache_root) as root:
         started = time.perf_counter()
         metrics = train_run(RunSpec(method="vqt", backbone=backbone, data=task, image_size=image_size),
-                            Path(root) / "run", train={"epochs": epochs, "precision": "bf16" if bf16 else "fp32"},
+                            Path(root) / "run", train={"epochs": epochs, "precision": precision.value},
                             runtime=Runtime(cache=Path(root) / "cache", device=device, workers=workers, progress=False))
         return {**metrics, "total_seconds": time.perf_counter() - started}
 
 
 def full_run(args: argparse.Namespace) -> None:
     """``querytune train --method vqt`` for 100 epochs with a fresh cache, timed end to end."""
-    metrics = time_full_run(args.backbone, args.task, 100, args.image_size, args.bf16, args.device, None,
-                            args.cache_root)
+    metrics = time_full_run(args.backbone, args.task, 100, args.image_size, Precision(args.precision), args.device,
+                            None, args.cache_root)
     total = metrics["total_seconds"]
     print(f"\nfull run: 100 VQT epochs on {metrics['task']} incl. caching train and test: {total:.0f} s "
           f"({total / 60:.1f} min; the 100 epochs {metrics['train_seconds']:.0f} s), "
@@ -181,7 +183,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (trunk and step)")
+    parser.add_argument("--precision", choices=[p.value for p in Precision], default="fp32",
+                        help="bf16: the trunk and the step in bfloat16 autocast; fp16: the step in float16 autocast")
     parser.add_argument("--epoch-images", type=int, default=1000, help="0 skips the epoch timing")
     parser.add_argument("--full-run", action="store_true", help="also time 100 cached VQT epochs end to end")
     parser.add_argument("--compile", default="", help="also time the cached epoch with the step compiled in these "
@@ -195,8 +198,9 @@ def main() -> None:
     if args.cache_root is not None:
         Path(args.cache_root).mkdir(parents=True, exist_ok=True)
     print(f"device {args.device}, backbone {args.backbone.name}, batch {args.batch}, {args.image_size} px, "
-          f"{'bf16' if args.bf16 else 'fp32'}, torch {torch.__version__}, {os.cpu_count()} CPUs\n")
-    rows = [measure_method_isolated(method, args.backbone, args.batch, args.image_size, args.bf16, args.device)
+          f"{args.precision}, torch {torch.__version__}, {os.cpu_count()} CPUs\n")
+    rows = [measure_method_isolated(method, args.backbone, args.batch, args.image_size, Precision(args.precision),
+                                    args.device)
             for method in args.methods.split(",")]
     print_step_table(rows)
     print_ratios(rows)

@@ -58,10 +58,10 @@ from .runfolder import read_metrics, read_run_config, record_accuracy
 from .settings import BenchSpec, RunSpec, Runtime
 from .suite import SuiteTask, discover_tasks, read_groups_file
 from .train import TrainConfig
-from .trunk.cache import cache_dir_for, cache_splits, human_size, read_meta
+from .trunk.cache import Building, CacheKey, cache_splits, human_size, read_meta
 from .trunk.cache.build import SHARD_SIZE, entry_nbytes
 from .trunk.cache.entry import feature_shapes, shard_rows
-from .trunk.device import resolve_precision
+from .trunk.precision import resolve_precision
 
 if TYPE_CHECKING:
     from .backbones.vit import VisionTransformer
@@ -156,7 +156,6 @@ class Bench:
             method_class(method)  # unknown names fail before any work
         self.device, self.workers = runtime.torch_device, runtime.num_workers  # a bad one fails here, not per cell
         self.precision, self.precision_reason = resolve_precision(spec.precision, self.device)
-        self.bf16 = self.precision == "bf16"  # the trunk's, in the feature cache
         unknown = sorted(set(runtime.cache_splits or ()) - set(BENCH_SPLITS))
         if unknown:
             raise ConfigError(f"--cache-splits {unknown[0]!r}: not a split a bench reads ({', '.join(BENCH_SPLITS)})")
@@ -175,7 +174,7 @@ class Bench:
         self.chosen: dict[tuple[str, str], dict[str, float]] = {}  # (task, method) -> the searched lr, weight decay
 
     def settings(self, method: str) -> dict[str, Any]:
-        return {**profile_settings(method, self.spec.profile), "precision": self.precision}
+        return {**profile_settings(method, self.spec.profile), "precision": self.precision.value}
 
     def run_spec(self, method: str, task: SuiteTask, train_split: str) -> RunSpec:
         """A run of the task, trained without evaluating it (:meth:`evaluate` does, for all of them at once)."""
@@ -321,8 +320,8 @@ class Bench:
             return
         try:
             cache_splits(self.cache_dir(task), self.backbone_for_cache(), task.path, self.entry_splits(),
-                         self.spec.image_size, self.bf16, device=self.device, workers=self.workers,
-                         show_progress=self.runtime.progress)
+                         self.spec.image_size, self.precision,
+                         Building(device=self.device, workers=self.workers, show_progress=self.runtime.progress))
         except QuerytuneError:
             pass  # the task's cells meet the same error and report it
 
@@ -368,8 +367,8 @@ class Bench:
             cache_bytes = 0
             if frozen_trained:
                 for split in self.entry_splits():
-                    entry = cache_dir_for(self.cache_dir(task), backbone, images[split], preprocess, with_layers,
-                                          self.bf16)
+                    entry = CacheKey(backbone, images[split], preprocess, with_layers,
+                                     self.precision).folder(self.cache_dir(task))
                     if read_meta(entry) is None:
                         cache_bytes += entry_nbytes(shapes, shard_rows(len(images[split]), SHARD_SIZE))
                         trunk += len(images[split])
@@ -438,7 +437,7 @@ class Bench:
         settings = {"suite": [str(t.path.resolve()) for t in self.tasks],
                     "groups": {t.name: t.group for t in self.tasks},
                     "backbone": self.backbone, "profile": self.spec.profile, "search": self.spec.search,
-                    "image_size": self.spec.image_size, "precision": self.precision, "recipe": self.spec.recipe}
+                    "image_size": self.spec.image_size, "precision": self.precision.value, "recipe": self.spec.recipe}
         if self.normalisation:
             settings["normalisation"] = [list(self.normalisation[0]), list(self.normalisation[1])]
         path = self.out / "bench.json"
@@ -458,7 +457,7 @@ class Bench:
         if path.is_file():
             return json.loads(path.read_text())
         note(f"measuring one training step of {method} (batch 32, a fresh process)", self.runtime.progress)
-        result = measure_method_isolated(method, self.backbone, 32, self.spec.image_size, self.bf16,
+        result = measure_method_isolated(method, self.backbone, 32, self.spec.image_size, self.precision,
                                          self.runtime.device)
         if "error" not in result:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -469,7 +468,7 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         spec = self.spec
         write_json(self.out / "results.json", {"profile": spec.profile, "backbone": self.backbone,
-                                               "image_size": spec.image_size, "precision": self.precision,
+                                               "image_size": spec.image_size, "precision": self.precision.value,
                                                "search": spec.search, "results": results})
         table = io.StringIO()
         writer = csv.DictWriter(table, RESULT_FIELDS)

@@ -54,6 +54,7 @@ from .run import load_run
 from .runfolder import read_metrics, read_run_config
 from .serve import MultiTaskServer
 from .trunk.features import Features, extract_features
+from .trunk.precision import Precision
 from .version import __version__
 
 FORMATS = ("peft", "merged", "onnx")
@@ -326,7 +327,7 @@ def onnx_graph(runs: Sequence[Path]) -> tuple[nn.Module, list[str], int]:
     if len(runs) == 1 and not method_class(configs[0]["method"]).reads.frozen:
         graph, names = ImageGraph(load_run(runs[0])[0]), [runs[0].resolve().name]
     else:
-        server = MultiTaskServer.from_runs(None, runs, device="cpu", bf16=False)
+        server = MultiTaskServer.from_runs(None, runs, device="cpu", precision=Precision.FP32)
         graph, names = ServedGraph(server), [task.name for task in server.tasks]
     load_backbone(graph.backbone, image_size=size)
     return graph.eval(), names, size

@@ -21,8 +21,9 @@ from torch import Tensor
 
 from .errors import ConfigError
 from .methods.base import Method
-from .trunk.device import autocast, to_device
+from .trunk.device import to_device
 from .trunk.features import Features, extract_features
+from .trunk.precision import Precision
 
 
 def adapter_bytes(method: Method) -> int:
@@ -91,11 +92,11 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def method_inputs(method: Method, images: Tensor, bf16: bool) -> Callable[[], Features | Tensor]:
+def method_inputs(method: Method, images: Tensor, precision: Precision) -> Callable[[], Features | Tensor]:
     """What feeding the method costs per step: the live frozen trunk (no_grad) or the images."""
     if method.reads.frozen:
-        return lambda: to_device(extract_features(method.backbone, images, method.reads.with_layers, bf16=bf16),
-                                 images.device, bf16)
+        return lambda: to_device(extract_features(method.backbone, images, method.reads.with_layers,
+                                                  precision=precision), images.device, precision)
     return lambda: images
 
 
@@ -108,18 +109,18 @@ class StepCost:
 
 
 def measure_step(method: Method, images: Tensor, labels: Tensor, repeats: int = 2,
-                 bf16: bool = False) -> StepCost:
+                 precision: Precision = Precision.FP32) -> StepCost:
     """One training step (inputs, forward, backward, optimiser) against one inference forward, same batch."""
     device = images.device
     method.to(device)
-    make_inputs = method_inputs(method, images, bf16)
+    make_inputs = method_inputs(method, images, precision)
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
     def train_step(meter: SavedTensorMeter | None = None) -> None:
         method.train()
         inputs = make_inputs()
-        with autocast(device, bf16), meter() if meter is not None else nullcontext():
+        with precision.autocast(device), meter() if meter is not None else nullcontext():
             loss = F.cross_entropy(method(inputs).float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -128,7 +129,7 @@ def measure_step(method: Method, images: Tensor, labels: Tensor, repeats: int = 
     @torch.no_grad()
     def inference() -> None:
         method.eval()
-        with autocast(device, bf16):
+        with precision.autocast(device):
             method(make_inputs())
 
     train_step()  # warm-up: allocates optimiser state, which belongs to the baseline, not the peak
@@ -148,7 +149,7 @@ def measure_step(method: Method, images: Tensor, labels: Tensor, repeats: int = 
 
 
 def measure_method(method_name: str, backbone_source: str | Path, batch_size: int = 32, image_size: int = 224,
-                   bf16: bool = False, device: str | torch.device = "cpu", num_classes: int = 10,
+                   precision: Precision = Precision.FP32, device: str | torch.device = "cpu", num_classes: int = 10,
                    options: dict | None = None) -> dict:
     """One training step of a method on random images, measured in this process.
 
@@ -173,13 +174,13 @@ def measure_method(method_name: str, backbone_source: str | Path, batch_size: in
         method = published
     images = torch.randn(batch_size, 3, image_size, image_size, device=device)
     labels = torch.randint(0, num_classes, (batch_size,), device=device)
-    cost = measure_step(method, images, labels, bf16=bf16)
+    cost = measure_step(method, images, labels, precision=precision)
     return {
         "method": method_name,
         "device": str(device),
         "batch_size": batch_size,
         "image_size": image_size,
-        "bf16": bf16,
+        "precision": precision.value,
         "trainable_params": method.num_trainable_params(),
         "adapter_bytes": adapter_bytes(method),
         "saved_bytes": cost.saved_bytes,
@@ -190,7 +191,7 @@ def measure_method(method_name: str, backbone_source: str | Path, batch_size: in
 
 
 def measure_method_isolated(method_name: str, backbone_source: str | Path, batch_size: int = 32,
-                            image_size: int = 224, bf16: bool = False, device: str | None = None,
+                            image_size: int = 224, precision: Precision = Precision.FP32, device: str | None = None,
                             num_classes: int = 10) -> dict:
     """:func:`measure_method` such that no earlier work inflates the peak; returns ``{"method", "error"}``
     if it fails.
@@ -207,7 +208,7 @@ def measure_method_isolated(method_name: str, backbone_source: str | Path, batch
 
     if torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda":
         try:
-            return measure_method(method_name, backbone_source, batch_size, image_size, bf16, device or "cuda",
+            return measure_method(method_name, backbone_source, batch_size, image_size, precision, device or "cuda",
                                   num_classes)
         except Exception as error:  # reported in the bench's table, as a failed fresh process would be
             return {"method": method_name, "error": f"{type(error).__name__}: {error}".splitlines()[0]}
@@ -216,9 +217,7 @@ def measure_method_isolated(method_name: str, backbone_source: str | Path, batch
 
     command = [sys.executable, "-m", "querytune", "measure", "--method", method_name, "--backbone",
                str(backbone_source), "--batch-size", str(batch_size), "--image-size", str(image_size),
-               "--num-classes", str(num_classes), "--json"]
-    if bf16:
-        command.append("--bf16")
+               "--num-classes", str(num_classes), "--precision", precision.value, "--json"]
     if device:
         command += ["--device", device]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")

@@ -44,8 +44,8 @@ from .runlog import EpochLog, check_loggers
 from .settings import RunSpec, Runtime
 from .train import FitResult, Member, TrainConfig, evaluate, fit, random_stream, rng_state, seed_everything
 from .trunk import TrunkInput
-from .trunk.cache import backbone_fingerprint
-from .trunk.device import resolve_precision
+from .trunk.cache import CacheKey, backbone_fingerprint
+from .trunk.precision import Precision, resolve_precision
 from .trunk.sources import BatchSource, check_augment, make_source
 from .version import __version__
 
@@ -114,22 +114,23 @@ class RunSetup:
         }
         return method, config
 
-    def source(self, reads: TrunkInput, images: ImageList, bf16: bool, augment: bool = False) -> BatchSource:
+    def source(self, reads: TrunkInput, images: ImageList, precision: Precision, augment: bool = False
+               ) -> BatchSource:
         """The batches of ``images``, read from the feature cache where the runtime caches their split
         (:func:`cached_splits`: by default the splits read more than once, the training split and the
         validation split of ``eval_every``; the evaluation split, read once, runs the trunk live)."""
         read_again = [self.train_images.split] + ([self.val_images.split] if self.val_images is not None else [])
         cached = images.split in cached_splits(self.runtime.cache_splits, read_again)
         cache_dir = self.runtime.cache_dir if cached else None
-        return make_source(reads, self.backbone, images, self.preprocess, self.device, cache_dir, self.workers,
-                           self.runtime.progress, bf16, self.runtime.cache_placement, augment)
+        return make_source(reads, CacheKey(self.backbone, images, self.preprocess, precision=precision), self.device,
+                           cache_dir, self.workers, self.runtime.progress, self.runtime.cache_placement, augment)
 
     def epoch_log(self, run: Path, method: Method, cfg: TrainConfig) -> EpochLog:
         """The run's per-epoch log, validating ``method`` on the held-out split where one is asked for."""
         validate = None
         if self.val_images is not None:
-            val_source = self.source(method.reads, self.val_images, cfg.bf16)
-            validate = partial(evaluate_one, method, val_source, self.device, bf16=cfg.bf16, fp16=cfg.fp16)
+            val_source = self.source(method.reads, self.val_images, cfg.resolved_precision)
+            validate = partial(evaluate_one, method, val_source, self.device, precision=cfg.resolved_precision)
         return EpochLog(run, self.spec.log, validate, self.eval_every or 1, cfg.epochs)
 
     def metrics(self, method: Method, cfg: TrainConfig, result: FitResult, extra_metrics: dict[str, Any],
@@ -255,7 +256,7 @@ def train_runs(spec: RunSpec, runs: dict[Path, dict[str, Any]], runtime: Runtime
     device = distributed.init_from_env(runtime.torch_device)
     configs = [TrainConfig.for_method(method_cls, own) for own in runs.values()]
     resolved = [resolve_precision(cfg.precision, device) for cfg in configs]
-    configs = [replace(cfg, precision=precision) for cfg, (precision, _) in zip(configs, resolved)]
+    configs = [replace(cfg, precision=precision.value) for cfg, (precision, _) in zip(configs, resolved)]
     precision, why = resolved[0]  # a stack's runs share it (check_stack)
     if len(configs) > 1:
         check_stack(method_cls, configs, runtime)
@@ -302,8 +303,8 @@ def check_stack(method_cls: type[Method], configs: list[TrainConfig], runtime: R
 def train_stack(setup: RunSetup, stack: list[StackRun]) -> dict[Path, dict[str, Any]]:
     """Train the unfinished runs ``stack`` together and finish each run folder; their metrics."""
     cfg = stack[0].member.cfg
-    source = setup.source(setup.method_cls.reads, setup.train_images, cfg.bf16, cfg.augment)
-    eval_source = (setup.source(setup.method_cls.reads, setup.eval_images, cfg.bf16)
+    source = setup.source(setup.method_cls.reads, setup.train_images, cfg.resolved_precision, cfg.augment)
+    eval_source = (setup.source(setup.method_cls.reads, setup.eval_images, cfg.resolved_precision)
                    if setup.eval_images is not None else None)
     for run in stack:
         run.member.log = setup.epoch_log(run.folder, run.member.method, run.member.cfg)
@@ -340,8 +341,8 @@ def finish_runs(setup: RunSetup, stack: list[StackRun], results: list[FitResult]
     cfg = stack[0].member.cfg  # the precision, shared
     accuracies: list[float | None] = [None] * len(stack)
     if eval_source is not None:
-        accuracies = [*evaluate([run.member.method for run in stack], eval_source, device, bf16=cfg.bf16,
-                                fp16=cfg.fp16)]
+        accuracies = [*evaluate([run.member.method for run in stack], eval_source, device,
+                                precision=cfg.resolved_precision)]
     metrics = {}
     for run, result, extra, accuracy in zip(stack, results, extra_metrics, accuracies):
         metrics[run.folder] = setup.metrics(run.member.method, run.member.cfg, result, extra, accuracy, source,
@@ -431,12 +432,13 @@ def eval_runs(runs: Sequence[str | Path], data: str | Path, split: str = TEST, r
         method, config = load_run(runs[indices[0]], backbone)
         methods = [method] + [load_run(runs[i], method.backbone)[0] for i in indices[1:]]
         reads = TrunkInput.LAYERS if any(m.reads.with_layers for m in methods) else method.reads
-        bf16, fp16 = (config["train"]["precision"] == kind for kind in ("bf16", "fp16"))
-        preprocess = Preprocess.for_backbone(method.backbone, config["image_size"])
+        precision = Precision(config["train"]["precision"])
+        key = CacheKey(method.backbone, images, Preprocess.for_backbone(method.backbone, config["image_size"]),
+                       precision=precision)
         cached = split in cached_splits(runtime.cache_splits, [split])
-        source = make_source(reads, method.backbone, images, preprocess, device, runtime.cache_dir if cached else None,
-                             runtime.num_workers, runtime.progress, bf16, runtime.cache_placement)
-        for index, accuracy in zip(indices, evaluate(methods, source, device, bf16=bf16, fp16=fp16)):
+        source = make_source(reads, key, device, runtime.cache_dir if cached else None, runtime.num_workers,
+                             runtime.progress, runtime.cache_placement)
+        for index, accuracy in zip(indices, evaluate(methods, source, device, precision=precision)):
             accuracies[index] = accuracy
     return accuracies
 

@@ -35,8 +35,9 @@ from .methods.registry import method_class
 from .run import load_run
 from .runfolder import read_run_config
 from .trunk.cache import backbone_fingerprint
-from .trunk.device import autocast, resolve_device, to_device
+from .trunk.device import resolve_device, to_device
 from .trunk.features import extract_features
+from .trunk.precision import Precision
 
 
 @dataclass
@@ -84,7 +85,7 @@ class MultiTaskServer:
     the backbone from a pass of its own backbone (which must not be the shared one)."""
 
     def __init__(self, backbone: VisionTransformer, tasks: Sequence[ServedMethod], image_size: int = 224,
-                 bf16: bool = False, device: torch.device | str | None = None) -> None:
+                 precision: Precision = Precision.FP32, device: torch.device | str | None = None) -> None:
         names = [task.name for task in tasks]
         if not tasks:
             raise ConfigError("no task to serve")
@@ -101,18 +102,18 @@ class MultiTaskServer:
         self.backbone = backbone.to(self.device).eval()
         self.tasks = [ServedMethod(t.name, t.method.to(self.device).eval(), t.classes) for t in tasks]
         self.preprocess = Preprocess.for_backbone(backbone, image_size)
-        self.bf16 = bf16
+        self.precision = precision
         self.shared = [task for task in self.tasks if task.shares_trunk]
         self.with_layers = any(task.method.reads.with_layers for task in self.shared)
         self.rows = MergedRows(self.shared)
 
     @classmethod
     def from_runs(cls, backbone_source: str | Path | VisionTransformer | None, runs: Sequence[str | Path],
-                  device: torch.device | str | None = None, bf16: bool | None = None) -> MultiTaskServer:
+                  device: torch.device | str | None = None, precision: Precision | None = None) -> MultiTaskServer:
         """Serve finished runs (tasks named after their folders) on one backbone (default: the first run's).
 
-        Each run that adapts the backbone gets its own copy of it. ``bf16`` (trunk and task modules in
-        bfloat16 autocast) defaults to whether every run was trained so.
+        Each run that adapts the backbone gets its own copy of it. ``precision`` defaults to bf16 (trunk and
+        task modules in bfloat16 autocast) where every run was trained so, else fp32.
         """
         runs = [Path(run) for run in runs]
         if not runs:
@@ -142,9 +143,10 @@ class MultiTaskServer:
             # load weights into it): each gets its own copy, the shared trunk stays as loaded
             method, _ = load_run(run, backbone if shares_trunk else copy.deepcopy(backbone))
             tasks.append(ServedMethod(name, method, config.get("classes")))
-        if bf16 is None:
-            bf16 = all(config["train"]["precision"] == "bf16" for config in configs)
-        return cls(backbone, tasks, configs[0]["image_size"], bf16, device)
+        if precision is None:
+            every_bf16 = all(config["train"]["precision"] == Precision.BF16.value for config in configs)
+            precision = Precision.BF16 if every_bf16 else Precision.FP32
+        return cls(backbone, tasks, configs[0]["image_size"], precision, device)
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> dict[str, Tensor]:
@@ -152,10 +154,10 @@ class MultiTaskServer:
         images = to_device(images, self.device)
         if self.shared:
             # rounded to the feature cache's storage dtype, as in training and `querytune eval`
-            features = to_device(extract_features(self.backbone, images, self.with_layers, bf16=self.bf16),
-                                 self.device, self.bf16)
+            features = to_device(extract_features(self.backbone, images, self.with_layers, precision=self.precision),
+                                 self.device, self.precision)
         logits = {}
-        with autocast(self.device, self.bf16):
+        with self.precision.autocast(self.device):
             from_rows = self.rows(features.layers, self.backbone) if self.rows.sets else {}
             for task in self.tasks:
                 if not task.shares_trunk:

@@ -22,7 +22,8 @@ import torch
 
 from .options import check_fields, option
 from .runlog import LOGGERS
-from .trunk.device import COMPILE_MODES, PRECISIONS, resolve_device, resolve_workers
+from .trunk.device import COMPILE_MODES, resolve_device, resolve_workers
+from .trunk.precision import PRECISIONS
 from .trunk.sources import PLACEMENTS
 
 
@@ -116,7 +117,7 @@ class BenchSpec(ModelSpec):
                                            "sharing --out and --cache; run it again without --tasks for the whole "
                                            "report)")
     precision: str = option("auto", "the trunk's and the training steps' precision: auto (bf16 where the device "
-                                    "computes it natively, else fp32) | fp32 | bf16 | fp16; --bf16 spells bf16",
+                                    "computes it natively, else fp32) | fp32 | bf16 | fp16",
                             choices=PRECISIONS)
 
     def __post_init__(self) -> None:

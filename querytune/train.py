@@ -28,7 +28,8 @@ from .errors import CheckpointError, ConfigError, one_line
 from .files import recording_writes, write_atomic
 from .options import check_value, option
 from .progress import progress_bar
-from .trunk.device import PRECISIONS, autocast, compiled, to_device
+from .trunk.device import compiled, to_device
+from .trunk.precision import PRECISIONS, Precision
 from .trunk.sources import BatchSource, epoch_order
 
 if TYPE_CHECKING:
@@ -58,8 +59,7 @@ class TrainConfig:
     data_seed: int | None = option(None, "seed of the epochs' order (default: --seed)", min=0, max=2**32 - 1)
     precision: str = option("auto", "auto (bf16 where the device computes it natively: a GPU with bf16, a CPU "
                                     "with AVX-512 BF16 or AMX; else fp32) | fp32 | bf16 (autocast) | fp16 (autocast "
-                                    "and a gradient scaler, for GPUs without bfloat16); --bf16 and --fp16 spell the "
-                                    "last two", choices=PRECISIONS)
+                                    "and a gradient scaler, for GPUs without bfloat16)", choices=PRECISIONS)
     checkpointing: bool = option(False, "recompute each block in backward (methods that backpropagate through "
                                         "the trunk)")
     augment: bool = option(False, "random resized crop and flip of the training images (needs the trunk run live)")
@@ -83,12 +83,10 @@ class TrainConfig:
         return cfg
 
     @property
-    def bf16(self) -> bool:
-        return self.precision == "bf16"
-
-    @property
-    def fp16(self) -> bool:
-        return self.precision == "fp16"
+    def resolved_precision(self) -> Precision:
+        """:attr:`precision` as :func:`querytune.run.train_runs` resolved it for the device before anything
+        trained; ``auto`` left unresolved (a caller of :func:`fit` that skipped ``train_runs``) is fp32."""
+        return Precision.FP32 if self.precision == "auto" else Precision(self.precision)
 
     @property
     def order_seed(self) -> int:
@@ -239,7 +237,7 @@ def train_epoch(learners: Sequence[Learner], logits_of: Callable[[Any], list[tor
         batch = next(batches, None)  # None: this rank has no part of the epoch's last, short batch
         if batch is not None:
             inputs, labels = batch
-            batch = to_device(inputs, device, cfg.bf16), labels.to(device)
+            batch = to_device(inputs, device, cfg.resolved_precision), labels.to(device)
         loss = train_step(learners, epoch * schedule.steps_per_epoch + batch_index, schedule, batch, global_items,
                           logits_of, stats)
         if advance is not None and loss is not None:
@@ -341,7 +339,7 @@ def members_logits(active: list[Member], lone_forward: Callable[..., Any] | None
     streams = streams_of(active, device)
 
     def logits_of(inputs: Any) -> list[torch.Tensor]:
-        with autocast(device, cfg.bf16, cfg.fp16):
+        with cfg.resolved_precision.autocast(device):
             if lone_forward is not None:
                 with streams(0):
                     return [lone_forward(inputs)]
@@ -356,7 +354,8 @@ def start(member: Member, device: torch.device) -> None:
     member.method.backbone.set_grad_checkpointing(member.cfg.checkpointing)
     params = [p for p in member.method.parameters() if p.requires_grad]
     member.learner = Learner(member.cfg, params, make_optimizer(params, member.cfg, member.method.decay_vectors),
-                             torch.amp.GradScaler(device.type, enabled=member.cfg.fp16),  # otherwise it passes through
+                             # fp16 scales the loss; otherwise the scaler passes the step through
+                             torch.amp.GradScaler(device.type, enabled=member.cfg.resolved_precision.scales_loss),
                              member.method.loss_penalty)
     member.done = {"epochs_done": 0, "train_seconds": 0.0, "loss": float("nan"), "train_accuracy": float("nan")}
     if not member.stream:
@@ -451,8 +450,8 @@ def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer
 
 @torch.no_grad()
 def predict(methods: Sequence[Method], source: BatchSource, device: torch.device, batch_size: int = 128,
-            bf16: bool = False, show_progress: bool = False, indices: np.ndarray | None = None,
-            fp16: bool = False) -> list[torch.Tensor]:
+            precision: Precision = Precision.FP32, show_progress: bool = False,
+            indices: np.ndarray | None = None) -> list[torch.Tensor]:
     """Every method's logits for the items ``indices`` of ``source`` (default: all of them), in order, from
     one pass over ``source``: methods reading the frozen trunk from a live source share each batch's trunk
     pass."""
@@ -464,8 +463,8 @@ def predict(methods: Sequence[Method], source: BatchSource, device: torch.device
     label = f"evaluating {members[0].name}" if len(members) == 1 else f"evaluating {len(members)} runs"
     with progress_bar(label, total=len(indices), enabled=show_progress) as advance:
         for inputs, _ in source.batches(indices, batch_size):
-            inputs = to_device(inputs, device, bf16)
-            with autocast(device, bf16, fp16):
+            inputs = to_device(inputs, device, precision)
+            with precision.autocast(device):
                 for method, method_outputs in zip(members, outputs):
                     method_outputs.append(method(inputs).float().cpu())
             advance(len(outputs[0][-1]))

@@ -21,15 +21,17 @@ import numpy as np
 import pytest
 import torch
 from test_bad_input import cli_error, train_args
-from test_faults import ROOT
+from test_faults import ROOT, SHARDS_OF_4
 
 from conftest import tiny_vit
 from querytune.backbones import load_backbone
 from querytune.cli import main
-from querytune.data import Preprocess, open_split
+from querytune.data import ImageList, Preprocess, open_split
 from querytune.errors import CheckpointError, DataError
 from querytune.run import load_run
 from querytune.trunk.cache import (
+    Building,
+    CacheKey,
     FeatureCache,
     ShardWriter,
     build_cache,
@@ -40,6 +42,7 @@ from querytune.trunk.cache import (
 )
 from querytune.trunk.cache import build as cache_build
 from querytune.trunk.cache import entry as cache_entry
+from querytune.trunk.precision import Precision
 
 
 def cache_args(backbone: Path, task: Path, root: Path, *extra: str) -> list[str]:
@@ -260,8 +263,8 @@ def test_concurrent_builders_build_once_and_a_killed_holder_blocks_none(tiny_bac
     built: list[bool] = []
 
     def build() -> None:
-        ((_, _, was_built),) = cache_splits(root, backbone, tiny_task, ["train800val200"], 32, shard_size=4,
-                                            batch_size=2, workers=0, show_progress=False)
+        ((_, _, was_built),) = cache_splits(root, backbone, tiny_task, ["train800val200"], 32,
+                                            building=Building(batch_size=2, shard_size=4, show_progress=False))
         built.append(was_built)
 
     waiters = [threading.Thread(target=build) for _ in range(2)]
@@ -291,7 +294,7 @@ def test_a_corrupted_shard_is_found_once_opened_for_training_and_rebuilt(tiny_ta
     backbone = tiny_vit()
     images = open_split(tiny_task, "test")
     preprocess = Preprocess(32, backbone.config.mean, backbone.config.std)
-    path = build_cache(tmp_path, backbone, images, preprocess, shard_size=4, show_progress=False)
+    path = build_cache(tmp_path, CacheKey(backbone, images, preprocess), SHARDS_OF_4)
     good = FeatureCache.open(path).features(np.arange(len(images)))
     meta = read_meta(path)
     assert meta is not None and not meta["verified"] and len(meta["checksums"]) == 3 * 2  # 3 shards x 2 kinds
@@ -300,8 +303,7 @@ def test_a_corrupted_shard_is_found_once_opened_for_training_and_rebuilt(tiny_ta
     flip_a_byte(shard)
     assert FeatureCache.open(path).features(np.arange(len(images))).layers.ne(good.layers).any()  # header intact
 
-    rebuilt = open_or_build_cache(tmp_path, backbone, images, preprocess, with_layers=True, shard_size=4,
-                                  show_progress=False)
+    rebuilt = open_or_build_cache(tmp_path, CacheKey(backbone, images, preprocess, with_layers=True), SHARDS_OF_4)
     assert shard.read_bytes() == original
     assert torch.equal(rebuilt.features(np.arange(len(images))).layers, good.layers)
     assert read_meta(path)["verified"]
@@ -310,7 +312,7 @@ def test_a_corrupted_shard_is_found_once_opened_for_training_and_rebuilt(tiny_ta
     hashed = []
     for module in (cache_entry, cache_build):
         monkeypatch.setattr(module, "data_checksum", lambda array: hashed.append(array) or "")
-    open_or_build_cache(tmp_path, backbone, images, preprocess, with_layers=True, shard_size=4, show_progress=False)
+    open_or_build_cache(tmp_path, CacheKey(backbone, images, preprocess, with_layers=True), SHARDS_OF_4)
     assert hashed == []
 
 
@@ -318,14 +320,13 @@ def test_a_read_only_entry_is_checked_on_every_open_and_never_written(tiny_task,
     backbone = tiny_vit()
     images = open_split(tiny_task, "test")
     preprocess = Preprocess(32, backbone.config.mean, backbone.config.std)
-    path = build_cache(tmp_path, backbone, images, preprocess, shard_size=4, show_progress=False)
+    path = build_cache(tmp_path, CacheKey(backbone, images, preprocess), SHARDS_OF_4)
     monkeypatch.setattr(cache_build.os, "access", lambda path, mode: False)  # root may write anywhere
     meta = (path / "meta.json").read_bytes()
-    open_or_build_cache(tmp_path, backbone, images, preprocess, with_layers=True, shard_size=4, show_progress=False)
+    open_or_build_cache(tmp_path, CacheKey(backbone, images, preprocess, with_layers=True), SHARDS_OF_4)
     flip_a_byte(path / "shard-00002.cls.npy", from_end=1)
     with pytest.raises(DataError, match=r"shard-00002.cls.npy: corrupted \(its checksum differs\) in a read-only"):
-        open_or_build_cache(tmp_path, backbone, images, preprocess, with_layers=True, shard_size=4,
-                            show_progress=False)
+        open_or_build_cache(tmp_path, CacheKey(backbone, images, preprocess, with_layers=True), SHARDS_OF_4)
     assert (path / "meta.json").read_bytes() == meta and not (path / ".lock").exists()
 
 
@@ -340,6 +341,35 @@ def test_a_corrupted_adapter_is_refused(tiny_backbone_dir, tiny_task, tmp_path, 
     (out / "adapter.sha256").unlink()  # no checksum, nothing to check the adapter against: refused
     with pytest.raises(CheckpointError, match=r"adapter.safetensors: not a readable adapter .*adapter.sha256"):
         load_run(out)
+
+
+# --- the key ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("with_layers", "precision", "folder"), [
+    (True, Precision.FP32, "cats-train800-1bfd0350f13e523f"),
+    (True, Precision.FP16, "cats-train800-1bfd0350f13e523f"),  # an fp16 run's trunk runs in float32
+    (True, Precision.BF16, "cats-train800-bf16-15eb6255bce6d3aa"),
+    (False, Precision.FP32, "cats-train800-cls-6e42ec6d4684017f"),
+    (False, Precision.BF16, "cats-train800-cls-bf16-4fea2b7825f91ae4"),
+])
+def test_an_entry_keeps_its_folder_and_digest_so_existing_caches_still_match(with_layers, precision, folder, tmp_path):
+    """Fixed inputs give the folder names (and digests) the cache has always given them: changing what the key
+    hashes would orphan every entry on disk."""
+    items = []
+    for index in range(2):
+        image = tmp_path / "cats" / f"img{index}.png"
+        image.parent.mkdir(exist_ok=True)
+        image.write_bytes(bytes([index]) * (10 + index))
+        os.utime(image, ns=(1_700_000_000_000_000_000 + index,) * 2)
+        items.append((image, index))
+    backbone = tiny_vit()
+    setattr(backbone, cache_entry.FINGERPRINT_ATTRIBUTE, "0" * 64)  # the weights' hash, fixed here
+    key = CacheKey(backbone, ImageList(tmp_path / "cats", "train800", tuple(items), None),
+                   Preprocess(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), with_layers, precision)
+    assert key.folder(Path("root")) == Path("root") / folder
+    assert key.digest().startswith(folder.rsplit("-", 1)[1])
+    if (with_layers, precision) == (True, Precision.FP32):
+        assert key.digest() == "1bfd0350f13e523f69c12841a8b2bd7620692f17835c6ede4103372f350a06cf"
 
 
 # --- housekeeping: build again, ls, rm, prune ---------------------------------------------------------
@@ -412,12 +442,11 @@ def test_train800_and_val200_are_read_from_the_train800val200_entry(tiny_backbon
     preprocess = Preprocess(32, backbone.config.mean, backbone.config.std)
     whole = open_split(tiny_task, "train800val200")
     shared, own = tmp_path / "shared", tmp_path / "own"
-    open_or_build_cache(shared, backbone, whole, preprocess, with_layers=True, shard_size=4, show_progress=False)
+    open_or_build_cache(shared, CacheKey(backbone, whole, preprocess, with_layers=True), SHARDS_OF_4)
     for split in ("train800", "val200"):
         images = open_split(tiny_task, split)
-        own_entry = build_cache(own, backbone, images, preprocess, shard_size=4, show_progress=False)
-        part = open_or_build_cache(shared, backbone, images, preprocess, with_layers=True, shard_size=4,
-                                   show_progress=False)
+        own_entry = build_cache(own, CacheKey(backbone, images, preprocess), SHARDS_OF_4)
+        part = open_or_build_cache(shared, CacheKey(backbone, images, preprocess, with_layers=True), SHARDS_OF_4)
         assert len(part) == len(images) and part.labels.tolist() == [label for _, label in images.items]
         order = np.random.default_rng(0).permutation(len(images))
         want, got = FeatureCache.open(own_entry).features(order), part.features(order)
@@ -429,13 +458,12 @@ def test_train800_and_val200_are_read_from_the_train800val200_entry(tiny_backbon
     assert [entry.name.split("-")[1] for entry in shared.iterdir()] == ["train800val200"]  # no entry of their own
     # training on a part with nothing cached builds the whole split's entry, for the other part and the final runs
     fresh = tmp_path / "fresh"
-    part = open_or_build_cache(fresh, backbone, open_split(tiny_task, "val200"), preprocess, with_layers=True,
-                               shard_size=4, show_progress=False)
+    part = open_or_build_cache(fresh, CacheKey(backbone, open_split(tiny_task, "val200"), preprocess), SHARDS_OF_4)
     assert len(part) == 6 and [entry.name.split("-")[1] for entry in fresh.iterdir()] == ["train800val200"]
     # a class-token reader (the linear probe) does not build per-layer features it will not read
     cls_only = tmp_path / "cls-only"
-    open_or_build_cache(cls_only, backbone, open_split(tiny_task, "val200"), preprocess, with_layers=False,
-                        shard_size=4, show_progress=False)
+    open_or_build_cache(cls_only, CacheKey(backbone, open_split(tiny_task, "val200"), preprocess, with_layers=False),
+                        SHARDS_OF_4)
     assert [entry.name.split("-")[1:3] for entry in cls_only.iterdir()] == [["val200", "cls"]]
 
     # `cache build` of the parts builds nothing either; a split not all in the whole gets its own entry.

@@ -17,7 +17,7 @@ from querytune.measure import measure_method
 from querytune.methods import METHODS, build_method, synqt
 from querytune.settings import RunSpec, Runtime
 from querytune.train import Member, TrainConfig, fit
-from querytune.trunk.cache import FeatureCache, build_cache
+from querytune.trunk.cache import Building, CacheKey, FeatureCache, build_cache
 from querytune.trunk.features import extract_features
 from querytune.trunk.sources import CachedFeatureBatches
 
@@ -60,8 +60,8 @@ def test_method_on_cuda_equals_cpu(name, monkeypatch):
 def test_cached_features_train_alike_in_gpu_memory_streamed_and_on_cpu(tiny_task, tmp_path):
     backbone = tiny_vit()
     images = open_split(tiny_task, "train800val200")
-    cache = FeatureCache.open(build_cache(tmp_path, backbone, images, Preprocess(32, (0.5,) * 3, (0.5,) * 3),
-                                          show_progress=False))
+    cache = FeatureCache.open(build_cache(tmp_path, CacheKey(backbone, images, Preprocess(32, (0.5,) * 3, (0.5,) * 3)),
+                                          Building(show_progress=False)))
     cfg = TrainConfig(epochs=2, batch_size=4, lr=0.05, warmup_epochs=0)
     adapters = {}
     for device, placement in (("cpu", "host"), (CUDA, "device"), (CUDA, "host")):

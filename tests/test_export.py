@@ -21,6 +21,7 @@ from querytune.errors import CheckpointError, ConfigError
 from querytune.export import export_runs
 from querytune.serve import MultiTaskServer
 from querytune.settings import RunSpec, Runtime
+from querytune.trunk.precision import Precision
 
 FAST = {"epochs": 2, "batch_size": 8}
 SIZE = 40  # not the tiny ViT's native 32 px: the exports must carry the resampled position embeddings
@@ -126,7 +127,7 @@ def test_onnx_graphs_match_pytorch(runs, tmp_path):
     session = onnxruntime.InferenceSession(tmp_path / "served" / "model.onnx")
     assert [output.name for output in session.get_outputs()] == ["linear", "vqt", "memory", "head2toe"]
     answers = session.run(None, {"images": batch.numpy()})
-    expected = MultiTaskServer.from_runs(None, frozen, device="cpu", bf16=False).predict(batch)
+    expected = MultiTaskServer.from_runs(None, frozen, device="cpu", precision=Precision.FP32).predict(batch)
     differences = [(torch.from_numpy(answer) - expected[name]).abs().max().item()
                    for answer, name in zip(answers, ["linear", "vqt", "memory", "head2toe"])]
     lora, _ = load_run(runs["lora"])

@@ -20,9 +20,10 @@ from conftest import tiny_vit
 from querytune.cli import main
 from querytune.data import Preprocess, open_split
 from querytune.errors import DataError
-from querytune.trunk.cache import FeatureCache, build_cache, open_or_build_cache
+from querytune.trunk.cache import Building, CacheKey, FeatureCache, build_cache, open_or_build_cache
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARDS_OF_4 = Building(shard_size=4, show_progress=False)  # a tiny split in several shards, quietly
 # The command line with every image load slowed down, so that the test can kill it mid-way.
 SLOWED_CLI = ("import time, querytune.data.core as data; load = data.load_image; "
               "data.load_image = lambda path: (time.sleep({delay}), load(path))[1]; "
@@ -94,7 +95,7 @@ def test_torn_shards_under_their_final_names_are_rebuilt_never_read(damage, tiny
     backbone = tiny_vit()
     images = open_split(tiny_task, "test")
     preprocess = Preprocess(32, backbone.config.mean, backbone.config.std)
-    path = build_cache(tmp_path, backbone, images, preprocess, shard_size=4, show_progress=False)
+    path = build_cache(tmp_path, CacheKey(backbone, images, preprocess), SHARDS_OF_4)
     good = FeatureCache.open(path).features(np.arange(len(images)))
 
     shard = path / "shard-00001.layers.npy"
@@ -112,7 +113,6 @@ def test_torn_shards_under_their_final_names_are_rebuilt_never_read(damage, tiny
     with pytest.raises(DataError, match=f"{shard}: missing or torn"):
         FeatureCache.open(path)
 
-    rebuilt = open_or_build_cache(tmp_path, backbone, images, preprocess, with_layers=True, shard_size=4,
-                                  show_progress=False)
+    rebuilt = open_or_build_cache(tmp_path, CacheKey(backbone, images, preprocess, with_layers=True), SHARDS_OF_4)
     assert shard.read_bytes() == data
     assert torch.equal(rebuilt.features(np.arange(len(images))).layers, good.layers)

@@ -12,14 +12,16 @@ from conftest import tiny_vit
 from querytune.errors import ConfigError
 from querytune.measure import SavedTensorMeter, measure_method, measure_step
 from querytune.methods import build_method
+from querytune.trunk.precision import Precision
 
 BATCH, CLASSES, SIZE = 4, 5, 64  # 65 tokens: the per-layer tokens dominate what the rows forward keeps
 
 
-def step_saved_bytes(name: str, bf16: bool = False, **options) -> tuple[int, object]:
+def step_saved_bytes(name: str, precision: Precision = Precision.FP32, **options) -> tuple[int, object]:
     method = build_method(name, tiny_vit(layer_scale=True, image_size=SIZE), CLASSES, options)
     images, labels = torch.randn(BATCH, 3, SIZE, SIZE), torch.arange(BATCH) % CLASSES
-    return measure_step(method, images, labels, repeats=1, bf16=bf16).saved_bytes, method.backbone.config
+    cost = measure_step(method, images, labels, repeats=1, precision=precision)
+    return cost.saved_bytes, method.backbone.config
 
 
 def loss_saved_bytes() -> int:
@@ -30,29 +32,31 @@ def loss_saved_bytes() -> int:
     return meter.bytes
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_a_linear_probe_keeps_its_head_input_and_the_loss_only(bf16):
-    saved, config = step_saved_bytes("linear", bf16)
-    head_input = BATCH * config.embed_dim * (2 if bf16 else 4)  # the (B, D) class tokens, for the weight gradient
+@pytest.mark.parametrize("precision", [Precision.FP32, Precision.BF16])
+def test_a_linear_probe_keeps_its_head_input_and_the_loss_only(precision):
+    saved, config = step_saved_bytes("linear", precision)
+    element = 2 if precision is Precision.BF16 else 4
+    head_input = BATCH * config.embed_dim * element  # the (B, D) class tokens, for the weight gradient
     assert saved == head_input + loss_saved_bytes()
 
 
-@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("precision", [Precision.FP32, Precision.BF16])
 @pytest.mark.parametrize("name", ["vqt", "synqt"])
-def test_the_rows_forward_keeps_about_one_token_tensor_per_layer(name, bf16):
-    saved, config = step_saved_bytes(name, bf16)
+def test_the_rows_forward_keeps_about_one_token_tensor_per_layer(name, precision):
+    saved, config = step_saved_bytes(name, precision)
     tokens = config.depth * BATCH * config.num_tokens(SIZE) * config.embed_dim  # each layer's (B, N, D)
-    assert tokens * (2 if bf16 else 4) <= saved <= 3 * tokens * 4  # and the small query rows' own tensors
+    element = 2 if precision is Precision.BF16 else 4
+    assert tokens * element <= saved <= 3 * tokens * 4  # and the small query rows' own tensors
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_vqt_saves_a_fraction_of_full_fine_tuning_and_of_its_published_way(bf16):
-    vqt, _ = step_saved_bytes("vqt", bf16)
-    full, _ = step_saved_bytes("full", bf16)
+@pytest.mark.parametrize("precision", [Precision.FP32, Precision.BF16])
+def test_vqt_saves_a_fraction_of_full_fine_tuning_and_of_its_published_way(precision):
+    vqt, _ = step_saved_bytes("vqt", precision)
+    full, _ = step_saved_bytes("full", precision)
     assert vqt < 0.25 * full
     method = build_method("vqt", tiny_vit(layer_scale=True, image_size=SIZE), CLASSES, {})
     images, labels = torch.randn(BATCH, 3, SIZE, SIZE), torch.arange(BATCH) % CLASSES
-    naive = measure_step(method.published_way(), images, labels, repeats=1, bf16=bf16).saved_bytes
+    naive = measure_step(method.published_way(), images, labels, repeats=1, precision=precision).saved_bytes
     assert vqt < 0.25 * naive
 
 

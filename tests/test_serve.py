@@ -20,6 +20,7 @@ from querytune.run import eval_run
 from querytune.serve import MultiTaskServer, ServedMethod, collect_images
 from querytune.settings import RunSpec, Runtime
 from querytune.train import predict
+from querytune.trunk.cache import CacheKey
 from querytune.trunk.features import extract_features
 from querytune.trunk.sources import make_source
 
@@ -126,7 +127,7 @@ def test_predict_cli_serves_runs_together_as_eval_predicts_them(tiny_backbone_di
     for name in ("linear", "memory", "lora"):  # what `querytune eval` computes, image by image
         method, config = load_run(tmp_path / name)
         preprocess = Preprocess(32, method.backbone.config.mean, method.backbone.config.std)
-        source = make_source(method.reads, method.backbone, images, preprocess, torch.device("cpu"))
+        source = make_source(method.reads, CacheKey(method.backbone, images, preprocess), torch.device("cpu"))
         probabilities = predict([method], source, torch.device("cpu"))[0].softmax(-1)
         correct = 0
         for (path, label), expected in zip(images.items, probabilities):
@@ -181,7 +182,7 @@ def test_runs_of_every_method_are_served_as_their_own_eval_predicts_them(tiny_ba
     for run in runs:  # exactly what `querytune eval` computes from the run alone
         method, _ = load_run(run)
         preprocess = Preprocess(32, method.backbone.config.mean, method.backbone.config.std)
-        source = make_source(method.reads, method.backbone, images, preprocess, torch.device("cpu"))
+        source = make_source(method.reads, CacheKey(method.backbone, images, preprocess), torch.device("cpu"))
         torch.testing.assert_close(logits[run.name], predict([method], source, torch.device("cpu"))[0], rtol=0, atol=0,
                                    msg=run.name)
 

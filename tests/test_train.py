@@ -17,8 +17,9 @@ from querytune.data import Preprocess, open_split
 from querytune.errors import CheckpointError, ConfigError, DataError
 from querytune.settings import RunSpec, Runtime
 from querytune.train import Schedule, TrainConfig
-from querytune.trunk.cache import FeatureCache, build_cache, cache_dir_for
+from querytune.trunk.cache import Building, CacheKey, FeatureCache, build_cache
 from querytune.trunk.features import Features
+from querytune.trunk.precision import Precision
 
 FAST = {"epochs": 3, "batch_size": 8, "lr": 0.05}
 
@@ -70,8 +71,8 @@ def test_cached_and_live_training_agree(tiny_backbone_dir, tiny_task, tmp_path, 
 
 def test_features_reach_the_method_layer_major_in_the_compute_dtype():
     layers = torch.randn(3, 4, 5, 6).half()
-    for bf16, dtype in ((False, torch.float32), (True, torch.bfloat16)):
-        features = Features(torch.randn(3, 6).half(), layers).to("cpu", bf16)
+    for dtype in (torch.float32, torch.bfloat16):
+        features = Features(torch.randn(3, 6).half(), layers).to("cpu", dtype)
         assert features.pooled.dtype == torch.float32 and features.layers.dtype == dtype
         assert torch.equal(features.layers, layers.float().to(dtype))
         assert all(features.layers[:, layer].is_contiguous() for layer in range(4))
@@ -153,15 +154,16 @@ def test_cache_is_keyed_and_half_written_entries_are_rebuilt(tiny_task, tmp_path
     backbone = tiny_vit()
     images = open_split(tiny_task, "test")
     preprocess = Preprocess(32, backbone.config.mean, backbone.config.std)
-    path = build_cache(tmp_path / "c", backbone, images, preprocess, shard_size=4, show_progress=False)
+    key = CacheKey(backbone, images, preprocess)
+    path = build_cache(tmp_path / "c", key, Building(shard_size=4, show_progress=False))
     cache = FeatureCache.open(path)
     assert len(cache) == 9 and len(cache.layers) == 3
     assert cache.features([8, 0]).layers.shape == (2, 3, 1 + 16, 48)
     np.testing.assert_array_equal(cache.labels, [label for _, label in images.items])
 
     # another backbone or preprocessing -> another entry
-    assert cache_dir_for(tmp_path / "c", tiny_vit(seed=1), images, preprocess) != path
-    assert cache_dir_for(tmp_path / "c", backbone, images, Preprocess(40, preprocess.mean, preprocess.std)) != path
+    assert CacheKey(tiny_vit(seed=1), images, preprocess).folder(tmp_path / "c") != path
+    assert CacheKey(backbone, images, Preprocess(40, preprocess.mean, preprocess.std)).folder(tmp_path / "c") != path
 
     # a torn build: meta missing, one shard gone, a temporary file of a killed builder left behind
     good = cache.features(np.arange(9))
@@ -172,8 +174,7 @@ def test_cache_is_keyed_and_half_written_entries_are_rebuilt(tiny_task, tmp_path
     (path / f"shard-00001.layers.npy.{socket.gethostname()}.{killed.pid}.tmp").write_bytes(b"partial")
     with pytest.raises(DataError, match="not a complete feature cache"):
         FeatureCache.open(path)
-    rebuilt = FeatureCache.open(build_cache(tmp_path / "c", backbone, images, preprocess, shard_size=4,
-                                            show_progress=False))
+    rebuilt = FeatureCache.open(build_cache(tmp_path / "c", key, Building(shard_size=4, show_progress=False)))
     assert not list(path.glob("*.tmp"))
     assert torch.equal(rebuilt.features(np.arange(9)).layers, good.layers)
 
@@ -302,17 +303,17 @@ def test_cache_placement_device_gathers_what_the_memory_map_gives(tiny_task, tmp
     from querytune.trunk.sources import CachedFeatureBatches
 
     images = open_split(tiny_task, "train800val200")
-    cache = FeatureCache.open(build_cache(tmp_path, tiny_vit(), images, Preprocess(32, (0.5,) * 3, (0.5,) * 3),
-                                          shard_size=5, show_progress=False))
+    key = CacheKey(tiny_vit(), images, Preprocess(32, (0.5,) * 3, (0.5,) * 3))
+    cache = FeatureCache.open(build_cache(tmp_path, key, Building(shard_size=5, show_progress=False)))
     order = np.random.default_rng(0).permutation(len(cache))
-    for bf16 in (False, True):
-        mapped = CachedFeatureBatches(cache, True, bf16)
-        resident = CachedFeatureBatches(cache, True, bf16, placement="device")
+    for precision in (Precision.FP32, Precision.BF16):
+        mapped = CachedFeatureBatches(cache, True, precision)
+        resident = CachedFeatureBatches(cache, True, precision, placement="device")
         assert (mapped.placement, resident.placement) == ("host", "device")
         for (a, labels_a), (b, labels_b) in zip(mapped.batches(order, 4), resident.batches(order, 4), strict=True):
             assert torch.equal(a.pooled, b.pooled) and torch.equal(a.layers, b.layers)
             assert torch.equal(labels_a, labels_b)
-            assert b.layers.dtype == (torch.bfloat16 if bf16 else torch.float32)
+            assert b.layers.dtype == (torch.bfloat16 if precision is Precision.BF16 else torch.float32)
             assert b.layers[:, 1].is_contiguous()  # layer-major, as the rows' batched matmuls read it
     with pytest.raises(ConfigError, match=r"--cache-placement must be one of auto, device, host \(got 'gpu'\)"):
         Runtime(cache_placement="gpu")
@@ -407,10 +408,10 @@ def test_an_unknown_compile_mode_is_refused_before_anything_is_written(tiny_back
                                                  ({"amx_bf16", "amx_tile"}, "bf16")])
 def test_auto_precision_is_bfloat16_only_where_the_cpu_computes_it(flags, expected, tiny_backbone_dir, tiny_task,
                                                                    tmp_path, monkeypatch, capsys):
-    import querytune.trunk.device as device_module
+    import querytune.trunk.precision as precision_module
 
     monkeypatch.delenv("QUERYTUNE_PRECISION")
-    monkeypatch.setattr(device_module, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(precision_module, "cpu_flags", lambda: flags)
     runtime = Runtime(workers=0, progress=True, device="cpu")
     train_run(RunSpec(method="linear", backbone=tiny_backbone_dir, data=tiny_task, image_size=32), tmp_path / "run",
               {"epochs": 1}, runtime)
@@ -419,10 +420,10 @@ def test_auto_precision_is_bfloat16_only_where_the_cpu_computes_it(flags, expect
 
 
 def test_a_given_precision_is_kept_and_a_wrong_one_named(monkeypatch):
-    from querytune.trunk.device import resolve_precision
+    from querytune.trunk.precision import resolve_precision
 
-    assert resolve_precision("fp16", torch.device("cpu"))[0] == "fp16"
-    assert resolve_precision("auto", torch.device("cpu"))[0] == "fp32"  # $QUERYTUNE_PRECISION, set by conftest
+    assert resolve_precision("fp16", torch.device("cpu"))[0] == Precision.FP16
+    assert resolve_precision("auto", torch.device("cpu"))[0] == Precision.FP32  # $QUERYTUNE_PRECISION, set by conftest
     monkeypatch.setenv("QUERYTUNE_PRECISION", "half")
     with pytest.raises(ConfigError, match=r"\$QUERYTUNE_PRECISION must be one of fp32, bf16, fp16 \(got 'half'\)"):
         resolve_precision("auto", torch.device("cpu"))

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from ..settings import RunSpec, Runtime
+from ..trunk.precision import Precision
 from .app import app
 from .flags import setting_help
 from .printing import print_backbone, print_methods, print_metrics
@@ -22,7 +23,8 @@ def measure(
     batch_size: int = typer.Option(32),
     image_size: int = typer.Option(224),
     num_classes: int = typer.Option(10),
-    bf16: bool = typer.Option(False, "--bf16"),
+    precision: Precision = typer.Option(Precision.FP32, "--precision", help="bf16: the trunk and the step in "
+                                        "bfloat16 autocast; fp16: the step in float16 autocast"),
     device: Optional[str] = typer.Option(None, help=setting_help(Runtime, "device")),
     as_json: bool = typer.Option(False, "--json", help="one JSON line instead of a table"),
 ) -> None:
@@ -31,7 +33,7 @@ def measure(
     from ..measure import measure_method
     from ..trunk.device import resolve_device
 
-    result = measure_method(method, backbone, batch_size, image_size, bf16, resolve_device(device), num_classes)
+    result = measure_method(method, backbone, batch_size, image_size, precision, resolve_device(device), num_classes)
     if as_json:
         print(json.dumps(result))
     else:

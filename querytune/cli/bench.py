@@ -13,7 +13,7 @@ from .. import distributed
 from ..settings import BenchSpec, Runtime
 from .app import app, console
 from .configfile import PrintConfigOpt, check_file, config_option, read_settings_file, require, resolve
-from .flags import Flags, Given, settings_command, settings_of, spelled_precision
+from .flags import Flags, Given, settings_command, settings_of
 
 BENCH_GROUPS = (Flags(BenchSpec, "Bench"),
                 Flags(Runtime, "Runtime", ("device", "workers", "cache", "cache_splits", "progress")))
@@ -25,13 +25,11 @@ def bench(
     given: Given,
     config: Optional[Path] = config_option(),
     print_config: bool = PrintConfigOpt,
-    bf16: bool = typer.Option(False, "--bf16", help="--precision bf16", rich_help_panel="Bench"),
     plan: bool = typer.Option(False, "--plan", help="print, per task, the images of each split, the cache bytes to "
                                                    "write, the images through the trunk, the runs to train and the "
                                                    "free disk, and exit", rich_help_panel="Bench"),
 ) -> None:
     """Train every method on every task of a suite; write results.csv/json, report.md and pareto.png."""
-    spelled_precision(given[BenchSpec], bf16=bf16)
     settings = bench_settings(config, given)
     if print_config:
         print(json.dumps(settings, indent=1))

@@ -11,6 +11,7 @@ import typer
 from .. import distributed
 from ..errors import ConfigError
 from ..settings import RunSpec, Runtime
+from ..trunk.precision import Precision
 from .app import app, console
 from .flags import setting_help
 from .printing import print_cache_entries
@@ -32,7 +33,9 @@ def cache_build(
     image_size: int = typer.Option(224),
     batch_size: int = typer.Option(64),
     shard_size: int = typer.Option(64, help="images per shard file (the unit of work split over processes)"),
-    bf16: bool = typer.Option(False, "--bf16", help="run the trunk in bfloat16 autocast (a separate cache entry)"),
+    precision: Precision = typer.Option(Precision.FP32, "--precision", help="the precision of the runs that "
+                                        "will read the entries: bf16 runs the trunk in bfloat16 autocast (a separate "
+                                        "entry); fp16 runs read the fp32 one"),
     device: Optional[str] = typer.Option(None, help=setting_help(Runtime, "device")),
     workers: Optional[int] = typer.Option(None, help=setting_help(Runtime, "workers")),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
@@ -40,7 +43,7 @@ def cache_build(
     """Run the frozen trunk once per image and store its features for later epochs; an entry that exists
     already is left as it is."""
     from ..backbones import load_backbone
-    from ..trunk.cache import cache_splits, default_cache_root, human_size
+    from ..trunk.cache import Building, cache_splits, default_cache_root, human_size
     from ..trunk.device import resolve_device
 
     if backbone is None or data is None:
@@ -49,9 +52,9 @@ def cache_build(
         raise ConfigError(f"--shard-size must be positive (got {shard_size})")
     where = distributed.init_from_env(resolve_device(device))
     entries = cache_splits(cache or default_cache_root(), load_backbone(backbone), data,
-                           [s for s in splits.split(",") if s], image_size, bf16, shard_size=shard_size,
-                           batch_size=batch_size, device=where,
-                           workers=Runtime(workers=workers).num_workers, show_progress=not quiet)
+                           [s for s in splits.split(",") if s], image_size, precision,
+                           Building(batch_size=batch_size, shard_size=shard_size, device=where,
+                                    workers=Runtime(workers=workers).num_workers, show_progress=not quiet))
     if distributed.is_main():
         for images, path, built in entries:
             size = human_size(sum(file.stat().st_size for file in path.iterdir()))

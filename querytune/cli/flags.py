@@ -116,16 +116,6 @@ def given_values(flags: Flags, values: dict[str, Any]) -> dict[str, Any]:
             if values[field.name] is not None and values[field.name] != []}
 
 
-def spelled_precision(given: dict[str, Any], **spellings: bool) -> None:
-    """``--bf16`` and ``--fp16`` as spellings of ``--precision bf16`` / ``fp16``, into the settings ``given``."""
-    spelled = [name for name, on in spellings.items() if on]
-    if spelled:
-        if len(spelled) > 1 or given.get("precision") not in (None, spelled[0]):
-            raise ConfigError(f"--{spelled[0]} and --{spelled[-1] if len(spelled) > 1 else 'precision'} "
-                              "exclude each other")
-        given["precision"] = spelled[0]
-
-
 def settings_command(*groups: Flags) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """A command with a flag for every field of ``groups`` beside its own options; it is called with
     ``given`` (:data:`Given`) in place of those flags."""

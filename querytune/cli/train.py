@@ -28,7 +28,7 @@ from .configfile import (
     require,
     resolve,
 )
-from .flags import Flags, Given, parse_method_options, setting_help, settings_command, settings_of, spelled_precision
+from .flags import Flags, Given, parse_method_options, setting_help, settings_command, settings_of
 from .printing import print_grid_summary, print_metrics
 
 
@@ -56,12 +56,9 @@ def train(
     given: Given,
     config: Optional[Path] = config_option(" (a run's config.json replays the run)"),
     print_config: bool = PrintConfigOpt,
-    bf16: bool = typer.Option(False, "--bf16", help="--precision bf16", rich_help_panel="Training"),
-    fp16: bool = typer.Option(False, "--fp16", help="--precision fp16", rich_help_panel="Training"),
 ) -> None:
     """Train a method on a task and report its test accuracy. The method options (below) come from
     the method registry; each applies to the methods it names."""
-    spelled_precision(given[TrainConfig], bf16=bf16, fp16=fp16)
     settings = train_settings(config, given, list(ctx.args))
     if print_config:
         print(json.dumps(with_recipe_options(settings), indent=1))

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..train import Learner, Schedule, TrainConfig, make_optimizer, train_epoch
-from ..trunk.device import autocast, to_device
+from ..trunk.device import to_device
 from .base import Method
 
 
@@ -63,7 +63,7 @@ def train_head(head: nn.Linear, head_input: Callable[[Any], Tensor], source: Any
                       lambda: lasso * group_lasso(head.weight) if lasso else None)
 
     def logits_of(inputs: Any) -> list[Tensor]:
-        with torch.no_grad(), autocast(device, cfg.bf16, cfg.fp16):
+        with torch.no_grad(), cfg.resolved_precision.autocast(device):
             features = head_input(inputs).float()
         return [head(features)]
 
@@ -94,6 +94,6 @@ def precompute(rows_of: Callable[[Any], Tensor], source: Any, device: torch.devi
     """``rows_of(batch)`` for every item of ``source``, in its order, kept on ``device`` in float32."""
     rows = []
     for inputs, _ in source.batches(np.arange(len(source)), batch_size):
-        with autocast(device, cfg.bf16, cfg.fp16):
-            rows.append(rows_of(to_device(inputs, device, cfg.bf16)).float())
+        with cfg.resolved_precision.autocast(device):
+            rows.append(rows_of(to_device(inputs, device, cfg.resolved_precision)).float())
     return RowBatches(torch.cat(rows), np.asarray(source.labels))

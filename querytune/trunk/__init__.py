@@ -8,7 +8,8 @@ CPU or the GPU, in the run's precision.
 - :mod:`.features`: what the frozen trunk yields (:class:`Features`) and how it is run;
 - :mod:`.cache`: the on-disk feature cache;
 - :mod:`.sources`: batch sources (images, live features, cached features) and :func:`make_source`;
-- :mod:`.device`: default device and workers, moving batches, autocast.
+- :mod:`.precision`: the run's one :class:`~.precision.Precision` (fp32, bf16, fp16), resolved once with the device;
+- :mod:`.device`: default device and workers, moving batches.
 """
 
 from __future__ import annotations

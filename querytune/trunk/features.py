@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..backbones.vit import VisionTransformer
+from .precision import Precision
 
 
 @dataclass
@@ -35,15 +36,14 @@ class Features:
     def __len__(self) -> int:
         return self.pooled.shape[0]
 
-    def to(self, device: torch.device | str, bf16: bool = False) -> Features:
-        """On ``device`` for computing: the pooled feature in float32, the per-layer tokens in float32,
-        or in bfloat16 with ``bf16`` (autocast would cast them to it anyway, once per use)."""
+    def to(self, device: torch.device | str, layers_dtype: torch.dtype = torch.float32) -> Features:
+        """On ``device`` for computing: the pooled feature in float32, the per-layer tokens in ``layers_dtype``
+        (a run's :attr:`Precision.features_dtype <querytune.trunk.precision.Precision.features_dtype>`)."""
         layers = self.layers
         if layers is not None:
             layers = layers.to(device, non_blocking=True)
-            dtype = torch.bfloat16 if bf16 else torch.float32
-            if layers.dtype != dtype:
-                layers = layer_major(layers, dtype)
+            if layers.dtype != layers_dtype:
+                layers = layer_major(layers, layers_dtype)
         return Features(self.pooled.to(device, torch.float32, non_blocking=True), layers)
 
 
@@ -77,12 +77,13 @@ def extract_features(
     images: Tensor,
     with_layers: bool = True,
     dtype: torch.dtype = torch.float16,
-    bf16: bool = False,
+    precision: Precision = Precision.FP32,
 ) -> Features:
-    """Run the frozen trunk once (in bfloat16 autocast with ``bf16``); features are rounded to
-    ``dtype``, the cache's storage dtype, so that live and cached training see identical inputs."""
+    """Run the frozen trunk once, in ``precision``'s :attr:`~Precision.trunk` (bfloat16 autocast in a bf16
+    run); features are rounded to ``dtype``, the cache's storage dtype, so that live and cached training
+    see identical inputs."""
     layers: list[Tensor] = []
-    with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=bf16):
+    with precision.trunk.autocast(images.device):
         x = backbone.run_blocks(backbone.embed(images),
                                 after_norm=(lambda _, u: layers.append(u.to(dtype))) if with_layers else None)
         pooled = backbone.pool(x).to(dtype)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
@@ -29,8 +30,9 @@ from ..data import ImageDataset, ImageList, Preprocess, iterate_loader, private_
 from ..errors import ConfigError
 from ..progress import note
 from . import TrunkInput
-from .cache import FeatureCache, open_or_build_cache
+from .cache import Building, CacheKey, FeatureCache, open_or_build_cache
 from .features import Features, empty_layer_major, extract_features
+from .precision import Precision
 
 PLACEMENTS = ("auto", "device", "host")
 DEVICE_CACHE_FRACTION = 0.5  # of the GPU memory free when the entry is opened
@@ -106,13 +108,13 @@ class LiveFeatureBatches:
     """Frozen-trunk features computed on the fly (under no_grad)."""
 
     def __init__(self, images: ImageBatches, backbone: VisionTransformer, with_layers: bool, device: torch.device,
-                 bf16: bool = False) -> None:
+                 precision: Precision = Precision.FP32) -> None:
         self.images = images
         self.labels = images.labels
         self.backbone = backbone
         self.with_layers = with_layers
         self.device = device
-        self.bf16 = bf16
+        self.precision = precision
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -120,24 +122,24 @@ class LiveFeatureBatches:
     def batches(self, order: np.ndarray, batch_size: int) -> Iterator[tuple[Features, Tensor]]:
         for images, labels in self.images.batches(order, batch_size):
             images = images.to(self.device, non_blocking=True)
-            yield extract_features(self.backbone, images, self.with_layers, bf16=self.bf16), labels
+            yield extract_features(self.backbone, images, self.with_layers, precision=self.precision), labels
 
 
 class CachedFeatureBatches:
-    """Frozen-trunk features read from a feature cache, as float32 (per-layer tokens in bfloat16
-    with ``bf16``: what the methods compute with under bf16 autocast).
+    """Frozen-trunk features read from a feature cache, as float32 (per-layer tokens in ``precision``'s
+    :attr:`~Precision.features_dtype`: bfloat16 in a bf16 run, what the methods compute with under its autocast).
 
     ``placement``: see the module docstring; :attr:`placement` holds the one chosen. On the CPU and
     when streaming, a batch's features are views of buffers reused for later batches: consume a batch
     (forward and backward) before asking for the next one.
     """
 
-    def __init__(self, cache: FeatureCache, with_layers: bool, bf16: bool = False,
+    def __init__(self, cache: FeatureCache, with_layers: bool, precision: Precision = Precision.FP32,
                  device: torch.device | str = "cpu", placement: str = "auto") -> None:
         self.cache = cache
         self.labels = cache.labels
         self.with_layers = with_layers
-        self.layers_dtype = torch.bfloat16 if bf16 else torch.float32
+        self.layers_dtype = precision.features_dtype
         self.device = torch.device(device)
         self.placement = choose_placement(cache, with_layers, self.device, placement)
         self.resident = cache.load(self.device, with_layers) if self.placement == "device" else None
@@ -189,7 +191,7 @@ class CachedFeatureBatches:
                 if i + 1 < len(batches):
                     pending = pool.submit(gather, i + 1)
                 with torch.cuda.stream(copy_stream):
-                    features = host.to(self.device, self.layers_dtype == torch.bfloat16)
+                    features = host.to(self.device, self.layers_dtype)
                     event = torch.cuda.Event()
                     copied[i % 2] = event
                     event.record(copy_stream)
@@ -228,34 +230,33 @@ def check_augment(augment: bool, reads: TrunkInput, cache_dir: Path | None) -> N
 
 def make_source(
     reads: TrunkInput,
-    backbone: VisionTransformer,
-    images: ImageList,
-    preprocess: Preprocess,
+    key: CacheKey,
     device: torch.device,
     cache_dir: Path | None = None,
     workers: int = 0,
     show_progress: bool = True,
-    bf16: bool = False,
     cache_placement: str = "auto",
     augment: bool = False,
 ) -> BatchSource:
-    """The batches a method that ``reads`` this needs: images, or frozen-trunk features of
-    ``backbone`` read from the cache under ``cache_dir`` (built where missing) or computed live.
-    ``augment`` (random crops and flips) needs the trunk run live: cached features are refused.
+    """The batches a method that ``reads`` this needs from ``key``'s images: the images, or frozen-trunk
+    features of ``key``'s backbone, in its precision, read from the cache entry ``key`` under ``cache_dir``
+    (built where missing; per-layer or class token as ``reads`` says) or computed live. ``augment`` (random
+    crops and flips) needs the trunk run live: cached features are refused.
 
     ``cache_placement`` (auto | device | host) says where cached features live on a GPU
     (:class:`CachedFeatureBatches`); the choice is printed.
     """
     pin_memory = device.type == "cuda"
     check_augment(augment, reads, cache_dir)
+    images = key.images
     if not reads.frozen:
-        return ImageBatches(images, preprocess, workers, pin_memory, augment)
+        return ImageBatches(images, key.preprocess, workers, pin_memory, augment)
     if cache_dir is None:
-        return LiveFeatureBatches(ImageBatches(images, preprocess, workers, pin_memory, augment), backbone,
-                                  reads.with_layers, device, bf16)
-    cache = open_or_build_cache(cache_dir, backbone, images, preprocess, reads.with_layers, bf16, device=device,
-                                workers=workers, show_progress=show_progress)
-    source = CachedFeatureBatches(cache, reads.with_layers, bf16, device, cache_placement)
+        return LiveFeatureBatches(ImageBatches(images, key.preprocess, workers, pin_memory, augment), key.backbone,
+                                  reads.with_layers, device, key.precision)
+    key = replace(key, with_layers=reads.with_layers)
+    cache = open_or_build_cache(cache_dir, key, Building(device=device, workers=workers, show_progress=show_progress))
+    source = CachedFeatureBatches(cache, reads.with_layers, key.precision, device, cache_placement)
     if device.type == "cuda":
         where = "loaded into GPU memory" if source.placement == "device" else "streamed from the memory map"
         note(f"cached features of {images.task}/{images.split} ({cache.nbytes(reads.with_layers) / 2**30:.2f} GiB): "

@@ -7,10 +7,10 @@
 
 from __future__ import annotations
 
-from .build import ShardWriter, build_cache, cache_splits, ensure_cache, human_size, open_or_build_cache
-from .entry import FeatureCache, backbone_fingerprint, cache_dir_for, read_meta, verify_entry
+from .build import Building, ShardWriter, build_cache, cache_splits, ensure_cache, human_size, open_or_build_cache
+from .entry import CacheKey, FeatureCache, backbone_fingerprint, read_meta, verify_entry
 from .housekeeping import default_cache_root, list_entries, prune_entries, remove_entry
 
-__all__ = ["FeatureCache", "ShardWriter", "backbone_fingerprint", "build_cache", "cache_dir_for", "cache_splits",
+__all__ = ["Building", "CacheKey", "FeatureCache", "ShardWriter", "backbone_fingerprint", "build_cache", "cache_splits",
            "default_cache_root", "ensure_cache", "human_size", "list_entries", "open_or_build_cache", "prune_entries",
            "read_meta", "remove_entry", "verify_entry"]

@@ -32,8 +32,8 @@ import shutil
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -45,13 +45,14 @@ from ...errors import DataError, StorageError
 from ...files import remove_stale_temporaries, storage_error, temporary_path, write_text
 from ...progress import note, progress_bar
 from ..features import extract_features
+from ..precision import Precision
 from .entry import (
     FORMAT_VERSION,
     LOCK_FILE,
     POOLED_KIND,
     STORAGE_DTYPE,
+    CacheKey,
     FeatureCache,
-    cache_dir_for,
     complete_meta,
     data_checksum,
     entry_shard_size,
@@ -144,30 +145,29 @@ def entry_lock(path: Path, show_progress: bool = True) -> Iterator[None]:
         handle.close()
 
 
-def build_cache(
-    root: Path,
-    backbone: VisionTransformer,
-    images: ImageList,
-    preprocess: Preprocess,
-    with_layers: bool = True,
-    bf16: bool = False,
-    batch_size: int = 64,
-    shard_size: int = SHARD_SIZE,
-    device: torch.device | str = "cpu",
-    workers: int = 0,
-    shards: range | None = None,
-    show_progress: bool = True,
-) -> Path:
-    """Compute the shards of the cache entry for ``images`` that are missing or torn; return its folder.
+@dataclass(frozen=True)
+class Building:
+    """How cache entries are built (not what they hold, which is their :class:`CacheKey`): images per
+    trunk batch and per shard, where the trunk runs, the image-loading processes, progress bars."""
+
+    batch_size: int = 64
+    shard_size: int = SHARD_SIZE
+    device: torch.device | str = "cpu"
+    workers: int = 0
+    show_progress: bool = True
+
+
+def build_cache(root: Path, key: CacheKey, building: Building = Building(), shards: range | None = None) -> Path:
+    """Compute the shards of the cache entry ``key`` under ``root`` that are missing or torn; return its folder.
 
     ``shards`` restricts the work to some shard indices (distributed building). A call
     for all shards (the default) also finalises the entry: it writes meta.json and
     removes temporary files that killed builders left behind. An entry started with
     another shard size keeps its own. The caller holds the entry's lock (:func:`ensure_cache`).
     """
-    path = cache_dir_for(root, backbone, images, preprocess, with_layers, bf16)
-    shard_size = entry_shard_size(path, shard_size)
-    shapes = feature_shapes(backbone, preprocess, with_layers)
+    path, images, show_progress = key.folder(root), key.images, building.show_progress
+    shard_size = entry_shard_size(path, building.shard_size)
+    shapes = feature_shapes(key.backbone, key.preprocess, key.with_layers)
     rows = shard_rows(len(images.items), shard_size)
     wanted = shards if shards is not None else range(len(rows))
     whole = set(whole_shards(path, shapes, rows, wanted))
@@ -180,8 +180,7 @@ def build_cache(
         note(f"caching {images.task}/{images.split}: {len(images.items)} images, "
              f"{human_size(entry_nbytes(shapes, rows))} on disk ({human_size(needed)} to write) -> {path}",
              show_progress)
-    checksums = build_shards(path, backbone, images, preprocess, shapes, rows, shard_size, todo, with_layers, bf16,
-                             batch_size, device, workers, show_progress)
+    checksums = build_shards(path, key, shapes, rows, shard_size, todo, building)
     if shards is None:
         remove_stale_temporaries(path)
         for shard in sorted(whole):  # built by other ranks or an earlier, killed build: read back once
@@ -193,10 +192,10 @@ def build_cache(
             "format": FORMAT_VERSION,
             "task": images.task,
             "split": images.split,
-            "backbone": backbone.config.name,
-            "image_size": preprocess.image_size,
+            "backbone": key.backbone.config.name,
+            "image_size": key.preprocess.image_size,
             "num_images": len(images.items),
-            "trunk_bf16": bf16,
+            "trunk_bf16": key.trunk_bf16,
             "shard_size": shard_size,
             "shapes": shapes,
             "labels": [label for _, label in images.items],
@@ -207,29 +206,29 @@ def build_cache(
     return path
 
 
-def build_shards(path: Path, backbone: VisionTransformer, images: ImageList, preprocess: Preprocess,
-                 shapes: dict[str, list[int]], rows: list[int], shard_size: int, todo: list[int], with_layers: bool,
-                 bf16: bool, batch_size: int, device: torch.device | str, workers: int,
-                 show_progress: bool) -> dict[str, str]:
-    """Compute the shards ``todo`` of the entry at ``path``; return their files' data checksums by name."""
+def build_shards(path: Path, key: CacheKey, shapes: dict[str, list[int]], rows: list[int], shard_size: int,
+                 todo: list[int], building: Building) -> dict[str, str]:
+    """Compute the shards ``todo`` of the entry ``key`` at ``path``; return their files' data checksums by name."""
     if not todo:
         return {}
-    backbone = backbone.to(device).eval()
+    images, batch_size, device = key.images, building.batch_size, building.device
+    backbone = key.backbone.to(device).eval()
     # One loader for every shard to do (workers start once); no batch spans two shards.
     plan = [(shard, list(range(first, min(first + batch_size, shard * shard_size + rows[shard]))))
             for shard in todo for first in range(shard * shard_size, shard * shard_size + rows[shard], batch_size)]
     loader = torch.utils.data.DataLoader(
-        ImageDataset(images, preprocess), batch_sampler=[indices for _, indices in plan], num_workers=workers,
+        ImageDataset(images, key.preprocess), batch_sampler=[indices for _, indices in plan],
+        num_workers=building.workers,
         pin_memory=torch.device(device).type == "cuda", generator=private_generator(),
     )
     writer = ShardWriter(path, shapes, rows)
     with progress_bar(f"caching {images.task}/{images.split}", total=sum(rows[s] for s in todo),
-                      enabled=show_progress) as advance:
+                      enabled=building.show_progress) as advance:
         try:
             path.mkdir(parents=True, exist_ok=True)
             for (shard, indices), (batch, _) in zip(plan, iterate_loader(loader)):
-                feats = extract_features(backbone, batch.to(device, non_blocking=True), with_layers, STORAGE_DTYPE,
-                                         bf16)
+                feats = extract_features(backbone, batch.to(device, non_blocking=True), key.with_layers,
+                                         STORAGE_DTYPE, key.precision)
                 arrays = {POOLED_KIND: feats.pooled.cpu().numpy()}
                 if feats.layers is not None:  # with_layers
                     arrays["layers"] = feats.layers.cpu().numpy()
@@ -307,10 +306,9 @@ class ShardWriter:
             self._files = {}
 
 
-def ensure_cache(root: Path, backbone: VisionTransformer, images: ImageList, preprocess: Preprocess,
-                 with_layers: bool = True, bf16: bool = False, shard_size: int = SHARD_SIZE, verify: bool = False,
-                 **kwargs) -> tuple[Path, bool]:
-    """The folder of a complete cache entry for ``images``, built where missing or torn, and whether this
+def ensure_cache(root: Path, key: CacheKey, building: Building = Building(), verify: bool = False
+                 ) -> tuple[Path, bool]:
+    """The folder of the complete cache entry ``key`` under ``root``, built where missing or torn, and whether this
     call built any of it; with ``verify`` (training) its shards are checked against their checksums once,
     a corrupted one rebuilt.
 
@@ -319,9 +317,9 @@ def ensure_cache(root: Path, backbone: VisionTransformer, images: ImageList, pre
     (building any still missing) and writes meta.json; after another barrier every rank may
     read the entry.
     """
-    path = cache_dir_for(root, backbone, images, preprocess, with_layers, bf16)
+    path = key.folder(root)
     rank, world = distributed.rank(), distributed.world_size()
-    show_progress = kwargs.get("show_progress", True)
+    show_progress = building.show_progress
     meta = complete_meta(path)
     ready = meta is not None and (meta.get("verified", False) or not verify)
     if meta is not None and not ready and not os.access(path, os.W_OK):
@@ -335,13 +333,12 @@ def ensure_cache(root: Path, backbone: VisionTransformer, images: ImageList, pre
     with entry_lock(path, show_progress) if rank == 0 and not ready else contextlib.nullcontext():
         distributed.barrier()  # no rank builds before rank 0 holds the entry
         if world > 1:
-            num_shards = len(shard_rows(len(images.items), entry_shard_size(path, shard_size)))
-            build_cache(root, backbone, images, preprocess, with_layers, bf16, shard_size=shard_size,
-                        shards=range(rank, num_shards, world), **kwargs)
+            num_shards = len(shard_rows(len(key.images.items), entry_shard_size(path, building.shard_size)))
+            build_cache(root, key, building, shards=range(rank, num_shards, world))
             distributed.barrier()
         if rank == 0:
             built = complete_meta(path) is None  # another process may have built it while this one waited
-            build_cache(root, backbone, images, preprocess, with_layers, bf16, shard_size=shard_size, **kwargs)
+            build_cache(root, key, building)
             meta = read_meta(path)
             assert meta is not None  # built just now
             if verify and not meta.get("verified") and (corrupted := verify_entry(path, show_progress)):
@@ -349,40 +346,42 @@ def ensure_cache(root: Path, backbone: VisionTransformer, images: ImageList, pre
                      show_progress)
                 for file in corrupted:
                     file.unlink()
-                build_cache(root, backbone, images, preprocess, with_layers, bf16, shard_size=shard_size, **kwargs)
+                build_cache(root, key, building)
                 verify_entry(path, show_progress)  # a second read of the entry, but only where one was corrupted
     distributed.barrier()
     return path, built
 
 
 def cache_splits(root: Path, backbone: VisionTransformer, data: str | Path, splits: list[str], image_size: int,
-                 bf16: bool = False, **kwargs: Any) -> list[tuple[ImageList, Path, bool]]:
-    """Build (where missing or torn) the per-layer cache entries of a task's ``splits``, in order; return
-    each split's images, entry folder and whether this call built it (on rank 0). What ``querytune cache``
-    and the bench do before training."""
+                 precision: Precision = Precision.FP32, building: Building = Building()
+                 ) -> list[tuple[ImageList, Path, bool]]:
+    """Build (where missing or torn) the per-layer cache entries of a task's ``splits`` for runs in
+    ``precision``, in order; return each split's images, entry folder and whether this call built it (on
+    rank 0). What ``querytune cache`` and the bench do before training."""
     preprocess = Preprocess.for_backbone(backbone, image_size)
     entries = []
     for images in (open_split(data, split) for split in splits):
-        part = whole_split_entry(root, backbone, images, preprocess, bf16)
+        key = CacheKey(backbone, images, preprocess, True, precision)
+        part = whole_split_entry(root, key)
         if part is not None:  # read from the whole split's entry: nothing to build
-            entries.append((images, cache_dir_for(root, backbone, part[0], preprocess, True, bf16), False))
+            entries.append((images, part[0].folder(root), False))
         else:
-            entries.append((images, *ensure_cache(root, backbone, images, preprocess, True, bf16, **kwargs)))
+            entries.append((images, *ensure_cache(root, key, building)))
     return entries
 
 
-def open_or_build_cache(root: Path, backbone: VisionTransformer, images: ImageList, preprocess: Preprocess,
-                        with_layers: bool, bf16: bool = False, **kwargs) -> FeatureCache:
-    """The cache entry for ``images``, built where missing or torn and checked against its checksums once
+def open_or_build_cache(root: Path, key: CacheKey, building: Building = Building()) -> FeatureCache:
+    """The cache entry ``key``, built where missing or torn and checked against its checksums once
     (opened for training); a full entry also serves class-token readers, and the entry of the split
-    ``images`` are part of serves them where they have none of their own (:func:`whole_split_entry`);
+    ``key``'s images are part of serves them where they have none of their own (:func:`whole_split_entry`);
     per-layer readers build it where missing, class-token readers use it only where it exists."""
-    part = whole_split_entry(root, backbone, images, preprocess, bf16, complete_only=not with_layers)
+    part = whole_split_entry(root, key, complete_only=not key.with_layers)
     if part is not None:
         whole, rows = part
-        path, _ = ensure_cache(root, backbone, whole, preprocess, True, bf16, verify=True, **kwargs)
+        path, _ = ensure_cache(root, whole, building, verify=True)
         return FeatureCache.open(path).part(rows)
-    if read_meta(cache_dir_for(root, backbone, images, preprocess, True, bf16)) is not None:
-        with_layers = True
-    path, _ = ensure_cache(root, backbone, images, preprocess, with_layers, bf16, verify=True, **kwargs)
+    full = replace(key, with_layers=True)
+    if read_meta(full.folder(root)) is not None:
+        key = full
+    path, _ = ensure_cache(root, key, building, verify=True)
     return FeatureCache.open(path)

@@ -13,7 +13,7 @@ Layout of one cache entry, ``<root>/<task>-<split>-<key16>/``:
                              each shard's sha256; its modification time is when the entry was last used
     .lock                    held (flock) by the process building the entry
 
-The key hashes everything the features depend on: the backbone's weights and
+The key (:class:`CacheKey`) hashes everything the features depend on: the backbone's weights and
 architecture, the preprocessing (image size, mean, std), the split's file list with
 labels, sizes and modification times, the storage dtype and the format version, so a
 stale entry is never reused. Methods that read only the pooled feature (linear
@@ -32,7 +32,7 @@ import contextlib
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from ...errors import DataError
 from ...files import write_text
 from ...progress import progress_bar
 from ..features import Features, copy_converted
+from ..precision import Precision
 
 FORMAT_VERSION = 2
 STORAGE_DTYPE = torch.float16
@@ -68,27 +69,41 @@ def backbone_fingerprint(backbone: VisionTransformer) -> str:
     return fingerprint
 
 
-def cache_key(backbone: VisionTransformer, images: ImageList, preprocess: Preprocess, with_layers: bool,
-              bf16: bool) -> str:
-    parts = {
-        "with_layers": with_layers,
-        "trunk_bf16": bf16,
-        "format": FORMAT_VERSION,
-        "dtype": str(STORAGE_DTYPE),
-        "backbone": backbone_fingerprint(backbone),
-        "image_size": preprocess.image_size,
-        "mean": list(preprocess.mean),
-        "std": list(preprocess.std),
-        "images": images.fingerprint(),
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+@dataclass(frozen=True)
+class CacheKey:
+    """A cache entry's identity, everything its features depend on: the backbone, the images, their
+    preprocessing, whether the per-layer tokens are kept (else the class token only) and the precision
+    of the run that reads them, of which only the trunk's (:attr:`Precision.trunk`) counts."""
 
+    backbone: VisionTransformer
+    images: ImageList
+    preprocess: Preprocess
+    with_layers: bool = True
+    precision: Precision = Precision.FP32
 
-def cache_dir_for(root: Path, backbone: VisionTransformer, images: ImageList, preprocess: Preprocess,
-                  with_layers: bool = True, bf16: bool = False) -> Path:
-    kind = ("" if with_layers else "-cls") + ("-bf16" if bf16 else "")
-    key = cache_key(backbone, images, preprocess, with_layers, bf16)
-    return Path(root) / f"{images.task}-{images.split}{kind}-{key[:16]}"
+    @property
+    def trunk_bf16(self) -> bool:
+        return self.precision.trunk is Precision.BF16
+
+    def digest(self) -> str:
+        """The sha256 of the key's parts, with the format version and the storage dtype."""
+        parts = {
+            "with_layers": self.with_layers,
+            "trunk_bf16": self.trunk_bf16,
+            "format": FORMAT_VERSION,
+            "dtype": str(STORAGE_DTYPE),
+            "backbone": backbone_fingerprint(self.backbone),
+            "image_size": self.preprocess.image_size,
+            "mean": list(self.preprocess.mean),
+            "std": list(self.preprocess.std),
+            "images": self.images.fingerprint(),
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+    def folder(self, root: Path) -> Path:
+        """The entry's folder under the cache ``root``: ``<task>-<split>[-cls][-bf16]-<digest16>``."""
+        kind = ("" if self.with_layers else "-cls") + ("-bf16" if self.trunk_bf16 else "")
+        return Path(root) / f"{self.images.task}-{self.images.split}{kind}-{self.digest()[:16]}"
 
 
 def shard_file(path: Path, shard: int, kind: str) -> Path:
@@ -282,23 +297,23 @@ class FeatureCache:
         return Features(out.pooled[:count], out.layers[:count])
 
 
-def whole_split_entry(root: Path, backbone: VisionTransformer, images: ImageList, preprocess: Preprocess,
-                      bf16: bool, complete_only: bool = True) -> tuple[ImageList, np.ndarray] | None:
-    """Where ``images`` have no per-layer entry of their own but are all in the split they are part of
+def whole_split_entry(root: Path, key: CacheKey, complete_only: bool = True) -> tuple[CacheKey, np.ndarray] | None:
+    """Where ``key``'s images have no per-layer entry of their own but are all in the split they are part of
     (:data:`~querytune.data.splits.WHOLE_SPLIT`: VTAB-1k's train800 and val200 are the parts of its
     train800val200, so a search on train800 -> val200 and the final runs on train800val200 cost one trunk
-    pass and one entry's disk), whose entry is complete (or, without ``complete_only``, may be built): that
-    split, and the rows of ``images`` in it."""
+    pass and one entry's disk), whose entry is complete (or, without ``complete_only``, may be built): the
+    key of that split's per-layer entry, and the rows of the images in it."""
+    images, full = key.images, replace(key, with_layers=True)
     whole_name = WHOLE_SPLIT.get(images.split)
-    if whole_name is None or read_meta(cache_dir_for(root, backbone, images, preprocess, True, bf16)) is not None:
+    if whole_name is None or read_meta(full.folder(root)) is not None:
         return None
     try:
-        whole = open_split(images.root, whole_name)
+        whole = replace(full, images=open_split(images.root, whole_name))
     except DataError:  # the task has no such split
         return None
-    if complete_only and read_meta(cache_dir_for(root, backbone, whole, preprocess, True, bf16)) is None:
+    if complete_only and read_meta(whole.folder(root)) is None:
         return None
-    position = {item: row for row, item in enumerate(whole.items)}
+    position = {item: row for row, item in enumerate(whole.images.items)}
     rows = [position.get(item) for item in images.items]
     if any(row is None for row in rows):
         return None
