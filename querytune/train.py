@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from . import distributed
 from .errors import CheckpointError, ConfigError, one_line
 from .files import recording_writes, write_atomic
-from .options import check_value, option
+from .options import check_fields, option
 from .progress import progress_bar
 from .trunk.device import compiled, to_device
 from .trunk.precision import PRECISIONS, Precision
@@ -65,8 +65,7 @@ class TrainConfig:
     augment: bool = option(False, "random resized crop and flip of the training images (needs the trunk run live)")
 
     def __post_init__(self) -> None:
-        for declared in fields(self):
-            check_value(type(self), declared, getattr(self, declared.name))
+        check_fields(self)
 
     @classmethod
     def for_method(cls, method_cls: type[Method], overrides: dict[str, Any]) -> TrainConfig:
