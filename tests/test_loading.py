@@ -15,7 +15,7 @@ from torch import nn
 
 from conftest import DINOV2_SMALL, require_shared, tiny_vit
 from querytune.backbones import load_backbone, save_backbone
-from querytune.backbones.loading import HF_DEFAULTS
+from querytune.backbones.hf_format import HF_DEFAULTS
 from querytune.backbones.vit import VisionTransformer, ViTConfig
 from querytune.errors import CheckpointError, ConfigError
 
