@@ -1,5 +1,5 @@
-"""The loaders against real timm models (where timm imports: it needs torchvision, which the
-development machines lack; the GPU check runs these). Random weights, timm's own forward."""
+"""The loaders against real timm models (timm installed with ``--no-deps``; where torchvision is absent a
+test-only stand-in takes its place, tests/torchvision_stub.py). Random weights, timm's own forward."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import import_timm
 from querytune.backbones import load_backbone
 
-timm = pytest.importorskip("timm", reason="timm is not importable here (it needs torchvision)")
+timm = import_timm()
 
 # timm name -> input size (small grids keep it fast; timm's models take their image size as an option)
 MODELS = {
