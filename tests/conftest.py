@@ -26,7 +26,7 @@ def import_timm():
     if importlib.util.find_spec("torchvision") is None:
         import torchvision_stub
 
-        torchvision_stub.install()
+        return torchvision_stub.import_with_stand_in("timm")
     import timm
 
     return timm

@@ -1,8 +1,9 @@
 """A test-only stand-in for ``torchvision``, so that timm imports where torchvision cannot be installed.
 
 timm's model files use torchvision only for data transforms and a few ops that the tests never reach.
-:func:`install` puts a meta-path finder first that answers every ``torchvision`` import with a placeholder
-module whose attributes are ``MagicMock``s. Never used by querytune itself.
+:func:`import_with_stand_in` imports a module with a meta-path finder first that answers every
+``torchvision`` import with a placeholder module whose attributes are ``MagicMock``s. Never used by
+querytune itself.
 """
 
 from __future__ import annotations
@@ -41,7 +42,15 @@ class TorchvisionFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
-def install() -> None:
-    """Answer ``torchvision`` imports with placeholders (once; a no-op where the stand-in is in place)."""
-    if not any(isinstance(finder, TorchvisionFinder) for finder in sys.meta_path):
-        sys.meta_path.insert(0, TorchvisionFinder())
+def import_with_stand_in(name: str) -> types.ModuleType:
+    """Import module ``name`` (and what it imports) while ``torchvision`` imports are answered with
+    placeholders; afterwards the stand-in is taken off the path and out of ``sys.modules`` again, so that
+    other libraries (transformers checks whether torchvision is installed) do not find it."""
+    finder = TorchvisionFinder()
+    sys.meta_path.insert(0, finder)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.meta_path.remove(finder)
+        for module in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[module]
