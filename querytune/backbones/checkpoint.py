@@ -15,6 +15,7 @@ from .vit import IMAGENET_MEAN, IMAGENET_STD, VisionTransformer, ViTConfig
 
 IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
 INCEPTION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 CONFIG_METADATA_KEY = "querytune.vit_config"  # safetensors metadata written by save_backbone
 

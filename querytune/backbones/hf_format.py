@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
-from .checkpoint import IMAGENET, INCEPTION, build, read_json, vit_config
+from .checkpoint import IMAGENET, INCEPTION, OPENAI_CLIP, build, read_json, vit_config
 from .vit import VisionTransformer, ViTConfig
 
 # transformers config defaults for the keys read here (old config.json files may omit some)
@@ -41,7 +41,6 @@ HF_DEFAULTS = {
 _HF_TOWERS = {"clip": "clip_vision_model", "siglip": "siglip_vision_model", "siglip2": "siglip2_vision_model"}
 _HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                    "quick_gelu": "quick_gelu"}
-OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 # each family's own normalisation, used where a folder has no preprocessor config (None: it varies, not guessed)
 _HF_NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
     "dinov2": IMAGENET, "dinov2_with_registers": IMAGENET, "vit_mae": IMAGENET, "vit_msn": IMAGENET,

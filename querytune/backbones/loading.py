@@ -79,7 +79,7 @@ from ..errors import CheckpointError, ConfigError, QuerytuneError
 from .checkpoint import CONFIG_METADATA_KEY, WEIGHT_FILES, read_checkpoint, read_json
 from .hf_format import from_hf_folder, from_hf_module
 from .npz_format import from_npz_file
-from .timm_format import from_timm_file, from_timm_state, is_timm_name
+from .timm_format import from_timm_file, from_timm_module, from_timm_state, is_timm_name
 from .vit import VisionTransformer
 
 __all__ = ["CONFIG_METADATA_KEY", "load_backbone", "save_backbone"]
@@ -206,14 +206,8 @@ def _from_module(module: Any, model_name: str | None) -> VisionTransformer:
         if model_name is not None:
             raise ConfigError("model_name applies to timm checkpoints, not to a transformers model")
         return from_hf_module(module)
-    pretrained_cfg = getattr(module, "pretrained_cfg", None) or getattr(module, "default_cfg", None)
-    if hasattr(module, "patch_embed") and hasattr(module, "blocks") and pretrained_cfg is not None:  # timm
-        tagged = ".".join(filter(None, (pretrained_cfg.get("architecture"), pretrained_cfg.get("tag"))))
-        name = tagged or type(module).__name__
-        return from_timm_state(
-            module.state_dict(), name, name, model_name, pretrained_cfg,
-            num_heads=module.blocks[0].attn.num_heads, norm_eps=getattr(getattr(module, "norm", None), "eps", 1e-6),
-        )
+    if hasattr(module, "patch_embed") and hasattr(module, "blocks") and hasattr(module, "pretrained_cfg"):  # timm
+        return from_timm_module(module, model_name)
     raise QuerytuneError(
         f"cannot load a backbone from a {type(module).__name__}: expected a transformers ViT/DeiT/DINOv2 "
         "or a timm VisionTransformer"

@@ -1,19 +1,19 @@
 """timm checkpoints: a state-dict file (``.safetensors``, ``.pth``), a hub folder's weights, or a timm
-model's state dict, read with or without a timm architecture name (inferred from the shapes without one)."""
+model's state dict. The weights show most of the architecture; the head count is not in them and comes from
+a timm architecture name (or the model object), never guessed."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
-import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from torch import Tensor
 
 from ..errors import CheckpointError, ConfigError
-from .checkpoint import CONFIG_METADATA_KEY, IMAGENET, INCEPTION, build, read_checkpoint, vit_config
+from .checkpoint import CONFIG_METADATA_KEY, IMAGENET, INCEPTION, OPENAI_CLIP, build, read_checkpoint, vit_config
 from .vit import VisionTransformer, ViTConfig
 
 # timm size name -> (width, depth, heads)
@@ -24,8 +24,9 @@ TIMM_SIZES = {
     "base": (768, 12, 12),
     "large": (1024, 24, 16),
     "huge": (1280, 32, 16),
+    "so400m": (1152, 27, 16),
+    "giant": (1536, 40, 24),
 }
-HEADS_BY_WIDTH = {width: heads for width, _, heads in TIMM_SIZES.values()}
 
 
 class TimmFamily(NamedTuple):
@@ -33,16 +34,25 @@ class TimmFamily(NamedTuple):
     layer_scale: bool
     distilled: bool  # has a distillation token, loaded as one register token
     norm: tuple[tuple[float, ...], tuple[float, ...]]  # default mean, std
+    act: str = "gelu"  # the MLP activation (a SwiGLU MLP, seen in the weights, has its own)
+    norm_eps: float = 1e-6
 
 
+_SIZE_PATCH = r"(?P<size>[a-z0-9]+)_patch(?P<patch>\d+)"
 TIMM_FAMILIES = (
-    TimmFamily(r"vit_(?P<size>[a-z]+)_patch(?P<patch>\d+)_\d+", False, False, INCEPTION),
-    TimmFamily(r"deit_(?P<size>[a-z]+)_patch(?P<patch>\d+)_\d+", False, False, IMAGENET),
+    TimmFamily(rf"vit_{_SIZE_PATCH}_\d+", False, False, INCEPTION),
+    TimmFamily(rf"deit_{_SIZE_PATCH}_\d+", False, False, IMAGENET),
     TimmFamily(r"deit_(?P<size>[a-z]+)_distilled_patch(?P<patch>\d+)_\d+", False, True, IMAGENET),
-    TimmFamily(r"deit3_(?P<size>[a-z]+)_patch(?P<patch>\d+)_\d+", True, False, IMAGENET),
-    TimmFamily(r"vit_(?P<size>[a-z]+)_patch(?P<patch>\d+)_dinov2", True, False, IMAGENET),
-    TimmFamily(r"vit_(?P<size>[a-z]+)_patch(?P<patch>\d+)_reg(?P<reg>\d+)_dinov2", True, False, IMAGENET),
+    TimmFamily(rf"deit3_{_SIZE_PATCH}_\d+", True, False, IMAGENET),
+    TimmFamily(rf"vit_{_SIZE_PATCH}_dinov2", True, False, IMAGENET),
+    TimmFamily(rf"vit_{_SIZE_PATCH}_reg(?P<reg>\d+)_dinov2", True, False, IMAGENET),
+    TimmFamily(rf"vit_{_SIZE_PATCH}_clip_\d+", False, False, OPENAI_CLIP, norm_eps=1e-5),
+    TimmFamily(rf"vit_{_SIZE_PATCH}_clip_quickgelu_\d+", False, False, OPENAI_CLIP, "quick_gelu", 1e-5),
+    TimmFamily(rf"vit_{_SIZE_PATCH}_siglip_\d+", False, False, INCEPTION),  # timm runs them with exact GELU
 )
+_SUPPORTED_NAMES = ("vit_{size}_patch{P}_{res}, deit_{size}[_distilled]_patch{P}_{res}, deit3_{size}_patch{P}_{res}, "
+                    "vit_{size}_patch{P}[_reg{K}]_dinov2, vit_{size}_patch{P}_clip[_quickgelu]_{res}, "
+                    "vit_{size}_patch{P}_siglip_{res}")
 IMAGENET_TAGS = ("mae", "dino")  # timm vit_* weights normalised with ImageNet mean/std
 
 # timm checkpoint keys that belong to the classifier, or to training only
@@ -67,6 +77,30 @@ def from_timm_file(path: Path, model_name: str | None) -> VisionTransformer:
         return build(config, _timm_state_dict(state, str(path))[0], str(path))
     return from_timm_state(state, str(path), path.name, model_name)
 
+_TIMM_ACTIVATIONS = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu"}  # by class name
+
+
+def from_timm_module(module: Any, model_name: str | None) -> VisionTransformer:
+    """A timm ``VisionTransformer`` object: its state dict, with its head count, norm eps and MLP activation
+    read from its modules."""
+    pretrained_cfg = getattr(module, "pretrained_cfg", None) or getattr(module, "default_cfg", None) or {}
+    tagged = ".".join(filter(None, (pretrained_cfg.get("architecture"), pretrained_cfg.get("tag"))))
+    name = tagged or type(module).__name__
+    block = module.blocks[0]
+    activation = type(block.mlp.act).__name__
+    if activation == "SiLU":  # a SwiGLU MLP (seen in the weights), whose activation is its own
+        act = "gelu"
+    elif activation == "GELU" and block.mlp.act.approximate == "tanh":
+        act = "gelu_tanh"
+    elif activation in _TIMM_ACTIVATIONS:
+        act = _TIMM_ACTIVATIONS[activation]
+    else:
+        raise CheckpointError(f"{name}: MLP activation {activation} is not supported "
+                              f"(supported: {', '.join(_TIMM_ACTIVATIONS)})")
+    return from_timm_state(module.state_dict(), name, name, model_name, pretrained_cfg,
+                           num_heads=block.attn.num_heads, norm_eps=block.norm1.eps, act=act)
+
+
 def from_timm_state(
     state: dict[str, Tensor],
     where: str,
@@ -75,20 +109,35 @@ def from_timm_state(
     pretrained_cfg: dict[str, Any] | None = None,
     num_heads: int | None = None,
     norm_eps: float = 1e-6,
+    act: str = "gelu",
 ) -> VisionTransformer:
+    """Our ViT from a timm-named state dict. What the weights show (width, depth, patch, MLP, tokens, norms,
+    pooling) is read from them; the head count, the activation, the norms' eps and the normalisation are
+    not in them and come from ``model_name`` (a timm architecture), or from the caller (``num_heads``,
+    ``norm_eps``, ``act``: a timm model object, an ``.npz`` file). Without a head count it is refused."""
     state, global_pool = _timm_state_dict(state, where)
+    fields = _shape_fields(state, where)
+    mean = std = None  # unknown unless a name or pretrained_cfg says
     if model_name is not None:
-        fields, (mean, std) = _timm_architecture(model_name)
+        named, (mean, std) = _timm_architecture(model_name)
+        fields.update(named)
+    elif num_heads is not None:
+        fields.update(num_heads=num_heads, norm_eps=norm_eps, act=act)
     else:
-        fields, (mean, std) = _infer_architecture(state, where, num_heads), (None, None)  # unknown
+        raise CheckpointError(
+            f"{where}: the number of attention heads of a width-{fields['embed_dim']} ViT cannot be told from "
+            "its weights; name its timm architecture (model_name, or a folder whose config.json says "
+            '{"architecture": NAME}), or save it with querytune.backbones.save_backbone'
+        )
     if "pos_embed" not in state:
         raise CheckpointError(f"{where}: no pos_embed; not a ViT checkpoint with absolute position embeddings")
-    grid, prefix = _split_positions(state["pos_embed"].shape[1], fields["num_reg_tokens"], where)
+    grid, prefix = _split_positions(state["pos_embed"].shape[1], fields["num_reg_tokens"] + fields["class_token"],
+                                    where)
     if pretrained_cfg:
         mean, std = pretrained_cfg.get("mean", mean), pretrained_cfg.get("std", std)
     config = vit_config(
         where, **fields, image_size=grid * fields["patch_size"], pos_embed_prefix=prefix, pos_embed_antialias=True,
-        norm_eps=norm_eps, mean=mean, std=std, name=name, global_pool=global_pool,
+        mean=mean, std=std, name=name, global_pool=global_pool,
     )
     return build(config, state, where)
 
@@ -125,57 +174,47 @@ def _timm_architecture(model_name: str) -> tuple[dict[str, Any], tuple]:
                 "embed_dim": width, "depth": depth, "num_heads": heads, "patch_size": int(match["patch"]),
                 "layer_scale": family.layer_scale,
                 "num_reg_tokens": int(registers) if registers else int(family.distilled),
+                "act": family.act, "norm_eps": family.norm_eps,
             }
             return fields, IMAGENET if tag.startswith(IMAGENET_TAGS) else family.norm
-    supported = ("vit_{size}_patch{P}_{res}, deit_{size}[_distilled]_patch{P}_{res}, deit3_{size}_patch{P}_{res}, "
-                 "vit_{size}_patch{P}[_reg{K}]_dinov2")
     raise ConfigError(
-        f"timm architecture {model_name!r} is not supported; supported: {supported} "
-        f"with size in {', '.join(TIMM_SIZES)} (see querytune.backbones.loading)"
+        f"timm architecture {model_name!r} is not supported; supported: {_SUPPORTED_NAMES} "
+        f"with size in {', '.join(TIMM_SIZES)} (see querytune.backbones.timm_format)"
     )
 
 
-def _infer_architecture(state: dict[str, Tensor], where: str, num_heads: int | None) -> dict[str, Any]:
-    """Architecture from tensor shapes; the head count is invisible in them and taken from
-    ``num_heads`` or the standard head count of the width."""
+def _shape_fields(state: dict[str, Tensor], where: str) -> dict[str, Any]:
+    """What a timm state dict's names and shapes tell of its architecture (all but the head count, the
+    activation and the norms' eps)."""
     proj = state.get("patch_embed.proj.weight")
     if proj is None:
         raise CheckpointError(f"{where}: no patch_embed.proj.weight; not a timm ViT checkpoint")
     width, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
-    depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
-    fc1 = state.get("blocks.0.mlp.fc1.weight")
+    fc1, fc2 = state.get("blocks.0.mlp.fc1.weight"), state.get("blocks.0.mlp.fc2.weight")
+    swiglu = fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]  # packed gate and input
     reg = state.get("reg_token")
-    fields = {
-        "embed_dim": width, "depth": depth, "patch_size": patch, "in_chans": in_chans,
-        "num_heads": num_heads or HEADS_BY_WIDTH.get(width),
-        "mlp_ratio": fc1.shape[0] / width if fc1 is not None else 4.0,
+    return {
+        "embed_dim": width, "patch_size": patch, "in_chans": in_chans,
+        "depth": len({key.split(".")[1] for key in state if key.startswith("blocks.")}),
+        "mlp_ratio": fc2.shape[1] / width if fc2 is not None else 4.0,
+        "swiglu": swiglu,
         "qkv_bias": "blocks.0.attn.qkv.bias" in state,
         "layer_scale": "blocks.0.ls1.gamma" in state,
         "num_reg_tokens": reg.shape[1] if reg is not None else 0,
+        "class_token": "cls_token" in state,
+        "patch_bias": "patch_embed.proj.bias" in state,
+        "norm_pre": "norm_pre.weight" in state,
+        "map_pool": "attn_pool.latent" in state,
     }
-    if fields["num_heads"] is None:
-        raise CheckpointError(
-            f"{where}: cannot tell the number of attention heads of a width-{width} ViT from its weights; "
-            "pass model_name, or save it with querytune.backbones.save_backbone"
-        )
-    if num_heads is None:
-        warnings.warn(
-            f"{where}: no model_name given; inferred a ViT of width {width}, depth {depth}, "
-            f"{fields['num_heads']} heads (the usual count for this width), patch {patch}, "
-            f"{fields['num_reg_tokens']} register tokens, LayerScale {fields['layer_scale']}; "
-            "its normalisation is unknown (give mean and std)",
-            stacklevel=1,  # the default: the warning points here
-        )
-    return fields
 
 
-def _split_positions(num_positions: int, num_reg_tokens: int, where: str) -> tuple[int, int]:
+def _split_positions(num_positions: int, num_prefix_tokens: int, where: str) -> tuple[int, int]:
     """(grid side, prefix tokens with a position embedding) from the length of ``pos_embed``."""
     side = math.isqrt(num_positions)
     prefix = num_positions - side * side
-    if prefix > 1 + num_reg_tokens:
+    if prefix > num_prefix_tokens:
         raise CheckpointError(
             f"{where}: pos_embed has {num_positions} positions, not a square grid plus at most "
-            f"{1 + num_reg_tokens} prefix tokens"
+            f"{num_prefix_tokens} prefix tokens"
         )
     return side, prefix
