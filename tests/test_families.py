@@ -6,16 +6,19 @@ and another one, max |diff| <= 1e-5 in float32."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from querytune.backbones import load_backbone
 from querytune.backbones.hf_format import HF_DEFAULTS
-from querytune.backbones.vit import VisionTransformer
+from querytune.backbones.vit import VisionTransformer, ViTConfig
 from querytune.errors import CheckpointError
 
 transformers = pytest.importorskip("transformers")
@@ -206,3 +209,40 @@ def test_saved_backbone_keeps_the_family_options(family, tmp_path):
     images = torch.randn(2, 3, OTHER, OTHER)
     with torch.no_grad():
         torch.testing.assert_close(again(images), ours(images), atol=0, rtol=0)
+
+
+def querytune_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "querytune", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_info_and_train_on_a_model_without_class_token(tmp_path, tiny_task):
+    """``info`` reads a CLIP and a SigLIP folder; ``train --method linear`` runs on SigLIP, whose probe
+    reads the MAP head's pooled feature."""
+    for family in ("clip", "siglip_vision_model"):
+        saved(CASES[family], tmp_path / family)
+        result = querytune_cli("info", "--backbone", tmp_path / family)
+        assert result.returncode == 0, result.stderr
+        assert "depth (L)" in result.stdout
+    result = querytune_cli("train", "--method", "linear", "--backbone", tmp_path / "siglip_vision_model",
+                           "--data", tiny_task, "--out", tmp_path / "run", "--epochs", "1", "--batch-size", "8",
+                           "--image-size", "32", "--workers", "0", "-q")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_cli_faults_are_one_line_with_exit_code_2(tmp_path):
+    saved(CASES["siglip_vision_model"], tmp_path / "unknown")
+    config = json.loads((tmp_path / "unknown" / "config.json").read_text())
+    (tmp_path / "unknown" / "config.json").write_text(json.dumps({**config, "model_type": "beit"}))
+    saved(CASES["siglip_vision_model"], tmp_path / "positions")
+    (tmp_path / "positions" / "config.json").write_text(json.dumps({**config, "image_size": 64}))
+    bare = tmp_path / "bare.safetensors"
+    torch.manual_seed(0)
+    save_file(VisionTransformer(ViTConfig(embed_dim=192, depth=2, num_heads=6, image_size=32)).state_dict(), str(bare))
+    for source, message in ((tmp_path / "unknown", "model_type 'beit' is not supported"),
+                            (tmp_path / "positions", "pos_embed has shape"),
+                            (bare, "the number of attention heads of a width-192 ViT cannot be told")):
+        result = querytune_cli("info", "--backbone", source)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
