@@ -216,17 +216,21 @@ def querytune_cli(*args) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def test_cli_info_and_train_on_a_model_without_class_token(tmp_path, tiny_task):
-    """``info`` reads a CLIP and a SigLIP folder; ``train --method linear`` runs on SigLIP, whose probe
-    reads the MAP head's pooled feature."""
+def test_cli_info_on_clip_and_siglip_folders(tmp_path):
     for family in ("clip", "siglip_vision_model"):
         saved(CASES[family], tmp_path / family)
         result = querytune_cli("info", "--backbone", tmp_path / family)
         assert result.returncode == 0, result.stderr
         assert "depth (L)" in result.stdout
-    result = querytune_cli("train", "--method", "linear", "--backbone", tmp_path / "siglip_vision_model",
-                           "--data", tiny_task, "--out", tmp_path / "run", "--epochs", "1", "--batch-size", "8",
-                           "--image-size", "32", "--workers", "0", "-q")
+
+
+@pytest.mark.parametrize("family,method", [("siglip_vision_model", "linear"), ("clip", "vqt"), ("clip", "lora")])
+def test_cli_trains_on_the_family(family, method, tmp_path, tiny_task):
+    """``train`` runs end to end; on SigLIP the linear probe reads the MAP head's pooled feature."""
+    saved(CASES[family], tmp_path / family)
+    result = querytune_cli("train", "--method", method, "--backbone", tmp_path / family, "--data", tiny_task,
+                           "--out", tmp_path / "run", "--epochs", "1", "--batch-size", "8", "--image-size", "32",
+                           "--workers", "0", "-q")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "run" / "metrics.json").is_file()
 

@@ -8,10 +8,10 @@ models), ``npz_format`` (JAX ``.npz``), ``checkpoint`` (reading files, strict bu
 
 1. a local Hugging Face model folder: ``config.json`` + ``model.safetensors`` or
    ``pytorch_model.bin`` (an optional ``preprocessor_config.json`` gives mean/std);
-2. a timm-format checkpoint file (``.safetensors``, ``.pth``, ``.bin``), with an optional
-   ``model_name`` (a timm architecture name, see the table below); without one the
-   architecture is inferred from the tensor shapes, with a warning. A safetensors file
-   written by :func:`save_backbone` carries its exact config and needs neither. One with an
+2. a timm-format checkpoint file (``.safetensors``, ``.pth``, ``.bin``) with its ``model_name``
+   (a timm architecture name, see the table below): the head count is not in the weights, so
+   without a name the file is refused. A safetensors file written by :func:`save_backbone`
+   carries its exact config and needs none. One with an
    ``fc_norm`` and no final ``norm`` (MAE fine-tuned, timm's ``global_pool='avg'``) is a global-pool
    model (``ViTConfig.global_pool``; its ``fc_norm`` is loaded as ``norm``);
 3. a local timm hub folder (``config.json`` with ``architecture`` and ``pretrained_cfg``);
@@ -22,17 +22,19 @@ models), ``npz_format`` (JAX ``.npz``), ``checkpoint`` (reading files, strict bu
 5. an ``.npz`` checkpoint of the original JAX ViTs, as VPT, VQT, NOAH, SSF and V-PETL load
    it (``ViT-B_16.npz``, ``imagenet21k/ViT-B_16.npz``; any depth and width, the head count
    read from the attention kernels);
-6. an in-memory ``transformers`` ViT/DeiT/DINOv2 model (or ``*ForImageClassification``
+6. an in-memory ``transformers`` model of a type below (or ``*ForImageClassification``
    around one) or timm ``VisionTransformer``, converted through its state dict;
 7. a querytune :class:`VisionTransformer`, returned as is.
 
-Hugging Face ``model_type``: ``vit``, ``deit``, ``dinov2``, ``dinov2_with_registers``.
+Hugging Face ``model_type``: ``vit``, ``deit``, ``dinov2``, ``dinov2_with_registers`` (also with
+``use_swiglu_ffn``), ``vit_mae``, ``vit_msn``, ``clip_vision_model``, ``siglip_vision_model``,
+``siglip2_vision_model``, and the vision tower of ``clip``, ``siglip``, ``siglip2`` folders.
 
 Normalisation (mean/std) is never guessed: it comes from the checkpoint's own config (a
 preprocessor config, a timm ``pretrained_cfg``, querytune's saved config), from a known name
-(a timm architecture, DINOv2), or it is left unknown (``None``) and a run must be given
-``--mean``/``--std`` (:meth:`querytune.data.Preprocess.for_backbone` says so).
-Only GELU MLPs are supported (no SwiGLU, so no DINOv2 giant). DeiT in transformers
+(a timm architecture; DINOv2, MAE, MSN, CLIP, SigLIP), or it is left unknown (``None``) and a run
+must be given ``--mean``/``--std`` (:meth:`querytune.data.Preprocess.for_backbone` says so).
+DeiT in transformers
 always has a distillation token; it is loaded as one register token with its own
 position embedding (``pos_embed_prefix=2``), which reproduces ``DeiTModel`` exactly.
 
@@ -45,6 +47,9 @@ timm architectures (``model_name``; a ``.tag`` suffix is allowed)::
     deit3_{size}_patch{P}_{res}          yes         -                     ImageNet
     vit_{size}_patch{P}_dinov2           yes         -                     ImageNet
     vit_{size}_patch{P}_reg{K}_dinov2    yes         K registers           ImageNet
+    vit_{size}_patch{P}_clip_{res}       no          (norm_pre)            OpenAI CLIP (GELU, eps 1e-5)
+    vit_{size}_patch{P}_clip_quickgelu_{res}                               OpenAI CLIP (QuickGELU, eps 1e-5)
+    vit_{size}_patch{P}_siglip_{res}     no          no class token, MAP   0.5/0.5
 
     size    width  depth  heads
     tiny     192     12      3
@@ -53,8 +58,11 @@ timm architectures (``model_name``; a ``.tag`` suffix is allowed)::
     base     768     12     12
     large   1024     24     16
     huge    1280     32     16
+    so400m  1152     27     16
+    giant   1536     40     24
 
-All have a class token, QKV bias and MLP ratio 4. The position-embedding grid and
+The MLP (its width, SwiGLU or not), the class token, patch bias, ``norm_pre`` and attention pool are
+read from the weights; the name gives the head count, activation and eps. The position-embedding grid and
 how many prefix tokens have a position embedding (timm's ``no_embed_class``) are read
 from the checkpoint's ``pos_embed``, so ``{res}`` is not checked. A timm hub config's
 ``pretrained_cfg`` mean/std take precedence over the table.
