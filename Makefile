@@ -19,8 +19,11 @@ $(VENV)/base: pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
+# timm without its dependencies: they would pull a torchvision built for another torch (the timm tests
+# put a stand-in for torchvision on the path, tests/torchvision_stub.py).
 $(VENV)/installed: $(VENV)/base
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps timm==1.0.31
 	touch $@
 
 .PHONY: demo test lint install-check

@@ -16,6 +16,22 @@ DINOV2_SMALL = SHARED / "weights" / "dinov2-small-imgfocus"
 VTAB_MINI = SHARED / "data" / "vtab1k-mini"
 
 
+def import_timm():
+    """timm, imported with the test-only ``torchvision`` stand-in (tests/torchvision_stub.py) where no
+    torchvision is installed; skips where timm itself is absent (it is installed with ``--no-deps``)."""
+    import importlib.util
+
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("timm is not installed (pip install --no-deps timm)", allow_module_level=True)
+    if importlib.util.find_spec("torchvision") is None:
+        import torchvision_stub
+
+        return torchvision_stub.import_with_stand_in("timm")
+    import timm
+
+    return timm
+
+
 def require_shared(path: Path) -> Path:
     """Integration tests read the real weights and data from ../shared; skip, saying why, where absent."""
     if not path.exists():

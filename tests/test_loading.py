@@ -15,7 +15,7 @@ from torch import nn
 
 from conftest import DINOV2_SMALL, require_shared, tiny_vit
 from querytune.backbones import load_backbone, save_backbone
-from querytune.backbones.loading import HF_DEFAULTS
+from querytune.backbones.hf_format import HF_DEFAULTS
 from querytune.backbones.vit import VisionTransformer, ViTConfig
 from querytune.errors import CheckpointError, ConfigError
 
@@ -115,8 +115,7 @@ def test_hf_defaults_match_transformers():
 
 
 @pytest.mark.parametrize("change,message", [({"hidden_act": "silu"}, "hidden_act"),
-                                            ({"use_swiglu_ffn": True}, "use_swiglu_ffn"),
-                                            ({"model_type": "clip_vision_model"}, "model_type")])
+                                            ({"model_type": "beit"}, "model_type")])
 def test_hf_unsupported_configs(change, message, tmp_path):
     hf_model("dinov2").save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -167,16 +166,19 @@ def timm_checkpoint(model_name: str) -> tuple[VisionTransformer, dict[str, torch
 
 
 @pytest.mark.parametrize("model_name", list(TIMM_CASES))
-def test_timm_checkpoint_with_and_without_model_name(model_name, tmp_path):
+def test_timm_checkpoint_with_model_name_and_refused_without(model_name, tmp_path):
+    """The head count is not in a timm checkpoint's weights: without its architecture's name the file is
+    refused, never loaded with a guessed head count."""
     reference, state = timm_checkpoint(model_name)
     safetensors_path, pth_path = tmp_path / "weights.safetensors", tmp_path / "weights.pth"
     save_file(state, str(safetensors_path))
     torch.save({"model": {f"module.{key}": tensor for key, tensor in state.items()}}, pth_path)
     for path in (safetensors_path, pth_path):
         named = load_backbone(path, model_name=f"{model_name}.some_tag")
-        with pytest.warns(UserWarning, match="no model_name given; inferred"):
-            inferred = load_backbone(path)
-        for ours in (named, inferred):
+        with pytest.raises(CheckpointError, match=r"weights\.(safetensors|pth): the number of attention heads of a "
+                                                  r"width-\d+ ViT cannot be told from its weights"):
+            load_backbone(path)
+        for ours in (named,):
             assert ours.config.name == path.name
             assert ours.config.pos_embed_antialias
             for field in ("embed_dim", "depth", "num_heads", "layer_scale", "num_reg_tokens", "pos_embed_prefix",
@@ -189,14 +191,13 @@ def test_timm_checkpoint_with_and_without_model_name(model_name, tmp_path):
 def test_original_dinov2_layout(tmp_path):
     """facebookresearch/dinov2 checkpoints: register_tokens, mask_token, and a class-token position."""
     torch.manual_seed(0)
-    reference = VisionTransformer(ViTConfig(embed_dim=192, depth=12, num_heads=3, image_size=64, layer_scale=True,
-                                            num_reg_tokens=4, pos_embed_prefix=1))
+    reference = VisionTransformer(ViTConfig(embed_dim=192, depth=12, num_heads=3, image_size=56, patch_size=14,
+                                            layer_scale=True, num_reg_tokens=4, pos_embed_prefix=1))
     state = dict(reference.state_dict(), mask_token=torch.zeros(1, 192))
     state["register_tokens"] = state.pop("reg_token")
     path = tmp_path / "dinov2_vitt14_reg4_pretrain.pth"
     torch.save(state, path)
-    with pytest.warns(UserWarning, match="inferred"):
-        ours = load_backbone(path)
+    ours = load_backbone(path, model_name="vit_tiny_patch14_reg4_dinov2")
     assert (ours.config.num_reg_tokens, ours.config.pos_embed_prefix) == (4, 1)
     assert_same_model(ours, reference)
 
@@ -226,8 +227,8 @@ def test_timm_checkpoint_file_errors(tmp_path):
     save_file(small, str(path))
     with pytest.raises(CheckpointError, match=r"small\.safetensors: .* has shape .*384.* expects .*768"):
         load_backbone(path, model_name="vit_base_patch14_reg4_dinov2")
-    with pytest.raises(ConfigError, match="'vit_base_patch16_clip_224' is not supported"):
-        load_backbone(path, model_name="vit_base_patch16_clip_224")
+    with pytest.raises(ConfigError, match="'beit_base_patch16_224' is not supported"):
+        load_backbone(path, model_name="beit_base_patch16_224")
 
 
 
@@ -235,7 +236,8 @@ def test_unknown_width_needs_model_name_or_saved_config(tmp_path):
     reference = tiny_vit(layer_scale=True, num_reg_tokens=2)  # width 48 with 4 heads: not a standard size
     bare = tmp_path / "bare.safetensors"
     save_file(reference.state_dict(), str(bare))
-    with pytest.raises(CheckpointError, match="bare.safetensors: cannot tell the number of attention heads"):
+    with pytest.raises(CheckpointError, match="bare.safetensors: the number of attention heads of a width-48 ViT "
+                                              "cannot be told"):
         load_backbone(bare)
 
     saved = tmp_path / "saved.safetensors"
@@ -414,14 +416,13 @@ def test_mae_checkpoint_pools_the_patch_tokens_through_fc_norm(tmp_path):
     from querytune.trunk.features import extract_features
 
     torch.manual_seed(0)
-    reference = VisionTransformer(ViTConfig(embed_dim=192, depth=2, num_heads=3, patch_size=16, image_size=32))
+    reference = VisionTransformer(ViTConfig(embed_dim=192, depth=12, num_heads=3, patch_size=16, image_size=32))
     state = {("fc_" + k if k.startswith("norm.") else k): v for k, v in reference.state_dict().items()}
     state.update({"head.weight": torch.randn(5, 192), "head.bias": torch.zeros(5)})
     path = tmp_path / "mae_finetuned_vit_tiny.pth"
     torch.save({"model": state, "epoch": 99}, path)
-    with pytest.warns(UserWarning, match="inferred"):
-        ours = load_backbone(path)
-    assert ours.config.global_pool and (ours.config.mean, ours.config.std) == (None, None)  # not in the file
+    ours = load_backbone(path, model_name="vit_tiny_patch16_224.mae")
+    assert ours.config.global_pool and ours.config.mean == (0.485, 0.456, 0.406)  # the mae tag's
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         tokens = reference.run_blocks(reference.embed(images))  # class token, then 4 patch tokens

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Generic, NamedTuple, Protocol, TypeVar, cast, overload
 
 import torch
@@ -28,6 +29,19 @@ from torch import Tensor, nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's GELU approximation, ``x * sigmoid(1.702 x)``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+# the MLP activation by ViTConfig.act; gelu_tanh is transformers' gelu_new and gelu_pytorch_tanh
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "gelu": nn.GELU, "gelu_tanh": partial(nn.GELU, approximate="tanh"), "quick_gelu": QuickGELU,
+}
 
 
 @dataclass
@@ -41,6 +55,13 @@ class ViTConfig:
     and DINOv2 with registers do (plain DINOv2, ViT and DeiT in transformers do not).
     ``global_pool``: the final feature is the normalised mean of the patch tokens (MAE's
     fine-tuning head, its ``fc_norm`` loaded as ``norm``), not the normalised class token.
+    ``map_pool``: the final feature is the attention-pooling (MAP) head's output over the normalised
+    tokens (SigLIP: one learned latent query, then an MLP; timm's ``attn_pool``).
+
+    Family options: ``class_token`` (SigLIP has none), ``patch_bias`` (CLIP has none), ``norm_pre``
+    (CLIP's LayerNorm before the blocks), ``act`` (the MLP activation, :data:`ACTIVATIONS`), ``swiglu``
+    (a SwiGLU MLP of hidden width ``round(embed_dim * mlp_ratio)``: DINOv2 giant),
+    ``pos_embed_resize`` (``bicubic``, or ``bilinear`` as SigLIP 2 resizes).
     """
 
     image_size: int = 224
@@ -60,14 +81,29 @@ class ViTConfig:
     std: tuple[float, ...] | None = IMAGENET_STD
     name: str = "vit"
     global_pool: bool = False
+    map_pool: bool = False
+    class_token: bool = True
+    patch_bias: bool = True
+    norm_pre: bool = False
+    act: str = "gelu"
+    swiglu: bool = False
+    pos_embed_resize: str = "bicubic"
 
     def __post_init__(self) -> None:
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if not 0 <= self.pos_embed_prefix <= 1 + self.num_reg_tokens:
-            raise ValueError(f"pos_embed_prefix must be in 0..{1 + self.num_reg_tokens}, got {self.pos_embed_prefix}")
+        if not 0 <= self.pos_embed_prefix <= self.num_prefix_tokens:
+            raise ValueError(f"pos_embed_prefix must be in 0..{self.num_prefix_tokens}, got {self.pos_embed_prefix}")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.act!r} (known: {', '.join(ACTIVATIONS)})")
+        if self.pos_embed_resize not in ("bicubic", "bilinear"):
+            raise ValueError(f"pos_embed_resize must be bicubic or bilinear, got {self.pos_embed_resize!r}")
+        if self.global_pool and self.map_pool:
+            raise ValueError("global_pool and map_pool exclude each other")
+        if not self.class_token and not (self.global_pool or self.map_pool):
+            raise ValueError("a ViT without a class token pools by global_pool or map_pool")
         if self.mean is not None and self.std is not None:  # from JSON they come back as lists
             self.mean, self.std = tuple(self.mean), tuple(self.std)
 
@@ -77,7 +113,11 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return 1 + self.num_reg_tokens
+        return int(self.class_token) + self.num_reg_tokens
+
+    @property
+    def mlp_hidden(self) -> int:
+        return round(self.embed_dim * self.mlp_ratio)
 
     def num_tokens(self, image_size: int | None = None) -> int:
         side = (image_size or self.image_size) // self.patch_size
@@ -93,10 +133,10 @@ class ViTConfig:
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, bias: bool = True) -> None:
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, images: Tensor) -> Tensor:
         height, width = images.shape[-2:]
@@ -117,14 +157,34 @@ class LayerScale(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, act: str = "gelu") -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = ACTIVATIONS[act]()
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+class SwiGLU(nn.Module):
+    """``fc2(silu(x W_gate) * (x W_in))`` with the gate and input projections packed in ``fc1`` (gate
+    first), as timm's ``SwiGLUPacked`` and DINOv2's ``weights_in``."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * hidden)
+        self.act = nn.SiLU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, value = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(self.act(gate) * value)
+
+
+def make_mlp(config: ViTConfig) -> nn.Module:
+    return SwiGLU(config.embed_dim, config.mlp_hidden) if config.swiglu else Mlp(
+        config.embed_dim, config.mlp_hidden, config.act)
 
 
 class Projection(Protocol):
@@ -184,15 +244,15 @@ class Block(nn.Module):
     beside the MLP branch (AdaptFormer plugs in there); it is None for a plain ViT.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, layer_scale: bool,
-                 eps: float) -> None:
+    def __init__(self, config: ViTConfig) -> None:
         super().__init__()
+        dim, eps = config.embed_dim, config.norm_eps
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads, qkv_bias)
-        self.ls1 = LayerScale(dim) if layer_scale else nn.Identity()
+        self.attn = Attention(dim, config.num_heads, config.qkv_bias)
+        self.ls1 = LayerScale(dim) if config.layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.ls2 = LayerScale(dim) if layer_scale else nn.Identity()
+        self.mlp = make_mlp(config)
+        self.ls2 = LayerScale(dim) if config.layer_scale else nn.Identity()
         self.mlp_parallel: nn.Module | None = None
         self.checkpointing = False  # see VisionTransformer.set_grad_checkpointing
 
@@ -397,9 +457,7 @@ def naive_block_parts(block: Block, x: Tensor, mask: Tensor | None = None) -> tu
     attn = _layer_scale(block.ls1, F.linear(attended, block.attn.proj.weight, block.attn.proj.bias))
     a = x + attn
     h = F.layer_norm(a, (dim,), block.norm2.weight, block.norm2.bias, block.norm2.eps)
-    h = F.linear(F.gelu(F.linear(h, block.mlp.fc1.weight, block.mlp.fc1.bias)),
-                 block.mlp.fc2.weight, block.mlp.fc2.bias)
-    mlp = _layer_scale(block.ls2, h)
+    mlp = _layer_scale(block.ls2, block.mlp(h))
     if block.mlp_parallel is not None:
         mlp = mlp + block.mlp_parallel(a)
     return a + mlp, attn, mlp
@@ -408,6 +466,32 @@ def naive_block_parts(block: Block, x: Tensor, mask: Tensor | None = None) -> tu
 def naive_block(block: Block, x: Tensor, mask: Tensor | None = None) -> Tensor:
     """One pre-norm block over the whole sequence ``x`` with an additive attention ``mask`` (N, N)."""
     return naive_block_parts(block, x, mask)[0]
+
+
+class AttentionPool(nn.Module):
+    """The multi-head attention-pooling (MAP) head of SigLIP (timm's ``AttentionPoolLatent``, one latent):
+    a learned query attends to the tokens, then a pre-norm MLP with a residual; (B, N, D) -> (B, D)."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        dim = config.embed_dim
+        self.num_heads = config.num_heads
+        self.latent = nn.Parameter(torch.zeros(1, 1, dim))
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.mlp = Mlp(dim, config.mlp_hidden, config.act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        def heads(t: Tensor) -> Tensor:
+            return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+        keys, values = self.kv(x).chunk(2, dim=-1)
+        query = self.q(self.latent).expand(x.shape[0], -1, -1)
+        pooled = F.scaled_dot_product_attention(heads(query), heads(keys), heads(values))
+        pooled = self.proj(pooled.transpose(1, 2).flatten(2))[:, 0]
+        return pooled + self.mlp(self.norm(pooled))
 
 
 def final_class_token(backbone: VisionTransformer, x: Tensor) -> Tensor:
@@ -433,26 +517,27 @@ if TYPE_CHECKING:
 
 
 class VisionTransformer(nn.Module):
-    """ViT with class token, optional register tokens and LayerScale (timm names)."""
+    """ViT with an optional class token, register tokens, LayerScale and the family options of
+    :class:`ViTConfig` (timm names)."""
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
         self.config = config
         dim = config.embed_dim
-        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, dim, bias=config.patch_bias)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if config.class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, config.num_reg_tokens, dim)) if config.num_reg_tokens else None
         num_pos = config.pos_embed_prefix + config.grid_size**2
         self.pos_embed = nn.Parameter(torch.randn(1, num_pos, dim) * 0.02)
-        self.blocks = cast("ModuleListOf[Block]", nn.ModuleList(
-            Block(dim, config.num_heads, config.mlp_ratio, config.qkv_bias, config.layer_scale, config.norm_eps)
-            for _ in range(config.depth)
-        ))
+        self.norm_pre = nn.LayerNorm(dim, eps=config.norm_eps) if config.norm_pre else nn.Identity()
+        self.blocks = cast("ModuleListOf[Block]", nn.ModuleList(Block(config) for _ in range(config.depth)))
         self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.attn_pool = AttentionPool(config) if config.map_pool else None
         self._init_weights()
 
     def _init_weights(self) -> None:
-        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
         if self.reg_token is not None:
             nn.init.normal_(self.reg_token, std=1e-6)
         for module in self.modules():
@@ -471,6 +556,10 @@ class VisionTransformer(nn.Module):
     def num_features(self) -> int:
         return self.config.embed_dim
 
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embed.proj.weight.device
+
     def position_embedding(self, height: int, width: int) -> tuple[Tensor, Tensor]:
         """(prefix position embeddings, patch position embeddings) for a grid of height x width patches.
 
@@ -483,34 +572,39 @@ class VisionTransformer(nn.Module):
         if (height, width) != (side, side):
             grid = patch.reshape(1, side, side, -1).permute(0, 3, 1, 2)
             grid = F.interpolate(
-                grid.float(), size=(height, width), mode="bicubic", align_corners=False,
+                grid.float(), size=(height, width), mode=self.config.pos_embed_resize, align_corners=False,
                 antialias=self.config.pos_embed_antialias,
             )
             patch = grid.to(patch.dtype).permute(0, 2, 3, 1).reshape(1, height * width, -1)
         return prefix, patch
 
     def embed(self, images: Tensor) -> Tensor:
-        """Tokens entering the first block: [class, registers, patches] with position embeddings."""
+        """Tokens entering the first block: [class, registers, patches] with position embeddings (and
+        ``norm_pre``)."""
         patches = self.patch_embed(images)
         height = images.shape[-2] // self.config.patch_size
         width = images.shape[-1] // self.config.patch_size
         pos_prefix, pos_patch = self.position_embedding(height, width)
         batch = patches.shape[0]
-        prefix = [self.cls_token.expand(batch, -1, -1)]
-        if self.reg_token is not None:
-            prefix.append(self.reg_token.expand(batch, -1, -1))
-        prefix_tokens = torch.cat(prefix, dim=1)
-        n_pos = self.config.pos_embed_prefix
-        if n_pos:
-            prefix_tokens = torch.cat([prefix_tokens[:, :n_pos] + pos_prefix, prefix_tokens[:, n_pos:]], dim=1)
-        return torch.cat([prefix_tokens, patches + pos_patch], dim=1)
+        prefix = [token.expand(batch, -1, -1) for token in (self.cls_token, self.reg_token) if token is not None]
+        tokens = patches + pos_patch
+        if prefix:
+            prefix_tokens = torch.cat(prefix, dim=1)
+            n_pos = self.config.pos_embed_prefix
+            if n_pos:
+                prefix_tokens = torch.cat([prefix_tokens[:, :n_pos] + pos_prefix, prefix_tokens[:, n_pos:]], dim=1)
+            tokens = torch.cat([prefix_tokens, tokens], dim=1)
+        return self.norm_pre(tokens)
 
     def class_token_input(self) -> Tensor:
-        """The class token as it enters block 0 (with its position embedding if it has one), shape (1, D)."""
+        """The class token as it enters block 0 (with its position embedding if it has one, and
+        ``norm_pre``), shape (1, D)."""
+        if self.cls_token is None:
+            raise ValueError(f"{self.config.name} has no class token")
         token = self.cls_token[0]
         if self.config.pos_embed_prefix:
             token = token + self.pos_embed[0, :1]
-        return token
+        return self.norm_pre(token)
 
     def run_blocks(
         self,
@@ -538,10 +632,14 @@ class VisionTransformer(nn.Module):
 
     def pool(self, x: Tensor, inserted: int = 0) -> Tensor:
         """The final feature (B, D) from the last block's output tokens ``x``: the normalised class token,
-        or with ``global_pool`` the normalised mean of the patch tokens, which follow the prefix tokens
-        and ``inserted`` tokens a method put after them (VPT's prompts)."""
+        with ``global_pool`` the normalised mean of the patch tokens, which follow the prefix tokens
+        and ``inserted`` tokens a method put after them (VPT's prompts), with ``map_pool`` the attention
+        pool over the normalised tokens (the inserted ones left out)."""
+        prefix = self.config.num_prefix_tokens
+        if self.attn_pool is not None:
+            return self.attn_pool(self.norm(torch.cat([x[:, :prefix], x[:, prefix + inserted :]], dim=1)))
         if self.config.global_pool:
-            return self.norm(x[:, self.config.num_prefix_tokens + inserted :].mean(1))
+            return self.norm(x[:, prefix + inserted :].mean(1))
         return self.norm(x[:, 0])
 
     def forward_features(self, images: Tensor) -> Tensor:

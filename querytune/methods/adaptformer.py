@@ -56,7 +56,7 @@ class ParallelAdapter(nn.Module):
 
 def add_adapters(backbone: VisionTransformer, options: AdaptFormerOptions) -> None:
     """Put a :class:`ParallelAdapter` beside every block's MLP (the backbone stays frozen)."""
-    device = backbone.cls_token.device
+    device = backbone.device
     for block in backbone.blocks:
         if block.mlp_parallel is not None:
             raise ConfigError("the backbone already carries adapters; build each method on a freshly loaded backbone")

@@ -102,7 +102,7 @@ class SideNetwork(nn.Module):
         if options.fusion_size > widest:
             raise ConfigError(f"--fusion-size {options.fusion_size}: must be at most {widest} (twice the "
                               f"backbone's patch grid of {config.grid_size} less one)")
-        device = backbone.cls_token.device
+        device = backbone.device
         bound = 1 / math.sqrt(dim)  # kaiming_uniform_(a=sqrt(5)) on an (r, D) matrix
         self.lora_a = nn.Parameter(torch.empty(depth, options.dtl_rank, dim, device=device).uniform_(-bound, bound))
         self.lora_b = nn.Parameter(torch.zeros(depth, dim, options.dtl_rank, device=device))
@@ -158,7 +158,7 @@ class DTL(Method):
     def __init__(self, backbone: VisionTransformer, num_classes: int, options: DTLOptions) -> None:
         super().__init__(backbone, num_classes, options)
         self.side = SideNetwork(backbone, options)
-        self.head = nn.Linear(backbone.num_features, num_classes, device=backbone.cls_token.device)
+        self.head = nn.Linear(backbone.num_features, num_classes, device=backbone.device)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 

@@ -63,7 +63,7 @@ class Prompts(nn.Module):
         config = backbone.config
         sets = config.depth if options.vpt_mode == "deep" else 1
         bound = vpt_init_bound(backbone)
-        tokens = torch.empty(sets, options.prompts, config.embed_dim, device=backbone.cls_token.device)
+        tokens = torch.empty(sets, options.prompts, config.embed_dim, device=backbone.device)
         self.tokens = nn.Parameter(tokens.uniform_(-bound, bound))
         assert options.prompt_dropout is not None  # VPTOptions.__post_init__ sets its default
         self.dropout = nn.Dropout(options.prompt_dropout)
