@@ -14,10 +14,15 @@ temporary file and is reported as a :class:`~querytune.errors.StorageError` nami
 folder (:func:`storage_error`); writers that are not Python's own file objects (torch,
 safetensors) write through :func:`recording_writes` or to bytes, so the ``OSError``
 behind their own error types is what is reported.
+
+A folder that one process at a time may write (a cache entry, a run folder, a bench folder) is held
+with :func:`folder_lock`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -29,6 +34,8 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 from .errors import StorageError
+
+LOCK_FILE = ".lock"  # in a locked folder: held (flock) by the process writing the folder
 
 
 def temporary_path(path: Path) -> Path:
@@ -130,3 +137,65 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's live process
         return True
     return True
+
+
+@contextmanager
+def folder_lock(folder: Path, busy: Callable[[str], None]) -> Iterator[None]:
+    """Hold the lock of ``folder`` (created, with its parents, if absent) against other processes. Where
+    another process holds it, ``busy(holder)`` is called with the holder ('pid 123'): it raises to refuse,
+    or returns to wait for the lock.
+
+    ``flock`` on the empty file ``folder/.lock``: the kernel releases it when its holder dies, even by
+    ``kill -9``, so a killed writer never leaves the folder locked (only the file, which the next holder
+    takes), and names the holder in ``/proc/locks``; on NFS Linux maps it to a lock the server keeps. The
+    lock file is removed on release (a waiter then finds its lock file gone and locks the next one), and
+    the folder too where this call created it and nothing else was written (a build refused for lack of
+    space, a run that failed before it started).
+    """
+    lock = folder / LOCK_FILE
+    while True:
+        try:
+            folder.mkdir(parents=True)
+            created = True
+        except FileExistsError:
+            created = False
+        except OSError as error:
+            raise storage_error(folder, error, LOCK_FILE) from error
+        try:
+            handle = open(lock, "a")
+        except OSError as error:
+            raise storage_error(folder, error, LOCK_FILE) from error
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            busy(lock_holder(handle))
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except BaseException:
+            handle.close()
+            raise
+        try:
+            if os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()  # the lock file was removed while this process waited: lock the one there now
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # gone already where the holder removed the folder
+            lock.unlink()
+            if created:
+                folder.rmdir()  # where empty
+        handle.close()
+
+
+def lock_holder(handle: IO[str]) -> str:
+    """'pid 123', the process holding the ``flock`` on ``handle``'s file, as this host's ``/proc/locks`` lists it."""
+    stat = os.fstat(handle.fileno())
+    file_id = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()  # '1: FLOCK ADVISORY WRITE 4521 fe:00:2150578 0 EOF'; '1: -> FLOCK ...' waits
+            if fields[1:2] == ["FLOCK"] and fields[5:6] == [file_id]:
+                return f"pid {fields[4]}"
+    return "pid unknown: another host's, or gone meanwhile"

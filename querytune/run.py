@@ -13,6 +13,7 @@ import json
 import platform
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -34,6 +35,7 @@ from .runfolder import (
     discard_run_folder,
     finish_run_folder,
     load_adapter,
+    lock_run_folder,
     read_metrics,
     read_run_config,
     save_adapter,
@@ -244,10 +246,11 @@ def train_runs(spec: RunSpec, runs: dict[Path, dict[str, Any]], runtime: Runtime
     logged every ``eval_every`` epochs (default 1) and after the last. ``log.jsonl`` and ``curves.png``
     are always written; ``spec.log`` adds ``csv`` and/or ``tensorboard`` (:mod:`querytune.runlog`).
 
-    Every input is checked, and the features cached, before a run folder is made; a user error
+    Every input is checked, and the features cached, before a run is started in its folder; a user error
     (:class:`QuerytuneError`) found later in a new run (an image that does not decode, met on the fly)
-    removes its run folder again. Under torchrun the processes train a lone run data-parallel
-    (:mod:`querytune.distributed`) and only rank 0 writes the run folder.
+    removes its run folder again. Each run folder is locked meanwhile: another process training in it
+    is refused (:func:`~querytune.runfolder.lock_run_folder`). Under torchrun the processes train a lone
+    run data-parallel (:mod:`querytune.distributed`) and only rank 0 writes (and locks) the run folder.
     """
     method_cls = method_class(required(spec)[0])
     runtime = runtime or Runtime()
@@ -264,15 +267,18 @@ def train_runs(spec: RunSpec, runs: dict[Path, dict[str, Any]], runtime: Runtime
     if why != "as given":
         note(f"precision {precision} ({why})", runtime.progress)
     stack = []
-    for folder, cfg in zip(runs, configs):
-        method, config = setup.build(cfg)
-        member = Member(cfg, method, Path(folder) / "checkpoint.pt", stream=rng_state(device))
-        stack.append(StackRun(Path(folder), config, member, check_run_folder(Path(folder), config)))
-    # a finished run is the very same run, done already (a retried job, a rerun cell): its results
-    metrics = {run.folder: read_metrics(run.folder) for run in stack if run.state == "finished"}
-    training = [run for run in stack if run.state != "finished"]
-    if training:
-        metrics.update(train_stack(setup, training))
+    with ExitStack() as locks:  # on rank 0, which writes the folders
+        for folder, cfg in zip(runs, configs):
+            if distributed.is_main():
+                locks.enter_context(lock_run_folder(Path(folder)))
+            method, config = setup.build(cfg)
+            member = Member(cfg, method, Path(folder) / "checkpoint.pt", stream=rng_state(device))
+            stack.append(StackRun(Path(folder), config, member, check_run_folder(Path(folder), config)))
+        # a finished run is the very same run, done already (a retried job, a rerun cell): its results
+        metrics = {run.folder: read_metrics(run.folder) for run in stack if run.state == "finished"}
+        training = [run for run in stack if run.state != "finished"]
+        if training:
+            metrics.update(train_stack(setup, training))
     return [metrics[run.folder] for run in stack]
 
 

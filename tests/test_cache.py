@@ -382,7 +382,7 @@ def test_cache_rm_removes_an_entry_and_refuses_one_being_built(tiny_backbone_dir
     root = tmp_path / "cache"
     main(cache_args(tiny_backbone_dir, tiny_task, root))
     (entry,) = root.iterdir()
-    with open(entry / ".lock") as lock:
+    with open(entry / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # as a builder holds it
         assert "another process is building it" in cli_error(capsys, "cache", "rm", entry.name, "--cache", root)
     main(["cache", "rm", entry.name, "--cache", str(root)])
