@@ -405,7 +405,8 @@ def eval_runs(runs: Sequence[str | Path], data: str | Path, split: str = "test",
     input size, normalisation and precision are evaluated together: the split passes the trunk once
     for all of them; a backbone-adapting run has its own pass. With ``runtime.cache`` the split's
     features are read from (or written to) the feature cache, unless ``runtime.cache_splits`` leaves
-    the split out."""
+    the split out. A run is refused on a task whose classes are not those it was trained on (by name
+    where both name them, else by count)."""
     runtime = runtime or Runtime()
     device = distributed.init_from_env(runtime.torch_device)
     images = open_split(data, split)
@@ -415,6 +416,10 @@ def eval_runs(runs: Sequence[str | Path], data: str | Path, split: str = "test",
         if images.num_classes > config["num_classes"]:
             raise CheckpointError(f"{images.source}: has {images.num_classes} classes, but the adapter in {run} "
                                   f"has {config['num_classes']} classes")
+        if images.classes and config.get("classes") and list(images.classes) != config["classes"]:
+            raise CheckpointError(f"{run}: was trained on the classes of {config.get('task')!r} "
+                                  f"({class_names(config['classes'])}), not those of {images.task!r} "
+                                  f"({class_names(images.classes)}); evaluate it on its own task")
         shared = (config["backbone"]["fingerprint"], json.dumps(config["normalisation"]), config["image_size"],
                   config["train"]["precision"])
         groups.setdefault(shared if method_class(config["method"]).reads.frozen else index, []).append(index)
@@ -431,6 +436,11 @@ def eval_runs(runs: Sequence[str | Path], data: str | Path, split: str = "test",
         for index, accuracy in zip(indices, evaluate(methods, source, device, bf16=bf16, fp16=fp16)):
             accuracies[index] = accuracy
     return accuracies
+
+
+def class_names(classes: Sequence[str], shown: int = 3) -> str:
+    """'banded, blotchy, braided, ... (10)': the first few of a task's classes, and how many."""
+    return ", ".join(classes[:shown]) + (f", ... ({len(classes)})" if len(classes) > shown else "")
 
 
 def evaluate_one(method: Method, source: BatchSource, device: torch.device, **kwargs: Any) -> float:
