@@ -24,7 +24,7 @@ import torch
 from . import distributed
 from .backbones import load_backbone
 from .backbones.vit import VisionTransformer
-from .data import ImageList, Preprocess, check_normalisation, default_train_split, open_split
+from .data import ImageList, Preprocess, check_normalisation, check_outside_task, default_train_split, open_split
 from .errors import CheckpointError, ConfigError, QuerytuneError
 from .methods import build_method, method_class, options_dict
 from .methods.base import Method
@@ -264,6 +264,8 @@ def train_runs(spec: RunSpec, runs: dict[Path, dict[str, Any]], runtime: Runtime
     check_augment(configs[0].augment, method_cls.reads, runtime.cache_dir)
     distributed.local_batch_size(configs[0].batch_size)
     setup = prepare_run(spec, runtime, device)
+    for folder in runs:
+        check_outside_task(required(spec)[1], folder, "--out")
     if why != "as given":
         note(f"precision {precision} ({why})", runtime.progress)
     stack = []

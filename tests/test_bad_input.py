@@ -283,3 +283,23 @@ def test_bad_eval(kind, says, capsys, finished_runs, tmp_path):
     error = cli_error(capsys, "eval", "--run", run, "--data", data, "--workers", "0", "-q")
     assert error.startswith(f"error: {culprit}: ") and says in error
     assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("flag", ["--out", "--cache"])
+def test_an_out_or_cache_inside_a_class_folder_task_is_refused(flag, capsys, tiny_backbone_dir, tmp_path):
+    """A run folder inside a class-folder task became a class of it (its curves.png an image) on the next run."""
+    from PIL import Image
+
+    task = tmp_path / "folders"
+    for split, name in itertools.product(("train", "test"), ("cat", "dog")):
+        (task / split / name).mkdir(parents=True)
+        for i in range(4):
+            colour = (200 if name == "cat" else 20, i * 40, 90)
+            Image.new("RGB", (24, 24), colour).save(task / split / name / f"{i}.png")
+    before = snapshot(task)
+    inside = task / "train" / "run1"
+    out, extra = (inside, []) if flag == "--out" else (tmp_path / "run", ["--cache", str(inside)])
+    assert cli_error(capsys, *train_args(tiny_backbone_dir, task, out, *extra)) == (
+        f"error: {flag} {inside}: inside the task folder {task}, where it would be read as a class; choose a "
+        "folder outside it")
+    assert snapshot(task) == before and not (tmp_path / "run").exists()

@@ -56,6 +56,15 @@ def default_train_split(data: str | Path) -> str:
                     f"with --train-split (available: {', '.join(splits) or 'none'})")
 
 
+def check_outside_task(data: str | Path, folder: str | Path, flag: str) -> None:
+    """``folder``, one querytune writes (``--out``, ``--cache``), must not lie inside a class-folder task
+    folder, where it would be read as one of its classes (a run's ``curves.png`` as its image)."""
+    root = Path(os.path.realpath(Path(data).expanduser()))
+    if root.is_dir() and _layout(root)[0] == FOLDERS and Path(os.path.realpath(folder)).is_relative_to(root):
+        raise DataError(f"{flag} {folder}: inside the task folder {data}, where it would be read as a class; "
+                        "choose a folder outside it")
+
+
 def _task_folder(data: str | Path) -> Path:
     # abspath, not resolve: a symlinked task folder keeps its own name (the task's name).
     root = Path(os.path.abspath(Path(data).expanduser()))

@@ -38,7 +38,15 @@ import torch
 
 from ... import distributed
 from ...backbones.vit import VisionTransformer
-from ...data import ImageDataset, ImageList, Preprocess, iterate_loader, open_split, private_generator
+from ...data import (
+    ImageDataset,
+    ImageList,
+    Preprocess,
+    check_outside_task,
+    iterate_loader,
+    open_split,
+    private_generator,
+)
 from ...errors import DataError, StorageError
 from ...files import folder_lock, remove_stale_temporaries, storage_error, temporary_path, write_text
 from ...progress import note, progress_bar
@@ -287,6 +295,7 @@ def ensure_cache(root: Path, backbone: VisionTransformer, images: ImageList, pre
     (building any still missing) and writes meta.json; after another barrier every rank may
     read the entry.
     """
+    check_outside_task(images.root, root, "--cache")
     path = cache_dir_for(root, backbone, images, preprocess, with_layers, bf16)
     rank, world = distributed.rank(), distributed.world_size()
     show_progress = kwargs.get("show_progress", True)
