@@ -115,6 +115,18 @@ def append_text(path: Path, text: str) -> None:
         raise storage_error(path.parent, error, path.name) from error
 
 
+def umask_modes(*paths: Path) -> None:
+    """Give the files ``paths`` (and the files under those that are folders) the mode a file opened by Python
+    gets, 0666 less the umask (0644 under umask 022): safetensors' ``save_file``, and PEFT through it, writes
+    its files 0600."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in paths:
+        for file in [path, *path.rglob("*")] if path.is_dir() else [path]:
+            if file.is_file():
+                file.chmod(0o666 & ~umask)
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 

@@ -77,6 +77,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError, QuerytuneError, one_line
+from ..files import umask_modes
 from .vit import IMAGENET_MEAN, IMAGENET_STD, VisionTransformer, ViTConfig
 
 IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
@@ -194,6 +195,7 @@ def save_backbone(model: VisionTransformer, path: str | Path) -> None:
     :func:`load_backbone` needs no ``model_name`` and infers nothing."""
     state = {key: tensor.contiguous() for key, tensor in model.state_dict().items()}
     save_file(state, str(path), metadata={CONFIG_METADATA_KEY: json.dumps(model.config.to_dict())})
+    umask_modes(Path(path))
 
 
 # ---------------------------------------------------------------- sources
