@@ -22,12 +22,14 @@ with :func:`folder_lock`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import shutil
 import socket
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -125,6 +127,24 @@ def umask_modes(*paths: Path) -> None:
         for file in [path, *path.rglob("*")] if path.is_dir() else [path]:
             if file.is_file():
                 file.chmod(0o666 & ~umask)
+
+
+def special_kind(path: Path) -> str | None:
+    """What ``path`` is where it is neither a file nor a folder ('a named pipe (FIFO)', 'a symlink loop',
+    ...); None where nothing is there."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "a symlink loop"
+        if path.is_symlink():
+            return f"a symlink to {os.readlink(path)}, which does not exist"
+        if error.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None
+        return f"unreadable ({error.strerror})"
+    kinds = {stat.S_ISFIFO: "a named pipe (FIFO)", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device",
+             stat.S_ISBLK: "a block device"}
+    return next((kind for is_kind, kind in kinds.items() if is_kind(mode)), "neither a file nor a folder")
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -184,9 +184,15 @@ def load_adapter(run: str | Path, method: Method) -> None:
     checksum_path = Path(run) / ADAPTER_CHECKSUM
     try:
         data = adapter_path.read_bytes()
-        expected = checksum_path.read_text().split()[0]
-    except (OSError, IndexError) as error:
+    except OSError as error:
         raise CheckpointError(f"{adapter_path}: not a readable adapter ({one_line(error)})") from error
+    try:
+        expected = checksum_path.read_text().split()[0]
+    except FileNotFoundError:
+        raise CheckpointError(f"{checksum_path}: not found, so {ADAPTER} cannot be checked against it; train the "
+                              "run again") from None
+    except (OSError, IndexError) as error:
+        raise CheckpointError(f"{checksum_path}: not a readable checksum ({one_line(error)})") from error
     if hashlib.sha256(data).hexdigest() != expected:
         raise CheckpointError(f"{adapter_path}: corrupted (its sha256 differs from {checksum_path.name}); "
                               "train the run again")

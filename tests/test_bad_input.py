@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import shutil
 from pathlib import Path
 
@@ -256,6 +257,7 @@ def finished_runs(tmp_path_factory) -> dict[str, Path]:
     ("zero-byte adapter", "not a readable adapter"),
     ("garbage adapter", "not a readable adapter"),
     ("missing adapter", "not found"),
+    ("missing checksum", "not found, so adapter.safetensors cannot be checked against it; train the run again"),
     ("too many classes", "has 5 classes, but the adapter"),
 ])
 def test_bad_eval(kind, says, capsys, finished_runs, tmp_path):
@@ -273,10 +275,13 @@ def test_bad_eval(kind, says, capsys, finished_runs, tmp_path):
         adapter.write_bytes(b"\xff" * 64)
     elif kind == "missing adapter":
         adapter.unlink()
+    elif kind == "missing checksum":  # was "adapter.safetensors: not a readable adapter"
+        culprit = run / "adapter.sha256"
+        culprit.unlink()
     else:
         data = write_task(tmp_path / "wider", classes=5)
         culprit = data / "test.txt"
-    if adapter.exists():  # the checksum of the adapter as it is now, so that the adapter's own checks speak
+    if adapter.exists() and culprit.exists():  # the adapter's checksum as it is now: the adapter's own checks speak
         checksum = run / "adapter.sha256"
         checksum.write_text(f"{hashlib.sha256(adapter.read_bytes()).hexdigest()}  {adapter.name}\n")
     before = snapshot(run)
@@ -303,3 +308,15 @@ def test_an_out_or_cache_inside_a_class_folder_task_is_refused(flag, capsys, tin
         f"error: {flag} {inside}: inside the task folder {task}, where it would be read as a class; choose a "
         "folder outside it")
     assert snapshot(task) == before and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind", ["a named pipe (FIFO)", "a symlink loop"])
+def test_predict_says_what_a_path_that_is_no_image_is(kind, capsys, finished_runs, tmp_path):
+    """A FIFO or a symlink loop given to predict was 'no such image or folder'."""
+    path = tmp_path / "input"
+    if kind == "a symlink loop":
+        path.symlink_to(path)
+    else:
+        os.mkfifo(path)
+    assert cli_error(capsys, "predict", path, "--run", finished_runs["linear"]) == (
+        f"error: {path}: {kind}, not an image or folder")
