@@ -35,6 +35,7 @@ import contextlib
 import csv
 import io
 import json
+import os
 import shutil
 import traceback
 from dataclasses import dataclass, replace
@@ -47,7 +48,7 @@ from .backbones import load_backbone
 from .data import Preprocess, check_normalisation, open_split
 from .data.splits import FINAL, SEARCH
 from .errors import ConfigError, QuerytuneError, StorageError
-from .files import write_json, write_text
+from .files import LOCK_FILE, folder_lock, write_json, write_text
 from .measure import measure_method_isolated
 from .methods import method_class
 from .progress import note
@@ -255,7 +256,17 @@ class Bench:
     def run(self) -> list[dict[str, Any]]:
         """Every cell of the selected tasks, trained, evaluated and reported (what is finished is read back).
         Under torchrun each rank takes whole tasks (task i: rank i mod N) and trains them on its own; rank 0
-        then reads every cell back and writes the report (the others return no rows)."""
+        then reads every cell back and writes the report (the others return no rows). Rank 0 holds the
+        folder meanwhile: a second bench on it is refused, naming the first."""
+        first_rank = os.environ.get("RANK", "0") == "0"  # torchrun's, before the process group is joined
+        with folder_lock(self.out, self.refuse_busy) if first_rank else contextlib.nullcontext():
+            return self.run_locked()
+
+    def refuse_busy(self, holder: str) -> None:
+        raise ConfigError(f"{self.out}: another bench is running in it ({holder}); wait for it to end or choose "
+                          "another --out")
+
+    def run_locked(self) -> list[dict[str, Any]]:
         if not distributed.launched():
             self.claim_folder()
             return self.run_tasks(self.selected, {method: self.cost(method) for method in self.methods})
@@ -446,7 +457,7 @@ class Bench:
                 raise ConfigError(f"{self.out}: holds a bench with other settings; choose another --out")
             return
         # (a temporary file may be another part of this bench writing bench.json at this moment)
-        if self.out.exists() and any(not p.name.endswith(".tmp") for p in self.out.iterdir()):
+        if self.out.exists() and any(not p.name.endswith(".tmp") and p.name != LOCK_FILE for p in self.out.iterdir()):
             raise ConfigError(f"{self.out}: exists, is not empty and is not a querytune bench folder")
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(path, settings)

@@ -22,7 +22,9 @@ Formats (``FORMATS``):
 
 Every export folder holds ``README.md`` (a model card from the runs' config.json and metrics.json)
 and ``export.json`` (what was exported, from which run files). The folder is built under a
-temporary name and renamed into place, so it appears whole or not at all. Exporting the same
+temporary name and renamed into place, so it appears whole or not at all; into an empty folder
+given, which keeps its mode (a read-only one refuses the export), its files move, ``export.json``
+last. Files get the umask's mode (0644 under umask 022), whatever library writes them. Exporting the same
 runs in the same format into the same folder again is a no-op; any other content there is refused.
 """
 
@@ -47,7 +49,7 @@ from .backbones import load_backbone
 from .backbones.loading import CONFIG_METADATA_KEY
 from .backbones.vit import VisionTransformer, ViTConfig
 from .errors import CheckpointError, ConfigError, one_line
-from .files import remove_stale_temporaries, temporary_path
+from .files import remove_stale_temporaries, temporary_path, umask_modes
 from .methods.base import Method
 from .methods.registry import method_class
 from .run import load_run
@@ -104,9 +106,14 @@ def export_runs(run_folders: Sequence[str | Path], format: str, out: str | Path)
     try:
         tmp.mkdir(parents=True)
         writers[format](runs, tmp)
+        umask_modes(tmp)
         (tmp / "README.md").write_text(model_card(runs, configs, format))
         (tmp / MANIFEST).write_text(json.dumps({**manifest, "querytune_version": __version__}, indent=2) + "\n")
-        os.replace(tmp, out)  # an absent or empty out folder is replaced whole
+        if out.is_dir():  # an empty folder given keeps its mode and owner: its files move in, the manifest last
+            for file in sorted(tmp.iterdir(), key=lambda path: path.name == MANIFEST):
+                os.replace(file, out / file.name)
+        else:
+            os.replace(tmp, out)
     except OSError as error:
         raise CheckpointError(f"{out}: cannot write the export ({error.strerror or one_line(error)})") from error
     finally:

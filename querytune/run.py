@@ -13,6 +13,7 @@ import json
 import platform
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from . import distributed
 from .backbones import load_backbone
 from .backbones.vit import VisionTransformer
-from .data import ImageList, Preprocess, check_normalisation, default_train_split, open_split
+from .data import ImageList, Preprocess, check_normalisation, check_outside_task, default_train_split, open_split
 from .data.splits import SEARCH_TRAIN, SEARCH_VAL, TEST, WHOLE_SPLIT
 from .errors import CheckpointError, ConfigError, QuerytuneError
 from .methods import build_method, method_class, options_dict
@@ -35,6 +36,7 @@ from .runfolder import (
     discard_run_folder,
     finish_run_folder,
     load_adapter,
+    lock_run_folder,
     read_metrics,
     read_run_config,
     save_adapter,
@@ -246,10 +248,11 @@ def train_runs(spec: RunSpec, runs: dict[Path, dict[str, Any]], runtime: Runtime
     logged every ``eval_every`` epochs (default 1) and after the last. ``log.jsonl`` and ``curves.png``
     are always written; ``spec.log`` adds ``csv`` and/or ``tensorboard`` (:mod:`querytune.runlog`).
 
-    Every input is checked, and the features cached, before a run folder is made; a user error
+    Every input is checked, and the features cached, before a run is started in its folder; a user error
     (:class:`QuerytuneError`) found later in a new run (an image that does not decode, met on the fly)
-    removes its run folder again. Under torchrun the processes train a lone run data-parallel
-    (:mod:`querytune.distributed`) and only rank 0 writes the run folder.
+    removes its run folder again. Each run folder is locked meanwhile: another process training in it
+    is refused (:func:`~querytune.runfolder.lock_run_folder`). Under torchrun the processes train a lone
+    run data-parallel (:mod:`querytune.distributed`) and only rank 0 writes (and locks) the run folder.
     """
     method_cls = method_class(required(spec)[0])
     runtime = runtime or Runtime()
@@ -263,18 +266,23 @@ def train_runs(spec: RunSpec, runs: dict[Path, dict[str, Any]], runtime: Runtime
     check_augment(configs[0].augment, method_cls.reads, runtime.cache_dir)
     distributed.local_batch_size(configs[0].batch_size)
     setup = prepare_run(spec, runtime, device)
+    for folder in runs:
+        check_outside_task(required(spec)[1], folder, "--out")
     if why != "as given":
         note(f"precision {precision} ({why})", runtime.progress)
     stack = []
-    for folder, cfg in zip(runs, configs):
-        method, config = setup.build(cfg)
-        member = Member(cfg, method, Path(folder) / "checkpoint.pt", stream=rng_state(device))
-        stack.append(StackRun(Path(folder), config, member, check_run_folder(Path(folder), config)))
-    # a finished run is the very same run, done already (a retried job, a rerun cell): its results
-    metrics = {run.folder: read_metrics(run.folder) for run in stack if run.state == "finished"}
-    training = [run for run in stack if run.state != "finished"]
-    if training:
-        metrics.update(train_stack(setup, training))
+    with ExitStack() as locks:  # on rank 0, which writes the folders
+        for folder, cfg in zip(runs, configs):
+            if distributed.is_main():
+                locks.enter_context(lock_run_folder(Path(folder)))
+            method, config = setup.build(cfg)
+            member = Member(cfg, method, Path(folder) / "checkpoint.pt", stream=rng_state(device))
+            stack.append(StackRun(Path(folder), config, member, check_run_folder(Path(folder), config)))
+        # a finished run is the very same run, done already (a retried job, a rerun cell): its results
+        metrics = {run.folder: read_metrics(run.folder) for run in stack if run.state == "finished"}
+        training = [run for run in stack if run.state != "finished"]
+        if training:
+            metrics.update(train_stack(setup, training))
     return [metrics[run.folder] for run in stack]
 
 
@@ -414,7 +422,8 @@ def eval_runs(runs: Sequence[str | Path], data: str | Path, split: str = TEST, r
     input size, normalisation and precision are evaluated together: the split passes the trunk once
     for all of them; a backbone-adapting run has its own pass. With ``runtime.cache`` the split's
     features are read from (or written to) the feature cache, unless ``runtime.cache_splits`` leaves
-    the split out (:func:`cached_splits`)."""
+    the split out (:func:`cached_splits`). A run is refused on a task whose classes are not those it was
+    trained on (by name where both name them, else by count)."""
     runtime = runtime or Runtime()
     device = distributed.init_from_env(runtime.torch_device)
     images = open_split(data, split)
@@ -424,6 +433,10 @@ def eval_runs(runs: Sequence[str | Path], data: str | Path, split: str = TEST, r
         if images.num_classes > config["num_classes"]:
             raise CheckpointError(f"{images.source}: has {images.num_classes} classes, but the adapter in {run} "
                                   f"has {config['num_classes']} classes")
+        if images.classes and config.get("classes") and list(images.classes) != config["classes"]:
+            raise CheckpointError(f"{run}: was trained on the classes of {config.get('task')!r} "
+                                  f"({class_names(config['classes'])}), not those of {images.task!r} "
+                                  f"({class_names(images.classes)}); evaluate it on its own task")
         shared = (config["backbone"]["fingerprint"], json.dumps(config["normalisation"]), config["image_size"],
                   config["train"]["precision"])
         groups.setdefault(shared if method_class(config["method"]).reads.frozen else index, []).append(index)
@@ -441,6 +454,11 @@ def eval_runs(runs: Sequence[str | Path], data: str | Path, split: str = TEST, r
         for index, accuracy in zip(indices, evaluate(methods, source, device, precision=precision)):
             accuracies[index] = accuracy
     return accuracies
+
+
+def class_names(classes: Sequence[str], shown: int = 3) -> str:
+    """'banded, blotchy, braided, ... (10)': the first few of a task's classes, and how many."""
+    return ", ".join(classes[:shown]) + (f", ... ({len(classes)})" if len(classes) > shown else "")
 
 
 def evaluate_one(method: Method, source: BatchSource, device: torch.device, **kwargs: Any) -> float:

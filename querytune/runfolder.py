@@ -9,6 +9,7 @@ that build on a finished run (``memory --extend``) read.
     adapter.safetensors  the trainable state, written when training ends
     adapter.sha256       its checksum (``sha256sum -c`` reads it), checked whenever the adapter is loaded
     metrics.json         the results, written last: its presence marks the run finished
+    .lock                held by the process training the run, while it does (:func:`lock_run_folder`)
 
 Every file appears under its name only once whole (:mod:`querytune.files`); a write that
 fails (full disk, read-only folder) is a one-line StorageError naming the folder.
@@ -19,13 +20,22 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import load, save
 
 from .errors import CheckpointError, StorageError, one_line
-from .files import remove_stale_temporaries, storage_error, write_atomic, write_json, write_text
+from .files import (
+    LOCK_FILE,
+    folder_lock,
+    remove_stale_temporaries,
+    storage_error,
+    write_atomic,
+    write_json,
+    write_text,
+)
 
 ADAPTER = "adapter.safetensors"
 ADAPTER_CHECKSUM = "adapter.sha256"
@@ -53,6 +63,19 @@ def setting_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[s
     return differences
 
 
+def lock_run_folder(out: Path) -> AbstractContextManager[None]:
+    """Hold the run folder ``out`` while a run is checked, trained and finished in it: another process
+    training in it is refused, naming it (:func:`querytune.files.folder_lock`; a folder it creates is
+    removed again unless the run is started in it)."""
+    def refuse(holder: str) -> None:
+        raise CheckpointError(f"{out}: another process is training in it ({holder}); wait for it to end or "
+                              "choose another --out")
+
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: is a file, not a run folder")
+    return folder_lock(out, refuse)
+
+
 def check_run_folder(out: Path, config: dict[str, Any]) -> str:
     """What ``out`` holds for a run of these settings: "new" (absent or empty), "unfinished" (to
     resume) or "finished" (the same run done: rerunning it is a no-op). Anything else is an error:
@@ -75,7 +98,7 @@ def check_run_folder(out: Path, config: dict[str, Any]) -> str:
             raise CheckpointError(f"{out}: holds {state} run with other settings ({'; '.join(differences[:4])}"
                                   f"{'; ...' if len(differences) > 4 else ''}); choose another --out")
         return "finished" if finished else "unfinished"
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(path.name != LOCK_FILE for path in out.iterdir()):
         raise CheckpointError(f"{out}: exists, is not empty and is not a querytune run folder")
     return "new"
 
@@ -101,7 +124,8 @@ def discard_run_folder(out: Path, created: bool) -> None:
         shutil.rmtree(out, ignore_errors=True)
         return
     for path in out.iterdir():
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.name != LOCK_FILE:  # its holder removes it
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def save_adapter(out: Path, method: Method) -> None:
@@ -160,9 +184,15 @@ def load_adapter(run: str | Path, method: Method) -> None:
     checksum_path = Path(run) / ADAPTER_CHECKSUM
     try:
         data = adapter_path.read_bytes()
-        expected = checksum_path.read_text().split()[0]
-    except (OSError, IndexError) as error:
+    except OSError as error:
         raise CheckpointError(f"{adapter_path}: not a readable adapter ({one_line(error)})") from error
+    try:
+        expected = checksum_path.read_text().split()[0]
+    except FileNotFoundError:
+        raise CheckpointError(f"{checksum_path}: not found, so {ADAPTER} cannot be checked against it; train the "
+                              "run again") from None
+    except (OSError, IndexError) as error:
+        raise CheckpointError(f"{checksum_path}: not a readable checksum ({one_line(error)})") from error
     if hashlib.sha256(data).hexdigest() != expected:
         raise CheckpointError(f"{adapter_path}: corrupted (its sha256 differs from {checksum_path.name}); "
                               "train the run again")

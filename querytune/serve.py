@@ -30,6 +30,7 @@ from .backbones import load_backbone
 from .backbones.vit import VisionTransformer
 from .data import IMAGE_SUFFIXES, Preprocess, load_image
 from .errors import ConfigError, DataError
+from .files import special_kind
 from .methods.base import Method, SharedRows
 from .methods.registry import method_class
 from .run import load_run
@@ -246,5 +247,6 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
         elif item.is_file():
             found.append(item)  # whether it decodes is checked when it is read
         else:
-            raise DataError(f"{item}: no such image or folder")
+            kind = special_kind(item)
+            raise DataError(f"{item}: {kind}, not an image or folder" if kind else f"{item}: no such image or folder")
     return found

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import shutil
 from pathlib import Path
 
@@ -256,6 +257,7 @@ def finished_runs(tmp_path_factory) -> dict[str, Path]:
     ("zero-byte adapter", "not a readable adapter"),
     ("garbage adapter", "not a readable adapter"),
     ("missing adapter", "not found"),
+    ("missing checksum", "not found, so adapter.safetensors cannot be checked against it; train the run again"),
     ("too many classes", "has 5 classes, but the adapter"),
 ])
 def test_bad_eval(kind, says, capsys, finished_runs, tmp_path):
@@ -273,13 +275,57 @@ def test_bad_eval(kind, says, capsys, finished_runs, tmp_path):
         adapter.write_bytes(b"\xff" * 64)
     elif kind == "missing adapter":
         adapter.unlink()
+    elif kind == "missing checksum":  # was "adapter.safetensors: not a readable adapter"
+        culprit = run / "adapter.sha256"
+        culprit.unlink()
     else:
         data = write_task(tmp_path / "wider", classes=5)
         culprit = data / "test.txt"
-    if adapter.exists():  # the checksum of the adapter as it is now, so that the adapter's own checks speak
+    if adapter.exists() and culprit.exists():  # the adapter's checksum as it is now: the adapter's own checks speak
         checksum = run / "adapter.sha256"
         checksum.write_text(f"{hashlib.sha256(adapter.read_bytes()).hexdigest()}  {adapter.name}\n")
     before = snapshot(run)
     error = cli_error(capsys, "eval", "--run", run, "--data", data, "--workers", "0", "-q")
     assert error.startswith(f"error: {culprit}: ") and says in error
     assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("flag", ["--out", "--cache"])
+def test_an_out_or_cache_inside_a_class_folder_task_is_refused(flag, capsys, tiny_backbone_dir, tmp_path):
+    """A run folder inside a class-folder task became a class of it (its curves.png an image) on the next run."""
+    from PIL import Image
+
+    task = tmp_path / "folders"
+    for split, name in itertools.product(("train", "test"), ("cat", "dog")):
+        (task / split / name).mkdir(parents=True)
+        for i in range(4):
+            colour = (200 if name == "cat" else 20, i * 40, 90)
+            Image.new("RGB", (24, 24), colour).save(task / split / name / f"{i}.png")
+    before = snapshot(task)
+    inside = task / "train" / "run1"
+    out, extra = (inside, []) if flag == "--out" else (tmp_path / "run", ["--cache", str(inside)])
+    assert cli_error(capsys, *train_args(tiny_backbone_dir, task, out, *extra)) == (
+        f"error: {flag} {inside}: inside the task folder {task}, which querytune never writes to; choose a "
+        "folder outside it")
+    assert snapshot(task) == before and not (tmp_path / "run").exists()
+
+
+def test_an_out_inside_a_list_layout_task_is_refused(capsys, tiny_backbone_dir, tiny_task):
+    """Not only class folders: no task folder is written to, whatever its layout."""
+    before = snapshot(tiny_task)
+    inside = tiny_task / "runs" / "run1"
+    assert cli_error(capsys, *train_args(tiny_backbone_dir, tiny_task, inside)).startswith(
+        f"error: --out {inside}: inside the task folder {tiny_task}, which querytune never writes to")
+    assert snapshot(tiny_task) == before
+
+
+@pytest.mark.parametrize("kind", ["a named pipe (FIFO)", "a symlink loop"])
+def test_predict_says_what_a_path_that_is_no_image_is(kind, capsys, finished_runs, tmp_path):
+    """A FIFO or a symlink loop given to predict was 'no such image or folder'."""
+    path = tmp_path / "input"
+    if kind == "a symlink loop":
+        path.symlink_to(path)
+    else:
+        os.mkfifo(path)
+    assert cli_error(capsys, "predict", path, "--run", finished_runs["linear"]) == (
+        f"error: {path}: {kind}, not an image or folder")

@@ -185,6 +185,12 @@ def test_config_file_and_the_same_flags_give_identical_runs_and_config_json_repl
     ("image_size: big", "--image-size must be an integer (got 'big')"),
     ("train: {epochs: ten}", "--epochs must be an integer (got 'ten')"),
     ("options: {num_queries: 0}", "--num-queries must be at least 1 (got 0)"),
+    ("epochs: 3", "'epochs' belongs under 'train' (train: {epochs: ...})"),
+    ("method: vqt\ntrain: {epochs: 1, epochs: 2}", "line 2: 'epochs' is given twice"),
+    ('{"method": "vqt", "method": "linear"}', "line 1: 'method' is given twice"),
+    # "billion laughs": each level names the one above nine times (a real bomb has ten levels)
+    ("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: [*b, *b, *b, *b, *b, *b]",
+     "line 2: a YAML alias (*name); settings files take none"),
 ])
 def test_bad_config_files_are_one_line_errors_and_write_nothing(text, message, tiny_backbone_dir, tiny_task, tmp_path):
     config = tmp_path / "bad.yaml"

@@ -66,3 +66,19 @@ def test_eval_takes_several_runs_on_the_command_line(tiny_backbone_dir, tiny_tas
     printed = capsys.readouterr().out.strip().splitlines()
     expected = [eval_run(run, tiny_task, "test", Runtime(workers=0, progress=False)) for run in runs]
     assert printed == [f"test accuracy: {accuracy:.4f}  {run}" for accuracy, run in zip(expected, runs)]
+
+
+def test_eval_refuses_a_task_whose_classes_are_not_the_runs(tiny_backbone_dir, tiny_task, tmp_path, capsys):
+    """A cifar10 run evaluated on dtd10 (ten classes each) printed an accuracy: the class names are compared."""
+    from test_bad_input import cli_error
+
+    from conftest import write_task
+
+    other = write_task(tmp_path / "other")  # as many classes, other names
+    (other / "classes.txt").write_text("banded\nblotchy\nbraided\n")
+    run = tmp_path / "run"
+    train_runs(_spec("linear", tiny_backbone_dir, tiny_task, eval_split=""), {run: FAST},
+               Runtime(workers=0, progress=False))
+    assert cli_error(capsys, "eval", "--run", run, "--data", other, "--workers", "0", "-q") == (
+        f"error: {run}: was trained on the classes of 'tiny' (class0, class1, class2), not those of 'other' "
+        "(banded, blotchy, braided); evaluate it on its own task")

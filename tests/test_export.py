@@ -4,7 +4,9 @@ run's own logits, model cards, idempotent re-exports and one-line refusals."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -250,3 +252,25 @@ def test_the_temporary_folder_of_a_killed_export_is_removed(runs, tmp_path):
     (stale / "model.safetensors").write_bytes(b"torn")
     export_runs([runs["bitfit"]], "merged", tmp_path / "out")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_empty_out_keeps_its_mode_and_the_files_get_the_umasks(runs, tmp_path):
+    """export replaced an empty read-only --out (555 became 755) and wrote model.safetensors 0600 under umask
+    022 beside 0644 files."""
+    umask = os.umask(0o022)
+    try:
+        export_runs([runs["bitfit"]], "merged", tmp_path / "new")
+        read_only = tmp_path / "read-only"
+        read_only.mkdir(mode=0o555)
+        if os.geteuid() == 0:  # root writes into it, but leaves its mode alone
+            export_runs([runs["bitfit"]], "merged", read_only)
+        else:
+            with pytest.raises(CheckpointError, match=r"read-only: cannot write the export \(Permission denied\)"):
+                export_runs([runs["bitfit"]], "merged", read_only)
+    finally:
+        os.umask(umask)
+    assert oct(stat.S_IMODE(read_only.stat().st_mode)) == "0o555"
+    modes = {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in (tmp_path / "new").iterdir()}
+    assert modes == dict.fromkeys(["README.md", "export.json", "model.safetensors"], "0o644")
+    assert {oct(stat.S_IMODE(path.stat().st_mode)) for path in read_only.iterdir()} <= {"0o644"}  # none if refused
+    read_only.chmod(0o755)

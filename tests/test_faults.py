@@ -1,5 +1,6 @@
 """Faults: ``kill -9`` during training or caching, then the same command, ends as an uninterrupted
-run would; torn cache shards are found and rebuilt, never read."""
+run would; torn cache shards are found and rebuilt, never read; a second process writing a run or bench
+folder in use is refused."""
 
 from __future__ import annotations
 
@@ -116,3 +117,48 @@ def test_torn_shards_under_their_final_names_are_rebuilt_never_read(damage, tiny
     rebuilt = open_or_build_cache(tmp_path, CacheKey(backbone, images, preprocess, with_layers=True), SHARDS_OF_4)
     assert shard.read_bytes() == data
     assert torch.equal(rebuilt.features(np.arange(len(images))).layers, good.layers)
+
+
+# --- two processes, one folder ------------------------------------------------------------------------
+
+def test_a_second_train_in_a_folder_being_trained_is_refused_naming_the_first(tiny_backbone_dir, tiny_task,
+                                                                              tmp_path, capsys):
+    """Two identical trains on one --out both ran, logging every epoch twice: the second is refused, naming
+    the first's pid; once the first is killed (-9) the folder is free and the run resumes."""
+    from test_bad_input import cli_error
+
+    out = tmp_path / "run"
+    args = ["train", "--method", "linear", "--backbone", str(tiny_backbone_dir), "--data", str(tiny_task),
+            "--out", str(out), "--epochs", "4", "--batch-size", "8", "--image-size", "32", "--workers", "0",
+            "--no-cache", "-q"]
+    first = start_slowed(args, delay=0.05)
+    deadline = time.monotonic() + 120
+    while not (out / "config.json").exists():  # started: it holds the folder
+        assert first.poll() is None and time.monotonic() < deadline, "the first train did not start"
+        time.sleep(0.01)
+    assert cli_error(capsys, *args) == (f"error: {out}: another process is training in it (pid {first.pid}); "
+                                        "wait for it to end or choose another --out")
+    kill_when(first, lambda: True)
+    main(args)
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert not (out / ".lock").exists()
+
+
+def test_a_second_bench_on_a_folder_in_use_is_refused_naming_the_first(tiny_backbone_dir, tiny_task, tmp_path,
+                                                                       capsys):
+    """Two benches on one --out trained every cell twice: the second is refused, naming the first's pid."""
+    from test_bad_input import cli_error
+
+    out = tmp_path / "bench"
+    args = ["bench", "--suite", str(tiny_task), "--methods", "linear", "-b", str(tiny_backbone_dir), "--out", str(out),
+            "--image-size", "32", "--workers", "0", "-q"]
+    first = start_slowed(args, delay=0.05)
+    deadline = time.monotonic() + 120
+    while not (out / "bench.json").exists():  # started: it holds the folder
+        assert first.poll() is None and time.monotonic() < deadline, "the first bench did not start"
+        time.sleep(0.01)
+    try:
+        assert cli_error(capsys, *args) == (f"error: {out}: another bench is running in it (pid {first.pid}); "
+                                            "wait for it to end or choose another --out")
+    finally:
+        kill_when(first, lambda: True)

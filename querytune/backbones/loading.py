@@ -84,6 +84,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, QuerytuneError
+from ..files import umask_modes
 from .checkpoint import CONFIG_METADATA_KEY, WEIGHT_FILES, read_checkpoint, read_json
 from .hf_format import from_hf_folder, from_hf_module
 from .npz_format import from_npz_file
@@ -128,6 +129,7 @@ def save_backbone(model: VisionTransformer, path: str | Path) -> None:
     :func:`load_backbone` needs no ``model_name`` and infers nothing."""
     state = {key: tensor.contiguous() for key, tensor in model.state_dict().items()}
     save_file(state, str(path), metadata={CONFIG_METADATA_KEY: json.dumps(model.config.to_dict())})
+    umask_modes(Path(path))
 
 
 # ---------------------------------------------------------------- sources

@@ -25,11 +25,29 @@ def config_option(note: str = "") -> Any:
 
 
 def read_settings_file(path: Path) -> dict[str, Any]:
-    """A YAML or JSON file's mapping of settings."""
+    """A YAML or JSON file's mapping of settings. YAML's aliases (``*name``) are refused, so a few bytes
+    cannot stand for gigabytes ("billion laughs"), and so is a key given twice in one mapping."""
     import yaml
 
     class Loader(yaml.SafeLoader):
-        """YAML 1.2's floats: 1e-3 is a number (PyYAML reads YAML 1.1, where it is a string)."""
+        """YAML 1.2's floats: 1e-3 is a number (PyYAML reads YAML 1.1, where it is a string); no aliases,
+        no key twice."""
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise ConfigError(f"line {mark.line + 1}: a YAML alias (*name); settings files take none, write "
+                                  "the value out")
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+                if key is not None and key in seen:
+                    raise ConfigError(f"line {key_node.start_mark.line + 1}: {key!r} is given twice")
+                seen.add(key)
+            return super().construct_mapping(node, deep)
 
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
         r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+|[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$"
@@ -40,6 +58,8 @@ def read_settings_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read it ({error.strerror or one_line(error)})") from error
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: neither YAML nor JSON ({one_line(error)})") from error
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
     return data
@@ -49,7 +69,8 @@ def check_file(path: Path, data: Mapping[str, Any], groups: Sequence[Flags],
                sections: Mapping[str, Flags | None] | None = None, prefix: str = "") -> dict[str, Any]:
     """``data`` with every value as its field takes it: every key is a field of one of ``groups`` or
     a section, a mapping of its own group's fields (None: free, the method's options, which the method
-    checks), and takes its value; otherwise a one-line ConfigError naming the file and the key."""
+    checks), and takes its value; otherwise a one-line ConfigError naming the file and the key (and the
+    section it belongs under, where it is one of a section's fields given at the top)."""
     sections = sections or {}
     known = {field.name: (flags.settings, field) for flags in groups for field in flags.fields()}
     checked: dict[str, Any] = {}
@@ -60,6 +81,10 @@ def check_file(path: Path, data: Mapping[str, Any], groups: Sequence[Flags],
             inner = sections[key]
             checked[key] = dict(value) if inner is None else check_file(path, value, [inner], prefix=f"{key}.")
         elif key not in known:
+            home = next((name for name, inner in sections.items()
+                         if inner is not None and key in {field.name for field in inner.fields()}), None)
+            if home is not None:
+                raise ConfigError(f"{path}: {prefix + key!r} belongs under {home!r} ({home}: {{{key}: ...}})")
             raise ConfigError(f"{path}: unknown setting {prefix + key!r} (known: {', '.join([*known, *sections])})")
         else:
             try:

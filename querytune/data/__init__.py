@@ -41,7 +41,7 @@ from .core import (
     load_image,
     private_generator,
 )
-from .folder import default_train_split, list_splits, open_split
+from .folder import check_outside_task, default_train_split, list_splits, open_split
 
-__all__ = ["IMAGE_SUFFIXES", "ImageDataset", "ImageList", "Preprocess", "check_normalisation", "default_train_split",
-           "iterate_loader", "list_splits", "load_image", "open_split", "private_generator"]
+__all__ = ["IMAGE_SUFFIXES", "ImageDataset", "ImageList", "Preprocess", "check_normalisation", "check_outside_task",
+           "default_train_split", "iterate_loader", "list_splits", "load_image", "open_split", "private_generator"]

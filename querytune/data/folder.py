@@ -57,6 +57,16 @@ def default_train_split(data: str | Path) -> str:
                     f"with --train-split (available: {', '.join(splits) or 'none'})")
 
 
+def check_outside_task(data: str | Path, folder: str | Path, flag: str) -> None:
+    """``folder``, one querytune writes (``--out``, ``--cache``), must not lie inside the task folder ``data``:
+    a data folder is never written to (in a class-folder task it would even be read as one of its classes, a
+    run's ``curves.png`` as its image)."""
+    root = Path(os.path.realpath(Path(data).expanduser()))
+    if root.is_dir() and Path(os.path.realpath(folder)).is_relative_to(root):
+        raise DataError(f"{flag} {folder}: inside the task folder {data}, which querytune never writes to; "
+                        "choose a folder outside it")
+
+
 def _task_folder(data: str | Path) -> Path:
     # abspath, not resolve: a symlinked task folder keeps its own name (the task's name).
     root = Path(os.path.abspath(Path(data).expanduser()))

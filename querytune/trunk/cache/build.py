@@ -25,12 +25,10 @@ builds, the other waits and then finds the entry complete.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
 from collections import deque
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,15 +38,22 @@ import torch
 
 from ... import distributed
 from ...backbones.vit import VisionTransformer
-from ...data import ImageDataset, ImageList, Preprocess, iterate_loader, open_split, private_generator
+from ...data import (
+    ImageDataset,
+    ImageList,
+    Preprocess,
+    check_outside_task,
+    iterate_loader,
+    open_split,
+    private_generator,
+)
 from ...errors import DataError, StorageError
-from ...files import remove_stale_temporaries, storage_error, temporary_path, write_text
+from ...files import folder_lock, remove_stale_temporaries, storage_error, temporary_path, write_text
 from ...progress import note, progress_bar
 from ..features import extract_features
 from ..precision import Precision
 from .entry import (
     FORMAT_VERSION,
-    LOCK_FILE,
     POOLED_KIND,
     STORAGE_DTYPE,
     CacheKey,
@@ -110,39 +115,11 @@ def reserved_shard(file: Path, shape: tuple[int, ...]) -> np.memmap:
     return array
 
 
-@contextlib.contextmanager
-def entry_lock(path: Path, show_progress: bool = True) -> Iterator[None]:
-    """Hold the lock of the entry at ``path`` (created if absent), waiting while another process holds it.
-
-    ``flock``: the kernel releases it when its holder dies, even by ``kill -9``, so a killed
-    builder never leaves the entry locked; on NFS Linux maps it to a lock the server keeps.
-    A folder left holding only the lock file (a build refused for lack of space) is removed.
-    """
-    lock = path / LOCK_FILE
-    while True:
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            handle = open(lock, "a")
-        except OSError as error:
-            raise storage_error(path, error, "the feature cache") from error
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            note(f"{path.name}: another process is building it; waiting for it", show_progress)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            if os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        handle.close()  # the entry was removed while this process waited: lock the one there now
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            if os.listdir(path) == [LOCK_FILE]:
-                shutil.rmtree(path)  # waiters find their lock file gone and lock the next one
-        handle.close()
+def entry_lock(path: Path, show_progress: bool = True) -> contextlib.AbstractContextManager[None]:
+    """Hold the lock of the entry at ``path`` (created if absent), waiting while another process holds it
+    (:func:`querytune.files.folder_lock`)."""
+    return folder_lock(path, lambda holder: note(f"{path.name}: another process is building it ({holder}); "
+                                                 "waiting for it", show_progress))
 
 
 @dataclass(frozen=True)
@@ -317,6 +294,7 @@ def ensure_cache(root: Path, key: CacheKey, building: Building = Building(), ver
     (building any still missing) and writes meta.json; after another barrier every rank may
     read the entry.
     """
+    check_outside_task(key.images.root, root, "--cache")
     path = key.folder(root)
     rank, world = distributed.rank(), distributed.world_size()
     show_progress = building.show_progress

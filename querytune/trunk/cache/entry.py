@@ -11,7 +11,7 @@ Layout of one cache entry, ``<root>/<task>-<split>-<key16>/``:
     ...
     meta.json                written once every shard exists: shard size, feature shapes, labels,
                              each shard's sha256; its modification time is when the entry was last used
-    .lock                    held (flock) by the process building the entry
+    .lock                    held (flock) by the process building the entry, while it does
 
 The key (:class:`CacheKey`) hashes everything the features depend on: the backbone's weights and
 architecture, the preprocessing (image size, mean, std), the split's file list with
@@ -51,7 +51,6 @@ from ..precision import Precision
 FORMAT_VERSION = 2
 STORAGE_DTYPE = torch.float16
 FINGERPRINT_ATTRIBUTE = "_querytune_fingerprint"  # where a backbone object keeps its fingerprint once computed
-LOCK_FILE = ".lock"
 POOLED_KIND = "cls"  # the stored kind that holds ``Features.pooled``, as its shards are named on disk
 
 

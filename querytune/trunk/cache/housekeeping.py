@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import time
@@ -11,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import DataError, StorageError
+from ...files import LOCK_FILE, folder_lock
 from ...progress import note
-from .entry import LOCK_FILE, POOLED_KIND, read_meta, shard_file
+from .entry import POOLED_KIND, read_meta, shard_file
 
 
 @dataclass
@@ -55,11 +55,10 @@ def remove_entry(root: Path, name: str) -> CacheEntry:
     entry = by_name.get(Path(name).name)  # the name, or the entry's path
     if entry is None:
         raise DataError(f"{name}: no such entry in the feature cache {root} (see querytune cache ls)")
-    with open(entry.path / LOCK_FILE, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DataError(f"{entry.path}: another process is building it; try again once it is done") from None
+    def refuse(holder: str) -> None:
+        raise DataError(f"{entry.path}: another process is building it ({holder}); try again once it is done")
+
+    with folder_lock(entry.path, refuse):
         try:
             shutil.rmtree(entry.path)
         except OSError as error:
