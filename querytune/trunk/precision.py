@@ -75,9 +75,8 @@ def native_bf16(device: torch.device) -> str | None:
 
 def resolve_precision(precision: str, device: torch.device) -> tuple[Precision, str]:
     """The precision ``auto`` means on ``device``: $QUERYTUNE_PRECISION where set, else bf16 where the
-    device computes it natively and fp32 elsewhere; or the one given. And why, in words."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
+    device computes it natively and fp32 elsewhere; or the one given (one of :data:`PRECISIONS`, which the
+    settings' ``option`` declarations check). And why, in words."""
     if precision != "auto":
         return Precision(precision), "as given"
     chosen = os.environ.get("QUERYTUNE_PRECISION")
