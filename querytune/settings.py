@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .data.splits import TEST
 from .options import check_fields, option
 from .runlog import LOGGERS
 from .trunk.device import COMPILE_MODES, resolve_device, resolve_workers
@@ -51,7 +52,7 @@ class RunSpec(ModelSpec):
                                     "datasets save_to_disk folder)", short="-d")
     train_split: str | None = option(None, "split to train on (default train800val200 where the task has it, "
                                            "else train)")
-    eval_split: str | None = option("test", "split to report accuracy on ('' for none)")
+    eval_split: str | None = option(TEST, "split to report accuracy on ('' for none)")
     eval_every: int | None = option(None, "log the accuracy on --val-split every N epochs (and after the last)",
                                     min=1)
     val_split: str | None = option(None, "held-out split for --eval-every (default val200 when training on "

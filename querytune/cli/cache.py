@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from .. import distributed
+from ..data.splits import FINAL
 from ..errors import ConfigError
 from ..settings import RunSpec, Runtime
 from ..trunk.precision import Precision
@@ -29,7 +30,7 @@ def cache_build(
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help=setting_help(RunSpec, "backbone")),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help=setting_help(RunSpec, "data")),
     cache: Optional[Path] = CacheRootOpt,
-    splits: str = typer.Option("train800val200,test", help="comma-separated splits"),
+    splits: str = typer.Option(",".join(FINAL), help="comma-separated splits"),
     image_size: int = typer.Option(224),
     batch_size: int = typer.Option(64),
     shard_size: int = typer.Option(64, help="images per shard file (the unit of work split over processes)"),

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import typer
 
 from .. import distributed
+from ..data.splits import TEST
 from ..errors import ConfigError
 from ..options import option
 from ..settings import RunSpec, Runtime
@@ -131,7 +132,7 @@ def eval_command(
     runs: list[Path] = typer.Option(..., "--run", "-r", help="a finished run folder; repeat for several, evaluated "
                                                            "together (the frozen-trunk ones in one trunk pass)"),
     data: Path = typer.Option(..., "--data", "-d", help=setting_help(RunSpec, "data")),
-    split: str = typer.Option("test", help="the split to report the accuracy on"),
+    split: str = typer.Option(TEST, help="the split to report the accuracy on"),
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b",
                                            help=setting_help(RunSpec, "backbone", "; default: the run's own")),
 ) -> None:
