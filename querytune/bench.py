@@ -47,7 +47,7 @@ from . import distributed, grid
 from .backbones import load_backbone
 from .data import Preprocess, check_normalisation, open_split
 from .data.splits import FINAL, SEARCH
-from .errors import ConfigError, QuerytuneError, StorageError
+from .errors import ConfigError, DataError, QuerytuneError, StorageError
 from .files import LOCK_FILE, folder_lock, write_json, write_text
 from .measure import measure_method_isolated
 from .methods import method_class
@@ -55,7 +55,7 @@ from .progress import note
 from .recipes import recipe_options
 from .report import markdown_report, plot_pareto
 from .run import cached_splits, entry_splits, eval_runs, train_runs
-from .runfolder import read_metrics, read_run_config, record_accuracy
+from .runfolder import read_metrics, read_run_config, record_accuracy, setting_differences
 from .settings import BenchSpec, RunSpec, Runtime
 from .suite import SuiteTask, discover_tasks, read_groups_file
 from .train import TrainConfig
@@ -267,9 +267,10 @@ class Bench:
                           "another --out")
 
     def run_locked(self) -> list[dict[str, Any]]:
+        plans = self.plan()  # every selected task's splits read: a suite that cannot be is refused, nothing written
         if not distributed.launched():
             self.claim_folder()
-            return self.run_tasks(self.selected, {method: self.cost(method) for method in self.methods})
+            return self.run_tasks(self.selected, plans, {method: self.cost(method) for method in self.methods})
         device = distributed.init_from_env(self.device, timeout=RANKS_WAIT)
         self.device, self.runtime = device, replace(self.runtime, device=str(device))
         rank, world = distributed.rank(), distributed.world_size()
@@ -277,20 +278,23 @@ class Bench:
             if (rank == 0) == (turn == 0):
                 self.claim_folder()
             distributed.barrier()
+        mine = self.selected[rank::world]
         with distributed.alone():
-            self.run_tasks(self.selected[rank::world], {}, report=False)
+            self.run_tasks(mine, [plan for plan in plans if plan.task in {task.name for task in mine}], {},
+                           report=False)
         distributed.barrier()  # every task done (a killed rank ends them all; the next run resumes its cells)
         results = []
         if rank == 0:
             with distributed.alone():
-                results = self.run_tasks(self.selected, {method: self.cost(method) for method in self.methods})
+                results = self.run_tasks(self.selected, self.plan(),
+                                         {method: self.cost(method) for method in self.methods})
         distributed.barrier()
         return results
 
-    def run_tasks(self, tasks: list[SuiteTask], costs: dict[str, dict[str, Any]],
+    def run_tasks(self, tasks: list[SuiteTask], plans: list[TaskPlan], costs: dict[str, dict[str, Any]],
                   report: bool = True) -> list[dict[str, Any]]:
-        """Run ``tasks`` one after the other; with ``report``, write the report after each."""
-        plans = self.plan(tasks)
+        """Run ``tasks`` (whose :meth:`plan` is ``plans``) one after the other; with ``report``, write the report
+        after each."""
         note(f"precision {self.precision} ({self.precision_reason}); plan:\n" + "\n".join(p.line() for p in plans),
              self.runtime.progress)
         results = []
@@ -345,17 +349,21 @@ class Bench:
 
     def plan(self, tasks: list[SuiteTask] | None = None) -> list[TaskPlan]:
         """The :class:`TaskPlan` of each of ``tasks`` (default: the selected ones); finished runs and cache
-        entries already built count as done. A task whose cache would not fit in the free disk is refused
-        (one line), before any work."""
+        entries already built count as done. Tasks whose splits cannot be read are refused together, and
+        a task whose cache would not fit in the free disk is refused (one line), before any work."""
         backbone = self.backbone_for_cache()
         preprocess = Preprocess.for_backbone(backbone, self.spec.image_size)
         frozen = [m for m in self.methods if self.stacks(m)]
         with_layers = any(method_class(m).reads.with_layers for m in frozen)
         shapes = feature_shapes(backbone, preprocess, with_layers)
-        plans, shared_bytes = [], 0
+        plans, shared_bytes, unreadable = [], 0, []
         cached = self.cached_splits()
         for task in self.selected if tasks is None else tasks:
-            images = {split: open_split(task.path, split) for split in self.splits_read()}
+            try:
+                images = {split: open_split(task.path, split) for split in self.splits_read()}
+            except DataError as error:
+                unreadable.append(str(error))
+                continue
             cells = trunk = 0
             frozen_evaluated, frozen_trained = set(), False
             for train_split, eval_split in grid.protocol(self.spec.search):
@@ -393,6 +401,8 @@ class Bench:
                                    f"{human_size(plan.free_bytes)} free in {folder}; give --cache a folder on a "
                                    "larger disk")
             plans.append(plan)
+        if unreadable:
+            raise DataError("; ".join(unreadable))
         return plans
 
     def splits_read(self) -> list[str]:
@@ -453,8 +463,9 @@ class Bench:
             settings["normalisation"] = [list(self.normalisation[0]), list(self.normalisation[1])]
         path = self.out / "bench.json"
         if path.is_file():
-            if json.loads(path.read_text()) != settings:
-                raise ConfigError(f"{self.out}: holds a bench with other settings; choose another --out")
+            if differences := setting_differences(json.loads(path.read_text()), settings):
+                raise ConfigError(f"{self.out}: holds a bench with other settings ({'; '.join(differences[:4])}"
+                                  f"{'; ...' if len(differences) > 4 else ''}); choose another --out")
             return
         # (a temporary file may be another part of this bench writing bench.json at this moment)
         if self.out.exists() and any(not p.name.endswith(".tmp") and p.name != LOCK_FILE for p in self.out.iterdir()):

@@ -25,6 +25,8 @@ from .trunk.device import to_device
 from .trunk.features import Features, extract_features
 from .trunk.precision import Precision
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
+
 
 def adapter_bytes(method: Method) -> int:
     """Bytes of what one task stores: its adapter (trainable state, float32)."""
@@ -190,6 +192,29 @@ def measure_method(method_name: str, backbone_source: str | Path, batch_size: in
     }
 
 
+def dies_with_this_process() -> Callable[[], None] | None:
+    """A ``preexec_fn`` for :mod:`subprocess` under which the child is killed when this process dies, however
+    it dies (``kill -9`` too), so that it never runs on alone. Linux only (``prctl(PR_SET_PDEATHSIG)``, which
+    fires when the thread that started the child ends: start it from a thread that lives as long as the
+    process); None elsewhere."""
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return arm
+
+
 def measure_method_isolated(method_name: str, backbone_source: str | Path, batch_size: int = 32,
                             image_size: int = 224, precision: Precision = Precision.FP32, device: str | None = None,
                             num_classes: int = 10) -> dict:
@@ -198,8 +223,9 @@ def measure_method_isolated(method_name: str, backbone_source: str | Path, batch
 
     On a CPU it runs in a fresh process (``querytune measure --json``) that returns freed memory to
     the system at once (``MALLOC_MMAP_THRESHOLD_``), so resident-set peaks are those of the step
-    itself. On a GPU the allocator's statistics already are, so it runs in this process (a fresh
-    one would pay the CUDA start-up for every method).
+    itself, and that dies with this one (:func:`dies_with_this_process`). On a GPU the allocator's
+    statistics already are, so it runs in this process (a fresh one would pay the CUDA start-up for
+    every method).
     """
     import json
     import os
@@ -221,7 +247,7 @@ def measure_method_isolated(method_name: str, backbone_source: str | Path, batch
     if device:
         command += ["--device", device]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, preexec_fn=dies_with_this_process())
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines() or [f"exit code {result.returncode}"]
         return {"method": method_name, "error": lines[-1]}

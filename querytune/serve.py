@@ -11,6 +11,7 @@ runs its own copy of the backbone on the images: one more trunk pass per such ta
     server = MultiTaskServer.from_runs("facebook/dinov2-small", ["runs/cifar", "runs/dtd"])
     logits = server.predict(images)                    # {"cifar": (B, 10), "dtd": (B, 47)}
     for record in server.predict_files(paths): ...     # {"path": ..., "predictions": {...}}
+    server.predict_files(paths, skip_bad=True)         # an unreadable file's record: {"path": ..., "error": ...}
     records = server(["cat.jpg", pil_image], topk=3)   # the same records for paths or PIL images
 """
 
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from .backbones import load_backbone
 from .backbones.vit import VisionTransformer
-from .data import IMAGE_SUFFIXES, Preprocess, load_image
+from .data import IMAGE_SUFFIXES, Preprocess, iterate_loader, load_image
 from .errors import ConfigError, DataError
 from .files import special_kind
 from .methods.base import Method, SharedRows
@@ -208,27 +209,46 @@ class MultiTaskServer:
                 for item, record in zip(items, records)]
 
     def predict_files(self, paths: Sequence[Path], batch_size: int = 32, workers: int = 0, topk: int = 1,
-                      with_logits: bool = False) -> Iterator[dict[str, Any]]:
-        """One record per image file, as :meth:`answer` writes them, with its path first."""
-        loader = torch.utils.data.DataLoader(_ImageFiles(paths, self.preprocess), batch_size=batch_size,
-                                             num_workers=workers)
+                      with_logits: bool = False, skip_bad: bool = False) -> Iterator[dict[str, Any]]:
+        """One record per image file, as :meth:`answer` writes them, with its path first. A file that cannot be
+        read is a one-line :class:`DataError` naming it; with ``skip_bad`` its record is ``{"path", "error"}``
+        and the other files are answered."""
+        loader = torch.utils.data.DataLoader(_ImageFiles(paths, self.preprocess, skip_bad), batch_size=batch_size,
+                                             num_workers=workers, collate_fn=_readable_batch)
         done = 0
-        for images in loader:
-            for i, record in enumerate(self.answer(images, topk, with_logits)):
-                yield {"path": str(paths[done + i]), **record}
-            done += len(images)
+        for images, errors in iterate_loader(loader):
+            answers = iter(self.answer(images, topk, with_logits) if images is not None else [])
+            for error in errors:
+                path = str(paths[done])
+                done += 1
+                yield {"path": path, "error": error} if error is not None else {"path": path, **next(answers)}
 
 
 class _ImageFiles(torch.utils.data.Dataset):
-    def __init__(self, paths: Sequence[Path], preprocess: Preprocess) -> None:
+    """Each file's preprocessed image; with ``skip_bad``, a file that cannot be read gives its one-line error
+    in its place instead of stopping the loader."""
+
+    def __init__(self, paths: Sequence[Path], preprocess: Preprocess, skip_bad: bool = False) -> None:
         self.paths = paths
         self.preprocess = preprocess
+        self.skip_bad = skip_bad
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> Tensor:
-        return self.preprocess(load_image(self.paths[index]))
+    def __getitem__(self, index: int) -> Tensor | str:
+        try:
+            return self.preprocess(load_image(self.paths[index]))
+        except DataError as error:
+            if not self.skip_bad:
+                raise
+            return str(error)
+
+
+def _readable_batch(items: list[Tensor | str]) -> tuple[Tensor | None, list[str | None]]:
+    """The batch's readable images stacked (None if there is none), and each item's error (None if it was read)."""
+    images = [item for item in items if isinstance(item, Tensor)]
+    return torch.stack(images) if images else None, [item if isinstance(item, str) else None for item in items]
 
 
 def collect_images(inputs: Sequence[str | Path]) -> list[Path]:

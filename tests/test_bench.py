@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
+from test_bad_input import cli_error
 
 from conftest import write_task
 from querytune.bench import Bench, discover_tasks, markdown_report
-from querytune.errors import ConfigError
+from querytune.errors import ConfigError, DataError
 from querytune.methods import METHODS
 from querytune.settings import BenchSpec, Runtime
 
@@ -155,6 +157,43 @@ def test_bad_settings_fail_before_any_work(suite, tiny_backbone_dir, tmp_path):
     with pytest.raises(ConfigError, match="not a querytune bench folder"):
         _bench(suite, tiny_backbone_dir, tmp_path / "c").run()
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_bench_refused_on_its_suite_writes_nothing_and_other_settings_are_named(suite, tiny_backbone_dir, tmp_path):
+    out = tmp_path / "report"
+    listed = (suite / "beta" / "test.txt").read_text()
+    (suite / "beta" / "test.txt").write_text(listed + "images/test/gone.jpg 0\n")
+    with pytest.raises(DataError, match="test.txt:10: image not found: .*gone.jpg"):
+        _bench(suite, tiny_backbone_dir, out).run()
+    assert not out.exists()  # no bench.json to hold the folder: the same bench runs there once the suite is mended
+    (suite / "beta" / "test.txt").write_text(listed)
+    _bench(suite, tiny_backbone_dir, out).claim_folder()
+    with pytest.raises(ConfigError, match=r"holds a bench with other settings \(profile: 'quick' -> 'paper'; "
+                                          r"search: False -> True\); choose another --out"):
+        _bench(suite, tiny_backbone_dir, out, profile="paper", search=True).run()
+
+
+def test_a_task_folder_without_a_split_is_named_and_the_plan_names_every_bad_task(suite, tiny_backbone_dir,
+                                                                                  tmp_path, capsys):
+    write_task(suite / "gamma", classes=2)
+    (suite / "gamma" / "test.txt").unlink()
+    (suite / "notes").mkdir()  # no split of a task: not a task, passed over
+    (suite / "notes" / "readme.md").write_text("not a task")
+    with pytest.raises(DataError, match="task folders without a split the bench reads: gamma has no test.txt$"):
+        discover_tasks(suite)
+    plan = ["bench", "--suite", suite, "-b", tiny_backbone_dir, "--image-size", "32", "--out", tmp_path / "out",
+            "--plan"]
+    assert cli_error(capsys, *plan, "--tasks", "gamma").endswith("gamma has no test.txt")
+    with pytest.raises(DataError, match="gamma: a task folder without a split the bench reads: it has no test.txt"):
+        discover_tasks(suite / "gamma")
+
+    shutil.rmtree(suite / "gamma")
+    for task in ("alpha", "beta"):
+        (suite / task / "test.txt").write_text((suite / task / "test.txt").read_text() + "images/test/gone.jpg 0\n")
+    error = cli_error(capsys, *plan)
+    assert error.count("image not found") == 2, error  # each bad task, not only the first
+    assert str(suite / "alpha" / "test.txt:10:") in error and str(suite / "beta" / "test.txt:10:") in error
+    assert not (tmp_path / "out").exists()
 
 
 def test_report_means_are_group_means():

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +91,52 @@ def test_meter_counts_each_storage_once_and_skips_parameters():
         y = layer(x)
         (y * y).sum()  # saves y twice (as both operands): counted once
     assert meter.bytes == x.numel() * 4 + y.numel() * 4
+
+
+# A bench's process measuring a method's cost in a fresh process, as Bench.cost does; argv: a folder to put first on
+# the child's PYTHONPATH, the backbone.
+MEASURING_PARENT = """
+import os, sys
+os.environ["PYTHONPATH"] = os.pathsep.join([sys.argv[1], os.environ.get("PYTHONPATH", "")])
+from querytune.measure import measure_method_isolated
+measure_method_isolated("linear", sys.argv[2], batch_size=4, image_size=32, device="cpu")
+"""
+
+
+def process_state(pid: int) -> tuple[str, int] | None:
+    """A process's state letter and parent pid from /proc (None once it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    state, parent = stat.rsplit(")", 1)[1].split()[:2]  # after "pid (command name)"
+    return state, int(parent)
+
+
+def running(pid: int) -> bool:
+    return (state := process_state(pid)) is not None and state[0] != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_measuring_child_dies_with_the_process_that_started_it(tiny_backbone_dir, tmp_path):
+    slow = tmp_path / "slow"
+    slow.mkdir()  # its sitecustomize makes the child's start take a minute: a long measurement, under way
+    (slow / "sitecustomize.py").write_text("import time\ntime.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", MEASURING_PARENT, slow, tiny_backbone_dir])
+    measuring: list[int] = []
+    deadline = time.monotonic() + 60
+    while not measuring and time.monotonic() < deadline:
+        measuring = [int(p.name) for p in Path("/proc").iterdir()
+                     if p.name.isdigit() and (state := process_state(int(p.name))) and state[1] == parent.pid]
+        time.sleep(0.05)
+    parent.kill()  # kill -9: no handler of the parent runs
+    parent.wait()
+    (child,) = measuring
+    try:
+        deadline = time.monotonic() + 10
+        while running(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not running(child), "the measuring child outlived the process that started it"
+    finally:
+        if running(child):
+            os.kill(child, signal.SIGKILL)

@@ -197,3 +197,30 @@ def test_runs_of_every_method_are_served_as_their_own_eval_predicts_them(tiny_ba
             assert answer["logits"] == pytest.approx(logits[name][row].tolist(), abs=1e-5)
     with pytest.raises(ConfigError, match="topk must be at least 1"):
         server(paths[0], topk=0)
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_predict_names_an_unreadable_image_and_goes_on_past_it_with_skip_bad(workers, tiny_backbone_dir, tiny_task,
+                                                                              tmp_path, capsys):
+    _train(tiny_backbone_dir, tiny_task, tmp_path / "linear", method="linear")
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.jpg", "c.jpg", "d.jpg"):
+        (images / name).write_bytes((tiny_task / "images" / "test" / "00000.jpg").read_bytes())
+    (images / "b.jpg").write_bytes(b"")
+    out = tmp_path / "predictions.jsonl"
+    command = ("predict", "--run", tmp_path / "linear", images, "--workers", workers, "--batch-size", "2", "--out", out)
+    # one line, whether the image was read in this process or in a loader's worker
+    assert cli_error(capsys, *command) == f"error: {images / 'b.jpg'}: cannot read image (empty file)"
+    assert not out.exists()
+
+    result = querytune(*command, "--skip-bad")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [f"skipped {images / 'b.jpg'}: cannot read image (empty file)"]
+    assert "3 images x 1 tasks" in result.stdout and "(1 skipped)" in result.stdout
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [record["path"] for record in records] == [str(images / name) for name in ("a.jpg", "b.jpg", "c.jpg",
+                                                                                        "d.jpg")]
+    assert records[1] == {"path": str(images / "b.jpg"), "error": f"{images / 'b.jpg'}: cannot read image (empty file)"}
+    for record in (records[2], records[3]):  # the same image, answered alone (beside b.jpg) and in a batch of two
+        assert_close(record["predictions"]["linear"]["probability"], records[0]["predictions"]["linear"]["probability"])

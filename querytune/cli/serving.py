@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -32,6 +33,8 @@ def predict(
     topk: int = typer.Option(1, "--topk", help="also list each task's k most probable classes (under 'top')"),
     logits: bool = typer.Option(False, "--logits", help="also write each task's logits"),
     batch_size: int = typer.Option(32),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="go on past an image that cannot be read: named on "
+                                  "stderr, its line is {\"path\", \"error\"} (default: stop, exit 2)"),
 ) -> None:
     """Answer every run's task, the frozen-backbone runs from one shared backbone pass per image batch and each
     run that adapts the backbone from its own: one JSON line per image."""
@@ -48,19 +51,29 @@ def predict(
     runtime = Runtime(**given[Runtime])
     paths = collect_images(images)
     server = MultiTaskServer.from_runs(backbone, run, device=runtime.device)
-    records = server.predict_files(paths, batch_size, runtime.num_workers, topk, logits)
+    skipped = 0
+
+    def records() -> Iterator[str]:
+        nonlocal skipped
+        for record in server.predict_files(paths, batch_size, runtime.num_workers, topk, logits, skip_bad):
+            if "error" in record:
+                skipped += 1
+                typer.echo(f"skipped {record['error']}", err=True)
+            yield json.dumps(record)
+
     if out is None:
-        for record in records:
-            print(json.dumps(record), flush=True)
+        for line in records():
+            print(line, flush=True)
         return
 
     def write(tmp: Path) -> None:
         with open(tmp, "w") as handle:
-            for record in records:
-                handle.write(json.dumps(record) + "\n")
+            for line in records():
+                handle.write(line + "\n")
 
     write_atomic(out, write)  # a failed run leaves no partial --out behind
-    console.print(f"{len(paths)} images x {len(server.tasks)} tasks -> {out}", highlight=False)
+    console.print(f"{len(paths) - skipped} images x {len(server.tasks)} tasks -> {out}"
+                  + (f" ({skipped} skipped)" if skipped else ""), highlight=False)
 
 
 @app.command("export")
