@@ -695,7 +695,8 @@ def test_serve_command_under_a_bounded_load_of_good_and_malformed_requests(tiny_
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, root / "benchmarks" / "serve_load.py", "--backbone", "tiny", "--data",
                              tiny_task, "--train-split", "train800", "--tasks", "2", "--clients", "4", "--seconds", "1",
-                             "--faults", "200", "--json"], capture_output=True, text=True, timeout=300,
+                             "--faults", "200", "--slow-connections", "20", "--bomb-side", "2000", "--bomb-count", "4",
+                             "--json"], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(root)})  # this checkout's querytune, not another
     assert result.returncode == 0, result.stdout + result.stderr
     load, faults = map(json.loads, result.stdout.splitlines())
@@ -707,3 +708,4 @@ def test_serve_command_under_a_bounded_load_of_good_and_malformed_requests(tiny_
     assert log["ok"] and log["lines"] == log["requests"] == 1 + 1 + load["requests"] + 200 + 1, log
     assert log["unauthorised"] == faults["by_kind"]["no token"] + faults["by_kind"]["wrong token"]
     assert faults["rss_after_mb"] - faults["rss_before_mb"] < 64  # the benchmark's 10k requests say more
+    assert faults["slow_headers"]["answered_408"] == 20 and faults["decode_memory"]["statuses"] == [200], faults
