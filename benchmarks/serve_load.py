@@ -16,7 +16,13 @@ process of its own, with a token (``--token-file``, sent by every client) and an
    bad one must be a 4xx (401 for the tokens); the server's RSS is read after a warm-up and at the end.
 
 Once the server has stopped, its access log must hold one JSON line per request it was sent, and none
-of the bodies.
+of the bodies. Then, with ``--faults``, a fresh server (``--header-timeout`` 2 s) meets
+
+3. slow headers (``--slow-connections``, from 8 client addresses): half send nothing, half a header line every
+   second and never the end of the headers; each must get 408 and be closed at the header timeout, while
+   ``/health`` is answered meanwhile;
+4. decode memory: ``--bomb-count`` concurrent POSTs of one ``--bomb-side`` squared 16-bit RGBA PNG (all zeros: a
+   few hundred KB that decode to gigabytes), each answered 200; the server's RSS before, after and at its peak.
 
 It prints one JSON line per K and phase, then a table, and exits 1 if any check failed. Nothing here is
 a timed test: figures depend on the machine and its load.
@@ -30,10 +36,12 @@ import json
 import secrets
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +59,7 @@ DINOV2 = SHARED / "weights" / "dinov2-small-imgfocus"
 DATA = SHARED / "data" / "vtab1k-mini" / "cifar10"
 HUNDRED_MB = 100_000_000
 NOT_AN_IMAGE = b"<html>not an image</html>"  # a body that must not reach the access log
+HEADER_TIMEOUT = 2.0  # the second server's --header-timeout
 SLOW_READ_TIMEOUT = 2.0  # the server's --read-timeout: how long a slow client holds a request (a good one, sent
 # by a client on a busy 2-core machine, must still arrive within it)
 
@@ -76,11 +85,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(runs: list[Path], port: int, max_body_mb: float, token_file: Path,
-                 access_log: Path) -> subprocess.Popen:
+def start_server(runs: list[Path], port: int, max_body_mb: float, token_file: Path, access_log: Path,
+                 *flags: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "querytune", "serve", "--port", str(port), "--max-body-mb", str(max_body_mb),
                "--read-timeout", str(SLOW_READ_TIMEOUT), "--device", "cpu", "--token-file", str(token_file),
-               "--access-log", str(access_log)]
+               "--access-log", str(access_log), *flags]
     for run in runs:
         command += ["--run", str(run)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -202,6 +211,69 @@ async def faults(url: str, port: int, token: str, images: list[bytes], expected:
     return {"by_kind": tally, "failures": len(failures), "first_failures": failures[:5]}
 
 
+async def slow_headers(url: str, port: int, count: int) -> dict[str, Any]:
+    """``count`` connections that never finish their headers (half send nothing, half a header line a second):
+    how many got 408 and were closed, the longest any stayed open, and how fast ``/health`` answered meanwhile."""
+
+    async def one(i: int) -> tuple[bool, float]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(f"127.0.0.{2 + i % 8}", 0))
+        started = time.monotonic()
+
+        async def trickle() -> None:
+            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            while True:
+                await asyncio.sleep(1)
+                writer.write(b"X-Slow: 1\r\n")
+
+        trickling = asyncio.create_task(trickle()) if i % 2 else None
+        try:
+            reply = await asyncio.wait_for(reader.read(), HEADER_TIMEOUT + 30)  # until the server closes
+        except (OSError, asyncio.TimeoutError):
+            reply = b""
+        if trickling:
+            trickling.cancel()
+        writer.close()
+        return reply.startswith(b"HTTP/1.1 408"), time.monotonic() - started
+
+    async def health() -> float:
+        await asyncio.sleep(HEADER_TIMEOUT / 2)  # while every slow connection is open
+        started = time.perf_counter()
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            (await http.get("/health")).raise_for_status()
+        return time.perf_counter() - started
+
+    *results, health_s = await asyncio.gather(*(one(i) for i in range(count)), health())
+    return {"connections": count, "answered_408": sum(ok for ok, _ in results),
+            "longest_open_s": round(max(seconds for _, seconds in results), 2),
+            "health_ms": round(1000 * health_s, 1)}
+
+
+def png16_rgba(side: int) -> bytes:
+    """A ``side`` x ``side`` 16-bit RGBA PNG of zeros: small compressed, 8 bytes a pixel raw."""
+    compressor = zlib.compressobj(9)
+    row = bytes(1 + 8 * side)  # filter type 0, then the pixels
+    pixels = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", side, side, 16, 6, 0, 0, 0)  # 16 bits, RGBA
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+async def decode_memory(url: str, token: str, image: bytes, count: int, pid: int) -> dict[str, Any]:
+    """``count`` concurrent POSTs of ``image``: their statuses, and the server's RSS before, after and at its peak."""
+    before = memory_mb(pid)[0]
+    started = time.monotonic()
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        responses = await asyncio.gather(*(http.post("/predict", content=image, headers={
+            "content-type": "image/png", "authorization": f"Bearer {token}"}) for _ in range(count)))
+    after, peak = memory_mb(pid)
+    return {"requests": count, "image_kb": round(len(image) / 1e3, 1), "seconds": round(time.monotonic() - started, 1),
+            "statuses": sorted({response.status_code for response in responses}), "rss_before_mb": before,
+            "rss_after_mb": after, "peak_rss_mb": peak}
+
+
 def same_answer(served: dict, expected: dict) -> bool:
     """The same classes, and probabilities to the rounding of a different batch."""
     return served.keys() == expected.keys() and all(
@@ -218,6 +290,22 @@ def check_access_log(log: Path, sent: int) -> dict[str, Any]:
             "body_in_log": body, "ok": len(lines) == sent and not body}
 
 
+def connection_and_decode_faults(runs: list[Path], token: str, token_file: Path, root: Path,
+                                 args: argparse.Namespace) -> dict[str, Any]:
+    """The slow-header and decode-memory cases, against a fresh server (so that its RSS is its own)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    bomb = png16_rgba(args.bomb_side)
+    server = start_server(runs, port, 20, token_file, root / "access-connections.jsonl",
+                          "--header-timeout", str(HEADER_TIMEOUT))
+    try:
+        return {"slow_headers": asyncio.run(slow_headers(url, port, args.slow_connections)),
+                "decode_memory": asyncio.run(decode_memory(url, token, bomb, args.bomb_count, server.pid))}
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default=str(DINOV2), help="a backbone, or 'tiny' (a random ViT at 32 px)")
@@ -229,6 +317,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="length of the load phase")
     parser.add_argument("--faults", type=int, default=0, help="requests in the fault phase (0: none)")
     parser.add_argument("--images", type=int, default=64, help="distinct test images sent")
+    parser.add_argument("--slow-connections", type=int, default=200, help="connections that never finish headers")
+    parser.add_argument("--bomb-side", type=int, default=6300, help="side of the 16-bit RGBA PNG sent to decode")
+    parser.add_argument("--bomb-count", type=int, default=16, help="concurrent POSTs of that PNG")
     parser.add_argument("--json", action="store_true", help="only the JSON lines")
     args = parser.parse_args()
 
@@ -248,6 +339,7 @@ def main() -> None:
         token = secrets.token_urlsafe(24)
         token_file = root / "token"
         token_file.write_text(token + "\n")
+        token_file.chmod(0o600)  # serve refuses a token file others may read
         for count in counts:
             runs = all_runs[:count]
             expected = MultiTaskServer.from_runs(None, runs, device="cpu")(paths)
@@ -289,6 +381,8 @@ def main() -> None:
                 server.terminate()
                 server.wait(30)
             rows[-1]["access_log"] = check_access_log(access_log, sent)
+            if args.faults:
+                rows[-1].update(connection_and_decode_faults(runs, token, token_file, root, args))
     for row in rows:
         print(json.dumps(row), flush=True)
     if not args.json:
@@ -304,6 +398,17 @@ def main() -> None:
                       f"{r['peak_rss_mb']} |")
     failed = any(r.get("errors") or r.get("failures") or r.get("alive") is False
                  or r.get("access_log", {"ok": True})["ok"] is False for r in rows)
+    for r in rows:
+        if "slow_headers" in r:
+            slow, bomb = r["slow_headers"], r["decode_memory"]
+            if not args.json:
+                print(f"\nK = {r['tasks']}: {slow['answered_408']}/{slow['connections']} slow-header connections "
+                      f"got 408 (longest open {slow['longest_open_s']} s, /health meanwhile {slow['health_ms']} ms); "
+                      f"{bomb['requests']} x {bomb['image_kb']} KB PNG ({args.bomb_side}^2, 16-bit RGBA): statuses "
+                      f"{bomb['statuses']}, RSS {bomb['rss_before_mb']} -> {bomb['rss_after_mb']} MB, peak "
+                      f"{bomb['peak_rss_mb']} MB, {bomb['seconds']} s")
+            failed |= slow["answered_408"] != slow["connections"] or slow["longest_open_s"] > HEADER_TIMEOUT + 5 \
+                or bomb["statuses"] != [200]
     sys.exit(1 if failed else 0)
 
 

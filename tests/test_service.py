@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import json
+import logging
 import os
 import re
+import select
 import shutil
 import socket
 import subprocess
@@ -14,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
 
@@ -25,12 +28,17 @@ from test_bad_input import cli_error
 from conftest import tiny_vit, write_task
 from querytune import MultiTaskServer, train_run
 from querytune.backbones import save_backbone
-from querytune.errors import ConfigError
+from querytune.errors import ConfigError, DataError
 from querytune.settings import RunSpec, Runtime
 
 httpx = pytest.importorskip("httpx", reason="the service's tests need the test extra (httpx)")
 uvicorn = pytest.importorskip("uvicorn", reason="the service needs the extra querytune[serve] (uvicorn)")
 from querytune.service import ServiceAccess, ServiceLimits, create_app  # noqa: E402  (after the extra is known present)
+from querytune.service import app as service_app  # noqa: E402
+from querytune.service.app import service_config  # noqa: E402
+from querytune.service.connections import ConnectionGuard  # noqa: E402
+from querytune.service.images import decode, decoded_bytes  # noqa: E402
+from querytune.service.metrics import Metrics  # noqa: E402
 
 RUNS = ("linear", "memory", "lora")  # frozen-backbone runs sharing a pass, and one adapting the backbone
 JPEG = {"content-type": "image/jpeg"}
@@ -59,9 +67,7 @@ def images(runs: list[Path]) -> list[Path]:
 @contextmanager
 def running(server: MultiTaskServer, access: ServiceAccess | None = None, **limits: float) -> Iterator[str]:
     """The service on a free loopback port, in a thread of this process; yields its base URL."""
-    config = uvicorn.Config(create_app(server, ServiceLimits(**limits), access), host="127.0.0.1", port=0,
-                            log_level="warning")
-    service = uvicorn.Server(config)
+    service = uvicorn.Server(service_config(create_app(server, ServiceLimits(**limits), access), "127.0.0.1", 0))
     thread = threading.Thread(target=service.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -73,6 +79,29 @@ def running(server: MultiTaskServer, access: ServiceAccess | None = None, **limi
     finally:
         service.should_exit = True
         thread.join(10)
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def reply_of(sock: socket.socket, seconds: float = 10) -> bytes:
+    """What the server sends on ``sock`` until it closes it (or ``seconds`` pass)."""
+    sock.settimeout(seconds)
+    reply = b""
+    with suppress(OSError):  # a reset once the server has closed
+        while part := sock.recv(4096):
+            reply += part
+    return reply
+
+
+def image_bytes(size: tuple[int, int], mode: str = "RGB", kind: str = "PNG") -> bytes:
+    image = Image.new(mode, size)
+    bands = len(image.getbands())
+    image.putpixel((0, 0), 255 if bands == 1 else (255,) * bands)  # not all one colour
+    buffer = io.BytesIO()
+    image.save(buffer, kind)
+    return buffer.getvalue()
 
 
 def assert_same_answers(served: object, expected: object, where: str = "") -> None:
@@ -202,6 +231,187 @@ def test_bad_requests_get_a_4xx_json_error_and_the_service_goes_on(runs, images)
         assert response.status_code == 200 and client.get("/health").json()["images"] == 1
 
 
+def test_a_client_slow_to_send_its_headers_gets_408_and_its_connection_closed(runs):
+    server = MultiTaskServer.from_runs(None, runs[:1], device="cpu")
+    with running(server, header_timeout=1, read_timeout=30) as url, httpx.Client(base_url=url) as client:
+        address = ("127.0.0.1", port_of(url))
+        started = time.monotonic()
+        with socket.create_connection(address) as idle, socket.create_connection(address) as trickling, \
+                socket.create_connection(address) as between:
+            between.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\n")  # one, then half
+            trickling.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            while time.monotonic() - started < 20:  # a header line every 0.2 s, never the end of the headers
+                with suppress(OSError):
+                    trickling.sendall(b"X-Slow: 1\r\n")
+                if select.select([trickling], [], [], 0.2)[0]:
+                    break
+            for sock in (trickling, idle, between):
+                reply = reply_of(sock).decode()
+                assert reply.count("HTTP/1.1 408") == 1 and reply.endswith(
+                    '{"error": "no complete request headers within 1 s (--header-timeout)"}'), reply
+            assert reply.startswith("HTTP/1.1 200")  # the complete request was answered first
+        assert time.monotonic() - started < 10  # closed at --header-timeout, long before --read-timeout
+        assert scrape(client)['querytune_connections_closed_total{reason="header_timeout"}'] == 3
+        assert client.get("/health").status_code == 200
+
+
+def test_connections_past_the_total_or_per_client_limit_get_503(runs):
+    server = MultiTaskServer.from_runs(None, runs[:1], device="cpu")
+    with running(server, max_connections=6, max_connections_per_client=3) as url:
+        port = port_of(url)
+
+        def connect(client: str) -> socket.socket:
+            return socket.create_connection(("127.0.0.1", port), source_address=(client, 0))
+
+        def health() -> int:
+            with httpx.Client(base_url=url) as client:
+                return client.get("/health").status_code
+
+        held = [connect("127.0.0.2") for _ in range(3)]
+        with connect("127.0.0.2") as fourth:
+            reply = reply_of(fourth).decode()
+        assert reply.startswith("HTTP/1.1 503") and reply.endswith(
+            '{"error": "client 127.0.0.2 already has 3 connections open, the most allowed '
+            '(--max-connections-per-client)"}'), reply
+        assert health() == 200  # another client meanwhile
+        held += [connect("127.0.0.3") for _ in range(3)]
+        with connect("127.0.0.4") as seventh:
+            reply = reply_of(seventh).decode()
+        assert reply.startswith("HTTP/1.1 503") and reply.endswith(
+            '{"error": "6 connections are open, the most allowed (--max-connections)"}'), reply
+        for sock in held:
+            sock.close()
+        deadline = time.monotonic() + 10
+        while (status := health()) != 200:  # the server sees the closes soon after
+            assert status == 503 and time.monotonic() < deadline
+            time.sleep(0.05)
+        with httpx.Client(base_url=url) as client:
+            samples = scrape(client)
+    assert samples['querytune_connections_closed_total{reason="max_connections_per_client"}'] == 1
+    assert samples['querytune_connections_closed_total{reason="max_connections"}'] >= 1
+
+
+def test_failing_accepts_are_logged_once_per_interval():
+    guard = ConnectionGuard(ServiceLimits(), Metrics(1))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    loop = asyncio.new_event_loop()
+    try:
+        for _ in range(1000):  # asyncio retries a failed accept every second, and more often under load
+            guard.loop_error(loop, {"message": "socket.accept() out of system resource",
+                                    "exception": OSError(errno.EMFILE, "Too many open files")})
+    finally:
+        logger.removeHandler(handler)
+        loop.close()
+    assert [record.getMessage() for record in records] == [
+        "cannot accept connections: Too many open files (1 failed accepts since the last such line; connections "
+        "are retried every second)"]
+    assert guard.metrics.accept_errors == 1000
+
+
+def test_serve_under_a_low_open_file_limit_keeps_answering_and_logs_no_tracebacks(runs):
+    """300 idle connections, from five client addresses, to `querytune serve` under `ulimit -n 256`."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    command = f"ulimit -n 256 && exec {sys.executable} -m querytune serve --run {runs[0]} --port {port} " \
+              "--device cpu --header-timeout 2 --access-log /dev/null"
+    process = subprocess.Popen(["bash", "-c", command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(root)})
+    idle: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline, "the service did not start"
+            with suppress(httpx.TransportError):
+                httpx.get(f"http://127.0.0.1:{port}/health")
+                break
+            time.sleep(0.2)
+        for i in range(300):
+            with suppress(OSError):  # refused ones may be reset as they open
+                idle.append(socket.create_connection(("127.0.0.1", port), source_address=(f"127.0.0.{2 + i % 5}", 0)))
+        answered = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code
+        assert answered in (200, 503)  # at once, as full or not; never a timeout
+        deadline = time.monotonic() + 20
+        while httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code != 200:  # idle ones timed out
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        for sock in idle:
+            sock.close()
+        process.terminate()
+        stderr = process.communicate(timeout=60)[1]
+    lines = stderr.strip().splitlines()
+    assert re.fullmatch(r"--max-connections lowered to \d+: ulimit -n is 256",
+                        lines[0]), stderr
+    # a burst of connections can still exhaust the descriptors before the refused ones are closed: a line per 10 s
+    assert all(line.startswith("ERROR:    cannot accept connections: Too many open files (") for line in lines[1:])
+    assert "Traceback" not in stderr and len(lines) < 5, stderr
+
+
+def test_decoded_bytes_are_bounded_per_request_and_jpegs_decode_small(runs):
+    server = MultiTaskServer.from_runs(None, runs[:1], device="cpu")
+    png = image_bytes((1000, 1000))  # 1M pixels: within --max-pixels, 4 MB decoded
+    jpeg = image_bytes((1000, 1000), kind="JPEG")  # drafted to 125x125 for 32-pixel input
+    small = image_bytes((400, 400))  # 0.64 MB decoded each
+    with running(server, max_decode_mb=1, max_decode_inflight_mb=2) as url, httpx.Client(base_url=url) as client:
+        response = client.post("/predict", content=png, headers={"content-type": "image/png"})
+        assert response.status_code == 413 and response.json() == {
+            "error": "the images take 4.0 MB decoded, more than the 1 MB allowed (--max-decode-mb)"}
+        assert client.post("/predict", content=jpeg, headers=JPEG).status_code == 200
+        assert client.post("/predict", files=[("f", ("a.png", small))]).status_code == 200
+        response = client.post("/predict", files=[("f", ("a.png", small)), ("f", ("b.png", small))])
+        assert response.status_code == 413 and "take 1.3 MB decoded" in response.json()["error"]
+
+
+def test_images_are_decoded_one_budget_at_a_time(runs, monkeypatch):
+    server = MultiTaskServer.from_runs(None, runs[:1], device="cpu")
+    png = image_bytes((700, 700))  # 1.96 MB decoded: one fits in 3 MB, two do not
+    decoding, most = 0, 0
+    lock = threading.Lock()
+
+    def slow_decode(*args: object) -> Image.Image:
+        nonlocal decoding, most
+        with lock:
+            decoding += 1
+            most = max(most, decoding)
+        time.sleep(0.3)
+        try:
+            return decode(*args)  # type: ignore[arg-type]
+        finally:
+            with lock:
+                decoding -= 1
+
+    monkeypatch.setattr(service_app, "decode", slow_decode)
+
+    async def together(url: str) -> list[int]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            responses = await asyncio.gather(*(client.post("/predict", content=png,
+                                                           headers={"content-type": "image/png"}) for _ in range(4)))
+        return [response.status_code for response in responses]
+
+    with running(server, max_decode_mb=2, max_decode_inflight_mb=3) as url:
+        assert asyncio.run(together(url)) == [200] * 4
+    assert most == 1
+
+
+def test_decoding_reads_the_header_first_and_decodes_no_larger_than_needed():
+    assert decoded_bytes(image_bytes((300, 200), "RGBA"), "a.png", 10**6, 32) == 300 * 200 * 8  # RGBA, then RGB
+    assert decoded_bytes(image_bytes((300, 200)), "a.png", 10**6, 32) == 300 * 200 * 4  # reduced as decoded
+    assert decoded_bytes(image_bytes((300, 200), "I;16"), "a.png", 10**6, 32) == 300 * 200 * 6
+    jpeg = image_bytes((2000, 1500), kind="JPEG")
+    assert decoded_bytes(jpeg, "a.jpg", 10**7, 32) == 250 * 188 * 4  # decoded at 1/8: still 64 pixels a side
+    assert decode(jpeg, "a.jpg", 10**7, 32).size == (84, 94)  # then reduced 3x2: no side under 64
+    assert decode(image_bytes((300, 200), "RGBA"), "a.png", 10**6, 32).size == (75, 67)
+    assert decode(image_bytes((50, 40), "P"), "a.png", 10**6, 32).size == (50, 40)
+    with pytest.raises(DataError, match=r"^a.png: 2000x1500 pixels, more than the 1000000 allowed$"):
+        decoded_bytes(image_bytes((2000, 1500)), "a.png", 10**6, 32)
+
+
 def test_a_missing_extra_is_one_line_naming_it(runs, monkeypatch):
     monkeypatch.setitem(sys.modules, "starlette.applications", None)  # as if starlette were not installed
     with pytest.raises(ConfigError, match=r"needs its extra: pip install querytune\[serve\]"):
@@ -302,6 +512,7 @@ def test_metrics_count_what_was_answered(runs, images):
 def test_the_access_log_says_who_asked_for_what_and_holds_no_body(runs, images, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
     log = tmp_path / "access.jsonl"
     access = ServiceAccess.from_options("127.0.0.1", token_file, False, str(log))
     assert access.token == TOKEN  # the trailing newline stripped
@@ -381,6 +592,7 @@ def test_serving_beyond_loopback_needs_a_token(runs, tmp_path, capsys, monkeypat
     assert ServiceAccess.from_options("0.0.0.0", None, True, None).token is None  # --no-auth says so
 
     token_file = tmp_path / "token"
+    token_file.touch(0o600)
     for text, says in (("", "is empty: it must hold the token"), ("\n", "is empty: it must hold the token"),
                        ("two words\n", "the token must be printable ASCII without spaces"),
                        ("t\u00f6ken", "the token must be printable ASCII without spaces")):
@@ -388,6 +600,14 @@ def test_serving_beyond_loopback_needs_a_token(runs, tmp_path, capsys, monkeypat
         assert cli_error(capsys, "serve", "--run", run, "--token-file", token_file).startswith(
             f"error: --token-file {token_file}"), text
         assert says in cli_error(capsys, "serve", "--run", run, "--token-file", token_file)
+    token_file.write_text(TOKEN)
+    for mode in (0o644, 0o640, 0o604, 0o620):  # as ssh refuses such a key
+        token_file.chmod(mode)
+        assert cli_error(capsys, "serve", "--run", run, "--token-file", token_file) == (
+            f"error: --token-file {token_file}: permissions {mode:04o} let group or others access it; "
+            f"chmod 600 {token_file}")
+    token_file.chmod(0o600)
+    assert ServiceAccess.from_options("0.0.0.0", token_file, False, None).token == TOKEN
     assert cli_error(capsys, "serve", "--run", run, "--token-file", tmp_path / "absent") == (
         f"error: --token-file {tmp_path / 'absent'}: No such file or directory")
     token_file.write_text("from-the-file\r\n")
@@ -475,7 +695,8 @@ def test_serve_command_under_a_bounded_load_of_good_and_malformed_requests(tiny_
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, root / "benchmarks" / "serve_load.py", "--backbone", "tiny", "--data",
                              tiny_task, "--train-split", "train800", "--tasks", "2", "--clients", "4", "--seconds", "1",
-                             "--faults", "200", "--json"], capture_output=True, text=True, timeout=300,
+                             "--faults", "200", "--slow-connections", "20", "--bomb-side", "2000", "--bomb-count", "4",
+                             "--json"], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(root)})  # this checkout's querytune, not another
     assert result.returncode == 0, result.stdout + result.stderr
     load, faults = map(json.loads, result.stdout.splitlines())
@@ -487,3 +708,4 @@ def test_serve_command_under_a_bounded_load_of_good_and_malformed_requests(tiny_
     assert log["ok"] and log["lines"] == log["requests"] == 1 + 1 + load["requests"] + 200 + 1, log
     assert log["unauthorised"] == faults["by_kind"]["no token"] + faults["by_kind"]["wrong token"]
     assert faults["rss_after_mb"] - faults["rss_before_mb"] < 64  # the benchmark's 10k requests say more
+    assert faults["slow_headers"]["answered_408"] == 20 and faults["decode_memory"]["statuses"] == [200], faults

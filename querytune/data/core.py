@@ -9,6 +9,7 @@ import json
 import math
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,12 +137,18 @@ def load_image(source: Path | str | bytes, name: str | None = None, max_pixels: 
     else:
         opened = Path(source)
         name, empty = name or str(opened), opened.is_file() and opened.stat().st_size == 0
+    with reading_image(name, empty), Image.open(opened) as image:
+        check_pixels(image, name, max_pixels)
+        image.load()  # PIL decodes lazily: truncation only shows here
+        return to_rgb(image)
+
+
+@contextmanager
+def reading_image(name: str, empty: bool = False) -> Iterator[None]:
+    """PIL's errors while opening or decoding the image ``name`` as one-line DataErrors naming it (``empty``: its
+    source holds no bytes)."""
     try:
-        with Image.open(opened) as image:
-            if max_pixels is not None and image.width * image.height > max_pixels:
-                raise DataError(f"{name}: {image.width}x{image.height} pixels, more than the {max_pixels} allowed")
-            image.load()  # PIL decodes lazily: truncation only shows here
-            return to_rgb(image)
+        yield
     except UnidentifiedImageError as error:
         reason = "empty file" if empty else "not a recognised image format"
         raise DataError(f"{name}: cannot read image ({reason})") from error
@@ -150,6 +157,12 @@ def load_image(source: Path | str | bytes, name: str | None = None, max_pixels: 
     # PIL's decoders also raise these for damaged files (and DecompressionBombError for huge ones).
     except (ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as error:
         raise DataError(f"{name}: cannot read image ({one_line(error)})") from error
+
+
+def check_pixels(image: Image.Image, name: str, max_pixels: int | None) -> None:
+    """Refuses an opened (not yet decoded) image of more than ``max_pixels``, width x height."""
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        raise DataError(f"{name}: {image.width}x{image.height} pixels, more than the {max_pixels} allowed")
 
 
 def private_generator() -> torch.Generator:

@@ -10,7 +10,8 @@
 Requests arriving together are batched: the first waits at most ``max_wait_ms`` for others, and a batch
 holds at most ``max_batch`` images. The model runs in a worker thread, so the server keeps reading
 requests meanwhile. Every bad request (empty or oversized body, a body that is not an image, an unknown
-task, too many images, a client too slow to send its body) gets a 4xx JSON ``{"error": ...}``.
+task, too many images or decoded bytes, a client too slow to send its headers or body) gets a 4xx JSON
+``{"error": ...}``.
 
 With a token (:class:`ServiceAccess`), every request but ``GET /health`` and the page's own HTML must carry
 ``Authorization: Bearer <token>`` (else 401); the page asks for the token and sends it with each request it
@@ -20,8 +21,9 @@ See docs/serving.md.
 
 The package's modules: :mod:`.limits` (:class:`ServiceLimits`, from which ``querytune serve``'s limit flags are
 generated), :mod:`.access` (the token, the access log and the :class:`~.access.Gate` middleware), :mod:`.metrics`
-(``/metrics``), :mod:`.batcher` (:class:`~.batcher.Batcher`) and :mod:`.app` (the routes and the page,
-``service.html``).
+(``/metrics``), :mod:`.batcher` (:class:`~.batcher.Batcher`), :mod:`.connections` (the header timeout and the
+connection limits in uvicorn's protocol), :mod:`.images` (decoding in bounded memory) and :mod:`.app` (the routes
+and the page, ``service.html``).
 """
 
 from .access import ServiceAccess

@@ -7,6 +7,7 @@ import hmac
 import ipaddress
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -44,13 +45,19 @@ class ServiceAccess:
 
 
 def read_token(token_file: Path | None) -> str | None:
-    """The token in ``token_file`` (a trailing newline stripped), else in env ``QUERYTUNE_TOKEN``, else None."""
+    """The token in ``token_file`` (a trailing newline stripped), else in env ``QUERYTUNE_TOKEN``, else None. A
+    token file that group or others may access is refused, as ssh refuses such a key."""
     if token_file is not None:
         where = f"--token-file {token_file}"
         try:
-            text = token_file.read_text(encoding="utf-8")
+            with open(token_file, encoding="utf-8") as opened:
+                mode = os.fstat(opened.fileno()).st_mode
+                text = opened.read()
         except (OSError, UnicodeError) as error:
             raise ConfigError(f"{where}: {getattr(error, 'strerror', None) or one_line(error)}") from error
+        if stat.S_ISREG(mode) and mode & 0o077:  # a pipe (--token-file <(...)) has no one else to guard from
+            raise ConfigError(f"{where}: permissions {stat.S_IMODE(mode):04o} let group or others access it; "
+                              f"chmod 600 {token_file}")
     elif TOKEN_ENV in os.environ:
         where, text = TOKEN_ENV, os.environ[TOKEN_ENV]
     else:

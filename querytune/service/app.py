@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..data import load_image
 from ..errors import ConfigError, QuerytuneError
 from ..serve import MultiTaskServer
 from .access import Gate, ServiceAccess
 from .batcher import Batcher
+from .images import DecodeBudget, decode, decoded_bytes
 from .limits import ServiceLimits
 from .metrics import Metrics
 
 if TYPE_CHECKING:
+    import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import Response
@@ -47,9 +48,14 @@ def create_app(server: MultiTaskServer, limits: ServiceLimits | None = None,
         from starlette.routing import Route
     except ImportError as error:
         raise ConfigError("the HTTP service needs its extra: pip install querytune[serve]") from error
+    from .connections import ConnectionGuard
 
     limits = limits or ServiceLimits()
     metrics = Metrics(limits.max_batch)
+    guard = ConnectionGuard(limits, metrics)
+    budget = DecodeBudget(int(limits.max_decode_inflight_mb * 1e6))
+    max_decoded = int(limits.max_decode_mb * 1e6)
+    image_size = server.preprocess.image_size
     batcher = Batcher(server, limits.max_batch, limits.max_wait_ms, metrics.batch_images)
     names = [task.name for task in server.tasks]
     max_body = int(limits.max_body_mb * 1e6)
@@ -112,12 +118,20 @@ def create_app(server: MultiTaskServer, limits: ServiceLimits | None = None,
         if len(files) > max_images:
             raise HTTPError(413, f"{len(files)} images in one request, more than the {max_images} allowed")
 
+        def decoded_total() -> int:
+            return sum(decoded_bytes(data, name, limits.max_pixels, image_size) for name, data in files)
+
         def preprocess() -> torch.Tensor:
-            return torch.stack([server.preprocess(load_image(data, name, limits.max_pixels))
+            return torch.stack([server.preprocess(decode(data, name, limits.max_pixels, image_size))
                                 for name, data in files])
 
         try:
-            images = await asyncio.to_thread(preprocess)
+            size = await asyncio.to_thread(decoded_total)  # from the headers, before any decoding
+            if size > max_decoded:
+                raise HTTPError(413, f"the images take {size / 1e6:.1f} MB decoded, more than the "
+                                     f"{limits.max_decode_mb:g} MB allowed (--max-decode-mb)")
+            async with budget.hold(size):  # waits while other requests' images take the rest
+                images = await asyncio.to_thread(preprocess)
         except QuerytuneError as error:
             raise HTTPError(400, str(error)) from error
         logits = await batcher.predict(images)
@@ -149,6 +163,7 @@ def create_app(server: MultiTaskServer, limits: ServiceLimits | None = None,
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        asyncio.get_running_loop().set_exception_handler(guard.loop_error)  # failing accepts: a line per interval
         worker = asyncio.create_task(batcher.run())
         yield
         worker.cancel()
@@ -157,8 +172,19 @@ def create_app(server: MultiTaskServer, limits: ServiceLimits | None = None,
               Route("/health", health), Route("/metrics", metrics_text)]
     gate = Middleware(Gate, access=access or ServiceAccess(), metrics=metrics,
                       max_inflight=limits.max_inflight_per_client)
-    return Starlette(routes=routes, lifespan=lifespan, middleware=[gate],
-                     exception_handlers={HTTPError: bad_request, HTTPException: bad_request})
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[gate],
+                    exception_handlers={HTTPError: bad_request, HTTPException: bad_request})
+    app.state.connections = guard  # for service_config
+    return app
+
+
+def service_config(app: Starlette, host: str, port: int) -> uvicorn.Config:
+    """uvicorn's settings for ``app`` (made by :func:`create_app`): HTTP/1.1 over h11 behind the app's connection
+    limits (:class:`~.connections.ConnectionGuard`), no WebSocket (the service has none)."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", http=app.state.connections.protocol,
+                          ws="none")
 
 
 def serve(server: MultiTaskServer, host: str, port: int, limits: ServiceLimits | None = None,
@@ -168,7 +194,12 @@ def serve(server: MultiTaskServer, host: str, port: int, limits: ServiceLimits |
         import uvicorn
     except ImportError as error:
         raise ConfigError("the HTTP service needs its extra: pip install querytune[serve]") from error
-    uvicorn.run(create_app(server, limits, access), host=host, port=port, log_level="warning")
+    from .connections import fit_open_files
+
+    limits = fit_open_files(limits or ServiceLimits())
+    service = uvicorn.Server(service_config(create_app(server, limits, access), host, port))
+    with suppress(KeyboardInterrupt):  # as uvicorn.run: Ctrl-C stops the service without a traceback
+        service.run()
 
 
 def _replay(body: bytes) -> Any:

@@ -1,5 +1,6 @@
 """What ``GET /metrics`` shows: per route and status the requests answered and their latency, the images of
-each model call, the images answered and the requests in flight, in the Prometheus text format."""
+each model call, the images answered, the requests in flight, and the connections closed or refused outside a
+request, in the Prometheus text format."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class Histogram:
 
 class Metrics:
     """What ``GET /metrics`` shows, in the Prometheus text format (version 0.0.4). Written out here rather than
-    with prometheus_client: that is not a dependency, and the format of these four families is a few lines."""
+    with prometheus_client: that is not a dependency, and the format of these families is a few lines."""
 
     def __init__(self, max_batch: int) -> None:
         self.requests: dict[tuple[str, int], int] = {}  # (route, status) -> count
@@ -44,10 +45,15 @@ class Metrics:
         self.batch_images = Histogram(tuple(sorted({2 ** i for i in range(max_batch.bit_length())} | {max_batch})))
         self.images = 0  # images answered with 200
         self.in_flight: dict[str, int] = {}  # client address -> requests arrived, not answered (none: absent)
+        self.connections_closed: dict[str, int] = {}  # reason -> connections the service closed before a request
+        self.accept_errors = 0  # connections that could not be accepted (no file descriptor or memory left)
 
     def request(self, route: str, status: int, seconds: float) -> None:
         self.requests[route, status] = self.requests.get((route, status), 0) + 1
         self.latency.setdefault(route, Histogram(LATENCY_BOUNDS)).observe(seconds)
+
+    def connection_closed(self, reason: str) -> None:
+        self.connections_closed[reason] = self.connections_closed.get(reason, 0) + 1
 
     def text(self) -> str:
         lines = ["# HELP querytune_requests_total Requests answered, by route and status.",
@@ -64,5 +70,12 @@ class Metrics:
                   f"querytune_images_total {self.images}",
                   "# HELP querytune_requests_in_flight Requests arrived and not yet answered.",
                   "# TYPE querytune_requests_in_flight gauge",
-                  f"querytune_requests_in_flight {sum(self.in_flight.values())}"]
+                  f"querytune_requests_in_flight {sum(self.in_flight.values())}",
+                  "# HELP querytune_connections_closed_total Connections closed by the service outside a request, "
+                  "by reason.", "# TYPE querytune_connections_closed_total counter"]
+        lines += [f'querytune_connections_closed_total{{reason="{reason}"}} {count}'
+                  for reason, count in sorted(self.connections_closed.items())]
+        lines += ["# HELP querytune_accept_errors_total Connections that could not be accepted (no file "
+                  "descriptor or memory left).", "# TYPE querytune_accept_errors_total counter",
+                  f"querytune_accept_errors_total {self.accept_errors}"]
         return "\n".join(lines) + "\n"
