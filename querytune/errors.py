@@ -21,6 +21,10 @@ class ConfigError(QuerytuneError):
     """An unknown or inapplicable option."""
 
 
+class DivergedError(QuerytuneError):
+    """A training run whose loss is no longer a number (NaN or infinite)."""
+
+
 def one_line(error: BaseException) -> str:
     """An exception's message on one line (for embedding in a QuerytuneError)."""
     return " ".join(str(error).split()) or type(error).__name__

@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .errors import CheckpointError, ConfigError, one_line
+from .errors import CheckpointError, ConfigError, DivergedError, one_line
 from .files import recording_writes, write_atomic
 from .options import check_fields, option
 from .progress import progress_bar
 from .trunk.device import compiled, to_device
 from .trunk.precision import PRECISIONS, Precision
-from .trunk.sources import BatchSource, epoch_order
+from .trunk.sources import BatchSource, CachedFeatureBatches, epoch_order
 
 if TYPE_CHECKING:
     from .methods.base import Method
@@ -323,12 +323,30 @@ def fit(members: list[Member], source: BatchSource, device: torch.device, show_p
             stats = train_epoch([member.learner for member in active], logits_of, source, epoch, schedule, cfg,
                                 device, advance)
             seconds = time.perf_counter() - started  # the stack's time: each member's share of the machine
-            for member, member_stats in zip(active, stats):
-                end_epoch(member, epoch, member_stats.over_processes(), seconds, device)
+            totals = [member_stats.over_processes() for member_stats in stats]
+            for member, member_totals in zip(active, totals):  # before any checkpoint of the epoch is written
+                check_finite_loss(member, epoch, member_totals, source)
+            for member, member_totals in zip(active, totals):
+                end_epoch(member, epoch, member_totals, seconds, device)
     for member in members:
         if member.log is not None:
             member.log.finish()
     return [member.result() for member in members]
+
+
+def check_finite_loss(member: Member, epoch: int, stats: EpochStats, source: BatchSource) -> None:
+    """A :class:`DivergedError` where the member's loss over epoch ``epoch`` (its steps' losses summed, so a
+    single NaN step shows) is not a number, naming the epoch and, for cached features, the entry to rebuild."""
+    if math.isfinite(stats.loss):
+        return
+    run = f"{member.checkpoint.parent}: " if member.checkpoint is not None else ""
+    if isinstance(source, CachedFeatureBatches):
+        entry = source.cache.path
+        hint = (f"if the cached features are corrupt, remove their entry and train again: querytune cache rm "
+                f"{entry.name} --cache {entry.parent}; else lower --lr")
+    else:
+        hint = "lower --lr or set --grad-clip"
+    raise DivergedError(f"{run}epoch {epoch + 1}: the training loss is {stats.loss}; {hint}")
 
 
 def members_logits(active: list[Member], lone_forward: Callable[..., Any] | None, device: torch.device,

@@ -42,6 +42,7 @@ from querytune.trunk.cache import (
 )
 from querytune.trunk.cache import build as cache_build
 from querytune.trunk.cache import entry as cache_entry
+from querytune.trunk.features import Features
 from querytune.trunk.precision import Precision
 
 
@@ -308,12 +309,140 @@ def test_a_corrupted_shard_is_found_once_opened_for_training_and_rebuilt(tiny_ta
     assert torch.equal(rebuilt.features(np.arange(len(images))).layers, good.layers)
     assert read_meta(path)["verified"]
 
-    # checked once: a later corruption is not looked for again (the cost is a read of the whole entry)
+    # checked whole once: an unchanged entry is not read again (the cost is a read of the whole entry)
     hashed = []
     for module in (cache_entry, cache_build):
         monkeypatch.setattr(module, "data_checksum", lambda array: hashed.append(array) or "")
     open_or_build_cache(tmp_path, CacheKey(backbone, images, preprocess, with_layers=True), SHARDS_OF_4)
     assert hashed == []
+
+
+def checked_entry(task: Path, root: Path) -> tuple[Callable[[], FeatureCache], Path, Features]:
+    """A tiny entry under ``root`` (3 shards of 4 images), opened for training once, so checked whole: a
+    function opening it for training again, its folder and its features."""
+    backbone = tiny_vit()
+    key = CacheKey(backbone, open_split(task, "test"), Preprocess(32, backbone.config.mean, backbone.config.std))
+
+    def open_for_training() -> FeatureCache:
+        return open_or_build_cache(root, key, SHARDS_OF_4)
+
+    cache = open_for_training()
+    assert read_meta(cache.path)["verified"]
+    return open_for_training, cache.path, cache.features(np.arange(len(cache)))
+
+
+def recorded_earlier(file: Path) -> None:
+    """Date the record of ``file``'s shard a second before ``file``, as when ``file`` is written after it
+    (whatever the file system's clock granularity)."""
+    record = cache_entry.record_file(file.parent, int(file.name[6:11]))
+    earlier = file.stat().st_mtime_ns - 10**9
+    os.utime(record, ns=(earlier, earlier))
+
+
+def count_hashes(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
+    """The arrays whose full sha256 is taken from now on."""
+    hashed: list[np.ndarray] = []
+    checksum = cache_entry.data_checksum
+    for module in (cache_entry, cache_build):
+        monkeypatch.setattr(module, "data_checksum", lambda array: hashed.append(array) or checksum(array))
+    return hashed
+
+
+def test_bytes_written_into_a_checked_shard_are_found_on_the_next_open_and_rebuilt(tiny_task, tmp_path):
+    open_for_training, path, good = checked_entry(tiny_task, tmp_path)
+    shard = path / "shard-00000.layers.npy"
+    original = shard.read_bytes()
+    with open(shard, "r+b") as handle:  # as `dd conv=notrunc` would: size and header kept
+        handle.seek(len(original) // 2)
+        handle.write(b"\xff" * 4096)
+
+    rebuilt = open_for_training()
+    assert shard.read_bytes() == original
+    assert torch.equal(rebuilt.features(np.arange(len(rebuilt))).layers, good.layers)
+
+
+def test_a_shard_modified_after_its_record_is_checked_in_full(tiny_task, tmp_path, monkeypatch):
+    open_for_training, path, good = checked_entry(tiny_task, tmp_path)
+    monkeypatch.setattr(cache_entry, "sampled_checksum", lambda file: "")  # only the times tell
+    for shard in range(3):
+        cache_entry.write_record(path, shard, {name: {**record, "sample": ""} for name, record in
+                                               json.loads(cache_entry.record_file(path, shard).read_text()).items()})
+    shard = path / "shard-00001.cls.npy"
+    original = shard.read_bytes()
+    flip_a_byte(shard)
+    recorded_earlier(shard)
+    hashed = count_hashes(monkeypatch)
+    rebuilt = open_for_training()
+    assert shard.read_bytes() == original and len(hashed) >= 1
+    assert torch.equal(rebuilt.features(np.arange(len(rebuilt))).pooled, good.pooled)
+
+
+def test_a_change_with_its_modification_time_put_back_is_found_in_the_sampled_blocks(tiny_task, tmp_path):
+    open_for_training, path, good = checked_entry(tiny_task, tmp_path)
+    shard = path / "shard-00002.layers.npy"
+    original, modified = shard.read_bytes(), shard.stat().st_mtime_ns
+    flip_a_byte(shard, from_end=1)  # the last sampled block ends the file
+    os.utime(shard, ns=(modified, modified))
+
+    rebuilt = open_for_training()
+    assert shard.read_bytes() == original
+    assert torch.equal(rebuilt.features(np.arange(len(rebuilt))).layers, good.layers)
+
+
+def test_shards_copied_with_new_times_are_checked_once_and_kept(tiny_task, tmp_path, monkeypatch):
+    open_for_training, path, good = checked_entry(tiny_task, tmp_path)
+    shards = sorted(path.glob("shard-*.npy"))
+    inodes = [file.stat().st_ino for file in shards]
+    for file in shards:  # as `cp -r` without -p leaves them
+        recorded_earlier(file)
+    hashed = count_hashes(monkeypatch)
+    open_for_training()
+    assert len(hashed) == len(shards)
+    assert [file.stat().st_ino for file in shards] == inodes  # checked and recorded afresh, not rebuilt
+    hashed.clear()
+    open_for_training()
+    assert hashed == []
+
+
+def test_an_entry_without_records_is_checked_in_full_once_and_gets_them(tiny_task, tmp_path, monkeypatch):
+    open_for_training, path, good = checked_entry(tiny_task, tmp_path)
+    records = {file.name: file.read_bytes() for file in path.glob("shard-*.json")}
+    for name in records:  # as an entry written before records were
+        (path / name).unlink()
+    hashed = count_hashes(monkeypatch)
+    open_for_training()
+    assert len(hashed) == 3 * 2  # every file of its 3 shards
+    assert {file.name: file.read_bytes() for file in path.glob("shard-*.json")} == records
+    hashed.clear()
+    open_for_training()
+    assert hashed == []
+
+
+def test_without_meta_a_corrupted_shard_is_rebuilt_not_adopted(tiny_task, tmp_path):
+    open_for_training, path, good = checked_entry(tiny_task, tmp_path)
+    meta = json.loads((path / "meta.json").read_text())
+    shard = path / "shard-00001.layers.npy"
+    original = shard.read_bytes()
+    flip_a_byte(shard)
+    (path / "meta.json").unlink()
+
+    rebuilt = open_for_training()
+    assert shard.read_bytes() == original
+    assert json.loads((path / "meta.json").read_text())["checksums"] == meta["checksums"]
+    assert torch.equal(rebuilt.features(np.arange(len(rebuilt))).layers, good.layers)
+
+
+def test_a_shard_whose_build_was_killed_before_its_record_is_rebuilt(tiny_task, tmp_path):
+    open_for_training, path, good = checked_entry(tiny_task, tmp_path)
+    (path / "meta.json").unlink()
+    cache_entry.record_file(path, 1).unlink()
+    kept, unrecorded = path / "shard-00000.cls.npy", path / "shard-00001.cls.npy"
+    inodes = kept.stat().st_ino, unrecorded.stat().st_ino
+
+    rebuilt = open_for_training()
+    assert kept.stat().st_ino == inodes[0] and unrecorded.stat().st_ino != inodes[1]
+    assert cache_entry.record_file(path, 1).exists()
+    assert torch.equal(rebuilt.features(np.arange(len(rebuilt))).layers, good.layers)
 
 
 def test_a_read_only_entry_is_checked_on_every_open_and_never_written(tiny_task, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
 import subprocess
 
@@ -14,10 +15,11 @@ from safetensors.torch import load_file
 
 from querytune import eval_run, train_run
 from querytune.data import Preprocess, open_split
-from querytune.errors import CheckpointError, ConfigError, DataError
+from querytune.errors import CheckpointError, ConfigError, DataError, DivergedError
 from querytune.settings import RunSpec, Runtime
 from querytune.train import Schedule, TrainConfig
 from querytune.trunk.cache import Building, CacheKey, FeatureCache, build_cache
+from querytune.trunk.cache import entry as cache_entry
 from querytune.trunk.features import Features
 from querytune.trunk.precision import Precision
 
@@ -177,6 +179,48 @@ def test_cache_is_keyed_and_half_written_entries_are_rebuilt(tiny_task, tmp_path
     rebuilt = FeatureCache.open(build_cache(tmp_path / "c", key, Building(shard_size=4, show_progress=False)))
     assert not list(path.glob("*.tmp"))
     assert torch.equal(rebuilt.features(np.arange(9)).layers, good.layers)
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_epoch_and_the_cache_entry(tiny_backbone_dir, tiny_task, tmp_path,
+                                                                              monkeypatch):
+    root = tmp_path / "cache"
+    monkeypatch.setattr(cache_entry, "sampled_checksum", lambda file: "")  # a change that no cheap check sees:
+    _train(tiny_backbone_dir, tiny_task, tmp_path / "a", cache=root)
+    (entry,) = root.iterdir()
+    for shard in entry.glob("shard-*.cls.npy"):  # NaN features, the modification time put back
+        modified, header = shard.stat().st_mtime_ns, np.load(shard, mmap_mode="r").offset
+        data = shard.read_bytes()
+        shard.write_bytes(data[:header] + b"\xff" * (len(data) - header))
+        os.utime(shard, ns=(modified, modified))
+
+    with pytest.raises(DivergedError, match=rf"^{tmp_path / 'b'}: epoch 1: the training loss is nan; if the cached "
+                                            rf"features are corrupt, remove their entry and train again: querytune "
+                                            rf"cache rm {entry.name} --cache {root}; else lower --lr$"):
+        _train(tiny_backbone_dir, tiny_task, tmp_path / "b", cache=root)
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_diverging_run_stops_before_its_checkpoint_or_log_takes_the_epoch(tiny_backbone_dir, tiny_task, tmp_path,
+                                                                            monkeypatch):
+    import querytune.train as train_module
+
+    real_save = train_module.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        raise KeyboardInterrupt
+
+    run, diverging = tmp_path / "run", {**FAST, "lr": 1e20}  # finite over epoch 1, NaN in epoch 2
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_backbone_dir, tiny_task, run, train=diverging)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    with pytest.raises(DivergedError, match=rf"^{run}: epoch 2: the training loss is nan; lower --lr or set "
+                                            r"--grad-clip$"):
+        _train(tiny_backbone_dir, tiny_task, run, train=diverging)
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["epochs_done"] == 1
+    assert [json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines()] == [1]
+    assert not (run / "adapter.safetensors").exists() and not (run / "metrics.json").exists()
 
 
 def test_warm_up_is_the_protocols_unless_the_run_is_cut_short():

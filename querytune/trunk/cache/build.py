@@ -1,9 +1,11 @@
 """Building feature-cache entries (:mod:`.entry`), under faults, for training and ``querytune cache build``.
 
-Faults: every shard is written to a temporary file and renamed once whole
-(:mod:`querytune.files`), so an interrupted build leaves only whole shards and
-building again computes the rest; a shard that fails its header and size check is
-rebuilt, never read.
+Faults: every shard is written to a temporary file, synced to disk and renamed once whole
+(:mod:`querytune.files`), and then its record (its files' checksums) is written, so an
+interrupted build leaves only whole shards and building again computes the rest. A shard is
+kept only through its record and while it is still as recorded (:func:`~.entry.trusted_record`):
+one that fails its header and size check, or has no record (its build was killed before writing
+it), or was changed after it, is rebuilt, never read nor hashed as found.
 
 Space: the entry's size is printed and checked against the free space before building,
 and each shard's blocks are allocated (``posix_fallocate``) before it is written
@@ -12,8 +14,9 @@ naming the folder, not a SIGBUS; a failed build leaves no temporary file and no 
 
 Checksums: each shard's sha256 is computed while it is written. Checking them costs a read of
 the whole entry, more than a few percent of a cached epoch (``benchmarks/cache_checksums.py``),
-so an entry is checked once, the first time it is opened for training, and meta.json
-records that it was (``verified``); a corrupted shard is rebuilt.
+so an entry is checked whole once, the first time it is opened for training, and meta.json
+records that it was (``verified``); on every later open only the shards the cheap check
+(modification time, sampled blocks) cannot vouch for are. A corrupted shard is rebuilt.
 
 Across processes (torchrun) every rank builds every ``world``-th shard, then rank 0
 checks them all and writes meta.json (:func:`ensure_cache`). Two jobs that want the
@@ -32,6 +35,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,13 +66,15 @@ from .entry import (
     data_checksum,
     entry_shard_size,
     feature_shapes,
-    open_shard,
+    file_record,
     read_meta,
     shard_file,
     shard_rows,
+    trusted_shards,
+    untrusted_shards,
     verify_entry,
-    whole_shards,
     whole_split_entry,
+    write_record,
 )
 
 SHARD_SIZE = 64  # images per shard: also the unit of work split across ranks and redone after a kill
@@ -135,7 +141,8 @@ class Building:
 
 
 def build_cache(root: Path, key: CacheKey, building: Building = Building(), shards: range | None = None) -> Path:
-    """Compute the shards of the cache entry ``key`` under ``root`` that are missing or torn; return its folder.
+    """Compute the shards of the cache entry ``key`` under ``root`` that are missing, torn or not as their records
+    say (:func:`~.entry.trusted_record`); return its folder.
 
     ``shards`` restricts the work to some shard indices (distributed building). A call
     for all shards (the default) also finalises the entry: it writes meta.json and
@@ -147,8 +154,8 @@ def build_cache(root: Path, key: CacheKey, building: Building = Building(), shar
     shapes = feature_shapes(key.backbone, key.preprocess, key.with_layers)
     rows = shard_rows(len(images.items), shard_size)
     wanted = shards if shards is not None else range(len(rows))
-    whole = set(whole_shards(path, shapes, rows, wanted))
-    todo = [s for s in wanted if s not in whole]
+    kept = trusted_shards(path, shapes, rows, wanted)
+    todo = [s for s in wanted if s not in kept]
     if not todo and (shards is not None or read_meta(path) is not None):
         return path
     needed = entry_nbytes(shapes, [rows[s] for s in todo])
@@ -157,14 +164,11 @@ def build_cache(root: Path, key: CacheKey, building: Building = Building(), shar
         note(f"caching {images.task}/{images.split}: {len(images.items)} images, "
              f"{human_size(entry_nbytes(shapes, rows))} on disk ({human_size(needed)} to write) -> {path}",
              show_progress)
-    checksums = build_shards(path, key, shapes, rows, shard_size, todo, building)
+    records = build_shards(path, key, shapes, rows, shard_size, todo, building)
     if shards is None:
         remove_stale_temporaries(path)
-        for shard in sorted(whole):  # built by other ranks or an earlier, killed build: read back once
-            for kind in shapes:
-                array = open_shard(shard_file(path, shard, kind), (rows[shard], *shapes[kind]))
-                assert array is not None  # checked whole above; only this entry's lock holder writes it
-                checksums[shard_file(path, shard, kind).name] = data_checksum(array)
+        for record in kept.values():  # built by other ranks or an earlier, killed build
+            records.update(record)
         meta = {
             "format": FORMAT_VERSION,
             "task": images.task,
@@ -176,7 +180,7 @@ def build_cache(root: Path, key: CacheKey, building: Building = Building(), shar
             "shard_size": shard_size,
             "shapes": shapes,
             "labels": [label for _, label in images.items],
-            "checksums": dict(sorted(checksums.items())),
+            "checksums": {name: record["sha256"] for name, record in sorted(records.items())},
             "verified": False,
         }
         write_text(path / "meta.json", json.dumps(meta))
@@ -184,8 +188,8 @@ def build_cache(root: Path, key: CacheKey, building: Building = Building(), shar
 
 
 def build_shards(path: Path, key: CacheKey, shapes: dict[str, list[int]], rows: list[int], shard_size: int,
-                 todo: list[int], building: Building) -> dict[str, str]:
-    """Compute the shards ``todo`` of the entry ``key`` at ``path``; return their files' data checksums by name."""
+                 todo: list[int], building: Building) -> dict[str, dict[str, str]]:
+    """Compute the shards ``todo`` of the entry ``key`` at ``path``; return their files' records by name."""
     if not todo:
         return {}
     images, batch_size, device = key.images, building.batch_size, building.device
@@ -216,22 +220,23 @@ def build_shards(path: Path, key: CacheKey, shapes: dict[str, list[int]], rows: 
             raise storage_error(path, error, "the feature cache") from error
         finally:
             writer.close()
-    return writer.checksums
+    return writer.records
 
 
 class ShardWriter:
     """Writes computed batches into an entry's shard files on one background thread, so that the trunk
-    computes the next batch while this one is copied into the memory map and, at a shard's end, flushed,
-    hashed and renamed into place (on a GPU the trunk is faster than the disk). At most ``depth`` batches
-    wait; a failed write surfaces at the next :meth:`write` or at :meth:`finish`, and the writes queued
+    computes the next batch while this one is copied into the memory map and, at a shard's end, synced,
+    hashed, renamed into place and recorded (on a GPU the trunk is faster than the disk). At most ``depth``
+    batches wait; a failed write surfaces at the next :meth:`write` or at :meth:`finish`, and the writes queued
     after it are dropped (they would land in the failed shard's files).
 
-    A shard is written in place into temporary files, reserved whole first, and renamed once whole;
-    :meth:`close` removes the temporary files of a shard left unfinished."""
+    A shard is written in place into temporary files, reserved whole first, and renamed once whole and on
+    disk; then its record is written (:func:`~.entry.write_record`). :meth:`close` removes the temporary files
+    of a shard left unfinished."""
 
     def __init__(self, path: Path, shapes: dict[str, list[int]], rows: list[int], depth: int = 2) -> None:
         self.path, self.shapes, self.rows, self.depth = path, shapes, rows, depth
-        self.checksums: dict[str, str] = {}
+        self.records: dict[str, dict[str, str]] = {}  # of the shards written, by file name
         self._failed = False
         self._files: dict[str, np.memmap] = {}  # the shard being written: touched by the writer thread only
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer")
@@ -275,19 +280,26 @@ class ShardWriter:
         for kind, array in arrays.items():
             self._files[kind][row : row + len(array)] = array
         if row + len(arrays[POOLED_KIND]) == self.rows[shard]:
+            records = {}
             for kind, mapped in self._files.items():
                 mapped.flush()
-                self.checksums[shard_file(self.path, shard, kind).name] = data_checksum(mapped)
                 assert mapped.filename is not None  # a memmap opened on a file
-                os.replace(mapped.filename, shard_file(self.path, shard, kind))
+                with open(mapped.filename, "rb") as handle:
+                    os.fsync(handle.fileno())  # on disk before its record says it is
+                checksum = data_checksum(mapped)
+                file = shard_file(self.path, shard, kind)
+                os.replace(mapped.filename, file)
+                records[file.name] = file_record(file, checksum)
             self._files = {}
+            write_record(self.path, shard, records)
+            self.records.update(records)
 
 
 def ensure_cache(root: Path, key: CacheKey, building: Building = Building(), verify: bool = False
                  ) -> tuple[Path, bool]:
     """The folder of the complete cache entry ``key`` under ``root``, built where missing or torn, and whether this
-    call built any of it; with ``verify`` (training) its shards are checked against their checksums once,
-    a corrupted one rebuilt.
+    call built any of it. Shards the check on every open cannot vouch for (:func:`~.entry.untrusted_shards`) are
+    checked against their checksums; with ``verify`` (training) every shard is, once; a corrupted one is rebuilt.
 
     Rank 0 holds the entry's lock while it is built or checked. Across processes every rank
     builds shards ``rank, rank + world, ...``; after a barrier rank 0 checks every shard
@@ -299,10 +311,10 @@ def ensure_cache(root: Path, key: CacheKey, building: Building = Building(), ver
     rank, world = distributed.rank(), distributed.world_size()
     show_progress = building.show_progress
     meta = complete_meta(path)
-    ready = meta is not None and (meta.get("verified", False) or not verify)
+    ready = meta is not None and (meta.get("verified", False) or not verify) and not untrusted_shards(path, meta)
     if meta is not None and not ready and not os.access(path, os.W_OK):
         # a read-only cache (shared, a snapshot): nothing can be recorded or rebuilt, so checked on every open
-        corrupted = verify_entry(path, show_progress, record=False)
+        corrupted = verify_entry(path, shards_to_check(path, meta, verify), show_progress, record=False)
         if corrupted:
             raise DataError(f"{corrupted[0]}: corrupted (its checksum differs) in a read-only feature cache; "
                             "build the cache in another --cache folder")
@@ -310,24 +322,45 @@ def ensure_cache(root: Path, key: CacheKey, building: Building = Building(), ver
     built = False
     with entry_lock(path, show_progress) if rank == 0 and not ready else contextlib.nullcontext():
         distributed.barrier()  # no rank builds before rank 0 holds the entry
+        if rank == 0:  # shards changed since their record are checked, not rebuilt, where meta.json vouches for them
+            remove_corrupted_shards(path, verify, show_progress)
         if world > 1:
+            distributed.barrier()
             num_shards = len(shard_rows(len(key.images.items), entry_shard_size(path, building.shard_size)))
             build_cache(root, key, building, shards=range(rank, num_shards, world))
             distributed.barrier()
         if rank == 0:
             built = complete_meta(path) is None  # another process may have built it while this one waited
             build_cache(root, key, building)
-            meta = read_meta(path)
-            assert meta is not None  # built just now
-            if verify and not meta.get("verified") and (corrupted := verify_entry(path, show_progress)):
-                note(f"{', '.join(str(file) for file in corrupted)}: corrupted (checksum differs); rebuilding",
-                     show_progress)
-                for file in corrupted:
-                    file.unlink()
+            if remove_corrupted_shards(path, verify, show_progress):  # with verify, a new entry is read whole once
                 build_cache(root, key, building)
-                verify_entry(path, show_progress)  # a second read of the entry, but only where one was corrupted
+                if again := remove_corrupted_shards(path, verify, show_progress):
+                    raise DataError(f"{again[0]}: corrupted again right after it was rebuilt; check the disk or "
+                                    "choose another --cache")
     distributed.barrier()
     return path, built
+
+
+def shards_to_check(path: Path, meta: dict[str, Any], verify: bool) -> list[int]:
+    """The shards of the complete entry at ``path`` to check against their checksums: all of them with ``verify``
+    where the entry was never checked whole, else those the check on every open cannot vouch for."""
+    if verify and not meta.get("verified"):
+        return list(range(len(shard_rows(meta["num_images"], meta["shard_size"]))))
+    return untrusted_shards(path, meta)
+
+
+def remove_corrupted_shards(path: Path, verify: bool, show_progress: bool) -> list[Path]:
+    """Check the shards of the entry at ``path`` that need it (:func:`shards_to_check`; none where the entry has no
+    meta.json), recording those that hold, and remove the corrupted ones; return those."""
+    meta = read_meta(path)
+    if meta is None:
+        return []
+    corrupted = verify_entry(path, shards_to_check(path, meta, verify), show_progress)
+    if corrupted:
+        note(f"{', '.join(str(file) for file in corrupted)}: corrupted (checksum differs); rebuilding", show_progress)
+    for file in corrupted:
+        file.unlink(missing_ok=True)  # its record is rewritten with the shard
+    return corrupted
 
 
 def cache_splits(root: Path, backbone: VisionTransformer, data: str | Path, splits: list[str], image_size: int,
@@ -349,10 +382,11 @@ def cache_splits(root: Path, backbone: VisionTransformer, data: str | Path, spli
 
 
 def open_or_build_cache(root: Path, key: CacheKey, building: Building = Building()) -> FeatureCache:
-    """The cache entry ``key``, built where missing or torn and checked against its checksums once
-    (opened for training); a full entry also serves class-token readers, and the entry of the split
-    ``key``'s images are part of serves them where they have none of their own (:func:`whole_split_entry`);
-    per-layer readers build it where missing, class-token readers use it only where it exists."""
+    """The cache entry ``key``, built where missing or torn and checked against its checksums (opened for
+    training: whole once, then where the check on every open asks for it); a full entry also serves
+    class-token readers, and the entry of the split ``key``'s images are part of serves them where they
+    have none of their own (:func:`whole_split_entry`); per-layer readers build it where missing,
+    class-token readers use it only where it exists."""
     part = whole_split_entry(root, key, complete_only=not key.with_layers)
     if part is not None:
         whole, rows = part

@@ -8,6 +8,8 @@ Layout of one cache entry, ``<root>/<task>-<split>-<key16>/``:
 
     shard-00000.layers.npy   (n, L, N, D) float16   (absent in a class-token-only entry)
     shard-00000.cls.npy      (n, D) float16      (``Features.pooled``; the kind's name on disk is ``cls``)
+    shard-00000.json         the shard's record: each of its files' sha256 and sampled-block hash, written
+                             once the files are on disk (fsync) under their names
     ...
     meta.json                written once every shard exists: shard size, feature shapes, labels,
                              each shard's sha256; its modification time is when the entry was last used
@@ -19,11 +21,20 @@ labels, sizes and modification times, the storage dtype and the format version, 
 stale entry is never reused. Methods that read only the pooled feature (linear
 probe) use a class-token-only entry (``-cls``), or a full one where it exists.
 
-Whatever may sit under a shard's final name (a file truncated or overwritten by other
-means) is caught by checking every shard's header (dtype, shape) and file size against
-what the entry must hold, each time the entry is built or opened (a few bytes read per
-shard). Corruption (bytes changed, size kept) is caught by the sha256 of each shard's data,
-kept in meta.json and checked by :func:`verify_entry`.
+What is checked when (:func:`untrusted_shards`, :func:`verify_entry`):
+
+- every time an entry is built or opened, each shard's header (dtype, shape) and file size against what
+  the entry must hold (a truncated, extended or foreign file), and whether the shard is still as its
+  record says: not modified after its record was written (its mtime), and the same bytes in
+  :data:`SAMPLED_BLOCKS` blocks at fixed offsets (a few KiB read per file);
+- the full sha256 of a shard's data, against meta.json: where that cheap check fails (the shard is
+  rebuilt if its data differs, recorded afresh if not, as after a copy that changed the mtimes), for
+  every shard the first time the entry is opened for training (meta.json's ``verified``), and for
+  entries written before records existed, once.
+
+So what escapes the checks is a change of bytes outside the sampled blocks with the shard's
+modification time put back. A shard without a valid record (written by a build killed before its
+record, or changed since) is never adopted into a new meta.json: it is rebuilt, never hashed as found.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -52,6 +64,8 @@ FORMAT_VERSION = 2
 STORAGE_DTYPE = torch.float16
 FINGERPRINT_ATTRIBUTE = "_querytune_fingerprint"  # where a backbone object keeps its fingerprint once computed
 POOLED_KIND = "cls"  # the stored kind that holds ``Features.pooled``, as its shards are named on disk
+SAMPLED_BLOCKS = 8  # blocks of a shard file hashed on every open: its first, its last and evenly between
+SAMPLED_BLOCK_BYTES = 4096
 
 
 def backbone_fingerprint(backbone: VisionTransformer) -> str:
@@ -160,11 +174,68 @@ def entry_shard_size(path: Path, default: int) -> int:
     return default if meta is None else meta["shard_size"]
 
 
+def sampled_checksum(file: Path) -> str:
+    """The sha256 of :data:`SAMPLED_BLOCKS` blocks of ``file`` at fixed offsets: its first, its last and evenly
+    spaced between (what the check on every open reads)."""
+    size = file.stat().st_size
+    span = max(size - SAMPLED_BLOCK_BYTES, 0)
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in range(SAMPLED_BLOCKS):
+            handle.seek(span * block // (SAMPLED_BLOCKS - 1))
+            digest.update(handle.read(SAMPLED_BLOCK_BYTES))
+    return digest.hexdigest()
+
+
+def record_file(path: Path, shard: int) -> Path:
+    return path / f"shard-{shard:05d}.json"
+
+
+def file_record(file: Path, checksum: str) -> dict[str, str]:
+    """What a shard's record holds for one of its files, whose data has sha256 ``checksum``."""
+    return {"sha256": checksum, "sample": sampled_checksum(file)}
+
+
+def write_record(path: Path, shard: int, records: dict[str, dict[str, str]]) -> None:
+    """Write the record of ``shard`` (its files' :func:`file_record` by name) once its files are in place, so that
+    they are not newer than it (files dated ahead of this host's clock, as on a server whose clock runs ahead,
+    date it as the newest of them)."""
+    record = record_file(path, shard)
+    write_text(record, json.dumps(dict(sorted(records.items()))))
+    newest = max((path / name).stat().st_mtime_ns for name in records)
+    if newest > record.stat().st_mtime_ns:
+        os.utime(record, ns=(newest, newest))
+
+
 def whole_shards(path: Path, shapes: dict[str, list[int]], rows: list[int], shards: range | list[int]) -> list[int]:
     """Which of ``shards`` are whole: each kind's file there with the header and size it must have."""
     return [shard for shard in shards
             if all(open_shard(shard_file(path, shard, kind), (rows[shard], *shape)) is not None
                    for kind, shape in shapes.items())]
+
+
+def trusted_record(path: Path, shard: int, kinds: Iterable[str]) -> dict[str, dict[str, str]] | None:
+    """The record of ``shard`` where its files (of ``kinds``) are still as it says: none modified after the
+    record was written, the same bytes in the sampled blocks; else None (no record, or a changed file).
+    The files' headers and sizes are :func:`whole_shards`' to check."""
+    record = record_file(path, shard)
+    try:
+        records = json.loads(record.read_text())
+        recorded_at = record.stat().st_mtime_ns
+        for kind in kinds:
+            file = shard_file(path, shard, kind)
+            if file.stat().st_mtime_ns > recorded_at or sampled_checksum(file) != records[file.name]["sample"]:
+                return None
+        return records
+    except (OSError, ValueError, TypeError, KeyError):  # absent, torn by a power loss, or of another shard
+        return None
+
+
+def trusted_shards(path: Path, shapes: dict[str, list[int]], rows: list[int], shards: range | list[int]
+                   ) -> dict[int, dict[str, dict[str, str]]]:
+    """The records of those of ``shards`` that are whole and still as recorded, by shard."""
+    records = {shard: trusted_record(path, shard, shapes) for shard in whole_shards(path, shapes, rows, shards)}
+    return {shard: record for shard, record in records.items() if record is not None}
 
 
 def complete_meta(path: Path) -> dict[str, Any] | None:
@@ -176,23 +247,43 @@ def complete_meta(path: Path) -> dict[str, Any] | None:
     return meta if len(whole_shards(path, meta["shapes"], rows, range(len(rows)))) == len(rows) else None
 
 
-def verify_entry(path: Path, show_progress: bool = True, record: bool = True) -> list[Path]:
-    """Check every shard of the complete entry at ``path`` against its checksum; return the corrupted shards'
-    files. With ``record``, where all held, meta.json records that."""
+def untrusted_shards(path: Path, meta: dict[str, Any]) -> list[int]:
+    """The shards of the complete entry at ``path`` (``meta``) that the check on every open cannot vouch for:
+    without a record, changed since it was written (:func:`trusted_record`), or recording other checksums
+    than meta.json."""
+    untrusted = []
+    for shard in range(len(shard_rows(meta["num_images"], meta["shard_size"]))):
+        record = trusted_record(path, shard, meta["shapes"])
+        if record is None or any(record[name]["sha256"] != meta["checksums"].get(name) for name in record):
+            untrusted.append(shard)
+    return untrusted
+
+
+def verify_entry(path: Path, shards: Iterable[int] | None = None, show_progress: bool = True,
+                 record: bool = True) -> list[Path]:
+    """Check ``shards`` (default: all) of the complete entry at ``path`` against their checksums in meta.json;
+    return the corrupted shards' files. With ``record``, each shard that held gets a fresh record, and where
+    all of the entry's shards were checked and held, meta.json records that (``verified``)."""
     meta = read_meta(path)
     assert meta is not None  # a complete entry
     recorded = meta["checksums"]
-    corrupted = []
     rows = shard_rows(meta["num_images"], meta["shard_size"])
-    with progress_bar(f"checking {path.name}", total=len(rows), enabled=show_progress) as advance:
-        for shard, count in enumerate(rows):
+    checked = list(range(len(rows)) if shards is None else shards)
+    corrupted = []
+    with progress_bar(f"checking {path.name}", total=len(checked), enabled=show_progress) as advance:
+        for shard in checked:
+            held = {}
             for kind, shape in meta["shapes"].items():
                 file = shard_file(path, shard, kind)
-                array = open_shard(file, (count, *shape))
+                array = open_shard(file, (rows[shard], *shape))
                 if array is None or data_checksum(array) != recorded.get(file.name):
                     corrupted.append(file)
+                else:
+                    held[file.name] = file_record(file, recorded[file.name])
+            if record and len(held) == len(meta["shapes"]):
+                write_record(path, shard, held)
             advance()
-    if record and not corrupted:
+    if record and not corrupted and len(checked) == len(rows) and not meta.get("verified"):
         write_text(path / "meta.json", json.dumps({**meta, "verified": True}))
     return corrupted
 
