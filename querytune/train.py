@@ -27,7 +27,7 @@ from . import distributed
 from .errors import CheckpointError, ConfigError, DivergedError, one_line
 from .files import recording_writes, write_atomic
 from .options import check_fields, option
-from .progress import progress_bar
+from .progress import note, progress_bar
 from .trunk.device import compiled, to_device
 from .trunk.precision import PRECISIONS, Precision
 from .trunk.sources import BatchSource, CachedFeatureBatches, epoch_order
@@ -324,8 +324,7 @@ def fit(members: list[Member], source: BatchSource, device: torch.device, show_p
                                 device, advance)
             seconds = time.perf_counter() - started  # the stack's time: each member's share of the machine
             totals = [member_stats.over_processes() for member_stats in stats]
-            for member, member_totals in zip(active, totals):  # before any checkpoint of the epoch is written
-                check_finite_loss(member, epoch, member_totals, source)
+            check_finite_losses(active, epoch, totals, source)  # before any checkpoint of the epoch is written
             for member, member_totals in zip(active, totals):
                 end_epoch(member, epoch, member_totals, seconds, device)
     for member in members:
@@ -334,19 +333,31 @@ def fit(members: list[Member], source: BatchSource, device: torch.device, show_p
     return [member.result() for member in members]
 
 
-def check_finite_loss(member: Member, epoch: int, stats: EpochStats, source: BatchSource) -> None:
-    """A :class:`DivergedError` where the member's loss over epoch ``epoch`` (its steps' losses summed, so a
-    single NaN step shows) is not a number, naming the epoch and, for cached features, the entry to rebuild."""
-    if math.isfinite(stats.loss):
+def check_finite_losses(active: list[Member], epoch: int, totals: list[EpochStats], source: BatchSource) -> None:
+    """A :class:`DivergedError` where every member's loss over epoch ``epoch`` (its steps' losses summed, so a
+    single NaN step shows) is not a number, naming the epoch and, for cached features, the entry to rebuild.
+    In a stack where others still train (a grid's too-large learning rate) a diverged member goes on, noted
+    once: its held-out accuracy ranks it, and the others are untouched (their parameters are disjoint)."""
+    diverged = [(member, stats) for member, stats in zip(active, totals) if not math.isfinite(stats.loss)]
+    if not diverged:
         return
-    run = f"{member.checkpoint.parent}: " if member.checkpoint is not None else ""
     if isinstance(source, CachedFeatureBatches):
         entry = source.cache.path
         hint = (f"if the cached features are corrupt, remove their entry and train again: querytune cache rm "
                 f"{entry.name} --cache {entry.parent}; else lower --lr")
     else:
         hint = "lower --lr or set --grad-clip"
-    raise DivergedError(f"{run}epoch {epoch + 1}: the training loss is {stats.loss}; {hint}")
+
+    def said(member: Member, loss: float) -> str:
+        run = f"{member.checkpoint.parent}: " if member.checkpoint is not None else ""
+        return f"{run}epoch {epoch + 1}: the training loss is {loss}"
+
+    if len(diverged) == len(active):
+        member, stats = diverged[0]
+        raise DivergedError(f"{said(member, stats.loss)}; {hint}")
+    for member, stats in diverged:
+        if member.done["epochs_done"] == 0 or math.isfinite(member.done["loss"]):  # its first diverged epoch
+            note(f"{said(member, stats.loss)}; the other members of its stack go on, and so does it")
 
 
 def members_logits(active: list[Member], lone_forward: Callable[..., Any] | None, device: torch.device,

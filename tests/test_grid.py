@@ -4,6 +4,7 @@ run equals the same configuration trained alone, killed or not, and the search f
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -231,3 +232,16 @@ def test_a_diverged_memory_member_leaves_the_others_as_they_are(tiny_backbone_di
     assert not torch.isfinite(stacked[0]).any()
     for member, logits in zip(members[1:], stacked[1:]):
         torch.testing.assert_close(logits, member(features), rtol=1e-5, atol=1e-6)
+
+
+def test_a_diverging_grid_member_is_noted_and_the_others_train_on(tiny_backbone_dir, tiny_task, tmp_path, capsys):
+    """A grid's too-large learning rate makes one member's loss NaN: the stack goes on (its held-out
+    accuracy ranks that member), the others end as they would alone, and the member is named once."""
+    runs = {tmp_path / "sane": {"lr": 0.05}, tmp_path / "wild": {"lr": 1e20}}
+    metrics = _stack("vqt", tiny_backbone_dir, tiny_task, tmp_path, runs)
+    assert math.isfinite(metrics[0]["train_loss"]) and not math.isfinite(metrics[1]["train_loss"])
+    _stack("vqt", tiny_backbone_dir, tiny_task, tmp_path, {tmp_path / "alone": {"lr": 0.05}})
+    assert_member_equals_lone_run(tmp_path / "sane", tmp_path / "alone")
+    err = capsys.readouterr().err.replace("\n", " ")  # the note's line, wrapped at the console's width
+    assert err.count("the training loss is nan") == 1
+    assert f"{tmp_path / 'wild'}: epoch " in err and f"{tmp_path / 'sane'}:" not in err
