@@ -42,6 +42,7 @@ from querytune.trunk.cache import (
 )
 from querytune.trunk.cache import build as cache_build
 from querytune.trunk.cache import entry as cache_entry
+from querytune.trunk.features import extract_features, held_weights
 from querytune.trunk.precision import Precision
 
 
@@ -341,6 +342,31 @@ def test_a_corrupted_adapter_is_refused(tiny_backbone_dir, tiny_task, tmp_path, 
     (out / "adapter.sha256").unlink()  # no checksum, nothing to check the adapter against: refused
     with pytest.raises(CheckpointError, match=r"adapter.safetensors: not a readable adapter .*adapter.sha256"):
         load_run(out)
+
+
+# --- the trunk's held weights ---------------------------------------------------------------------------
+
+def test_the_bf16_trunk_holds_its_weights_in_bf16_and_computes_what_autocast_computes():
+    """The trunk of a bf16 run reads its linear and convolution weights held in bfloat16 (autocast would
+    re-cast the float32 ones on every call), and its features are those of autocast over the float32 weights."""
+    backbone = tiny_vit(layer_scale=True)
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        layers = []
+        last = backbone.run_blocks(backbone.embed(images), after_norm=lambda _, u: layers.append(u.half()))
+        pooled = backbone.pool(last).half()
+    held = extract_features(backbone, images, precision=Precision.BF16)
+    torch.testing.assert_close(held.pooled, pooled, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(held.layers, torch.stack(layers, dim=1), atol=1e-3, rtol=1e-3)
+    twin = held_weights(backbone, torch.bfloat16)
+    assert twin.blocks[0].attn.qkv.weight.dtype == twin.patch_embed.proj.weight.dtype == torch.bfloat16
+    assert twin.blocks[0].norm1.weight is backbone.blocks[0].norm1.weight  # the rest is shared, not copied
+    assert held_weights(backbone, torch.bfloat16) is twin  # made once
+    with torch.no_grad():
+        backbone.blocks[0].attn.qkv.weight.mul_(2)  # changed weights: the twin is made again
+    assert torch.equal(held_weights(backbone, torch.bfloat16).blocks[0].attn.qkv.weight,
+                       backbone.blocks[0].attn.qkv.weight.bfloat16())
+    assert backbone.blocks[0].attn.qkv.weight.dtype == torch.float32  # the backbone itself is untouched
 
 
 # --- the key ------------------------------------------------------------------------------------------
