@@ -241,10 +241,10 @@ def gated_builder(args: list[str], log: Path, gate: Path, free_images: int = 0) 
     env = {**os.environ, "COLUMNS": "400",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     code = ("import os, time, querytune.data.core as data; load, calls = data.load_image, []\n"
-            "def gated(path):\n"
+            "def gated(path, **options):\n"
             "    calls.append(path)\n"
             f"    while len(calls) > {free_images} and not os.path.exists({str(gate)!r}): time.sleep(0.02)\n"
-            "    return load(path)\n"
+            "    return load(path, **options)\n"
             "data.load_image = gated\n"
             "from querytune.cli import main; main()")
     with open(log, "w") as handle:
@@ -396,6 +396,31 @@ def test_an_entry_keeps_its_folder_and_digest_so_existing_caches_still_match(wit
     assert key.digest().startswith(folder.rsplit("-", 1)[1])
     if (with_layers, precision) == (True, Precision.FP32):
         assert key.digest() == "1bfd0350f13e523f69c12841a8b2bd7620692f17835c6ede4103372f350a06cf"
+
+
+def test_draft_decoding_changes_the_pixels_and_the_key_only_when_on(tmp_path):
+    """JPEG draft mode decodes a large JPEG at a reduced scale, so its pixels differ a little and it enters the
+    entry's key; off (the default) the key is the one entries have always had."""
+    from PIL import Image
+
+    from querytune.data import ImageDataset
+
+    folder = tmp_path / "dogs"
+    folder.mkdir()
+    generator = np.random.default_rng(0)
+    Image.fromarray(generator.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(folder / "big.jpg", quality=90)
+    Image.fromarray(generator.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / "small.jpg", quality=90)
+    images = ImageList(folder, "train800", ((folder / "big.jpg", 0), (folder / "small.jpg", 1)), None)
+    plain, draft = (Preprocess(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), draft=on) for on in (False, True))
+    full, drafted = ImageDataset(images, plain)[0][0], ImageDataset(images, draft)[0][0]
+    assert drafted.shape == full.shape and 0 < (drafted - full).abs().mean() < 0.2  # 1/4 scale, then the resize
+    assert torch.equal(ImageDataset(images, draft)[1][0], ImageDataset(images, plain)[1][0])  # under twice: as is
+    assert torch.equal(ImageDataset(images, draft)[0, 7][0], ImageDataset(images, plain)[0, 7][0])  # augmented: as is
+    backbone = tiny_vit()
+    setattr(backbone, cache_entry.FINGERPRINT_ATTRIBUTE, "0" * 64)
+    keys = [CacheKey(backbone, images, preprocess).digest() for preprocess in (plain, Preprocess(32, plain.mean,
+                                                                                                 plain.std), draft)]
+    assert keys[0] == keys[1] != keys[2]
 
 
 # --- housekeeping: build again, ls, rm, prune ---------------------------------------------------------
