@@ -42,7 +42,7 @@ from querytune.trunk.cache import (
 )
 from querytune.trunk.cache import build as cache_build
 from querytune.trunk.cache import entry as cache_entry
-from querytune.trunk.features import Features
+from querytune.trunk.features import Features, extract_features, held_weights
 from querytune.trunk.precision import Precision
 
 
@@ -241,10 +241,10 @@ def gated_builder(args: list[str], log: Path, gate: Path, free_images: int = 0) 
     env = {**os.environ, "COLUMNS": "400",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     code = ("import os, time, querytune.data.core as data; load, calls = data.load_image, []\n"
-            "def gated(path):\n"
+            "def gated(path, **options):\n"
             "    calls.append(path)\n"
             f"    while len(calls) > {free_images} and not os.path.exists({str(gate)!r}): time.sleep(0.02)\n"
-            "    return load(path)\n"
+            "    return load(path, **options)\n"
             "data.load_image = gated\n"
             "from querytune.cli import main; main()")
     with open(log, "w") as handle:
@@ -472,6 +472,31 @@ def test_a_corrupted_adapter_is_refused(tiny_backbone_dir, tiny_task, tmp_path, 
         load_run(out)
 
 
+# --- the trunk's held weights ---------------------------------------------------------------------------
+
+def test_the_bf16_trunk_holds_its_weights_in_bf16_and_computes_what_autocast_computes():
+    """The trunk of a bf16 run reads its linear and convolution weights held in bfloat16 (autocast would
+    re-cast the float32 ones on every call), and its features are those of autocast over the float32 weights."""
+    backbone = tiny_vit(layer_scale=True)
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        layers = []
+        last = backbone.run_blocks(backbone.embed(images), after_norm=lambda _, u: layers.append(u.half()))
+        pooled = backbone.pool(last).half()
+    held = extract_features(backbone, images, precision=Precision.BF16)
+    torch.testing.assert_close(held.pooled, pooled, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(held.layers, torch.stack(layers, dim=1), atol=1e-3, rtol=1e-3)
+    twin = held_weights(backbone, torch.bfloat16)
+    assert twin.blocks[0].attn.qkv.weight.dtype == twin.patch_embed.proj.weight.dtype == torch.bfloat16
+    assert twin.blocks[0].norm1.weight is backbone.blocks[0].norm1.weight  # the rest is shared, not copied
+    assert held_weights(backbone, torch.bfloat16) is twin  # made once
+    with torch.no_grad():
+        backbone.blocks[0].attn.qkv.weight.mul_(2)  # changed weights: the twin is made again
+    assert torch.equal(held_weights(backbone, torch.bfloat16).blocks[0].attn.qkv.weight,
+                       backbone.blocks[0].attn.qkv.weight.bfloat16())
+    assert backbone.blocks[0].attn.qkv.weight.dtype == torch.float32  # the backbone itself is untouched
+
+
 # --- the key ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("with_layers", "precision", "folder"), [
@@ -499,6 +524,31 @@ def test_an_entry_keeps_its_folder_and_digest_so_existing_caches_still_match(wit
     assert key.digest().startswith(folder.rsplit("-", 1)[1])
     if (with_layers, precision) == (True, Precision.FP32):
         assert key.digest() == "1bfd0350f13e523f69c12841a8b2bd7620692f17835c6ede4103372f350a06cf"
+
+
+def test_draft_decoding_changes_the_pixels_and_the_key_only_when_on(tmp_path):
+    """JPEG draft mode decodes a large JPEG at a reduced scale, so its pixels differ a little and it enters the
+    entry's key; off (the default) the key is the one entries have always had."""
+    from PIL import Image
+
+    from querytune.data import ImageDataset
+
+    folder = tmp_path / "dogs"
+    folder.mkdir()
+    generator = np.random.default_rng(0)
+    Image.fromarray(generator.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(folder / "big.jpg", quality=90)
+    Image.fromarray(generator.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / "small.jpg", quality=90)
+    images = ImageList(folder, "train800", ((folder / "big.jpg", 0), (folder / "small.jpg", 1)), None)
+    plain, draft = (Preprocess(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), draft=on) for on in (False, True))
+    full, drafted = ImageDataset(images, plain)[0][0], ImageDataset(images, draft)[0][0]
+    assert drafted.shape == full.shape and 0 < (drafted - full).abs().mean() < 0.2  # 1/4 scale, then the resize
+    assert torch.equal(ImageDataset(images, draft)[1][0], ImageDataset(images, plain)[1][0])  # under twice: as is
+    assert torch.equal(ImageDataset(images, draft)[0, 7][0], ImageDataset(images, plain)[0, 7][0])  # augmented: as is
+    backbone = tiny_vit()
+    setattr(backbone, cache_entry.FINGERPRINT_ATTRIBUTE, "0" * 64)
+    keys = [CacheKey(backbone, images, preprocess).digest() for preprocess in (plain, Preprocess(32, plain.mean,
+                                                                                                 plain.std), draft)]
+    assert keys[0] == keys[1] != keys[2]
 
 
 # --- housekeeping: build again, ls, rm, prune ---------------------------------------------------------

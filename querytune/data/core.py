@@ -67,9 +67,10 @@ class ImageList:
             digest.update(b"\n" + json.dumps(record).encode())
         return digest.hexdigest()
 
-    def load(self, index: int) -> Image.Image:
-        """Image ``index``, fully decoded, in RGB."""
-        return load_image(self.items[index][0])
+    def load(self, index: int, draft_size: int | None = None) -> Image.Image:
+        """Image ``index``, fully decoded (a JPEG at a reduced scale where ``draft_size`` allows: :func:`load_image`),
+        in RGB."""
+        return load_image(self.items[index][0], draft_size=draft_size)
 
 
 class Preprocess:
@@ -77,19 +78,25 @@ class Preprocess:
 
     Called with a random generator, it augments as the FGVC protocols do: a random resized crop
     (scale 0.08-1, aspect ratio 3/4-4/3) and a horizontal flip with probability 1/2 come first.
+
+    ``draft``: JPEGs at least twice ``image_size`` on both sides are decoded at a reduced scale (1/2, 1/4
+    or 1/8, JPEG's draft mode, several times faster) that still covers ``image_size``, before the resize;
+    un-augmented images only (:class:`ImageDataset`). The pixels differ slightly, so it is part of the
+    preprocessing a feature-cache entry is keyed by.
     """
 
-    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], draft: bool = False) -> None:
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"mean and std need 3 values (RGB), got {tuple(mean)} and {tuple(std)}")
         self.image_size = image_size
+        self.draft = draft
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self._mean = torch.tensor(self.mean).view(3, 1, 1)
         self._std = torch.tensor(self.std).view(3, 1, 1)
 
     @classmethod
-    def for_backbone(cls, backbone: Any, image_size: int) -> Preprocess:
+    def for_backbone(cls, backbone: Any, image_size: int, draft: bool = False) -> Preprocess:
         """The transform at ``image_size`` with the backbone's normalisation (``backbone.config``), which
         must be known: a loader that cannot tell it leaves it None rather than guess."""
         config = backbone.config
@@ -97,7 +104,7 @@ class Preprocess:
             raise ConfigError(f"backbone {config.name}: its normalisation is unknown (its checkpoint names none); "
                               "give --mean and --std, e.g. --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 "
                               "(ImageNet's)")
-        return cls(image_size, config.mean, config.std)
+        return cls(image_size, config.mean, config.std, draft)
 
     def __call__(self, image: Image.Image, augment: np.random.Generator | None = None) -> torch.Tensor:
         size = (self.image_size, self.image_size)
@@ -128,9 +135,12 @@ def check_normalisation(mean: Sequence[float] | None, std: Sequence[float] | Non
     return mean, std
 
 
-def load_image(source: Path | str | bytes, name: str | None = None, max_pixels: int | None = None) -> Image.Image:
+def load_image(source: Path | str | bytes, name: str | None = None, max_pixels: int | None = None,
+               draft_size: int | None = None) -> Image.Image:
     """The image in the file ``source`` (or in the bytes ``source``, called ``name`` in errors), fully decoded, in
-    RGB. One of more than ``max_pixels`` (width x height) is refused before it is decoded."""
+    RGB. One of more than ``max_pixels`` (width x height) is refused before it is decoded. A JPEG at least twice
+    ``draft_size`` on both sides is decoded at the smallest JPEG scale (1/2, 1/4, 1/8) that keeps both sides at
+    least ``draft_size`` (PIL's ``Image.draft``)."""
     opened: io.BytesIO | Path
     if isinstance(source, bytes):
         name, empty, opened = name or "image", not source, io.BytesIO(source)
@@ -139,6 +149,8 @@ def load_image(source: Path | str | bytes, name: str | None = None, max_pixels: 
         name, empty = name or str(opened), opened.is_file() and opened.stat().st_size == 0
     with reading_image(name, empty), Image.open(opened) as image:
         check_pixels(image, name, max_pixels)
+        if draft_size is not None and image.format == "JPEG":
+            image.draft(None, (draft_size, draft_size))
         image.load()  # PIL decodes lazily: truncation only shows here
         return to_rgb(image)
 
@@ -204,7 +216,8 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         augment = None if seed is None else np.random.default_rng([seed, index])
-        return self.preprocess(self.images.load(index), augment), self.images.items[index][1]
+        draft_size = self.preprocess.image_size if self.preprocess.draft and augment is None else None
+        return self.preprocess(self.images.load(index, draft_size), augment), self.images.items[index][1]
 
 
 def _random_resized_crop(image: Image.Image, rng: np.random.Generator) -> Image.Image:

@@ -34,7 +34,8 @@ class DatasetsImageList(ImageList):
         digest.update(json.dumps([label for _, label in self.items]).encode())
         return digest.hexdigest()
 
-    def load(self, index: int) -> Image.Image:
+    def load(self, index: int, draft_size: int | None = None) -> Image.Image:
+        """Image ``index`` in RGB; ``datasets`` decodes it whole itself, so ``draft_size`` has no effect."""
         assert self.source is not None
         try:
             image = _datasets_split(self.source)[index][self.image_column]

@@ -12,10 +12,13 @@ these tensors.
 
 from __future__ import annotations
 
+import copy
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..backbones.vit import VisionTransformer
 from .precision import Precision
@@ -80,13 +83,47 @@ def extract_features(
     precision: Precision = Precision.FP32,
 ) -> Features:
     """Run the frozen trunk once, in ``precision``'s :attr:`~Precision.trunk` (bfloat16 autocast in a bf16
-    run); features are rounded to ``dtype``, the cache's storage dtype, so that live and cached training
-    see identical inputs."""
-    layers: list[Tensor] = []
-    with precision.trunk.autocast(images.device):
-        x = backbone.run_blocks(backbone.embed(images),
-                                after_norm=(lambda _, u: layers.append(u.to(dtype))) if with_layers else None)
+    run, over the weights held in bfloat16: :func:`held_weights`); features are rounded to ``dtype``, the
+    cache's storage dtype, so that live and cached training see identical inputs."""
+    trunk = precision.trunk
+    if trunk.autocast_dtype is not None:
+        backbone = held_weights(backbone, trunk.autocast_dtype)
+    layers = None
+    if with_layers:  # every block's normalised tokens, each converted once, straight into place
+        config, (height, width) = backbone.config, images.shape[-2:]
+        tokens = config.num_prefix_tokens + (height // config.patch_size) * (width // config.patch_size)
+        layers = images.new_empty((images.shape[0], len(backbone.blocks), tokens, config.embed_dim), dtype=dtype)
+
+    def keep(index: int, u: Tensor) -> None:
+        assert layers is not None
+        layers[:, index].copy_(u)
+
+    with trunk.autocast(images.device):
+        x = backbone.run_blocks(backbone.embed(images), after_norm=keep if with_layers else None)
         pooled = backbone.pool(x).to(dtype)
-    # Stacking float16 tensors fails under an autocast a caller may have entered around us.
-    with torch.autocast(device_type=images.device.type, enabled=False):
-        return Features(pooled, torch.stack(layers, dim=1) if with_layers else None)
+    return Features(pooled, layers)
+
+
+# backbone -> (its weights' identity and versions, the twin with matmul weights in a dtype)
+_HELD: weakref.WeakKeyDictionary[VisionTransformer, tuple[tuple, VisionTransformer]] = weakref.WeakKeyDictionary()
+
+
+def held_weights(backbone: VisionTransformer, dtype: torch.dtype) -> VisionTransformer:
+    """A twin of the frozen ``backbone`` whose linear and convolution weights and biases are held in ``dtype``,
+    the other parameters shared with it. Under ``dtype`` autocast it computes exactly what ``backbone`` does
+    (autocast rounds those same tensors to ``dtype`` before each matmul), without re-casting the frozen
+    weights on every call. Made once per backbone and remade where its parameters change (their storage
+    or version counter)."""
+    stamp = (dtype, *((p.data_ptr(), p._version) for p in backbone.parameters()))
+    held = _HELD.get(backbone)
+    if held is not None and held[0] == stamp:
+        return held[1]
+    memo: dict[int, Any] = {id(p): p for p in backbone.parameters()}
+    memo.update({id(b): b for b in backbone.buffers()})
+    for module in backbone.modules():
+        if type(module) in (nn.Linear, nn.Conv2d):
+            for param in module.parameters(recurse=False):
+                memo[id(param)] = nn.Parameter(param.detach().to(dtype), requires_grad=False)
+    twin = copy.deepcopy(backbone, memo)
+    _HELD[backbone] = (stamp, twin)
+    return twin

@@ -31,9 +31,10 @@ import contextlib
 import json
 import os
 import shutil
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,41 @@ def build_cache(root: Path, key: CacheKey, building: Building = Building(), shar
     return path
 
 
+class TimedImageDataset(ImageDataset):
+    """:class:`ImageDataset` whose items also say how long their decoding and preprocessing took."""
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, float]:  # type: ignore[override]
+        started = time.perf_counter()
+        image, label = super().__getitem__(key)
+        return image, label, time.perf_counter() - started
+
+
+@dataclass
+class StageTimes:
+    """Seconds each stage of a cache build was busy, over its ``images``: decoding (summed over the loader's
+    ``workers``, which decode side by side), the trunk (with the features' move to the host) and writing
+    (the :class:`ShardWriter`'s thread), and the build's wall time; as text, the images per second each
+    stage could sustain alone and the build's."""
+
+    workers: int = 0
+    images: int = 0
+    decode: float = 0.0
+    trunk: float = 0.0
+    write: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    def rates(self) -> dict[str, float]:
+        wall = time.perf_counter() - self.started
+        return {"build": self.images / wall, "decode": self.images * max(1, self.workers) / max(self.decode, 1e-9),
+                "trunk": self.images / max(self.trunk, 1e-9), "write": self.images / max(self.write, 1e-9)}
+
+    def __str__(self) -> str:
+        rates = self.rates()
+        workers = f"{self.workers} worker{'s' * (self.workers != 1)}" if self.workers else "in this process"
+        return (f"{self.images} images at {rates['build']:.1f} img/s; each stage alone: decode "
+                f"{rates['decode']:.1f} img/s ({workers}), trunk {rates['trunk']:.1f}, write {rates['write']:.1f}")
+
+
 def build_shards(path: Path, key: CacheKey, shapes: dict[str, list[int]], rows: list[int], shard_size: int,
                  todo: list[int], building: Building) -> dict[str, dict[str, str]]:
     """Compute the shards ``todo`` of the entry ``key`` at ``path``; return their files' records by name."""
@@ -198,21 +234,25 @@ def build_shards(path: Path, key: CacheKey, shapes: dict[str, list[int]], rows: 
     plan = [(shard, list(range(first, min(first + batch_size, shard * shard_size + rows[shard]))))
             for shard in todo for first in range(shard * shard_size, shard * shard_size + rows[shard], batch_size)]
     loader = torch.utils.data.DataLoader(
-        ImageDataset(images, key.preprocess), batch_sampler=[indices for _, indices in plan],
+        TimedImageDataset(images, key.preprocess), batch_sampler=[indices for _, indices in plan],
         num_workers=building.workers,
         pin_memory=torch.device(device).type == "cuda", generator=private_generator(),
     )
     writer = ShardWriter(path, shapes, rows)
+    stages = StageTimes(workers=building.workers)
     with progress_bar(f"caching {images.task}/{images.split}", total=sum(rows[s] for s in todo),
                       enabled=building.show_progress) as advance:
         try:
             path.mkdir(parents=True, exist_ok=True)
-            for (shard, indices), (batch, _) in zip(plan, iterate_loader(loader)):
+            for (shard, indices), (batch, _, decode_seconds) in zip(plan, iterate_loader(loader)):
+                started = time.perf_counter()
                 feats = extract_features(backbone, batch.to(device, non_blocking=True), key.with_layers,
                                          STORAGE_DTYPE, key.precision)
                 arrays = {POOLED_KIND: feats.pooled.cpu().numpy()}
                 if feats.layers is not None:  # with_layers
                     arrays["layers"] = feats.layers.cpu().numpy()
+                stages.trunk += time.perf_counter() - started
+                stages.decode += float(decode_seconds.sum())
                 writer.write(shard, indices[0] - shard * shard_size, arrays)
                 advance(len(batch))
             writer.finish()
@@ -220,6 +260,8 @@ def build_shards(path: Path, key: CacheKey, shapes: dict[str, list[int]], rows: 
             raise storage_error(path, error, "the feature cache") from error
         finally:
             writer.close()
+    stages.write, stages.images = writer.busy_seconds, sum(rows[s] for s in todo)
+    note(f"{images.task}/{images.split}: {stages}", building.show_progress)
     return writer.records
 
 
@@ -237,6 +279,7 @@ class ShardWriter:
     def __init__(self, path: Path, shapes: dict[str, list[int]], rows: list[int], depth: int = 2) -> None:
         self.path, self.shapes, self.rows, self.depth = path, shapes, rows, depth
         self.records: dict[str, dict[str, str]] = {}  # of the shards written, by file name
+        self.busy_seconds = 0.0  # the thread's time spent writing, syncing, hashing and renaming
         self._failed = False
         self._files: dict[str, np.memmap] = {}  # the shard being written: touched by the writer thread only
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer")
@@ -266,11 +309,14 @@ class ShardWriter:
     def _write(self, shard: int, row: int, arrays: dict[str, np.ndarray]) -> None:
         if self._failed:
             return
+        started = time.perf_counter()
         try:
             self._write_rows(shard, row, arrays)
         except BaseException:
             self._failed = True
             raise
+        finally:
+            self.busy_seconds += time.perf_counter() - started
 
     def _write_rows(self, shard: int, row: int, arrays: dict[str, np.ndarray]) -> None:
         if not self._files:  # a shard begins

@@ -111,6 +111,8 @@ class CacheKey:
             "std": list(self.preprocess.std),
             "images": self.images.fingerprint(),
         }
+        if self.preprocess.draft:  # keyed only when on, so that the entries built before it keep their keys
+            parts["draft"] = True
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     def folder(self, root: Path) -> Path:
