@@ -4,6 +4,7 @@
     python benchmarks/trunk_speed.py --quick         # a dry run: DINOv2-S, batch 1 and 4, few rounds
     python benchmarks/trunk_speed.py --threads 1     # on a busy machine
     python benchmarks/trunk_speed.py --profile       # also: the operators of one trunk forward (torch.profiler)
+    python benchmarks/trunk_speed.py --compile       # also: the pooled trunk under torch.compile (inductor)
 
 Per backbone, batch and precision, four contestants run the same weights on the same images at 224 px,
 alternately in one loop (one batch each per round, so that load on the machine falls on all alike):
@@ -13,7 +14,10 @@ alternately in one loop (one batch each per round, so that load on the machine f
 - ``querytune+layers``: the same with every block's normalised tokens (what the feature cache stores);
 - ``HF``: ``transformers``' ``Dinov2Model`` / ``ViTModel`` with SDPA attention (bf16: under autocast);
 - ``onnxruntime``: querytune's trunk exported to ONNX the way ``querytune export --format onnx`` does
-  (TorchScript-based exporter), fp32 only.
+  (TorchScript-based exporter), fp32 only;
+- ``compiled`` (with ``--compile``): the pooled trunk under ``torch.compile`` (inductor, static shapes,
+  ``freezing``: weights folded in as constants and prepacked, linear + GELU fused), compiled anew for each
+  batch size; its compile seconds and the number of images after which it has paid them back are printed.
 
 The float32 (and, where the CPU computes it natively, bfloat16) matmul rate is measured in the same
 process; ``of matmul`` is the trunk's matmul arithmetic per second against it. Figures depend on the
@@ -35,7 +39,7 @@ from torch import nn
 
 from querytune.backbones import load_backbone
 from querytune.backbones.vit import VisionTransformer
-from querytune.trunk.features import extract_features
+from querytune.trunk.features import extract_features, held_weights
 from querytune.trunk.precision import Precision, native_bf16
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,8 +116,29 @@ def onnx_session(backbone: VisionTransformer, folder: Path) -> Callable[[torch.T
     return lambda images: session.run(None, {"images": images.numpy()})
 
 
+def compiled_trunk(backbone: VisionTransformer, precision: Precision) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The pooled trunk of :func:`extract_features` under ``torch.compile`` with inductor's ``freezing``
+    (inference only: the frozen weights become constants, prepacked for the CPU's matmul kernels)."""
+    trunk = precision.trunk
+    if trunk.autocast_dtype is not None:
+        backbone = held_weights(backbone, trunk.autocast_dtype)
+
+    def pooled(images: torch.Tensor) -> torch.Tensor:
+        with trunk.autocast(images.device):
+            return backbone.pool(backbone.run_blocks(backbone.embed(images)))
+
+    compiled = torch.compile(pooled, dynamic=False, options={"freezing": True})
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return compiled(images)
+
+    return run
+
+
 def contestants(backbone: VisionTransformer, hf: nn.Module, precision: Precision,
-                onnx: Callable[[torch.Tensor], object] | None) -> dict[str, Callable[[torch.Tensor], object]]:
+                onnx: Callable[[torch.Tensor], object] | None,
+                compiled: Callable[[torch.Tensor], object] | None) -> dict[str, Callable[[torch.Tensor], object]]:
     autocast = precision.autocast_dtype is not None
 
     def hf_forward(images: torch.Tensor) -> object:
@@ -127,7 +152,24 @@ def contestants(backbone: VisionTransformer, hf: nn.Module, precision: Precision
     }
     if onnx is not None:
         found["onnxruntime"] = onnx
+    if compiled is not None:
+        found["compiled"] = compiled
     return found
+
+
+def first_call_seconds(run: Callable[[torch.Tensor], object], images: torch.Tensor) -> float:
+    started = time.perf_counter()
+    run(images)
+    return time.perf_counter() - started
+
+
+def compile_columns(rate: dict[str, float], compile_seconds: float) -> str:
+    """The compiled trunk against the eager one: speed ratio, compile seconds, and the images after which the
+    compiled trunk has made up its compile time (``never`` where it is not faster)."""
+    saved_per_image = 1 / rate["querytune"] - 1 / rate["compiled"]
+    break_even = f"{compile_seconds / saved_per_image:.0f}" if saved_per_image > 0 else "never"
+    speedup = rate["compiled"] / rate["querytune"]
+    return f"{rate['compiled']:>10.1f}{speedup:>8.2f}{compile_seconds:>10.1f}{break_even:>12}"
 
 
 def time_alternately(runners: dict[str, Callable[[torch.Tensor], object]], images: torch.Tensor,
@@ -162,6 +204,7 @@ def main() -> None:
     parser.add_argument("--no-vit-b", action="store_true", help="leave out the random ViT-B/16")
     parser.add_argument("--quick", action="store_true", help="DINOv2-S only, batch 1 and 4, 2 rounds")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also the pooled trunk under torch.compile")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -177,16 +220,24 @@ def main() -> None:
           + ", ".join(f"{precision} {rate:.0f} GFLOP/s" for precision, rate in rates.items())
           + ("" if len(precisions) > 1 else " (no native bfloat16: fp32 rows only)"))
     header = (f"{'backbone':<19}{'prec':>5}{'batch':>6}{'querytune':>11}{'+layers':>9}{'HF':>8}{'onnxrt':>8}"
-              f"{'qt/HF':>7}{'qt/ort':>8}{'layers/HF':>10}{'of matmul':>10}")
+              f"{'qt/HF':>7}{'qt/ort':>8}{'layers/HF':>10}{'of matmul':>10}"
+              + (f"{'compiled':>10}{'cmp/qt':>8}{'compile s':>10}{'break-even':>12}" if args.compile else ""))
     print(f"img/s, median of {rounds} alternating rounds\n{header}\n{'-' * len(header)}")
     with tempfile.TemporaryDirectory() as folder:
         for label, hf in models:
             backbone = load_backbone(hf, image_size=IMAGE_SIZE)
             onnx = onnx_session(backbone, Path(folder))
             for precision in precisions:
-                runners = contestants(backbone, hf, precision, onnx if precision is Precision.FP32 else None)
                 for batch in batches:
+                    compiled = compiled_trunk(backbone, precision) if args.compile else None
+                    runners = contestants(backbone, hf, precision, onnx if precision is Precision.FP32 else None,
+                                          compiled)
                     images = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE)
+                    # the compiled trunk's first call compiles it: less one eager forward, its compile time
+                    compile_seconds = 0.0
+                    if compiled is not None:
+                        compile_seconds = first_call_seconds(compiled, images) - first_call_seconds(
+                            runners["querytune"], images)
                     seconds = time_alternately(runners, images, rounds)
                     rate = {name: batch / value for name, value in seconds.items()}
                     ort = rate.get("onnxruntime")
@@ -196,8 +247,8 @@ def main() -> None:
                           f"{rate['querytune+layers']:>9.1f}{rate['HF']:>8.1f}"
                           f"{f'{ort:.1f}' if ort else '-':>8}{rate['querytune'] / rate['HF']:>7.2f}"
                           f"{versus_ort:>8}"
-                          f"{rate['querytune+layers'] / rate['HF']:>10.2f}{achieved / rates[precision]:>10.0%}",
-                          flush=True)
+                          f"{rate['querytune+layers'] / rate['HF']:>10.2f}{achieved / rates[precision]:>10.0%}"
+                          + (compile_columns(rate, compile_seconds) if compiled is not None else ""), flush=True)
             if args.profile:
                 for precision in precisions:
                     profile_trunk(backbone, torch.randn(max(batches), 3, IMAGE_SIZE, IMAGE_SIZE), precision, True)
