@@ -494,11 +494,6 @@ class AttentionPool(nn.Module):
         return pooled + self.mlp(self.norm(pooled))
 
 
-def final_class_token(backbone: VisionTransformer, x: Tensor) -> Tensor:
-    norm = backbone.norm
-    return F.layer_norm(x[:, 0], (x.shape[-1],), norm.weight, norm.bias, norm.eps)
-
-
 if TYPE_CHECKING:
     M = TypeVar("M", bound=nn.Module)
 

@@ -1,7 +1,9 @@
 """Learnable memory tokens, plain (Sandler et al., CVPR 2022): every token of the backbone
 attends to the memory, so the features change and the trunk runs with autograd (this
 trains like VPT-deep). The head reads the final class token; ``--train-class-token`` also
-trains the class token's input. The non-destructive variant is :mod:`.memory`.
+trains the class token's input. On a backbone without a class token (SigLIP) the method adds one as a
+row: it reads the tokens, itself and the memory at every block (:meth:`Block.forward_rows`), the tokens
+do not read it, and the head reads it after the final norm. The non-destructive variant is :mod:`.memory`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from ..backbones.vit import VisionTransformer
 from ..options import option
 from ..trunk import TrunkInput
 from .base import Method
-from .memory import MEMORY_INIT_STD, SEARCH_GRID, TRAIN_DEFAULTS
+from .memory import MEMORY_INIT_STD, SEARCH_GRID, TRAIN_DEFAULTS, initial_class_token
 from .registry import register
 
 
@@ -37,15 +39,27 @@ class MemoryPlain(Method):
     def __init__(self, backbone: VisionTransformer, num_classes: int, options: MemoryPlainOptions) -> None:
         super().__init__(backbone, num_classes, options)
         depth, dim = backbone.config.depth, backbone.config.embed_dim
-        class_token = backbone.class_token_input()[0].detach().clone()  # (D,)
+        class_token = initial_class_token(backbone)  # (D,)
         memory = torch.randn(depth, options.memory_tokens, dim) * MEMORY_INIT_STD
         self.class_token = nn.Parameter(class_token, requires_grad=options.train_class_token)
         self.memory = nn.Parameter(memory, requires_grad=memory.numel() > 0)
         self.head = nn.Linear(dim, num_classes)
 
     def forward(self, images: Tensor) -> Tensor:
-        x = self.backbone.embed(images)
-        # the class token's input is always ours: untrained it equals the backbone's, value for value
-        x = torch.cat([self.class_token.expand(x.shape[0], 1, -1), x[:, 1:]], dim=1)
-        x = self.backbone.run_blocks(x, memory=self.memory if self.options.memory_tokens else None)
-        return self.head(self.backbone.pool(x))
+        backbone = self.backbone
+        x = backbone.embed(images)
+        batch = x.shape[0]
+        memory = self.memory if self.options.memory_tokens else None
+        if backbone.cls_token is not None:
+            # the class token's input is always ours: untrained it equals the backbone's, value for value
+            x = torch.cat([self.class_token.expand(batch, 1, -1), x[:, 1:]], dim=1)
+            return self.head(backbone.pool(backbone.run_blocks(x, memory=memory)))
+        rows = self.class_token.expand(batch, 1, -1)
+
+        def class_row(index: int, u: Tensor) -> None:  # our class token reads the tokens, itself and the memory
+            nonlocal rows
+            extra = rows if memory is None else torch.cat([rows, memory[index].expand(batch, -1, -1)], dim=1)
+            rows = backbone.blocks[index].forward_rows(rows, u, extra).out
+
+        backbone.run_blocks(x, after_norm=class_row, memory=memory)
+        return self.head(backbone.norm(rows[:, 0]))
