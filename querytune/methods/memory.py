@@ -8,8 +8,8 @@ backbone without one, such as SigLIP, N(0, 0.02) like the memory), its memory M 
 C is propagated through every block and attends to the original tokens, itself and M; the
 original tokens attend only to each other, so they are exactly the frozen trunk's. The trunk
 therefore runs under no_grad (or comes from the feature cache) and C passes each block as a
-row of :meth:`Block.forward_rows` reading the block's normalised tokens. (The paper's plain variant, where every token
-reads the memory, is :mod:`.memory_plain`.)
+row of :meth:`Block.forward_rows` reading the block's normalised tokens. (The paper's plain
+variant, where every token reads the memory, is :mod:`.memory_plain`.)
 
 Task composition: a :class:`MemoryTaskSet` runs the class tokens of several tasks as rows
 of one ``forward_rows`` call per block, with an explicit mask. Task k attends to the
