@@ -64,6 +64,25 @@ def tiny_siglip(seed: int = 0, **overrides) -> VisionTransformer:
     return model
 
 
+ROPE_FAMILIES = {
+    "eva02": {"rope": "eva", "rope_grid": 3, "swiglu": True, "mlp_norm": True},
+    "dinov3": {"rope": "dinov3", "rope_temperature": 100.0, "absolute_pos_embed": False, "pos_embed_prefix": 0,
+               "num_reg_tokens": 2, "layer_scale": True},
+}
+
+
+def tiny_rope(family: str, seed: int = 0) -> VisionTransformer:
+    """:func:`tiny_vit` shaped like EVA-02 or DINOv3 (rotary position embeddings, :data:`ROPE_FAMILIES`), with
+    random q/k/v biases: with RoPE even the key bias shows in the attention."""
+    model = tiny_vit(seed=seed, **ROPE_FAMILIES[family])
+    with torch.no_grad():
+        for block in model.blocks:
+            bias = block.attn.qkv.bias
+            assert bias is not None
+            bias.normal_()
+    return model
+
+
 def write_task(root: Path, classes: int = 3, per_split: dict[str, int] | None = None, size: int = 24,
                seed: int = 0) -> Path:
     """A VTAB-1k layout task whose classes differ by colour, so a probe can learn them."""

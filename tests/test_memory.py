@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import assert_matches_reference, tiny_siglip, tiny_vit, train_a_few_steps
+from conftest import ROPE_FAMILIES, assert_matches_reference, tiny_rope, tiny_siglip, tiny_vit, train_a_few_steps
 from querytune import load_run, train_run
 from querytune.errors import CheckpointError, ConfigError
 from querytune.methods import build_method
@@ -245,3 +245,19 @@ def test_on_a_backbone_without_class_token_memory_adds_its_class_token_as_a_row(
 def test_new_class_token_without_a_backbone_class_token_is_drawn_as_the_memory():
     token = build_method("memory", tiny_siglip(), 3, {}).stack.tasks[0].class_token
     assert token.shape == (48,) and 0.01 < token.std().item() < 0.03
+
+
+@pytest.mark.parametrize("family", list(ROPE_FAMILIES))
+def test_masked_and_plain_memory_match_naive_references_with_rotary_positions(family):
+    """EVA-02 / DINOv3-shaped: the class tokens and memory carry no position; grouped (one task) and masked
+    (an extension) rows alike equal the naive sequences."""
+    backbone = tiny_rope(family)
+    images = torch.randn(3, 3, 32, 32)
+    features = _features(backbone, images)
+    first = _memory(backbone, memory_tokens=2)
+    stack = MemoryTaskSet([*first.stack.tasks, *_memory(backbone, seed=2, memory_tokens=1).stack.tasks], [(), (0,)])
+    for logits, reference in zip(stack(features.layers, backbone), naive_masked_memory(stack, backbone, images)[1]):
+        torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+    assert_matches_reference(first, first(features), lambda: naive_masked_memory(first.stack, backbone, images)[1][-1])
+    plain = _memory(backbone, method_name="memory-plain", memory_tokens=2).train()
+    assert_matches_reference(plain, plain(images), lambda: naive_plain_memory_logits(plain, images))

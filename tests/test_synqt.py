@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_matches_reference, tiny_siglip, tiny_vit, train_a_few_steps
+from conftest import ROPE_FAMILIES, assert_matches_reference, tiny_rope, tiny_siglip, tiny_vit, train_a_few_steps
 from querytune.backbones.vit import VisionTransformer, ViTConfig
 from querytune.errors import ConfigError
 from querytune.measure import SavedTensorMeter
@@ -164,3 +164,14 @@ def test_on_a_backbone_without_class_token():
     method.zero_grad()
     losses = train_a_few_steps(method, features, torch.tensor([0, 1, 2, 3]))
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("family", list(ROPE_FAMILIES))
+def test_fast_path_matches_naive_reference_with_rotary_positions(family):
+    backbone = tiny_rope(family)
+    method = _synqt(backbone, num_queries=2).eval()
+    images = torch.randn(3, 3, 32, 32)
+    fast = method(extract_features(backbone, images, dtype=torch.float32))
+    # The projected keys sum in another order than the naive sequence's: the QSM scales' gradients (scalars
+    # summed over every row) then differ by float32 rounding a little above 1e-3 of the largest gradient.
+    assert_matches_reference(method, fast, lambda: naive_synqt_logits(method, images), grad_floor=1e-2)
