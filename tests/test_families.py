@@ -252,9 +252,27 @@ def test_cli_faults_are_one_line_with_exit_code_2(tmp_path):
     bare = tmp_path / "bare.safetensors"
     torch.manual_seed(0)
     save_file(VisionTransformer(ViTConfig(embed_dim=192, depth=2, num_heads=6, image_size=32)).state_dict(), str(bare))
-    for source, message in ((tmp_path / "unknown", "model_type 'beit' is not supported"),
+    for source, message in ((tmp_path / "unknown", "model_type 'beit' is not supported: its blocks add a relative "
+                                                    "position bias"),
                             (tmp_path / "positions", "pos_embed has shape"),
                             (bare, "the number of attention heads of a width-192 ViT cannot be told")):
         result = querytune_cli("info", "--backbone", source)
         assert result.returncode == 2, result.stderr
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_relative_position_bias_families_are_refused_saying_why(tmp_path):
+    """BEiT and data2vec-vision add a relative position bias inside every block's attention, which the rows
+    path (Block.forward_rows) does not carry: refused by model type and by timm name."""
+    from querytune.errors import ConfigError
+
+    saved(CASES["vit_msn"], tmp_path / "beit")
+    config = json.loads((tmp_path / "beit" / "config.json").read_text())
+    for model_type in ("beit", "data2vec-vision"):
+        (tmp_path / "beit" / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+        with pytest.raises(CheckpointError, match=f"'{model_type}' is not supported: its blocks add a relative"):
+            load_backbone(tmp_path / "beit")
+    save_file(VisionTransformer(ViTConfig(embed_dim=48, depth=1, num_heads=4, image_size=32)).state_dict(),
+              str(tmp_path / "beit.safetensors"))
+    with pytest.raises(ConfigError, match="BEiT's blocks add a relative position bias"):
+        load_backbone(tmp_path / "beit.safetensors", model_name="beit_base_patch16_224")

@@ -41,6 +41,7 @@ HF_DEFAULTS = {
                    "patch_size": 16, "num_channels": 3, "query_bias": True, "key_bias": False, "value_bias": True,
                    "use_gated_mlp": False, "num_register_tokens": 0},
 }
+_HF_RELATIVE_POSITIONS = ("beit", "data2vec-vision")  # refused, saying why
 # a full (image and text) model folder -> the model type of its vision tower, read from ``vision_config``
 _HF_TOWERS = {"clip": "clip_vision_model", "siglip": "siglip_vision_model", "siglip2": "siglip2_vision_model"}
 _HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -128,6 +129,9 @@ def hf_vit_config(config: dict[str, Any], preprocessor: dict[str, Any], where: s
     model_type = config.get("model_type")
     if model_type in _HF_TOWERS:  # a full image-text model: its vision tower
         config, model_type = {**config.get("vision_config", {})}, _HF_TOWERS[model_type]
+    if model_type in _HF_RELATIVE_POSITIONS:
+        raise CheckpointError(f"{where}: model_type {model_type!r} is not supported: its blocks add a relative "
+                              "position bias to the attention, which the task path's rows do not carry")
     if model_type not in HF_DEFAULTS:
         supported = ", ".join([*HF_DEFAULTS, *_HF_TOWERS])
         raise CheckpointError(f"{where}: model_type {model_type!r} is not supported (supported: {supported})")

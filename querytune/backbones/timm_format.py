@@ -234,6 +234,9 @@ def _eva_blocks(state: dict[str, Tensor], where: str) -> dict[str, Tensor]:
 
 def _timm_architecture(model_name: str) -> tuple[dict[str, Any], tuple]:
     arch, _, tag = model_name.partition(".")
+    if arch.startswith("beit"):
+        raise ConfigError(f"timm architecture {model_name!r} is not supported: BEiT's blocks add a relative "
+                          "position bias to the attention, which the task path's rows do not carry")
     for family in TIMM_FAMILIES:
         match = re.fullmatch(family.pattern, arch)
         if match and match["size"] in TIMM_SIZES:
