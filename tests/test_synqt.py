@@ -134,7 +134,7 @@ def test_query_branches_take_the_backbones_drop_path_in_training(monkeypatch):
     context = torch.randn(1, 17, 48).expand(64, -1, -1)
     whole = block.forward_rows(rows, context)
     torch.manual_seed(0)
-    dropped = block.forward_rows(rows, context, drop_path=0.5)
+    dropped = synqt.rows_with_drop_path(block, rows, context, drop_path=0.5)
     kept = dropped.attn.flatten(1).abs().sum(1) > 0
     assert 0 < kept.sum() < 64  # some samples dropped, some kept
     torch.testing.assert_close(dropped.attn[kept], 2 * whole.attn[kept])  # the kept ones rescaled by 1 / (1 - p)

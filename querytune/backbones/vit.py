@@ -369,16 +369,8 @@ class Block(nn.Module):
         a = x + self.ls1(self.attn(u, mem))
         return a + self.mlp_branch(a)
 
-    def forward_rows(
-        self,
-        rows: Tensor,
-        context: Tensor,
-        extra: Tensor | None = None,
-        mask: Tensor | None = None,
-        drop_path: float = 0.0,
-        path: str = "auto",
-        draw_keep: Callable[[Tensor], Tensor] | None = None,
-    ) -> RowsOutput:
+    def forward_rows(self, rows: Tensor, context: Tensor, extra: Tensor | None = None, mask: Tensor | None = None,
+                     path: str = "auto") -> RowsOutput:
         """Push extra ``rows`` (B, R, D) through this block's weights.
 
         The rows' attention queries are ``norm1(rows) Wq``. Their keys and values are
@@ -393,10 +385,8 @@ class Block(nn.Module):
 
         The key bias adds the same ``q . b_k`` to every logit of a row, so it cancels
         in the softmax; the value bias is added once since attention weights sum to 1.
-        ``drop_path`` > 0 drops the rows' attention and MLP branches per sample with that
-        probability (stochastic depth, as timm's blocks do to their own branches in training);
-        ``draw_keep(branch)``, where given, draws the keep mask (1 or 0, broadcastable to the
-        branch) instead, e.g. per row group from each group's own random stream.
+        The attention branch alone is :meth:`rows_attention`, the MLP branch :meth:`mlp_branch` (a method
+        that drops branches, SynQT, composes them itself).
 
         ``path`` says how the attention is computed (:func:`rows_attention_path`): ``folded``
         folds W_k and W_v into each row, so the tokens are read as they are (cheapest for a few
@@ -410,6 +400,14 @@ class Block(nn.Module):
         a query row belongs to no patch, and reading every position alike is what a class token does.
         Extra tokens (memory, the rows themselves) carry none either.
         """
+        attn_branch = self.rows_attention(rows, context, extra, mask, path)
+        a = rows + attn_branch
+        mlp_branch = self.mlp_branch(a)
+        return RowsOutput(a + mlp_branch, attn_branch, mlp_branch)
+
+    def rows_attention(self, rows: Tensor, context: Tensor, extra: Tensor | None = None, mask: Tensor | None = None,
+                       path: str = "auto") -> Tensor:
+        """The attention branch of :meth:`forward_rows` (after the output projection and LayerScale)."""
         attn = self.attn
         batch, num_rows, dim = rows.shape
         heads_shape = (attn.num_heads, attn.head_dim)
@@ -446,10 +444,7 @@ class Block(nn.Module):
             raise ValueError(f"unknown rows attention path {path!r} (known: auto, folded, projected)")
         if b_v is not None:
             values = values + b_v
-        attn_branch = drop_branch(self.ls1(attn.proj(values)), drop_path, draw_keep)
-        a = rows + attn_branch
-        mlp_branch = drop_branch(self.mlp_branch(a), drop_path, draw_keep)
-        return RowsOutput(a + mlp_branch, attn_branch, mlp_branch)
+        return self.ls1(attn.proj(values))
 
 
     def _folded_attention(self, q: Tensor, context: Tensor, extra_normed: Tensor | None, mask: Tensor | None,
@@ -538,25 +533,6 @@ def rows_attention_path(num_rows: int, num_tokens: int, dim: int, heads: int, ro
     folded = 2 * heads * num_tokens * dim * num_rows * passes
     projected = 2 * num_tokens * dim * dim * (1 + context_grad) + 2 * num_tokens * dim * num_rows * passes
     return "projected" if projected < folded else "folded"
-
-
-def drop_samples(x: Tensor, p: float) -> Tensor:
-    """Stochastic depth: each sample's ``x`` is zeroed with probability ``p``, the rest scaled by 1 / (1 - p)."""
-    if p == 0:
-        return x
-    return x * sample_keep(x, p) / (1 - p)
-
-
-def sample_keep(x: Tensor, p: float) -> Tensor:
-    """The keep mask of :func:`drop_samples`: 1 or 0 per sample, drawn with probability 1 - ``p``."""
-    return x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
-
-
-def drop_branch(x: Tensor, p: float, draw_keep: Callable[[Tensor], Tensor] | None) -> Tensor:
-    """:func:`drop_samples`, or with the keep mask ``draw_keep(x)`` where given."""
-    if p == 0 or draw_keep is None:
-        return drop_samples(x, p)
-    return x * draw_keep(x) / (1 - p)
 
 
 class AttentionPool(nn.Module):
