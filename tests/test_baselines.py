@@ -135,9 +135,9 @@ def _tokens_entering_blocks(backbone, monkeypatch) -> list[torch.Tensor]:
     for block in backbone.blocks:
         original = block.forward_normed
 
-        def recording(x, u, memory=None, original=original):
+        def recording(x, u, original=original):
             seen.append(x.detach().clone())
-            return original(x, u, memory)
+            return original(x, u)
 
         monkeypatch.setattr(block, "forward_normed", recording)
     return seen
@@ -149,8 +149,8 @@ def _disturb_prompt_outputs(backbone, monkeypatch, start: int, count: int, block
         block = backbone.blocks[index]
         original = block.forward_normed
 
-        def disturbed(x, u, memory=None, original=original):
-            out = original(x, u, memory).clone()
+        def disturbed(x, u, original=original):
+            out = original(x, u).clone()
             out[:, start : start + count] += 100.0
             return out
 

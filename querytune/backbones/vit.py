@@ -301,17 +301,22 @@ class Attention(nn.Module):
         """(B, N, D) -> (B, H, N, head_dim)."""
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
-    def forward(self, u: Tensor, memory: Tensor | None = None) -> Tensor:
-        """Self-attention of normalised tokens ``u``; ``memory`` (normalised) adds keys/values only."""
+    def projections(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The queries, keys and values (B, N, D) of normalised tokens ``u``, the patch tokens' queries and
+        keys rotated by position on a RoPE backbone."""
         q, k, v = self.qkv(u).chunk(3, dim=-1)
         if self.rope is not None:
             q, k = self.rope.rotate(q), self.rope.rotate(k)
-        if memory is not None:
-            _, mem_k, mem_v = self.qkv(memory).chunk(3, dim=-1)
-            k = torch.cat([k, mem_k], dim=1)
-            v = torch.cat([v, mem_v], dim=1)
+        return q, k, v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Every query against every key and value (B, N, D), then the output projection."""
         out = F.scaled_dot_product_attention(self.split_heads(q), self.split_heads(k), self.split_heads(v))
         return self.proj(out.transpose(1, 2).flatten(2))
+
+    def forward(self, u: Tensor) -> Tensor:
+        """Self-attention of normalised tokens ``u``."""
+        return self.attend(*self.projections(u))
 
 
 class RowsOutput(NamedTuple):
@@ -352,21 +357,18 @@ class Block(nn.Module):
             branch = branch + self.mlp_parallel(a)
         return branch
 
-    def forward(self, x: Tensor, memory: Tensor | None = None) -> Tensor:
-        """Ordinary forward. ``memory`` (B or 1, M, D): extra key/value tokens whose outputs are discarded."""
-        return self.forward_normed(x, self.norm1(x), memory)
+    def forward(self, x: Tensor) -> Tensor:
+        """Ordinary forward."""
+        return self.forward_normed(x, self.norm1(x))
 
-    def forward_normed(self, x: Tensor, u: Tensor, memory: Tensor | None = None) -> Tensor:
+    def forward_normed(self, x: Tensor, u: Tensor) -> Tensor:
         """Ordinary forward given ``u = norm1(x)`` (lets the trunk keep ``u`` as a feature)."""
         if self.checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._forward_normed, x, u, memory, use_reentrant=False)
-        return self._forward_normed(x, u, memory)
+            return torch.utils.checkpoint.checkpoint(self._forward_normed, x, u, use_reentrant=False)
+        return self._forward_normed(x, u)
 
-    def _forward_normed(self, x: Tensor, u: Tensor, memory: Tensor | None) -> Tensor:
-        mem = None
-        if memory is not None:
-            mem = self.norm1(memory).expand(x.shape[0], -1, -1)
-        a = x + self.ls1(self.attn(u, mem))
+    def _forward_normed(self, x: Tensor, u: Tensor) -> Tensor:
+        a = x + self.ls1(self.attn(u))
         return a + self.mlp_branch(a)
 
     def forward_rows(self, rows: Tensor, context: Tensor, extra: Tensor | None = None, mask: Tensor | None = None,
@@ -678,15 +680,13 @@ class VisionTransformer(nn.Module):
         x: Tensor,
         before_block: Callable[[int, Tensor], Tensor] | None = None,
         after_norm: Callable[[int, Tensor], None] | None = None,
-        memory: Tensor | None = None,
     ) -> Tensor:
         """The block loop: every block over tokens ``x`` (B, N, D); returns the last block's output
         (before the final norm).
 
         ``before_block(l, x)`` may change the tokens entering block l (VPT inserts its prompts
         there); ``after_norm(l, u)`` receives each block's normalised input ``u = norm1(x)``, what
-        the frozen-trunk methods read (the feature cache stores it); ``memory`` (L, M, D) adds M
-        key/value tokens to every block l that all tokens attend to (plain memory tokens).
+        the frozen-trunk methods read (the feature cache stores it).
         """
         for index, block in enumerate(self.blocks):
             if before_block is not None:
@@ -694,7 +694,7 @@ class VisionTransformer(nn.Module):
             u = block.norm1(x)
             if after_norm is not None:
                 after_norm(index, u)
-            x = block.forward_normed(x, u, None if memory is None else memory[index][None])
+            x = block.forward_normed(x, u)
         return x
 
     def pool(self, x: Tensor, inserted: int = 0) -> Tensor:
