@@ -43,7 +43,7 @@ from .runfolder import (
     start_run_folder,
 )
 from .runlog import EpochLog, check_loggers
-from .settings import RunSpec, Runtime
+from .settings import ModelSpec, RunSpec, Runtime
 from .train import FitResult, Member, TrainConfig, evaluate, fit, random_stream, rng_state, seed_everything
 from .trunk import TrunkInput
 from .trunk.cache import CacheKey, backbone_fingerprint
@@ -99,6 +99,7 @@ class RunSetup:
             "backbone": {
                 "source": _source_string(spec, self.backbone),
                 "name": self.backbone.config.name,
+                "model_name": spec.model_name,
                 "fingerprint": self.fingerprint,
             },
             "data": str(Path(required(spec)[1]).resolve()),
@@ -108,6 +109,7 @@ class RunSetup:
             "num_classes": self.train_images.num_classes,
             "classes": list(self.train_images.classes) if self.train_images.classes else None,
             "image_size": spec.image_size,
+            "input_size": input_size_line(spec.image_size, self.backbone.config.image_size),
             "normalisation": {"mean": list(self.preprocess.mean), "std": list(self.preprocess.std)},
             "train": asdict(cfg),
             "val_split": self.val_images.split if self.val_images is not None else None,
@@ -179,7 +181,7 @@ def prepare_run(spec: RunSpec, runtime: Runtime, device: torch.device) -> RunSet
         if unknown:
             raise ConfigError(f"--cache-splits {unknown[0]!r}: not a split of this run "
                               f"({', '.join(sorted(run_splits))})")
-    backbone = load_backbone(backbone_source)
+    backbone = load_backbone(backbone_source, model_name=spec.model_name)
     fingerprint = backbone_fingerprint(backbone)  # of the checkpoint as loaded, before a method adds adapters
     if spec.mean is not None or spec.std is not None:
         backbone.config.mean, backbone.config.std = check_normalisation(spec.mean, spec.std)
@@ -190,6 +192,12 @@ def prepare_run(spec: RunSpec, runtime: Runtime, device: torch.device) -> RunSet
     return RunSetup(spec, runtime, device, runtime.num_workers, method_cls, {**recipe_settings, **spec.options},
                     recipe_settings, task, backbone, fingerprint, Preprocess.for_backbone(backbone, spec.image_size),
                     train_images, eval_images, val_images, eval_every)
+
+
+def input_size_line(image_size: int, native: int) -> str:
+    """The input size a run uses and where it came from, as its first line and config.json say it."""
+    given = "its default" if image_size == ModelSpec.image_size else "given"
+    return f"{image_size}x{image_size} px (--image-size, {given}; the backbone's native {native}x{native})"
 
 
 def required(spec: RunSpec) -> tuple[str, str, str | VisionTransformer]:
@@ -268,6 +276,7 @@ def train_runs(spec: RunSpec, runs: dict[Path, dict[str, Any]], runtime: Runtime
     setup = prepare_run(spec, runtime, device)
     for folder in runs:
         check_outside_task(required(spec)[1], folder, "--out")
+    note(f"input {input_size_line(spec.image_size, setup.backbone.config.image_size)}", runtime.progress)
     if why != "as given":
         note(f"precision {precision} ({why})", runtime.progress)
     stack = []
@@ -400,7 +409,8 @@ def load_run(run: str | Path, backbone: VisionTransformer | str | Path | None = 
     model is used as it is; default: the run's own backbone source)."""
     config = read_run_config(run)
     trained = config["backbone"]
-    backbone = load_backbone(backbone if backbone is not None else trained["source"])
+    backbone = load_backbone(backbone if backbone is not None else trained["source"],
+                             model_name=trained.get("model_name") if backbone is None else None)
     if backbone_fingerprint(backbone) != trained["fingerprint"]:
         raise CheckpointError(f"{run}: was trained on backbone {trained['name']!r}, which differs from the one given")
     backbone.config.mean = tuple(config["normalisation"]["mean"])

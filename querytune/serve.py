@@ -136,7 +136,9 @@ class MultiTaskServer:
             if config["image_size"] != configs[0]["image_size"]:
                 raise ConfigError(f"{run}: was trained at {config['image_size']} px and {runs[0]} at "
                                   f"{configs[0]['image_size']} px; runs served together need one input size")
-        backbone = load_backbone(backbone_source if backbone_source is not None else configs[0]["backbone"]["source"])
+        trained = configs[0]["backbone"]
+        backbone = load_backbone(backbone_source if backbone_source is not None else trained["source"],
+                                 model_name=trained.get("model_name") if backbone_source is None else None)
         names = [path.name for path in resolved]
         names = [name if names.count(name) == 1 else str(run) for name, run in zip(names, runs)]
         tasks = []

@@ -48,6 +48,8 @@ class RunSpec(ModelSpec):
     ``backbone_model`` lets a Python caller pass a loaded :class:`VisionTransformer` instead of ``backbone``."""
 
     method: str | None = option(None, "the method (see `querytune methods`)", short="-m")
+    model_name: str | None = option(None, "the timm architecture of a bare timm checkpoint (e.g. "
+                                          "vit_base_patch16_224), whose head count its weights do not tell")
     data: str | None = option(None, "task folder (VTAB-1k lists, CSV lists, FGVC JSON, class folders or a "
                                     "datasets save_to_disk folder)", short="-d")
     train_split: str | None = option(None, "split to train on (default train800val200 where the task has it, "

@@ -54,6 +54,35 @@ def tiny_vit(layer_scale: bool = False, num_reg_tokens: int = 0, seed: int = 0, 
     return model.eval().requires_grad_(False)
 
 
+def tiny_siglip(seed: int = 0, **overrides) -> VisionTransformer:
+    """:func:`tiny_vit` shaped like SigLIP: no class token, pooled by its attention-pooling (MAP) head,
+    whose latent query is moved off zero."""
+    model = tiny_vit(seed=seed, class_token=False, map_pool=True, pos_embed_prefix=0, **overrides)
+    assert model.attn_pool is not None
+    with torch.no_grad():
+        model.attn_pool.latent.normal_()
+    return model
+
+
+ROPE_FAMILIES = {
+    "eva02": {"rope": "eva", "rope_grid": 3, "swiglu": True, "mlp_norm": True},
+    "dinov3": {"rope": "dinov3", "rope_temperature": 100.0, "absolute_pos_embed": False, "pos_embed_prefix": 0,
+               "num_reg_tokens": 2, "layer_scale": True},
+}
+
+
+def tiny_rope(family: str, seed: int = 0) -> VisionTransformer:
+    """:func:`tiny_vit` shaped like EVA-02 or DINOv3 (rotary position embeddings, :data:`ROPE_FAMILIES`), with
+    random q/k/v biases: with RoPE even the key bias shows in the attention."""
+    model = tiny_vit(seed=seed, **ROPE_FAMILIES[family])
+    with torch.no_grad():
+        for block in model.blocks:
+            bias = block.attn.qkv.bias
+            assert bias is not None
+            bias.normal_()
+    return model
+
+
 def write_task(root: Path, classes: int = 3, per_split: dict[str, int] | None = None, size: int = 24,
                seed: int = 0) -> Path:
     """A VTAB-1k layout task whose classes differ by colour, so a probe can learn them."""
@@ -131,3 +160,17 @@ def assert_matches_reference(module: torch.nn.Module, fast: torch.Tensor, naive,
             scale = max(param.grad.abs().max().item(), grad_floor * largest)
             torch.testing.assert_close(fast_grads[name], param.grad, rtol=1e-5, atol=1e-5 * scale, msg=name)
     return fast_grads
+
+
+def train_a_few_steps(method: torch.nn.Module, inputs, labels: torch.Tensor, steps: int = 5) -> list[float]:
+    """Plain SGD steps of ``method`` on one batch; returns the losses, which training should lower."""
+    method.train()
+    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.05)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(method(inputs), labels)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

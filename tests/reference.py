@@ -2,7 +2,7 @@
 
 Extra tokens are concatenated into the sequence, an attention mask keeps them from
 disturbing the original tokens, and autograd runs through the whole backbone. The
-block arithmetic is the package's naive one (``querytune.backbones.vit.naive_block``),
+block arithmetic is the package's naive one (``querytune.methods.vqt.naive_block``),
 written from the block's weights, independently of :meth:`Block.forward` and
 :meth:`Block.forward_rows`. VQT's reference lives with VQT
 (``querytune.methods.vqt.naive_vqt_logits``), where ``querytune measure --method
@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from querytune.backbones.vit import NEG_INF, VisionTransformer, final_class_token, naive_block, naive_block_parts
+from querytune.backbones.vit import VisionTransformer
+from querytune.methods.vqt import NEG_INF, naive_block, naive_block_parts
 
 
 def naive_synqt_logits(method, images: Tensor) -> Tensor:
@@ -33,7 +34,7 @@ def naive_synqt_logits(method, images: Tensor) -> Tensor:
         sequence = torch.cat([x, queries], dim=1)
         mask = torch.zeros(sequence.shape[1], sequence.shape[1], dtype=x.dtype, device=x.device)
         mask[:, tokens:] = NEG_INF
-        out, attn, mlp = naive_block_parts(block, sequence, mask)
+        out, attn, mlp = naive_block_parts(block, sequence, mask, tokens)
         x = out[:, :tokens]
         outputs.append(out[:, tokens:].mean(1))
         attns.append(attn[:, tokens:].mean(1))
@@ -43,21 +44,28 @@ def naive_synqt_logits(method, images: Tensor) -> Tensor:
 
 def naive_plain_memory_logits(method, images: Tensor) -> Tensor:
     """Plain memory the published way: each block's memory is appended to the sequence, every
-    row attends to everything, and the memory rows' outputs are dropped."""
+    row attends to everything, and the memory rows' outputs are dropped. On a backbone without a class
+    token the method's class token is appended after the tokens, which do not attend to it."""
     backbone = method.backbone
     x = backbone.embed(images)
-    x = torch.cat([method.class_token.expand(x.shape[0], 1, -1), x[:, 1:]], dim=1)
+    token = method.class_token.expand(x.shape[0], 1, -1)
+    appended = backbone.cls_token is None
+    x = torch.cat([x, token] if appended else [token, x[:, 1:]], dim=1)
     tokens = x.shape[1]
     for block, memory in zip(backbone.blocks, method.memory):
         sequence = torch.cat([x, memory.expand(x.shape[0], -1, -1)], dim=1)
-        x = naive_block(block, sequence)[:, :tokens]
-    return method.head(final_class_token(backbone, x))
+        mask = torch.zeros(sequence.shape[1], sequence.shape[1], dtype=x.dtype, device=x.device)
+        if appended:
+            mask[: tokens - 1, tokens - 1] = NEG_INF
+        x = naive_block(block, sequence, mask, tokens - appended)[:, :tokens]
+    return method.head(backbone.norm(x[:, -1]) if appended else backbone.pool(x))
 
 
 def naive_masked_memory(stack, backbone: VisionTransformer, images: Tensor) -> tuple[Tensor, list[Tensor]]:
     """Masked (non-destructive) memory the published way: the sequence of every block is
     [original tokens; class tokens C_1..C_K; memories M_1..M_K] under one full attention mask.
-    Returns the original final class token (after the final norm) and each task's logits."""
+    Returns the backbone's pooled final feature (the original final class token after the final norm,
+    where it pools by it) and each task's logits."""
     tasks, count = list(stack.tasks), len(stack.tasks)
     x = backbone.embed(images)
     batch, tokens = x.shape[:2]
@@ -76,11 +84,11 @@ def naive_masked_memory(stack, backbone: VisionTransformer, images: Tensor) -> t
     classes = torch.stack([task.class_token for task in tasks]).expand(batch, -1, -1)
     for index, block in enumerate(backbone.blocks):
         memory = torch.cat([task.memory[index] for task in tasks]).expand(batch, -1, -1)
-        out = naive_block(block, torch.cat([x, classes, memory], dim=1), mask)
+        out = naive_block(block, torch.cat([x, classes, memory], dim=1), mask, tokens)
         x, classes = out[:, :tokens], out[:, tokens : tokens + count]
     norm = backbone.norm
-    finals = F.layer_norm(classes, (x.shape[-1],), norm.weight, norm.bias, norm.eps)
-    return final_class_token(backbone, x), [task.head(finals[:, k]) for k, task in enumerate(tasks)]
+    finals = F.layer_norm(classes, (classes.shape[-1],), norm.weight, norm.bias, norm.eps)
+    return backbone.pool(x), [task.head(finals[:, k]) for k, task in enumerate(tasks)]
 
 
 def naive_dtl_logits(method, images: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import tiny_vit
+from conftest import tiny_rope, tiny_vit
 from querytune import eval_run, train_run
 from querytune.errors import ConfigError
 from querytune.measure import measure_step
@@ -135,9 +135,9 @@ def _tokens_entering_blocks(backbone, monkeypatch) -> list[torch.Tensor]:
     for block in backbone.blocks:
         original = block.forward_normed
 
-        def recording(x, u, memory=None, original=original):
+        def recording(x, u, original=original):
             seen.append(x.detach().clone())
-            return original(x, u, memory)
+            return original(x, u)
 
         monkeypatch.setattr(block, "forward_normed", recording)
     return seen
@@ -149,8 +149,8 @@ def _disturb_prompt_outputs(backbone, monkeypatch, start: int, count: int, block
         block = backbone.blocks[index]
         original = block.forward_normed
 
-        def disturbed(x, u, memory=None, original=original):
-            out = original(x, u, memory).clone()
+        def disturbed(x, u, original=original):
+            out = original(x, u).clone()
             out[:, start : start + count] += 100.0
             return out
 
@@ -321,3 +321,8 @@ def test_prompts_stay_out_of_a_global_pool(name):
             torch.testing.assert_close(method(images), method.head(pooled))
         else:
             torch.testing.assert_close(method.head_input(images)[:, :48], F.normalize(pooled, dim=-1))
+
+
+def test_vpt_refuses_a_rope_backbone():
+    with pytest.raises(ConfigError, match="vpt on tiny: its prompts would sit among the tokens"):
+        build_method("vpt", tiny_rope("dinov3"), 3, {})

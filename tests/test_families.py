@@ -30,10 +30,11 @@ TEXT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "in
 
 
 def perturbed(model: nn.Module) -> nn.Module:
-    """``model`` with small noise added to every parameter and buffer of floating type (eval mode)."""
+    """``model`` with small noise added to every parameter and saved buffer of floating type (eval mode; a
+    buffer that is not saved, such as DINOv3's rotary frequencies, is computed from the config)."""
     torch.manual_seed(1)
     with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
+        for tensor in model.state_dict(keep_vars=True).values():
             if tensor.is_floating_point():
                 tensor.add_(0.1 * torch.randn_like(tensor))
     return model.eval()
@@ -111,6 +112,10 @@ CASES = {
     "vit_msn": Case(lambda: transformers.ViTMSNModel(vision_config("ViTMSNConfig")), class_token_run),
     "vit_gelu_new": Case(lambda: transformers.ViTModel(vision_config("ViTConfig", hidden_act="gelu_new"),
                                                        add_pooling_layer=False), class_token_run),
+    "dinov3_vit": Case(lambda: transformers.DINOv3ViTModel(vision_config(
+        "DINOv3ViTConfig", num_register_tokens=2, key_bias=True, layerscale_value=0.5)), dinov2_run),
+    "dinov3_vit_gated": Case(lambda: transformers.DINOv3ViTModel(vision_config(
+        "DINOv3ViTConfig", use_gated_mlp=True, hidden_act="silu", rope_theta=1000.0)), dinov2_run),
     "dinov2_swiglu": Case(lambda: transformers.Dinov2Model(transformers.Dinov2Config(
         **{k: v for k, v in SMALL.items() if k != "intermediate_size"}, image_size=NATIVE, mlp_ratio=2,
         use_swiglu_ffn=True)), dinov2_run),
@@ -150,6 +155,8 @@ def test_family_options_are_read(tmp_path):
                                 "mean": (0.5, 0.5, 0.5)},
         "siglip2_vision_model": {"pos_embed_resize": "bilinear", "image_size": NATIVE},
         "dinov2_swiglu": {"swiglu": True, "layer_scale": True},
+        "dinov3_vit": {"rope": "dinov3", "rope_temperature": 100.0, "absolute_pos_embed": False, "num_reg_tokens": 2,
+                       "layer_scale": True, "norm_eps": 1e-5, "mean": (0.485, 0.456, 0.406)},
     }
     for family, fields in expected.items():
         saved(CASES[family], tmp_path / family)
@@ -170,7 +177,8 @@ def test_in_memory_models_load_too():
 
 def test_hf_defaults_match_transformers():
     classes = {"vit_mae": "ViTMAEConfig", "vit_msn": "ViTMSNConfig", "clip_vision_model": "CLIPVisionConfig",
-               "siglip_vision_model": "SiglipVisionConfig", "siglip2_vision_model": "Siglip2VisionConfig"}
+               "siglip_vision_model": "SiglipVisionConfig", "siglip2_vision_model": "Siglip2VisionConfig",
+               "dinov3_vit": "DINOv3ViTConfig"}
     for kind, config_class in classes.items():
         defaults = getattr(transformers, config_class)().to_dict()
         assert {key: defaults[key] for key in HF_DEFAULTS[kind]} == HF_DEFAULTS[kind], kind
@@ -244,9 +252,27 @@ def test_cli_faults_are_one_line_with_exit_code_2(tmp_path):
     bare = tmp_path / "bare.safetensors"
     torch.manual_seed(0)
     save_file(VisionTransformer(ViTConfig(embed_dim=192, depth=2, num_heads=6, image_size=32)).state_dict(), str(bare))
-    for source, message in ((tmp_path / "unknown", "model_type 'beit' is not supported"),
+    for source, message in ((tmp_path / "unknown", "model_type 'beit' is not supported: its blocks add a relative "
+                                                    "position bias"),
                             (tmp_path / "positions", "pos_embed has shape"),
                             (bare, "the number of attention heads of a width-192 ViT cannot be told")):
         result = querytune_cli("info", "--backbone", source)
         assert result.returncode == 2, result.stderr
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_relative_position_bias_families_are_refused_saying_why(tmp_path):
+    """BEiT and data2vec-vision add a relative position bias inside every block's attention, which the rows
+    path (Block.forward_rows) does not carry: refused by model type and by timm name."""
+    from querytune.errors import ConfigError
+
+    saved(CASES["vit_msn"], tmp_path / "beit")
+    config = json.loads((tmp_path / "beit" / "config.json").read_text())
+    for model_type in ("beit", "data2vec-vision"):
+        (tmp_path / "beit" / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+        with pytest.raises(CheckpointError, match=f"'{model_type}' is not supported: its blocks add a relative"):
+            load_backbone(tmp_path / "beit")
+    save_file(VisionTransformer(ViTConfig(embed_dim=48, depth=1, num_heads=4, image_size=32)).state_dict(),
+              str(tmp_path / "beit.safetensors"))
+    with pytest.raises(ConfigError, match="BEiT's blocks add a relative position bias"):
+        load_backbone(tmp_path / "beit.safetensors", model_name="beit_base_patch16_224")

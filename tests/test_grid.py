@@ -114,13 +114,13 @@ def test_every_member_equals_its_settings_trained_alone(method, options, rows_pe
 
     members = {tmp_path / "grid" / name: own for name, own in MEMBERS.items()}
     row_counts = set()
-    real_forward_rows = Block.forward_rows
-    monkeypatch.setattr(Block, "forward_rows", lambda self, rows, *a, **k:
-                        row_counts.add(rows.shape[1]) or real_forward_rows(self, rows, *a, **k))
+    real_rows_attention = Block.rows_attention  # what every rows forward (SynQT's with drop-path too) calls
+    monkeypatch.setattr(Block, "rows_attention", lambda self, rows, *a, **k:
+                        row_counts.add(rows.shape[1]) or real_rows_attention(self, rows, *a, **k))
     _stack(method, tiny_backbone_dir, tiny_task, tmp_path, members, **options)
     # Fused: in training every member's rows pass each block in one call; otherwise one call per member.
     assert max(row_counts) == (len(MEMBERS) * rows_per_member if fused else rows_per_member)
-    monkeypatch.setattr(Block, "forward_rows", real_forward_rows)
+    monkeypatch.setattr(Block, "rows_attention", real_rows_attention)
     for name, own in MEMBERS.items():
         _stack(method, tiny_backbone_dir, tiny_task, tmp_path, {tmp_path / "alone" / name: own}, **options)
         assert_member_equals_lone_run(tmp_path / "grid" / name, tmp_path / "alone" / name,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import tiny_vit
+from conftest import tiny_siglip, tiny_vit, train_a_few_steps
 from querytune import eval_run, train_run
 from querytune.measure import measure_step
 from querytune.methods import build_method
@@ -18,7 +18,8 @@ from querytune.trunk.features import extract_features
 
 
 def official_features(backbone, images: torch.Tensor, target_size: int) -> list[torch.Tensor]:
-    """The official groups, each at unit norm: the final class token, then every block's normalised input
+    """The official groups, each at unit norm: the final feature (the final class token; on a backbone without
+    one, such as SigLIP, its pooled feature), then every block's normalised input
     pooled as ``flatten_and_concat`` does (Keras AveragePooling1D: windows of int(N / (T / D)) tokens,
     stride the window, the trailing tokens left out; the mean where D >= T)."""
     x = backbone.embed(images)
@@ -26,7 +27,7 @@ def official_features(backbone, images: torch.Tensor, target_size: int) -> list[
     for block in backbone.blocks:
         blocks.append(block.norm1(x))
         x = block(x)
-    groups = [backbone.norm(x[:, 0])]
+    groups = [backbone.norm(x[:, 0]) if backbone.cls_token is not None else backbone.pool(x)]
     for u in blocks:
         count, dim = u.shape[1:]
         if dim >= target_size:
@@ -54,6 +55,19 @@ def test_head_input_matches_the_official_pooling(target_size):
     ours = method.head_input(method.groups(features))
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
     assert method.head.in_features == reference.shape[1]
+
+
+def test_on_a_backbone_without_class_token_it_pools_the_patches():
+    """SigLIP-like: the final group is the MAP head's pooled feature, the layers' windows pool the 16 patch
+    tokens (no prefix token); a few steps train."""
+    backbone = tiny_siglip()
+    method = build_method("head2toe", backbone, 4, {"target_size": 96})
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    reference = torch.cat([unit(g) for g in official_features(backbone, images, 96)], dim=1)
+    features = extract_features(backbone, images, dtype=torch.float32)
+    torch.testing.assert_close(method.head_input(method.groups(features)), reference, rtol=1e-4, atol=1e-5)
+    losses = train_a_few_steps(method, features, torch.tensor([0, 1, 2, 3]))
+    assert losses[-1] < losses[0]
 
 
 def test_the_head_size_does_not_depend_on_the_input_size():

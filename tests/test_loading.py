@@ -433,3 +433,47 @@ def test_mae_checkpoint_pools_the_patch_tokens_through_fc_norm(tmp_path):
     saved = tmp_path / "saved.safetensors"  # querytune's own format keeps the pooling
     save_backbone(ours, saved)
     assert load_backbone(saved).config.global_pool
+
+
+def test_a_bare_timm_checkpoint_trains_with_model_name_and_says_its_input_size(tmp_path, tiny_task):
+    """``--model-name`` gives a bare timm file its head count; the run's first line and config.json say the
+    input size and where it came from; the run reloads (eval) with the recorded name."""
+    import subprocess
+    import sys
+
+    from querytune import eval_run
+
+    torch.manual_seed(0)
+    bare = tmp_path / "bare.safetensors"
+    model = VisionTransformer(ViTConfig(embed_dim=192, depth=12, num_heads=3, patch_size=16, image_size=32))
+    save_file(model.state_dict(), str(bare))
+    info = subprocess.run([sys.executable, "-m", "querytune", "info", "--backbone", str(bare), "--model-name",
+                           "vit_tiny_patch16_224"], capture_output=True, text=True, timeout=300)
+    assert info.returncode == 0, info.stderr
+    result = subprocess.run([sys.executable, "-m", "querytune", "train", "--method", "linear", "--backbone", str(bare),
+                             "--model-name", "vit_tiny_patch16_224", "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5",
+                             "--data", str(tiny_task), "--out", str(tmp_path / "run"), "--epochs", "1",
+                             "--batch-size", "8", "--image-size", "32", "--workers", "0"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    line = "input 32x32 px (--image-size, given; the backbone's native 32x32)"
+    assert result.stderr.splitlines()[0] == line
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["backbone"]["model_name"] == "vit_tiny_patch16_224"
+    assert config["input_size"] == line.removeprefix("input ")
+    assert 0 <= eval_run(tmp_path / "run", tiny_task) <= 1  # reloads the bare file with the recorded name
+
+
+def test_the_cache_key_includes_the_architecture():
+    """CacheKey's backbone part is the backbone fingerprint, which hashes ViTConfig.to_dict() with the weights:
+    two backbones with equal weights and another architecture (here only RoPE) have other fingerprints. The
+    fields added for the RoPE families are left out of a plain ViT's dict, so its fingerprint, and the cache
+    entries named by it, stay as they were."""
+    from querytune.trunk.cache import backbone_fingerprint
+
+    plain = tiny_vit()
+    rotary = VisionTransformer(ViTConfig(**{**plain.config.to_dict(), "rope": "eva"}))
+    rotary.load_state_dict(plain.state_dict())
+    assert backbone_fingerprint(plain) != backbone_fingerprint(rotary)
+    assert not {"rope", "rope_temperature", "rope_grid", "absolute_pos_embed", "mlp_norm"} & set(plain.config.to_dict())
+    assert ViTConfig.from_dict(rotary.config.to_dict()) == rotary.config

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import assert_matches_reference, tiny_vit
+from conftest import ROPE_FAMILIES, assert_matches_reference, tiny_rope, tiny_siglip, tiny_vit, train_a_few_steps
 from querytune import load_run, train_run
 from querytune.errors import CheckpointError, ConfigError
 from querytune.methods import build_method
@@ -217,3 +217,47 @@ def test_only_masked_memory_runs_can_be_extended(tiny_backbone_dir, tiny_task, t
         _train(tiny_backbone_dir, tiny_task, tmp_path / "ext", extend=tmp_path / "linear")
     with pytest.raises(CheckpointError, match="not found"):
         _train(tiny_backbone_dir, tiny_task, tmp_path / "ext2", extend=tmp_path / "missing")
+
+
+@pytest.mark.parametrize("options", [{"memory_tokens": 2}, {"memory_tokens": 0}])
+def test_on_a_backbone_without_class_token_memory_adds_its_class_token_as_a_row(options):
+    """SigLIP-like: the masked mode's new class token (N(0, 0.02), there being none to copy) equals the naive
+    masked sequence, the plain mode's equals the naive sequence with the token appended (read by no
+    token); both train."""
+    backbone = tiny_siglip()
+    images = torch.randn(3, 3, 32, 32)
+    labels = torch.tensor([0, 1, 2])
+    masked = _memory(backbone, **options).train()
+    features = _features(backbone, images)
+    assert_matches_reference(masked, masked(features),
+                             lambda: naive_masked_memory(masked.stack, backbone, images)[1][-1])
+    original, _ = naive_masked_memory(masked.stack, backbone, images)
+    torch.testing.assert_close(original, features.pooled, rtol=1e-5, atol=1e-5)  # the MAP feature, untouched
+    losses = train_a_few_steps(masked, features, labels)
+    assert losses[-1] < losses[0]
+    plain = _memory(backbone, method_name="memory-plain", **options).train()
+    assert_matches_reference(plain, plain(images), lambda: naive_plain_memory_logits(plain, images))
+    losses = train_a_few_steps(plain, images, labels)
+    assert losses[-1] < losses[0]
+    assert all(p.grad is None for p in backbone.parameters())
+
+
+def test_new_class_token_without_a_backbone_class_token_is_drawn_as_the_memory():
+    token = build_method("memory", tiny_siglip(), 3, {}).stack.tasks[0].class_token
+    assert token.shape == (48,) and 0.01 < token.std().item() < 0.03
+
+
+@pytest.mark.parametrize("family", list(ROPE_FAMILIES))
+def test_masked_and_plain_memory_match_naive_references_with_rotary_positions(family):
+    """EVA-02 / DINOv3-shaped: the class tokens and memory carry no position; grouped (one task) and masked
+    (an extension) rows alike equal the naive sequences."""
+    backbone = tiny_rope(family)
+    images = torch.randn(3, 3, 32, 32)
+    features = _features(backbone, images)
+    first = _memory(backbone, memory_tokens=2)
+    stack = MemoryTaskSet([*first.stack.tasks, *_memory(backbone, seed=2, memory_tokens=1).stack.tasks], [(), (0,)])
+    for logits, reference in zip(stack(features.layers, backbone), naive_masked_memory(stack, backbone, images)[1]):
+        torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+    assert_matches_reference(first, first(features), lambda: naive_masked_memory(first.stack, backbone, images)[1][-1])
+    plain = _memory(backbone, method_name="memory-plain", memory_tokens=2).train()
+    assert_matches_reference(plain, plain(images), lambda: naive_plain_memory_logits(plain, images))

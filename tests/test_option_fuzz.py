@@ -35,8 +35,9 @@ FREE_FORM_BAD = {
 # The free-form settings of train and bench: a value each that the run or the bench refuses up front
 # (a tuple: the value and the other flags it needs).
 SETTING_BAD: dict[str, list[Any]] = {
-    "backbone": ["no-such-folder/vit.safetensors"], "recipe": ["no-such-recipe"], "method": ["sorcery"],
-    "methods": ["sorcery"], "data": ["no-such-task"], "suite": ["no-such-suite"],
+    "backbone": ["no-such-folder/vit.safetensors"], "model_name": ["vit_sorcery_patch16_224"],
+    "recipe": ["no-such-recipe"], "method": ["sorcery"], "methods": ["sorcery"], "data": ["no-such-task"],
+    "suite": ["no-such-suite"],
     "train_split": ["train999"], "eval_split": ["test999"], "val_split": ["val999"],
     "task_name": [("no-such-task", "--recipe", "vtab1k-mini", "-m", "vqt")], "out": ["/dev/null"],
     "device": ["tpu"], "cache_splits": ["test999"], "groups": ["no-groups"], "tasks": ["no-such-task"],

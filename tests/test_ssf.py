@@ -11,11 +11,12 @@ from torch import Tensor
 
 from conftest import tiny_vit
 from querytune.backbones import load_backbone
-from querytune.backbones.vit import NEG_INF, VisionTransformer, naive_block, naive_block_parts
+from querytune.backbones.vit import VisionTransformer
 from querytune.errors import ConfigError
 from querytune.export import write_merged
 from querytune.methods import build_method
 from querytune.methods.ssf import SSF
+from querytune.methods.vqt import NEG_INF, naive_block, naive_block_parts
 from querytune.train import TrainConfig, make_optimizer
 
 IMAGES = 32

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_matches_reference, tiny_vit
+from conftest import ROPE_FAMILIES, assert_matches_reference, tiny_rope, tiny_siglip, tiny_vit, train_a_few_steps
 from querytune.backbones.vit import VisionTransformer, ViTConfig
 from querytune.errors import ConfigError
 from querytune.measure import SavedTensorMeter
@@ -134,7 +134,7 @@ def test_query_branches_take_the_backbones_drop_path_in_training(monkeypatch):
     context = torch.randn(1, 17, 48).expand(64, -1, -1)
     whole = block.forward_rows(rows, context)
     torch.manual_seed(0)
-    dropped = block.forward_rows(rows, context, drop_path=0.5)
+    dropped = synqt.rows_with_drop_path(block, rows, context, drop_path=0.5)
     kept = dropped.attn.flatten(1).abs().sum(1) > 0
     assert 0 < kept.sum() < 64  # some samples dropped, some kept
     torch.testing.assert_close(dropped.attn[kept], 2 * whole.attn[kept])  # the kept ones rescaled by 1 / (1 - p)
@@ -151,3 +151,27 @@ def test_query_branches_take_the_backbones_drop_path_in_training(monkeypatch):
     assert not all(torch.allclose(logits[0], row) for row in logits[1:])  # identical images, other draws
     monkeypatch.setattr(synqt, "QUERY_DROP_PATH", 0.0)
     torch.testing.assert_close(method.train()(features), method.eval()(features))  # nothing else random left
+
+
+def test_on_a_backbone_without_class_token():
+    """SigLIP-like: SynQT reads no class token (its head's tokens are its own rows' features); the rows
+    path equals the naive sequence there and a few steps train."""
+    backbone = tiny_siglip()
+    method = _synqt(backbone, num_queries=2).eval()
+    images = torch.randn(4, 3, 32, 32)
+    features = extract_features(backbone, images, dtype=torch.float32)
+    assert_matches_reference(method, method(features), lambda: naive_synqt_logits(method, images), grad_floor=1e-3)
+    method.zero_grad()
+    losses = train_a_few_steps(method, features, torch.tensor([0, 1, 2, 3]))
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("family", list(ROPE_FAMILIES))
+def test_fast_path_matches_naive_reference_with_rotary_positions(family):
+    backbone = tiny_rope(family)
+    method = _synqt(backbone, num_queries=2).eval()
+    images = torch.randn(3, 3, 32, 32)
+    fast = method(extract_features(backbone, images, dtype=torch.float32))
+    # The projected keys sum in another order than the naive sequence's: the QSM scales' gradients (scalars
+    # summed over every row) then differ by float32 rounding a little above 1e-3 of the largest gradient.
+    assert_matches_reference(method, fast, lambda: naive_synqt_logits(method, images), grad_floor=1e-2)

@@ -41,23 +41,55 @@ def timm_model(name: str, image_size: int, **options) -> torch.nn.Module:
     return model
 
 
-def check_against_timm(reference: torch.nn.Module, image_size: int, path, model_name: str) -> None:
-    images = torch.randn(2, 3, image_size, image_size)
-    with torch.no_grad():
-        expected = reference.forward_features(images)  # final-normed tokens, prefix tokens first
-        # timm's distilled DeiT averages its class and distillation tokens before its heads; ours reads the class token
-        distilled = getattr(reference, "dist_token", None) is not None
-        expected_pooled = expected[:, 0] if distilled else reference.forward_head(expected, pre_logits=True)
+def check_against_timm(reference: torch.nn.Module, image_size: int, path, model_name: str,
+                       other_size: int | None = None) -> None:
+    """Our model from the timm object and from its saved state dict (with its name) against timm's forward: all
+    tokens (final-normed, prefix tokens first; where timm pools by ``fc_norm`` its tokens are not normed) and
+    the pooled feature, at ``image_size`` and, for a model built with ``dynamic_img_size``, ``other_size``."""
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
-    for ours in (load_backbone(reference), load_backbone(path, model_name=model_name)):
+    models = (load_backbone(reference), load_backbone(path, model_name=model_name))
+    for size in (image_size, other_size) if other_size else (image_size,):
+        images = torch.randn(2, 3, size, size)
         with torch.no_grad():
-            torch.testing.assert_close(ours.forward_features(images), expected, rtol=0, atol=1e-5)
-            torch.testing.assert_close(ours(images), expected_pooled, rtol=0, atol=1e-5)
+            expected = reference.forward_features(images)
+            # timm's distilled DeiT averages its class and distillation tokens before its heads; ours reads the
+            # class token
+            distilled = getattr(reference, "dist_token", None) is not None
+            expected_pooled = expected[:, 0] if distilled else reference.forward_head(expected, pre_logits=True)
+            for ours in models:
+                tokens = ours.run_blocks(ours.embed(images))
+                if not ours.config.global_pool:
+                    tokens = ours.norm(tokens)
+                torch.testing.assert_close(tokens, expected, rtol=0, atol=1e-5, msg=f"tokens at {size}")
+                torch.testing.assert_close(ours(images), expected_pooled, rtol=0, atol=1e-5, msg=f"pooled at {size}")
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_object_and_checkpoint_match_timm(name, tmp_path):
     check_against_timm(timm_model(name, MODELS[name]), MODELS[name], tmp_path / "weights.safetensors", name)
+
+
+# RoPE families (timm's Eva class): name -> creation options; each is also run at a second input size
+ROPE_MODELS = {
+    "eva02_tiny_patch14_224": {"img_size": 56},  # fused qkv with q and v biases, packed SwiGLU, RoPE + pos_embed
+    "eva02_tiny_patch14_224:separate": {"img_size": 56, "qkv_fused": False, "scale_mlp": True},  # EVA-02 B/L's
+    "vit_small_patch16_dinov3": {"global_pool": "token"},  # RoPE only, 4 registers, LayerScale
+    "vit_small_patch16_dinov3_qkvb": {"global_pool": "token"},
+}
+
+
+@pytest.mark.parametrize("case", list(ROPE_MODELS))
+def test_rope_families_match_timm(case, tmp_path):
+    """EVA-02 and DINOv3 (timm's Eva), small grids, every parameter perturbed; at a second input size too
+    (position embeddings resampled, rotations for the new grid). timm pools DINOv3 by average unless
+    ``global_pool='token'``; querytune reads the class token, as upstream does."""
+    name = case.partition(":")[0]
+    options = {**ROPE_MODELS[case]}
+    size = options.pop("img_size", 64)
+    reference = timm_model(name, size, dynamic_img_size=True, **options)
+    check_against_timm(reference, size, tmp_path / "weights.safetensors", name, other_size=size - 2 * (size // 8))
+    ours = load_backbone(reference)
+    assert ours.config.rope == ("eva" if name.startswith("eva02") else "dinov3")
 
 
 def test_swiglu_dinov2_matches_timm(tmp_path):

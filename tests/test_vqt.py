@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_matches_reference, tiny_vit
+from conftest import ROPE_FAMILIES, assert_matches_reference, tiny_rope, tiny_siglip, tiny_vit, train_a_few_steps
 from querytune.methods import build_method
 from querytune.methods.vqt import naive_vqt_logits
 from querytune.trunk.features import extract_features
@@ -83,3 +83,29 @@ def test_bad_options_are_named(bad):
 
     with pytest.raises(ConfigError, match="--" + next(iter(bad)).replace("_", "-")):
         build_method("vqt", tiny_vit(), 5, bad)
+
+
+def test_on_a_backbone_without_class_token_the_head_reads_the_map_feature():
+    """SigLIP-like: the head's first piece is the MAP head's pooled feature, in VQT and in ``vqt-naive``;
+    the queries read the patch tokens; a few steps train."""
+    backbone = tiny_siglip()
+    method = _vqt(backbone, query_dropout=0.0, num_queries=2).train()
+    images = torch.randn(4, 3, 32, 32)
+    features = extract_features(backbone, images, dtype=torch.float32)
+    torch.testing.assert_close(features.pooled, backbone(images))
+    assert_matches_reference(method, method(features), lambda: naive_vqt_logits(method, images))
+    losses = train_a_few_steps(method, features, torch.tensor([0, 1, 2, 3]))
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("family", list(ROPE_FAMILIES))
+def test_rows_path_matches_naive_reference_with_rotary_positions(family):
+    """EVA-02 / DINOv3-shaped: the rows read the keys rotated by position (projected, never folded), the query
+    rows carry none, as in the naive sequence where they are appended unrotated."""
+    backbone = tiny_rope(family)
+    method = _vqt(backbone, query_dropout=0.0, num_queries=2).train()
+    images = torch.randn(3, 3, 32, 32)
+    features = extract_features(backbone, images, dtype=torch.float32)
+    assert_matches_reference(method, method(features), lambda: naive_vqt_logits(method, images))
+    with pytest.raises(ValueError, match="folded path cannot read rotated keys"):
+        backbone.blocks[0].forward_rows(torch.randn(3, 1, 48), features.layers[:, 0], path="folded")

@@ -36,7 +36,12 @@ HF_DEFAULTS = {
                           "num_channels": 3, "layer_norm_eps": 1e-5},
     "siglip_vision_model": {**_HF_SIGLIP, "image_size": 224},
     "siglip2_vision_model": {**_HF_SIGLIP, "num_patches": 256},
+    "dinov3_vit": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536,
+                   "hidden_act": "gelu", "layer_norm_eps": 1e-5, "rope_theta": 100.0, "image_size": 224,
+                   "patch_size": 16, "num_channels": 3, "query_bias": True, "key_bias": False, "value_bias": True,
+                   "use_gated_mlp": False, "num_register_tokens": 0},
 }
+_HF_RELATIVE_POSITIONS = ("beit", "data2vec-vision")  # refused, saying why
 # a full (image and text) model folder -> the model type of its vision tower, read from ``vision_config``
 _HF_TOWERS = {"clip": "clip_vision_model", "siglip": "siglip_vision_model", "siglip2": "siglip2_vision_model"}
 _HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -45,6 +50,7 @@ _HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh":
 _HF_NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
     "dinov2": IMAGENET, "dinov2_with_registers": IMAGENET, "vit_mae": IMAGENET, "vit_msn": IMAGENET,
     "clip_vision_model": OPENAI_CLIP, "siglip_vision_model": INCEPTION, "siglip2_vision_model": INCEPTION,
+    "dinov3_vit": IMAGENET,
 }
 
 # Hugging Face tensor names -> timm names. Layers are named ``encoder.layer.N.attention.attention.query``
@@ -58,6 +64,8 @@ _HF_NAMES = {
     "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
     "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
     "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.bias": "patch_embed.proj.bias",
     "embeddings.patch_embedding.bias": "patch_embed.proj.bias",
     "embeddings.register_tokens": "reg_token",
     "embeddings.distillation_token": "reg_token",
@@ -77,13 +85,13 @@ _HF_NAMES = {
     "head.mlp.fc2.weight": "attn_pool.mlp.fc2.weight",
     "head.mlp.fc2.bias": "attn_pool.mlp.fc2.bias",
 }
-_HF_LAYER = re.compile(r"(?:encoder\.)?layers?\.(\d+)\.(.+)\.(weight|bias|lambda1)")
+_HF_LAYER = re.compile(r"(?:encoder\.|model\.)?layers?\.(\d+)\.(.+)\.(weight|bias|lambda1)")
 _HF_LAYER_MODULES = {
     "layernorm_before": "norm1", "norm1": "norm1", "layer_norm1": "norm1",
     "layernorm_after": "norm2", "norm2": "norm2", "layer_norm2": "norm2",
     "attention.output.dense": "attn.proj", "attention.o_proj": "attn.proj", "self_attn.out_proj": "attn.proj",
     "intermediate.dense": "mlp.fc1", "mlp.fc1": "mlp.fc1", "mlp.weights_in": "mlp.fc1",
-    "output.dense": "mlp.fc2", "mlp.fc2": "mlp.fc2", "mlp.weights_out": "mlp.fc2",
+    "output.dense": "mlp.fc2", "mlp.fc2": "mlp.fc2", "mlp.weights_out": "mlp.fc2", "mlp.down_proj": "mlp.fc2",
     "layer_scale1": "ls1", "layer_scale2": "ls2",
 }
 _HF_QKV = {
@@ -91,6 +99,8 @@ _HF_QKV = {
     "attention.attention.key": 1, "attention.k_proj": 1, "self_attn.k_proj": 1,
     "attention.attention.value": 2, "attention.v_proj": 2, "self_attn.v_proj": 2,
 }
+# DINOv3's MLP input: a plain MLP's fc1, or a gated one's gate and input, packed in fc1 (gate first)
+_HF_GATED = {"mlp.gate_proj": 0, "mlp.up_proj": 1}
 # inside *ForImageClassification, ViTMAEForPreTraining, and full CLIP/SigLIP models (the vision tower)
 _HF_BASE_PREFIXES = ("vit.", "deit.", "dinov2.", "dinov2_with_registers.", "vision_model.")
 _HF_DROPPED = ("embeddings.mask_token", "pooler.", "classifier.", "cls_classifier.", "distillation_classifier.",
@@ -119,16 +129,23 @@ def hf_vit_config(config: dict[str, Any], preprocessor: dict[str, Any], where: s
     model_type = config.get("model_type")
     if model_type in _HF_TOWERS:  # a full image-text model: its vision tower
         config, model_type = {**config.get("vision_config", {})}, _HF_TOWERS[model_type]
+    if model_type in _HF_RELATIVE_POSITIONS:
+        raise CheckpointError(f"{where}: model_type {model_type!r} is not supported: its blocks add a relative "
+                              "position bias to the attention, which the task path's rows do not carry")
     if model_type not in HF_DEFAULTS:
         supported = ", ".join([*HF_DEFAULTS, *_HF_TOWERS])
         raise CheckpointError(f"{where}: model_type {model_type!r} is not supported (supported: {supported})")
     config = {**HF_DEFAULTS[model_type], **config}
     dinov2 = model_type.startswith("dinov2")
-    swiglu = bool(config.get("use_swiglu_ffn"))
+    swiglu = bool(config.get("use_swiglu_ffn") or config.get("use_gated_mlp"))
     if config["hidden_act"] not in _HF_ACTIVATIONS and not swiglu:  # DINOv2's SwiGLU MLP ignores hidden_act
         raise CheckpointError(
             f"{where}: hidden_act {config['hidden_act']!r} is not supported (supported: {', '.join(_HF_ACTIVATIONS)})"
         )
+    dinov3 = model_type == "dinov3_vit"
+    if dinov3 and swiglu and config["hidden_act"] != "silu":
+        raise CheckpointError(f"{where}: a gated MLP with hidden_act {config['hidden_act']!r} is not supported "
+                              "(supported: silu, SwiGLU)")
     siglip = model_type.startswith("siglip")
     if siglip and not config["vision_use_head"]:
         raise CheckpointError(f"{where}: a SigLIP vision model without its attention-pooling head "
@@ -149,10 +166,13 @@ def hf_vit_config(config: dict[str, Any], preprocessor: dict[str, Any], where: s
         depth=config["num_hidden_layers"],
         num_heads=config["num_attention_heads"],
         mlp_ratio=_dinov2_mlp_hidden(config) / width if dinov2 else config["intermediate_size"] / width,
-        qkv_bias=config.get("qkv_bias", True),
-        layer_scale=dinov2,  # transformers' DINOv2 layers always have LayerScale
+        qkv_bias=config["query_bias"] or config["value_bias"] if dinov3 else config.get("qkv_bias", True),
+        layer_scale=dinov2 or dinov3,  # transformers' DINOv2 and DINOv3 layers always have LayerScale
         num_reg_tokens=config.get("num_register_tokens", 0) + distilled,
-        pos_embed_prefix=0 if siglip else 2 if distilled else 1,
+        pos_embed_prefix=0 if siglip or dinov3 else 2 if distilled else 1,
+        absolute_pos_embed=not dinov3,
+        rope="dinov3" if dinov3 else "",
+        rope_temperature=config["rope_theta"] if dinov3 else 10000.0,
         pos_embed_antialias=model_type in ("dinov2_with_registers", "siglip2_vision_model"),
         pos_embed_resize="bilinear" if model_type == "siglip2_vision_model" else "bicubic",
         norm_eps=config["layer_norm_eps"],
@@ -179,6 +199,7 @@ def hf_state_dict(state: dict[str, Tensor], where: str, config: ViTConfig) -> di
     report."""
     out: dict[str, Tensor] = {}
     qkv: dict[tuple[str, str], dict[int, Tensor]] = defaultdict(dict)
+    gated: dict[tuple[str, str], dict[int, Tensor]] = defaultdict(dict)
     for key, tensor in state.items():
         for prefix in _HF_BASE_PREFIXES:
             key = key.removeprefix(prefix)
@@ -189,22 +210,31 @@ def hf_state_dict(state: dict[str, Tensor], where: str, config: ViTConfig) -> di
             out[_HF_NAMES[key]] = tensor
         elif match and match[2] in _HF_QKV:
             qkv[(match[1], match[3])][_HF_QKV[match[2]]] = tensor
+        elif match and match[2] in _HF_GATED:
+            gated[(match[1], match[3])][_HF_GATED[match[2]]] = tensor
         elif match and match[2] in _HF_LAYER_MODULES:
             param = "gamma" if match[3] == "lambda1" else match[3]
             out[f"blocks.{match[1]}.{_HF_LAYER_MODULES[match[2]]}.{param}"] = tensor
         else:
             out[key] = tensor
     for (index, param), parts in qkv.items():
+        if param == "bias":  # DINOv3 has query and value biases only: the key's (or any missing one's) is 0
+            parts = {part: parts.get(part, torch.zeros_like(next(iter(parts.values())))) for part in range(3)}
         if len(parts) != 3:
             raise CheckpointError(f"{where}: layer {index} lacks some of its query/key/value {param} tensors")
         out[f"blocks.{index}.attn.qkv.{param}"] = torch.cat([parts[0], parts[1], parts[2]])
+    for (index, param), halves in gated.items():
+        out[f"blocks.{index}.mlp.fc1.{param}"] = torch.cat([halves[part] for part in sorted(halves)])
     return _timm_shapes(out, config)
 
 
 def _timm_shapes(state: dict[str, Tensor], config: ViTConfig) -> dict[str, Tensor]:
-    """CLIP's and SigLIP's tensors in timm's shapes: the class token and position embeddings with a batch
-    axis, the attention pool's fused q/k/v split into ``q`` and ``kv``, and SigLIP 2's patch embedding (a
-    linear map of patches flattened as (row, column, channel)) as a convolution."""
+    """CLIP's and SigLIP's tensors in timm's shapes (DINOv3's empty register tokens dropped): the class token
+    and position embeddings with a batch axis, the attention pool's fused q/k/v split into ``q`` and ``kv``,
+    and SigLIP 2's patch embedding (a linear map of patches flattened as (row, column, channel)) as a
+    convolution."""
+    if "reg_token" in state and not state["reg_token"].numel():  # DINOv3 keeps an empty one
+        del state["reg_token"]
     for key in ("cls_token", "pos_embed"):
         if key in state and state[key].dim() < 3:
             state[key] = state[key].reshape(1, -1, config.embed_dim)

@@ -230,6 +230,7 @@ def _resample_positions(model: VisionTransformer, image_size: int) -> None:
         raise ConfigError(f"image_size {image_size} is not a positive multiple of the patch size {patch}")
     side = image_size // patch
     with torch.no_grad():
-        prefix, patches = model.position_embedding(side, side)
-    model.pos_embed = nn.Parameter(torch.cat([prefix, patches], dim=1))
+        positions = model.position_embedding(side, side)
+    if positions is not None:  # none on a RoPE-only backbone (DINOv3), whose rotations follow any grid
+        model.pos_embed = nn.Parameter(torch.cat(positions, dim=1))
     model.config.image_size = image_size

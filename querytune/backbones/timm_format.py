@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor
 
 from ..errors import CheckpointError, ConfigError
@@ -36,6 +37,8 @@ class TimmFamily(NamedTuple):
     norm: tuple[tuple[float, ...], tuple[float, ...]]  # default mean, std
     act: str = "gelu"  # the MLP activation (a SwiGLU MLP, seen in the weights, has its own)
     norm_eps: float = 1e-6
+    rope: str = ""  # rotary position embeddings (ViTConfig.rope), with their _ROPE settings
+    registers: int = 0  # register tokens where the name has no reg{K}
 
 
 _SIZE_PATCH = r"(?P<size>[a-z0-9]+)_patch(?P<patch>\d+)"
@@ -49,15 +52,26 @@ TIMM_FAMILIES = (
     TimmFamily(rf"vit_{_SIZE_PATCH}_clip_\d+", False, False, OPENAI_CLIP, norm_eps=1e-5),
     TimmFamily(rf"vit_{_SIZE_PATCH}_clip_quickgelu_\d+", False, False, OPENAI_CLIP, "quick_gelu", 1e-5),
     TimmFamily(rf"vit_{_SIZE_PATCH}_siglip_\d+", False, False, INCEPTION),  # timm runs them with exact GELU
+    TimmFamily(rf"eva02_{_SIZE_PATCH}_\d+", False, False, OPENAI_CLIP, rope="eva"),
+    TimmFamily(rf"vit_{_SIZE_PATCH}_dinov3(?:_qkvb)?", True, False, IMAGENET, norm_eps=1e-5, rope="dinov3",
+               registers=4),
 )
+# timm's rotary embeddings by kind: EVA-02's RotaryEmbeddingCat (the 16 x 16 grid of 224 px at patch 14 is its
+# reference), DINOv3's RotaryEmbeddingDinoV3
+_ROPE = {"eva": {"rope_temperature": 10000.0, "rope_grid": 16}, "dinov3": {"rope_temperature": 100.0}}
+DEFAULT_IMAGE_SIZE = 224  # a RoPE-only model's input size where its name gives none (timm's default)
 _SUPPORTED_NAMES = ("vit_{size}_patch{P}_{res}, deit_{size}[_distilled]_patch{P}_{res}, deit3_{size}_patch{P}_{res}, "
                     "vit_{size}_patch{P}[_reg{K}]_dinov2, vit_{size}_patch{P}_clip[_quickgelu]_{res}, "
-                    "vit_{size}_patch{P}_siglip_{res}")
+                    "vit_{size}_patch{P}_siglip_{res}, eva02_{size}_patch{P}_{res}, vit_{size}_patch{P}_dinov3[_qkvb]")
 IMAGENET_TAGS = ("mae", "dino")  # timm vit_* weights normalised with ImageNet mean/std
 
 # timm checkpoint keys that belong to the classifier, or to training only
 _TIMM_DROPPED = ("head.", "head_dist.", "pre_logits.", "fc_norm.", "mask_token")
 _TIMM_RENAMES = {"dist_token": "reg_token", "register_tokens": "reg_token"}  # DeiT distilled, original DINOv2
+# timm's Eva blocks (EVA-02, DINOv3) -> our block names; q/k/v and the SwiGLU's two inputs are packed below
+_EVA_RENAMES = {"gamma_1": "ls1.gamma", "gamma_2": "ls2.gamma"}
+_EVA_QKV = re.compile(r"blocks\.(\d+)\.attn\.(?:(q|k|v)_proj\.(weight|bias)|(q|v)_(bias))")
+_EVA_GLU = re.compile(r"blocks\.(\d+)\.mlp\.fc1_(g|x)\.(weight|bias)")
 
 
 def is_timm_name(text: str) -> bool:
@@ -98,7 +112,27 @@ def from_timm_module(module: Any, model_name: str | None) -> VisionTransformer:
         raise CheckpointError(f"{name}: MLP activation {activation} is not supported "
                               f"(supported: {', '.join(_TIMM_ACTIVATIONS)})")
     return from_timm_state(module.state_dict(), name, name, model_name, pretrained_cfg,
-                           num_heads=block.attn.num_heads, norm_eps=block.norm1.eps, act=act)
+                           num_heads=block.attn.num_heads, norm_eps=block.norm1.eps, act=act,
+                           rope=_module_rope(module, name))
+
+
+def _module_rope(module: Any, name: str) -> dict[str, Any]:
+    """The ViTConfig rope fields of a timm model's rotary embedding (none: {})."""
+    rope = getattr(module, "rope", None)
+    kind = type(rope).__name__
+    if rope is None:
+        return {}
+    if kind == "RotaryEmbeddingCat" and not rope.rotate_half and rope.grid_type == "index" and not rope.grid_offset:
+        reference = rope.ref_feat_shape
+        if reference is not None and reference[0] != reference[1]:
+            raise CheckpointError(f"{name}: a non-square rotary reference grid {reference} is not supported")
+        return {"rope": "eva", "rope_temperature": float(rope.temperature),
+                "rope_grid": int(reference[0]) if reference is not None else 0}
+    if (kind == "RotaryEmbeddingDinoV3" and rope.rotate_half and rope.normalize_coords == "separate"
+            and rope.min_period is None and not rope.grid_offset):
+        return {"rope": "dinov3", "rope_temperature": float(rope.temperature)}
+    raise CheckpointError(f"{name}: rotary embedding {kind} with these settings is not supported "
+                          "(supported: EVA-02's and DINOv3's)")
 
 
 def from_timm_state(
@@ -110,6 +144,7 @@ def from_timm_state(
     num_heads: int | None = None,
     norm_eps: float = 1e-6,
     act: str = "gelu",
+    rope: dict[str, Any] | None = None,
 ) -> VisionTransformer:
     """Our ViT from a timm-named state dict. What the weights show (width, depth, patch, MLP, tokens, norms,
     pooling) is read from them; the head count, the activation, the norms' eps and the normalisation are
@@ -122,17 +157,21 @@ def from_timm_state(
         named, (mean, std) = _timm_architecture(model_name)
         fields.update(named)
     elif num_heads is not None:
-        fields.update(num_heads=num_heads, norm_eps=norm_eps, act=act)
+        fields.update(num_heads=num_heads, norm_eps=norm_eps, act=act, **(rope or {}))
     else:
         raise CheckpointError(
             f"{where}: the number of attention heads of a width-{fields['embed_dim']} ViT cannot be told from "
             "its weights; name its timm architecture (model_name, or a folder whose config.json says "
             '{"architecture": NAME}), or save it with querytune.backbones.save_backbone'
         )
-    if "pos_embed" not in state:
+    if "pos_embed" in state:
+        grid, prefix = _split_positions(state["pos_embed"].shape[1],
+                                        fields["num_reg_tokens"] + fields["class_token"], where)
+    elif fields.get("rope"):  # positions by rotation only (DINOv3): the input size is the name's, or timm's default
+        resolution = re.search(r"_(\d+)$", (model_name or "").partition(".")[0])
+        grid, prefix = (int(resolution[1]) if resolution else DEFAULT_IMAGE_SIZE) // fields["patch_size"], 0
+    else:
         raise CheckpointError(f"{where}: no pos_embed; not a ViT checkpoint with absolute position embeddings")
-    grid, prefix = _split_positions(state["pos_embed"].shape[1], fields["num_reg_tokens"] + fields["class_token"],
-                                    where)
     if pretrained_cfg:
         mean, std = pretrained_cfg.get("mean", mean), pretrained_cfg.get("std", std)
     config = vit_config(
@@ -159,12 +198,45 @@ def _timm_state_dict(state: dict[str, Any], where: str) -> tuple[dict[str, Tenso
     if global_pool:
         state = {("norm" + key[len("fc_norm"):] if key.startswith("fc_norm.") else key): tensor
                  for key, tensor in state.items()}
-    return {_TIMM_RENAMES.get(key, key): tensor for key, tensor in state.items()
-            if not key.startswith(_TIMM_DROPPED)}, global_pool
+    state = {_TIMM_RENAMES.get(key, key): tensor for key, tensor in state.items()
+             if not key.startswith(_TIMM_DROPPED)}
+    return _eva_blocks(state, where), global_pool
+
+
+def _eva_blocks(state: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+    """timm's Eva block tensors under our names: LayerScale ``gamma_1/2``; separate q/k/v projections, or a
+    fused qkv with ``q_bias`` and ``v_bias`` only, as one qkv (the key bias 0); the SwiGLU's ``fc1_g`` and
+    ``fc1_x`` packed in ``fc1`` (gate first). Other state dicts pass unchanged."""
+    out: dict[str, Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, Tensor]] = {}
+    glu: dict[tuple[str, str], dict[str, Tensor]] = {}
+    for key, tensor in state.items():
+        block, _, leaf = key.rpartition(".")
+        if (match := _EVA_QKV.fullmatch(key)) is not None:
+            part, param = (match[2], match[3]) if match[2] else (match[4], match[5])
+            qkv.setdefault((match[1], param), {})[part] = tensor
+        elif (match := _EVA_GLU.fullmatch(key)) is not None:
+            glu.setdefault((match[1], match[3]), {})[match[2]] = tensor
+        elif key.startswith("blocks.") and leaf in _EVA_RENAMES:
+            out[f"{block}.{_EVA_RENAMES[leaf]}"] = tensor
+        else:
+            out[key] = tensor
+    for (index, param), parts in qkv.items():
+        if param == "bias":  # EVA has no key bias
+            parts = {"k": torch.zeros_like(next(iter(parts.values()))), **parts}
+        if set(parts) != {"q", "k", "v"}:
+            raise CheckpointError(f"{where}: block {index} lacks some of its q/k/v {param} tensors")
+        out[f"blocks.{index}.attn.qkv.{param}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    for (index, param), halves in glu.items():
+        out[f"blocks.{index}.mlp.fc1.{param}"] = torch.cat([halves["g"], halves["x"]])
+    return out
 
 
 def _timm_architecture(model_name: str) -> tuple[dict[str, Any], tuple]:
     arch, _, tag = model_name.partition(".")
+    if arch.startswith("beit"):
+        raise ConfigError(f"timm architecture {model_name!r} is not supported: BEiT's blocks add a relative "
+                          "position bias to the attention, which the task path's rows do not carry")
     for family in TIMM_FAMILIES:
         match = re.fullmatch(family.pattern, arch)
         if match and match["size"] in TIMM_SIZES:
@@ -173,9 +245,11 @@ def _timm_architecture(model_name: str) -> tuple[dict[str, Any], tuple]:
             fields = {
                 "embed_dim": width, "depth": depth, "num_heads": heads, "patch_size": int(match["patch"]),
                 "layer_scale": family.layer_scale,
-                "num_reg_tokens": int(registers) if registers else int(family.distilled),
+                "num_reg_tokens": int(registers) if registers else int(family.distilled) or family.registers,
                 "act": family.act, "norm_eps": family.norm_eps,
             }
+            if family.rope:
+                fields.update(rope=family.rope, **_ROPE[family.rope])
             return fields, IMAGENET if tag.startswith(IMAGENET_TAGS) else family.norm
     raise ConfigError(
         f"timm architecture {model_name!r} is not supported; supported: {_SUPPORTED_NAMES} "
@@ -205,6 +279,8 @@ def _shape_fields(state: dict[str, Tensor], where: str) -> dict[str, Any]:
         "patch_bias": "patch_embed.proj.bias" in state,
         "norm_pre": "norm_pre.weight" in state,
         "map_pool": "attn_pool.latent" in state,
+        "mlp_norm": "blocks.0.mlp.norm.weight" in state,
+        "absolute_pos_embed": "pos_embed" in state,
     }
 
 

@@ -60,8 +60,15 @@ class ViTConfig:
 
     Family options: ``class_token`` (SigLIP has none), ``patch_bias`` (CLIP has none), ``norm_pre``
     (CLIP's LayerNorm before the blocks), ``act`` (the MLP activation, :data:`ACTIVATIONS`), ``swiglu``
-    (a SwiGLU MLP of hidden width ``round(embed_dim * mlp_ratio)``: DINOv2 giant),
+    (a SwiGLU MLP of hidden width ``round(embed_dim * mlp_ratio)``: DINOv2 giant, EVA-02), ``mlp_norm``
+    (a LayerNorm on the SwiGLU's hidden units: EVA-02 base and large, timm's ``scale_mlp``),
     ``pos_embed_resize`` (``bicubic``, or ``bilinear`` as SigLIP 2 resizes).
+
+    Rotary position embeddings (:class:`RotaryEmbedding`): ``rope`` ``eva`` (EVA-02: integer patch
+    positions scaled to the pretraining grid ``rope_grid``, interleaved pairs) or ``dinov3`` (patch centres
+    in [-1, 1], periods of 2π, rotate-half pairs), of base ``rope_temperature``, rotate the queries and keys
+    of the patch tokens in every block. ``absolute_pos_embed``: whether there is a ``pos_embed`` (DINOv3
+    has none).
     """
 
     image_size: int = 224
@@ -88,6 +95,11 @@ class ViTConfig:
     act: str = "gelu"
     swiglu: bool = False
     pos_embed_resize: str = "bicubic"
+    mlp_norm: bool = False
+    rope: str = ""
+    rope_temperature: float = 10000.0
+    rope_grid: int = 0
+    absolute_pos_embed: bool = True
 
     def __post_init__(self) -> None:
         if self.embed_dim % self.num_heads:
@@ -102,6 +114,10 @@ class ViTConfig:
             raise ValueError(f"pos_embed_resize must be bicubic or bilinear, got {self.pos_embed_resize!r}")
         if self.global_pool and self.map_pool:
             raise ValueError("global_pool and map_pool exclude each other")
+        if self.rope not in ("", *ROPE_KINDS):
+            raise ValueError(f"unknown rope {self.rope!r} (known: {', '.join(ROPE_KINDS)})")
+        if self.mlp_norm and not self.swiglu:
+            raise ValueError("mlp_norm is a LayerNorm inside a SwiGLU MLP")
         if not self.class_token and not (self.global_pool or self.map_pool):
             raise ValueError("a ViT without a class token pools by global_pool or map_pool")
         if self.mean is not None and self.std is not None:  # from JSON they come back as lists
@@ -124,12 +140,81 @@ class ViTConfig:
         return self.num_prefix_tokens + side * side
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields, those added for the RoPE families (EVA-02, DINOv3) only where they differ from their
+        defaults: a plain ViT's dict, which the feature cache's backbone fingerprint hashes, stays as before."""
+        fields = asdict(self)
+        return {key: value for key, value in fields.items()
+                if key not in ROPE_ERA_FIELDS or value != ROPE_ERA_FIELDS[key]}
 
     @classmethod
     def from_dict(cls, data: dict) -> ViTConfig:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+
+# fields written by ViTConfig.to_dict only where they differ from these defaults
+ROPE_ERA_FIELDS = {"mlp_norm": False, "rope": "", "rope_temperature": 10000.0, "rope_grid": 0,
+                   "absolute_pos_embed": True}
+ROPE_KINDS = ("eva", "dinov3")
+
+
+class RotaryEmbedding:
+    """2-D rotary position embeddings of the patch tokens (timm's ``RotaryEmbeddingCat`` for EVA-02 and
+    ``RotaryEmbeddingDinoV3``, transformers' ``DINOv3ViTRopePositionEmbedding``).
+
+    Per patch (row y, column x) and head channel pair, the angle is a coordinate times a frequency: head_dim/4
+    frequencies ``temperature ** (-k / (head_dim / 4))`` for y, then the same for x. ``eva``: coordinates
+    are the grid indices scaled to the pretraining grid ``rope_grid`` (index * rope_grid / grid), pairs
+    interleaved (channels 2i and 2i+1); ``dinov3``: coordinates are the patch centres in [-1, 1], times 2π,
+    pairs split in halves (channels i and i + head_dim/2). Prefix tokens carry no position and are not
+    rotated. The tables are computed in float32 per grid and kept.
+    """
+
+    def __init__(self, config: ViTConfig) -> None:
+        self.config = config
+        self.head_dim = config.embed_dim // config.num_heads
+        self._tables: dict[tuple[int, int, torch.device], tuple[Tensor, Tensor]] = {}
+
+    def grid(self, num_patches: int) -> tuple[int, int]:
+        """The (square) grid of ``num_patches`` patch tokens."""
+        side = math.isqrt(num_patches)
+        if side * side != num_patches:
+            raise ValueError(f"rotary position embeddings need a square grid of patches, got {num_patches}")
+        return side, side
+
+    def tables(self, height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(cos, sin), each (height * width, head_dim) in float32."""
+        key = (height, width, device)
+        if key not in self._tables:
+            config, bands = self.config, self.head_dim // 4
+            freqs = config.rope_temperature ** (-torch.arange(bands, dtype=torch.float32) / bands)
+            if config.rope == "eva":
+                axes = [torch.arange(side, dtype=torch.float32) * (config.rope_grid / side if config.rope_grid else 1.0)
+                        for side in (height, width)]
+            else:
+                axes = [torch.arange(0.5, side, dtype=torch.float32) / side * 2 - 1 for side in (height, width)]
+                freqs = 2 * math.pi * freqs
+            coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).flatten(0, 1)  # (N, 2): y, x
+            angles = (coords[:, :, None] * freqs).flatten(1)  # (N, head_dim / 2)
+            angles = angles.repeat_interleave(2, -1) if config.rope == "eva" else torch.cat([angles, angles], -1)
+            self._tables[key] = (angles.cos().to(device), angles.sin().to(device))
+        return self._tables[key]
+
+    def rotate(self, x: Tensor) -> Tensor:
+        """``x`` (B, N, D): tokens' queries or keys, their patch tokens (after the prefix) rotated by
+        position, per head."""
+        prefix = self.config.num_prefix_tokens
+        patches = x[:, prefix:].unflatten(-1, (-1, self.head_dim))  # B, P, H, hd
+        cos, sin = self.tables(*self.grid(patches.shape[1]), x.device)
+        cos, sin = cos[:, None], sin[:, None]
+        if self.config.rope == "eva":
+            pairs = patches.unflatten(-1, (-1, 2))
+            turned = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+        else:
+            first, second = patches.chunk(2, dim=-1)
+            turned = torch.cat([-second, first], dim=-1)
+        rotated = (patches * cos + turned * sin).to(x.dtype).flatten(-2)
+        return torch.cat([x[:, :prefix], rotated], dim=1)
 
 
 class PatchEmbed(nn.Module):
@@ -171,20 +256,22 @@ class SwiGLU(nn.Module):
     """``fc2(silu(x W_gate) * (x W_in))`` with the gate and input projections packed in ``fc1`` (gate
     first), as timm's ``SwiGLUPacked`` and DINOv2's ``weights_in``."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, norm_eps: float | None = None) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, 2 * hidden)
         self.act = nn.SiLU()
+        self.norm = nn.LayerNorm(hidden, eps=norm_eps) if norm_eps is not None else nn.Identity()
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, value = self.fc1(x).chunk(2, dim=-1)
-        return self.fc2(self.act(gate) * value)
+        return self.fc2(self.norm(self.act(gate) * value))
 
 
 def make_mlp(config: ViTConfig) -> nn.Module:
-    return SwiGLU(config.embed_dim, config.mlp_hidden) if config.swiglu else Mlp(
-        config.embed_dim, config.mlp_hidden, config.act)
+    if config.swiglu:
+        return SwiGLU(config.embed_dim, config.mlp_hidden, config.norm_eps if config.mlp_norm else None)
+    return Mlp(config.embed_dim, config.mlp_hidden, config.act)
 
 
 class Projection(Protocol):
@@ -201,8 +288,9 @@ class Projection(Protocol):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool) -> None:
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, rope: RotaryEmbedding | None = None) -> None:
         super().__init__()
+        self.rope = rope  # a plain object shared by the blocks, not a module: it holds no weights
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
@@ -213,15 +301,22 @@ class Attention(nn.Module):
         """(B, N, D) -> (B, H, N, head_dim)."""
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
-    def forward(self, u: Tensor, memory: Tensor | None = None) -> Tensor:
-        """Self-attention of normalised tokens ``u``; ``memory`` (normalised) adds keys/values only."""
+    def projections(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The queries, keys and values (B, N, D) of normalised tokens ``u``, the patch tokens' queries and
+        keys rotated by position on a RoPE backbone."""
         q, k, v = self.qkv(u).chunk(3, dim=-1)
-        if memory is not None:
-            _, mem_k, mem_v = self.qkv(memory).chunk(3, dim=-1)
-            k = torch.cat([k, mem_k], dim=1)
-            v = torch.cat([v, mem_v], dim=1)
+        if self.rope is not None:
+            q, k = self.rope.rotate(q), self.rope.rotate(k)
+        return q, k, v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Every query against every key and value (B, N, D), then the output projection."""
         out = F.scaled_dot_product_attention(self.split_heads(q), self.split_heads(k), self.split_heads(v))
         return self.proj(out.transpose(1, 2).flatten(2))
+
+    def forward(self, u: Tensor) -> Tensor:
+        """Self-attention of normalised tokens ``u``."""
+        return self.attend(*self.projections(u))
 
 
 class RowsOutput(NamedTuple):
@@ -244,11 +339,11 @@ class Block(nn.Module):
     beside the MLP branch (AdaptFormer plugs in there); it is None for a plain ViT.
     """
 
-    def __init__(self, config: ViTConfig) -> None:
+    def __init__(self, config: ViTConfig, rope: RotaryEmbedding | None = None) -> None:
         super().__init__()
         dim, eps = config.embed_dim, config.norm_eps
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, config.num_heads, config.qkv_bias)
+        self.attn = Attention(dim, config.num_heads, config.qkv_bias, rope)
         self.ls1 = LayerScale(dim) if config.layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = make_mlp(config)
@@ -262,33 +357,22 @@ class Block(nn.Module):
             branch = branch + self.mlp_parallel(a)
         return branch
 
-    def forward(self, x: Tensor, memory: Tensor | None = None) -> Tensor:
-        """Ordinary forward. ``memory`` (B or 1, M, D): extra key/value tokens whose outputs are discarded."""
-        return self.forward_normed(x, self.norm1(x), memory)
+    def forward(self, x: Tensor) -> Tensor:
+        """Ordinary forward."""
+        return self.forward_normed(x, self.norm1(x))
 
-    def forward_normed(self, x: Tensor, u: Tensor, memory: Tensor | None = None) -> Tensor:
+    def forward_normed(self, x: Tensor, u: Tensor) -> Tensor:
         """Ordinary forward given ``u = norm1(x)`` (lets the trunk keep ``u`` as a feature)."""
         if self.checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._forward_normed, x, u, memory, use_reentrant=False)
-        return self._forward_normed(x, u, memory)
+            return torch.utils.checkpoint.checkpoint(self._forward_normed, x, u, use_reentrant=False)
+        return self._forward_normed(x, u)
 
-    def _forward_normed(self, x: Tensor, u: Tensor, memory: Tensor | None) -> Tensor:
-        mem = None
-        if memory is not None:
-            mem = self.norm1(memory).expand(x.shape[0], -1, -1)
-        a = x + self.ls1(self.attn(u, mem))
+    def _forward_normed(self, x: Tensor, u: Tensor) -> Tensor:
+        a = x + self.ls1(self.attn(u))
         return a + self.mlp_branch(a)
 
-    def forward_rows(
-        self,
-        rows: Tensor,
-        context: Tensor,
-        extra: Tensor | None = None,
-        mask: Tensor | None = None,
-        drop_path: float = 0.0,
-        path: str = "auto",
-        draw_keep: Callable[[Tensor], Tensor] | None = None,
-    ) -> RowsOutput:
+    def forward_rows(self, rows: Tensor, context: Tensor, extra: Tensor | None = None, mask: Tensor | None = None,
+                     path: str = "auto") -> RowsOutput:
         """Push extra ``rows`` (B, R, D) through this block's weights.
 
         The rows' attention queries are ``norm1(rows) Wq``. Their keys and values are
@@ -303,16 +387,29 @@ class Block(nn.Module):
 
         The key bias adds the same ``q . b_k`` to every logit of a row, so it cancels
         in the softmax; the value bias is added once since attention weights sum to 1.
-        ``drop_path`` > 0 drops the rows' attention and MLP branches per sample with that
-        probability (stochastic depth, as timm's blocks do to their own branches in training);
-        ``draw_keep(branch)``, where given, draws the keep mask (1 or 0, broadcastable to the
-        branch) instead, e.g. per row group from each group's own random stream.
+        The attention branch alone is :meth:`rows_attention`, the MLP branch :meth:`mlp_branch` (a method
+        that drops branches, SynQT, composes them itself).
 
         ``path`` says how the attention is computed (:func:`rows_attention_path`): ``folded``
         folds W_k and W_v into each row, so the tokens are read as they are (cheapest for a few
         rows); ``projected`` projects the tokens' keys and values once for all rows (cheapest for
         many rows, such as stacked grid members); ``auto`` picks the one with fewer multiply-adds.
+
+        With rotary position embeddings (``ViTConfig.rope``: DINOv3, EVA-02) a token's key is rotated by
+        its position, so ``W_k`` cannot be folded into the rows: the context's keys are projected (with
+        their bias, which no longer cancels), their patch tokens rotated, whatever ``path`` says. The rows
+        carry no position, like the class and register tokens, which these models never rotate either:
+        a query row belongs to no patch, and reading every position alike is what a class token does.
+        Extra tokens (memory, the rows themselves) carry none either.
         """
+        attn_branch = self.rows_attention(rows, context, extra, mask, path)
+        a = rows + attn_branch
+        mlp_branch = self.mlp_branch(a)
+        return RowsOutput(a + mlp_branch, attn_branch, mlp_branch)
+
+    def rows_attention(self, rows: Tensor, context: Tensor, extra: Tensor | None = None, mask: Tensor | None = None,
+                       path: str = "auto") -> Tensor:
+        """The attention branch of :meth:`forward_rows` (after the output projection and LayerScale)."""
         attn = self.attn
         batch, num_rows, dim = rows.shape
         heads_shape = (attn.num_heads, attn.head_dim)
@@ -329,13 +426,19 @@ class Block(nn.Module):
         grouped = extra is not None and extra.dim() == 4
         if grouped and mask is not None:
             raise ValueError("grouped extra tokens take no mask")
-        if path == "auto":
+        if path == "auto" and attn.rope is not None:
+            path = "projected"
+        elif path == "auto":
             path = "folded" if grouped else rows_attention_path(
                 num_rows, context.shape[1], dim, attn.num_heads, rows.requires_grad and torch.is_grad_enabled(),
                 context.requires_grad)
-        if grouped and path != "folded":
+        if attn.rope is not None:
+            if path == "folded":
+                raise ValueError("the folded path cannot read rotated keys (rotary position embeddings)")
+            values = self._rotary_attention(q, context, extra_normed, mask, w_k, w_v)
+        elif grouped and path != "folded":
             raise ValueError("grouped extra tokens are read by the folded path only")
-        if path == "folded":
+        elif path == "folded":
             values = self._folded_attention(q, context, extra_normed, mask, w_k, w_v)
         elif path == "projected":
             values = self._projected_attention(q, context, extra_normed, mask, w_k, w_v)
@@ -343,10 +446,7 @@ class Block(nn.Module):
             raise ValueError(f"unknown rows attention path {path!r} (known: auto, folded, projected)")
         if b_v is not None:
             values = values + b_v
-        attn_branch = drop_branch(self.ls1(attn.proj(values)), drop_path, draw_keep)
-        a = rows + attn_branch
-        mlp_branch = drop_branch(self.mlp_branch(a), drop_path, draw_keep)
-        return RowsOutput(a + mlp_branch, attn_branch, mlp_branch)
+        return self.ls1(attn.proj(values))
 
 
     def _folded_attention(self, q: Tensor, context: Tensor, extra_normed: Tensor | None, mask: Tensor | None,
@@ -380,6 +480,33 @@ class Block(nn.Module):
         return torch.einsum("brhd,hed->brhe", mixed.unflatten(1, (num_rows, heads)),
                             w_v.unflatten(0, (heads, head_dim))).flatten(2)
 
+    def _rotary_attention(self, q: Tensor, context: Tensor, extra_normed: Tensor | None, mask: Tensor | None,
+                          w_k: Tensor, w_v: Tensor) -> Tensor:
+        """The rows' attention values (B, R, D) before the value bias on a RoPE backbone: the context's keys
+        projected with their bias and rotated by position; extra tokens, grouped or not, unrotated."""
+        attn = self.attn
+        assert attn.rope is not None
+        b_k = attn.qkv.bias[w_k.shape[0] : 2 * w_k.shape[0]] if attn.qkv.bias is not None else None
+        keys, values = attn.rope.rotate(F.linear(context, w_k, b_k)), F.linear(context, w_v)  # B, N, D
+        queries = q  # B, R, H, hd
+        if extra_normed is not None:
+            extra_keys, extra_values = F.linear(extra_normed, w_k, b_k), F.linear(extra_normed, w_v)
+            if extra_normed.dim() == 4:  # group g's rows (consecutive) read the context and extra[:, g]
+                groups = extra_normed.shape[1]
+                keys = torch.cat([keys.unsqueeze(1).expand(-1, groups, -1, -1), extra_keys], dim=2)
+                values = torch.cat([values.unsqueeze(1).expand(-1, groups, -1, -1), extra_values], dim=2)
+                queries = q.unflatten(1, (groups, -1))  # B, G, R/G, H, hd
+            else:
+                keys, values = torch.cat([keys, extra_keys], dim=1), torch.cat([values, extra_values], dim=1)
+
+        def heads(tokens: Tensor) -> Tensor:  # (..., T, D) -> (..., H, T, hd)
+            return tokens.unflatten(-1, (attn.num_heads, attn.head_dim)).transpose(-3, -2)
+
+        attn_mask = mask.unsqueeze(-3) if mask is not None else None  # (B,) 1, R, N+E: the same for every head
+        out = F.scaled_dot_product_attention(queries.transpose(-3, -2), heads(keys), heads(values),
+                                             attn_mask=attn_mask)
+        return out.transpose(-3, -2).flatten(-2).reshape(q.shape[0], q.shape[1], -1)
+
     def _projected_attention(self, q: Tensor, context: Tensor, extra_normed: Tensor | None, mask: Tensor | None,
                              w_k: Tensor, w_v: Tensor) -> Tensor:
         """The rows' attention values (B, R, D) before the value bias, from keys and values projected once.
@@ -410,64 +537,6 @@ def rows_attention_path(num_rows: int, num_tokens: int, dim: int, heads: int, ro
     return "projected" if projected < folded else "folded"
 
 
-def drop_samples(x: Tensor, p: float) -> Tensor:
-    """Stochastic depth: each sample's ``x`` is zeroed with probability ``p``, the rest scaled by 1 / (1 - p)."""
-    if p == 0:
-        return x
-    return x * sample_keep(x, p) / (1 - p)
-
-
-def sample_keep(x: Tensor, p: float) -> Tensor:
-    """The keep mask of :func:`drop_samples`: 1 or 0 per sample, drawn with probability 1 - ``p``."""
-    return x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
-
-
-def drop_branch(x: Tensor, p: float, draw_keep: Callable[[Tensor], Tensor] | None) -> Tensor:
-    """:func:`drop_samples`, or with the keep mask ``draw_keep(x)`` where given."""
-    if p == 0 or draw_keep is None:
-        return drop_samples(x, p)
-    return x * draw_keep(x) / (1 - p)
-
-
-# The way the methods' published code runs extra tokens: concatenated into the whole sequence under an
-# additive attention mask, autograd through all of it. Written out from a block's weights, apart from
-# Block.forward and forward_rows, so that the tests check those against it (tests/reference.py) and
-# `querytune measure --method vqt-naive` measures what it costs.
-
-NEG_INF = float("-inf")
-
-
-def _layer_scale(module: torch.nn.Module, x: Tensor) -> Tensor:
-    gamma = getattr(module, "gamma", None)
-    return x * gamma if gamma is not None else x
-
-
-def naive_block_parts(block: Block, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """One pre-norm block over the whole sequence ``x`` with an additive attention ``mask`` (N, N):
-    (output, attention branch, MLP branch), the branches before their residuals."""
-    dim = x.shape[-1]
-    heads = block.attn.num_heads
-    u = F.layer_norm(x, (dim,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
-    q, k, v = F.linear(u, block.attn.qkv.weight, block.attn.qkv.bias).chunk(3, dim=-1)
-    q, k, v = (t.unflatten(-1, (heads, dim // heads)).transpose(1, 2) for t in (q, k, v))
-    logits = q @ k.transpose(-1, -2) * (dim // heads) ** -0.5
-    if mask is not None:
-        logits = logits + mask
-    attended = (logits.softmax(-1) @ v).transpose(1, 2).flatten(2)
-    attn = _layer_scale(block.ls1, F.linear(attended, block.attn.proj.weight, block.attn.proj.bias))
-    a = x + attn
-    h = F.layer_norm(a, (dim,), block.norm2.weight, block.norm2.bias, block.norm2.eps)
-    mlp = _layer_scale(block.ls2, block.mlp(h))
-    if block.mlp_parallel is not None:
-        mlp = mlp + block.mlp_parallel(a)
-    return a + mlp, attn, mlp
-
-
-def naive_block(block: Block, x: Tensor, mask: Tensor | None = None) -> Tensor:
-    """One pre-norm block over the whole sequence ``x`` with an additive attention ``mask`` (N, N)."""
-    return naive_block_parts(block, x, mask)[0]
-
-
 class AttentionPool(nn.Module):
     """The multi-head attention-pooling (MAP) head of SigLIP (timm's ``AttentionPoolLatent``, one latent):
     a learned query attends to the tokens, then a pre-norm MLP with a residual; (B, N, D) -> (B, D)."""
@@ -492,11 +561,6 @@ class AttentionPool(nn.Module):
         pooled = F.scaled_dot_product_attention(heads(query), heads(keys), heads(values))
         pooled = self.proj(pooled.transpose(1, 2).flatten(2))[:, 0]
         return pooled + self.mlp(self.norm(pooled))
-
-
-def final_class_token(backbone: VisionTransformer, x: Tensor) -> Tensor:
-    norm = backbone.norm
-    return F.layer_norm(x[:, 0], (x.shape[-1],), norm.weight, norm.bias, norm.eps)
 
 
 if TYPE_CHECKING:
@@ -528,9 +592,10 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if config.class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, config.num_reg_tokens, dim)) if config.num_reg_tokens else None
         num_pos = config.pos_embed_prefix + config.grid_size**2
-        self.pos_embed = nn.Parameter(torch.randn(1, num_pos, dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, num_pos, dim) * 0.02) if config.absolute_pos_embed else None
         self.norm_pre = nn.LayerNorm(dim, eps=config.norm_eps) if config.norm_pre else nn.Identity()
-        self.blocks = cast("ModuleListOf[Block]", nn.ModuleList(Block(config) for _ in range(config.depth)))
+        rope = RotaryEmbedding(config) if config.rope else None
+        self.blocks = cast("ModuleListOf[Block]", nn.ModuleList(Block(config, rope) for _ in range(config.depth)))
         self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
         self.attn_pool = AttentionPool(config) if config.map_pool else None
         self._init_weights()
@@ -560,12 +625,15 @@ class VisionTransformer(nn.Module):
     def device(self) -> torch.device:
         return self.patch_embed.proj.weight.device
 
-    def position_embedding(self, height: int, width: int) -> tuple[Tensor, Tensor]:
+    def position_embedding(self, height: int, width: int) -> tuple[Tensor, Tensor] | None:
         """(prefix position embeddings, patch position embeddings) for a grid of height x width patches.
 
         Patch embeddings are resized with bicubic interpolation (in float32, as DINOv2
-        and Hugging Face do) when the grid differs from the pretrained one.
+        and Hugging Face do) when the grid differs from the pretrained one. None without absolute
+        position embeddings (DINOv3: its positions are rotary only).
         """
+        if self.pos_embed is None:
+            return None
         prefix = self.pos_embed[:, : self.config.pos_embed_prefix]
         patch = self.pos_embed[:, self.config.pos_embed_prefix :]
         side = int(math.isqrt(patch.shape[1]))
@@ -584,14 +652,15 @@ class VisionTransformer(nn.Module):
         patches = self.patch_embed(images)
         height = images.shape[-2] // self.config.patch_size
         width = images.shape[-1] // self.config.patch_size
-        pos_prefix, pos_patch = self.position_embedding(height, width)
+        positions = self.position_embedding(height, width)
         batch = patches.shape[0]
         prefix = [token.expand(batch, -1, -1) for token in (self.cls_token, self.reg_token) if token is not None]
-        tokens = patches + pos_patch
+        tokens = patches if positions is None else patches + positions[1]
         if prefix:
             prefix_tokens = torch.cat(prefix, dim=1)
             n_pos = self.config.pos_embed_prefix
-            if n_pos:
+            if n_pos and positions is not None:
+                pos_prefix = positions[0]
                 prefix_tokens = torch.cat([prefix_tokens[:, :n_pos] + pos_prefix, prefix_tokens[:, n_pos:]], dim=1)
             tokens = torch.cat([prefix_tokens, tokens], dim=1)
         return self.norm_pre(tokens)
@@ -602,7 +671,7 @@ class VisionTransformer(nn.Module):
         if self.cls_token is None:
             raise ValueError(f"{self.config.name} has no class token")
         token = self.cls_token[0]
-        if self.config.pos_embed_prefix:
+        if self.config.pos_embed_prefix and self.pos_embed is not None:
             token = token + self.pos_embed[0, :1]
         return self.norm_pre(token)
 
@@ -611,15 +680,13 @@ class VisionTransformer(nn.Module):
         x: Tensor,
         before_block: Callable[[int, Tensor], Tensor] | None = None,
         after_norm: Callable[[int, Tensor], None] | None = None,
-        memory: Tensor | None = None,
     ) -> Tensor:
         """The block loop: every block over tokens ``x`` (B, N, D); returns the last block's output
         (before the final norm).
 
         ``before_block(l, x)`` may change the tokens entering block l (VPT inserts its prompts
         there); ``after_norm(l, u)`` receives each block's normalised input ``u = norm1(x)``, what
-        the frozen-trunk methods read (the feature cache stores it); ``memory`` (L, M, D) adds M
-        key/value tokens to every block l that all tokens attend to (plain memory tokens).
+        the frozen-trunk methods read (the feature cache stores it).
         """
         for index, block in enumerate(self.blocks):
             if before_block is not None:
@@ -627,7 +694,7 @@ class VisionTransformer(nn.Module):
             u = block.norm1(x)
             if after_norm is not None:
                 after_norm(index, u)
-            x = block.forward_normed(x, u, None if memory is None else memory[index][None])
+            x = block.forward_normed(x, u)
         return x
 
     def pool(self, x: Tensor, inserted: int = 0) -> Tensor:

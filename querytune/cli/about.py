@@ -14,6 +14,7 @@ from .flags import setting_help
 from .printing import print_backbone, print_methods, print_metrics
 
 BackboneOpt = typer.Option(..., "--backbone", "-b", help=setting_help(RunSpec, "backbone"))
+ModelNameOpt = typer.Option(None, "--model-name", help=setting_help(RunSpec, "model_name"))
 
 
 @app.command()
@@ -41,11 +42,11 @@ def measure(
 
 
 @app.command()
-def info(backbone: str = BackboneOpt) -> None:
+def info(backbone: str = BackboneOpt, model_name: Optional[str] = ModelNameOpt) -> None:
     """Print a backbone's architecture, parameter count and input size."""
     from ..backbones import load_backbone
 
-    print_backbone(load_backbone(backbone))
+    print_backbone(load_backbone(backbone, model_name=model_name))
 
 
 @app.command()

@@ -3,13 +3,13 @@
 Per block l, m memory tokens E_l (init N(0, 0.02)) add keys and values only: whoever
 may attend to them reads them, and their own outputs are discarded.
 
-A task adds a class token C (init: the backbone's class token as it enters block 0),
-its memory M and a head. C is propagated through every block and attends to the
-original tokens, itself and M; the original tokens attend only to each other, so they
-are exactly the frozen trunk's. The trunk therefore runs under no_grad (or comes from
-the feature cache) and C passes each block as a row of :meth:`Block.forward_rows`
-reading the block's normalised tokens. (The paper's plain variant, where every token
-reads the memory, is :mod:`.memory_plain`.)
+A task adds a class token C (init: the backbone's class token as it enters block 0; on a
+backbone without one, such as SigLIP, N(0, 0.02) like the memory), its memory M and a head.
+C is propagated through every block and attends to the original tokens, itself and M; the
+original tokens attend only to each other, so they are exactly the frozen trunk's. The trunk
+therefore runs under no_grad (or comes from the feature cache) and C passes each block as a
+row of :meth:`Block.forward_rows` reading the block's normalised tokens. (The paper's plain
+variant, where every token reads the memory, is :mod:`.memory_plain`.)
 
 Task composition: a :class:`MemoryTaskSet` runs the class tokens of several tasks as rows
 of one ``forward_rows`` call per block, with an explicit mask. Task k attends to the
@@ -165,7 +165,7 @@ class MemoryTokens(Method):
     def __init__(self, backbone: VisionTransformer, num_classes: int, options: MemoryOptions) -> None:
         super().__init__(backbone, num_classes, options)
         depth, dim = backbone.config.depth, backbone.config.embed_dim
-        class_token = backbone.class_token_input()[0].detach().clone()  # (D,)
+        class_token = initial_class_token(backbone)
         memory = torch.randn(depth, options.memory_tokens, dim) * MEMORY_INIT_STD
         base_tasks, base_reads = [], []
         if options.extend is not None:
@@ -211,6 +211,14 @@ class MemoryTokens(Method):
             raise CheckpointError(f"{source}: was trained on top of {self.options.extend}, "
                                   "whose adapter has changed since")
         super().load_trainable_state_dict(state, source)
+
+
+def initial_class_token(backbone: VisionTransformer) -> Tensor:
+    """A new class token (D,): the backbone's as it enters block 0, or, where the backbone has none (SigLIP
+    pools by its MAP head), one drawn as the memory is."""
+    if backbone.cls_token is None:
+        return torch.randn(backbone.config.embed_dim) * MEMORY_INIT_STD
+    return backbone.class_token_input()[0].detach().clone()
 
 
 def _file_digest(path: Path) -> Tensor:

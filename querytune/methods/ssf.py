@@ -92,7 +92,7 @@ class SSFLayerNorm(ScaleShift):
         if base.weight is None or len(base.normalized_shape) != 1:
             raise ConfigError("SSF adapts LayerNorms with a gain over the channel axis only")
         super().__init__(base, base.normalized_shape[0])
-        self.eps = base.eps  # read by the naive block (querytune.backbones.vit.naive_block_parts)
+        self.eps = base.eps  # read by the naive block (querytune.methods.vqt.naive_block_parts)
         self.normalized_shape = base.normalized_shape
 
     def forward(self, x: Tensor) -> Tensor:

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbones.vit import VisionTransformer, drop_samples, sample_keep
+from ..backbones.vit import Block, RowsOutput, VisionTransformer
 from ..options import option
 from ..trunk import TrunkInput
 from ..trunk.features import Features
@@ -186,10 +186,41 @@ class SynQTHead(nn.Module):
         return self.classifier(self.norm(pooled))
 
 
+def drop_samples(x: Tensor, p: float) -> Tensor:
+    """Stochastic depth: each sample's ``x`` is zeroed with probability ``p``, the rest scaled by 1 / (1 - p)."""
+    if p == 0:
+        return x
+    return x * sample_keep(x, p) / (1 - p)
+
+
+def sample_keep(x: Tensor, p: float) -> Tensor:
+    """The keep mask of :func:`drop_samples`: 1 or 0 per sample, drawn with probability 1 - ``p``."""
+    return x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
+
+
+def drop_branch(x: Tensor, p: float, draw_keep: Callable[[Tensor], Tensor] | None) -> Tensor:
+    """:func:`drop_samples`, or with the keep mask ``draw_keep(x)`` where given."""
+    if p == 0 or draw_keep is None:
+        return drop_samples(x, p)
+    return x * draw_keep(x) / (1 - p)
+
+
+def rows_with_drop_path(block: Block, rows: Tensor, context: Tensor, drop_path: float = 0.0,
+                        draw_keep: Callable[[Tensor], Tensor] | None = None) -> RowsOutput:
+    """:meth:`Block.forward_rows` of the query ``rows`` against ``context``, with the rows' attention and MLP
+    branches dropped per sample with probability ``drop_path`` (stochastic depth, as timm's blocks drop their
+    own branches in training); ``draw_keep(branch)``, where given, draws the keep mask (1 or 0,
+    broadcastable to the branch) instead, e.g. per row group from each group's own random stream."""
+    attn = drop_branch(block.rows_attention(rows, context), drop_path, draw_keep)
+    a = rows + attn
+    mlp = drop_branch(block.mlp_branch(a), drop_path, draw_keep)
+    return RowsOutput(a + mlp, attn, mlp)
+
+
 def keep_per_member(sizes: list[int], drop_path: float,
                     random_stream: Callable[[int], AbstractContextManager[None]]) -> Callable[[Tensor], Tensor]:
     """``draw_keep`` for stacked members' rows (``sizes`` rows each): each member's per-sample drop-path
-    mask, drawn from its own stream as its lone ``forward_rows`` draws it, spread over its rows."""
+    mask, drawn from its own stream as its lone :func:`rows_with_drop_path` draws it, spread over its rows."""
     def draw_keep(branch: Tensor) -> Tensor:
         keeps = []
         for k, size in enumerate(sizes):
@@ -254,9 +285,8 @@ def stacked_logits(synqts: Sequence[SynQT], features: Features,
                 rows.append(synqt.synthesis(index, batch, outputs[k][-1] if outputs[k] else None))
         sizes = [r.shape[1] for r in rows]
         drop_path = synqts[0].query_drop_path(index)
-        out, attn, mlp = block.forward_rows(torch.cat(rows, dim=1), features.layers[:, index],
-                                            drop_path=drop_path,
-                                            draw_keep=keep_per_member(sizes, drop_path, random_stream))
+        out, attn, mlp = rows_with_drop_path(block, torch.cat(rows, dim=1), features.layers[:, index], drop_path,
+                                             keep_per_member(sizes, drop_path, random_stream))
         for k, (o, a, m) in enumerate(zip(out.split(sizes, 1), attn.split(sizes, 1), mlp.split(sizes, 1))):
             outputs[k].append(o.mean(1))
             attns[k].append(a.mean(1))

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..backbones.vit import VisionTransformer
+from ..errors import ConfigError
 from ..options import option
 from ..trunk import TrunkInput
 from .base import Method
@@ -61,6 +62,9 @@ class Prompts(nn.Module):
     def __init__(self, backbone: VisionTransformer, options: VPTOptions) -> None:
         super().__init__()
         config = backbone.config
+        if config.rope:
+            raise ConfigError(f"vpt on {config.name}: its prompts would sit among the tokens that rotary position "
+                              "embeddings rotate; not supported on RoPE backbones (EVA-02, DINOv3)")
         sets = config.depth if options.vpt_mode == "deep" else 1
         bound = vpt_init_bound(backbone)
         tokens = torch.empty(sets, options.prompts, config.embed_dim, device=backbone.device)

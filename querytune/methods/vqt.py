@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbones.vit import NEG_INF, VisionTransformer, naive_block
+from ..backbones.vit import VisionTransformer
 from ..errors import ConfigError
 from ..options import option
 from ..train import TrainConfig
@@ -226,6 +226,52 @@ def compress_head(method: VQT, source: Any, cfg: TrainConfig, device: torch.devi
             "kept_features": kept_count, "total_features": num_features}
 
 
+# The way the methods' published code runs extra tokens: concatenated into the whole sequence under an
+# additive attention mask, autograd through all of it. Written out from a block's weights, apart from
+# Block.forward and forward_rows, so that the tests check those against it (tests/reference.py) and
+# `querytune measure --method vqt-naive` measures what it costs.
+
+NEG_INF = float("-inf")
+
+
+def _layer_scale(module: nn.Module, x: Tensor) -> Tensor:
+    gamma = getattr(module, "gamma", None)
+    return x * gamma if gamma is not None else x
+
+
+def naive_block_parts(block: Block, x: Tensor, mask: Tensor | None = None,
+                      image_tokens: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """One pre-norm block over the whole sequence ``x`` with an additive attention ``mask`` (N, N):
+    (output, attention branch, MLP branch), the branches before their residuals. On a RoPE backbone the
+    queries and keys of the first ``image_tokens`` tokens (default all: the image's own, prefix first) are
+    rotated by position; the tokens appended after them carry none."""
+    dim = x.shape[-1]
+    heads = block.attn.num_heads
+    u = F.layer_norm(x, (dim,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
+    q, k, v = F.linear(u, block.attn.qkv.weight, block.attn.qkv.bias).chunk(3, dim=-1)
+    rope = block.attn.rope
+    if rope is not None:
+        count = x.shape[1] if image_tokens is None else image_tokens
+        q, k = (torch.cat([rope.rotate(t[:, :count]), t[:, count:]], dim=1) for t in (q, k))
+    q, k, v = (t.unflatten(-1, (heads, dim // heads)).transpose(1, 2) for t in (q, k, v))
+    logits = q @ k.transpose(-1, -2) * (dim // heads) ** -0.5
+    if mask is not None:
+        logits = logits + mask
+    attended = (logits.softmax(-1) @ v).transpose(1, 2).flatten(2)
+    attn = _layer_scale(block.ls1, F.linear(attended, block.attn.proj.weight, block.attn.proj.bias))
+    a = x + attn
+    h = F.layer_norm(a, (dim,), block.norm2.weight, block.norm2.bias, block.norm2.eps)
+    mlp = _layer_scale(block.ls2, block.mlp(h))
+    if block.mlp_parallel is not None:
+        mlp = mlp + block.mlp_parallel(a)
+    return a + mlp, attn, mlp
+
+
+def naive_block(block: Block, x: Tensor, mask: Tensor | None = None, image_tokens: int | None = None) -> Tensor:
+    """One pre-norm block over the whole sequence ``x`` with an additive attention ``mask`` (N, N)."""
+    return naive_block_parts(block, x, mask, image_tokens)[0]
+
+
 # VQT the published way, which `querytune measure --method vqt-naive` measures.
 
 
@@ -245,7 +291,7 @@ def naive_vqt_head_input(method: VQT, images: Tensor) -> Tensor:
         sequence = torch.cat([x, queries], dim=1)
         mask = torch.zeros(sequence.shape[1], sequence.shape[1], dtype=x.dtype, device=x.device)
         mask[:, tokens:] = NEG_INF
-        out = naive_block(block, sequence, mask)
+        out = naive_block(block, sequence, mask, tokens)
         x, z = out[:, :tokens], out[:, tokens:]
         if path.combine == "concat":
             summaries.append(z.flatten(1))
