@@ -45,6 +45,7 @@ JPEG = {"content-type": "image/jpeg"}
 FIELD_ONLY = b'--x\r\nContent-Disposition: form-data; name="name"\r\n\r\ncat\r\n--x--\r\n'  # a form, no file
 TOKEN = "s3cret-Token_42"
 BEARER = {"authorization": f"Bearer {TOKEN}"}
+KEYS = {"default": TOKEN}  # a bare key is named "default"
 
 
 @pytest.fixture(scope="module")
@@ -459,7 +460,7 @@ def test_every_request_but_health_and_the_page_needs_the_token(runs, images):
                ({"authorization": f"Bearer {TOKEN[:-1]}"}, "wrong token"),
                ({"authorization": f"Basic {TOKEN}"}, "the Authorization header must be 'Bearer <token>'"),
                ({"authorization": TOKEN}, "the Authorization header must be 'Bearer <token>'")]
-    with running(server, ServiceAccess(token=TOKEN)) as url, httpx.Client(base_url=url) as client:
+    with running(server, ServiceAccess(KEYS)) as url, httpx.Client(base_url=url) as client:
         for headers, says in refused:
             for method, path in (("POST", "/predict"), ("GET", "/tasks"), ("GET", "/metrics"), ("POST", "/health"),
                                  ("GET", "/nothing")):
@@ -478,7 +479,7 @@ def test_every_request_but_health_and_the_page_needs_the_token(runs, images):
 def test_metrics_count_what_was_answered(runs, images):
     server = MultiTaskServer.from_runs(None, runs[:2], device="cpu")
     good = images[0].read_bytes()
-    with running(server, ServiceAccess(token=TOKEN), max_batch=4) as url, \
+    with running(server, ServiceAccess(KEYS), max_batch=4) as url, \
             httpx.Client(base_url=url, headers=BEARER) as client:
         first = scrape(client)
         assert not any(name.startswith("querytune_requests_total") for name in first), first
@@ -515,7 +516,7 @@ def test_the_access_log_says_who_asked_for_what_and_holds_no_body(runs, images, 
     token_file.chmod(0o600)
     log = tmp_path / "access.jsonl"
     access = ServiceAccess.from_options("127.0.0.1", token_file, False, str(log))
-    assert access.token == TOKEN  # the trailing newline stripped
+    assert access.keys == KEYS  # the trailing newline stripped
     server = MultiTaskServer.from_runs(None, runs[:2], device="cpu")
     good, marker = images[0].read_bytes(), b"BODY-MARKER " * 200
     both = ["linear", "memory"]
@@ -539,7 +540,7 @@ def test_the_access_log_says_who_asked_for_what_and_holds_no_body(runs, images, 
     assert [(line["method"], line["route"], line["tasks"], line["images"], line["status"]) for line in lines] == [
         (method, path.split("?")[0], tasks, count, status) for method, path, _, status, tasks, count in sent]
     for line in lines:
-        assert line.keys() == {"time", "client", "method", "route", "tasks", "images", "status", "ms"}
+        assert line.keys() == {"time", "client", "key", "method", "route", "tasks", "images", "status", "ms"}
         assert line["client"] == "127.0.0.1" and 0 <= line["ms"] < 60_000
         assert time.time() - datetime.fromisoformat(line["time"]).timestamp() < 600
     assert "BODY-MARKER" not in text and TOKEN not in text and len(text) < 250 * len(lines)  # no body, no token
@@ -549,7 +550,7 @@ def test_a_client_past_its_inflight_limit_gets_429_and_others_are_served(runs, i
     server = MultiTaskServer.from_runs(None, runs[:1], device="cpu")
     good = images[0].read_bytes()
     elsewhere = httpx.HTTPTransport(local_address="127.0.0.2")  # another client: another loopback address
-    with running(server, ServiceAccess(token=TOKEN), max_inflight_per_client=2, read_timeout=5) as url, \
+    with running(server, ServiceAccess(KEYS), max_inflight_per_client=2, read_timeout=5) as url, \
             httpx.Client(base_url=url, headers=BEARER) as here, \
             httpx.Client(base_url=url, headers=BEARER, transport=elsewhere) as there:
         port = int(url.rsplit(":", 1)[1])
@@ -589,7 +590,7 @@ def test_serving_beyond_loopback_needs_a_token(runs, tmp_path, capsys, monkeypat
             "QUERYTUNE_TOKEN), or --no-auth to answer anyone")
     for host in ("127.0.0.1", "127.3.2.1", "::1", "[::1]", "localhost", "LocalHost"):
         assert ServiceAccess.from_options(host, None, False, None) == ServiceAccess(None, None), host
-    assert ServiceAccess.from_options("0.0.0.0", None, True, None).token is None  # --no-auth says so
+    assert ServiceAccess.from_options("0.0.0.0", None, True, None).keys is None  # --no-auth says so
 
     token_file = tmp_path / "token"
     token_file.touch(0o600)
@@ -607,7 +608,7 @@ def test_serving_beyond_loopback_needs_a_token(runs, tmp_path, capsys, monkeypat
             f"error: --token-file {token_file}: permissions {mode:04o} let group or others access it; "
             f"chmod 600 {token_file}")
     token_file.chmod(0o600)
-    assert ServiceAccess.from_options("0.0.0.0", token_file, False, None).token == TOKEN
+    assert ServiceAccess.from_options("0.0.0.0", token_file, False, None).keys == KEYS
     assert cli_error(capsys, "serve", "--run", run, "--token-file", tmp_path / "absent") == (
         f"error: --token-file {tmp_path / 'absent'}: No such file or directory")
     token_file.write_text("from-the-file\r\n")
@@ -616,8 +617,9 @@ def test_serving_beyond_loopback_needs_a_token(runs, tmp_path, capsys, monkeypat
     assert cli_error(capsys, "serve", "--run", run, "--access-log", tmp_path / "no" / "log") == (
         f"error: --access-log {tmp_path / 'no' / 'log'}: No such file or directory")
     monkeypatch.setenv("QUERYTUNE_TOKEN", TOKEN)
-    assert ServiceAccess.from_options("0.0.0.0", None, False, None).token == TOKEN
-    assert ServiceAccess.from_options("0.0.0.0", token_file, False, None).token == "from-the-file"  # the flag first
+    assert ServiceAccess.from_options("0.0.0.0", None, False, None).keys == KEYS
+    from_the_flag = ServiceAccess.from_options("0.0.0.0", token_file, False, None)
+    assert from_the_flag.keys == {"default": "from-the-file"}  # the flag first
     monkeypatch.setenv("QUERYTUNE_TOKEN", "")
     assert cli_error(capsys, "serve", "--run", run) == "error: QUERYTUNE_TOKEN is empty: it must hold the token"
 
@@ -655,7 +657,7 @@ def test_page_asks_for_the_token_once_and_shows_every_task_answer_in_headless_ch
     options.binary_location = browser
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         options.add_argument(argument)
-    with running(server, ServiceAccess(token=TOKEN)) as url:
+    with running(server, ServiceAccess(KEYS)) as url:
         chrome = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
         try:
             chrome.get(url + "/")
