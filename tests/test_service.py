@@ -27,7 +27,7 @@ from test_bad_input import cli_error
 
 from conftest import tiny_vit, write_task
 from querytune import MultiTaskServer, train_run
-from querytune.backbones import save_backbone
+from querytune.backbones import load_backbone, save_backbone
 from querytune.errors import ConfigError, DataError
 from querytune.settings import RunSpec, Runtime
 
@@ -38,6 +38,7 @@ from querytune.service import app as service_app  # noqa: E402
 from querytune.service.app import service_config  # noqa: E402
 from querytune.service.connections import ConnectionGuard  # noqa: E402
 from querytune.service.images import decode, decoded_bytes  # noqa: E402
+from querytune.service.live import LiveRuns  # noqa: E402
 from querytune.service.metrics import Metrics  # noqa: E402
 
 RUNS = ("linear", "memory", "lora")  # frozen-backbone runs sharing a pass, and one adapting the backbone
@@ -66,9 +67,11 @@ def images(runs: list[Path]) -> list[Path]:
 
 
 @contextmanager
-def running(server: MultiTaskServer, access: ServiceAccess | None = None, **limits: float) -> Iterator[str]:
+def running(server: MultiTaskServer | LiveRuns, access: ServiceAccess | None = None, poll_seconds: float = 2.0,
+            **limits: float) -> Iterator[str]:
     """The service on a free loopback port, in a thread of this process; yields its base URL."""
-    service = uvicorn.Server(service_config(create_app(server, ServiceLimits(**limits), access), "127.0.0.1", 0))
+    app = create_app(server, ServiceLimits(**limits), access, poll_seconds)
+    service = uvicorn.Server(service_config(app, "127.0.0.1", 0))
     thread = threading.Thread(target=service.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -711,3 +714,148 @@ def test_serve_command_under_a_bounded_load_of_good_and_malformed_requests(tiny_
     assert log["unauthorised"] == faults["by_kind"]["no token"] + faults["by_kind"]["wrong token"]
     assert faults["rss_after_mb"] - faults["rss_before_mb"] < 64  # the benchmark's 10k requests say more
     assert faults["slow_headers"]["answered_408"] == 20 and faults["decode_memory"]["statuses"] == [200], faults
+
+
+def wait_until(check: object, seconds: float = 20, what: str = "") -> None:
+    """Polls ``check()`` every 0.1 s until it is true; fails after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"not within {seconds} s: {what}"
+        time.sleep(0.1)
+
+
+def add_run(run: Path, folder: Path, name: str) -> Path:
+    """``run`` copied into ``folder`` as an operator would: under a hidden name, then renamed into place."""
+    staged = folder / f".{name}.partial"
+    shutil.copytree(run, staged)
+    return staged.rename(folder / name)
+
+
+def test_a_live_runs_folder_serves_runs_as_they_come_and_go(runs, images, tmp_path):
+    folder, outside = tmp_path / "runs", tmp_path / "elsewhere"
+    folder.mkdir()
+    said: list[str] = []
+    live = LiveRuns(folder, load_backbone(runs[0].parent / "tiny-vit.safetensors"), "cpu", said.append)
+    add_run(runs[0], folder, "linear")
+    live.scan()
+    token_file = tmp_path / "keys"
+    token_file.write_text(f"alice:{TOKEN}\n# the build robot\nbob:bobs-key\n")
+    token_file.chmod(0o600)
+    access = ServiceAccess.from_options("127.0.0.1", token_file, False, None)
+    assert access.keys == {"alice": TOKEN, "bob": "bobs-key"}
+    good = images[0].read_bytes()
+    with running(live, access, poll_seconds=0.2) as url, httpx.Client(base_url=url, headers=BEARER) as client:
+        def served() -> list[str]:
+            return [task["name"] for task in client.get("/tasks").json()["tasks"]]
+
+        assert served() == ["linear"]
+        add_run(runs[1], folder, "memory")  # added: served within a few polls, no restart
+        wait_until(lambda: served() == ["linear", "memory"], what="the added run served")
+        response = client.post("/predict", content=good, headers=JPEG)
+        assert response.status_code == 200 and response.json()["images"][0]["predictions"].keys() == {
+            "linear", "memory"}
+
+        corrupt = add_run(runs[2], folder, "corrupt")  # its adapter no longer matches its checksum
+        adapter = corrupt / "adapter.safetensors"
+        adapter.write_bytes(adapter.read_bytes()[:-1] + b"\0")
+        shutil.copytree(runs[2], outside)
+        (folder / "linked").symlink_to(outside)  # a run outside the folder, through a symlink
+        unfinished = add_run(runs[2], folder, "unfinished")
+        (unfinished / "metrics.json").unlink()
+        shutil.rmtree(folder / "linear")  # removed: no longer served
+        wait_until(lambda: served() == ["memory"], what="the removed run dropped")
+        time.sleep(1)  # five more polls: nothing more is said
+        response = client.post("/predict?tasks=linear", content=good, headers=JPEG)
+        assert response.status_code == 404 and "unknown task 'linear'" in response.json()["error"]
+
+        bob = {"authorization": "Bearer bobs-key"}
+        assert client.get("/tasks", headers=bob).status_code == 200
+        token_file.write_text(f"alice:{TOKEN}\n")  # bob revoked
+        reloaded = client.post("/admin/reload")
+        assert reloaded.status_code == 200 and [task["name"] for task in reloaded.json()["tasks"]] == ["memory"]
+        assert client.get("/tasks", headers=bob).status_code == 401
+        assert client.get("/tasks").status_code == 200  # alice still in
+        samples = scrape(client)
+    assert samples['querytune_task_requests_total{task="memory"}'] == 1
+    assert samples['querytune_task_request_duration_seconds_count{task="linear"}'] == 1
+    assert 'querytune_task_requests_total{task="corrupt"}' not in samples
+    assert said.count(f"{folder / 'memory'}: served") == 1 and f"{folder / 'linear'}: removed; no longer served" in said
+    about = {name: [line for line in said if line.startswith(str(folder / name) + ":")]
+             for name in ("corrupt", "linked", "unfinished")}
+    assert about["corrupt"] == [f"{folder / 'corrupt'}: not served: {adapter}: corrupted (its sha256 differs from "
+                                "adapter.sha256); train the run again"], said  # once, not every poll
+    assert about["linked"] == [f"{folder / 'linked'}: not served: the folder leads to {outside}, outside {folder}"]
+    assert about["unfinished"] == [f"{folder / 'unfinished'}: not served: not finished (no metrics.json)"]
+
+
+def test_a_run_for_another_input_size_is_refused_with_one_line(runs, tmp_path):
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    add_run(runs[0], folder, "a")
+    other = add_run(runs[1], folder, "b")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "image_size": 64}))
+    said: list[str] = []
+    live = LiveRuns(folder, load_backbone(runs[0].parent / "tiny-vit.safetensors"), "cpu", said.append)
+    assert live.scan() and not live.scan()
+    assert live.current is not None and [task.name for task in live.current.tasks] == ["a"]
+    assert said == [f"{folder / 'a'}: served", f"{folder / 'b'}: not served: {other}: was trained at 64 px and "
+                                               f"{folder / 'a'} at 32 px; runs served together need one input size"]
+
+
+def test_named_keys_are_revoked_on_sighup_and_sigterm_drains_then_exits_0(runs, images, tmp_path):
+    import signal
+
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    add_run(runs[0], folder, "linear")
+    token_file, log = tmp_path / "keys", tmp_path / "access.jsonl"
+    token_file.write_text(f"alice:{TOKEN}\nbob:bobs-key\n")
+    token_file.chmod(0o600)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "querytune", "serve", "--runs-dir", folder, "--backbone",
+         runs[0].parent / "tiny-vit.safetensors", "--port", str(port), "--device", "cpu", "--token-file", token_file,
+         "--access-log", log], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(root)})
+    url, good = f"http://127.0.0.1:{port}", images[0].read_bytes()
+    alice, bob = BEARER, {"authorization": "Bearer bobs-key"}
+    try:
+        def answers(headers: dict[str, str]) -> int:
+            with suppress(httpx.TransportError):
+                return httpx.get(url + "/tasks", headers=headers, timeout=5).status_code
+            assert process.poll() is None, process.communicate()
+            return 0
+
+        wait_until(lambda: answers(bob) == 200, 120, "the service started")
+        token_file.write_text(f"alice:{TOKEN}\n")  # bob revoked, then SIGHUP
+        process.send_signal(signal.SIGHUP)
+        wait_until(lambda: answers(bob) == 401, what="bob's key revoked")
+        assert answers(alice) == 200
+
+        sock = socket.create_connection(("127.0.0.1", port))  # a request in flight: half its body sent
+        sock.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nAuthorization: Bearer "
+                     f"{TOKEN}\r\nContent-Length: {len(good)}\r\n\r\n".encode() + good[:100])
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert process.poll() is None  # still draining
+        sock.sendall(good[100:])
+        reply = reply_of(sock, 30)
+        sock.close()
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        stderr = process.communicate(timeout=30)[1]
+    assert f"--token-file {token_file}: keys revoked bob" in stderr
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    keys = {(line["key"], line["status"]) for line in lines if line["route"] == "/tasks"}
+    assert keys == {("alice", 200), ("bob", 200), (None, 401)}
+    assert [line["key"] for line in lines if line["route"] == "/predict"] == ["alice"]
+    text = log.read_text()
+    assert TOKEN not in text and "bobs-key" not in text
