@@ -801,6 +801,10 @@ def test_a_run_for_another_input_size_is_refused_with_one_line(runs, tmp_path):
     assert live.current is not None and [task.name for task in live.current.tasks] == ["a"]
     assert said == [f"{folder / 'a'}: served", f"{folder / 'b'}: not served: {other}: was trained at 64 px and "
                                                f"{folder / 'a'} at 32 px; runs served together need one input size"]
+    shutil.rmtree(folder)  # the folder itself gone: the runs served stay, said once
+    assert not live.scan() and not live.scan() and live.current is not None
+    assert said[2:] == [f"{folder}: cannot be read ([Errno 2] No such file or directory: '{folder}'); the runs "
+                        "served stay"]
 
 
 def test_named_keys_are_revoked_on_sighup_and_sigterm_drains_then_exits_0(runs, images, tmp_path):

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..backbones.vit import VisionTransformer
-from ..errors import ConfigError, QuerytuneError
+from ..errors import ConfigError, QuerytuneError, one_line
 from ..runfolder import ADAPTER, ADAPTER_CHECKSUM, read_run_config
 from ..serve import MultiTaskServer, ServedMethod, load_served, run_mismatch, serving_precision
 from ..trunk.cache import backbone_fingerprint
@@ -49,13 +49,21 @@ class LiveRuns:
         self.loaded: dict[str, tuple[ServedMethod, dict[str, Any]]] = {}  # folder name -> its task and config
         self.reference: tuple[Path, dict[str, Any]] | None = None  # the first run served: input size, normalisation
         self.lock = threading.Lock()  # one scan at a time
+        self.unreadable: str | None = None  # why the root could not be read at the last scan
 
     def scan(self) -> bool:
         """Look at every folder under the root once; serve the runs added or changed, stop those removed or broken.
         Whether the served set changed."""
         with self.lock:
-            found = {entry.name: entry for entry in self.root.iterdir()
-                     if not entry.name.startswith(".") and entry.is_dir()}
+            try:
+                found = {entry.name: entry for entry in self.root.iterdir()
+                         if not entry.name.startswith(".") and entry.is_dir()}
+            except OSError as error:  # the folder itself gone or unreadable: the runs served stay, said once
+                if self.unreadable != (unreadable := one_line(error)):
+                    self.say(f"{self.root}: cannot be read ({unreadable}); the runs served stay")
+                self.unreadable = unreadable
+                return False
+            self.unreadable = None
             changed = False
             for name in sorted(self.versions.keys() - found.keys()):
                 del self.versions[name]
@@ -71,8 +79,9 @@ class LiveRuns:
                 changed |= stopped
                 try:
                     self.loaded[name] = self.load(name, folder, version)
-                except QuerytuneError as error:
-                    self.say(f"{folder}: not served{' any more' if stopped else ''}: {error}")
+                except Exception as error:  # whatever a broken run raises, the others go on being served
+                    why = error if isinstance(error, QuerytuneError) else f"{type(error).__name__}: {one_line(error)}"
+                    self.say(f"{folder}: not served{' any more' if stopped else ''}: {why}")
                     continue
                 self.say(f"{folder}: {'replaced; now serving the new run' if stopped else 'served'}")
                 changed = True
