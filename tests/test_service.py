@@ -431,6 +431,13 @@ def test_service_limits_are_checked(tmp_path, capsys):
     assert error == "error: --max-batch must be at least 1 (got 0)"
     error = cli_error(capsys, "serve", "--run", tmp_path, "--max-inflight-per-client", "0")
     assert error == "error: --max-inflight-per-client must be at least 1 (got 0)"
+    both = "error: give the runs to serve: --run (repeated) or --runs-dir, not both"
+    assert cli_error(capsys, "serve") == both
+    assert cli_error(capsys, "serve", "--run", tmp_path, "--runs-dir", tmp_path) == both
+    assert cli_error(capsys, "serve", "--runs-dir", tmp_path) == (
+        "error: --runs-dir needs --backbone: the backbone its runs are served on")
+    assert cli_error(capsys, "serve", "--runs-dir", tmp_path / "absent", "--backbone", "tiny") == (
+        f"error: --runs-dir {tmp_path / 'absent'}: not a folder")
 
 
 SAMPLE = re.compile(r"([a-z_]+)(\{[^}]*\})? (\S+)")

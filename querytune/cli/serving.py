@@ -111,7 +111,6 @@ def serve(
 ) -> None:
     r"""Answer every run's task over HTTP: POST /predict (images), GET /tasks, GET /health, GET /metrics, POST
     /admin/reload, and a page at /. Needs the extra querytune\[serve]; docs/serving.md."""
-    from ..backbones import load_backbone
     from ..serve import MultiTaskServer
     from ..service import ServiceAccess
     from ..service import serve as run_service
@@ -127,7 +126,7 @@ def serve(
     runs: MultiTaskServer | LiveRuns
     if runs_dir is not None:
         assert backbone is not None
-        runs = LiveRuns(runs_dir, load_backbone(backbone), device)
+        runs = LiveRuns(runs_dir, backbone, device)
         runs.scan()
         served = f"the runs in {runs_dir} ({len(runs.current.tasks) if runs.current else 0} now)"
     else:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..backbones import load_backbone
 from ..backbones.vit import VisionTransformer
 from ..errors import ConfigError, QuerytuneError, one_line
 from ..runfolder import ADAPTER, ADAPTER_CHECKSUM, read_run_config
@@ -34,14 +35,15 @@ def say_on_stderr(line: str) -> None:
 
 
 class LiveRuns:
-    """The finished runs under ``root`` on one backbone; :attr:`current` is the set served now (None: none yet)."""
+    """The finished runs under ``root`` on one backbone (a model, or where to load it from); :attr:`current` is the
+    set served now (None: none yet)."""
 
-    def __init__(self, root: Path, backbone: VisionTransformer, device: torch.device | str | None = None,
+    def __init__(self, root: Path, backbone: VisionTransformer | str | Path, device: torch.device | str | None = None,
                  say: Callable[[str], None] = say_on_stderr) -> None:
         if not root.is_dir():
             raise ConfigError(f"--runs-dir {root}: not a folder")
         self.root = root.resolve()
-        self.backbone = backbone
+        self.backbone = load_backbone(backbone)  # after the folder's check: a typo costs no model load
         self.device = device
         self.say = say
         self.current: MultiTaskServer | None = None
