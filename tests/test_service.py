@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
@@ -731,10 +731,12 @@ def wait_until(check: object, seconds: float = 20, what: str = "") -> None:
         time.sleep(0.1)
 
 
-def add_run(run: Path, folder: Path, name: str) -> Path:
-    """``run`` copied into ``folder`` as an operator would: under a hidden name, then renamed into place."""
+def add_run(run: Path, folder: Path, name: str, edit: Callable[[Path], object] = lambda staged: None) -> Path:
+    """``run`` copied into ``folder`` as an operator would: under a hidden name (where ``edit`` may change it),
+    then renamed into place."""
     staged = folder / f".{name}.partial"
     shutil.copytree(run, staged)
+    edit(staged)
     return staged.rename(folder / name)
 
 
@@ -762,13 +764,14 @@ def test_a_live_runs_folder_serves_runs_as_they_come_and_go(runs, images, tmp_pa
         assert response.status_code == 200 and response.json()["images"][0]["predictions"].keys() == {
             "linear", "memory"}
 
-        corrupt = add_run(runs[2], folder, "corrupt")  # its adapter no longer matches its checksum
-        adapter = corrupt / "adapter.safetensors"
-        adapter.write_bytes(adapter.read_bytes()[:-1] + b"\0")
+        def corrupt(staged: Path) -> None:  # its adapter no longer matches its checksum
+            adapter = staged / "adapter.safetensors"
+            adapter.write_bytes(adapter.read_bytes()[:-1] + b"\0")
+
+        adapter = add_run(runs[2], folder, "corrupt", corrupt) / "adapter.safetensors"
         shutil.copytree(runs[2], outside)
         (folder / "linked").symlink_to(outside)  # a run outside the folder, through a symlink
-        unfinished = add_run(runs[2], folder, "unfinished")
-        (unfinished / "metrics.json").unlink()
+        add_run(runs[2], folder, "unfinished", lambda staged: (staged / "metrics.json").unlink())
         shutil.rmtree(folder / "linear")  # removed: no longer served
         wait_until(lambda: served() == ["memory"], what="the removed run dropped")
         time.sleep(1)  # five more polls: nothing more is said
