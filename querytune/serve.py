@@ -82,6 +82,36 @@ class MergedRows(torch.nn.Module):
         return logits
 
 
+def run_mismatch(run: str | Path, config: dict[str, Any], reference_run: str | Path,
+                 reference: dict[str, Any]) -> str | None:
+    """Why ``run`` (its ``config``) cannot be served with ``reference_run``: another backbone, input normalisation
+    or input size; None where it can."""
+    if config["backbone"]["fingerprint"] != reference["backbone"]["fingerprint"]:
+        return (f"{run}: was trained on backbone {config['backbone']['name']!r} and {reference_run} on "
+                f"{reference['backbone']['name']!r} (other weights); runs served together share one")
+    if config.get("normalisation") != reference.get("normalisation"):
+        return (f"{run}: was trained with another input normalisation than {reference_run}; runs served together "
+                "need one")
+    if config["image_size"] != reference["image_size"]:
+        return (f"{run}: was trained at {config['image_size']} px and {reference_run} at {reference['image_size']} px; "
+                "runs served together need one input size")
+    return None
+
+
+def load_served(name: str, run: str | Path, config: dict[str, Any], backbone: VisionTransformer) -> ServedMethod:
+    """A finished run as a task named ``name``: on ``backbone`` itself where its method reads the frozen trunk, else
+    on its own copy (LoRA wraps its layers, full and BitFit load weights into it; the shared trunk stays as loaded)."""
+    shares_trunk = method_class(config["method"]).reads.frozen
+    method, _ = load_run(run, backbone if shares_trunk else copy.deepcopy(backbone))
+    return ServedMethod(name, method, config.get("classes"))
+
+
+def serving_precision(configs: Sequence[dict[str, Any]]) -> Precision:
+    """bf16 where every run was trained so, else fp32."""
+    every_bf16 = all(config["train"]["precision"] == Precision.BF16.value for config in configs)
+    return Precision.BF16 if every_bf16 else Precision.FP32
+
+
 class MultiTaskServer:
     """Answers every frozen-backbone task from one trunk pass per image batch, and every task that adapts
     the backbone from a pass of its own backbone (which must not be the shared one)."""
@@ -125,32 +155,16 @@ class MultiTaskServer:
             if resolved.count(path) > 1:
                 raise ConfigError(f"{run}: given twice")
         configs = [read_run_config(run) for run in runs]
-        frozen = [method_class(config["method"]).reads.frozen for config in configs]
         for run, config in zip(runs, configs):
-            if config["backbone"]["fingerprint"] != configs[0]["backbone"]["fingerprint"]:
-                raise ConfigError(f"{run}: was trained on backbone {config['backbone']['name']!r} and {runs[0]} on "
-                                  f"{configs[0]['backbone']['name']!r} (other weights); runs served together share one")
-            if config.get("normalisation") != configs[0].get("normalisation"):
-                raise ConfigError(f"{run}: was trained with another input normalisation than {runs[0]}; runs "
-                                  "served together need one")
-            if config["image_size"] != configs[0]["image_size"]:
-                raise ConfigError(f"{run}: was trained at {config['image_size']} px and {runs[0]} at "
-                                  f"{configs[0]['image_size']} px; runs served together need one input size")
+            if (mismatch := run_mismatch(run, config, runs[0], configs[0])) is not None:
+                raise ConfigError(mismatch)
         trained = configs[0]["backbone"]
         backbone = load_backbone(backbone_source if backbone_source is not None else trained["source"],
                                  model_name=trained.get("model_name") if backbone_source is None else None)
         names = [path.name for path in resolved]
         names = [name if names.count(name) == 1 else str(run) for name, run in zip(names, runs)]
-        tasks = []
-        for name, run, config, shares_trunk in zip(names, runs, configs, frozen):
-            # an adapting method changes the backbone it is built on (LoRA wraps its layers, full and BitFit
-            # load weights into it): each gets its own copy, the shared trunk stays as loaded
-            method, _ = load_run(run, backbone if shares_trunk else copy.deepcopy(backbone))
-            tasks.append(ServedMethod(name, method, config.get("classes")))
-        if precision is None:
-            every_bf16 = all(config["train"]["precision"] == Precision.BF16.value for config in configs)
-            precision = Precision.BF16 if every_bf16 else Precision.FP32
-        return cls(backbone, tasks, configs[0]["image_size"], precision, device)
+        tasks = [load_served(name, run, config, backbone) for name, run, config in zip(names, runs, configs)]
+        return cls(backbone, tasks, configs[0]["image_size"], precision or serving_precision(configs), device)
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> dict[str, Tensor]:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
@@ -27,7 +27,7 @@ from test_bad_input import cli_error
 
 from conftest import tiny_vit, write_task
 from querytune import MultiTaskServer, train_run
-from querytune.backbones import save_backbone
+from querytune.backbones import load_backbone, save_backbone
 from querytune.errors import ConfigError, DataError
 from querytune.settings import RunSpec, Runtime
 
@@ -38,6 +38,7 @@ from querytune.service import app as service_app  # noqa: E402
 from querytune.service.app import service_config  # noqa: E402
 from querytune.service.connections import ConnectionGuard  # noqa: E402
 from querytune.service.images import decode, decoded_bytes  # noqa: E402
+from querytune.service.live import LiveRuns  # noqa: E402
 from querytune.service.metrics import Metrics  # noqa: E402
 
 RUNS = ("linear", "memory", "lora")  # frozen-backbone runs sharing a pass, and one adapting the backbone
@@ -45,6 +46,7 @@ JPEG = {"content-type": "image/jpeg"}
 FIELD_ONLY = b'--x\r\nContent-Disposition: form-data; name="name"\r\n\r\ncat\r\n--x--\r\n'  # a form, no file
 TOKEN = "s3cret-Token_42"
 BEARER = {"authorization": f"Bearer {TOKEN}"}
+KEYS = {"default": TOKEN}  # a bare key is named "default"
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +67,11 @@ def images(runs: list[Path]) -> list[Path]:
 
 
 @contextmanager
-def running(server: MultiTaskServer, access: ServiceAccess | None = None, **limits: float) -> Iterator[str]:
+def running(server: MultiTaskServer | LiveRuns, access: ServiceAccess | None = None, poll_seconds: float = 2.0,
+            **limits: float) -> Iterator[str]:
     """The service on a free loopback port, in a thread of this process; yields its base URL."""
-    service = uvicorn.Server(service_config(create_app(server, ServiceLimits(**limits), access), "127.0.0.1", 0))
+    app = create_app(server, ServiceLimits(**limits), access, poll_seconds)
+    service = uvicorn.Server(service_config(app, "127.0.0.1", 0))
     thread = threading.Thread(target=service.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -427,6 +431,13 @@ def test_service_limits_are_checked(tmp_path, capsys):
     assert error == "error: --max-batch must be at least 1 (got 0)"
     error = cli_error(capsys, "serve", "--run", tmp_path, "--max-inflight-per-client", "0")
     assert error == "error: --max-inflight-per-client must be at least 1 (got 0)"
+    both = "error: give the runs to serve: --run (repeated) or --runs-dir, not both"
+    assert cli_error(capsys, "serve") == both
+    assert cli_error(capsys, "serve", "--run", tmp_path, "--runs-dir", tmp_path) == both
+    assert cli_error(capsys, "serve", "--runs-dir", tmp_path) == (
+        "error: --runs-dir needs --backbone: the backbone its runs are served on")
+    assert cli_error(capsys, "serve", "--runs-dir", tmp_path / "absent", "--backbone", "tiny") == (
+        f"error: --runs-dir {tmp_path / 'absent'}: not a folder")
 
 
 SAMPLE = re.compile(r"([a-z_]+)(\{[^}]*\})? (\S+)")
@@ -459,7 +470,7 @@ def test_every_request_but_health_and_the_page_needs_the_token(runs, images):
                ({"authorization": f"Bearer {TOKEN[:-1]}"}, "wrong token"),
                ({"authorization": f"Basic {TOKEN}"}, "the Authorization header must be 'Bearer <token>'"),
                ({"authorization": TOKEN}, "the Authorization header must be 'Bearer <token>'")]
-    with running(server, ServiceAccess(token=TOKEN)) as url, httpx.Client(base_url=url) as client:
+    with running(server, ServiceAccess(KEYS)) as url, httpx.Client(base_url=url) as client:
         for headers, says in refused:
             for method, path in (("POST", "/predict"), ("GET", "/tasks"), ("GET", "/metrics"), ("POST", "/health"),
                                  ("GET", "/nothing")):
@@ -478,7 +489,7 @@ def test_every_request_but_health_and_the_page_needs_the_token(runs, images):
 def test_metrics_count_what_was_answered(runs, images):
     server = MultiTaskServer.from_runs(None, runs[:2], device="cpu")
     good = images[0].read_bytes()
-    with running(server, ServiceAccess(token=TOKEN), max_batch=4) as url, \
+    with running(server, ServiceAccess(KEYS), max_batch=4) as url, \
             httpx.Client(base_url=url, headers=BEARER) as client:
         first = scrape(client)
         assert not any(name.startswith("querytune_requests_total") for name in first), first
@@ -515,7 +526,7 @@ def test_the_access_log_says_who_asked_for_what_and_holds_no_body(runs, images, 
     token_file.chmod(0o600)
     log = tmp_path / "access.jsonl"
     access = ServiceAccess.from_options("127.0.0.1", token_file, False, str(log))
-    assert access.token == TOKEN  # the trailing newline stripped
+    assert access.keys == KEYS  # the trailing newline stripped
     server = MultiTaskServer.from_runs(None, runs[:2], device="cpu")
     good, marker = images[0].read_bytes(), b"BODY-MARKER " * 200
     both = ["linear", "memory"]
@@ -539,7 +550,7 @@ def test_the_access_log_says_who_asked_for_what_and_holds_no_body(runs, images, 
     assert [(line["method"], line["route"], line["tasks"], line["images"], line["status"]) for line in lines] == [
         (method, path.split("?")[0], tasks, count, status) for method, path, _, status, tasks, count in sent]
     for line in lines:
-        assert line.keys() == {"time", "client", "method", "route", "tasks", "images", "status", "ms"}
+        assert line.keys() == {"time", "client", "key", "method", "route", "tasks", "images", "status", "ms"}
         assert line["client"] == "127.0.0.1" and 0 <= line["ms"] < 60_000
         assert time.time() - datetime.fromisoformat(line["time"]).timestamp() < 600
     assert "BODY-MARKER" not in text and TOKEN not in text and len(text) < 250 * len(lines)  # no body, no token
@@ -549,7 +560,7 @@ def test_a_client_past_its_inflight_limit_gets_429_and_others_are_served(runs, i
     server = MultiTaskServer.from_runs(None, runs[:1], device="cpu")
     good = images[0].read_bytes()
     elsewhere = httpx.HTTPTransport(local_address="127.0.0.2")  # another client: another loopback address
-    with running(server, ServiceAccess(token=TOKEN), max_inflight_per_client=2, read_timeout=5) as url, \
+    with running(server, ServiceAccess(KEYS), max_inflight_per_client=2, read_timeout=5) as url, \
             httpx.Client(base_url=url, headers=BEARER) as here, \
             httpx.Client(base_url=url, headers=BEARER, transport=elsewhere) as there:
         port = int(url.rsplit(":", 1)[1])
@@ -589,7 +600,7 @@ def test_serving_beyond_loopback_needs_a_token(runs, tmp_path, capsys, monkeypat
             "QUERYTUNE_TOKEN), or --no-auth to answer anyone")
     for host in ("127.0.0.1", "127.3.2.1", "::1", "[::1]", "localhost", "LocalHost"):
         assert ServiceAccess.from_options(host, None, False, None) == ServiceAccess(None, None), host
-    assert ServiceAccess.from_options("0.0.0.0", None, True, None).token is None  # --no-auth says so
+    assert ServiceAccess.from_options("0.0.0.0", None, True, None).keys is None  # --no-auth says so
 
     token_file = tmp_path / "token"
     token_file.touch(0o600)
@@ -607,7 +618,7 @@ def test_serving_beyond_loopback_needs_a_token(runs, tmp_path, capsys, monkeypat
             f"error: --token-file {token_file}: permissions {mode:04o} let group or others access it; "
             f"chmod 600 {token_file}")
     token_file.chmod(0o600)
-    assert ServiceAccess.from_options("0.0.0.0", token_file, False, None).token == TOKEN
+    assert ServiceAccess.from_options("0.0.0.0", token_file, False, None).keys == KEYS
     assert cli_error(capsys, "serve", "--run", run, "--token-file", tmp_path / "absent") == (
         f"error: --token-file {tmp_path / 'absent'}: No such file or directory")
     token_file.write_text("from-the-file\r\n")
@@ -616,8 +627,9 @@ def test_serving_beyond_loopback_needs_a_token(runs, tmp_path, capsys, monkeypat
     assert cli_error(capsys, "serve", "--run", run, "--access-log", tmp_path / "no" / "log") == (
         f"error: --access-log {tmp_path / 'no' / 'log'}: No such file or directory")
     monkeypatch.setenv("QUERYTUNE_TOKEN", TOKEN)
-    assert ServiceAccess.from_options("0.0.0.0", None, False, None).token == TOKEN
-    assert ServiceAccess.from_options("0.0.0.0", token_file, False, None).token == "from-the-file"  # the flag first
+    assert ServiceAccess.from_options("0.0.0.0", None, False, None).keys == KEYS
+    from_the_flag = ServiceAccess.from_options("0.0.0.0", token_file, False, None)
+    assert from_the_flag.keys == {"default": "from-the-file"}  # the flag first
     monkeypatch.setenv("QUERYTUNE_TOKEN", "")
     assert cli_error(capsys, "serve", "--run", run) == "error: QUERYTUNE_TOKEN is empty: it must hold the token"
 
@@ -655,7 +667,7 @@ def test_page_asks_for_the_token_once_and_shows_every_task_answer_in_headless_ch
     options.binary_location = browser
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         options.add_argument(argument)
-    with running(server, ServiceAccess(token=TOKEN)) as url:
+    with running(server, ServiceAccess(KEYS)) as url:
         chrome = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
         try:
             chrome.get(url + "/")
@@ -709,3 +721,155 @@ def test_serve_command_under_a_bounded_load_of_good_and_malformed_requests(tiny_
     assert log["unauthorised"] == faults["by_kind"]["no token"] + faults["by_kind"]["wrong token"]
     assert faults["rss_after_mb"] - faults["rss_before_mb"] < 64  # the benchmark's 10k requests say more
     assert faults["slow_headers"]["answered_408"] == 20 and faults["decode_memory"]["statuses"] == [200], faults
+
+
+def wait_until(check: object, seconds: float = 20, what: str = "") -> None:
+    """Polls ``check()`` every 0.1 s until it is true; fails after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"not within {seconds} s: {what}"
+        time.sleep(0.1)
+
+
+def add_run(run: Path, folder: Path, name: str, edit: Callable[[Path], object] = lambda staged: None) -> Path:
+    """``run`` copied into ``folder`` as an operator would: under a hidden name (where ``edit`` may change it),
+    then renamed into place."""
+    staged = folder / f".{name}.partial"
+    shutil.copytree(run, staged)
+    edit(staged)
+    return staged.rename(folder / name)
+
+
+def test_a_live_runs_folder_serves_runs_as_they_come_and_go(runs, images, tmp_path):
+    folder, outside = tmp_path / "runs", tmp_path / "elsewhere"
+    folder.mkdir()
+    said: list[str] = []
+    live = LiveRuns(folder, load_backbone(runs[0].parent / "tiny-vit.safetensors"), "cpu", said.append)
+    add_run(runs[0], folder, "linear")
+    live.scan()
+    token_file = tmp_path / "keys"
+    token_file.write_text(f"alice:{TOKEN}\n# the build robot\nbob:bobs-key\n")
+    token_file.chmod(0o600)
+    access = ServiceAccess.from_options("127.0.0.1", token_file, False, None)
+    assert access.keys == {"alice": TOKEN, "bob": "bobs-key"}
+    good = images[0].read_bytes()
+    with running(live, access, poll_seconds=0.2) as url, httpx.Client(base_url=url, headers=BEARER) as client:
+        def served() -> list[str]:
+            return [task["name"] for task in client.get("/tasks").json()["tasks"]]
+
+        assert served() == ["linear"]
+        add_run(runs[1], folder, "memory")  # added: served within a few polls, no restart
+        wait_until(lambda: served() == ["linear", "memory"], what="the added run served")
+        response = client.post("/predict", content=good, headers=JPEG)
+        assert response.status_code == 200 and response.json()["images"][0]["predictions"].keys() == {
+            "linear", "memory"}
+
+        def corrupt(staged: Path) -> None:  # its adapter no longer matches its checksum
+            adapter = staged / "adapter.safetensors"
+            adapter.write_bytes(adapter.read_bytes()[:-1] + b"\0")
+
+        adapter = add_run(runs[2], folder, "corrupt", corrupt) / "adapter.safetensors"
+        shutil.copytree(runs[2], outside)
+        (folder / "linked").symlink_to(outside)  # a run outside the folder, through a symlink
+        add_run(runs[2], folder, "unfinished", lambda staged: (staged / "metrics.json").unlink())
+        shutil.rmtree(folder / "linear")  # removed: no longer served
+        wait_until(lambda: served() == ["memory"], what="the removed run dropped")
+        time.sleep(1)  # five more polls: nothing more is said
+        response = client.post("/predict?tasks=linear", content=good, headers=JPEG)
+        assert response.status_code == 404 and "unknown task 'linear'" in response.json()["error"]
+
+        bob = {"authorization": "Bearer bobs-key"}
+        assert client.get("/tasks", headers=bob).status_code == 200
+        token_file.write_text(f"alice:{TOKEN}\n")  # bob revoked
+        reloaded = client.post("/admin/reload")
+        assert reloaded.status_code == 200 and [task["name"] for task in reloaded.json()["tasks"]] == ["memory"]
+        assert client.get("/tasks", headers=bob).status_code == 401
+        assert client.get("/tasks").status_code == 200  # alice still in
+        samples = scrape(client)
+    assert samples['querytune_task_requests_total{task="memory"}'] == 1
+    assert samples['querytune_task_request_duration_seconds_count{task="linear"}'] == 1
+    assert 'querytune_task_requests_total{task="corrupt"}' not in samples
+    assert said.count(f"{folder / 'memory'}: served") == 1 and f"{folder / 'linear'}: removed; no longer served" in said
+    about = {name: [line for line in said if line.startswith(str(folder / name) + ":")]
+             for name in ("corrupt", "linked", "unfinished")}
+    assert about["corrupt"] == [f"{folder / 'corrupt'}: not served: {adapter}: corrupted (its sha256 differs from "
+                                "adapter.sha256); train the run again"], said  # once, not every poll
+    assert about["linked"] == [f"{folder / 'linked'}: not served: the folder leads to {outside}, outside {folder}"]
+    assert about["unfinished"] == [f"{folder / 'unfinished'}: not served: not finished (no metrics.json)"]
+
+
+def test_a_run_for_another_input_size_is_refused_with_one_line(runs, tmp_path):
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    add_run(runs[0], folder, "a")
+    other = add_run(runs[1], folder, "b")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "image_size": 64}))
+    said: list[str] = []
+    live = LiveRuns(folder, load_backbone(runs[0].parent / "tiny-vit.safetensors"), "cpu", said.append)
+    assert live.scan() and not live.scan()
+    assert live.current is not None and [task.name for task in live.current.tasks] == ["a"]
+    assert said == [f"{folder / 'a'}: served", f"{folder / 'b'}: not served: {other}: was trained at 64 px and "
+                                               f"{folder / 'a'} at 32 px; runs served together need one input size"]
+    shutil.rmtree(folder)  # the folder itself gone: the runs served stay, said once
+    assert not live.scan() and not live.scan() and live.current is not None
+    assert said[2:] == [f"{folder}: cannot be read ([Errno 2] No such file or directory: '{folder}'); the runs "
+                        "served stay"]
+
+
+def test_named_keys_are_revoked_on_sighup_and_sigterm_drains_then_exits_0(runs, images, tmp_path):
+    import signal
+
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    add_run(runs[0], folder, "linear")
+    token_file, log = tmp_path / "keys", tmp_path / "access.jsonl"
+    token_file.write_text(f"alice:{TOKEN}\nbob:bobs-key\n")
+    token_file.chmod(0o600)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "querytune", "serve", "--runs-dir", folder, "--backbone",
+         runs[0].parent / "tiny-vit.safetensors", "--port", str(port), "--device", "cpu", "--token-file", token_file,
+         "--access-log", log], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(root)})
+    url, good = f"http://127.0.0.1:{port}", images[0].read_bytes()
+    alice, bob = BEARER, {"authorization": "Bearer bobs-key"}
+    try:
+        def answers(headers: dict[str, str]) -> int:
+            with suppress(httpx.TransportError):
+                return httpx.get(url + "/tasks", headers=headers, timeout=5).status_code
+            assert process.poll() is None, process.communicate()
+            return 0
+
+        wait_until(lambda: answers(bob) == 200, 120, "the service started")
+        token_file.write_text(f"alice:{TOKEN}\n")  # bob revoked, then SIGHUP
+        process.send_signal(signal.SIGHUP)
+        wait_until(lambda: answers(bob) == 401, what="bob's key revoked")
+        assert answers(alice) == 200
+
+        sock = socket.create_connection(("127.0.0.1", port))  # a request in flight: half its body sent
+        sock.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nAuthorization: Bearer "
+                     f"{TOKEN}\r\nContent-Length: {len(good)}\r\n\r\n".encode() + good[:100])
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert process.poll() is None  # still draining
+        sock.sendall(good[100:])
+        reply = reply_of(sock, 30)
+        sock.close()
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        stderr = process.communicate(timeout=30)[1]
+    assert f"--token-file {token_file}: keys revoked bob" in stderr
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    keys = {(line["key"], line["status"]) for line in lines if line["route"] == "/tasks"}
+    assert keys == {("alice", 200), ("bob", 200), (None, 401)}
+    assert [line["key"] for line in lines if line["route"] == "/predict"] == ["alice"]
+    text = log.read_text()
+    assert TOKEN not in text and "bobs-key" not in text

@@ -95,7 +95,12 @@ def export_command(
 @settings_command(*SERVE_GROUPS)
 def serve(
     given: Given,
-    run: list[Path] = RunsOpt,
+    run: Optional[list[Path]] = typer.Option(None, "--run", "-r", help="a finished run of any method; repeat for "
+                                             "more tasks"),
+    runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="serve every finished run in this folder, as "
+                                            "runs come, change and go (needs --backbone)"),
+    poll_seconds: float = typer.Option(2.0, "--poll-seconds", help="how often --runs-dir is read again (also at once "
+                                       "on SIGHUP or POST /admin/reload)", min=0.1),
     backbone: Optional[str] = BackboneOpt,
     host: str = typer.Option("127.0.0.1", help="address to listen on"),
     port: int = typer.Option(8000, help="port to listen on"),
@@ -104,15 +109,29 @@ def serve(
     no_auth: bool = typer.Option(False, "--no-auth", help="answer anyone on a non-loopback --host, without a token"),
     access_log: str = typer.Option("-", help="append one JSON line per request to this file (-: stderr)"),
 ) -> None:
-    r"""Answer every run's task over HTTP: POST /predict (images), GET /tasks, GET /health, GET /metrics, and a page
-    at /. Needs the extra querytune\[serve]; docs/serving.md."""
+    r"""Answer every run's task over HTTP: POST /predict (images), GET /tasks, GET /health, GET /metrics, POST
+    /admin/reload, and a page at /. Needs the extra querytune\[serve]; docs/serving.md."""
     from ..serve import MultiTaskServer
     from ..service import ServiceAccess
     from ..service import serve as run_service
+    from ..service.live import LiveRuns
 
+    if bool(run) == (runs_dir is not None):
+        raise ConfigError("give the runs to serve: --run (repeated) or --runs-dir, not both")
+    if runs_dir is not None and backbone is None:
+        raise ConfigError("--runs-dir needs --backbone: the backbone its runs are served on")
     limits = ServiceLimits(**given[ServiceLimits])  # checked before any work
     access = ServiceAccess.from_options(host, token_file, no_auth, access_log)  # before the model loads
-    server = MultiTaskServer.from_runs(backbone, run, device=Runtime(**given[Runtime]).device)
-    console.print(f"serving {', '.join(task.name for task in server.tasks)} on http://{host}:{port} "
-                  f"({'token required' if access.token else 'no token'})", highlight=False)
-    run_service(server, host, port, limits, access)
+    device = Runtime(**given[Runtime]).device
+    runs: MultiTaskServer | LiveRuns
+    if runs_dir is not None:
+        assert backbone is not None
+        runs = LiveRuns(runs_dir, backbone, device)
+        runs.scan()
+        served = f"the runs in {runs_dir} ({len(runs.current.tasks) if runs.current else 0} now)"
+    else:
+        runs = MultiTaskServer.from_runs(backbone, run or [], device=device)
+        served = ", ".join(task.name for task in runs.tasks)
+    console.print(f"serving {served} on http://{host}:{port} ({'token required' if access.keys else 'no token'})",
+                  highlight=False)
+    run_service(runs, host, port, limits, access, poll_seconds)

@@ -1,4 +1,4 @@
-"""Who may ask and what is written of each request: the token (:class:`ServiceAccess`), the loopback rule, the
+"""Who may ask and what is written of each request: the keys (:class:`ServiceAccess`), the loopback rule, the
 access log, and the :class:`Gate` middleware that answers 401 and 429 and counts every request for ``/metrics``."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import hmac
 import ipaddress
 import json
 import os
+import re
 import stat
 import sys
 import time
@@ -21,32 +22,54 @@ from .metrics import ROUTES, Metrics
 
 TOKEN_ENV = "QUERYTUNE_TOKEN"
 OPEN = (("GET", "/health"), ("GET", "/"))  # answered without a token (the page's HTML holds nothing)
+BARE_KEY = "default"  # the name of a key given alone, without a name
+KEY_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 
 
 @dataclass
 class ServiceAccess:
     """Who may ask, and where each request is logged (``querytune serve --token-file/--no-auth/--access-log``)."""
 
-    token: str | None = None  # None: anyone who reaches the port is answered
+    keys: dict[str, str] | None = None  # key name -> key; None: anyone who reaches the port is answered
     log: TextIO | None = None  # one JSON line per request
+    token_file: Path | None = None  # read again by reload()
 
     @classmethod
     def from_options(cls, host: str, token_file: Path | None, no_auth: bool,
                      access_log: str | None) -> ServiceAccess:
-        """The token (``token_file``, else env ``QUERYTUNE_TOKEN``) and the opened log (``-``: stderr), checked
-        before any model loads: a non-loopback ``host`` without a token is refused unless ``no_auth``."""
-        token = read_token(token_file)
-        if no_auth and token is not None:
+        """The keys (``token_file``, else env ``QUERYTUNE_TOKEN``) and the opened log (``-``: stderr), checked
+        before any model loads: a non-loopback ``host`` without a key is refused unless ``no_auth``."""
+        keys = read_keys(token_file)
+        if no_auth and keys is not None:
             raise ConfigError(f"--no-auth contradicts the token of {'--token-file' if token_file else TOKEN_ENV}")
-        if token is None and not no_auth and not is_loopback(host):
+        if keys is None and not no_auth and not is_loopback(host):
             raise ConfigError(f"--host {host} is reachable from other machines: give a token (--token-file FILE "
                               f"or {TOKEN_ENV}), or --no-auth to answer anyone")
-        return cls(token, open_log(access_log))
+        return cls(keys, open_log(access_log), token_file)
+
+    def reload(self) -> str | None:
+        """Read the token file again (on SIGHUP or ``POST /admin/reload``); a line for the log saying which keys
+        came or went (by name), or why the keys read before stay in use; None where nothing changed."""
+        if self.token_file is None:
+            return None
+        try:
+            keys = read_keys(self.token_file)
+        except ConfigError as error:
+            return f"{error}; the keys read before stay in use"
+        assert keys is not None and self.keys is not None
+        if keys == self.keys:
+            return None
+        old, self.keys = self.keys, keys
+        changes = [f"{what} {', '.join(sorted(names))}" for what, names in (
+            ("added", keys.keys() - old.keys()), ("revoked", old.keys() - keys.keys()),
+            ("changed", {name for name in keys.keys() & old.keys() if keys[name] != old[name]})) if names]
+        return f"--token-file {self.token_file}: keys {'; '.join(changes)}"
 
 
-def read_token(token_file: Path | None) -> str | None:
-    """The token in ``token_file`` (a trailing newline stripped), else in env ``QUERYTUNE_TOKEN``, else None. A
-    token file that group or others may access is refused, as ssh refuses such a key."""
+def read_keys(token_file: Path | None) -> dict[str, str] | None:
+    """The keys in ``token_file``, else in env ``QUERYTUNE_TOKEN``, else None: one ``name:key`` a line, or one
+    bare key alone (named ``default``); blank lines and lines starting with ``#`` are skipped. A token file that
+    group or others may access is refused, as ssh refuses such a key."""
     if token_file is not None:
         where = f"--token-file {token_file}"
         try:
@@ -62,12 +85,28 @@ def read_token(token_file: Path | None) -> str | None:
         where, text = TOKEN_ENV, os.environ[TOKEN_ENV]
     else:
         return None
-    token = text.rstrip("\r\n")
-    if not token:
+    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1)
+             if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
         raise ConfigError(f"{where} is empty: it must hold the token")
-    if not all("!" <= char <= "~" for char in token):
-        raise ConfigError(f"{where}: the token must be printable ASCII without spaces (it is sent in a header)")
-    return token
+    keys: dict[str, str] = {}
+    for number, line in lines:
+        name, named, key = line.partition(":")
+        if not named:
+            if len(lines) > 1:
+                raise ConfigError(f"{where}: line {number} is not 'name:key' (a key without a name must be alone)")
+            name, key = BARE_KEY, line
+        if not KEY_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: line {number}: a key's name is 1 to 64 letters, digits, '_', '.', '@' or '-'")
+        if not key or not all("!" <= char <= "~" for char in key):
+            raise ConfigError(f"{where}: the token must be printable ASCII without spaces (it is sent in a header)"
+                              + (f"; line {number}" if len(lines) > 1 else ""))
+        if name in keys:
+            raise ConfigError(f"{where}: line {number}: the name {name!r} is given twice")
+        if key in keys.values():
+            raise ConfigError(f"{where}: line {number}: key {name!r} is the same as another key")
+        keys[name] = key
+    return keys
 
 
 def is_loopback(host: str) -> bool:
@@ -104,7 +143,7 @@ class Gate:
 
     def __init__(self, app: ASGIApp, access: ServiceAccess, metrics: Metrics, max_inflight: int) -> None:
         self.app = app
-        self.token = access.token.encode() if access.token else None
+        self.access = access  # its keys are read at each request: reload() may replace them
         self.log = access.log
         self.metrics = metrics
         self.max_inflight = max_inflight
@@ -128,7 +167,9 @@ class Gate:
 
         in_flight, counted = self.metrics.in_flight, False
         try:
-            refusal = None if self.token is None or (method, path) in OPEN else self.refusal(scope["headers"])
+            refusal = None
+            if self.access.keys is not None and (method, path) not in OPEN:
+                state["key"], refusal = self.key_of(self.access.keys, scope["headers"])
             if refusal:
                 await _error(sending, 401, refusal, [(b"www-authenticate", b"Bearer")])
             elif (method, path) != ("GET", "/health") and in_flight.get(client, 0) >= self.max_inflight:
@@ -145,24 +186,28 @@ class Gate:
                     del in_flight[client]
             seconds = time.perf_counter() - started
             self.metrics.request(path if path in ROUTES else "other", status, seconds)
+            if status == 200 and path == "/predict":
+                self.metrics.tasks_answered(state.get("tasks") or [], seconds)
             if self.log is not None:
                 self.log.write(json.dumps({
                     "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "client": client,
-                    "method": method, "route": path[:200], "tasks": state.get("tasks"),
+                    "key": state.get("key"), "method": method, "route": path[:200], "tasks": state.get("tasks"),
                     "images": state.get("images", 0), "status": status, "ms": round(1000 * seconds, 1)}) + "\n")
 
-    def refusal(self, headers: list[tuple[bytes, bytes]]) -> str | None:
-        """Why the request's ``Authorization`` header does not hold the token, or None where it does."""
-        assert self.token is not None
+    @staticmethod
+    def key_of(keys: dict[str, str], headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str | None]:
+        """The name of the key the request's ``Authorization`` header holds, or why it holds none."""
         given = next((value for key, value in headers if key == b"authorization"), None)
         if given is None:
-            return "missing token: send the header 'Authorization: Bearer <token>'"
+            return None, "missing token: send the header 'Authorization: Bearer <token>'"
         scheme, _, credentials = given.partition(b" ")
         if scheme.lower() != b"bearer":
-            return "the Authorization header must be 'Bearer <token>'"
-        if not hmac.compare_digest(credentials.strip(), self.token):  # constant time: no guessing byte by byte
-            return "wrong token"
-        return None
+            return None, "the Authorization header must be 'Bearer <token>'"
+        credentials, matched = credentials.strip(), None
+        for name, key in keys.items():  # every key compared, each in constant time: no guessing byte by byte
+            if hmac.compare_digest(credentials, key.encode()) and matched is None:
+                matched = name
+        return matched, None if matched else "wrong token"
 
 
 async def _error(send: Callable[[dict[str, Any]], Awaitable[None]], status: int, message: str,

@@ -4,6 +4,7 @@ the routes, reading and checking a request's images, and the page at ``/``."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -17,6 +18,7 @@ from .access import Gate, ServiceAccess
 from .batcher import Batcher
 from .images import DecodeBudget, decode, decoded_bytes
 from .limits import ServiceLimits
+from .live import LiveRuns, say_on_stderr
 from .metrics import Metrics
 
 if TYPE_CHECKING:
@@ -36,9 +38,10 @@ class HTTPError(Exception):
         self.status = status
 
 
-def create_app(server: MultiTaskServer, limits: ServiceLimits | None = None,
-               access: ServiceAccess | None = None) -> Starlette:
-    """The Starlette app answering ``server``'s tasks (to anyone, unlogged, unless ``access`` says otherwise)."""
+def create_app(runs: MultiTaskServer | LiveRuns, limits: ServiceLimits | None = None,
+               access: ServiceAccess | None = None, poll_seconds: float = 2.0) -> Starlette:
+    """The Starlette app answering the tasks of ``runs`` (to anyone, unlogged, unless ``access`` says otherwise): a
+    fixed server's, or the runs of a live folder, scanned every ``poll_seconds`` and on ``POST /admin/reload``."""
     try:
         from starlette.applications import Starlette
         from starlette.exceptions import HTTPException
@@ -51,13 +54,13 @@ def create_app(server: MultiTaskServer, limits: ServiceLimits | None = None,
     from .connections import ConnectionGuard
 
     limits = limits or ServiceLimits()
+    access = access or ServiceAccess()
+    live = runs if isinstance(runs, LiveRuns) else None
     metrics = Metrics(limits.max_batch)
     guard = ConnectionGuard(limits, metrics)
     budget = DecodeBudget(int(limits.max_decode_inflight_mb * 1e6))
     max_decoded = int(limits.max_decode_mb * 1e6)
-    image_size = server.preprocess.image_size
-    batcher = Batcher(server, limits.max_batch, limits.max_wait_ms, metrics.batch_images)
-    names = [task.name for task in server.tasks]
+    batcher = Batcher(limits.max_batch, limits.max_wait_ms, metrics.batch_images)
     max_body = int(limits.max_body_mb * 1e6)
     max_images = limits.max_images or limits.max_batch
 
@@ -99,7 +102,11 @@ def create_app(server: MultiTaskServer, limits: ServiceLimits | None = None,
         except asyncio.TimeoutError as error:
             raise HTTPError(408, f"the request took longer than {limits.read_timeout:g} s to arrive") from error
 
-    def query(request: Request) -> tuple[int, list[str], bool]:
+    def served() -> MultiTaskServer | None:
+        """The set of tasks served now; a request keeps the one it started with."""
+        return runs.current if isinstance(runs, LiveRuns) else runs
+
+    def query(request: Request, names: list[str]) -> tuple[int, list[str], bool]:
         params = request.query_params
         topk = params.get("topk", "1")
         if not topk.isdigit() or int(topk) < 1:
@@ -112,7 +119,11 @@ def create_app(server: MultiTaskServer, limits: ServiceLimits | None = None,
         return int(topk), chosen, params.get("logits", "0").lower() in ("1", "true", "yes")
 
     async def predict(request: Request) -> Response:
-        topk, chosen, with_logits = query(request)
+        server = served()
+        if server is None:
+            raise HTTPError(503, "no task is served yet: no finished run in the runs folder")
+        image_size = server.preprocess.image_size
+        topk, chosen, with_logits = query(request, [task.name for task in server.tasks])
         files = await uploaded(request)
         request.state.images = len(files)
         if len(files) > max_images:
@@ -134,21 +145,38 @@ def create_app(server: MultiTaskServer, limits: ServiceLimits | None = None,
                 images = await asyncio.to_thread(preprocess)
         except QuerytuneError as error:
             raise HTTPError(400, str(error)) from error
-        logits = await batcher.predict(images)
+        logits = await batcher.predict(server, images)
         records = server.records({name: logits[name] for name in chosen}, topk, with_logits)
         metrics.images += len(files)
         return JSONResponse({"images": [{"name": name, **record} for (name, _), record in zip(files, records)]})
 
+    def described(server: MultiTaskServer | None) -> dict[str, Any]:
+        return {"image_size": server.preprocess.image_size if server else None,
+                "tasks": [{"name": task.name, "method": task.method.name, "num_classes": task.method.num_classes,
+                           "classes": list(task.classes) if task.classes else None,
+                           "shares_trunk": task.shares_trunk} for task in (server.tasks if server else [])]}
+
     async def tasks(request: Request) -> Response:
-        return JSONResponse({"image_size": server.preprocess.image_size,
-                             "tasks": [{"name": task.name, "method": task.method.name,
-                                        "num_classes": task.method.num_classes,
-                                        "classes": list(task.classes) if task.classes else None,
-                                        "shares_trunk": task.shares_trunk} for task in server.tasks]})
+        return JSONResponse(described(served()))
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "tasks": len(server.tasks), "batches": metrics.batch_images.count,
-                             "images": metrics.images})
+        server = served()
+        return JSONResponse({"status": "ok", "tasks": len(server.tasks) if server else 0,
+                             "batches": metrics.batch_images.count, "images": metrics.images})
+
+    scanning = asyncio.Lock()
+
+    async def reload_now() -> None:
+        """The token file and the runs folder read again; what changed is logged."""
+        if (said := access.reload()) is not None:
+            say_on_stderr(said)
+        if live is not None:
+            async with scanning:
+                await asyncio.to_thread(live.scan)
+
+    async def reload(request: Request) -> Response:
+        await reload_now()
+        return JSONResponse(described(served()))
 
     async def metrics_text(request: Request) -> Response:
         return PlainTextResponse(metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -161,16 +189,34 @@ def create_app(server: MultiTaskServer, limits: ServiceLimits | None = None,
         return JSONResponse({"error": str(error) if isinstance(error, HTTPError) else getattr(error, "detail", "")},
                             status_code=status)
 
+    async def watch(wake: asyncio.Event) -> None:
+        """Forever: read the runs folder (and the token file where woken) again, every ``poll_seconds`` or when
+        ``wake`` is set (SIGHUP)."""
+        while True:
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wake.wait(), poll_seconds)
+            if wake.is_set():
+                wake.clear()
+                await reload_now()
+            elif live is not None:
+                async with scanning:
+                    await asyncio.to_thread(live.scan)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        asyncio.get_running_loop().set_exception_handler(guard.loop_error)  # failing accepts: a line per interval
-        worker = asyncio.create_task(batcher.run())
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(guard.loop_error)  # failing accepts: a line per interval
+        wake = asyncio.Event()
+        app.state.reload_soon = lambda: loop.call_soon_threadsafe(wake.set)  # thread- and signal-safe
+        workers = [asyncio.create_task(batcher.run()), asyncio.create_task(watch(wake))]
         yield
-        worker.cancel()
+        for worker in workers:
+            worker.cancel()
 
     routes = [Route("/", page), Route("/predict", predict, methods=["POST"]), Route("/tasks", tasks),
-              Route("/health", health), Route("/metrics", metrics_text)]
-    gate = Middleware(Gate, access=access or ServiceAccess(), metrics=metrics,
+              Route("/health", health), Route("/metrics", metrics_text),
+              Route("/admin/reload", reload, methods=["POST"])]
+    gate = Middleware(Gate, access=access, metrics=metrics,
                       max_inflight=limits.max_inflight_per_client)
     app = Starlette(routes=routes, lifespan=lifespan, middleware=[gate],
                     exception_handlers={HTTPError: bad_request, HTTPException: bad_request})
@@ -187,9 +233,10 @@ def service_config(app: Starlette, host: str, port: int) -> uvicorn.Config:
                           ws="none")
 
 
-def serve(server: MultiTaskServer, host: str, port: int, limits: ServiceLimits | None = None,
-          access: ServiceAccess | None = None) -> None:
-    """Serve until interrupted."""
+def serve(runs: MultiTaskServer | LiveRuns, host: str, port: int, limits: ServiceLimits | None = None,
+          access: ServiceAccess | None = None, poll_seconds: float = 2.0) -> None:
+    """Serve until interrupted (SIGINT) or told to stop (SIGTERM): the requests in flight are answered first. SIGHUP
+    reads the token file and the runs folder again."""
     try:
         import uvicorn
     except ImportError as error:
@@ -197,7 +244,11 @@ def serve(server: MultiTaskServer, host: str, port: int, limits: ServiceLimits |
     from .connections import fit_open_files
 
     limits = fit_open_files(limits or ServiceLimits())
-    service = uvicorn.Server(service_config(create_app(server, limits, access), host, port))
+    app = create_app(runs, limits, access, poll_seconds)
+    service = uvicorn.Server(service_config(app, host, port))
+    signal.signal(signal.SIGHUP, lambda *_: app.state.reload_soon() if hasattr(app.state, "reload_soon") else None)
+    # uvicorn drains on SIGTERM, then raises it again once its own handler is gone: then this one ends with exit 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
     with suppress(KeyboardInterrupt):  # as uvicorn.run: Ctrl-C stops the service without a traceback
         service.run()
 

@@ -1,4 +1,5 @@
-"""The batcher: the images of concurrent requests gathered into bounded batches, one model call each."""
+"""The batcher: the images of concurrent requests gathered into bounded batches, one model call each. Each request
+names the set of tasks (a :class:`MultiTaskServer`) it is answered by; a batch holds requests of one set only."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from .metrics import Histogram
 
 @dataclass
 class _Waiting:
+    server: MultiTaskServer
     images: torch.Tensor
     answer: asyncio.Future[dict[str, torch.Tensor]]
 
@@ -21,18 +23,18 @@ class _Waiting:
 class Batcher:
     """Collects the images of concurrent requests into batches for one model call each."""
 
-    def __init__(self, server: MultiTaskServer, max_batch: int, max_wait_ms: float, sizes: Histogram) -> None:
-        self.server = server
+    def __init__(self, max_batch: int, max_wait_ms: float, sizes: Histogram) -> None:
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self.waiting: deque[_Waiting] = deque()
         self.arrived = asyncio.Event()
         self.sizes = sizes  # images of each model call (its count: GET /health's batches)
 
-    async def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Logits of these images (at most ``max_batch``), computed in a batch with whatever else waits."""
+    async def predict(self, server: MultiTaskServer, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits of ``server``'s tasks for these images (at most ``max_batch``), computed in a batch with whatever
+        else waits for the same server."""
         answer: asyncio.Future[dict[str, torch.Tensor]] = asyncio.get_running_loop().create_future()
-        self.waiting.append(_Waiting(images, answer))
+        self.waiting.append(_Waiting(server, images, answer))
         self.arrived.set()
         return await answer
 
@@ -51,14 +53,18 @@ class Batcher:
                     await asyncio.wait_for(self.arrived.wait(), left)
                 except asyncio.TimeoutError:
                     break
-            batch: list[_Waiting] = []
-            while self.waiting and sum(len(i.images) for i in batch) + len(self.waiting[0].images) <= self.max_batch:
+            if not self.waiting:
+                self.arrived.clear()
+                continue
+            batch = [self.waiting.popleft()]
+            while (self.waiting and self.waiting[0].server is batch[0].server
+                   and sum(len(i.images) for i in batch) + len(self.waiting[0].images) <= self.max_batch):
                 batch.append(self.waiting.popleft())
             if not self.waiting:
                 self.arrived.clear()
             self.sizes.observe(sum(len(item.images) for item in batch))
             try:
-                logits = await asyncio.to_thread(self.server.predict, torch.cat([item.images for item in batch]))
+                logits = await asyncio.to_thread(batch[0].server.predict, torch.cat([item.images for item in batch]))
             except Exception as error:  # a model failure fails this batch's requests, not the service
                 for item in batch:
                     if not item.answer.done():

@@ -1,6 +1,6 @@
-"""What ``GET /metrics`` shows: per route and status the requests answered and their latency, the images of
-each model call, the images answered, the requests in flight, and the connections closed or refused outside a
-request, in the Prometheus text format."""
+"""What ``GET /metrics`` shows: per route and status the requests answered and their latency, per task the
+predictions answered and their latency, the images of each model call, the images answered, the requests in
+flight, and the connections closed or refused outside a request, in the Prometheus text format."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ from bisect import bisect_left
 
 ROUTES = ("/", "/predict", "/tasks", "/health", "/metrics")  # the label values of /metrics (others: "other")
 LATENCY_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds, Prometheus' defaults
+
+
+def label(value: str) -> str:
+    """``value`` escaped as a label value of the text format (a task is named after its folder)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class Histogram:
@@ -37,11 +42,13 @@ class Histogram:
 
 class Metrics:
     """What ``GET /metrics`` shows, in the Prometheus text format (version 0.0.4). Written out here rather than
-    with prometheus_client: that is not a dependency, and the format of these families is a few lines."""
+    with prometheus_client: that is not a dependency, the format of these families is a few lines, and the
+    counts live in one event loop (no locks needed)."""
 
     def __init__(self, max_batch: int) -> None:
         self.requests: dict[tuple[str, int], int] = {}  # (route, status) -> count
         self.latency: dict[str, Histogram] = {}  # route -> seconds to answer
+        self.task_latency: dict[str, Histogram] = {}  # task -> seconds to answer the predictions that asked for it
         self.batch_images = Histogram(tuple(sorted({2 ** i for i in range(max_batch.bit_length())} | {max_batch})))
         self.images = 0  # images answered with 200
         self.in_flight: dict[str, int] = {}  # client address -> requests arrived, not answered (none: absent)
@@ -51,6 +58,11 @@ class Metrics:
     def request(self, route: str, status: int, seconds: float) -> None:
         self.requests[route, status] = self.requests.get((route, status), 0) + 1
         self.latency.setdefault(route, Histogram(LATENCY_BOUNDS)).observe(seconds)
+
+    def tasks_answered(self, tasks: list[str], seconds: float) -> None:
+        """A prediction answered (200) for these tasks, in ``seconds`` from its arrival."""
+        for task in tasks:
+            self.task_latency.setdefault(task, Histogram(LATENCY_BOUNDS)).observe(seconds)
 
     def connection_closed(self, reason: str) -> None:
         self.connections_closed[reason] = self.connections_closed.get(reason, 0) + 1
@@ -64,6 +76,14 @@ class Metrics:
                   "# TYPE querytune_request_duration_seconds histogram"]
         for route, histogram in sorted(self.latency.items()):
             lines += histogram.lines("querytune_request_duration_seconds", f'route="{route}",')
+        lines += ["# HELP querytune_task_requests_total Predictions answered (200), by the task asked for.",
+                  "# TYPE querytune_task_requests_total counter"]
+        lines += [f'querytune_task_requests_total{{task="{label(task)}"}} {histogram.count}'
+                  for task, histogram in sorted(self.task_latency.items())]
+        lines += ["# HELP querytune_task_request_duration_seconds Time from arrival to answer of the predictions "
+                  "that asked for a task.", "# TYPE querytune_task_request_duration_seconds histogram"]
+        for task, histogram in sorted(self.task_latency.items()):
+            lines += histogram.lines("querytune_task_request_duration_seconds", f'task="{label(task)}",')
         lines += ["# HELP querytune_batch_images Images in each model call.",
                   "# TYPE querytune_batch_images histogram", *self.batch_images.lines("querytune_batch_images"),
                   "# HELP querytune_images_total Images answered.", "# TYPE querytune_images_total counter",
