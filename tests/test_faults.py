@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARDS_OF_4 = Building(shard_size=4, show_progress=False)  # a tiny split in several shards, quietly
 # The command line with every image load slowed down, so that the test can kill it mid-way.
 SLOWED_CLI = ("import time, querytune.data.core as data; load = data.load_image; "
-              "data.load_image = lambda path: (time.sleep({delay}), load(path))[1]; "
+              "data.load_image = lambda path, **kw: (time.sleep({delay}), load(path, **kw))[1]; "
               "from querytune.cli import main; main()")
 
 
