@@ -12,7 +12,8 @@ import torch
 from conftest import tiny_vit, write_task
 from querytune import grid
 from querytune.data import open_split
-from querytune.data.cuts import cut_lists, fold_lists, write_task as write_cut
+from querytune.data.cuts import cut_lists, fold_lists
+from querytune.data.cuts import write_task as write_cut
 from querytune.errors import ConfigError
 from querytune.grid import member_name, search_grid, train_grid
 from querytune.methods import build_method, method_class
@@ -117,7 +118,7 @@ def test_a_tiny_validation_split_selects_by_k_fold_never_on_test(tiny_backbone_d
     search, final = searched_on[:-1], searched_on[-1]
     assert len(search) == 5 and final == (tiny_task, None, "test")  # the default: train800val200
     for data, train_split, eval_split in search:
-        assert (train_split, eval_split) == ("train800", "val200") and data.parent.parent.parent.name == "folds"
+        assert (train_split, eval_split) == ("train800", "val200") and data.parent.parent.name == "folds"
         assert not (data / "test.txt").exists()
     assert all(len(row["fold_accuracies"]) == 5 for row in summary["search"])
     row = next(r for r in summary["search"] if r["lr"] == summary["chosen"]["lr"])
