@@ -23,6 +23,10 @@ train800val200 for each seed and report test top-1 after the last epoch. Its one
 the stages' splits (:func:`protocol`), the grid's runs (:func:`search_runs`), the choice
 (:func:`choose`) and the seeds' runs (:func:`seed_runs`); :func:`train_grid` and the bench
 (:mod:`querytune.bench`, which lays the runs out in its own folders) both follow it.
+
+Two rules for small tasks (docs/small-data.md): a method's ``search_options`` cross the grid (its members
+may differ in them), and where val200 holds fewer than :data:`FOLDS_BELOW` images ``train_grid`` scores
+each point on :data:`FOLDS` folds of train800val200 (:func:`cross_validate`; the bench does not yet).
 """
 
 from __future__ import annotations
