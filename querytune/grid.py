@@ -141,17 +141,17 @@ def seed_runs(folders: Sequence[Path], settings: dict[str, Any], seeds: Sequence
 
 
 def train_grid(spec: RunSpec, out: str | Path, train: dict[str, Any] | None = None, runtime: Runtime | None = None,
-               *, search: bool, seeds: Sequence[int]) -> dict[str, Any]:
+               *, search: bool, seeds: Sequence[int], folds: int | None = None) -> dict[str, Any]:
     """``querytune train --grid`` / ``--seeds N``: with ``search``, the method's grid as one stack on
     train800 -> val200 (``OUT/search/lr<lr>_wd<wd>``) and the best point chosen (:func:`choose`);
     then the chosen (or given) settings for every seed as one stack on the spec's splits
     (``OUT/seed<s>``). Writes and returns ``OUT/grid.json``: the search's table, the choice, each
-    seed's accuracy, their mean and spread."""
+    seed's accuracy, their mean and spread. ``folds``: the search's folds (default: :func:`search_folds`)."""
     out = Path(out)
     settings = dict(train or {})
     chosen: dict[str, Any] = {}
     searched: list[dict[str, Any]] = []
-    folds = search_folds(spec) if search else 0
+    folds = (folds or search_folds(spec)) if search else 0
     if folds == 1:
         runs = search_runs(str(spec.method), settings, out / "search")
         metrics = train_runs(replace(spec, train_split=SEARCH_TRAIN, eval_split=SEARCH_VAL), runs, runtime)

@@ -270,7 +270,7 @@ def calls(monkeypatch) -> dict[str, Any]:
         seen["train_run"] = {"spec": spec, "out": out, "train": train, "runtime": runtime}
         return {"method": spec.method}
 
-    def train_grid(spec, out, train, runtime, *, search, seeds):
+    def train_grid(spec, out, train, runtime, *, search, seeds, folds=None):
         seen["train_grid"] = {"spec": spec, "out": out, "train": train, "runtime": runtime, "search": search,
                               "seeds": seeds}
         return {"search": [], "chosen": {}, "seeds": [], "eval_split": "test", "mean_accuracy": None}

@@ -134,3 +134,12 @@ def test_a_cut_shrinks_the_training_splits_in_proportion(tmp_path):
     assert set(lists["train800"]) <= set((task / "train800.txt").read_text().split("\n"))
     folder = write_cut(task, tmp_path / "cut", lists)
     assert len(open_split(folder, "train800val200")) == 20 and len(open_split(folder, "test")) == 9
+
+
+def test_folds_given_override_the_rule(tiny_backbone_dir, tiny_task, tmp_path, monkeypatch):
+    monkeypatch.setattr(method_class("linear"), "search_grid", {"lr": (0.1,), "weight_decay": (0.0,)})
+    spec = RunSpec(method="linear", backbone=tiny_backbone_dir, data=tiny_task, image_size=32, eval_split="test")
+    runtime = Runtime(workers=0, cache=tmp_path / "cache", progress=False, device="cpu")
+    summary = train_grid(spec, tmp_path / "out", {"epochs": 1, "batch_size": 8}, runtime, search=True, seeds=[0],
+                         folds=1)
+    assert summary["selection"] == "train800 -> val200" and not (tmp_path / "out" / "search" / "folds").exists()
