@@ -15,7 +15,8 @@ from ..errors import ConfigError, one_line
 from ..options import flag
 from .flags import Flags, Given, default_of, setting_value
 
-RUN_RECORD = ("querytune_version", "num_classes", "classes", "schedule")  # what a run's config.json holds beside its settings
+# what a run's config.json holds beside its settings
+RUN_RECORD = ("querytune_version", "num_classes", "classes", "schedule")
 PrintConfigOpt = typer.Option(False, "--print-config", help="print the resolved settings, a --config file, and exit")
 
 
