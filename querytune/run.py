@@ -51,8 +51,11 @@ from .trunk.precision import Precision, resolve_precision
 from .trunk.sources import BatchSource, check_augment, make_source
 from .version import __version__
 
-# What the runs of a stack may differ in; everything else of their training settings is shared.
+# What the runs of a stack may differ in; everything else of their training settings is shared. A run's
+# settings may also hold "options": method options over the spec's, of those the method searches
+# (``Method.search_options``), which its stacked members may differ in.
 MEMBER_SETTINGS = ("lr", "weight_decay", "seed", "data_seed")
+OPTIONS = "options"
 
 
 def _source_string(spec: RunSpec, backbone: VisionTransformer) -> str:
@@ -85,10 +88,12 @@ class RunSetup:
     val_images: ImageList | None
     eval_every: int | None
 
-    def build(self, cfg: TrainConfig) -> tuple[Method, dict[str, Any]]:
-        """The run's method, built from ``cfg.seed``'s random stream, and its config.json."""
+    def build(self, cfg: TrainConfig, options: dict[str, Any]) -> tuple[Method, dict[str, Any]]:
+        """The run's method with its own ``options`` over the setup's, built from ``cfg.seed``'s random
+        stream, and its config.json."""
         seed_everything(cfg.seed)
-        method = build_method(self.method_cls.name, self.backbone, self.train_images.num_classes, self.options)
+        method = build_method(self.method_cls.name, self.backbone, self.train_images.num_classes,
+                              {**self.options, **options})
         if cfg.checkpointing and method.reads.frozen:
             raise ConfigError(f"--checkpointing: method {method.name!r} does not backpropagate through the trunk")
         spec = self.spec
@@ -112,6 +117,7 @@ class RunSetup:
             "input_size": input_size_line(spec.image_size, self.backbone.config.image_size),
             "normalisation": {"mean": list(self.preprocess.mean), "std": list(self.preprocess.std)},
             "train": asdict(cfg),
+            "schedule": cfg.schedule_record(len(self.train_images)),
             "val_split": self.val_images.split if self.val_images is not None else None,
             "eval_every": self.eval_every,
             "log": list(spec.log),
@@ -265,15 +271,18 @@ def train_runs(spec: RunSpec, runs: dict[Path, dict[str, Any]], runtime: Runtime
     method_cls = method_class(required(spec)[0])
     runtime = runtime or Runtime()
     device = distributed.init_from_env(runtime.torch_device)
-    configs = [TrainConfig.for_method(method_cls, own) for own in runs.values()]
+    configs = [TrainConfig.for_method(method_cls, {k: v for k, v in own.items() if k != OPTIONS})
+               for own in runs.values()]
+    run_options = [own.get(OPTIONS, {}) for own in runs.values()]
     resolved = [resolve_precision(cfg.precision, device) for cfg in configs]
     configs = [replace(cfg, precision=precision.value) for cfg, (precision, _) in zip(configs, resolved)]
     precision, why = resolved[0]  # a stack's runs share it (check_stack)
     if len(configs) > 1:
-        check_stack(method_cls, configs, runtime)
+        check_stack(method_cls, configs, runtime, run_options)
     check_augment(configs[0].augment, method_cls.reads, runtime.cache_dir)
     distributed.local_batch_size(configs[0].batch_size)
     setup = prepare_run(spec, runtime, device)
+    configs = [cfg.floored(len(setup.train_images)) for cfg in configs]  # alike for every run of the stack
     for folder in runs:
         check_outside_task(required(spec)[1], folder, "--out")
     note(f"input {input_size_line(spec.image_size, setup.backbone.config.image_size)}", runtime.progress)
@@ -281,10 +290,10 @@ def train_runs(spec: RunSpec, runs: dict[Path, dict[str, Any]], runtime: Runtime
         note(f"precision {precision} ({why})", runtime.progress)
     stack = []
     with ExitStack() as locks:  # on rank 0, which writes the folders
-        for folder, cfg in zip(runs, configs):
+        for folder, cfg, options in zip(runs, configs, run_options):
             if distributed.is_main():
                 locks.enter_context(lock_run_folder(Path(folder)))
-            method, config = setup.build(cfg)
+            method, config = setup.build(cfg, options)
             member = Member(cfg, method, Path(folder) / "checkpoint.pt", stream=rng_state(device))
             stack.append(StackRun(Path(folder), config, member, check_run_folder(Path(folder), config)))
         # a finished run is the very same run, done already (a retried job, a rerun cell): its results
@@ -295,9 +304,10 @@ def train_runs(spec: RunSpec, runs: dict[Path, dict[str, Any]], runtime: Runtime
     return [metrics[run.folder] for run in stack]
 
 
-def check_stack(method_cls: type[Method], configs: list[TrainConfig], runtime: Runtime) -> None:
+def check_stack(method_cls: type[Method], configs: list[TrainConfig], runtime: Runtime,
+                run_options: list[dict[str, Any]]) -> None:
     """Runs trained as a stack share a frozen trunk, one process, and every setting but
-    :data:`MEMBER_SETTINGS`, and the epochs' order."""
+    :data:`MEMBER_SETTINGS` and the options the method searches, and the epochs' order."""
     if distributed.world_size() > 1:
         raise ConfigError("a grid or several seeds train in one process (not under torchrun)")
     if runtime.compile != "off":
@@ -312,6 +322,10 @@ def check_stack(method_cls: type[Method], configs: list[TrainConfig], runtime: R
         if differing:
             raise ConfigError(f"members of a grid may differ only in {', '.join(MEMBER_SETTINGS)} "
                               f"(not {', '.join(differing)})")
+    unsearched = sorted({name for options in run_options for name in options} - set(method_cls.search_options))
+    if unsearched:
+        raise ConfigError(f"members of a grid may differ only in the options {method_cls.name!r} searches "
+                          f"({', '.join(method_cls.search_options) or 'none'}; not {', '.join(unsearched)})")
     orders = {cfg.order_seed for cfg in configs}
     if len(orders) > 1:
         raise ConfigError(f"members of a grid share one epoch order (data seeds {sorted(orders)} differ)")

@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +37,9 @@ if TYPE_CHECKING:
     from .runlog import EpochLog
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
+# The protocols' epochs were set for VTAB-1k's 800- and 1,000-image splits: a smaller training split trains at
+# least the optimiser steps the epochs take on this many images (TrainConfig.min_steps).
+FLOOR_IMAGES = 800
 
 
 @dataclass
@@ -63,6 +66,11 @@ class TrainConfig:
     checkpointing: bool = option(False, "recompute each block in backward (methods that backpropagate through "
                                         "the trunk)")
     augment: bool = option(False, "random resized crop and flip of the training images (needs the trunk run live)")
+    min_steps: int | None = option(None, "the fewest optimiser steps of a run: a training split too small for them "
+                                         "trains more epochs, the warm-up the same share of the run (default: the "
+                                         f"steps the protocol's epochs take on {FLOOR_IMAGES} images, a VTAB-1k "
+                                         "search's training split, or none where --epochs is given; 0: none)",
+                                   min=0)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -70,7 +78,9 @@ class TrainConfig:
     @classmethod
     def for_method(cls, method_cls: type[Method], overrides: dict[str, Any]) -> TrainConfig:
         """The method's protocol with the user's values on top. A run cut shorter than the protocol
-        warms up for at most a tenth of its epochs, unless the user set the warm-up."""
+        warms up for at most a tenth of its epochs, unless the user set the warm-up. Unless given,
+        ``min_steps`` is what the protocol's epochs take on :data:`FLOOR_IMAGES` images (:meth:`floored`);
+        epochs the user gave are trained as given (no floor) unless ``min_steps`` is given too."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - known)
         if unknown:
@@ -79,7 +89,26 @@ class TrainConfig:
         cfg = cls(**{**method_cls.train_defaults, **given})  # checks every value, naming its flag
         if "warmup_epochs" not in given and cfg.epochs < method_cls.train_defaults.get("epochs", cls.epochs):
             cfg.warmup_epochs = min(cfg.warmup_epochs, cfg.epochs / 10)
+        if cfg.min_steps is None:  # a full VTAB-1k split (800 or 1,000 images) takes at least these already
+            cfg.min_steps = 0 if "epochs" in given else cfg.epochs * math.ceil(FLOOR_IMAGES / cfg.batch_size)
         return cfg
+
+    def floored(self, items: int) -> TrainConfig:
+        """These settings for a training split of ``items`` items: where the epochs take fewer optimiser steps
+        than ``min_steps``, as many more epochs as reach it, the warm-up scaled with them (the same share of
+        the run); else unchanged."""
+        steps_per_epoch = math.ceil(items / self.batch_size)
+        if not self.min_steps or self.epochs * steps_per_epoch >= self.min_steps:
+            return self
+        epochs = math.ceil(self.min_steps / steps_per_epoch)
+        return replace(self, epochs=epochs, warmup_epochs=self.warmup_epochs * epochs / self.epochs)
+
+    def schedule_record(self, items: int) -> dict[str, int]:
+        """What config.json records of the run's schedule on ``items`` training items: its optimiser steps,
+        those of the warm-up, and the floor they were held to."""
+        schedule = Schedule.of(self, items)
+        return {"train_items": items, "steps_per_epoch": schedule.steps_per_epoch, "steps": schedule.total_steps,
+                "warmup_steps": schedule.warmup_steps, "min_steps": self.min_steps or 0}
 
     @property
     def resolved_precision(self) -> Precision:

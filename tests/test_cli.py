@@ -83,12 +83,12 @@ def test_synqt_flags_reach_the_method(tiny_backbone_dir, tiny_task, tmp_path):
     common = ["--method", "synqt", "--backbone", tiny_backbone_dir, "--data", tiny_task, "--epochs", "1",
               "--batch-size", "8", "--image-size", "32", "--workers", "0", "-q"]
     flags = ["--num-queries", "2", "--attn-scale", "1.0", "--ffn-scale", "0.5", "--feat-scale", "1.0",
-             "--adapter-dim", "6", "--qsm-dim", "3"]
+             "--adapter-dim", "6", "--qsm-dim", "3", "--dropout", "0.2", "--head-drop-path", "0.1"]
     result = querytune("train", *common, *flags, "--out", tmp_path / "run")
     assert result.returncode == 0, result.stderr
     options = json.loads((tmp_path / "run" / "config.json").read_text())["options"]
     assert options == {"num_queries": 2, "attn_scale": 1.0, "ffn_scale": 0.5, "feat_scale": 1.0,
-                       "adapter_dim": 6, "qsm_dim": 3}
+                       "adapter_dim": 6, "qsm_dim": 3, "dropout": 0.2, "head_drop_path": 0.1}
     result = querytune("train", *common, "--qsm-dim", "0", "--out", tmp_path / "bad")
     assert result.returncode == 2 and "--qsm-dim" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
@@ -276,7 +276,7 @@ def calls(monkeypatch) -> dict[str, Any]:
         seen["train_run"] = {"spec": spec, "out": out, "train": train, "runtime": runtime}
         return {"method": spec.method}
 
-    def train_grid(spec, out, train, runtime, *, search, seeds):
+    def train_grid(spec, out, train, runtime, *, search, seeds, folds=None):
         seen["train_grid"] = {"spec": spec, "out": out, "train": train, "runtime": runtime, "search": search,
                               "seeds": seeds}
         return {"search": [], "chosen": {}, "seeds": [], "eval_split": "test", "mean_accuracy": None}

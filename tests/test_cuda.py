@@ -28,10 +28,11 @@ CUDA = torch.device("cuda")
 def deterministic_train_mode(method: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> torch.nn.Module:
     """Train mode (every trainable parameter is reached: eval merges LoRA's weights) without random draws,
     which differ between the CPU's and the GPU's generators."""
-    monkeypatch.setattr(synqt, "HEAD_DROP_PATH", 0.0)
     for module in method.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        if isinstance(module, synqt.SynQTHead):
+            module.drop_path = 0.0
     return method.train()
 
 

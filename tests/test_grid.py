@@ -162,10 +162,10 @@ def test_kill_during_a_grid_then_rerun_ends_like_lone_runs(tiny_backbone_dir, ti
                 "--no-cache", "-q", "--seed", "5", *extra]
 
     cut = tmp_path / "cut"
-    process = start_slowed(args(cut, "--grid", "--seeds", "2"), delay=0.02)
+    process = start_slowed(args(cut, "--grid", "--seeds", "2", "--folds", "1"), delay=0.02)
     kill_when(process, lambda: any(cut.glob("search/*/checkpoint.pt")))
     assert not any(cut.glob("search/*/metrics.json"))
-    main(args(cut, "--grid", "--seeds", "2"))
+    main(args(cut, "--grid", "--seeds", "2", "--folds", "1"))
     summary = json.loads((cut / "grid.json").read_text())
     assert len(summary["search"]) == 20 and [s["seed"] for s in summary["seeds"]] == [5, 6]
     assert all(json.loads((run / "metrics.json").read_text())["resumed"] for run in cut.glob("search/*"))

@@ -140,8 +140,8 @@ def test_query_branches_take_the_backbones_drop_path_in_training(monkeypatch):
     torch.testing.assert_close(dropped.attn[kept], 2 * whole.attn[kept])  # the kept ones rescaled by 1 / (1 - p)
     assert dropped.attn[~kept].abs().max() == 0
 
-    monkeypatch.setattr(synqt, "HEAD_DROP_PATH", 0.0)
     method = _synqt(backbone)
+    method.head.drop_path = 0.0
     for module in method.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0

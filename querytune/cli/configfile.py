@@ -16,7 +16,7 @@ from ..options import flag
 from .flags import Flags, Given, default_of, setting_value
 
 # what a run's config.json holds beside its settings
-RUN_RECORD = ("querytune_version", "num_classes", "classes", "input_size")
+RUN_RECORD = ("querytune_version", "num_classes", "classes", "input_size", "schedule")
 PrintConfigOpt = typer.Option(False, "--print-config", help="print the resolved settings, a --config file, and exit")
 
 

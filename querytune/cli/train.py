@@ -43,6 +43,8 @@ class TrainCommand:
                                "(OUT/search), then retrain the best (OUT/seed<s>)")
     seeds: int | None = option(None, "train seeds --seed .. --seed+N-1 as one stack (OUT/seed<s>), sharing the first "
                                      "seed's data order", min=1)
+    folds: int | None = option(None, "--grid: score each point on this many folds of train800val200 (1: train800 -> "
+                                     "val200; default: 5 where val200 holds fewer than 100 images, else 1)", min=1)
 
 
 TRAIN_GROUPS = (Flags(RunSpec, "Run"), Flags(TrainCommand, "Run"), Flags(Runtime, "Runtime"))
@@ -115,7 +117,7 @@ def start_training(spec: RunSpec, runtime: Runtime, command: TrainCommand, train
 
         first = train.get("seed") or 0
         summary = train_grid(spec, out, train, runtime, search=command.grid,
-                             seeds=[first + i for i in range(command.seeds or 1)])
+                             seeds=[first + i for i in range(command.seeds or 1)], folds=command.folds)
         print_grid_summary(summary, out)
         return
     from ..run import train_run

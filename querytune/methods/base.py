@@ -59,6 +59,10 @@ class Method(nn.Module):
     # when scale_lr_by_batch is set).
     search_grid: ClassVar[dict[str, Any]] = {"lr": (1.0, 0.5, 0.25, 0.1, 0.05),
                                              "weight_decay": (1e-2, 1e-3, 1e-4, 0.0), "scale_lr_by_batch": True}
+    # Method options the search crosses with that grid (name -> values, the protocol's default first): what the
+    # protocol fixed for 1,000 images but matters with fewer. A stack's members may differ in these, so the
+    # method's ``forward_members`` must take members with different values of them.
+    search_options: ClassVar[dict[str, tuple[Any, ...]]] = {}
     # False: weight decay on the trainable matrices only, not on 1-D parameters (biases, scales), as the
     # official code of methods trained with timm's optimiser factory has it.
     decay_vectors: ClassVar[bool] = True

@@ -36,7 +36,8 @@ Defaults: the README's dSprites-orientation command: target size 512, keep 0.2, 
 1e-5, Adam at lr 0.01 with cosine decay to 0 and no warm-up or weight decay, 500 steps of
 batch 128 (63 epochs of VTAB-1k's 1,000 training images). The paper picks these per task on
 validation data; ``querytune bench --search`` searches lr {0.1, 0.01}, the official config's
-default and the README's.
+default and the README's, crossed with keep_fraction {0.2, 0.05, 1.0} (the default, fewer features for
+fewer images, and no selection; see docs/small-data.md).
 """
 
 from __future__ import annotations
@@ -99,6 +100,9 @@ class Head2Toe(SelectingHead):
     train_defaults = {"epochs": 63, "warmup_epochs": 0, "batch_size": 128, "optimizer": "adam", "lr": 0.01,
                       "weight_decay": 0.0, "min_lr": 0.0}
     search_grid = {"lr": (0.1, 0.01), "weight_decay": (0.0,)}
+    # the fraction was tuned per task on 1,000 images; the members share the ranking head's training and
+    # differ only in the final head (post_train)
+    search_options = {"keep_fraction": (0.2, 0.05, 1.0)}
 
     def __init__(self, backbone, num_classes, options: Head2ToeOptions) -> None:
         super().__init__(backbone, num_classes, options)

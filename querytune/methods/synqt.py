@@ -65,15 +65,11 @@ from ..trunk.features import Features
 from .base import Method, current_stream
 from .registry import register
 
-QUERY_DROPOUT = 0.1
-ADAPTER_DROPOUT = 0.1
-QSM_DROPOUT = 0.1
-HEAD_DROP_PATH = 0.3
+QSM_PROJECTION_DROPOUT = 0.0
 # The backbone's drop-path rate in the official code (timm, linspace 0 -> 0.1 over the blocks), which
 # forward_block also applies to the query branches. The trunk's own drop-path cannot apply here: its
 # tokens are computed once without it (and may come from the feature cache).
 QUERY_DROP_PATH = 0.1
-COMBINE_DROPOUT = 0.1
 
 
 @dataclass
@@ -84,6 +80,11 @@ class SynQTOptions:
     feat_scale: float = option(0.1, "initial scale of the previous layer's query feature")
     adapter_dim: int = option(48, "adapter bottleneck width", min=1)
     qsm_dim: int = option(8, "QSM projection bottleneck width (paper: 8 for D = 768)", min=1)
+    dropout: float = option(0.1, "dropout of the query synthesis (seeds' adapters, QSM attention and feed-forward, "
+                                 "its output) and of the head's adapter and combine weights", min=0, max=1,
+                            max_open=True)
+    head_drop_path: float = option(0.3, "drop-path of the head's aggregated tokens (all but the first)", min=0,
+                                   max=1, max_open=True)
 
 
 class Adapter(nn.Module):
@@ -103,17 +104,17 @@ class QSMAttention(nn.Module):
     """Single-head self-attention among the T synthesized rows; every projection is a
     residual bottleneck adapter D -> qsm_dim -> D."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
         super().__init__()
         self.scale = dim**-0.5
         self.q_norm = nn.LayerNorm(dim)
         self.kv_norm = nn.LayerNorm(dim)
-        self.q_proj = Adapter(dim, hidden, 0.0)
-        self.k_proj = Adapter(dim, hidden, 0.0)
-        self.v_proj = Adapter(dim, hidden, 0.0)
-        self.out_proj = Adapter(dim, hidden, 0.0)
-        self.attn_drop = nn.Dropout(QSM_DROPOUT)
-        self.out_drop = nn.Dropout(QSM_DROPOUT)
+        self.q_proj = Adapter(dim, hidden, QSM_PROJECTION_DROPOUT)
+        self.k_proj = Adapter(dim, hidden, QSM_PROJECTION_DROPOUT)
+        self.v_proj = Adapter(dim, hidden, QSM_PROJECTION_DROPOUT)
+        self.out_proj = Adapter(dim, hidden, QSM_PROJECTION_DROPOUT)
+        self.attn_drop = nn.Dropout(dropout)
+        self.out_drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         q = self.q_proj(self.q_norm(x))
@@ -129,9 +130,9 @@ class QSMBlock(nn.Module):
     def __init__(self, dim: int, options: SynQTOptions) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = QSMAttention(dim, options.qsm_dim)
+        self.attn = QSMAttention(dim, options.qsm_dim, options.dropout)
         self.norm2 = nn.LayerNorm(dim)
-        self.ffn = Adapter(dim, options.adapter_dim, ADAPTER_DROPOUT)
+        self.ffn = Adapter(dim, options.adapter_dim, options.dropout)
         self.attn_scale = nn.Parameter(torch.tensor(float(options.attn_scale)))
         self.ffn_scale = nn.Parameter(torch.tensor(float(options.ffn_scale)))
 
@@ -146,10 +147,10 @@ class QuerySynthesis(nn.Module):
     def __init__(self, dim: int, depth: int, options: SynQTOptions) -> None:
         super().__init__()
         self.seeds = nn.Parameter(torch.empty(depth, options.num_queries, dim).uniform_(-1, 1))
-        self.adapters = nn.ModuleList(Adapter(dim, options.adapter_dim, ADAPTER_DROPOUT) for _ in range(depth))
+        self.adapters = nn.ModuleList(Adapter(dim, options.adapter_dim, options.dropout) for _ in range(depth))
         self.qsm = nn.ModuleList(QSMBlock(dim, options) for _ in range(depth))
         self.feat_scale = nn.Parameter(torch.tensor(float(options.feat_scale)))
-        self.drop = nn.Dropout(QUERY_DROPOUT)
+        self.drop = nn.Dropout(options.dropout)
 
     def forward(self, layer: int, batch: int, previous: Tensor | None) -> Tensor:
         """s_l (B, T, D) for block ``layer`` from F_{l-1} (B, D), or None at the first block."""
@@ -162,12 +163,14 @@ class QuerySynthesis(nn.Module):
 class SynQTHead(nn.Module):
     """Shared adapter on the 3L+1 tokens, condition-combine from token 0, LayerNorm, classifier."""
 
-    def __init__(self, dim: int, depth: int, adapter_dim: int, final_norm: nn.LayerNorm, num_classes: int) -> None:
+    def __init__(self, dim: int, depth: int, options: SynQTOptions, final_norm: nn.LayerNorm,
+                 num_classes: int) -> None:
         super().__init__()
         self.token_norm = nn.LayerNorm(dim)
-        self.adapter = Adapter(dim, adapter_dim, ADAPTER_DROPOUT)
+        self.adapter = Adapter(dim, options.adapter_dim, options.dropout)
         self.combine = nn.Linear(dim, 3 * depth)
-        self.combine_drop = nn.Dropout(COMBINE_DROPOUT)
+        self.combine_drop = nn.Dropout(options.dropout)
+        self.drop_path = options.head_drop_path
         self.norm = nn.LayerNorm(dim)
         with torch.no_grad():
             self.norm.weight.copy_(final_norm.weight)
@@ -177,8 +180,8 @@ class SynQTHead(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         """Logits from the head tokens (B, 3L+1, D)."""
         tokens = tokens + self.adapter(self.token_norm(tokens))
-        if self.training:  # DropPath(0.3) on each aggregated token but the first, per sample
-            dropped = drop_samples(tokens[:, 1:].flatten(0, 1), HEAD_DROP_PATH).unflatten(0, tokens[:, 1:].shape[:2])
+        if self.training:  # DropPath (0.3) on each aggregated token but the first, per sample
+            dropped = drop_samples(tokens[:, 1:].flatten(0, 1), self.drop_path).unflatten(0, tokens[:, 1:].shape[:2])
             tokens = torch.cat([tokens[:, :1], dropped], dim=1)
         weights = torch.tanh(self.combine_drop(F.gelu(self.combine(tokens[:, 0]))))
         weights = torch.cat([weights.new_ones(weights.shape[0], 1), weights], dim=1)
@@ -246,12 +249,14 @@ class SynQT(Method):
     train_defaults = {"epochs": 50, "warmup_epochs": 10, "batch_size": 64, "optimizer": "adamw",
                       "lr": 1e-3, "weight_decay": 1e-2, "min_lr": 1e-6}
     search_grid = {"lr": (2e-3, 1e-3, 5e-4), "weight_decay": (1e-2, 1e-4)}  # around the official fixed 1e-3
+    # its dropouts were set for 1,000 images; each member's side network and head are its own
+    search_options = {"dropout": (0.1, 0.3)}
 
     def __init__(self, backbone: VisionTransformer, num_classes: int, options: SynQTOptions) -> None:
         super().__init__(backbone, num_classes, options)
         dim, depth = backbone.config.embed_dim, backbone.config.depth
         self.synthesis = QuerySynthesis(dim, depth, options)
-        self.head = SynQTHead(dim, depth, options.adapter_dim, backbone.norm, num_classes)
+        self.head = SynQTHead(dim, depth, options, backbone.norm, num_classes)
 
     def query_drop_path(self, index: int) -> float:
         """The query branches' drop-path rate at block ``index`` (0 when not training)."""
