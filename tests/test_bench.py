@@ -269,6 +269,7 @@ def test_bench_search_with_seeds_runs_end_to_end_as_stacks(suite, tiny_backbone_
 
     for method in ("linear", "vqt", "synqt", "memory"):  # a 2 x 2 grid each, to keep the test short
         monkeypatch.setattr(METHODS[method], "search_grid", {"lr": (0.5, 0.05), "weight_decay": (1e-3, 0.0)})
+        monkeypatch.setattr(METHODS[method], "search_options", {})  # (SynQT's dropout would double its grid)
     import querytune.bench as bench_module
     import querytune.run as run_module
 
