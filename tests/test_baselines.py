@@ -104,6 +104,20 @@ def test_adaptformer_adds_a_scaled_bottleneck_beside_each_mlp():
     torch.testing.assert_close(block.mlp_branch(a), expected)
 
 
+def test_adaptformer_keeps_the_backbones_names_and_its_adapters_names():
+    """The adapted blocks hold the backbone's tensors under their timm names, and the adapters keep the names
+    of the adapters saved before (``blocks.N.mlp_parallel``), so saved adapters and exports still load."""
+    backbone = tiny_vit(layer_scale=True)
+    plain = backbone.state_dict()
+    method = build_method("adaptformer", backbone, 5, {})
+    state = backbone.state_dict()
+    assert [name for name in state if ".mlp_parallel." not in name] == list(plain)
+    assert all(torch.equal(state[name], plain[name]) for name in plain)
+    assert set(method.trainable_state_dict()) == {"head.weight", "head.bias"} | {
+        f"backbone.blocks.{index}.mlp_parallel.{layer}.{kind}"
+        for index in range(backbone.config.depth) for layer in ("down", "up") for kind in ("weight", "bias")}
+
+
 # --- BitFit -------------------------------------------------------------------------------
 
 

@@ -335,8 +335,9 @@ class RowsOutput(NamedTuple):
 class Block(nn.Module):
     """Pre-norm transformer block with optional LayerScale.
 
-    ``mlp_parallel`` is an optional module applied to the MLP's input and added
-    beside the MLP branch (AdaptFormer plugs in there); it is None for a plain ViT.
+    Methods that adapt the block put a module of theirs in place of one of its own: LoRA's ``LoRAQKV``
+    in place of ``attn.qkv``, plain memory's ``MemoryAttention`` in place of ``attn``, and AdaptFormer's
+    ``AdaptedBlock``, whose :meth:`mlp_branch` adds its adapter, in place of the block.
     """
 
     def __init__(self, config: ViTConfig, rope: RotaryEmbedding | None = None) -> None:
@@ -348,14 +349,11 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = make_mlp(config)
         self.ls2 = LayerScale(dim) if config.layer_scale else nn.Identity()
-        self.mlp_parallel: nn.Module | None = None
         self.checkpointing = False  # see VisionTransformer.set_grad_checkpointing
 
     def mlp_branch(self, a: Tensor) -> Tensor:
-        branch = self.ls2(self.mlp(self.norm2(a)))
-        if self.mlp_parallel is not None:
-            branch = branch + self.mlp_parallel(a)
-        return branch
+        """The MLP branch (after LayerScale, before the residual) of ``a``, the residual stream after attention."""
+        return self.ls2(self.mlp(self.norm2(a)))
 
     def forward(self, x: Tensor) -> Tensor:
         """Ordinary forward."""

@@ -8,7 +8,10 @@ before ``norm2``) and its output is added beside the MLP branch:
 ``down`` (D -> 64) keeps PyTorch's Linear init (kaiming-uniform, a = sqrt(5)), ``up``
 (64 -> D) and both biases start at zero, so a new model equals the backbone exactly.
 The backbone stays frozen; the adapters and a new linear head on the final class
-token train.
+token train. Each block becomes an :class:`AdaptedBlock` holding the block's own modules and
+the adapter (``blocks.N.mlp_parallel``), as plain memory puts its ``MemoryAttention`` in place
+of ``attn`` and LoRA its ``LoRAQKV`` in place of ``qkv``: the block itself is the one module
+that sees the MLP's un-normalised input.
 
 Defaults from the official code (github.com/ShoufaChen/AdaptFormer, main_image.py and
 models/adapter.py): bottleneck 64, scale 0.1, "parallel" placement, no LayerNorm in
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ..backbones.vit import VisionTransformer
+from ..backbones.vit import Block, VisionTransformer
 from ..errors import ConfigError
 from ..options import option
 from ..trunk import TrunkInput
@@ -54,15 +57,32 @@ class ParallelAdapter(nn.Module):
         return self.up(self.dropout(self.act(self.down(a)))) * self.scale
 
 
+class AdaptedBlock(Block):
+    """A block with a :class:`ParallelAdapter` beside its MLP branch: AdaptFormer puts it in the block's place.
+    It holds the base block's modules (the same tensors under the same names) and the adapter as
+    ``mlp_parallel``; every forward (the ordinary one and the rows one) adds the adapter through
+    :meth:`mlp_branch`."""
+
+    def __init__(self, base: Block, adapter: ParallelAdapter) -> None:
+        nn.Module.__init__(self)
+        for name, module in base.named_children():
+            self.add_module(name, module)
+        self.checkpointing = base.checkpointing
+        self.mlp_parallel = adapter
+
+    def mlp_branch(self, a: Tensor) -> Tensor:
+        return super().mlp_branch(a) + self.mlp_parallel(a)
+
+
 def add_adapters(backbone: VisionTransformer, options: AdaptFormerOptions) -> None:
     """Put a :class:`ParallelAdapter` beside every block's MLP (the backbone stays frozen)."""
     device = backbone.device
-    for block in backbone.blocks:
-        if block.mlp_parallel is not None:
+    for index, block in enumerate(backbone.blocks):
+        if isinstance(block, AdaptedBlock):
             raise ConfigError("the backbone already carries adapters; build each method on a freshly loaded backbone")
         adapter = ParallelAdapter(backbone.config.embed_dim, options.adapter_dim, options.adapter_scale,
                                   options.adapter_dropout)
-        block.mlp_parallel = adapter.to(device)
+        backbone.blocks[index] = AdaptedBlock(block, adapter.to(device))
 
 
 @register

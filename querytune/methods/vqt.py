@@ -244,7 +244,9 @@ def naive_block_parts(block: Block, x: Tensor, mask: Tensor | None = None,
     """One pre-norm block over the whole sequence ``x`` with an additive attention ``mask`` (N, N):
     (output, attention branch, MLP branch), the branches before their residuals. On a RoPE backbone the
     queries and keys of the first ``image_tokens`` tokens (default all: the image's own, prefix first) are
-    rotated by position; the tokens appended after them carry none."""
+    rotated by position; the tokens appended after them carry none. It writes out a plain block: what a
+    method adds to the blocks in place of their modules (AdaptFormer's adapter, plain memory's tokens) is
+    not read, only the effective weights of modules standing in for a weight (LoRA's, SSF's)."""
     dim = x.shape[-1]
     heads = block.attn.num_heads
     u = F.layer_norm(x, (dim,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
@@ -262,8 +264,6 @@ def naive_block_parts(block: Block, x: Tensor, mask: Tensor | None = None,
     a = x + attn
     h = F.layer_norm(a, (dim,), block.norm2.weight, block.norm2.bias, block.norm2.eps)
     mlp = _layer_scale(block.ls2, block.mlp(h))
-    if block.mlp_parallel is not None:
-        mlp = mlp + block.mlp_parallel(a)
     return a + mlp, attn, mlp
 
 
