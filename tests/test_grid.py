@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_vit
+from querytune.backbones import vit
 from querytune.backbones.vit import rows_attention_path
 from querytune.cli import main
 from querytune.errors import ConfigError
@@ -21,8 +22,13 @@ from querytune.run import train_runs
 from querytune.settings import RunSpec, Runtime
 
 
+def force_rows_path(monkeypatch, path: str) -> None:
+    """Make every rows forward take ``path`` (``folded`` or ``projected``) wherever the row count decides."""
+    monkeypatch.setattr(vit, "rows_attention_path", lambda *args: path)
+
+
 @pytest.mark.parametrize("with_extra_and_mask", [False, True])
-def test_folded_and_projected_rows_attention_agree_with_gradients(with_extra_and_mask):
+def test_folded_and_projected_rows_attention_agree_with_gradients(with_extra_and_mask, monkeypatch):
     block = tiny_vit(layer_scale=True).blocks[1]
     context = torch.randn(3, 17, 48)
     rows = torch.randn(3, 5, 48, requires_grad=True)
@@ -33,7 +39,8 @@ def test_folded_and_projected_rows_attention_agree_with_gradients(with_extra_and
         mask[torch.arange(5), 17 + torch.arange(5) % 2] = float("-inf")
     outputs, grads = {}, {}
     for path in ("folded", "projected"):
-        out = block.forward_rows(rows, context, extra, mask, path=path)
+        force_rows_path(monkeypatch, path)
+        out = block.forward_rows(rows, context, extra, mask)
         (out.out * torch.linspace(-1, 1, 48)).sum().backward()
         outputs[path], grads[path] = out, rows.grad.clone()
         rows.grad = None
@@ -42,19 +49,20 @@ def test_folded_and_projected_rows_attention_agree_with_gradients(with_extra_and
     torch.testing.assert_close(grads["folded"], grads["projected"], rtol=1e-5, atol=1e-5)
 
 
-def test_grouped_extra_tokens_equal_a_mask_over_all_groups():
+def test_grouped_extra_tokens_equal_a_mask_over_all_groups(monkeypatch):
     block = tiny_vit(layer_scale=True).blocks[1]
     context, extra = torch.randn(3, 17, 48), torch.randn(3, 2, 4, 48)  # 2 groups of 4 extra tokens
     rows = torch.randn(3, 6, 48)  # 3 rows a group
     mask = torch.full((6, 17 + 8), float("-inf"))
     mask[:, :17] = 0
     mask[:3, 17:21] = mask[3:, 21:] = 0
-    grouped = block.forward_rows(rows, context, extra)
-    masked = block.forward_rows(rows, context, extra.flatten(1, 2), mask, path="folded")
-    for a, b in zip(grouped, masked):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="folded path only"):
-        block.forward_rows(rows, context, extra, path="projected")
+    force_rows_path(monkeypatch, "folded")
+    masked = block.forward_rows(rows, context, extra.flatten(1, 2), mask)
+    for path in ("folded", "projected"):  # grouped extra tokens are read folded, whatever the row count
+        force_rows_path(monkeypatch, path)
+        grouped = block.forward_rows(rows, context, extra)
+        for a, b in zip(grouped, masked):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_rows_attention_path_follows_the_multiply_adds():

@@ -369,8 +369,8 @@ class Block(nn.Module):
         a = x + self.ls1(self.attn(u))
         return a + self.mlp_branch(a)
 
-    def forward_rows(self, rows: Tensor, context: Tensor, extra: Tensor | None = None, mask: Tensor | None = None,
-                     path: str = "auto") -> RowsOutput:
+    def forward_rows(self, rows: Tensor, context: Tensor, extra: Tensor | None = None,
+                     mask: Tensor | None = None) -> RowsOutput:
         """Push extra ``rows`` (B, R, D) through this block's weights.
 
         The rows' attention queries are ``norm1(rows) Wq``. Their keys and values are
@@ -388,28 +388,28 @@ class Block(nn.Module):
         The attention branch alone is :meth:`rows_attention`, the MLP branch :meth:`mlp_branch` (a method
         that drops branches, SynQT, composes them itself).
 
-        ``path`` says how the attention is computed (:func:`rows_attention_path`): ``folded``
-        folds W_k and W_v into each row, so the tokens are read as they are (cheapest for a few
-        rows); ``projected`` projects the tokens' keys and values once for all rows (cheapest for
-        many rows, such as stacked grid members); ``auto`` picks the one with fewer multiply-adds.
+        The attention is computed one of two ways, whichever :func:`rows_attention_path` finds has fewer
+        multiply-adds: ``folded`` folds W_k and W_v into each row, so the tokens are read as they are
+        (cheapest for a few rows); ``projected`` projects the tokens' keys and values once for all rows
+        (cheapest for many rows, such as stacked grid members). Grouped extra tokens are read folded.
 
         With rotary position embeddings (``ViTConfig.rope``: DINOv3, EVA-02) a token's key is rotated by
         its position, so ``W_k`` cannot be folded into the rows: the context's keys are projected (with
-        their bias, which no longer cancels), their patch tokens rotated, whatever ``path`` says. The rows
+        their bias, which no longer cancels) and their patch tokens rotated, whatever the row count. The rows
         carry no position, like the class and register tokens, which these models never rotate either:
         a query row belongs to no patch, and reading every position alike is what a class token does.
         Extra tokens (memory, the rows themselves) carry none either.
         """
-        attn_branch = self.rows_attention(rows, context, extra, mask, path)
+        attn_branch = self.rows_attention(rows, context, extra, mask)
         a = rows + attn_branch
         mlp_branch = self.mlp_branch(a)
         return RowsOutput(a + mlp_branch, attn_branch, mlp_branch)
 
-    def rows_attention(self, rows: Tensor, context: Tensor, extra: Tensor | None = None, mask: Tensor | None = None,
-                       path: str = "auto") -> Tensor:
+    def rows_attention(self, rows: Tensor, context: Tensor, extra: Tensor | None = None,
+                       mask: Tensor | None = None) -> Tensor:
         """The attention branch of :meth:`forward_rows` (after the output projection and LayerScale)."""
         attn = self.attn
-        batch, num_rows, dim = rows.shape
+        _, num_rows, dim = rows.shape
         heads_shape = (attn.num_heads, attn.head_dim)
         w_q, w_k, w_v = attn.qkv.weight.split(dim, dim=0)
         b_q = attn.qkv.bias[:dim] if attn.qkv.bias is not None else None
@@ -424,28 +424,17 @@ class Block(nn.Module):
         grouped = extra is not None and extra.dim() == 4
         if grouped and mask is not None:
             raise ValueError("grouped extra tokens take no mask")
-        if path == "auto" and attn.rope is not None:
-            path = "projected"
-        elif path == "auto":
-            path = "folded" if grouped else rows_attention_path(
-                num_rows, context.shape[1], dim, attn.num_heads, rows.requires_grad and torch.is_grad_enabled(),
-                context.requires_grad)
         if attn.rope is not None:
-            if path == "folded":
-                raise ValueError("the folded path cannot read rotated keys (rotary position embeddings)")
             values = self._rotary_attention(q, context, extra_normed, mask, w_k, w_v)
-        elif grouped and path != "folded":
-            raise ValueError("grouped extra tokens are read by the folded path only")
-        elif path == "folded":
+        elif grouped or rows_attention_path(num_rows, context.shape[1], dim, attn.num_heads,
+                                            rows.requires_grad and torch.is_grad_enabled(),
+                                            context.requires_grad) == "folded":
             values = self._folded_attention(q, context, extra_normed, mask, w_k, w_v)
-        elif path == "projected":
-            values = self._projected_attention(q, context, extra_normed, mask, w_k, w_v)
         else:
-            raise ValueError(f"unknown rows attention path {path!r} (known: auto, folded, projected)")
+            values = self._projected_attention(q, context, extra_normed, mask, w_k, w_v)
         if b_v is not None:
             values = values + b_v
         return self.ls1(attn.proj(values))
-
 
     def _folded_attention(self, q: Tensor, context: Tensor, extra_normed: Tensor | None, mask: Tensor | None,
                           w_k: Tensor, w_v: Tensor) -> Tensor:
@@ -515,7 +504,6 @@ class Block(nn.Module):
         attn_mask = mask.unsqueeze(-3) if mask is not None else None  # (B,) 1, R, N+E: the same for every head
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=attn_mask)  # B, H, R, hd
         return out.transpose(1, 2).flatten(2)
-
 
 
 def rows_attention_path(num_rows: int, num_tokens: int, dim: int, heads: int, rows_grad: bool,
