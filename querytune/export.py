@@ -9,13 +9,16 @@ Formats (``FORMATS``):
   normalised class token, as ours does; DINOv2's reads [class token, mean patch token], so our head
   weight is padded with zeros for the second half. The export checks that the PEFT model reproduces
   the run's logits before writing. A run on a timm or querytune checkpoint (no transformers model to
-  attach to) is refused, as is every method without a PEFT equivalent.
+  attach to) is refused, as is every method without a PEFT equivalent, and a backbone whose model type
+  has no transformers classifier reading the run's feature (``PEFT_MODEL_TYPES`` do: ViT, DeiT, MSN,
+  DINOv2; CLIP and SigLIP average the patch tokens; MAE, DINOv3 and the bare vision towers have none).
 - ``merged``: ``model.safetensors``, one timm-named state dict (LoRA's update, SSF's scales and
   shifts or BitFit's biases merged into the backbone, or the fully fine-tuned weights) plus
   ``head.weight``/``head.bias``, position embeddings resampled to the run's input size, its ViT
   config in the metadata; it loads into a plain ViT with strict keys
   (:func:`querytune.backbones.load_backbone`, or a timm model of that architecture). Methods that
-  add tokens or branches a plain ViT lacks are refused.
+  add tokens or branches a plain ViT lacks are refused, and so are the RoPE families (EVA-02, DINOv3), which
+  timm holds as its ``Eva`` models under other names.
 - ``onnx``: ``model.onnx``, the inference graph from preprocessed images (batch, 3, S, S) to logits:
   one run, or several frozen-backbone runs in one graph with one trunk pass and an output per task,
   computed as :class:`querytune.serve.MultiTaskServer` does (float32).
@@ -60,6 +63,10 @@ from .trunk.precision import Precision
 from .version import __version__
 
 FORMATS = ("peft", "merged", "onnx")
+# Hugging Face model types whose AutoModelForImageClassification reads the final normalised class token (DINOv2's
+# also the mean patch token), as the run's head does; CLIP's and SigLIP's classifiers average the patch tokens,
+# MAE, DINOv3 and the vision towers have none
+PEFT_MODEL_TYPES = ("vit", "deit", "vit_msn", "dinov2", "dinov2_with_registers")
 MANIFEST = "export.json"
 
 
@@ -185,6 +192,9 @@ def _optional(module: str, extra: str) -> Any:
 
 def _write_merged(runs: list[Path], folder: Path) -> None:
     method, config = load_run(runs[0])
+    if method.backbone.config.rope:
+        raise ConfigError(f"{runs[0]}: its backbone has rotary position embeddings (EVA-02, DINOv3), which timm holds "
+                          "as its Eva models under other names than a timm ViT's; use --format onnx")
     write_merged(method, config["image_size"], folder / "model.safetensors")
 
 
@@ -235,6 +245,11 @@ def _write_peft(runs: list[Path], folder: Path) -> None:
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{runs[0]}: its backbone {source} is not a Hugging Face transformers model, which "
                               "PEFT adapters attach to; use --format merged") from error
+    if hf_config.model_type not in PEFT_MODEL_TYPES:
+        instead = "--format onnx" if method.backbone.config.rope else "--format merged or onnx"
+        raise ConfigError(f"{runs[0]}: its backbone is a Hugging Face {hf_config.model_type!r} model, for which "
+                          "transformers has no image classifier reading the run's feature (PEFT export takes "
+                          f"{', '.join(PEFT_MODEL_TYPES)}); use {instead}")
     classes = config.get("classes") or [str(label) for label in range(config["num_classes"])]
     hf_config.num_labels = config["num_classes"]
     hf_config.id2label = dict(enumerate(classes))

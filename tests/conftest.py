@@ -71,10 +71,34 @@ ROPE_FAMILIES = {
 }
 
 
-def tiny_rope(family: str, seed: int = 0) -> VisionTransformer:
+# Each family's ViTConfig options as its loaders read them (tests/test_families.py, test_timm_parity.py check the
+# reading): what :func:`tiny_family` builds, for the tests that run every method and export on every family
+FAMILIES = {
+    "clip": {"norm_pre": True, "patch_bias": False, "act": "quick_gelu", "norm_eps": 1e-5},
+    "siglip": {"class_token": False, "map_pool": True, "pos_embed_prefix": 0, "act": "gelu_tanh"},
+    "dinov3": ROPE_FAMILIES["dinov3"],
+    "eva02": ROPE_FAMILIES["eva02"],
+    "mae": {"global_pool": True},  # the fine-tuned checkpoint's fc_norm: mean pooling
+    "msn": {},  # a plain ViT
+    "dinov2_swiglu": {"swiglu": True, "layer_scale": True},
+    "gelu_new": {"act": "gelu_tanh"},
+}
+
+
+def tiny_family(family: str, seed: int = 0) -> VisionTransformer:
+    """A two-block :func:`tiny_vit` shaped like ``family`` (:data:`FAMILIES`); RoPE families as :func:`tiny_rope`,
+    SigLIP as :func:`tiny_siglip`."""
+    if family in ROPE_FAMILIES:
+        return tiny_rope(family, seed, depth=2)
+    if family == "siglip":
+        return tiny_siglip(seed, depth=2, act="gelu_tanh")
+    return tiny_vit(seed=seed, depth=2, **FAMILIES[family])
+
+
+def tiny_rope(family: str, seed: int = 0, **overrides) -> VisionTransformer:
     """:func:`tiny_vit` shaped like EVA-02 or DINOv3 (rotary position embeddings, :data:`ROPE_FAMILIES`), with
     random q/k/v biases: with RoPE even the key bias shows in the attention."""
-    model = tiny_vit(seed=seed, **ROPE_FAMILIES[family])
+    model = tiny_vit(seed=seed, **ROPE_FAMILIES[family], **overrides)
     with torch.no_grad():
         for block in model.blocks:
             bias = block.attn.qkv.bias
@@ -162,10 +186,11 @@ def assert_matches_reference(module: torch.nn.Module, fast: torch.Tensor, naive,
     return fast_grads
 
 
-def train_a_few_steps(method: torch.nn.Module, inputs, labels: torch.Tensor, steps: int = 5) -> list[float]:
+def train_a_few_steps(method: torch.nn.Module, inputs, labels: torch.Tensor, steps: int = 5,
+                      lr: float = 0.05) -> list[float]:
     """Plain SGD steps of ``method`` on one batch; returns the losses, which training should lower."""
     method.train()
-    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.05)
+    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=lr)
     losses = []
     for _ in range(steps):
         optimizer.zero_grad()

@@ -276,3 +276,40 @@ def test_relative_position_bias_families_are_refused_saying_why(tmp_path):
               str(tmp_path / "beit.safetensors"))
     with pytest.raises(ConfigError, match="BEiT's blocks add a relative position bias"):
         load_backbone(tmp_path / "beit.safetensors", model_name="beit_base_patch16_224")
+
+
+@pytest.mark.parametrize("family", [*CASES, "eva02"])
+def test_info_and_train_on_every_family(family, tmp_path, tiny_task, capsys):
+    """``querytune info`` and ``train`` (in this process: VQT for one epoch) on each family's saved tiny model: a
+    transformers folder, or for EVA-02, which transformers lacks, a querytune-saved (timm-named) file."""
+    from conftest import tiny_family
+    from querytune.backbones import save_backbone
+    from querytune.cli import main
+
+    source = tmp_path / family
+    if family == "eva02":
+        source = tmp_path / "eva02.safetensors"
+        save_backbone(tiny_family("eva02"), source)
+    else:
+        saved(CASES[family], source)
+    main(["info", "--backbone", str(source)])
+    assert "depth (L)" in capsys.readouterr().out
+    normalisation = ["--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5"] if family == "vit_gelu_new" else []  # a ViT's
+    main(["train", "--method", "vqt", "--backbone", str(source), "--data", str(tiny_task), "--out",
+          str(tmp_path / "run"), "--epochs", "1", "--batch-size", "8", "--image-size", "32", "--workers", "0", "-q",
+          *normalisation])
+    assert 0 <= json.loads((tmp_path / "run" / "metrics.json").read_text())["test_accuracy"] <= 1
+
+
+def test_an_unknown_model_type_is_one_line_with_exit_code_2(tmp_path, capsys):
+    from querytune.cli import main
+
+    saved(CASES["vit_msn"], tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "swin"}))
+    capsys.readouterr()  # save_pretrained's progress bar
+    with pytest.raises(SystemExit) as exit:
+        main(["info", "--backbone", str(tmp_path)])
+    error = capsys.readouterr().err
+    assert exit.value.code == 2 and error.count("\n") == 1
+    assert "model_type 'swin' is not supported (supported: " in error

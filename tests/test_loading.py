@@ -477,3 +477,17 @@ def test_the_cache_key_includes_the_architecture():
     assert backbone_fingerprint(plain) != backbone_fingerprint(rotary)
     assert not {"rope", "rope_temperature", "rope_grid", "absolute_pos_embed", "mlp_norm"} & set(plain.config.to_dict())
     assert ViTConfig.from_dict(rotary.config.to_dict()) == rotary.config
+
+
+def test_families_with_equal_weight_shapes_have_other_cache_keys():
+    """CLIP's quick_gelu, gelu_new's tanh GELU and the exact GELU (or CLIP's pre-norm eps) change no weight
+    shape, only the features: the same weights under each are other backbones to the feature cache."""
+    from querytune.trunk.cache import backbone_fingerprint
+
+    plain = tiny_vit()
+    fingerprints = {backbone_fingerprint(plain)}
+    for change in ({"act": "quick_gelu"}, {"act": "gelu_tanh"}, {"norm_eps": 1e-5}):
+        other = VisionTransformer(ViTConfig(**{**plain.config.to_dict(), **change}))
+        other.load_state_dict(plain.state_dict())
+        fingerprints.add(backbone_fingerprint(other))
+    assert len(fingerprints) == 4
