@@ -33,7 +33,7 @@ demo: $(VENV)/base
 		--image-size $(DEMO_IMAGE_SIZE) --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(VENV)/installed
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q  # tiny test models: one thread each is faster
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadfile  # a process per core, one thread each (tiny models)
 
 lint: $(VENV)/installed
 	$(PY) -m ruff check querytune tests benchmarks
