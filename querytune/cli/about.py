@@ -45,11 +45,13 @@ def measure(
 
 
 @app.command()
-def info(backbone: str = BackboneOpt, model_name: Optional[str] = ModelNameOpt) -> None:
-    """Print a backbone's architecture, parameter count and input size."""
+def info(backbone: str = BackboneOpt, model_name: Optional[str] = ModelNameOpt,
+         image_size: str = ImageSizeOpt) -> None:
+    """Print a backbone's architecture, parameter count, native input size and its tokens at --image-size."""
     from ..backbones import load_backbone
 
-    print_backbone(load_backbone(backbone, model_name=model_name))
+    size = ImageSize.of(image_size)  # before the model loads: a typo costs no load
+    print_backbone(load_backbone(backbone, model_name=model_name), size)
 
 
 @app.command()
