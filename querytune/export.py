@@ -55,6 +55,7 @@ from .errors import CheckpointError, ConfigError, one_line
 from .files import remove_stale_temporaries, temporary_path, umask_modes
 from .methods.base import Method
 from .methods.registry import method_class
+from .options import ImageSize
 from .run import load_run
 from .runfolder import read_metrics, read_run_config
 from .serve import MultiTaskServer
@@ -198,14 +199,17 @@ def _write_merged(runs: list[Path], folder: Path) -> None:
     write_merged(method, config["image_size"], folder / "model.safetensors")
 
 
-def write_merged(method: Method, image_size: int, path: Path) -> None:
-    """``method``'s backbone as plain ViT weights (LoRA, SSF, BitFit, fine-tuning in effect) and its head."""
+def write_merged(method: Method, image_size: int | str, path: Path) -> None:
+    """``method``'s backbone as plain ViT weights (LoRA, SSF, BitFit, fine-tuning in effect) and its head, the
+    position embeddings resampled to a square ``image_size``; at a non-square one they stay at the backbone's
+    native grid, the size its config records (the ViT resamples them to each input at run time)."""
     adapted = method.backbone
     config = ViTConfig.from_dict(adapted.config.to_dict())
     with torch.device("meta"):
         names = list(VisionTransformer(config).state_dict())
+    size = ImageSize.of(image_size)
     plain = load_backbone(_plain_vit(config, {name: _effective(adapted, name) for name in names}),
-                          image_size=image_size)
+                          image_size=size if size.square else None)
     state = {name: tensor.detach().contiguous() for name, tensor in plain.state_dict().items()}
     if config.global_pool:  # timm's name for the final norm of a global-pool model
         state = {("fc_norm" + name[len("norm"):] if name.startswith("norm.") else name): t for name, t in state.items()}
@@ -292,8 +296,8 @@ def _set_peft_head(peft_model: Any, method: Method) -> None:
         classifier.bias.copy_(head.bias)
 
 
-def _check_same_logits(method: Method, peft_model: Any, image_size: int, run: Path) -> None:
-    images = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+def _check_same_logits(method: Method, peft_model: Any, image_size: int | str, run: Path) -> None:
+    images = torch.randn(2, 3, *ImageSize.of(image_size), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = method(images)
         theirs = peft_model(pixel_values=images, interpolate_pos_encoding=True).logits
@@ -338,13 +342,13 @@ class ServedGraph(nn.Module):
                      for name, method in zip(self.names, self.methods))
 
 
-def onnx_graph(runs: Sequence[Path]) -> tuple[nn.Module, list[str], int]:
+def onnx_graph(runs: Sequence[Path]) -> tuple[nn.Module, list[str], ImageSize]:
     """The module to export for ``runs``, its output names (the task names) and its input size.
 
     The position embeddings are resampled to the input size once, here (as the ViT would on every
     call), so that the graph holds no interpolation."""
     configs = [read_run_config(run) for run in runs]
-    size = configs[0]["image_size"]
+    size = ImageSize.of(configs[0]["image_size"])
     graph: ImageGraph | ServedGraph
     if len(runs) == 1 and not method_class(configs[0]["method"]).reads.frozen:
         graph, names = ImageGraph(load_run(runs[0])[0]), [runs[0].resolve().name]
@@ -361,7 +365,7 @@ def _write_onnx(runs: list[Path], folder: Path) -> None:
     took 30 s on a tiny ViT (torch 2.13, 2 CPU cores); both gave the same outputs to 2e-6."""
     _optional("onnx", "onnx")
     graph, names, size = onnx_graph(runs)
-    images = torch.zeros(2, 3, size, size)
+    images = torch.zeros(2, 3, *size)
     batch_axes = {name: {0: "batch"} for name in ["images", *names]}
     try:
         with warnings.catch_warnings():  # the tracer's notes that the input size is fixed, as intended
@@ -402,12 +406,12 @@ backbone = load_backbone("model.safetensors")           # strict timm keys; the 
 head = load_file("model.safetensors")                   # head.weight, head.bias
 logits = backbone(images) @ head["head.weight"].T + head["head.bias"]
 ```
-A timm ViT of the same architecture (`num_classes={num_classes}`, `img_size={image_size}`) loads the file
+A timm ViT of the same architecture (`num_classes={num_classes}`, {timm_size}) loads the file
 with `load_state_dict(..., strict=True)` as well.""",
     "onnx": """```python
 import onnxruntime
 session = onnxruntime.InferenceSession("model.onnx")
-outputs = session.run(None, {{"images": images}})       # float32 (batch, 3, {image_size}, {image_size})
+outputs = session.run(None, {{"images": images}})       # float32 (batch, 3, {height}, {width})
 ```
 Outputs, in order: {outputs} (logits, computed in float32).""",
 }
@@ -439,11 +443,16 @@ def model_card(runs: Sequence[Path], configs: Sequence[dict[str, Any]], format: 
         classes = config.get("classes") or [str(label) for label in range(config["num_classes"])]
         lines.append(f"- **{task}**: {', '.join(map(str, classes))}")
     normalisation = first.get("normalisation") or {}
+    size = ImageSize.of(first["image_size"])
+    timm_size = (f"`img_size={size.height}`" if size.square else "`img_size` the backbone's native size, "
+                 f"`dynamic_img_size=True` for {size} input")
+    shape = f"{size.height} x {size.width} px" + ("" if size.square else " (height x width)")
     lines += ["", "## Input", "",
-              f"RGB images resized (bicubic, no crop) to {first['image_size']} x {first['image_size']} px, scaled "
+              f"RGB images resized (bicubic, no crop) to {shape}, scaled "
               f"to [0, 1] and normalised with mean {normalisation.get('mean')} and std {normalisation.get('std')}.", "",
               "## Backbone", "", f"`{source}` ({first['backbone']['name']}), weights fingerprint "
               f"`{first['backbone']['fingerprint']}`.", "", "## How to load", "",
-              _LOADING[format].format(base=source, num_classes=first["num_classes"], image_size=first["image_size"],
+              _LOADING[format].format(base=source, num_classes=first["num_classes"], timm_size=timm_size,
+                                      height=size.height, width=size.width,
                                       outputs=", ".join(f"`{task}`" for task in tasks)), ""]
     return "\n".join(lines)

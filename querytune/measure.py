@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .errors import ConfigError
 from .methods.base import Method
+from .options import ImageSize
 from .trunk.device import to_device
 from .trunk.features import Features, extract_features
 from .trunk.precision import Precision
@@ -150,7 +151,8 @@ def measure_step(method: Method, images: Tensor, labels: Tensor, repeats: int = 
     return StepCost(meter.bytes, train_peak.peak_bytes, inference_peak.peak_bytes, step_seconds)
 
 
-def measure_method(method_name: str, backbone_source: str | Path, batch_size: int = 32, image_size: int = 224,
+def measure_method(method_name: str, backbone_source: str | Path, batch_size: int = 32,
+                   image_size: int | str | ImageSize = 224,
                    precision: Precision = Precision.FP32, device: str | torch.device = "cpu", num_classes: int = 10,
                    options: dict | None = None) -> dict:
     """One training step of a method on random images, measured in this process.
@@ -158,7 +160,7 @@ def measure_method(method_name: str, backbone_source: str | Path, batch_size: in
     ``NAME-naive`` (``vqt-naive``) measures the method executed the way its published code does
     (:meth:`Method.published_way`).
     """
-    from .backbones import load_backbone
+    from .backbones import check_input_size, load_backbone
     from .methods import build_method
 
     device = torch.device(device)
@@ -166,6 +168,8 @@ def measure_method(method_name: str, backbone_source: str | Path, batch_size: in
     # on a GPU, memory that others hold in this process is not the step's (peaks are allocator statistics)
     baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     backbone = load_backbone(backbone_source).to(device)
+    size = ImageSize.of(image_size)
+    check_input_size(backbone, size)
     naive = method_name.endswith("-naive")
     method = build_method(method_name.removesuffix("-naive"), backbone, num_classes, options)
     if naive:
@@ -174,14 +178,14 @@ def measure_method(method_name: str, backbone_source: str | Path, batch_size: in
             raise ConfigError(f"--method {method_name}: method {method.name!r} has no other, published way to "
                               f"run; measure --method {method.name}")
         method = published
-    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    images = torch.randn(batch_size, 3, *size, device=device)
     labels = torch.randint(0, num_classes, (batch_size,), device=device)
     cost = measure_step(method, images, labels, precision=precision)
     return {
         "method": method_name,
         "device": str(device),
         "batch_size": batch_size,
-        "image_size": image_size,
+        "image_size": size.recorded,
         "precision": precision.value,
         "trainable_params": method.num_trainable_params(),
         "adapter_bytes": adapter_bytes(method),
@@ -216,8 +220,8 @@ def dies_with_this_process() -> Callable[[], None] | None:
 
 
 def measure_method_isolated(method_name: str, backbone_source: str | Path, batch_size: int = 32,
-                            image_size: int = 224, precision: Precision = Precision.FP32, device: str | None = None,
-                            num_classes: int = 10) -> dict:
+                            image_size: int | str | ImageSize = 224, precision: Precision = Precision.FP32,
+                            device: str | None = None, num_classes: int = 10) -> dict:
     """:func:`measure_method` such that no earlier work inflates the peak; returns ``{"method", "error"}``
     if it fails.
 
@@ -242,7 +246,7 @@ def measure_method_isolated(method_name: str, backbone_source: str | Path, batch
             torch.cuda.empty_cache()
 
     command = [sys.executable, "-m", "querytune", "measure", "--method", method_name, "--backbone",
-               str(backbone_source), "--batch-size", str(batch_size), "--image-size", str(image_size),
+               str(backbone_source), "--batch-size", str(batch_size), "--image-size", str(ImageSize.of(image_size)),
                "--num-classes", str(num_classes), "--precision", precision.value, "--json"]
     if device:
         command += ["--device", device]

@@ -12,20 +12,22 @@ import math
 import os
 import types
 import typing
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 from .errors import ConfigError
 
 
 def option(default: Any, help: str, *, min: float | None = None, max: float | None = None,
            min_open: bool = False, max_open: bool = False, choices: tuple[str, ...] | None = None,
-           short: str | None = None) -> Any:
+           short: str | None = None, parse: Callable[[Any, str], Any] | None = None) -> Any:
     """A field of an options dataclass: its default, its help text and what values it takes
     (``min``/``max`` bounds, open with ``min_open``/``max_open``; ``choices`` for strings, or for each
-    item of a list); ``short`` is the flag's one-letter spelling (``-m``)."""
+    item of a list); ``short`` is the flag's one-letter spelling (``-m``). ``parse(value, flag)``, where
+    given, is the field's own reading of a value of several spellings (:func:`image_size_setting`): its
+    flag takes a string, and the value a flag or config file gives becomes what ``parse`` returns."""
     meta = {"help": help, "min": min, "max": max, "min_open": min_open, "max_open": max_open, "choices": choices,
-            "short": short}
+            "short": short, "parse": parse}
     if isinstance(default, list):  # a fresh list for every instance
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -33,6 +35,48 @@ def option(default: Any, help: str, *, min: float | None = None, max: float | No
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+class ImageSize(NamedTuple):
+    """An input size in pixels, (height, width): ``--image-size N`` (square) or ``HxW``."""
+
+    height: int
+    width: int
+
+    @classmethod
+    def of(cls, value: Any, name: str = "--image-size") -> ImageSize:
+        """The size that ``value`` spells (N, 'N', 'HxW', or a (height, width) pair), else a one-line ConfigError
+        naming the flag ``name``."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            parts = value.strip().lower().split("x")
+            sides: Any = [int(part) if part.isascii() and part.isdecimal() else None for part in parts]
+        else:
+            sides = list(value) if isinstance(value, (list, tuple)) else [value]
+        if len(sides) not in (1, 2) or not all(isinstance(side, int) and not isinstance(side, bool) for side in sides):
+            raise ConfigError(f"{name} must be an integer (got {value!r}) or HxW such as 224x320")
+        if min(sides) < 1:
+            raise ConfigError(f"{name} must be at least 1 on each side (got {value!r})")
+        return cls(sides[0], sides[-1])
+
+    @property
+    def square(self) -> bool:
+        return self.height == self.width
+
+    @property
+    def recorded(self) -> int | str:
+        """How a run's config.json and a cache key write it: N for a square size (as before non-square sizes
+        were taken, so a square run keeps its record and cache key), else 'HxW'."""
+        return self.height if self.square else str(self)
+
+    def __str__(self) -> str:
+        return f"{self.height}x{self.width}"
+
+
+def image_size_setting(value: Any, name: str) -> int | str:
+    """The ``parse`` of an input-size setting: the value as it is recorded (:attr:`ImageSize.recorded`)."""
+    return ImageSize.of(value, name).recorded
 
 
 def value_type(options_cls: type, name: str) -> tuple[type, bool]:
@@ -72,6 +116,9 @@ def check_value(options_cls: type, field: dataclasses.Field, value: Any) -> None
     if value is None:
         if not optional:
             raise ConfigError(f"{name} needs a value")
+        return
+    if field.metadata.get("parse"):
+        field.metadata["parse"](value, name)
         return
     if kind is bool and not isinstance(value, bool):
         raise ConfigError(f"{name} must be true or false (got {value!r})")

@@ -22,13 +22,14 @@ from typing import Any
 import torch
 
 from . import distributed
-from .backbones import load_backbone
+from .backbones import check_input_size, load_backbone
 from .backbones.vit import VisionTransformer
 from .data import ImageList, Preprocess, check_normalisation, check_outside_task, default_train_split, open_split
 from .data.splits import SEARCH_TRAIN, SEARCH_VAL, TEST, WHOLE_SPLIT
 from .errors import CheckpointError, ConfigError, QuerytuneError
 from .methods import build_method, method_class, options_dict
 from .methods.base import Method
+from .options import ImageSize
 from .progress import note
 from .recipes import recipe_options
 from .runfolder import (
@@ -113,8 +114,8 @@ class RunSetup:
             "train_split": self.train_images.split,
             "num_classes": self.train_images.num_classes,
             "classes": list(self.train_images.classes) if self.train_images.classes else None,
-            "image_size": spec.image_size,
-            "input_size": input_size_line(spec.image_size, self.backbone.config.image_size),
+            "image_size": spec.image_hw.recorded,
+            "input_size": input_size_line(spec.image_hw, self.backbone.config.image_size),
             "normalisation": {"mean": list(self.preprocess.mean), "std": list(self.preprocess.std)},
             "train": asdict(cfg),
             "schedule": cfg.schedule_record(len(self.train_images)),
@@ -191,19 +192,17 @@ def prepare_run(spec: RunSpec, runtime: Runtime, device: torch.device) -> RunSet
     fingerprint = backbone_fingerprint(backbone)  # of the checkpoint as loaded, before a method adds adapters
     if spec.mean is not None or spec.std is not None:
         backbone.config.mean, backbone.config.std = check_normalisation(spec.mean, spec.std)
-    patch = backbone.config.patch_size
-    if spec.image_size < patch or spec.image_size % patch:
-        raise ConfigError(f"--image-size {spec.image_size}: must be a positive multiple of the backbone's patch "
-                          f"size {patch}")
+    check_input_size(backbone, spec.image_hw)
+    backbone.set_input_size(*spec.image_hw)
     return RunSetup(spec, runtime, device, runtime.num_workers, method_cls, {**recipe_settings, **spec.options},
-                    recipe_settings, task, backbone, fingerprint, Preprocess.for_backbone(backbone, spec.image_size),
+                    recipe_settings, task, backbone, fingerprint, Preprocess.for_backbone(backbone, spec.image_hw),
                     train_images, eval_images, val_images, eval_every)
 
 
-def input_size_line(image_size: int, native: int) -> str:
+def input_size_line(size: ImageSize, native: int) -> str:
     """The input size a run uses and where it came from, as its first line and config.json say it."""
-    given = "its default" if image_size == ModelSpec.image_size else "given"
-    return f"{image_size}x{image_size} px (--image-size, {given}; the backbone's native {native}x{native})"
+    given = "its default" if size == ImageSize.of(ModelSpec.image_size) else "given"
+    return f"{size} px (--image-size, {given}; the backbone's native {native}x{native})"
 
 
 def required(spec: RunSpec) -> tuple[str, str, str | VisionTransformer]:
@@ -285,7 +284,7 @@ def train_runs(spec: RunSpec, runs: dict[Path, dict[str, Any]], runtime: Runtime
     configs = [cfg.floored(len(setup.train_images)) for cfg in configs]  # alike for every run of the stack
     for folder in runs:
         check_outside_task(required(spec)[1], folder, "--out")
-    note(f"input {input_size_line(spec.image_size, setup.backbone.config.image_size)}", runtime.progress)
+    note(f"input {input_size_line(spec.image_hw, setup.backbone.config.image_size)}", runtime.progress)
     if why != "as given":
         note(f"precision {precision} ({why})", runtime.progress)
     stack = []
@@ -429,6 +428,7 @@ def load_run(run: str | Path, backbone: VisionTransformer | str | Path | None = 
         raise CheckpointError(f"{run}: was trained on backbone {trained['name']!r}, which differs from the one given")
     backbone.config.mean = tuple(config["normalisation"]["mean"])
     backbone.config.std = tuple(config["normalisation"]["std"])
+    backbone.set_input_size(*ImageSize.of(config["image_size"], f"{run}: image_size"))
     method = build_method(config["method"], backbone, config["num_classes"], config["options"])
     load_adapter(run, method)
     return method.eval(), config

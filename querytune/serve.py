@@ -27,13 +27,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .backbones import load_backbone
+from .backbones import check_input_size, load_backbone
 from .backbones.vit import VisionTransformer
 from .data import IMAGE_SUFFIXES, Preprocess, iterate_loader, load_image
 from .errors import ConfigError, DataError
 from .files import special_kind
 from .methods.base import Method, SharedRows
 from .methods.registry import method_class
+from .options import ImageSize
 from .run import load_run
 from .runfolder import read_run_config
 from .trunk.cache import backbone_fingerprint
@@ -92,8 +93,10 @@ def run_mismatch(run: str | Path, config: dict[str, Any], reference_run: str | P
     if config.get("normalisation") != reference.get("normalisation"):
         return (f"{run}: was trained with another input normalisation than {reference_run}; runs served together "
                 "need one")
-    if config["image_size"] != reference["image_size"]:
-        return (f"{run}: was trained at {config['image_size']} px and {reference_run} at {reference['image_size']} px; "
+    size, reference_size = (ImageSize.of(c["image_size"], f"{r}: image_size")
+                            for r, c in ((run, config), (reference_run, reference)))
+    if size != reference_size:
+        return (f"{run}: was trained at {size.recorded} px and {reference_run} at {reference_size.recorded} px; "
                 "runs served together need one input size")
     return None
 
@@ -116,7 +119,7 @@ class MultiTaskServer:
     """Answers every frozen-backbone task from one trunk pass per image batch, and every task that adapts
     the backbone from a pass of its own backbone (which must not be the shared one)."""
 
-    def __init__(self, backbone: VisionTransformer, tasks: Sequence[ServedMethod], image_size: int = 224,
+    def __init__(self, backbone: VisionTransformer, tasks: Sequence[ServedMethod], image_size: int | str = 224,
                  precision: Precision = Precision.FP32, device: torch.device | str | None = None) -> None:
         names = [task.name for task in tasks]
         if not tasks:
@@ -134,6 +137,8 @@ class MultiTaskServer:
         self.backbone = backbone.to(self.device).eval()
         self.tasks = [ServedMethod(t.name, t.method.to(self.device).eval(), t.classes) for t in tasks]
         self.preprocess = Preprocess.for_backbone(backbone, image_size)
+        check_input_size(backbone, self.preprocess.size)
+        self.backbone.set_input_size(*self.preprocess.size)
         self.precision = precision
         self.shared = [task for task in self.tasks if task.shares_trunk]
         self.with_layers = any(task.method.reads.with_layers for task in self.shared)

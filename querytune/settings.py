@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .data.splits import TEST
-from .options import check_fields, option
+from .options import ImageSize, check_fields, image_size_setting, option
 from .runlog import LOGGERS
 from .trunk.device import COMPILE_MODES, resolve_device, resolve_workers
 from .trunk.precision import PRECISIONS
@@ -33,13 +33,19 @@ class ModelSpec:
     """The backbone and how images reach it: shared by a run and a bench."""
 
     backbone: str | None = option(None, "HF model folder, timm checkpoint, .npz, hub name", short="-b")
-    image_size: int = option(224, "input size, images are resized to it", min=1)
+    image_size: int | str = option(224, "input size, images are resized to it: N (square) or HxW (height x "
+                                        "width, e.g. 224x320)", min=1, parse=image_size_setting)
     mean: list[float] | None = option(None, "input normalisation mean 'R,G,B' (needed where the backbone's is "
                                             "unknown; default: the backbone's)")
     std: list[float] | None = option(None, "input normalisation std 'R,G,B'")
     recipe: str | None = option(None, "take the method's per-task settings from this recipe (vtab1k: the official "
                                       "VQT and SynQT settings; vtab1k-mini: the same read for vtab1k-mini's tasks); "
                                       "flags override")
+
+    @property
+    def image_hw(self) -> ImageSize:
+        """``image_size`` as (height, width)."""
+        return ImageSize.of(self.image_size)
 
 
 @dataclass

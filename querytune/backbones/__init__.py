@@ -1,6 +1,6 @@
 """The single ViT and the loaders that fill it from timm and Hugging Face formats."""
 
-from .loading import load_backbone, save_backbone
+from .loading import check_input_size, load_backbone, save_backbone
 from .vit import VisionTransformer, ViTConfig
 
-__all__ = ["ViTConfig", "VisionTransformer", "load_backbone", "save_backbone"]
+__all__ = ["ViTConfig", "VisionTransformer", "check_input_size", "load_backbone", "save_backbone"]

@@ -85,13 +85,14 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError, QuerytuneError
 from ..files import umask_modes
+from ..options import ImageSize
 from .checkpoint import CONFIG_METADATA_KEY, WEIGHT_FILES, read_checkpoint, read_json
 from .hf_format import from_hf_folder, from_hf_module
 from .npz_format import from_npz_file
 from .timm_format import from_timm_file, from_timm_module, from_timm_state, is_timm_name
 from .vit import VisionTransformer
 
-__all__ = ["CONFIG_METADATA_KEY", "load_backbone", "save_backbone"]
+__all__ = ["CONFIG_METADATA_KEY", "check_input_size", "load_backbone", "save_backbone"]
 
 _HUB_NAME = re.compile(r"(?:hf-hub:)?[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -102,12 +103,12 @@ def load_backbone(
     *,
     dtype: torch.dtype = torch.float32,
     model_name: str | None = None,
-    image_size: int | None = None,
+    image_size: int | str | ImageSize | None = None,
 ) -> VisionTransformer:
     """A frozen (eval mode, no grad) ViT in ``dtype`` from any source in the module docstring.
 
     ``model_name`` names the timm architecture of a timm-format checkpoint (it does
-    not apply to Hugging Face formats). ``image_size`` resamples the position
+    not apply to Hugging Face formats). ``image_size`` (N or (height, width)) resamples the position
     embeddings once, here, to that input size, exactly as the ViT would at run time.
     ``config.name`` becomes the source's name: hub name, folder or file name.
     """
@@ -224,13 +225,24 @@ def _from_module(module: Any, model_name: str | None) -> VisionTransformer:
     )
 
 
-def _resample_positions(model: VisionTransformer, image_size: int) -> None:
+def check_input_size(model: VisionTransformer, size: ImageSize, name: str = "--image-size") -> None:
+    """A one-line ConfigError naming the flag ``name`` where the patch embedding cannot take input of ``size``:
+    both sides must be positive multiples of the patch size."""
     patch = model.config.patch_size
-    if image_size <= 0 or image_size % patch:
-        raise ConfigError(f"image_size {image_size} is not a positive multiple of the patch size {patch}")
-    side = image_size // patch
+    if any(side < patch or side % patch for side in size):
+        sides = "must be" if size.square else "height and width must each be"
+        raise ConfigError(f"{name} {size.recorded}: {sides} a positive multiple of the backbone's patch size {patch}")
+
+
+def _resample_positions(model: VisionTransformer, image_size: int | str | ImageSize) -> None:
+    size = ImageSize.of(image_size, "image_size")
+    check_input_size(model, size, "image_size")
+    height, width = size.height // model.config.patch_size, size.width // model.config.patch_size
     with torch.no_grad():
-        positions = model.position_embedding(side, side)
+        positions = model.position_embedding(height, width)
     if positions is not None:  # none on a RoPE-only backbone (DINOv3), whose rotations follow any grid
         model.pos_embed = nn.Parameter(torch.cat(positions, dim=1))
-    model.config.image_size = image_size
+        model.pos_embed_grid = (height, width)
+    model.set_input_size(*size)
+    if size.square:  # a non-square size is not the model's: its config keeps the native square one
+        model.config.image_size = size.height

@@ -135,9 +135,11 @@ class ViTConfig:
     def mlp_hidden(self) -> int:
         return round(self.embed_dim * self.mlp_ratio)
 
-    def num_tokens(self, image_size: int | None = None) -> int:
-        side = (image_size or self.image_size) // self.patch_size
-        return self.num_prefix_tokens + side * side
+    def num_tokens(self, image_size: int | tuple[int, int] | None = None) -> int:
+        """The tokens of an input of ``image_size``: N (square) or (height, width); default the native size."""
+        size = image_size or self.image_size
+        height, width = (size, size) if isinstance(size, int) else size
+        return self.num_prefix_tokens + (height // self.patch_size) * (width // self.patch_size)
 
     def to_dict(self) -> dict:
         """The fields, those added for the RoPE families (EVA-02, DINOv3) only where they differ from their
@@ -166,20 +168,29 @@ class RotaryEmbedding:
     frequencies ``temperature ** (-k / (head_dim / 4))`` for y, then the same for x. ``eva``: coordinates
     are the grid indices scaled to the pretraining grid ``rope_grid`` (index * rope_grid / grid), pairs
     interleaved (channels 2i and 2i+1); ``dinov3``: coordinates are the patch centres in [-1, 1], times 2π,
-    pairs split in halves (channels i and i + head_dim/2). Prefix tokens carry no position and are not
-    rotated. The tables are computed in float32 per grid and kept.
+    pairs split in halves (channels i and i + head_dim/2); either way each axis is scaled on its own, so a
+    grid of height != width is rotated as timm and transformers rotate it. Prefix tokens carry no position
+    and are not rotated. The tables are computed in float32 per grid and kept.
+
+    The tokens say how many patches there are, not their grid: that is ``input_grid``, the (height, width)
+    in patches of the input the model runs at (:meth:`VisionTransformer.set_input_size`, which
+    :meth:`VisionTransformer.embed` calls with its images' size).
     """
 
     def __init__(self, config: ViTConfig) -> None:
         self.config = config
         self.head_dim = config.embed_dim // config.num_heads
         self._tables: dict[tuple[int, int, torch.device], tuple[Tensor, Tensor]] = {}
+        self.input_grid: tuple[int, int] | None = None
 
     def grid(self, num_patches: int) -> tuple[int, int]:
-        """The (square) grid of ``num_patches`` patch tokens."""
+        """The grid of ``num_patches`` patch tokens: ``input_grid`` where it holds that many, else the square."""
+        if self.input_grid is not None and self.input_grid[0] * self.input_grid[1] == num_patches:
+            return self.input_grid
         side = math.isqrt(num_patches)
         if side * side != num_patches:
-            raise ValueError(f"rotary position embeddings need a square grid of patches, got {num_patches}")
+            raise ValueError(f"{num_patches} patch tokens make no square grid and the input grid is "
+                             f"{self.input_grid}: set the input size (VisionTransformer.set_input_size)")
         return side, side
 
     def tables(self, height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -579,9 +590,11 @@ class VisionTransformer(nn.Module):
         self.reg_token = nn.Parameter(torch.zeros(1, config.num_reg_tokens, dim)) if config.num_reg_tokens else None
         num_pos = config.pos_embed_prefix + config.grid_size**2
         self.pos_embed = nn.Parameter(torch.randn(1, num_pos, dim) * 0.02) if config.absolute_pos_embed else None
+        self.pos_embed_grid = (config.grid_size, config.grid_size)  # (height, width) of pos_embed's patch positions
         self.norm_pre = nn.LayerNorm(dim, eps=config.norm_eps) if config.norm_pre else nn.Identity()
-        rope = RotaryEmbedding(config) if config.rope else None
-        self.blocks = cast("ModuleListOf[Block]", nn.ModuleList(Block(config, rope) for _ in range(config.depth)))
+        self.rope = RotaryEmbedding(config) if config.rope else None
+        self.blocks = cast("ModuleListOf[Block]",
+                           nn.ModuleList(Block(config, self.rope) for _ in range(config.depth)))
         self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
         self.attn_pool = AttentionPool(config) if config.map_pool else None
         self._init_weights()
@@ -611,20 +624,27 @@ class VisionTransformer(nn.Module):
     def device(self) -> torch.device:
         return self.patch_embed.proj.weight.device
 
+    def set_input_size(self, height: int, width: int) -> None:
+        """Run at ``height`` x ``width`` pixels: the grid the rotary position embeddings (DINOv3, EVA-02) give
+        patch tokens that reach the blocks without passing :meth:`embed`, such as cached features, whose
+        count does not tell a non-square grid (:class:`RotaryEmbedding`). Absolute position embeddings
+        follow each input's size at run time and need nothing."""
+        if self.rope is not None:
+            self.rope.input_grid = (height // self.config.patch_size, width // self.config.patch_size)
+
     def position_embedding(self, height: int, width: int) -> tuple[Tensor, Tensor] | None:
         """(prefix position embeddings, patch position embeddings) for a grid of height x width patches.
 
         Patch embeddings are resized with bicubic interpolation (in float32, as DINOv2
-        and Hugging Face do) when the grid differs from the pretrained one. None without absolute
-        position embeddings (DINOv3: its positions are rotary only).
+        and Hugging Face do) when the grid differs from the pretrained one (``pos_embed_grid``), each axis
+        to its own size. None without absolute position embeddings (DINOv3: its positions are rotary only).
         """
         if self.pos_embed is None:
             return None
         prefix = self.pos_embed[:, : self.config.pos_embed_prefix]
         patch = self.pos_embed[:, self.config.pos_embed_prefix :]
-        side = int(math.isqrt(patch.shape[1]))
-        if (height, width) != (side, side):
-            grid = patch.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        if (height, width) != self.pos_embed_grid:
+            grid = patch.reshape(1, *self.pos_embed_grid, -1).permute(0, 3, 1, 2)
             grid = F.interpolate(
                 grid.float(), size=(height, width), mode=self.config.pos_embed_resize, align_corners=False,
                 antialias=self.config.pos_embed_antialias,
@@ -636,6 +656,7 @@ class VisionTransformer(nn.Module):
         """Tokens entering the first block: [class, registers, patches] with position embeddings (and
         ``norm_pre``)."""
         patches = self.patch_embed(images)
+        self.set_input_size(images.shape[-2], images.shape[-1])
         height = images.shape[-2] // self.config.patch_size
         width = images.shape[-1] // self.config.patch_size
         positions = self.position_embedding(height, width)

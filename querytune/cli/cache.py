@@ -11,10 +11,11 @@ import typer
 from .. import distributed
 from ..data.splits import FINAL
 from ..errors import ConfigError
+from ..options import ImageSize
 from ..settings import RunSpec, Runtime
 from ..trunk.precision import Precision
 from .app import app, console
-from .flags import setting_help
+from .flags import image_size_option, setting_help
 from .printing import print_cache_entries
 
 cache_app = typer.Typer(no_args_is_help=True, help="Feature-cache entries: build, ls, rm, prune.")
@@ -31,7 +32,7 @@ def cache_build(
     data: Optional[Path] = typer.Option(None, "--data", "-d", help=setting_help(RunSpec, "data")),
     cache: Optional[Path] = CacheRootOpt,
     splits: str = typer.Option(",".join(FINAL), help="comma-separated splits"),
-    image_size: int = typer.Option(224),
+    image_size: str = image_size_option(),
     batch_size: int = typer.Option(64),
     shard_size: int = typer.Option(64, help="images per shard file (the unit of work split over processes)"),
     precision: Precision = typer.Option(Precision.FP32, "--precision", help="the precision of the runs that "
@@ -53,7 +54,7 @@ def cache_build(
         raise ConfigError(f"--shard-size must be positive (got {shard_size})")
     where = distributed.init_from_env(resolve_device(device))
     entries = cache_splits(cache or default_cache_root(), load_backbone(backbone), data,
-                           [s for s in splits.split(",") if s], image_size, precision,
+                           [s for s in splits.split(",") if s], ImageSize.of(image_size), precision,
                            Building(batch_size=batch_size, shard_size=shard_size, device=where,
                                     workers=Runtime(workers=workers).num_workers, show_progress=not quiet))
     if distributed.is_main():

@@ -71,13 +71,23 @@ def setting_help(settings: type, name: str, note: str = "") -> str:
     return field_help(settings, next(f for f in fields(settings) if f.name == name)) + note
 
 
+def image_size_option() -> Any:
+    """``--image-size`` where a command takes it as a plain option (``measure``, ``info``, ``cache build``): the
+    string :class:`~querytune.options.ImageSize` reads, as the settings' ``--image-size`` is read."""
+    from ..settings import ModelSpec
+
+    return typer.Option("224", "--image-size", help=setting_help(ModelSpec, "image_size"))
+
+
 def parameter(flags: Flags, field: Field) -> inspect.Parameter:
     """The typer option of one field: ``--name`` (``--name/--no-name`` for a switch), its short form."""
     kind, _ = value_type(flags.settings, field.name)
     names = [flag(field.name)]
     annotation: Any = Optional[kind]
     extra: dict[str, Any] = {}
-    if kind is bool:
+    if field.metadata.get("parse"):  # several spellings (--image-size N or HxW): read by the field's own parse
+        annotation = Optional[str]
+    elif kind is bool:
         if not field.name.startswith("no_"):  # --no-cache is a switch alone
             names = [f"{names[0]}/--no-{names[0][2:]}", *NEGATIVE_ALIASES.get(field.name, ())]
     elif typing.get_origin(kind) is list:
@@ -93,6 +103,8 @@ def parameter(flags: Flags, field: Field) -> inspect.Parameter:
 def setting_value(settings: type, field: Field, value: Any) -> Any:
     """A flag's or a config file's value as the field takes it (a list also as 'a,b'), checked."""
     kind, _ = value_type(settings, field.name)
+    if field.metadata.get("parse") and value is not None:
+        return field.metadata["parse"](value, flag(field.name))
     if typing.get_origin(kind) is list and value is not None:
         items = [value] if isinstance(value, str) else value
         if isinstance(items, list) and all(isinstance(item, str) for item in items):

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 
 from ..data.splits import SEARCH_TRAIN, SEARCH_VAL
-from ..options import flag
+from ..options import ImageSize, flag
 from .app import console
 
 if TYPE_CHECKING:
@@ -57,8 +57,8 @@ def print_methods() -> None:
     console.print(table)
 
 
-def print_backbone(model: VisionTransformer) -> None:
-    """A backbone's architecture, parameter count, input size and normalisation."""
+def print_backbone(model: VisionTransformer, size: ImageSize = ImageSize(224, 224)) -> None:
+    """A backbone's architecture, parameter count, input size, its tokens at ``size`` and normalisation."""
     cfg = model.config
     table = Table(title=cfg.name, show_header=False)
     rows = [
@@ -66,7 +66,7 @@ def print_backbone(model: VisionTransformer) -> None:
         ("patch size", cfg.patch_size), ("MLP ratio", cfg.mlp_ratio), ("LayerScale", cfg.layer_scale),
         ("register tokens", cfg.num_reg_tokens),
         ("native input size", f"{cfg.image_size} px ({cfg.grid_size}x{cfg.grid_size} patches)"),
-        ("tokens at 224 px", cfg.num_tokens(224)),
+        (f"tokens at {size.recorded} px", cfg.num_tokens((size.height, size.width))),
         ("parameters", f"{sum(p.numel() for p in model.parameters()):,}"),
         ("normalisation", f"mean {cfg.mean}, std {cfg.std}" if cfg.mean is not None
          else "unknown: its checkpoint names none (runs give --mean and --std)"),

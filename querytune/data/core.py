@@ -19,6 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ConfigError, DataError, QuerytuneError, one_line
+from ..options import ImageSize
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 # RandomResizedCrop's ranges, as torchvision's and timm's defaults (and the FGVC protocols) use them.
@@ -74,21 +75,26 @@ class ImageList:
 
 
 class Preprocess:
-    """The VTAB-1k transform: RGB, bicubic resize to ``image_size`` squared (no crop), normalise.
+    """The VTAB-1k transform: RGB, bicubic resize to ``image_size`` (no crop), normalise.
+
+    ``image_size`` is N (N x N) or (height, width) in any spelling :class:`ImageSize` reads; ``size`` is it as
+    (height, width), ``image_size`` as a run's record and a cache key write it (N where square, else 'HxW').
 
     Called with a random generator, it augments as the FGVC protocols do: a random resized crop
     (scale 0.08-1, aspect ratio 3/4-4/3) and a horizontal flip with probability 1/2 come first.
 
-    ``draft``: JPEGs at least twice ``image_size`` on both sides are decoded at a reduced scale (1/2, 1/4
+    ``draft``: JPEGs at least twice ``image_size``'s longer side on both sides are decoded at a reduced scale (1/2, 1/4
     or 1/8, JPEG's draft mode, several times faster) that still covers ``image_size``, before the resize;
     un-augmented images only (:class:`ImageDataset`). The pixels differ slightly, so it is part of the
     preprocessing a feature-cache entry is keyed by.
     """
 
-    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], draft: bool = False) -> None:
+    def __init__(self, image_size: int | str | Sequence[int], mean: Sequence[float], std: Sequence[float],
+                 draft: bool = False) -> None:
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"mean and std need 3 values (RGB), got {tuple(mean)} and {tuple(std)}")
-        self.image_size = image_size
+        self.size = ImageSize.of(image_size)
+        self.image_size = self.size.recorded
         self.draft = draft
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
@@ -96,7 +102,7 @@ class Preprocess:
         self._std = torch.tensor(self.std).view(3, 1, 1)
 
     @classmethod
-    def for_backbone(cls, backbone: Any, image_size: int, draft: bool = False) -> Preprocess:
+    def for_backbone(cls, backbone: Any, image_size: int | str | Sequence[int], draft: bool = False) -> Preprocess:
         """The transform at ``image_size`` with the backbone's normalisation (``backbone.config``), which
         must be known: a loader that cannot tell it leaves it None rather than guess."""
         config = backbone.config
@@ -107,14 +113,14 @@ class Preprocess:
         return cls(image_size, config.mean, config.std, draft)
 
     def __call__(self, image: Image.Image, augment: np.random.Generator | None = None) -> torch.Tensor:
-        size = (self.image_size, self.image_size)
+        size = (self.size.width, self.size.height)  # PIL's order
         image = to_rgb(image)
         if augment is not None:
             image = _random_resized_crop(image, augment)
             if augment.random() < 0.5:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         image = image.resize(size, Image.Resampling.BICUBIC)
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (S, S, 3)
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (H, W, 3)
         return pixels.permute(2, 0, 1).float().div_(255).sub_(self._mean).div_(self._std)
 
 
@@ -216,7 +222,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         augment = None if seed is None else np.random.default_rng([seed, index])
-        draft_size = self.preprocess.image_size if self.preprocess.draft and augment is None else None
+        draft_size = max(self.preprocess.size) if self.preprocess.draft and augment is None else None
         return self.preprocess(self.images.load(index, draft_size), augment), self.images.items[index][1]
 
 

@@ -122,7 +122,7 @@ def create_app(runs: MultiTaskServer | LiveRuns, limits: ServiceLimits | None = 
         server = served()
         if server is None:
             raise HTTPError(503, "no task is served yet: no finished run in the runs folder")
-        image_size = server.preprocess.image_size
+        image_size = max(server.preprocess.size)  # the side decoding must cover
         topk, chosen, with_logits = query(request, [task.name for task in server.tasks])
         files = await uploaded(request)
         request.state.images = len(files)

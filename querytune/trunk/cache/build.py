@@ -33,6 +33,7 @@ import os
 import shutil
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 
 from ... import distributed
+from ...backbones import check_input_size
 from ...backbones.vit import VisionTransformer
 from ...data import (
     ImageDataset,
@@ -409,13 +411,15 @@ def remove_corrupted_shards(path: Path, verify: bool, show_progress: bool) -> li
     return corrupted
 
 
-def cache_splits(root: Path, backbone: VisionTransformer, data: str | Path, splits: list[str], image_size: int,
+def cache_splits(root: Path, backbone: VisionTransformer, data: str | Path, splits: list[str],
+                 image_size: int | str | Sequence[int],
                  precision: Precision = Precision.FP32, building: Building = Building()
                  ) -> list[tuple[ImageList, Path, bool]]:
     """Build (where missing or torn) the per-layer cache entries of a task's ``splits`` for runs in
     ``precision``, in order; return each split's images, entry folder and whether this call built it (on
     rank 0). What ``querytune cache`` and the bench do before training."""
     preprocess = Preprocess.for_backbone(backbone, image_size)
+    check_input_size(backbone, preprocess.size)
     entries = []
     for images in (open_split(data, split) for split in splits):
         key = CacheKey(backbone, images, preprocess, True, precision)

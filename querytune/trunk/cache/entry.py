@@ -155,7 +155,7 @@ def feature_shapes(backbone: VisionTransformer, preprocess: Preprocess, with_lay
     config = backbone.config
     shapes = {POOLED_KIND: [config.embed_dim]}
     if with_layers:
-        shapes["layers"] = [config.depth, config.num_tokens(preprocess.image_size), config.embed_dim]
+        shapes["layers"] = [config.depth, config.num_tokens(preprocess.size), config.embed_dim]
     return shapes
 
 
