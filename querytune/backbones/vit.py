@@ -630,7 +630,8 @@ class VisionTransformer(nn.Module):
         count does not tell a non-square grid (:class:`RotaryEmbedding`). Absolute position embeddings
         follow each input's size at run time and need nothing."""
         if self.rope is not None:
-            self.rope.input_grid = (height // self.config.patch_size, width // self.config.patch_size)
+            # int(): under ONNX tracing the sizes are traced values; the rotation tables want plain ints
+            self.rope.input_grid = (int(height) // self.config.patch_size, int(width) // self.config.patch_size)
 
     def position_embedding(self, height: int, width: int) -> tuple[Tensor, Tensor] | None:
         """(prefix position embeddings, patch position embeddings) for a grid of height x width patches.
