@@ -208,15 +208,18 @@ def run_flags(runs: list[Path]) -> list[str]:
 
 def start_server(serving: list[str], port: int, max_body_mb: float, token_file: Path, access_log: Path,
                  *flags: str) -> subprocess.Popen:
-    """``querytune serve`` with the runs of ``serving`` (:func:`run_flags`, or ``--runs-dir``), once it answers."""
+    """``querytune serve`` with the runs of ``serving`` (:func:`run_flags`, or ``--runs-dir``), once it answers; its
+    stderr goes to the access log's path with the suffix .stderr (a pipe nobody reads would fill and stall it)."""
     command = [sys.executable, "-m", "querytune", "serve", "--port", str(port), "--max-body-mb", str(max_body_mb),
                "--read-timeout", str(SLOW_READ_TIMEOUT), "--device", "cpu", "--token-file", str(token_file),
                "--access-log", str(access_log), *serving, *flags]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stderr = access_log.with_suffix(".stderr")
+    with stderr.open("w") as said:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=said)
     deadline = time.monotonic() + 300
     while True:
         if process.poll() is not None:
-            raise SystemExit(f"querytune serve exited: {process.communicate()[1]}")
+            raise SystemExit(f"querytune serve exited: {stderr.read_text()}")
         if time.monotonic() > deadline:
             process.kill()
             raise SystemExit("querytune serve did not answer within 300 s")
@@ -427,6 +430,17 @@ def consistent_answer(served: dict, versions: list[dict], required: set[str]) ->
         for task, answer in served.items())
 
 
+def live_log_counts(stderr: Path) -> dict[str, int]:
+    """What a --runs-dir server said of its runs (lines "RUN: served", "RUN: not served: why"...), counted."""
+    counts: dict[str, int] = {}
+    for line in stderr.read_text().splitlines():
+        for said in ("served", "replaced; now serving the new run", "removed; no longer served", "not served"):
+            if line.endswith(f": {said}") or f": {said}: " in line or f": {said} any more: " in line:
+                counts[said] = counts.get(said, 0) + 1
+                break
+    return counts
+
+
 def check_access_log(log: Path, sent: int) -> dict[str, Any]:
     """The access log's lines against the requests sent; whether it holds a body it must not."""
     text = log.read_text()
@@ -566,6 +580,8 @@ def main() -> None:
                 server.terminate()
                 server.wait(30)
             rows[-1]["access_log"] = check_access_log(access_log, sent)
+            if args.churn and args.faults:
+                rows[-1]["churn"]["server_said"] = live_log_counts(access_log.with_suffix(".stderr"))
             if args.faults and (args.slow_connections or args.bomb_count):
                 rows[-1].update(connection_and_decode_faults(runs, token, token_file, root, args))
     for row in rows:
@@ -584,6 +600,11 @@ def main() -> None:
     failed = any(r.get("errors") or r.get("failures") or r.get("alive") is False or r.get("churn", {}).get("errors")
                  or r.get("access_log", {"ok": True})["ok"] is False for r in rows)
     for r in rows:
+        if "churn" in r and not args.json:
+            churn, asked = r["churn"], {k: v for k, v in r["by_kind"].items() if k.startswith("churned")}
+            print(f"\nK = {r['tasks']}, a change every {churn['every_s']} s: {churn['changes']}, {churn['reloads']} "
+                  f"reloads; the server said {churn['server_said']}; {asked}. RSS over the second half: "
+                  f"{r['second_half_slope_mb_per_min']} MB/min, last/first {r['second_half_last_over_first']}")
         if "slow_headers" in r:
             slow, bomb = r["slow_headers"], r["decode_memory"]
             if not args.json:
