@@ -2,6 +2,7 @@
 
     python benchmarks/serve_load.py                                   # DINOv2 ViT-S/14 at 224 px, K = 1 and 8
     python benchmarks/serve_load.py --backbone tiny --faults 10000    # a tiny random ViT at 32 px
+    python benchmarks/serve_load.py --image-size 56 --tasks 4 --faults 10000 --churn 1  # runs come and go
 
 For each K in ``--tasks`` it trains K frozen-backbone runs (cycling ``--methods``, one epoch on
 ``--train-split`` of ``--data``, sharing one feature cache), starts ``querytune serve`` on them in a
@@ -23,6 +24,14 @@ of the bodies. Then, with ``--faults``, a fresh server (``--header-timeout`` 2 s
    ``/health`` is answered meanwhile;
 4. decode memory: ``--bomb-count`` concurrent POSTs of one ``--bomb-side`` squared 16-bit RGBA PNG (all zeros: a
    few hundred KB that decode to gigabytes), each answered 200; the server's RSS before, after and at its peak.
+
+(``--slow-connections 0 --bomb-count 0`` skip 3 and 4.) With ``--churn S`` the K runs are served from a
+``--runs-dir`` (``--poll-seconds`` S/2) and, during the fault phase, a :class:`Churn` changes that folder every S
+seconds: ``--churn-tasks`` more tasks, two versions each (random adapters written as real run folders), are
+added whole, copied straight in or written file by file, removed, or have their adapter overwritten in place.
+Every good answer must then hold the K tasks and answer each task as one whole version of it
+(:func:`consistent_answer`), and one more kind of request names a churned task (200 or 404). The server's RSS is
+sampled every second (the second half's slope and last / first are printed).
 
 It prints one JSON line per K and phase, then a table, and exits 1 if any check failed. Nothing here is
 a timed test: figures depend on the machine and its load.
