@@ -2,6 +2,7 @@
 
     python benchmarks/serve_load.py                                   # DINOv2 ViT-S/14 at 224 px, K = 1 and 8
     python benchmarks/serve_load.py --backbone tiny --faults 10000    # a tiny random ViT at 32 px
+    python benchmarks/serve_load.py --image-size 56 --tasks 4 --faults 10000 --churn 1  # runs come and go
 
 For each K in ``--tasks`` it trains K frozen-backbone runs (cycling ``--methods``, one epoch on
 ``--train-split`` of ``--data``, sharing one feature cache), starts ``querytune serve`` on them in a
@@ -24,6 +25,14 @@ of the bodies. Then, with ``--faults``, a fresh server (``--header-timeout`` 2 s
 4. decode memory: ``--bomb-count`` concurrent POSTs of one ``--bomb-side`` squared 16-bit RGBA PNG (all zeros: a
    few hundred KB that decode to gigabytes), each answered 200; the server's RSS before, after and at its peak.
 
+(``--slow-connections 0 --bomb-count 0`` skip 3 and 4.) With ``--churn S`` the K runs are served from a
+``--runs-dir`` (``--poll-seconds`` S/2) and, during the fault phase, a :class:`Churn` changes that folder every S
+seconds: ``--churn-tasks`` more tasks, two versions each (random adapters written as real run folders), are
+added whole, copied straight in or written file by file, removed, or have their adapter overwritten in place.
+Every good answer must then hold the K tasks and answer each task as one whole version of it
+(:func:`consistent_answer`), and one more kind of request names a churned task (200 or 404). The server's RSS is
+sampled every second (the second half's slope and last / first are printed).
+
 It prints one JSON line per K and phase, then a table, and exits 1 if any check failed. Nothing here is
 a timed test: figures depend on the machine and its load.
 """
@@ -33,25 +42,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import secrets
+import shutil
 import socket
 import statistics
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
+import torch
 
-from querytune import MultiTaskServer, train_run
+from querytune import MultiTaskServer, load_run, train_run
 from querytune.backbones import save_backbone
 from querytune.backbones.vit import VisionTransformer, ViTConfig
 from querytune.data import open_split
+from querytune.runfolder import ADAPTER, ADAPTER_CHECKSUM, save_adapter
 from querytune.settings import RunSpec, Runtime
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -79,24 +94,141 @@ def make_runs(backbone: str, data: Path, split: str, image_size: int, methods: l
     return runs
 
 
+def churn_versions(runs: list[Path], backbone: str, slots: int, root: Path) -> dict[str, list[Path]]:
+    """Two versions of each of ``slots`` churned tasks (named churn-I), as whole run folders under root/versions/V:
+    copies of the K runs, cycled, each with a random adapter of its own (and its checksum)."""
+    generator = torch.Generator().manual_seed(0)
+    versions: dict[str, list[Path]] = {}
+    for version in range(2):
+        for slot in range(slots):
+            folder = root / "versions" / str(version) / f"churn-{slot}"
+            shutil.copytree(runs[slot % len(runs)], folder)
+            method, _ = load_run(folder, backbone)  # a backbone of its own: LoRA wraps it
+            method.load_trainable_state_dict({name: tensor + torch.randn(tensor.shape, generator=generator)
+                                              for name, tensor in method.trainable_state_dict().items()})
+            save_adapter(folder, method)
+            versions.setdefault(folder.name, []).append(folder)
+    return versions
+
+
+class Churn(threading.Thread):
+    """Every ``interval`` s one change to the runs folder, as operators and training make them: a churned task's
+    version copied in whole under a hidden name and renamed into place, copied with ``shutil.copytree`` straight
+    into place (files in directory order), or written file by file as training does (each file half-written for a
+    moment, metrics.json last); a task's folder deleted; its adapter and checksum overwritten in place (each half-
+    written for a moment) by its other version's. Every third change is followed by ``reload()`` (``POST
+    /admin/reload``); the others wait for the service's poll."""
+
+    def __init__(self, folder: Path, versions: dict[str, list[Path]], interval: float,
+                 reload: Callable[[], None]) -> None:
+        super().__init__(daemon=True)
+        self.folder, self.versions, self.interval, self.reload = folder, versions, interval, reload
+        self.stopped = threading.Event()
+        self.random = random.Random(0)
+        self.served: dict[str, int] = {}  # churned task in the folder -> the version written there
+        self.changes: dict[str, int] = {}
+        self.reloads = 0  # POST /admin/reload sent
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                self.change()
+            except (OSError, httpx.HTTPError) as error:
+                self.errors.append(f"{type(error).__name__}: {error}")
+
+    def change(self) -> None:
+        name = self.random.choice(sorted(self.versions))
+        target = self.folder / name
+        if name not in self.served:
+            version = self.random.randrange(len(self.versions[name]))
+            source = self.versions[name][version]
+            kind = self.random.choice(["add renamed", "add copytree", "add file by file"])
+            if kind == "add renamed":
+                staged = self.folder / f".{name}.partial"
+                shutil.copytree(source, staged)
+                staged.rename(target)
+            elif kind == "add copytree":
+                shutil.copytree(source, target)
+            else:
+                target.mkdir()
+                for file in ("config.json", ADAPTER, ADAPTER_CHECKSUM, "metrics.json"):
+                    self.write_slowly(target / file, (source / file).read_bytes())
+            self.served[name] = version
+        elif self.random.random() < 0.5:
+            kind = "remove"
+            shutil.rmtree(target)
+            del self.served[name]
+        else:
+            kind = "replace adapter"
+            version = (self.served[name] + 1) % len(self.versions[name])
+            for file in (ADAPTER, ADAPTER_CHECKSUM):
+                self.write_slowly(target / file, (self.versions[name][version] / file).read_bytes())
+            self.served[name] = version
+        self.changes[kind] = self.changes.get(kind, 0) + 1
+        if sum(self.changes.values()) % 3 == 0:
+            self.reloads += 1
+            self.reload()
+
+    def write_slowly(self, path: Path, data: bytes) -> None:
+        """``data`` written into ``path`` in two halves, a moment apart: a reader may find the first half alone."""
+        with path.open("wb") as file:
+            file.write(data[: len(data) // 2])
+            file.flush()
+            time.sleep(self.interval / 10)
+            file.write(data[len(data) // 2:])
+
+
+class MemorySampler(threading.Thread):
+    """The RSS of process ``pid`` every ``interval`` s until stopped: (seconds since the start, MB) pairs."""
+
+    def __init__(self, pid: int, interval: float = 1.0) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.stopped = threading.Event()
+        self.samples: list[tuple[float, float]] = []
+
+    def run(self) -> None:
+        started = time.monotonic()
+        while True:
+            self.samples.append((round(time.monotonic() - started, 1), memory_mb(self.pid)[0]))
+            if self.stopped.wait(self.interval):
+                return
+
+    def trend(self) -> dict[str, Any]:
+        """The samples, and over their second half the least-squares slope (MB a minute) and last / first."""
+        half = self.samples[len(self.samples) // 2:]
+        slope = statistics.linear_regression(*zip(*half)).slope * 60 if len(half) > 1 else 0.0
+        return {"rss_samples_mb": [rss for _, rss in self.samples], "rss_sample_seconds": self.interval,
+                "second_half_slope_mb_per_min": round(slope, 2),
+                "second_half_last_over_first": round(half[-1][1] / half[0][1], 4)}
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
-def start_server(runs: list[Path], port: int, max_body_mb: float, token_file: Path, access_log: Path,
+def run_flags(runs: list[Path]) -> list[str]:
+    """The flags that serve these runs."""
+    return [flag for run in runs for flag in ("--run", str(run))]
+
+
+def start_server(serving: list[str], port: int, max_body_mb: float, token_file: Path, access_log: Path,
                  *flags: str) -> subprocess.Popen:
+    """``querytune serve`` with the runs of ``serving`` (:func:`run_flags`, or ``--runs-dir``), once it answers; its
+    stderr goes to the access log's path with the suffix .stderr (a pipe nobody reads would fill and stall it)."""
     command = [sys.executable, "-m", "querytune", "serve", "--port", str(port), "--max-body-mb", str(max_body_mb),
                "--read-timeout", str(SLOW_READ_TIMEOUT), "--device", "cpu", "--token-file", str(token_file),
-               "--access-log", str(access_log), *flags]
-    for run in runs:
-        command += ["--run", str(run)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               "--access-log", str(access_log), *serving, *flags]
+    stderr = access_log.with_suffix(".stderr")
+    with stderr.open("w") as said:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=said)
     deadline = time.monotonic() + 300
     while True:
         if process.poll() is not None:
-            raise SystemExit(f"querytune serve exited: {process.communicate()[1]}")
+            raise SystemExit(f"querytune serve exited: {stderr.read_text()}")
         if time.monotonic() > deadline:
             process.kill()
             raise SystemExit("querytune serve did not answer within 300 s")
@@ -153,20 +285,24 @@ async def slow_client(port: int, token: str, image: bytes) -> int:
     return status
 
 
-async def faults(url: str, port: int, token: str, images: list[bytes], expected: list[dict], count: int,
-                 clients: int, first: int = 0) -> dict[str, Any]:
+async def faults(url: str, port: int, token: str, images: list[bytes], versions: list[list[dict]], required: set[str],
+                 count: int, clients: int, first: int = 0, churned: tuple[str, ...] = ()) -> dict[str, Any]:
     """Requests ``first`` to ``first + count`` of the cycle through good and malformed kinds; returns counts by
-    kind and what failed."""
+    kind and what failed. A good answer must hold the tasks ``required`` and answer each task as one whole
+    version of it does (``versions``: the engine's records of each version, per image; see
+    :func:`consistent_answer`). With ``churned`` tasks, one more kind asks for one of them and a required one: 200
+    (both answered) or 404 (naming the churned one) are right."""
     huge = b"\0" * HUNDRED_MB
     auth = {"authorization": f"Bearer {token}"}
     jpeg = {"content-type": "image/jpeg", **auth}
     kinds = ["good", "good form", "wrong content type", "truncated image", "not an image", "empty body",
-             "unknown task", "no token", "wrong token"]
+             "unknown task", "no token", "wrong token"] + (["churned task"] if churned else [])
     tally: dict[str, int] = {}
     failures: list[str] = []
 
     async def one(http: httpx.AsyncClient, i: int) -> None:
-        image, answer = images[i % len(images)], expected[i % len(images)]
+        image = images[i % len(images)]
+        answers = [version[i % len(images)]["predictions"] for version in versions]
         if i % 5000 == 199:  # a few: a 100 MB body allocates on both sides
             kind, response = "100 MB body", await http.post("/predict", content=huge, headers=jpeg)
         elif i % 1000 == 99:
@@ -187,14 +323,27 @@ async def faults(url: str, port: int, token: str, images: list[bytes], expected:
                 "unknown task": {"content": image, "headers": jpeg, "params": {"tasks": "no-such-task"}},
                 "no token": {"content": image, "headers": {"content-type": "image/jpeg"}},
                 "wrong token": {"content": image, "headers": {**jpeg, "authorization": f"Bearer {token}x"}},
-            }[kind]
+            }.get(kind, {})
+            if kind == "churned task":
+                asked = {min(required), churned[i % len(churned)]}
+                request = {"content": image, "headers": jpeg, "params": {"tasks": ",".join(sorted(asked))}}
             response = await http.post("/predict", **request)
+        if kind == "churned task":
+            kind = f"churned task ({response.status_code})"
+            answered = response.json().get("images", []) if response.status_code == 200 else []
+            right = (len(answered) == 1 and answered[0]["predictions"].keys() == asked
+                     and consistent_answer(answered[0]["predictions"], answers, asked)) if answered else (
+                response.status_code == 404 and f"unknown task {churned[i % len(churned)]!r}" in response.text)
+            if not right:
+                failures.append(f"request {i} ({kind}): {response.text[:300]}")
         tally[kind] = tally.get(kind, 0) + 1
+        if kind.startswith("churned"):
+            return
         if kind.startswith("good"):
-            answers = response.json().get("images", []) if response.status_code == 200 else []
-            if len(answers) != (2 if kind == "good form" else 1) or not all(
-                    same_answer(a["predictions"], answer["predictions"]) for a in answers):
-                failures.append(f"request {i} ({kind}): status {response.status_code}, {response.text[:200]}")
+            answered = response.json().get("images", []) if response.status_code == 200 else []
+            if len(answered) != (2 if kind == "good form" else 1) or not all(
+                    consistent_answer(a["predictions"], answers, required) for a in answered):
+                failures.append(f"request {i} ({kind}): status {response.status_code}, {response.text[:300]}")
         elif not (response.status_code == 401 if kind.endswith("token") else 400 <= response.status_code < 500) \
                 or "error" not in response.json():
             failures.append(f"request {i} ({kind}): status {response.status_code}, {response.text[:200]}")
@@ -275,10 +424,30 @@ async def decode_memory(url: str, token: str, image: bytes, count: int, pid: int
 
 
 def same_answer(served: dict, expected: dict) -> bool:
-    """The same classes, and probabilities to the rounding of a different batch."""
-    return served.keys() == expected.keys() and all(
-        served[task]["label"] == expected[task]["label"]
-        and abs(served[task]["probability"] - expected[task]["probability"]) < 1e-4 for task in expected)
+    """One task's answer: the same class (name and label), its probability to the rounding of another batch."""
+    return (served["class"], served["label"]) == (expected["class"], expected["label"]) and abs(
+        served["probability"] - expected["probability"]) < 1e-4
+
+
+def consistent_answer(served: dict, versions: list[dict], required: set[str]) -> bool:
+    """Whether an image's answer (task -> prediction) holds every task of ``required`` and answers each of its tasks
+    as one whole version of that task does (``versions``: the engine's predictions of each version). An answer from
+    a task loaded half-written, or from two versions' files mixed (one's class names with the other's weights), is
+    none of them: the versions of a churned task differ in weights, so in the label and probability answered."""
+    return required <= served.keys() and all(
+        any(task in version and same_answer(answer, version[task]) for version in versions)
+        for task, answer in served.items())
+
+
+def live_log_counts(stderr: Path) -> dict[str, int]:
+    """What a --runs-dir server said of its runs (lines "RUN: served", "RUN: not served: why"...), counted."""
+    counts: dict[str, int] = {}
+    for line in stderr.read_text().splitlines():
+        for said in ("served", "replaced; now serving the new run", "removed; no longer served", "not served"):
+            if line.endswith(f": {said}") or f": {said}: " in line or f": {said} any more: " in line:
+                counts[said] = counts.get(said, 0) + 1
+                break
+    return counts
 
 
 def check_access_log(log: Path, sent: int) -> dict[str, Any]:
@@ -296,7 +465,7 @@ def connection_and_decode_faults(runs: list[Path], token: str, token_file: Path,
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     bomb = png16_rgba(args.bomb_side)
-    server = start_server(runs, port, 20, token_file, root / "access-connections.jsonl",
+    server = start_server(run_flags(runs), port, 20, token_file, root / "access-connections.jsonl",
                           "--header-timeout", str(HEADER_TIMEOUT))
     try:
         return {"slow_headers": asyncio.run(slow_headers(url, port, args.slow_connections)),
@@ -304,6 +473,40 @@ def connection_and_decode_faults(runs: list[Path], token: str, token_file: Path,
     finally:
         server.terminate()
         server.wait(30)
+
+
+def fault_phase(url: str, port: int, token: str, images: list[bytes], versions: list[list[dict]],
+                required: set[str], args: argparse.Namespace, pid: int, churn: Churn | None) -> dict[str, Any]:
+    """``args.faults`` requests (:func:`faults`) in two halves, while ``churn`` (if any) changes the runs folder; the
+    server's RSS after the load phase (warm), after the first half and at the end (a leak grows in both halves,
+    warming up, allocator arenas and caches, mostly in the first), and sampled every second."""
+    before = memory_mb(pid)[0]
+    sampler = MemorySampler(pid)
+    sampler.start()
+    if churn:
+        churn.start()
+    churned = tuple(sorted(churn.versions)) if churn else ()
+    started = time.monotonic()
+    half = args.faults // 2
+    first = asyncio.run(faults(url, port, token, images, versions, required, half, args.clients, 0, churned))
+    middle = memory_mb(pid)[0]
+    result = asyncio.run(faults(url, port, token, images, versions, required, args.faults - half, args.clients, half,
+                                churned))
+    seconds = round(time.monotonic() - started, 1)
+    for worker in (sampler, churn):
+        if worker:
+            worker.stopped.set()
+            worker.join()
+    after, peak = memory_mb(pid)
+    result["failures"] += first["failures"]
+    result["first_failures"] = (first["first_failures"] + result["first_failures"])[:5]
+    for kind, count in first["by_kind"].items():
+        result["by_kind"][kind] = result["by_kind"].get(kind, 0) + count
+    health = httpx.get(url + "/health").json()
+    return {"seconds": seconds, "rss_before_mb": before, "rss_middle_mb": middle, "rss_after_mb": after,
+            "peak_rss_mb": peak, **sampler.trend(), "health": health["status"], **result,
+            **({"churn": {"every_s": args.churn, "changes": churn.changes, "reloads": churn.reloads,
+                          "errors": churn.errors}} if churn else {})}
 
 
 def main() -> None:
@@ -320,13 +523,18 @@ def main() -> None:
     parser.add_argument("--slow-connections", type=int, default=200, help="connections that never finish headers")
     parser.add_argument("--bomb-side", type=int, default=6300, help="side of the 16-bit RGBA PNG sent to decode")
     parser.add_argument("--bomb-count", type=int, default=16, help="concurrent POSTs of that PNG")
+    parser.add_argument("--image-size", type=int, default=224, help="input size of the runs (tiny: always 32)")
+    parser.add_argument("--churn", type=float, default=0.0, help="with --faults: serve the K runs from a --runs-dir "
+                        "where a task is added, removed or replaced every this many seconds during the fault phase "
+                        "(0: serve them with --run, no churn)")
+    parser.add_argument("--churn-tasks", type=int, default=4, help="the churned tasks (two versions each)")
     parser.add_argument("--json", action="store_true", help="only the JSON lines")
     args = parser.parse_args()
 
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        backbone, image_size = args.backbone, 224
+        backbone, image_size = args.backbone, args.image_size
         if args.backbone == "tiny":
             backbone, image_size = str(root / "tiny.safetensors"), 32
             save_backbone(VisionTransformer(ViTConfig(image_size=32, patch_size=8, embed_dim=48, depth=3,
@@ -340,12 +548,21 @@ def main() -> None:
         token_file = root / "token"
         token_file.write_text(token + "\n")
         token_file.chmod(0o600)  # serve refuses a token file others may read
+        versions = churn_versions(all_runs, backbone, args.churn_tasks, root) if args.churn else {}
         for count in counts:
             runs = all_runs[:count]
-            expected = MultiTaskServer.from_runs(None, runs, device="cpu")(paths)
+            # the engine's records of each version of the tasks (the K runs have one, the churned ones two)
+            expected = [MultiTaskServer.from_runs(backbone, runs + [folders[v] for folders in versions.values()],
+                                                  device="cpu")(paths) for v in range(2 if versions else 1)]
+            serving, served = run_flags(runs), root / f"served-{count}"
+            if args.churn:
+                served.mkdir()
+                for run in runs:
+                    shutil.copytree(run, served / run.name)
+                serving = ["--runs-dir", str(served), "--backbone", backbone, "--poll-seconds", str(args.churn / 2)]
             port = free_port()
             access_log = root / f"access-{count}.jsonl"
-            server = start_server(runs, port, max_body_mb=20, token_file=token_file, access_log=access_log)
+            server = start_server(serving, port, max_body_mb=20, token_file=token_file, access_log=access_log)
             url = f"http://127.0.0.1:{port}"
             sent = 1  # requests that reached the server: start_server's answered /health
             try:
@@ -357,31 +574,24 @@ def main() -> None:
                 rows.append(row)
                 sent += 1 + row["requests"]  # the warm-up, the load
                 if args.faults:
-                    # RSS after the load phase (warm), after the first half of the requests and at the end: a
-                    # leak grows in both halves, warming up (allocator arenas, caches) mostly in the first
-                    before = memory_mb(server.pid)[0]
-                    started = time.monotonic()
-                    first = asyncio.run(faults(url, port, token, images, expected, args.faults // 2, args.clients))
-                    middle = memory_mb(server.pid)[0]
-                    result = asyncio.run(faults(url, port, token, images, expected, args.faults - args.faults // 2,
-                                                args.clients, first=args.faults // 2))
-                    after, peak = memory_mb(server.pid)
-                    result["failures"] += first["failures"]
-                    result["first_failures"] = (first["first_failures"] + result["first_failures"])[:5]
-                    for kind, count_ in first["by_kind"].items():
-                        result["by_kind"][kind] = result["by_kind"].get(kind, 0) + count_
-                    health = httpx.get(url + "/health").json()
-                    sent += args.faults + 1
+                    def reload(url: str = url) -> None:
+                        httpx.post(url + "/admin/reload", headers={"authorization": f"Bearer {token}"},
+                                   timeout=120).raise_for_status()
+
+                    churn = Churn(served, versions, args.churn, reload) if args.churn else None
+                    row = fault_phase(url, port, token, images, expected, {run.name for run in runs}, args,
+                                      server.pid, churn)
+                    sent += args.faults + 1 + (churn.reloads if churn else 0)
                     rows.append({"tasks": count, "backbone": Path(args.backbone).name, "image_size": image_size,
-                                 "clients": args.clients, "phase": "faults", "requests": args.faults,
-                                 "seconds": round(time.monotonic() - started, 1), "rss_before_mb": before,
-                                 "rss_middle_mb": middle, "rss_after_mb": after, "peak_rss_mb": peak,
-                                 "alive": server.poll() is None, "health": health["status"], **result})
+                                 "clients": args.clients, "phase": "faults", "requests": args.faults, **row,
+                                 "alive": server.poll() is None})
             finally:
                 server.terminate()
                 server.wait(30)
             rows[-1]["access_log"] = check_access_log(access_log, sent)
-            if args.faults:
+            if args.churn and args.faults:
+                rows[-1]["churn"]["server_said"] = live_log_counts(access_log.with_suffix(".stderr"))
+            if args.faults and (args.slow_connections or args.bomb_count):
                 rows[-1].update(connection_and_decode_faults(runs, token, token_file, root, args))
     for row in rows:
         print(json.dumps(row), flush=True)
@@ -396,9 +606,14 @@ def main() -> None:
                 print(f"| {r['tasks']} | faults | {r['requests']} | {r['requests'] / r['seconds']:.1f} | | | "
                       f"{r['failures']} | {r['rss_before_mb']} -> {r['rss_middle_mb']} -> {r['rss_after_mb']} | "
                       f"{r['peak_rss_mb']} |")
-    failed = any(r.get("errors") or r.get("failures") or r.get("alive") is False
+    failed = any(r.get("errors") or r.get("failures") or r.get("alive") is False or r.get("churn", {}).get("errors")
                  or r.get("access_log", {"ok": True})["ok"] is False for r in rows)
     for r in rows:
+        if "churn" in r and not args.json:
+            churn, asked = r["churn"], {k: v for k, v in r["by_kind"].items() if k.startswith("churned")}
+            print(f"\nK = {r['tasks']}, a change every {churn['every_s']} s: {churn['changes']}, {churn['reloads']} "
+                  f"reloads; the server said {churn['server_said']}; {asked}. RSS over the second half: "
+                  f"{r['second_half_slope_mb_per_min']} MB/min, last/first {r['second_half_last_over_first']}")
         if "slow_headers" in r:
             slow, bomb = r["slow_headers"], r["decode_memory"]
             if not args.json:

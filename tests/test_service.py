@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import importlib.util
 import io
 import json
 import logging
@@ -721,6 +722,50 @@ def test_serve_command_under_a_bounded_load_of_good_and_malformed_requests(tiny_
     assert log["unauthorised"] == faults["by_kind"]["no token"] + faults["by_kind"]["wrong token"]
     assert faults["rss_after_mb"] - faults["rss_before_mb"] < 64  # the benchmark's 10k requests say more
     assert faults["slow_headers"]["answered_408"] == 20 and faults["decode_memory"]["statuses"] == [200], faults
+
+
+def test_serve_under_load_while_runs_come_and_go_never_fails_nor_answers_from_a_half_loaded_run(runs, images,
+                                                                                                tmp_path):
+    """benchmarks/serve_load.py --churn, small and in this process: a live runs folder takes 300 good and malformed
+    requests while, every 0.2 s, a task is added (renamed into place, copied straight in, or file by file), removed
+    or has its adapter overwritten in place; no request fails, and each task's answer is that of one whole version
+    of it (the churned tasks' versions are random adapters: a half-loaded or mixed one answers otherwise)."""
+    spec = importlib.util.spec_from_file_location("serve_load", Path(__file__).parents[1] / "benchmarks" /
+                                                  "serve_load.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    backbone = runs[0].parent / "tiny-vit.safetensors"
+    stable = runs[:2]  # linear and memory; the churned tasks are a linear, a memory and a LoRA run
+    versions = bench.churn_versions(runs, str(backbone), 3, tmp_path)
+    expected = [MultiTaskServer.from_runs(backbone, stable + [folders[v] for folders in versions.values()],
+                                          device="cpu")(images) for v in range(2)]
+    folder = tmp_path / "served"
+    folder.mkdir()
+    for run in stable:
+        add_run(run, folder, run.name)
+    live = LiveRuns(folder, load_backbone(backbone), "cpu", lambda line: None)
+    live.scan()
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    token_file.chmod(0o600)
+    access = ServiceAccess.from_options("127.0.0.1", token_file, False, None)
+    with running(live, access, poll_seconds=0.1, read_timeout=2) as url:
+        churn = bench.Churn(folder, versions, 0.2, lambda: httpx.post(url + "/admin/reload", headers=BEARER,
+                                                                       timeout=60).raise_for_status())
+        churn.start()
+        try:
+            result = asyncio.run(bench.faults(url, port_of(url), TOKEN, [path.read_bytes() for path in images],
+                                              expected, {run.name for run in stable}, 300, 4, 0,
+                                              tuple(sorted(versions))))
+        finally:
+            churn.stopped.set()
+            churn.join()
+    assert result["failures"] == 0, result["first_failures"]
+    assert churn.errors == [] and sum(churn.changes.values()) >= 10 and churn.reloads >= 3, churn.changes
+    assert {"remove", "replace adapter"} <= churn.changes.keys(), churn.changes
+    asked = {kind: count for kind, count in result["by_kind"].items() if kind.startswith("churned task")}
+    assert sum(asked.values()) == 28 and asked.get("churned task (200)"), result["by_kind"]  # a tenth, less 2
 
 
 def wait_until(check: object, seconds: float = 20, what: str = "") -> None:
