@@ -36,6 +36,7 @@ httpx = pytest.importorskip("httpx", reason="the service's tests need the test e
 uvicorn = pytest.importorskip("uvicorn", reason="the service needs the extra querytune[serve] (uvicorn)")
 from querytune.service import ServiceAccess, ServiceLimits, create_app  # noqa: E402  (after the extra is known present)
 from querytune.service import app as service_app  # noqa: E402
+from querytune.service import live as service_live  # noqa: E402
 from querytune.service.app import service_config  # noqa: E402
 from querytune.service.connections import ConnectionGuard  # noqa: E402
 from querytune.service.images import decode, decoded_bytes  # noqa: E402
@@ -918,3 +919,26 @@ def test_named_keys_are_revoked_on_sighup_and_sigterm_drains_then_exits_0(runs, 
     assert [line["key"] for line in lines if line["route"] == "/predict"] == ["alice"]
     text = log.read_text()
     assert TOKEN not in text and "bobs-key" not in text
+
+
+def test_runs_that_cannot_be_combined_are_not_served_and_the_others_stay(runs, tmp_path, monkeypatch):
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    add_run(runs[0], folder, "a")
+    said: list[str] = []
+    live = LiveRuns(folder, load_backbone(runs[0].parent / "tiny-vit.safetensors"), "cpu", said.append)
+    assert live.scan() and [task.name for task in live.current.tasks] == ["a"]
+    combine = service_live.MultiTaskServer
+
+    def refusing(backbone, tasks, *args):  # as a merge of two tasks' rows that cannot be merged would
+        if any(task.name == "b" for task in tasks):
+            raise ValueError("rows of another shape")
+        return combine(backbone, tasks, *args)
+
+    monkeypatch.setattr(service_live, "MultiTaskServer", refusing)
+    add_run(runs[1], folder, "b")
+    live.scan()
+    assert [task.name for task in live.current.tasks] == ["a"]
+    assert said[-1] == (f"{folder / 'b'}: not served: cannot be served with the other runs: "
+                        "ValueError: rows of another shape")
+    assert not live.scan() and said[-1].startswith(f"{folder / 'b'}: not served")  # said once, not every poll

@@ -67,6 +67,7 @@ class LiveRuns:
                 return False
             self.unreadable = None
             changed = False
+            added: list[str] = []
             for name in sorted(self.versions.keys() - found.keys()):
                 del self.versions[name]
                 if self.loaded.pop(name, None) is not None:
@@ -86,9 +87,17 @@ class LiveRuns:
                     self.say(f"{folder}: not served{' any more' if stopped else ''}: {why}")
                     continue
                 self.say(f"{folder}: {'replaced; now serving the new run' if stopped else 'served'}")
+                added.append(name)
                 changed = True
             if changed:
-                self.current = self.build()
+                try:
+                    self.current = self.build()
+                except Exception as error:  # the new runs do not combine with the others: the rest stay served
+                    why = error if isinstance(error, QuerytuneError) else f"{type(error).__name__}: {one_line(error)}"
+                    for name in added:
+                        del self.loaded[name]
+                        self.say(f"{self.root / name}: not served: cannot be served with the other runs: {why}")
+                    self.current = self.build()
             return changed
 
     def version_of(self, folder: Path) -> Version:
