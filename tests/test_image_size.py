@@ -236,3 +236,31 @@ def test_square_runs_keep_an_int_size_and_mix_with_its_spellings(tiny_backbone_d
     assert "was trained at 32x48 px and" in run_mismatch("b", {**config, "image_size": "32x48"}, run, config)
     cli.main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "onnx")])
     assert "(batch, 3, 32, 32)" in (tmp_path / "onnx" / "README.md").read_text()
+
+
+def test_a_non_square_runs_merged_export_gives_its_logits_in_timm(tiny_task, tmp_path):
+    """Merged weights of a run at HxW keep the backbone's native grid (the config's square size); timm's ViT at that
+    size with ``dynamic_img_size``, as the model card says, resamples them per input and gives the run's logits."""
+    from safetensors.torch import load_file
+
+    from querytune import load_run, train_run
+    from querytune.export import export_runs
+    from querytune.settings import RunSpec, Runtime
+
+    timm = import_timm()
+    backbone = tmp_path / "vit.safetensors"
+    save_backbone(tiny_vit(pos_embed_antialias=True), backbone)  # resampled as timm resamples
+    run = tmp_path / "run"
+    train_run(RunSpec(method="lora", backbone=backbone, data=tiny_task, image_size=f"{HEIGHT}x{WIDTH}",
+                      options={"lora_rank": 2}), run, train={"epochs": 1, "batch_size": 8, "lr": 0.05},
+              runtime=Runtime(workers=0, progress=False))
+    export_runs([run], "merged", tmp_path / "out")
+    assert "`dynamic_img_size=True` for 24x40 input" in (tmp_path / "out" / "README.md").read_text()
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48,
+                              depth=3, num_heads=4, num_classes=3, dynamic_img_size=True).eval()
+    model.load_state_dict(load_file(tmp_path / "out" / "model.safetensors"), strict=True)
+    trained, _ = load_run(run)
+    assert trained.backbone.blocks[0].attn.qkv.lora_b.abs().max() > 0  # the update is not the zero init
+    images = torch.randn(3, 3, HEIGHT, WIDTH)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), trained(images), rtol=0, atol=1e-5)
