@@ -96,3 +96,46 @@ def test_swiglu_dinov2_matches_timm(tmp_path):
     """DINOv2 giant's SwiGLU MLP (timm's SwiGLUPacked), on a small model."""
     reference = timm_model("vit_small_patch14_dinov2", 56, **SWIGLU_DINOV2)
     check_against_timm(reference, 56, tmp_path / "weights.safetensors", "vit_small_patch14_dinov2")
+
+
+# Bare timm files of the families, loaded through the command line with --model-name: timm's model -> (the name
+# given, creation options, input size). CLIP's and SigLIP's timm models are built at the tiny width (192, 3 heads,
+# 12 blocks), which the name's size gives; EVA-02 and DINOv3 have tiny models of their own.
+BARE_FILES = {
+    "eva02_tiny_patch14_224": ("eva02_tiny_patch14_224", {"img_size": 28}, 28),
+    "vit_tiny_patch16_dinov3_qkvb": ("vit_tiny_patch16_dinov3_qkvb", {"global_pool": "token"}, 32),
+    "vit_base_patch16_clip_224": ("vit_tiny_patch16_clip_224.test", {"img_size": 32, "embed_dim": 192,
+                                                                     "num_heads": 3}, 32),
+    "vit_base_patch16_siglip_224": ("vit_tiny_patch16_siglip_224.test", {"img_size": 32, "embed_dim": 192,
+                                                                         "num_heads": 3}, 32),
+}
+
+
+@pytest.mark.parametrize("architecture", list(BARE_FILES))
+def test_a_bare_timm_file_of_each_family_runs_info_train_and_eval_with_model_name(architecture, tmp_path, tiny_task,
+                                                                                  capsys):
+    """A state dict as timm saves it, with no config: refused without --model-name (its head count is not in its
+    weights); with it, equal to timm's model, and ``info``, ``train`` (VQT, one epoch) and ``eval`` (the run
+    records the name and reloads the file with it) run."""
+    import json
+
+    from querytune.cli import main
+
+    model_name, options, size = BARE_FILES[architecture]
+    options = {**options}
+    reference = timm_model(architecture, options.pop("img_size", 224), **options)
+    bare = tmp_path / "bare.safetensors"
+    check_against_timm(reference, size, bare, model_name)  # writes the bare file
+    with pytest.raises(SystemExit):
+        main(["info", "--backbone", str(bare)])
+    assert "cannot be told from its weights" in capsys.readouterr().err
+    main(["info", "--backbone", str(bare), "--model-name", model_name])
+    assert "depth (L)" in capsys.readouterr().out
+    run = tmp_path / "run"
+    main(["train", "--method", "vqt", "--backbone", str(bare), "--model-name", model_name, "--data", str(tiny_task),
+          "--out", str(run), "--epochs", "1", "--batch-size", "8", "--image-size", str(size), "--workers", "0",
+          "--layers", "10,11"])
+    assert capsys.readouterr().err.splitlines()[0].startswith(f"input {size}x{size} px (--image-size, given;")
+    assert json.loads((run / "config.json").read_text())["backbone"]["model_name"] == model_name
+    main(["eval", "--run", str(run), "--data", str(tiny_task), "--workers", "0", "-q"])
+    assert "accuracy" in capsys.readouterr().out
