@@ -139,3 +139,38 @@ def test_a_bare_timm_file_of_each_family_runs_info_train_and_eval_with_model_nam
     assert json.loads((run / "config.json").read_text())["backbone"]["model_name"] == model_name
     main(["eval", "--run", str(run), "--data", str(tiny_task), "--workers", "0", "-q"])
     assert "accuracy" in capsys.readouterr().out
+
+
+def test_timm_hub_names_of_the_families_resolve_through_the_offline_cache(offline_hub):
+    """A bare timm hub name means timm/<name>, read from huggingface_hub's cache (the real hub code, offline, on a
+    cache folder laid out as the hub client lays it out): its config.json names the architecture, whose
+    pretrained_cfg gives the normalisation and, where the weights show no grid (DINOv3), the native size."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from querytune.backbones.timm_format import is_timm_name
+    from querytune.errors import CheckpointError
+
+    for name, size, side in (("vit_small_patch16_dinov3.lvd1689m", 256, 32), ("eva02_tiny_patch14_224.mim_in22k", 224,
+                                                                                28)):
+        architecture = name.partition(".")[0]
+        reference = timm_model(architecture, 224, dynamic_img_size=True,
+                               **({"global_pool": "token"} if "dinov3" in name else {}))
+        repo = offline_hub(f"timm/{name}")
+        save_file({key: value.contiguous() for key, value in reference.state_dict().items()},
+                  str(repo / "model.safetensors"))
+        config = {"architecture": architecture, "num_classes": 0, "pretrained_cfg": reference.pretrained_cfg}
+        (repo / "config.json").write_text(json.dumps(config, default=list))
+        ours = load_backbone(name)
+        assert (ours.config.name, ours.config.image_size) == (f"timm/{name}", size)
+        assert list(ours.config.mean) == list(reference.pretrained_cfg["mean"])
+        images = torch.randn(1, 3, side, side)
+        with torch.no_grad():
+            expected = reference.forward_head(reference.forward_features(images), pre_logits=True)
+            torch.testing.assert_close(ours(images), expected, rtol=0, atol=1e-5)
+    for name in ("vit_base_patch16_clip_224.openai", "vit_base_patch16_siglip_224.webli"):  # not in the cache
+        assert is_timm_name(name)
+        with pytest.raises(CheckpointError, match=f"timm/{name}: no such local path; as a hub name it was not found "
+                                                  "locally"):
+            load_backbone(name)
