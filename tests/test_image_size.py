@@ -264,3 +264,16 @@ def test_a_non_square_runs_merged_export_gives_its_logits_in_timm(tiny_task, tmp
     images = torch.randn(3, 3, HEIGHT, WIDTH)
     with torch.no_grad():
         torch.testing.assert_close(model(images), trained(images), rtol=0, atol=1e-5)
+
+
+def test_a_run_without_image_size_says_it_took_the_flags_default_not_the_native_size(tiny_backbone_dir, tiny_task,
+                                                                                    tmp_path, capsys):
+    """Without --image-size a run takes the flag's default, 224, whatever the checkpoint's native size (32 here): its
+    first line and config.json say so, and name the native size beside it."""
+    run = tmp_path / "run"
+    cli.main(["train", "-m", "linear", "-b", str(tiny_backbone_dir), "-d", str(tiny_task), "-o", str(run),
+              "--epochs", "1", "--batch-size", "8", "--workers", "0", "--eval-split", ""])
+    line = "input 224x224 px (--image-size, its default; the backbone's native 32x32)"
+    assert capsys.readouterr().err.splitlines()[0] == line
+    config = json.loads((run / "config.json").read_text())
+    assert (config["image_size"], config["input_size"]) == (224, line.removeprefix("input "))
