@@ -174,3 +174,27 @@ def test_timm_hub_names_of_the_families_resolve_through_the_offline_cache(offlin
         with pytest.raises(CheckpointError, match=f"timm/{name}: no such local path; as a hub name it was not found "
                                                   "locally"):
             load_backbone(name)
+
+
+@pytest.mark.parametrize("scanned", [False, True])
+def test_big_vision_siglip_npz_reads_as_timms_own_loader_reads_it(scanned, tmp_path):
+    """The big_vision layout the tests write (test_loading.big_vision_arrays) is the one timm's ``.npz`` loader reads
+    into its SigLIP ViT; querytune's reading of the file gives timm's tokens and pooled (MAP) feature."""
+    import numpy as np
+    from test_loading import big_vision_arrays
+    from timm.models.vision_transformer import _load_weights
+
+    from conftest import tiny_siglip
+
+    path = tmp_path / "siglip.npz"
+    np.savez(path, **{"params/img/" + key: value
+                      for key, value in big_vision_arrays(tiny_siglip(act="gelu_tanh"), scanned).items()})
+    reference = timm.create_model("vit_base_patch16_siglip_224", pretrained=False, img_size=32, patch_size=8,
+                                  embed_dim=48, depth=3, num_heads=4, act_layer="gelu_tanh").eval()
+    _load_weights(reference, str(path))
+    ours = load_backbone(path)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = reference.forward_features(images)
+        torch.testing.assert_close(ours.norm(ours.run_blocks(ours.embed(images))), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours(images), reference.forward_head(expected, pre_logits=True), rtol=0, atol=1e-5)
