@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +147,32 @@ def tiny_backbone_dir(tmp_path: Path) -> Path:
     path = tmp_path / "tiny-vit.safetensors"
     save_backbone(tiny_vit(layer_scale=True), path)
     return path
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty Hugging Face cache in offline mode; returns a function creating a repo snapshot folder.
+
+    huggingface_hub reads HF_HUB_CACHE and HF_HUB_OFFLINE into its constants at import time and
+    consults the constants at call time, so both the environment and the constants are set.
+    """
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    for name, env, value in (("HF_HUB_CACHE", str(cache), str(cache)), ("HF_HUB_OFFLINE", "1", True)):
+        monkeypatch.setenv(name, env)
+        monkeypatch.setattr(constants, name, value)
+
+    def add_repo(repo_id: str) -> Path:
+        commit = hashlib.sha1(repo_id.encode()).hexdigest()
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(commit)
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        return snapshot
+
+    return add_repo
 
 
 @pytest.fixture(autouse=True)

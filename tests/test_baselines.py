@@ -254,6 +254,36 @@ def test_vqt_addon_gradients_reach_queries_and_the_adapting_part(name, adapter):
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.parametrize("name", ["vqt+lora", "vqt+adaptformer"])
+def test_vqt_addon_rows_equal_the_naive_reference_with_trained_adapters(name):
+    """The naive block (queries appended under a mask) writes out AdaptFormer's adapter beside the MLP and
+    LoRA's effective weights, so VQT's rows through the adapted blocks equal it once the adapters are off
+    their zero init (the naive block used to leave the adapter out, which this would show)."""
+    from querytune.methods.vqt import naive_vqt_logits
+
+    method = build_method(name, tiny_vit(layer_scale=True, num_reg_tokens=1), 5,
+                          {"num_queries": 2, "query_dropout": 0.0, "adapter_dropout": 0.0} if "adapt" in name
+                          else {"num_queries": 2, "query_dropout": 0.0}).eval()
+    _randomise(method, "mlp_parallel.up" if "adapt" in name else "lora_b")
+    with torch.no_grad():
+        method.head.weight.normal_()
+        torch.testing.assert_close(method(_images()), naive_vqt_logits(method, _images()), rtol=1e-5, atol=1e-5)
+
+
+def test_the_naive_block_refuses_a_block_it_does_not_write_out():
+    from querytune.methods.vqt import naive_block
+
+    backbone = tiny_vit()
+
+    class OtherBlock(type(backbone.blocks[0])):  # a method's block that adds something of its own
+        pass
+
+    block = backbone.blocks[0]
+    block.__class__ = OtherBlock
+    with pytest.raises(TypeError, match="writes out a Block or an AdaptedBlock, not a OtherBlock"):
+        naive_block(block, torch.randn(1, 17, 48))
+
+
 def test_vqt_plus_vpt_queries_read_the_prompts():
     """The last block's prompts reach nothing but that block, so they change the last query
     summary only if the queries attend to them."""

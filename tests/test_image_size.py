@@ -236,3 +236,44 @@ def test_square_runs_keep_an_int_size_and_mix_with_its_spellings(tiny_backbone_d
     assert "was trained at 32x48 px and" in run_mismatch("b", {**config, "image_size": "32x48"}, run, config)
     cli.main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "onnx")])
     assert "(batch, 3, 32, 32)" in (tmp_path / "onnx" / "README.md").read_text()
+
+
+def test_a_non_square_runs_merged_export_gives_its_logits_in_timm(tiny_task, tmp_path):
+    """Merged weights of a run at HxW keep the backbone's native grid (the config's square size); timm's ViT at that
+    size with ``dynamic_img_size``, as the model card says, resamples them per input and gives the run's logits."""
+    from safetensors.torch import load_file
+
+    from querytune import load_run, train_run
+    from querytune.export import export_runs
+    from querytune.settings import RunSpec, Runtime
+
+    timm = import_timm()
+    backbone = tmp_path / "vit.safetensors"
+    save_backbone(tiny_vit(pos_embed_antialias=True), backbone)  # resampled as timm resamples
+    run = tmp_path / "run"
+    train_run(RunSpec(method="lora", backbone=backbone, data=tiny_task, image_size=f"{HEIGHT}x{WIDTH}",
+                      options={"lora_rank": 2}), run, train={"epochs": 1, "batch_size": 8, "lr": 0.05},
+              runtime=Runtime(workers=0, progress=False))
+    export_runs([run], "merged", tmp_path / "out")
+    assert "`dynamic_img_size=True` for 24x40 input" in (tmp_path / "out" / "README.md").read_text()
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48,
+                              depth=3, num_heads=4, num_classes=3, dynamic_img_size=True).eval()
+    model.load_state_dict(load_file(tmp_path / "out" / "model.safetensors"), strict=True)
+    trained, _ = load_run(run)
+    assert trained.backbone.blocks[0].attn.qkv.lora_b.abs().max() > 0  # the update is not the zero init
+    images = torch.randn(3, 3, HEIGHT, WIDTH)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), trained(images), rtol=0, atol=1e-5)
+
+
+def test_a_run_without_image_size_says_it_took_the_flags_default_not_the_native_size(tiny_backbone_dir, tiny_task,
+                                                                                    tmp_path, capsys):
+    """Without --image-size a run takes the flag's default, 224, whatever the checkpoint's native size (32 here): its
+    first line and config.json say so, and name the native size beside it."""
+    run = tmp_path / "run"
+    cli.main(["train", "-m", "linear", "-b", str(tiny_backbone_dir), "-d", str(tiny_task), "-o", str(run),
+              "--epochs", "1", "--batch-size", "8", "--workers", "0", "--eval-split", ""])
+    line = "input 224x224 px (--image-size, its default; the backbone's native 32x32)"
+    assert capsys.readouterr().err.splitlines()[0] == line
+    config = json.loads((run / "config.json").read_text())
+    assert (config["image_size"], config["input_size"]) == (224, line.removeprefix("input "))

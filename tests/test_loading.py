@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -282,32 +281,6 @@ def test_vision_transformer_is_returned_cast_and_frozen():
 # ---------------------------------------------------------------- hub names
 
 
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    """An empty Hugging Face cache in offline mode; returns a function creating a repo snapshot folder.
-
-    huggingface_hub reads HF_HUB_CACHE and HF_HUB_OFFLINE into its constants at import time and
-    consults the constants at call time, so both the environment and the constants are set.
-    """
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hub"
-    for name, env, value in (("HF_HUB_CACHE", str(cache), str(cache)), ("HF_HUB_OFFLINE", "1", True)):
-        monkeypatch.setenv(name, env)
-        monkeypatch.setattr(constants, name, value)
-
-    def add_repo(repo_id: str) -> Path:
-        commit = hashlib.sha1(repo_id.encode()).hexdigest()
-        repo = cache / f"models--{repo_id.replace('/', '--')}"
-        (repo / "refs").mkdir(parents=True)
-        (repo / "refs" / "main").write_text(commit)
-        snapshot = repo / "snapshots" / commit
-        snapshot.mkdir(parents=True)
-        return snapshot
-
-    return add_repo
-
-
 def test_hub_names_resolve_from_offline_cache(offline_hub):
     reference, state = timm_checkpoint("vit_tiny_patch16_224")
     timm_repo = offline_hub("timm/vit_tiny_patch16_224.augreg_in21k")
@@ -405,6 +378,96 @@ def test_npz_checkpoint_errors(tmp_path):
     (tmp_path / "garbage.npz").write_bytes(b"not a zip file")
     with pytest.raises(CheckpointError, match="garbage.npz: unreadable .npz checkpoint"):
         load_backbone(tmp_path / "garbage.npz")
+
+
+def big_vision_arrays(model: VisionTransformer, scanned: bool) -> dict[str, np.ndarray]:
+    """``model``'s arrays in big_vision's layout (google-research/big_vision, models/vit.py), written
+    independently of the loader: ``pos_embedding`` at the top, blocks' LayerNorm_0/1, MultiHeadDotProductAttention_0
+    and MlpBlock_0, a MAP head (MAPHead_0) where the model pools by one; a scanned encoder stacks the blocks."""
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    width, heads = model.config.embed_dim, model.config.num_heads
+
+    def attention(prefix: str, weight: np.ndarray, bias: np.ndarray, out: str) -> dict[str, np.ndarray]:
+        arrays = {}
+        for j, part in enumerate(("query", "key", "value")):
+            rows = slice(j * width, (j + 1) * width)
+            arrays[f"{prefix}/{part}/kernel"] = weight[rows].T.reshape(width, heads, width // heads)
+            arrays[f"{prefix}/{part}/bias"] = bias[rows].reshape(heads, width // heads)
+        arrays[f"{prefix}/out/kernel"] = state[f"{out}.weight"].T.reshape(heads, width // heads, width)
+        arrays[f"{prefix}/out/bias"] = state[f"{out}.bias"]
+        return arrays
+
+    def dense(prefix: str, ours: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}/kernel": state[f"{ours}.weight"].T, f"{prefix}/bias": state[f"{ours}.bias"]}
+
+    arrays = {
+        "embedding/kernel": state["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+        "embedding/bias": state["patch_embed.proj.bias"],
+        "pos_embedding": state["pos_embed"],
+        "Transformer/encoder_norm/scale": state["norm.weight"],
+        "Transformer/encoder_norm/bias": state["norm.bias"],
+        "head/kernel": np.zeros((width, 7), np.float32), "head/bias": np.zeros(7, np.float32),
+    }
+    if "cls_token" in state:
+        arrays["cls"] = state["cls_token"]
+    if "attn_pool.latent" in state:
+        kv_weight, kv_bias = state["attn_pool.kv.weight"], state["attn_pool.kv.bias"]
+        arrays.update({
+            "MAPHead_0/probe": state["attn_pool.latent"],
+            "MAPHead_0/LayerNorm_0/scale": state["attn_pool.norm.weight"],
+            "MAPHead_0/LayerNorm_0/bias": state["attn_pool.norm.bias"],
+            **attention("MAPHead_0/MultiHeadDotProductAttention_0", np.concatenate([state["attn_pool.q.weight"],
+                                                                                    kv_weight]),
+                        np.concatenate([state["attn_pool.q.bias"], kv_bias]), "attn_pool.proj"),
+            **dense("MAPHead_0/MlpBlock_0/Dense_0", "attn_pool.mlp.fc1"),
+            **dense("MAPHead_0/MlpBlock_0/Dense_1", "attn_pool.mlp.fc2"),
+        })
+    blocks = []
+    for i in range(model.config.depth):
+        blocks.append({
+            "LayerNorm_0/scale": state[f"blocks.{i}.norm1.weight"], "LayerNorm_0/bias": state[f"blocks.{i}.norm1.bias"],
+            "LayerNorm_1/scale": state[f"blocks.{i}.norm2.weight"], "LayerNorm_1/bias": state[f"blocks.{i}.norm2.bias"],
+            **attention("MultiHeadDotProductAttention_0", state[f"blocks.{i}.attn.qkv.weight"],
+                        state[f"blocks.{i}.attn.qkv.bias"], f"blocks.{i}.attn.proj"),
+            **dense("MlpBlock_0/Dense_0", f"blocks.{i}.mlp.fc1"), **dense("MlpBlock_0/Dense_1", f"blocks.{i}.mlp.fc2"),
+        })
+    if scanned:
+        arrays.update({f"Transformer/encoderblock/{key}": np.stack([block[key] for block in blocks])
+                       for key in blocks[0]})
+    else:
+        arrays.update({f"Transformer/encoderblock_{i}/{key}": value
+                       for i, block in enumerate(blocks) for key, value in block.items()})
+    return arrays
+
+
+@pytest.mark.parametrize(("prefix", "scanned", "kind"), [("params/img/", False, "siglip"),
+                                                         ("params/img/", True, "siglip"), ("params/", True, "vit")])
+def test_big_vision_npz_is_read(prefix, scanned, kind, tmp_path):
+    """big_vision's layout: a ViT (``params/``) or SigLIP's image tower (``params/img/``, beside the text tower
+    and the logit scale and bias, which are left out), its blocks one by one or scanned; its MLPs' GELU is tanh's."""
+    from conftest import tiny_siglip
+
+    reference = (tiny_siglip(act="gelu_tanh") if kind == "siglip" else tiny_vit(act="gelu_tanh"))
+    arrays = {prefix + key: value for key, value in big_vision_arrays(reference, scanned).items()}
+    if prefix == "params/img/":
+        arrays.update({"params/t": np.ones(1, np.float32), "params/b": np.zeros(1, np.float32),
+                       "params/txt/Embed_0/embedding": np.zeros((5, 48), np.float32)})
+    path = tmp_path / "siglip.npz"
+    np.savez(path, **arrays)
+    ours = load_backbone(path)
+    assert (ours.config.num_heads, ours.config.act, ours.config.class_token) == (4, "gelu_tanh", kind == "vit")
+    assert_same_model(ours, reference)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(images), reference(images), atol=0, rtol=0)  # the pooled (MAP) feature
+
+
+def test_big_vision_npz_that_averages_its_tokens_is_refused(tmp_path):
+    arrays = big_vision_arrays(tiny_vit(), scanned=True)
+    del arrays["cls"]
+    np.savez(tmp_path / "gap.npz", **{"params/" + key: value for key, value in arrays.items()})
+    with pytest.raises(CheckpointError, match=r"gap\.npz: neither a class token \(cls\) nor a MAP head"):
+        load_backbone(tmp_path / "gap.npz")
 
 
 # ---------------------------------------------------------------- MAE: global pooling through fc_norm

@@ -21,7 +21,7 @@ models), ``npz_format`` (JAX ``.npz``), ``checkpoint`` (reading files, strict bu
    (``HF_HUB_OFFLINE=1``);
 5. an ``.npz`` checkpoint of the original JAX ViTs, as VPT, VQT, NOAH, SSF and V-PETL load
    it (``ViT-B_16.npz``, ``imagenet21k/ViT-B_16.npz``; any depth and width, the head count
-   read from the attention kernels);
+   read from the attention kernels), or big_vision's (``params/``: a ViT, SigLIP's image tower);
 6. an in-memory ``transformers`` model of a type below (or ``*ForImageClassification``
    around one) or timm ``VisionTransformer``, converted through its state dict;
 7. a querytune :class:`VisionTransformer`, returned as is.

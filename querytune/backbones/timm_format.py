@@ -59,7 +59,7 @@ TIMM_FAMILIES = (
 # timm's rotary embeddings by kind: EVA-02's RotaryEmbeddingCat (the 16 x 16 grid of 224 px at patch 14 is its
 # reference), DINOv3's RotaryEmbeddingDinoV3
 _ROPE = {"eva": {"rope_temperature": 10000.0, "rope_grid": 16}, "dinov3": {"rope_temperature": 100.0}}
-DEFAULT_IMAGE_SIZE = 224  # a RoPE-only model's input size where its name gives none (timm's default)
+DEFAULT_IMAGE_SIZE = 224  # a RoPE-only model's input size where neither name nor pretrained_cfg gives one (timm's)
 _SUPPORTED_NAMES = ("vit_{size}_patch{P}_{res}, deit_{size}[_distilled]_patch{P}_{res}, deit3_{size}_patch{P}_{res}, "
                     "vit_{size}_patch{P}[_reg{K}]_dinov2, vit_{size}_patch{P}_clip[_quickgelu]_{res}, "
                     "vit_{size}_patch{P}_siglip_{res}, eva02_{size}_patch{P}_{res}, vit_{size}_patch{P}_dinov3[_qkvb]")
@@ -167,9 +167,8 @@ def from_timm_state(
     if "pos_embed" in state:
         grid, prefix = _split_positions(state["pos_embed"].shape[1],
                                         fields["num_reg_tokens"] + fields["class_token"], where)
-    elif fields.get("rope"):  # positions by rotation only (DINOv3): the input size is the name's, or timm's default
-        resolution = re.search(r"_(\d+)$", (model_name or "").partition(".")[0])
-        grid, prefix = (int(resolution[1]) if resolution else DEFAULT_IMAGE_SIZE) // fields["patch_size"], 0
+    elif fields.get("rope"):  # positions by rotation only (DINOv3): the weights show no input size
+        grid, prefix = _rotary_only_size(model_name, pretrained_cfg) // fields["patch_size"], 0
     else:
         raise CheckpointError(f"{where}: no pos_embed; not a ViT checkpoint with absolute position embeddings")
     if pretrained_cfg:
@@ -179,6 +178,18 @@ def from_timm_state(
         mean=mean, std=std, name=name, global_pool=global_pool,
     )
     return build(config, state, where)
+
+
+def _rotary_only_size(model_name: str | None, pretrained_cfg: dict[str, Any] | None) -> int:
+    """The native input size of a model whose weights hold no position embedding: the name's resolution, else its
+    pretrained_cfg's square ``input_size`` (a hub folder's: DINOv3's 256), else timm's default."""
+    resolution = re.search(r"_(\d+)$", (model_name or "").partition(".")[0])
+    if resolution:
+        return int(resolution[1])
+    input_size = (pretrained_cfg or {}).get("input_size")
+    if input_size and input_size[-1] == input_size[-2]:
+        return int(input_size[-1])
+    return DEFAULT_IMAGE_SIZE
 
 
 def _timm_state_dict(state: dict[str, Any], where: str) -> tuple[dict[str, Tensor], bool]:

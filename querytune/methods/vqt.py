@@ -30,19 +30,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbones.vit import VisionTransformer
+from ..backbones.vit import Block, VisionTransformer
 from ..errors import ConfigError
 from ..options import option
 from ..train import TrainConfig
 from ..trunk import TrunkInput
 from ..trunk.features import Features
+from .adaptformer import AdaptedBlock
 from .base import Method, current_stream
 from .heads import SelectingHead, train_head
 from .registry import register
 from .vpt import vpt_init_bound
 
 if TYPE_CHECKING:
-    from ..backbones.vit import Block, ModuleListOf
+    from ..backbones.vit import ModuleListOf
 
 COMBINES = ("concat", "mean", "weighted")
 
@@ -244,9 +245,12 @@ def naive_block_parts(block: Block, x: Tensor, mask: Tensor | None = None,
     """One pre-norm block over the whole sequence ``x`` with an additive attention ``mask`` (N, N):
     (output, attention branch, MLP branch), the branches before their residuals. On a RoPE backbone the
     queries and keys of the first ``image_tokens`` tokens (default all: the image's own, prefix first) are
-    rotated by position; the tokens appended after them carry none. It writes out a plain block: what a
-    method adds to the blocks in place of their modules (AdaptFormer's adapter, plain memory's tokens) is
-    not read, only the effective weights of modules standing in for a weight (LoRA's, SSF's)."""
+    rotated by position; the tokens appended after them carry none. It writes out a plain block, with the
+    effective weights of modules standing in for a weight (LoRA's, SSF's), and AdaptFormer's adapter beside
+    the MLP where the block is an :class:`AdaptedBlock`; plain memory's tokens are not read (its reference
+    appends them to ``x``). Any other kind of block is refused rather than written out without what it adds."""
+    if type(block) not in (Block, AdaptedBlock):
+        raise TypeError(f"naive_block_parts writes out a Block or an AdaptedBlock, not a {type(block).__name__}")
     dim = x.shape[-1]
     heads = block.attn.num_heads
     u = F.layer_norm(x, (dim,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
@@ -264,6 +268,8 @@ def naive_block_parts(block: Block, x: Tensor, mask: Tensor | None = None,
     a = x + attn
     h = F.layer_norm(a, (dim,), block.norm2.weight, block.norm2.bias, block.norm2.eps)
     mlp = _layer_scale(block.ls2, block.mlp(h))
+    if isinstance(block, AdaptedBlock):
+        mlp = mlp + block.mlp_parallel(a)
     return a + mlp, attn, mlp
 
 
