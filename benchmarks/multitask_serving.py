@@ -21,6 +21,7 @@ never numbers across runs.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import subprocess
@@ -66,7 +67,7 @@ def random_task(method_name: str, backbone: VisionTransformer) -> Method:
 def check_against_own_forward(server: MultiTaskServer, images: torch.Tensor) -> None:
     """The first two tasks of each method answer as their own forward does."""
     logits = server.predict(images)
-    features = extract_features(server.backbone, images)
+    features = extract_features(server.backbone, images).to("cpu")  # as the server reads them
     checked: dict[str, int] = {}
     for task in server.tasks:
         checked[task.method.name] = checked.get(task.method.name, 0) + 1
@@ -130,6 +131,9 @@ def startup(count: int, methods: list[str], backbone_path: str, image_size: int)
 
 
 def resident_kb() -> int:
+    """The process's RSS in kB, after handing the heap's free memory back to the system (glibc's malloc_trim), so
+    that what a batch's activations took and freed does not count."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
@@ -146,19 +150,21 @@ def vqt_task_memory(count: int, backbone_path: str, image_size: int) -> None:
             result = subprocess.run([sys.executable, __file__, "--rss-of", str(Path(folder) / name),
                                      "--backbone", backbone_path, "--image-size", str(image_size)],
                                     check=True, capture_output=True, text=True)
-            resident[name] = int(result.stdout.split()[-1])
-    per_task = (resident["many"] - resident["one"]) / (count - 1)
-    print(f"\nresident memory: {resident['one'] / 1024:.0f} MB with 1 VQT run, {resident['many'] / 1024:.0f} MB with "
-          f"{count}: {per_task / 1024:.3f} MB per added VQT task")
+            resident[name] = [int(kb) for kb in result.stdout.split()[-2:]]
+    for when, one, many in zip(("loaded", "after a batch"), *resident.values()):
+        print(f"\nresident memory, {when}: {one / 1024:.0f} MB with 1 VQT run, {many / 1024:.0f} MB with {count}: "
+              f"{(many - one) / (count - 1) / 1024:.3f} MB per added VQT task", end="")
+    print()
 
 
 def rss_of(folder: str, backbone_path: str, image_size: int) -> None:
-    """Print the RSS (kB) of a live runs folder's server after a first batch."""
+    """Print the RSS (kB) of a live runs folder's server once loaded, and after a first batch."""
     live = LiveRuns(Path(folder), load_backbone(backbone_path), "cpu", say=lambda line: None)
     live.scan()
     assert live.current is not None
+    loaded = resident_kb()
     live.current.predict(torch.randn(8, 3, image_size, image_size))
-    print(resident_kb())
+    print(loaded, resident_kb())
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,8 +170,9 @@ class MultiTaskServer:
         if not runs:
             raise ConfigError("no run to serve")
         resolved = [Path(run).resolve() for run in runs]
+        times_given = Counter(resolved)
         for run, path in zip(runs, resolved):
-            if resolved.count(path) > 1:
+            if times_given[path] > 1:
                 raise ConfigError(f"{run}: given twice")
         configs = [read_run_config(run) for run in runs]
         for run, config in zip(runs, configs):
@@ -181,7 +182,8 @@ class MultiTaskServer:
         backbone = load_backbone(backbone_source if backbone_source is not None else trained["source"],
                                  model_name=trained.get("model_name") if backbone_source is None else None)
         names = [path.name for path in resolved]
-        names = [name if names.count(name) == 1 else str(run) for name, run in zip(names, runs)]
+        times_named = Counter(names)
+        names = [name if times_named[name] == 1 else str(run) for name, run in zip(names, runs)]
         tasks = [load_served(name, run, config, backbone) for name, run, config in zip(names, runs, configs)]
         return cls(backbone, tasks, configs[0]["image_size"], precision or serving_precision(configs), device)
 
