@@ -337,7 +337,7 @@ class ServedGraph(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         trunk = extract_features(self.backbone, images, self.with_layers)
         features = Features(trunk.pooled.float(), trunk.layers.float() if trunk.layers is not None else None)
-        from_rows = self.rows(features.layers, self.backbone)
+        from_rows = self.rows(features, self.backbone)
         return tuple(from_rows[name] if name in from_rows else method(features)
                      for name, method in zip(self.names, self.methods))
 

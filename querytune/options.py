@@ -8,6 +8,7 @@ and the settings read from config files (:func:`check_value` works on any datacl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import types
@@ -79,9 +80,15 @@ def image_size_setting(value: Any, name: str) -> int | str:
     return ImageSize.of(value, name).recorded
 
 
+@functools.cache
+def _type_hints(options_cls: type) -> dict[str, Any]:
+    """The class's resolved annotations (resolving compiles them: once per class, not per run loaded)."""
+    return typing.get_type_hints(options_cls)
+
+
 def value_type(options_cls: type, name: str) -> tuple[type, bool]:
     """The field's value type (int, float, str or bool) and whether it may be None."""
-    hint = typing.get_type_hints(options_cls)[name]
+    hint = _type_hints(options_cls)[name]
     args = typing.get_args(hint)
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         return next(arg for arg in args if arg is not type(None)), type(None) in args

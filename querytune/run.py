@@ -422,8 +422,9 @@ def load_run(run: str | Path, backbone: VisionTransformer | str | Path | None = 
     model is used as it is; default: the run's own backbone source)."""
     config = read_run_config(run)
     trained = config["backbone"]
-    backbone = load_backbone(backbone if backbone is not None else trained["source"],
-                             model_name=trained.get("model_name") if backbone is None else None)
+    if not isinstance(backbone, VisionTransformer):
+        backbone = load_backbone(backbone if backbone is not None else trained["source"],
+                                 model_name=trained.get("model_name") if backbone is None else None)
     if backbone_fingerprint(backbone) != trained["fingerprint"]:
         raise CheckpointError(f"{run}: was trained on backbone {trained['name']!r}, which differs from the one given")
     backbone.config.mean = tuple(config["normalisation"]["mean"])
@@ -431,7 +432,8 @@ def load_run(run: str | Path, backbone: VisionTransformer | str | Path | None = 
     backbone.set_input_size(*ImageSize.of(config["image_size"], f"{run}: image_size"))
     method = build_method(config["method"], backbone, config["num_classes"], config["options"])
     load_adapter(run, method)
-    return method.eval(), config
+    with method.apart_from_backbone():  # a loaded model is used as it is
+        return method.eval(), config
 
 
 def eval_run(run: str | Path, data: str | Path, split: str = TEST, runtime: Runtime | None = None,

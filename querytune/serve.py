@@ -18,6 +18,8 @@ runs its own copy of the backbone on the images: one more trunk pass per such ta
 from __future__ import annotations
 
 import copy
+import threading
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +41,10 @@ from .run import load_run
 from .runfolder import read_run_config
 from .trunk.cache import backbone_fingerprint
 from .trunk.device import resolve_device, to_device
-from .trunk.features import extract_features
+from .trunk.features import Features, extract_features
 from .trunk.precision import Precision
+
+SUBSETS_KEPT = 16  # the subsets of tasks (``predict(images, tasks)``) whose merged rows are kept built
 
 
 @dataclass
@@ -59,7 +63,8 @@ class ServedMethod:
 
 class MergedRows(torch.nn.Module):
     """The served tasks' :meth:`Method.shared_rows`, merged per kind (a kind per method that has them): each
-    kind's merged set passes the blocks once per batch and answers each of its tasks from that task's own row."""
+    kind's merged set runs once per batch for all its tasks (rows through the blocks in one call per block,
+    heads as one matmul) and answers each of its tasks from that task's own row."""
 
     def __init__(self, tasks: Sequence[ServedMethod]) -> None:
         super().__init__()
@@ -74,11 +79,15 @@ class MergedRows(torch.nn.Module):
             self.sets.append(merged)
             self.own_row.append({name: where[-1] for name, where in zip(parts, placement)})
 
-    def forward(self, layers: Tensor, backbone: VisionTransformer) -> dict[str, Tensor]:
-        """The logits of every task that has shared rows, from the normalised block inputs ``layers``."""
+    def of_kind(self, kind: type[SharedRows]) -> SharedRows | None:
+        """The merged set of this kind, if any task has one."""
+        return next((rows for rows in self.sets if type(rows) is kind), None)
+
+    def forward(self, features: Features, backbone: VisionTransformer) -> dict[str, Tensor]:
+        """The logits of every task that has shared rows, from the frozen trunk's ``features``."""
         logits: dict[str, Tensor] = {}
         for rows, own_row in zip(self.sets, self.own_row):
-            outputs = rows(layers, backbone)
+            outputs = rows(features, backbone)
             logits.update((name, outputs[row]) for name, row in own_row.items())
         return logits
 
@@ -109,6 +118,12 @@ def load_served(name: str, run: str | Path, config: dict[str, Any], backbone: Vi
     return ServedMethod(name, method, config.get("classes"))
 
 
+def on_device(method: Method, device: torch.device) -> Method:
+    """``method`` in eval mode on ``device`` (a frozen-trunk method's own modules only: the trunk is the server's)."""
+    with method.apart_from_backbone():
+        return method.to(device).eval()
+
+
 def serving_precision(configs: Sequence[dict[str, Any]]) -> Precision:
     """bf16 where every run was trained so, else fp32."""
     every_bf16 = all(config["train"]["precision"] == Precision.BF16.value for config in configs)
@@ -131,11 +146,12 @@ class MultiTaskServer:
             if not task.shares_trunk and task.method.backbone is backbone:
                 raise ConfigError(f"task {task.name!r}: method {task.method.name!r} adapts the backbone it was "
                                   "built on, which is the shared trunk here; build it on its own copy")
-            if task.shares_trunk and backbone_fingerprint(task.method.backbone) != fingerprint:
+            if (task.shares_trunk and task.method.backbone is not backbone
+                    and backbone_fingerprint(task.method.backbone) != fingerprint):
                 raise ConfigError(f"task {task.name!r}: was built on another backbone than the one served")
         self.device = resolve_device(device)
         self.backbone = backbone.to(self.device).eval()
-        self.tasks = [ServedMethod(t.name, t.method.to(self.device).eval(), t.classes) for t in tasks]
+        self.tasks = [ServedMethod(t.name, on_device(t.method, self.device), t.classes) for t in tasks]
         self.preprocess = Preprocess.for_backbone(backbone, image_size)
         check_input_size(backbone, self.preprocess.size)
         self.backbone.set_input_size(*self.preprocess.size)
@@ -143,6 +159,9 @@ class MultiTaskServer:
         self.shared = [task for task in self.tasks if task.shares_trunk]
         self.with_layers = any(task.method.reads.with_layers for task in self.shared)
         self.rows = MergedRows(self.shared)
+        self.named = {task.name: task for task in self.tasks}
+        self.subsets: OrderedDict[tuple[str, ...], MergedRows] = OrderedDict()  # the last few subsets' rows
+        self.subsets_lock = threading.Lock()
 
     @classmethod
     def from_runs(cls, backbone_source: str | Path | VisionTransformer | None, runs: Sequence[str | Path],
@@ -156,8 +175,9 @@ class MultiTaskServer:
         if not runs:
             raise ConfigError("no run to serve")
         resolved = [Path(run).resolve() for run in runs]
+        times_given = Counter(resolved)
         for run, path in zip(runs, resolved):
-            if resolved.count(path) > 1:
+            if times_given[path] > 1:
                 raise ConfigError(f"{run}: given twice")
         configs = [read_run_config(run) for run in runs]
         for run, config in zip(runs, configs):
@@ -167,22 +187,49 @@ class MultiTaskServer:
         backbone = load_backbone(backbone_source if backbone_source is not None else trained["source"],
                                  model_name=trained.get("model_name") if backbone_source is None else None)
         names = [path.name for path in resolved]
-        names = [name if names.count(name) == 1 else str(run) for name, run in zip(names, runs)]
+        times_named = Counter(names)
+        names = [name if times_named[name] == 1 else str(run) for name, run in zip(names, runs)]
         tasks = [load_served(name, run, config, backbone) for name, run, config in zip(names, runs, configs)]
         return cls(backbone, tasks, configs[0]["image_size"], precision or serving_precision(configs), device)
 
+    def selected(self, names: Sequence[str] | None = None) -> tuple[list[ServedMethod], MergedRows]:
+        """The tasks named (in the served order; all where None) and the merged rows of those sharing the trunk:
+        built for a subset, and kept for the last few subsets asked for."""
+        if names is None:
+            return self.tasks, self.rows
+        for name in names:
+            if name not in self.named:
+                raise ConfigError(f"unknown task {name!r} (served: {', '.join(self.named)})")
+        wanted = set(names)
+        chosen = [task for task in self.tasks if task.name in wanted]
+        if len(chosen) == len(self.tasks):
+            return self.tasks, self.rows
+        key = tuple(task.name for task in chosen)
+        with self.subsets_lock:
+            rows = self.subsets.pop(key, None)
+            if rows is None:
+                rows = MergedRows([task for task in chosen if task.shares_trunk])
+            self.subsets[key] = rows  # the most recent last
+            while len(self.subsets) > SUBSETS_KEPT:
+                self.subsets.popitem(last=False)
+        return chosen, rows
+
     @torch.no_grad()
-    def predict(self, images: Tensor) -> dict[str, Tensor]:
-        """Logits (float32, on the CPU) of every task for a batch of preprocessed images."""
+    def predict(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Logits (float32, on the CPU) of every task, or of the ``tasks`` named (at the cost of those only), for a
+        batch of preprocessed images."""
+        chosen, rows = self.selected(tasks)
+        shared = [task for task in chosen if task.shares_trunk]
         images = to_device(images, self.device)
-        if self.shared:
+        if shared:
+            with_layers = any(task.method.reads.with_layers for task in shared)
             # rounded to the feature cache's storage dtype, as in training and `querytune eval`
-            features = to_device(extract_features(self.backbone, images, self.with_layers, precision=self.precision),
+            features = to_device(extract_features(self.backbone, images, with_layers, precision=self.precision),
                                  self.device, self.precision)
         logits = {}
         with self.precision.autocast(self.device):
-            from_rows = self.rows(features.layers, self.backbone) if self.rows.sets else {}
-            for task in self.tasks:
+            from_rows = rows(features, self.backbone) if rows.sets else {}
+            for task in chosen:
                 if not task.shares_trunk:
                     logits[task.name] = task.method(images).float().cpu()
                     continue

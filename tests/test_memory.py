@@ -109,7 +109,7 @@ def test_concatenated_tasks_equal_their_own_models():
     features = _features(backbone, torch.randn(3, 3, 32, 32))
     merged, placement = MemoryTaskSet.merge([first.stack, second.stack, third.stack])
     assert placement == [[0], [1], [2]] and merged.reads == [(), (), ()]
-    joint = merged(features.layers, backbone)
+    joint = merged(features, backbone)
     for logits, own in zip(joint, (first, second, third)):
         torch.testing.assert_close(logits, own(features), rtol=1e-5, atol=1e-5)
 
@@ -124,7 +124,7 @@ def test_extension_differs_from_concatenation_only_where_the_mask_allows():
 
     @torch.no_grad()
     def run(stack):
-        return stack(features.layers, backbone)
+        return stack(features, backbone)
 
     for stack in (extension, concatenation):  # the full masked sequence agrees with the rows pass
         with torch.no_grad():
@@ -155,7 +155,7 @@ def test_extension_matches_naive_reference_in_logits_and_gradients():
     new = _memory(backbone, seed=2, memory_tokens=3).stack.tasks[0]
     stack = MemoryTaskSet([base, new], [(), (0,)])
     images = torch.randn(3, 3, 32, 32)
-    fast = stack(_features(backbone, images).layers, backbone)[1]
+    fast = stack(_features(backbone, images), backbone)[1]
     grads = assert_matches_reference(stack, fast, lambda: naive_masked_memory(stack, backbone, images)[1][1])
     assert set(grads) == {"tasks.1.class_token", "tasks.1.memory", "tasks.1.head.weight", "tasks.1.head.bias"}
 
@@ -194,7 +194,7 @@ def test_extension_run_trains_only_the_new_task_and_reloads(tiny_backbone_dir, t
     from querytune.serve import MultiTaskServer
 
     server = MultiTaskServer.from_runs(None, [tmp_path / "base", tmp_path / "ext"], device="cpu")
-    merged = server.rows.sets[0]
+    merged = server.rows.of_kind(MemoryTaskSet)
     assert len(merged.tasks) == 2 and merged.reads == [(), (0,)]  # the shared base task runs once
     images = torch.randn(2, 3, 32, 32)
     served = server.predict(images)
@@ -256,7 +256,7 @@ def test_masked_and_plain_memory_match_naive_references_with_rotary_positions(fa
     features = _features(backbone, images)
     first = _memory(backbone, memory_tokens=2)
     stack = MemoryTaskSet([*first.stack.tasks, *_memory(backbone, seed=2, memory_tokens=1).stack.tasks], [(), (0,)])
-    for logits, reference in zip(stack(features.layers, backbone), naive_masked_memory(stack, backbone, images)[1]):
+    for logits, reference in zip(stack(features, backbone), naive_masked_memory(stack, backbone, images)[1]):
         torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
     assert_matches_reference(first, first(features), lambda: naive_masked_memory(first.stack, backbone, images)[1][-1])
     plain = _memory(backbone, method_name="memory-plain", memory_tokens=2).train()

@@ -37,7 +37,7 @@ def test_server_answers_every_task_from_one_trunk_pass():
     methods = {"linear": linear, "vqt": vqt, "first": first, "second": second, "extension": extension}
     server = MultiTaskServer(backbone, [ServedMethod(n, m) for n, m in methods.items()], image_size=32, device="cpu")
     # first's task is also the extension's base: it runs once
-    merged = server.rows.sets[0]
+    merged = server.rows.of_kind(MemoryTaskSet)
     assert len(merged.tasks) == 3 and merged.reads == [(), (), (0,)]
 
     trunk_passes = []
@@ -50,6 +50,57 @@ def test_server_answers_every_task_from_one_trunk_pass():
     with torch.no_grad():
         for name, method in methods.items():
             torch.testing.assert_close(logits[name], method(features), rtol=1e-5, atol=1e-5, msg=name)
+
+
+def _served_methods(backbone) -> dict[str, object]:
+    """Frozen-trunk tasks of every method and layout the batched serving path groups: VQTs with other query layers,
+    counts, combines and kept features, Head2Toes of two poolings with and without kept features, linear probes and
+    memory tasks of other class counts, and SynQTs."""
+    torch.manual_seed(0)
+    methods = {}
+    for k, options in enumerate([{}, {}, {"num_queries": 2, "combine": "mean"}, {"layers": "1-2"},
+                                 {"num_queries": 2, "combine": "weighted", "layers": "0,2"}, {}]):
+        methods[f"vqt{k}"] = build_method("vqt", backbone, 3 + k % 2, options)
+    methods["vqt5"].keep_features(torch.tensor([0, 5, 50, 97, 190]))
+    with torch.no_grad():
+        methods["vqt4"].query_path.query_weights.normal_()
+    for k, options in enumerate([{}, {}, {"target_size": 96}]):
+        methods[f"head2toe{k}"] = build_method("head2toe", backbone, 4, options)
+    methods["head2toe1"].keep_features(torch.tensor([1, 47, 48, 60, 100, 150, 191]))
+    for k in range(3):
+        methods[f"linear{k}"] = build_method("linear", backbone, 2 + k, {})
+        methods[f"memory{k}"] = _memory(backbone, seed=10 + k, num_classes=2 + k, memory_tokens=1)
+    for k in range(2):
+        methods[f"synqt{k}"] = build_method("synqt", backbone, 3, {"num_queries": 1 + k})
+    return {name: method.eval() for name, method in methods.items()}
+
+
+def test_tasks_are_batched_across_tasks_and_each_answers_as_its_own_forward():
+    backbone = tiny_vit(layer_scale=True)
+    methods = _served_methods(backbone)
+    server = MultiTaskServer(backbone, [ServedMethod(n, m) for n, m in methods.items()], image_size=32, device="cpu")
+    kinds = {type(rows).__name__: list(own) for rows, own in zip(server.rows.sets, server.rows.own_row)}
+    assert kinds == {"VQTRows": [f"vqt{k}" for k in range(6)], "Head2ToeHeads": [f"head2toe{k}" for k in range(3)],
+                     "LinearHeads": [f"linear{k}" for k in range(3)], "MemoryTaskSet": [f"memory{k}" for k in range(3)],
+                     "SynQTRows": ["synqt0", "synqt1"]}
+    vqts = server.rows.sets[0]
+    assert [len(queries) for queries in vqts.queries.values()] == [1 + 1 + 2 + 0 + 2 + 1, 1 + 1 + 2 + 1 + 0 + 1,
+                                                                   1 + 1 + 2 + 1 + 2 + 1]  # one call per block
+    images = torch.randn(3, 3, 32, 32)
+    features = extract_features(backbone, images).to("cpu")
+    with torch.no_grad():
+        expected = {name: method(features) for name, method in methods.items()}
+    for name, logits in server.predict(images).items():
+        torch.testing.assert_close(logits, expected[name], rtol=1e-5, atol=1e-5, msg=name)
+    subset = ["vqt3", "head2toe1", "linear2"]
+    answered = server.predict(images, subset)
+    assert list(answered) == subset
+    for name, logits in answered.items():
+        torch.testing.assert_close(logits, expected[name], rtol=1e-5, atol=1e-5, msg=name)
+    # a subset costs that subset: its merged rows hold only its own tasks
+    assert [list(own) for own in server.selected(subset)[1].own_row] == [[name] for name in subset]
+    with pytest.raises(ConfigError, match="unknown task 'nope'"):
+        server.predict(images, ["nope"])
 
 
 def test_server_refuses_adapting_methods_on_the_shared_trunk_and_foreign_backbones():
@@ -179,12 +230,12 @@ def test_runs_of_every_method_are_served_as_their_own_eval_predicts_them(tiny_ba
     logits = server.predict(batch)
     assert len(trunk_passes) == 1 + len(adapting)  # the frozen-backbone tasks share one pass
 
-    for run in runs:  # exactly what `querytune eval` computes from the run alone
+    for run in runs:  # what `querytune eval` computes from the run alone (the served heads batched across tasks)
         method, _ = load_run(run)
         preprocess = Preprocess(32, method.backbone.config.mean, method.backbone.config.std)
         source = make_source(method.reads, CacheKey(method.backbone, images, preprocess), torch.device("cpu"))
-        torch.testing.assert_close(logits[run.name], predict([method], source, torch.device("cpu"))[0], rtol=0, atol=0,
-                                   msg=run.name)
+        torch.testing.assert_close(logits[run.name], predict([method], source, torch.device("cpu"))[0], rtol=1e-5,
+                                   atol=1e-5, msg=run.name)
 
     paths = [path for path, _ in images.items[:2]]
     records = server([paths[0], load_image(paths[1])], topk=2, with_logits=True)

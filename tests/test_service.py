@@ -144,8 +144,12 @@ def test_service_answers_as_predict_does(runs, images):
         for answer, path in zip(answers, images):
             assert_same_answers(answer["predictions"], expected[str(path)])
 
+        asked = []
+        predict = server.predict
+        server.predict = lambda batch, tasks=None: (asked.append(tasks), predict(batch, tasks))[1]  # type: ignore[method-assign]
         response = client.post("/predict", params={"tasks": "lora,linear"}, content=images[4].read_bytes(),
                                headers=JPEG)
+        assert asked == [["linear", "lora"]]  # only the tasks asked for are computed
         (answer,) = response.json()["images"]
         top1 = {task: {key: expected[str(images[4])][task][key] for key in ("class", "label", "probability")}
                 for task in ("lora", "linear")}
@@ -159,7 +163,7 @@ def test_concurrent_requests_are_batched_up_to_the_limit(runs, images):
     server = MultiTaskServer.from_runs(None, runs[:2], device="cpu")
     sizes: list[int] = []
     predict = server.predict
-    server.predict = lambda batch: (sizes.append(len(batch)), predict(batch))[1]  # type: ignore[method-assign]
+    server.predict = lambda batch, tasks=None: (sizes.append(len(batch)), predict(batch, tasks))[1]  # type: ignore[method-assign]
     expected = {record["path"]: record["predictions"] for record in server.predict_files(images)}
     sizes.clear()
 

@@ -20,15 +20,16 @@ What the rest of querytune asks a method, so that adding one means one file:
 - ``peft_exportable`` and ``to_peft()`` (``--format peft``): whether PEFT has the very same adapter
   (LoRA only), and the run's adapter as a PEFT model of its Hugging Face backbone;
 - ``shared_rows()`` (:class:`~querytune.serve.MultiTaskServer`): the :class:`SharedRows` that serving
-  merges with the other served runs' rows of the same kind into one pass, or None;
+  merges with the other served runs' of the same kind, so that the work of all of them runs as one
+  (rows through the blocks in one pass, heads in one matmul), or None;
 - ``published_way()`` (``querytune measure --method NAME-naive``): the method executed the way its
   published code does, to measure what that costs, or None where there is no other way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -39,6 +40,7 @@ from ..backbones.vit import VisionTransformer
 from ..errors import CheckpointError, ConfigError
 from ..options import check_options
 from ..trunk import TrunkInput
+from ..trunk.features import Features
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -115,10 +117,29 @@ class Method(nn.Module):
         """Work after the main training (e.g. head compression); returns extra metrics."""
         return {}
 
+    @contextmanager
+    def apart_from_backbone(self) -> Iterator[Self]:
+        """This method, its backbone set aside (not a submodule) meanwhile where the method reads the frozen trunk
+        (else the method as it is): its own modules moved, switched to eval mode or listed without walking the
+        backbone's hundreds of modules each time, as serving many tasks on one backbone does per task."""
+        if not self.reads.frozen:
+            yield self
+            return
+        order = list(self._modules)
+        backbone = self._modules.pop("backbone")
+        try:
+            yield self
+        finally:
+            modules = {name: backbone if name == "backbone" else self._modules[name] for name in order}
+            self._modules.clear()
+            self._modules.update(modules)
+
     def _state(self) -> dict[str, Tensor]:
-        """What an adapter holds: the trainable parameters and the method's own buffers."""
-        state: dict[str, Tensor] = {name: p for name, p in self.named_parameters() if p.requires_grad}
-        state.update((name, b) for name, b in self.named_buffers() if not name.startswith("backbone."))
+        """What an adapter holds: the trainable parameters and the method's own buffers (a frozen trunk has
+        neither)."""
+        with self.apart_from_backbone():
+            state: dict[str, Tensor] = {name: p for name, p in self.named_parameters() if p.requires_grad}
+            state.update((name, b) for name, b in self.named_buffers() if not name.startswith("backbone."))
         return state
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
@@ -145,18 +166,22 @@ class Method(nn.Module):
                 )
             with torch.no_grad():
                 param.copy_(state[name])
-        self.train(self.training)  # re-apply the mode: mode-dependent state (LoRA's merged weights) follows
+        with self.apart_from_backbone():
+            self.train(self.training)  # re-apply the mode: mode-dependent state (LoRA's merged weights) follows
 
 
 class SharedRows(nn.Module):
-    """Rows that the served runs of one method pass through the frozen trunk's blocks together (masked
-    memory's class tokens), each reading the blocks' tokens (not changing them) and giving a task's logits.
+    """What the served runs of one method compute together from the frozen trunk's features, in eval mode:
+    rows passing the blocks in one call per block (masked memory's class tokens, VQT's queries, SynQT's
+    synthesized queries), each reading the blocks' tokens (not changing them, never another task's rows
+    unless it was trained to), and heads applied as one matmul (linear, Head2Toe, VQT). Each row gives a
+    task's logits.
 
     A run's rows end with the row of its own logits; the rows before it are rows it reads (an extension
     reads its base run's)."""
 
-    def forward(self, layers: Tensor, backbone: VisionTransformer) -> list[Tensor]:
-        """Each row's logits from the normalised block inputs ``layers`` (B, L, N, D) of ``backbone``."""
+    def forward(self, features: Features, backbone: VisionTransformer) -> list[Tensor]:
+        """Each row's logits from the frozen trunk's ``features`` of ``backbone``."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     @classmethod
@@ -164,6 +189,15 @@ class SharedRows(nn.Module):
         """One set running the rows of all ``parts`` (rows equal in every respect may run once), and for
         each part where its rows went."""
         raise NotImplementedError  # pragma: no cover - abstract
+
+
+def consecutive_placement(sizes: Sequence[int]) -> list[list[int]]:
+    """Where the rows of parts of these ``sizes`` go when they are concatenated (for :meth:`SharedRows.merge`)."""
+    placement, start = [], 0
+    for size in sizes:
+        placement.append(list(range(start, start + size)))
+        start += size
+    return placement
 
 
 def current_stream(k: int) -> AbstractContextManager[None]:

@@ -51,11 +51,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..backbones.vit import VisionTransformer
 from ..options import option
 from ..trunk import TrunkInput
 from ..trunk.features import Features
-from .base import Method
-from .heads import SelectingHead, group_lasso, precompute, train_head
+from .base import Method, SharedRows, consecutive_placement
+from .heads import (
+    SelectingHead,
+    apply_stacked_heads,
+    group_lasso,
+    grouped,
+    precompute,
+    stack_heads,
+    stacked,
+    train_head,
+)
 from .registry import register
 
 
@@ -91,6 +101,51 @@ def dense_head(in_features: int, num_classes: int, generator: torch.Generator | 
     return head
 
 
+def pooled_groups(features: Features, windows: int) -> list[Tensor]:
+    """The pooled features, one (B, size) group per layer after the final class token's (float32)."""
+    assert features.layers is not None  # Head2Toe reads LAYERS
+    pooled = [pool_tokens(layer, windows).float() for layer in features.layers.unbind(1)]
+    return [features.pooled.float(), *pooled]
+
+
+class Head2ToeHeads(SharedRows):
+    """Head2Toe heads served together. Tasks of one pooling, kept-feature count and class count are answered
+    as one group: their kept features gathered from the pooled features, each task's kept features of a layer
+    scaled to unit norm (a scatter-add of the squares per task and layer), and their heads as one batched matmul.
+    The heads' weights are copied; the methods are not registered as submodules."""
+
+    def __init__(self, methods: Sequence[Head2Toe]) -> None:
+        super().__init__()
+        self.methods = list(methods)
+        # per group: its pooling windows, tasks, kept features (K, n), their layer groups (K, n), head weights, biases
+        self.groups = []
+        for (windows, _, _), members in grouped([(m.windows, m.head.in_features, m.num_classes)
+                                                 for m in methods]).items():
+            group = [self.methods[k] for k in members]
+            kept = stacked([method.kept_or_all() for method in group])
+            layer_of = stacked([method.layer_of(features) for method, features in zip(group, kept)])
+            self.groups.append((windows, members, kept, layer_of, *stack_heads([method.head for method in group])))
+        self.layer_groups = 1 + methods[0].backbone.config.depth if methods else 0
+
+    def forward(self, features: Features, backbone: VisionTransformer) -> list[Tensor]:
+        logits: dict[int, Tensor] = {}
+        pooled: dict[int, Tensor] = {}
+        for windows, members, kept, layer_of, weight, bias in self.groups:
+            if windows not in pooled:
+                pooled[windows] = torch.cat(pooled_groups(features, windows), dim=-1)
+            inputs = pooled[windows][:, kept]  # B, K, n
+            layers = layer_of.expand(inputs.shape[0], -1, -1)
+            squares = inputs.new_zeros(*inputs.shape[:2], self.layer_groups).scatter_add_(2, layers, inputs.square())
+            inputs = inputs / squares.sqrt().clamp_min(1e-12).gather(2, layers)  # F.normalize per task and layer
+            logits.update(zip(members, apply_stacked_heads(inputs, weight, bias).unbind(1)))
+        return [logits[k] for k in range(len(self.methods))]
+
+    @classmethod
+    def merge(cls, parts: Sequence[Head2ToeHeads]) -> tuple[Head2ToeHeads, list[list[int]]]:
+        return (cls([method for part in parts for method in part.methods]),
+                consecutive_placement([len(part.methods) for part in parts]))
+
+
 @register
 class Head2Toe(SelectingHead):
     name = "head2toe"
@@ -112,9 +167,21 @@ class Head2Toe(SelectingHead):
 
     def groups(self, features: Features) -> list[Tensor]:
         """The pooled features, one (B, size) group per layer after the final class token's."""
-        assert features.layers is not None  # Head2Toe reads LAYERS
-        pooled = [pool_tokens(layer, self.windows).float() for layer in features.layers.unbind(1)]
-        return [features.pooled.float(), *pooled]
+        return pooled_groups(features, self.windows)
+
+    def kept_or_all(self) -> Tensor:
+        """The features the head reads: the kept ones, or all of them."""
+        if self.kept_features is not None:
+            return self.kept_features
+        return torch.arange(self.head.in_features, device=self.head.weight.device)
+
+    def layer_of(self, features: Tensor) -> Tensor:
+        """The group (0: the final class token, then one per layer) of each of these features."""
+        dim = self.backbone.config.embed_dim
+        return (features - dim).div(dim * self.windows, rounding_mode="floor").add(1).clamp_min(0)
+
+    def shared_rows(self) -> Head2ToeHeads:
+        return Head2ToeHeads([self])
 
     def head_input(self, groups: Sequence[Tensor]) -> Tensor:
         """Each group's (kept) features at unit norm, concatenated."""

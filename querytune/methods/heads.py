@@ -5,9 +5,9 @@ compression (:func:`querytune.methods.vqt.compress_head`) and Head2Toe's final h
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -40,6 +40,39 @@ class SelectingHead(Method):
         if "kept_features" in state:
             self.keep_features(state["kept_features"])
         super().load_trainable_state_dict(state, source)
+
+
+def apply_stacked_heads(inputs: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Head k (``weight[k]`` (C, F), ``bias[k]`` (C,)) on its own inputs ``inputs[:, k]``: (B, K, F) -> (B, K, C),
+    as one batched matmul (how serving answers many tasks' heads of one shape at once)."""
+    return torch.baddbmm(bias.unsqueeze(1), inputs.transpose(0, 1), weight.transpose(1, 2)).transpose(0, 1)
+
+
+def stacked(tensors: Sequence[Tensor]) -> Tensor:
+    """``torch.stack``, but one tensor is a view of it (no copy: a lone task's set costs no memory)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(list(tensors))
+
+
+def joined(tensors: Sequence[Tensor]) -> Tensor:
+    """``torch.cat``, but one tensor is itself (no copy)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors))
+
+
+def stack_heads(heads: Sequence[nn.Linear]) -> tuple[Tensor, Tensor]:
+    """The weights (K, C, F) and biases (K, C) of heads of one shape, for :func:`apply_stacked_heads` (copied where
+    there are several)."""
+    return stacked([head.weight.detach() for head in heads]), stacked([head.bias.detach() for head in heads])
+
+
+Key = TypeVar("Key", bound=Hashable)
+
+
+def grouped(keys: Sequence[Key]) -> dict[Key, list[int]]:
+    """The positions of each distinct key, keys in order of first appearance."""
+    groups: dict[Key, list[int]] = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    return groups
 
 
 def group_lasso(weight: Tensor) -> Tensor:

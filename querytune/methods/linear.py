@@ -3,12 +3,37 @@ or with ``global_pool`` the normalised mean of the patch tokens)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..backbones.vit import VisionTransformer
 from ..trunk import TrunkInput
 from ..trunk.features import Features
-from .base import Method
+from .base import Method, SharedRows, consecutive_placement
+from .heads import joined
 from .registry import register
+
+
+class LinearHeads(SharedRows):
+    """Linear probes served together: all read the pooled feature, so their heads, concatenated over the
+    classes, are one matmul (a copy of the weights; the heads are not registered as submodules)."""
+
+    def __init__(self, heads: Sequence[nn.Linear]) -> None:
+        super().__init__()
+        self.heads = list(heads)
+        self.weight = joined([head.weight.detach() for head in heads])
+        self.bias = joined([head.bias.detach() for head in heads])
+        self.classes = [head.out_features for head in heads]
+
+    def forward(self, features: Features, backbone: VisionTransformer) -> list[Tensor]:
+        return list(F.linear(features.pooled, self.weight, self.bias).split(self.classes, dim=1))
+
+    @classmethod
+    def merge(cls, parts: Sequence[LinearHeads]) -> tuple[LinearHeads, list[list[int]]]:
+        return (cls([head for part in parts for head in part.heads]),
+                consecutive_placement([len(part.heads) for part in parts]))
 
 
 @register
@@ -24,3 +49,6 @@ class LinearProbe(Method):
 
     def forward(self, features: Features) -> Tensor:
         return self.head(features.pooled)
+
+    def shared_rows(self) -> LinearHeads:
+        return LinearHeads([self.head])

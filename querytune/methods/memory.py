@@ -99,12 +99,14 @@ class MemoryTaskSet(SharedRows):
             return None
         return torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
 
-    def forward(self, layers: Tensor, backbone: VisionTransformer) -> list[Tensor]:
-        """Each task's logits from the normalised block inputs ``layers`` (B, L, N, D).
+    def forward(self, features: Features, backbone: VisionTransformer) -> list[Tensor]:
+        """Each task's logits from the frozen trunk's normalised block inputs ``features.layers`` (B, L, N, D).
 
         Tasks that read no other task (concatenated runs, grid members) with memories of one
         size pass as groups of ``forward_rows`` (each row reads its own token and memory only);
         otherwise every row reads every task's tokens under :meth:`extra_mask`."""
+        layers = features.layers
+        assert layers is not None  # memory reads LAYERS
         batch, _, tokens, _ = layers.shape
         rows = torch.stack([task.class_token for task in self.tasks]).expand(batch, -1, -1)  # B, K, D
         if all(not reads for reads in self.reads) and len({task.memory.shape for task in self.tasks}) == 1:
@@ -133,18 +135,26 @@ class MemoryTaskSet(SharedRows):
         """
         tasks: list[MemoryTask] = []
         reads: list[tuple[int, ...]] = []
+        candidates: dict[tuple[Any, ...], list[int]] = {}  # what equal tasks share -> the tasks kept with it
         placement = []
         for part in parts:
             where: list[int] = []
             for task, task_reads in zip(part.tasks, part.reads):
-                mapped = tuple(where[j] for j in task_reads)
-                same = [i for i, (t, r) in enumerate(zip(tasks, reads)) if r == mapped and _same_task(t, task)]
+                key = (tuple(where[j] for j in task_reads), *_task_digest(task))
+                same = [i for i in candidates.get(key, []) if _same_task(tasks[i], task)]
                 if not same:
                     tasks.append(task)
-                    reads.append(mapped)
+                    reads.append(key[0])
+                    candidates.setdefault(key, []).append(len(tasks) - 1)
                 where.append(same[0] if same else len(tasks) - 1)
             placement.append(where)
         return cls(tasks, reads), placement
+
+
+def _task_digest(task: MemoryTask) -> tuple[Any, ...]:
+    """What tasks equal in every tensor share, cheap to compare: their shapes, class token and head bias."""
+    return (tuple(tensor.shape for tensor in task.state_dict().values()),
+            task.class_token.detach().cpu().numpy().tobytes(), task.head.bias.detach().cpu().numpy().tobytes())
 
 
 def _same_task(a: MemoryTask, b: MemoryTask) -> bool:
@@ -231,7 +241,7 @@ def stacked_logits(memories: Sequence[MemoryTokens], features: Features) -> list
     pass each block as rows of one ``forward_rows`` call, each reading the tokens, itself and its own
     memory only, so each computes what it computes alone. An extension runs its own task set."""
     if any(len(m.stack.tasks) > 1 for m in memories):  # an extension: its task set reads its base tasks
-        return [m.stack(features.layers, m.backbone)[-1] for m in memories]
+        return [m.stack(features, m.backbone)[-1] for m in memories]
     # Built, not merged with MemoryTaskSet.merge: members equal at the start must stay apart.
     concatenated = MemoryTaskSet([m.stack.tasks[0] for m in memories], [() for _ in memories])
-    return concatenated(features.layers, memories[0].backbone)
+    return concatenated(features, memories[0].backbone)

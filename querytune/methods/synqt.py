@@ -62,7 +62,7 @@ from ..backbones.vit import Block, RowsOutput, VisionTransformer
 from ..options import option
 from ..trunk import TrunkInput
 from ..trunk.features import Features
-from .base import Method, current_stream
+from .base import Method, SharedRows, consecutive_placement, current_stream
 from .registry import register
 
 QSM_PROJECTION_DROPOUT = 0.0
@@ -239,6 +239,25 @@ def head_tokens(outputs: list[Tensor], attns: list[Tensor], mlps: list[Tensor]) 
     return torch.stack([outputs[-1], *outputs, *attns, *mlps], dim=1)
 
 
+class SynQTRows(SharedRows):
+    """SynQTs served together: their synthesized rows pass each frozen block in one ``forward_rows`` call
+    (:func:`stacked_logits`; rows never attend to each other's task), while each task's side network and
+    head run on their own (they are each task's own small modules, chained through the blocks' outputs).
+    The methods are not registered as submodules."""
+
+    def __init__(self, methods: Sequence[SynQT]) -> None:
+        super().__init__()
+        self.methods = list(methods)
+
+    def forward(self, features: Features, backbone: VisionTransformer) -> list[Tensor]:
+        return stacked_logits(self.methods, features, current_stream)
+
+    @classmethod
+    def merge(cls, parts: Sequence[SynQTRows]) -> tuple[SynQTRows, list[list[int]]]:
+        return (cls([method for part in parts for method in part.methods]),
+                consecutive_placement([len(part.methods) for part in parts]))
+
+
 @register
 class SynQT(Method):
     name = "synqt"
@@ -264,6 +283,9 @@ class SynQT(Method):
 
     def forward(self, features: Features) -> Tensor:
         return stacked_logits([self], features, current_stream)[0]
+
+    def shared_rows(self) -> SynQTRows:
+        return SynQTRows([self])
 
     @staticmethod
     def forward_members(members: Sequence[Method], inputs: Any,

@@ -37,8 +37,8 @@ from ..train import TrainConfig
 from ..trunk import TrunkInput
 from ..trunk.features import Features
 from .adaptformer import AdaptedBlock
-from .base import Method, current_stream
-from .heads import SelectingHead, train_head
+from .base import Method, SharedRows, consecutive_placement, current_stream
+from .heads import SelectingHead, apply_stacked_heads, grouped, joined, stack_heads, stacked, train_head
 from .registry import register
 from .vpt import vpt_init_bound
 
@@ -139,6 +139,73 @@ class QueryPath(nn.Module):
         return torch.cat([F.normalize(p, dim=-1) for p in pieces], dim=-1)
 
 
+class VQTRows(SharedRows):
+    """VQTs served together (eval mode: no dropout). Per block, the query rows of every task with queries there
+    pass it in one ``forward_rows`` call (rows never attend to each other, so no task reads another's); tasks
+    of one layout (query layers, queries, combine, kept features, classes) then build their head inputs and
+    apply their heads as one batched matmul. Queries and head weights are copied; the methods are not registered
+    as submodules."""
+
+    def __init__(self, methods: Sequence[VQT]) -> None:
+        super().__init__()
+        self.methods = list(methods)
+        paths = [method.query_path for method in methods]
+        device = methods[0].head.weight.device if methods else None
+        rows_at: dict[int, list[Tensor]] = {}  # block -> the query rows (T, D) passing it, task by task
+        first_row: list[dict[int, int]] = []  # per task: block -> the index of its first row there
+        row_count: dict[int, int] = {}
+        for path in paths:
+            first_row.append({})
+            for layer, queries in zip(path.layer_ids, path.queries.detach()):
+                first_row[-1][layer] = row_count.get(layer, 0)
+                row_count[layer] = first_row[-1][layer] + len(queries)
+                rows_at.setdefault(layer, []).append(queries)
+        self.queries = {layer: joined(rows) for layer, rows in sorted(rows_at.items())}  # block -> (R, D)
+        # per layout: its tasks, its query layers and per layer the rows of its tasks (K * T), the query weights
+        # (K, layers, T) where it weighs them, the kept features (K, n) where it keeps some, head weights, biases
+        self.layouts = []
+        for (layer_ids, count, combine, _, _, _), members in grouped([
+                (p.layer_ids, p.queries.shape[1], p.combine, m.kept_features is None, m.head.in_features,
+                 m.num_classes) for p, m in zip(paths, methods)]).items():
+            rows = [torch.cat([torch.arange(first_row[k][layer], first_row[k][layer] + count, device=device)
+                               for k in members]) for layer in layer_ids]
+            weights = (stacked([paths[k].query_weights.detach() for k in members]) if combine == "weighted"
+                       else None)
+            kept = [methods[k].kept_features for k in members]
+            self.layouts.append((members, layer_ids, rows, count, combine, weights,
+                                 stacked(cast("list[Tensor]", kept)) if kept[0] is not None else None,
+                                 *stack_heads([methods[k].head for k in members])))
+
+    def forward(self, features: Features, backbone: VisionTransformer) -> list[Tensor]:
+        assert features.layers is not None  # VQT reads LAYERS
+        batch = features.pooled.shape[0]  # not len(): a traced graph keeps the batch axis
+        outputs = {layer: backbone.blocks[layer].forward_rows(queries.expand(batch, -1, -1), features.layers[:, layer])
+                   .out for layer, queries in self.queries.items()}
+        pooled = F.normalize(features.pooled, dim=-1)
+        logits: dict[int, Tensor] = {}
+        for members, layer_ids, rows, count, combine, weights, kept, weight, bias in self.layouts:
+            pieces = [pooled.unsqueeze(1).expand(-1, len(members), -1)]
+            for i, (layer, layer_rows) in enumerate(zip(layer_ids, rows)):
+                z = outputs[layer][:, layer_rows].unflatten(1, (len(members), count))  # B, K, T, D
+                if combine == "concat":
+                    pieces.append(z.flatten(2))
+                elif combine == "mean":
+                    pieces.append(z.mean(2))
+                else:
+                    assert weights is not None
+                    pieces.append(torch.einsum("bktd,kt->bkd", z, weights[:, i]))
+            inputs = torch.cat([pieces[0], *(F.normalize(piece, dim=-1) for piece in pieces[1:])], dim=-1)
+            if kept is not None:
+                inputs = inputs.gather(2, kept.expand(batch, -1, -1))
+            logits.update(zip(members, apply_stacked_heads(inputs, weight, bias).unbind(1)))
+        return [logits[k] for k in range(len(self.methods))]
+
+    @classmethod
+    def merge(cls, parts: Sequence[VQTRows]) -> tuple[VQTRows, list[list[int]]]:
+        return (cls([method for part in parts for method in part.methods]),
+                consecutive_placement([len(part.methods) for part in parts]))
+
+
 @register
 class VQT(SelectingHead):
     name = "vqt"
@@ -176,6 +243,9 @@ class VQT(SelectingHead):
         outputs = QueryPath.stacked_outputs([vqt.query_path for vqt in vqts], features.layers.unbind(1),
                                             vqts[0].backbone.blocks, random_stream)
         return [vqt.classify(vqt.query_path.summary(features.pooled, z)) for vqt, z in zip(vqts, outputs)]
+
+    def shared_rows(self) -> VQTRows:
+        return VQTRows([self])
 
     def published_way(self) -> Method | None:
         return NaiveVQT(self)

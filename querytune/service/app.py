@@ -145,7 +145,7 @@ def create_app(runs: MultiTaskServer | LiveRuns, limits: ServiceLimits | None = 
                 images = await asyncio.to_thread(preprocess)
         except QuerytuneError as error:
             raise HTTPError(400, str(error)) from error
-        logits = await batcher.predict(server, images)
+        logits = await batcher.predict(server, images, chosen if "tasks" in request.query_params else None)
         records = server.records({name: logits[name] for name in chosen}, topk, with_logits)
         metrics.images += len(files)
         return JSONResponse({"images": [{"name": name, **record} for (name, _), record in zip(files, records)]})

@@ -17,6 +17,7 @@ from .metrics import Histogram
 class _Waiting:
     server: MultiTaskServer
     images: torch.Tensor
+    tasks: list[str] | None  # None: all of the server's
     answer: asyncio.Future[dict[str, torch.Tensor]]
 
 
@@ -30,11 +31,13 @@ class Batcher:
         self.arrived = asyncio.Event()
         self.sizes = sizes  # images of each model call (its count: GET /health's batches)
 
-    async def predict(self, server: MultiTaskServer, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Logits of ``server``'s tasks for these images (at most ``max_batch``), computed in a batch with whatever
-        else waits for the same server."""
+    async def predict(self, server: MultiTaskServer, images: torch.Tensor,
+                      tasks: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Logits of ``server``'s tasks (at least those named in ``tasks``; None: all) for these images (at most
+        ``max_batch``), computed in a batch with whatever else waits for the same server: the batch computes the
+        tasks its requests ask for together."""
         answer: asyncio.Future[dict[str, torch.Tensor]] = asyncio.get_running_loop().create_future()
-        self.waiting.append(_Waiting(server, images, answer))
+        self.waiting.append(_Waiting(server, images, tasks, answer))
         self.arrived.set()
         return await answer
 
@@ -64,7 +67,10 @@ class Batcher:
                 self.arrived.clear()
             self.sizes.observe(sum(len(item.images) for item in batch))
             try:
-                logits = await asyncio.to_thread(batch[0].server.predict, torch.cat([item.images for item in batch]))
+                asked = [item.tasks for item in batch]
+                tasks = None if None in asked else sorted({name for names in asked for name in names or []})
+                logits = await asyncio.to_thread(batch[0].server.predict, torch.cat([item.images for item in batch]),
+                                                 tasks)
             except Exception as error:  # a model failure fails this batch's requests, not the service
                 for item in batch:
                     if not item.answer.done():
