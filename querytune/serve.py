@@ -119,9 +119,17 @@ def load_served(name: str, run: str | Path, config: dict[str, Any], backbone: Vi
 
 
 def on_device(method: Method, device: torch.device) -> Method:
-    """``method`` in eval mode on ``device`` (a frozen-trunk method's own modules only: the trunk is the server's)."""
-    with method.apart_from_backbone():
+    """``method`` in eval mode on ``device`` (a frozen-trunk method's own modules only: the trunk is the server's).
+    Its backbone is never set aside meanwhile: a live folder builds its next server from the tasks that the
+    current one is answering with, in another thread."""
+    if not method.reads.frozen:
         return method.to(device).eval()
+    for name, module in method.named_children():
+        if name != "backbone":
+            module.to(device).eval()
+    method._apply(lambda tensor: tensor.to(device), recurse=False)  # its own tensors (kept features)
+    method.training = False
+    return method
 
 
 def serving_precision(configs: Sequence[dict[str, Any]]) -> Precision:

@@ -103,6 +103,36 @@ def test_tasks_are_batched_across_tasks_and_each_answers_as_its_own_forward():
         server.predict(images, ["nope"])
 
 
+def test_a_server_built_from_the_tasks_served_leaves_the_serving_one_answering(monkeypatch):
+    # a live folder's scan builds the next server from the same task objects while the batcher's thread answers
+    # from the current one: building must not take anything of a task away meanwhile
+    backbone = tiny_vit()
+    methods = {name: method for name, method in _served_methods(backbone).items()
+               if name in ("synqt0", "head2toe0", "head2toe1", "linear0")}
+    tasks = [ServedMethod(name, method) for name, method in methods.items()]
+    server = MultiTaskServer(backbone, tasks, image_size=32, device="cpu")
+    images = torch.randn(2, 3, 32, 32)
+    features = extract_features(backbone, images).to("cpu")
+    with torch.no_grad():
+        expected = {name: method(features) for name, method in methods.items()}
+    answered: list[dict[str, torch.Tensor]] = []
+    for name in ("synqt0", "head2toe1"):  # SynQT's rows read the method's backbone; so does a subset's Head2Toe
+        head = methods[name].head
+        train = head.train
+
+        def answer_meanwhile(mode=True, train=train, name=name):
+            answered.append(server.predict(images))
+            answered.append(server.predict(images, [name]))  # a subset not built yet: built now
+            return train(mode)
+
+        monkeypatch.setattr(head, "train", answer_meanwhile)
+    MultiTaskServer(backbone, tasks, image_size=32, device="cpu")
+    assert len(answered) == 4
+    for logits in answered:
+        for name, values in logits.items():
+            torch.testing.assert_close(values, expected[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_server_refuses_adapting_methods_on_the_shared_trunk_and_foreign_backbones():
     backbone = tiny_vit()
     plain = build_method("memory-plain", backbone, 3, {})
