@@ -946,3 +946,25 @@ def test_runs_that_cannot_be_combined_are_not_served_and_the_others_stay(runs, t
     assert said[-1] == (f"{folder / 'b'}: not served: cannot be served with the other runs: "
                         "ValueError: rows of another shape")
     assert not live.scan() and said[-1].startswith(f"{folder / 'b'}: not served")  # said once, not every poll
+
+
+def test_a_run_that_cannot_be_combined_leaves_the_runs_found_with_it_served(runs, tmp_path, monkeypatch):
+    # the first scan finds every run at once: the one that cannot be combined is refused, not all of them
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    for run, name in zip(runs[:3], "abc"):
+        add_run(run, folder, name)
+    combine = service_live.MultiTaskServer
+
+    def refusing(backbone, tasks, *args):  # as a merge of two tasks' rows that cannot be merged would
+        if any(task.name == "b" for task in tasks):
+            raise ValueError("rows of another shape")
+        return combine(backbone, tasks, *args)
+
+    monkeypatch.setattr(service_live, "MultiTaskServer", refusing)
+    said: list[str] = []
+    live = LiveRuns(folder, load_backbone(runs[0].parent / "tiny-vit.safetensors"), "cpu", said.append)
+    assert live.scan() and live.current is not None
+    assert [task.name for task in live.current.tasks] == ["a", "c"]
+    assert [line for line in said if "not served" in line] == [
+        f"{folder / 'b'}: not served: cannot be served with the other runs: ValueError: rows of another shape"]

@@ -92,13 +92,25 @@ class LiveRuns:
             if changed:
                 try:
                     self.current = self.build()
-                except Exception as error:  # the new runs do not combine with the others: the rest stay served
-                    why = error if isinstance(error, QuerytuneError) else f"{type(error).__name__}: {one_line(error)}"
-                    for name in added:
-                        del self.loaded[name]
-                        self.say(f"{self.root / name}: not served: cannot be served with the other runs: {why}")
-                    self.current = self.build()
+                except Exception:  # some new run does not combine with the others: the rest stay served
+                    self.current = self.build_refusing(added)
             return changed
+
+    def build_refusing(self, added: list[str]) -> MultiTaskServer | None:
+        """A server for the runs loaded but those of ``added`` that cannot be served with the others, which are
+        dropped with one line each: each added run tried in turn with those kept so far (a build per added run,
+        only where the set as a whole could not be built)."""
+        candidates = {name: self.loaded.pop(name) for name in added}
+        server = self.build()
+        for name, task in candidates.items():
+            self.loaded[name] = task
+            try:
+                server = self.build()
+            except Exception as error:
+                why = error if isinstance(error, QuerytuneError) else f"{type(error).__name__}: {one_line(error)}"
+                del self.loaded[name]
+                self.say(f"{self.root / name}: not served: cannot be served with the other runs: {why}")
+        return server
 
     def version_of(self, folder: Path) -> Version:
         """The folder's real path and, per run file, its identity and size and modification time (None if absent);
