@@ -25,7 +25,8 @@ reports them all.
 Profiles: ``paper`` uses each method's published protocol; ``quick`` caps the epochs
 (:data:`QUICK_EPOCHS`) and scales the warm-up with them. ``search`` first picks the
 learning rate and weight decay from the method's grid by accuracy on ``val200`` after
-training on ``train800``. A frozen-trunk method's grid, and its seeds, train as stacks
+training on ``train800``, or, where val200 is tiny, by the mean accuracy over the folds of ``train800val200``
+(:func:`querytune.grid.search_folds`, as ``train --grid``). A frozen-trunk method's grid, and its seeds, train as stacks
 (:mod:`querytune.grid`): one pass over the features per epoch for all of them.
 """
 
@@ -121,12 +122,15 @@ class TaskPlan:
     cells: int
     cache_dir: Path
     free_bytes: int
+    search_folds: int = 0  # 0: no search; 1: train800 -> val200; k: k folds of train800val200
 
     def line(self) -> str:
         splits = ", ".join(f"{split} {count:,}" for split, count in self.images.items())
+        folds = (f"; the search on {self.search_folds} folds of {FINAL[0]} ({SEARCH[1]} under "
+                 f"{grid.FOLDS_BELOW} images)" if self.search_folds > 1 else "")
         return (f"{self.task}: {splits} images; cache {human_size(self.cache_bytes)} to write "
                 f"({human_size(self.free_bytes)} free in {self.cache_dir}); {self.trunk_images:,} images through "
-                f"the trunk; {self.cells} runs to train")
+                f"the trunk; {self.cells} runs to train{folds}")
 
 
 def trained(run: Path) -> bool:
@@ -175,7 +179,8 @@ class Bench:
         self.chosen: dict[tuple[str, str], dict[str, float]] = {}  # (task, method) -> the searched lr, weight decay
 
     def settings(self, method: str) -> dict[str, Any]:
-        return {**profile_settings(method, self.spec.profile), "precision": self.precision.value}
+        floor = {} if self.spec.min_steps is None else {"min_steps": self.spec.min_steps}
+        return {**profile_settings(method, self.spec.profile), **floor, "precision": self.precision.value}
 
     def run_spec(self, method: str, task: SuiteTask, train_split: str) -> RunSpec:
         """A run of the task, trained without evaluating it (:meth:`evaluate` does, for all of them at once)."""
@@ -230,13 +235,31 @@ class Bench:
         for run, accuracy in zip(todo, accuracies):
             record_accuracy(run, split, accuracy)
 
+    def search_folds(self, task: SuiteTask) -> int:
+        """The folds the task's search validates on (:func:`querytune.grid.search_folds`): 1 (train800 -> val200),
+        or k where val200 is too small."""
+        return grid.search_folds(self.run_spec(self.methods[0], task, SEARCH[0]))
+
+    def search_folder(self, task: SuiteTask, method: str) -> Path:
+        return self.out / "search" / task.name / method
+
     def search_runs(self, method: str, task: SuiteTask) -> dict[Path, dict[str, Any]]:
-        """The search's runs of ``method`` on ``task`` (:func:`querytune.grid.search_runs`)."""
-        return grid.search_runs(method, self.settings(method), self.out / "search" / task.name / method)
+        """The search's runs of ``method`` on ``task``: its grid (:func:`querytune.grid.search_runs`), on every
+        fold where the search folds (:func:`querytune.grid.fold_runs`)."""
+        folds, settings, folder = self.search_folds(task), self.settings(method), self.search_folder(task, method)
+        if folds == 1:
+            return grid.search_runs(method, settings, folder)
+        return {run: point for runs in grid.fold_runs(method, settings, folder, folds) for run, point in runs.items()}
 
     def choose_hyperparameters(self, task: SuiteTask, errors: dict[Path, str]) -> None:
         """The search of every method (:mod:`querytune.grid`'s protocol): train each grid on train800,
-        evaluate all of them on val200 at once, and choose each method's point."""
+        evaluate all of them on val200 at once, and choose each method's point; where val200 is too small,
+        each method's grid on the folds of train800val200 instead (:func:`querytune.grid.cross_validate`)."""
+        folds = self.search_folds(task)
+        if folds > 1:
+            for method in self.methods:
+                self.cross_validate(method, task, folds, errors)
+            return
         train_split, eval_split = SEARCH
         grids = {method: self.search_runs(method, task) for method in self.methods}
         for method, runs in grids.items():
@@ -246,6 +269,17 @@ class Bench:
             if not any(run in errors for run in runs):
                 accuracies = [read_metrics(run)[f"{eval_split}_accuracy"] for run in runs]
                 self.chosen[task.name, method] = grid.choose(runs, accuracies)[0]
+
+    def cross_validate(self, method: str, task: SuiteTask, folds: int, errors: dict[Path, str]) -> None:
+        """``method``'s search on ``folds`` folds of the task's train800val200 (:func:`querytune.grid.cross_validate`,
+        each fold's grid as one stack), and its choice; an error goes to every run of its search."""
+        try:
+            self.chosen[task.name, method] = grid.cross_validate(
+                self.run_spec(method, task, SEARCH[0]), self.settings(method), self.search_folder(task, method), folds,
+                self.task_runtime(task, *SEARCH))[0]
+        except Exception as error:  # a failed search must not end the bench; its error goes into the table
+            self.log_error(f"{task.name}/{method} (search on {folds} folds)", error)
+            errors.update(dict.fromkeys(self.search_runs(method, task), describe_error(error)))
 
     def seed_runs(self, method: str, task: SuiteTask) -> dict[Path, dict[str, Any]]:
         """The final runs of ``method`` on ``task``, one per seed, with their training settings
@@ -394,7 +428,8 @@ class Bench:
             cache_dir = self.cache_dir(task)
             folder = next(p for p in (cache_dir, *cache_dir.parents) if p.exists())
             plan = TaskPlan(task.name, {split: len(found) for split, found in images.items()}, cache_bytes, trunk,
-                            cells, cache_dir, shutil.disk_usage(folder).free)
+                            cells, cache_dir, shutil.disk_usage(folder).free,
+                            self.search_folds(task) if self.spec.search else 0)
             shared_bytes = shared_bytes + cache_bytes if self.runtime.cache is not None else cache_bytes
             if shared_bytes > plan.free_bytes:
                 raise StorageError(f"bench: task {task.name}: its feature cache needs {human_size(shared_bytes)}, "
@@ -459,6 +494,8 @@ class Bench:
                     "groups": {t.name: t.group for t in self.tasks},
                     "backbone": self.backbone, "profile": self.spec.profile, "search": self.spec.search,
                     "image_size": self.spec.image_size, "precision": self.precision.value, "recipe": self.spec.recipe}
+        if self.spec.min_steps is not None:  # (recorded where given: a folder of an older bench stays comparable)
+            settings["min_steps"] = self.spec.min_steps
         if self.normalisation:
             settings["normalisation"] = [list(self.normalisation[0]), list(self.normalisation[1])]
         path = self.out / "bench.json"
@@ -506,9 +543,11 @@ class Bench:
                f"{QUICK_EPOCHS[True]} (frozen-trunk methods) and {QUICK_EPOCHS[False]} (feature-adapting methods), "
                "warm-up a tenth of the run" if spec.profile == "quick"
                else "paper profile: each method's published protocol")
-        search = ("learning rate and weight decay chosen on train800 -> val200" if spec.search
-                  else "default hyperparameters")
+        search = (f"learning rate and weight decay chosen on train800 -> val200 ({grid.FOLDS} folds of train800val200 "
+                  f"where val200 holds under {grid.FOLDS_BELOW} images)" if spec.search else "default hyperparameters")
         recipe = f"; per-task method settings from recipe `{spec.recipe}`" if spec.recipe else ""
+        if spec.min_steps is not None:
+            cut += f", at least {spec.min_steps} optimiser steps per run"
         stacked = (" (frozen-trunk methods: as one stack, in seed 0's data order)" if spec.seeds > 1 else "")
         return (f"backbone `{self.backbone}`, {spec.image_size} px, {self.precision}; {cut}; "
                 f"{search}{recipe}; {spec.seeds} seed(s){stacked}; accuracy on `test` after the last epoch.")

@@ -26,7 +26,7 @@ the stages' splits (:func:`protocol`), the grid's runs (:func:`search_runs`), th
 
 Two rules for small tasks (docs/small-data.md): a method's ``search_options`` cross the grid (its members
 may differ in them), and where val200 holds fewer than :data:`FOLDS_BELOW` images ``train_grid`` scores
-each point on :data:`FOLDS` folds of train800val200 (:func:`cross_validate`; the bench does not yet).
+each point on :data:`FOLDS` folds of train800val200 (:func:`cross_validate`), and so does the bench's search.
 """
 
 from __future__ import annotations
@@ -112,6 +112,11 @@ def search_folds(spec: RunSpec) -> int:
     return FOLDS
 
 
+def fold_runs(method: str, settings: dict[str, Any], folder: Path, folds: int) -> list[dict[Path, dict[str, Any]]]:
+    """The k-fold search's runs, per fold: the grid's members (:func:`search_runs`) under ``folder/fold<i>``."""
+    return [search_runs(method, settings, folder / f"fold{fold}") for fold in range(folds)]
+
+
 def cross_validate(spec: RunSpec, settings: dict[str, Any], folder: Path, folds: int, runtime: Runtime | None
                    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The search on ``folds`` folds of the task's train800val200: each fold a task folder of links
@@ -121,9 +126,8 @@ def cross_validate(spec: RunSpec, settings: dict[str, Any], folder: Path, folds:
     its accuracy on every fold."""
     task = Path(str(spec.data))
     per_fold = []
-    for fold in range(folds):
+    for fold, runs in enumerate(fold_runs(str(spec.method), settings, folder, folds)):
         data = write_task(task, folder / "folds" / f"fold{fold}", fold_lists(task, folds, fold))
-        runs = search_runs(str(spec.method), settings, folder / f"fold{fold}")
         metrics = train_runs(replace(spec, data=str(data), train_split=SEARCH_TRAIN, eval_split=SEARCH_VAL),
                              runs, runtime)
         per_fold.append([m[f"{SEARCH_VAL}_accuracy"] for m in metrics])

@@ -128,6 +128,8 @@ class BenchSpec(ModelSpec):
     precision: str = option("auto", "the trunk's and the training steps' precision: auto (bf16 where the device "
                                     "computes it natively, else fp32) | fp32 | bf16 | fp16",
                             choices=PRECISIONS)
+    min_steps: int | None = option(None, "the fewest optimiser steps of every run (default: each protocol's floor, "
+                                         "none in the quick profile; 0: none)", min=0)
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -10,10 +10,11 @@ import pytest
 from test_bad_input import cli_error
 
 from conftest import write_task
+from querytune import grid
 from querytune.bench import Bench, discover_tasks, markdown_report
 from querytune.errors import ConfigError, DataError
 from querytune.methods import METHODS
-from querytune.settings import BenchSpec, Runtime
+from querytune.settings import BenchSpec, RunSpec, Runtime
 
 
 @pytest.fixture
@@ -23,6 +24,12 @@ def suite(tmp_path):
     write_task(root / "beta", classes=2, seed=2)
     (root / "groups.txt").write_text("alpha natural\nbeta structured\n")
     return root
+
+
+@pytest.fixture
+def one_fold(monkeypatch):
+    """The search on train800 -> val200 however small val200 is (the tiny tasks' hold 6 images)."""
+    monkeypatch.setattr(grid, "FOLDS_BELOW", 0)
 
 
 FIXED_COST = {"trainable_params": 1, "saved_bytes": 0, "train_peak_bytes": 2**20}
@@ -133,7 +140,7 @@ def test_failed_cell_is_reported_and_the_rest_continue(suite, tiny_backbone_dir,
     assert "Failed cells" in (out / "report.md").read_text()
 
 
-def test_search_picks_by_validation_accuracy(suite, tiny_backbone_dir, tmp_path, monkeypatch):
+def test_search_picks_by_validation_accuracy(suite, tiny_backbone_dir, tmp_path, monkeypatch, one_fold):
     for method in ("linear", "vqt"):
         monkeypatch.setattr(METHODS[method], "search_grid", {"lr": (0.5, 1e-6), "weight_decay": (0.0,)})
     out = tmp_path / "report"
@@ -143,6 +150,40 @@ def test_search_picks_by_validation_accuracy(suite, tiny_backbone_dir, tmp_path,
     assert (out / "search" / "alpha" / "linear" / "lr0.5_wd0" / "metrics.json").is_file()
     # the search's train800 is read from the train800val200 entry; val200 and test, read once, are not cached
     assert sorted(entry.name.split("-")[1] for entry in cache.iterdir()) == ["train800val200", "train800val200"]
+
+
+def test_a_tiny_val200_searches_on_the_folds_as_train_grid_does(suite, tiny_backbone_dir, tmp_path, monkeypatch):
+    import querytune.bench as bench_module
+
+    monkeypatch.setattr(METHODS["linear"], "search_grid", {"lr": (0.5, 0.05, 1e-6), "weight_decay": (0.0,)})
+    monkeypatch.setattr(bench_module, "QUICK_EPOCHS", {True: 3, False: 1})
+    out, cache = tmp_path / "report", tmp_path / "cache"
+    bench = _bench(suite, tiny_backbone_dir, out, methods=["linear"], search=True, cache_dir=cache, tasks=["alpha"])
+    plan = bench.plan()[0]  # val200 holds 6 images: 5 folds x 3 points, then the seed
+    assert plan.cells == 5 * 3 + 1 and "the search on 5 folds of train800val200" in plan.line()
+    results = bench.run()
+    assert not any(r.get("error") for r in results)
+    folds = out / "search" / "alpha" / "linear"
+    assert all((folds / f"fold{i}" / "lr0.5_wd0" / "metrics.json").is_file() for i in range(5))
+    assert not any(folds.glob("folds/*/alpha/test.txt"))  # the folds' tasks cannot be tested on
+    spec = RunSpec(method="linear", backbone=str(tiny_backbone_dir), data=str(suite / "alpha"), image_size=32,
+                   eval_split="test")
+    summary = grid.train_grid(spec, tmp_path / "grid", bench.settings("linear"),
+                              Runtime(workers=0, progress=False, cache=cache), search=True, seeds=[0])
+    assert summary["selection"] == "5-fold cross-validation over train800val200"
+    chosen = summary["chosen"]
+    assert (results[0]["lr"], results[0]["weight_decay"]) == (chosen["lr"], chosen["weight_decay"])
+    assert "5 folds of train800val200" in (out / "report.md").read_text()
+
+
+def test_min_steps_floors_every_run_of_the_quick_profile_and_is_recorded(suite, tiny_backbone_dir, tmp_path):
+    out = tmp_path / "report"
+    bench = _bench(suite, tiny_backbone_dir, out, methods=["linear"], tasks=["alpha"], min_steps=30)
+    assert bench.settings("linear")["min_steps"] == 30 and "at least 30 optimiser steps per run" in bench.describe()
+    bench.run()
+    schedule = json.loads((out / "runs" / "alpha" / "linear" / "seed0" / "config.json").read_text())["schedule"]
+    assert schedule["steps"] >= 30 and schedule["min_steps"] == 30  # 20 quick epochs of 18 images: 20 steps alone
+    assert json.loads((out / "bench.json").read_text())["min_steps"] == 30
 
 
 def test_bad_settings_fail_before_any_work(suite, tiny_backbone_dir, tmp_path):
@@ -264,7 +305,7 @@ def test_a_task_folder_is_a_suite_of_one_with_accuracy_and_cost_in_one_table(sui
     assert "mean of group means" not in "\n".join(lines) and (out / "pareto.png").is_file()
 
 
-def test_bench_search_with_seeds_runs_end_to_end_as_stacks(suite, tiny_backbone_dir, tmp_path, monkeypatch):
+def test_bench_search_with_seeds_runs_end_to_end_as_stacks(suite, tiny_backbone_dir, tmp_path, monkeypatch, one_fold):
     from querytune.cli import main
 
     for method in ("linear", "vqt", "synqt", "memory"):  # a 2 x 2 grid each, to keep the test short
@@ -296,7 +337,7 @@ def test_bench_search_with_seeds_runs_end_to_end_as_stacks(suite, tiny_backbone_
     assert " ± " in (out / "report.md").read_text()
 
 
-def test_the_plan_is_what_the_bench_then_does(suite, tiny_backbone_dir, tmp_path, monkeypatch):
+def test_the_plan_is_what_the_bench_then_does(suite, tiny_backbone_dir, tmp_path, monkeypatch, one_fold):
     """Cache bytes written and images through the trunk, as planned: the training split once into the cache,
     each evaluated split once for all frozen-trunk runs, an adapting method's every epoch and evaluation."""
     from querytune.backbones.vit import PatchEmbed
