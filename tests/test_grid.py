@@ -250,6 +250,6 @@ def test_a_diverging_grid_member_is_noted_and_the_others_train_on(tiny_backbone_
     assert math.isfinite(metrics[0]["train_loss"]) and not math.isfinite(metrics[1]["train_loss"])
     _stack("vqt", tiny_backbone_dir, tiny_task, tmp_path, {tmp_path / "alone": {"lr": 0.05}})
     assert_member_equals_lone_run(tmp_path / "sane", tmp_path / "alone")
-    err = capsys.readouterr().err.replace("\n", " ")  # the note's line, wrapped at the console's width
+    err = " ".join(capsys.readouterr().err.split())  # the note's line, wrapped at the console's width
     assert err.count("the training loss is nan") == 1
     assert f"{tmp_path / 'wild'}: epoch " in err and f"{tmp_path / 'sane'}:" not in err
