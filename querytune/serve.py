@@ -44,7 +44,9 @@ from .trunk.device import resolve_device, to_device
 from .trunk.features import Features, extract_features
 from .trunk.precision import Precision
 
-SUBSETS_KEPT = 16  # the subsets of tasks (``predict(images, tasks)``) whose merged rows are kept built
+SUBSETS_KEPT = 16  # the subsets of tasks (``predict(images, tasks)``) whose merged rows are kept built, at most;
+# and together no more tasks than are served (beside the newest), so that clients asking for ever other subsets
+# hold at most about two copies of the served tasks' weights, not SUBSETS_KEPT
 
 
 @dataclass
@@ -218,7 +220,8 @@ class MultiTaskServer:
             if rows is None:
                 rows = MergedRows([task for task in chosen if task.shares_trunk])
             self.subsets[key] = rows  # the most recent last
-            while len(self.subsets) > SUBSETS_KEPT:
+            while len(self.subsets) > 1 and (len(self.subsets) > SUBSETS_KEPT
+                                             or sum(map(len, self.subsets)) > len(self.tasks)):
                 self.subsets.popitem(last=False)
         return chosen, rows
 

@@ -101,6 +101,12 @@ def test_tasks_are_batched_across_tasks_and_each_answers_as_its_own_forward():
     assert [list(own) for own in server.selected(subset)[1].own_row] == [[name] for name in subset]
     with pytest.raises(ConfigError, match="unknown task 'nope'"):
         server.predict(images, ["nope"])
+    # subsets kept built hold no more tasks together than are served (beside the newest): bounded memory
+    names = [task.name for task in server.tasks]
+    for start in range(len(names) - 1):
+        server.selected(names[start:start + 2] + names[-2:])
+        assert len(server.subsets) == 1 or sum(map(len, server.subsets)) <= len(names)
+    assert len(server.subsets) < len(names) - 1 and list(server.subsets)[-1] == tuple(names[-2:])
 
 
 def test_a_server_built_from_the_tasks_served_leaves_the_serving_one_answering(monkeypatch):
