@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -189,6 +189,15 @@ class SharedRows(nn.Module):
         """One set running the rows of all ``parts`` (rows equal in every respect may run once), and for
         each part where its rows went."""
         raise NotImplementedError  # pragma: no cover - abstract
+
+
+RowsT = TypeVar("RowsT", bound="SharedRows")
+
+
+def concatenated(cls: Callable[[list[Any]], RowsT], items: Sequence[Sequence[Any]]) -> tuple[RowsT, list[list[int]]]:
+    """:meth:`SharedRows.merge` of sets of one row per item (a task's method or head): ``cls`` built from the
+    parts' ``items`` concatenated, and where each part's rows went."""
+    return cls([item for part in items for item in part]), consecutive_placement([len(part) for part in items])
 
 
 def consecutive_placement(sizes: Sequence[int]) -> list[list[int]]:

@@ -55,7 +55,7 @@ from ..backbones.vit import VisionTransformer
 from ..options import option
 from ..trunk import TrunkInput
 from ..trunk.features import Features
-from .base import Method, SharedRows, consecutive_placement
+from .base import Method, SharedRows, concatenated
 from .heads import (
     SelectingHead,
     apply_stacked_heads,
@@ -142,8 +142,7 @@ class Head2ToeHeads(SharedRows):
 
     @classmethod
     def merge(cls, parts: Sequence[Head2ToeHeads]) -> tuple[Head2ToeHeads, list[list[int]]]:
-        return (cls([method for part in parts for method in part.methods]),
-                consecutive_placement([len(part.methods) for part in parts]))
+        return concatenated(cls, [part.methods for part in parts])
 
 
 @register

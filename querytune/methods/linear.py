@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..backbones.vit import VisionTransformer
 from ..trunk import TrunkInput
 from ..trunk.features import Features
-from .base import Method, SharedRows, consecutive_placement
+from .base import Method, SharedRows, concatenated
 from .heads import joined
 from .registry import register
 
@@ -32,8 +32,7 @@ class LinearHeads(SharedRows):
 
     @classmethod
     def merge(cls, parts: Sequence[LinearHeads]) -> tuple[LinearHeads, list[list[int]]]:
-        return (cls([head for part in parts for head in part.heads]),
-                consecutive_placement([len(part.heads) for part in parts]))
+        return concatenated(cls, [part.heads for part in parts])
 
 
 @register

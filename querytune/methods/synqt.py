@@ -62,7 +62,7 @@ from ..backbones.vit import Block, RowsOutput, VisionTransformer
 from ..options import option
 from ..trunk import TrunkInput
 from ..trunk.features import Features
-from .base import Method, SharedRows, consecutive_placement, current_stream
+from .base import Method, SharedRows, concatenated, current_stream
 from .registry import register
 
 QSM_PROJECTION_DROPOUT = 0.0
@@ -254,8 +254,7 @@ class SynQTRows(SharedRows):
 
     @classmethod
     def merge(cls, parts: Sequence[SynQTRows]) -> tuple[SynQTRows, list[list[int]]]:
-        return (cls([method for part in parts for method in part.methods]),
-                consecutive_placement([len(part.methods) for part in parts]))
+        return concatenated(cls, [part.methods for part in parts])
 
 
 @register

@@ -37,7 +37,7 @@ from ..train import TrainConfig
 from ..trunk import TrunkInput
 from ..trunk.features import Features
 from .adaptformer import AdaptedBlock
-from .base import Method, SharedRows, consecutive_placement, current_stream
+from .base import Method, SharedRows, concatenated, current_stream
 from .heads import SelectingHead, apply_stacked_heads, grouped, joined, stack_heads, stacked, train_head
 from .registry import register
 from .vpt import vpt_init_bound
@@ -202,8 +202,7 @@ class VQTRows(SharedRows):
 
     @classmethod
     def merge(cls, parts: Sequence[VQTRows]) -> tuple[VQTRows, list[list[int]]]:
-        return (cls([method for part in parts for method in part.methods]),
-                consecutive_placement([len(part.methods) for part in parts]))
+        return concatenated(cls, [part.methods for part in parts])
 
 
 @register
