@@ -925,21 +925,28 @@ def test_named_keys_are_revoked_on_sighup_and_sigterm_drains_then_exits_0(runs, 
     assert TOKEN not in text and "bobs-key" not in text
 
 
-def test_runs_that_cannot_be_combined_are_not_served_and_the_others_stay(runs, tmp_path, monkeypatch):
+@pytest.fixture
+def refuse_to_combine_b(monkeypatch):
+    """Call it to make every server built with a task named "b" fail, as a merge of rows that cannot be merged
+    would."""
+    combine = service_live.MultiTaskServer
+
+    def refusing(backbone, tasks, *args):
+        if any(task.name == "b" for task in tasks):
+            raise ValueError("rows of another shape")
+        return combine(backbone, tasks, *args)
+
+    return lambda: monkeypatch.setattr(service_live, "MultiTaskServer", refusing)
+
+
+def test_runs_that_cannot_be_combined_are_not_served_and_the_others_stay(runs, tmp_path, refuse_to_combine_b):
     folder = tmp_path / "runs"
     folder.mkdir()
     add_run(runs[0], folder, "a")
     said: list[str] = []
     live = LiveRuns(folder, load_backbone(runs[0].parent / "tiny-vit.safetensors"), "cpu", said.append)
     assert live.scan() and [task.name for task in live.current.tasks] == ["a"]
-    combine = service_live.MultiTaskServer
-
-    def refusing(backbone, tasks, *args):  # as a merge of two tasks' rows that cannot be merged would
-        if any(task.name == "b" for task in tasks):
-            raise ValueError("rows of another shape")
-        return combine(backbone, tasks, *args)
-
-    monkeypatch.setattr(service_live, "MultiTaskServer", refusing)
+    refuse_to_combine_b()
     add_run(runs[1], folder, "b")
     live.scan()
     assert [task.name for task in live.current.tasks] == ["a"]
@@ -948,20 +955,13 @@ def test_runs_that_cannot_be_combined_are_not_served_and_the_others_stay(runs, t
     assert not live.scan() and said[-1].startswith(f"{folder / 'b'}: not served")  # said once, not every poll
 
 
-def test_a_run_that_cannot_be_combined_leaves_the_runs_found_with_it_served(runs, tmp_path, monkeypatch):
+def test_a_run_that_cannot_be_combined_leaves_the_runs_found_with_it_served(runs, tmp_path, refuse_to_combine_b):
     # the first scan finds every run at once: the one that cannot be combined is refused, not all of them
     folder = tmp_path / "runs"
     folder.mkdir()
     for run, name in zip(runs[:3], "abc"):
         add_run(run, folder, name)
-    combine = service_live.MultiTaskServer
-
-    def refusing(backbone, tasks, *args):  # as a merge of two tasks' rows that cannot be merged would
-        if any(task.name == "b" for task in tasks):
-            raise ValueError("rows of another shape")
-        return combine(backbone, tasks, *args)
-
-    monkeypatch.setattr(service_live, "MultiTaskServer", refusing)
+    refuse_to_combine_b()
     said: list[str] = []
     live = LiveRuns(folder, load_backbone(runs[0].parent / "tiny-vit.safetensors"), "cpu", said.append)
     assert live.scan() and live.current is not None
