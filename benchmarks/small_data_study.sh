@@ -9,6 +9,12 @@
 # quick profile (20 epochs for frozen-trunk methods, no step floor). Phase 1: linear and head2toe on every task;
 # phase 2: vqt, synqt and memory without the search at each size, a task of each group first; phase 3: the same
 # with the search.
+#
+#   CODE=... OUT=/tmp/qt-floor benchmarks/small_data_study.sh floor TASK...
+#
+# The step floor at 100 images: the paper profile (so every run is floored), no search, per task the linear probe
+# and Head2Toe with 3 seeds, then VQT, SynQT and memory with 1 seed (REPORT folders $OUT-lh and $OUT-qsm; give
+# each process its own OUT and disjoint tasks, as the machine's cores allow).
 set -u
 CODE=${CODE:-$(cd "$(dirname "$0")/.." && pwd)}
 OUT=${OUT:-/tmp/qt-study}
@@ -30,6 +36,22 @@ bench() {  # size, search flag ("" or --search), methods, tasks
     echo "$(date -u +%T) done: $size ${search:-no-search} $methods $tasks"
 }
 
+if [ "${1:-}" = floor ]; then
+    shift
+    [ -d "$SUITES-100" ] || "$PYTHON" "$CODE/benchmarks/small_data.py" --suite "$DATA" --images 100 \
+        --out "$SUITES-100" > /dev/null
+    for task in "$@"; do
+        for cell in "linear,head2toe 3 lh" "vqt,synqt,memory 1 qsm"; do
+            set -- $cell
+            "$PYTHON" -m querytune bench --suite "$SUITES-100" --groups "$CODE/benchmarks/vtab1k-mini-groups.txt" \
+                --methods "$1" --backbone "$BACKBONE" --out "$OUT-$3" --seeds "$2" --image-size 56 --precision fp32 \
+                --profile paper --tasks "$task" --cache "$OUT-cache" --cache-splits train800val200,test --workers 0 -q \
+                > "$OUT-$3.$task.log" 2>&1
+            echo "$(date -u +%T) done: floor $1 $task"
+        done
+    done
+    exit 0
+fi
 for size in 100 200 400; do
     [ -d "$SUITES-$size" ] || "$PYTHON" "$CODE/benchmarks/small_data.py" --suite "$DATA" --images "$size" \
         --out "$SUITES-$size" > /dev/null

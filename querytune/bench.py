@@ -23,7 +23,8 @@ covers those tasks, and the same bench run once more without ``tasks`` reads eve
 reports them all.
 
 Profiles: ``paper`` uses each method's published protocol; ``quick`` caps the epochs
-(:data:`QUICK_EPOCHS`) and scales the warm-up with them. ``search`` first picks the
+(:data:`QUICK_EPOCHS`), scales the warm-up with them and floors a small training split at the steps they take
+on 800 images, as the protocols' epochs are floored (:meth:`TrainConfig.floored`). ``search`` first picks the
 learning rate and weight decay from the method's grid by accuracy on ``val200`` after
 training on ``train800``, or, where val200 is tiny, by the mean accuracy over the folds of ``train800val200``
 (:func:`querytune.grid.search_folds`, as ``train --grid``). A frozen-trunk method's grid, and its seeds, train as stacks
@@ -59,7 +60,7 @@ from .run import cached_splits, entry_splits, eval_runs, train_runs
 from .runfolder import read_metrics, read_run_config, record_accuracy, setting_differences
 from .settings import BenchSpec, RunSpec, Runtime
 from .suite import SuiteTask, discover_tasks, read_groups_file
-from .train import TrainConfig
+from .train import FLOOR_IMAGES, TrainConfig, floor_steps
 from .trunk.cache import Building, CacheKey, cache_splits, human_size, read_meta
 from .trunk.cache.build import SHARD_SIZE, entry_nbytes
 from .trunk.cache.entry import feature_shapes, shard_rows
@@ -80,8 +81,10 @@ def profile_settings(method: str, profile: str) -> dict[str, Any]:
     if profile == "paper":
         return {}
     cls = method_class(method)  # quick, the only other profile (BenchSpec.profile's choices)
-    protocol_epochs = TrainConfig.for_method(cls, {}).epochs
-    return {"epochs": min(protocol_epochs, QUICK_EPOCHS[cls.reads.frozen])}
+    protocol = TrainConfig.for_method(cls, {})
+    epochs = min(protocol.epochs, QUICK_EPOCHS[cls.reads.frozen])
+    # the capped epochs keep a floor, as the protocol's do: the steps they take on a VTAB-1k search split
+    return {"epochs": epochs, "min_steps": floor_steps(epochs, protocol.batch_size)}
 
 
 def select_tasks(tasks: list[SuiteTask], names: list[str] | None) -> list[SuiteTask]:
@@ -405,9 +408,10 @@ class Bench:
                     runs = list(self.stage_runs((train_split, eval_split), method, task))
                     pending = [run for run in runs if not trained(run)]
                     unevaluated = [run for run in runs if not evaluated(run, eval_split)]
-                    epochs = TrainConfig.for_method(method_class(method), self.settings(method)).epochs
                     cells += len(pending)
                     train_images = len(images[train_split])
+                    config = TrainConfig.for_method(method_class(method), self.settings(method))
+                    epochs = config.floored(train_images).epochs  # as run.train_runs floors them
                     if method in frozen:
                         frozen_trained |= bool(pending)
                         if pending and train_split not in cached:  # a stack reads each batch once
@@ -541,7 +545,8 @@ class Bench:
         spec = self.spec
         cut = ("quick profile: epochs capped at "
                f"{QUICK_EPOCHS[True]} (frozen-trunk methods) and {QUICK_EPOCHS[False]} (feature-adapting methods), "
-               "warm-up a tenth of the run" if spec.profile == "quick"
+               f"warm-up a tenth of the run, at least the steps they take on {FLOOR_IMAGES} images"
+               if spec.profile == "quick"
                else "paper profile: each method's published protocol")
         search = (f"learning rate and weight decay chosen on train800 -> val200 ({grid.FOLDS} folds of train800val200 "
                   f"where val200 holds under {grid.FOLDS_BELOW} images)" if spec.search else "default hyperparameters")

@@ -129,7 +129,7 @@ class BenchSpec(ModelSpec):
                                     "computes it natively, else fp32) | fp32 | bf16 | fp16",
                             choices=PRECISIONS)
     min_steps: int | None = option(None, "the fewest optimiser steps of every run (default: each protocol's floor, "
-                                         "none in the quick profile; 0: none)", min=0)
+                                         "in the quick profile its capped epochs' steps on 800 images; 0: none)", min=0)
 
     def __post_init__(self) -> None:
         check_fields(self)

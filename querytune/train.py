@@ -42,6 +42,11 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 FLOOR_IMAGES = 800
 
 
+def floor_steps(epochs: int, batch_size: int) -> int:
+    """The optimiser steps ``epochs`` take on :data:`FLOOR_IMAGES` images: the floor of a run of them."""
+    return epochs * math.ceil(FLOOR_IMAGES / batch_size)
+
+
 @dataclass
 class TrainConfig:
     """Training settings; a method's ``train_defaults`` and then the user's values override these
@@ -90,7 +95,7 @@ class TrainConfig:
         if "warmup_epochs" not in given and cfg.epochs < method_cls.train_defaults.get("epochs", cls.epochs):
             cfg.warmup_epochs = min(cfg.warmup_epochs, cfg.epochs / 10)
         if cfg.min_steps is None:  # a full VTAB-1k split (800 or 1,000 images) takes at least these already
-            cfg.min_steps = 0 if "epochs" in given else cfg.epochs * math.ceil(FLOOR_IMAGES / cfg.batch_size)
+            cfg.min_steps = 0 if "epochs" in given else floor_steps(cfg.epochs, cfg.batch_size)
         return cfg
 
     def floored(self, items: int) -> TrainConfig:

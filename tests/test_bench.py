@@ -14,7 +14,9 @@ from querytune import grid
 from querytune.bench import Bench, discover_tasks, markdown_report
 from querytune.errors import ConfigError, DataError
 from querytune.methods import METHODS
+from querytune.methods.registry import method_class
 from querytune.settings import BenchSpec, RunSpec, Runtime
+from querytune.train import TrainConfig
 
 
 @pytest.fixture
@@ -38,6 +40,8 @@ FIXED_COST = {"trainable_params": 1, "saved_bytes": 0, "train_peak_bytes": 2**20
 def _bench(suite, tiny_backbone_dir, out, measure=False, **kwargs):
     """A bench on the tiny suite; unless ``measure``, the per-method cost (a subprocess each) is stubbed."""
     kwargs.setdefault("methods", ["linear", "vqt"])
+    # no step floor unless a test is about it: the tiny tasks' 18 images would train what 800 images take
+    kwargs.setdefault("min_steps", 0)
     cache = kwargs.pop("cache_dir", None)
     bench = Bench(BenchSpec(suite=suite, backbone=str(tiny_backbone_dir), out=out, image_size=32, **kwargs),
                   Runtime(workers=0, progress=False, cache=cache))
@@ -186,6 +190,21 @@ def test_min_steps_floors_every_run_of_the_quick_profile_and_is_recorded(suite, 
     assert json.loads((out / "bench.json").read_text())["min_steps"] == 30
 
 
+def test_the_quick_profile_floors_its_capped_epochs_as_on_800_images(suite, tiny_backbone_dir, tmp_path):
+    """Issue 38: the quick profile's 20 epochs of an 80-image split were 20 optimiser steps of VQT; it now
+    trains at least what the 20 epochs take on 800 images, and an 800-image split is unchanged."""
+    out = tmp_path / "report"
+    bench = _bench(suite, tiny_backbone_dir, out, methods=["vqt"], tasks=["alpha"], min_steps=None)
+    settings = bench.settings("vqt")  # VQT's protocol: batch 128, so 7 steps an epoch on 800 images
+    assert (settings["epochs"], settings["min_steps"]) == (20, 20 * 7)
+    assert "at least the steps they take on 800 images" in bench.describe()
+    config = TrainConfig.for_method(method_class("vqt"), settings)
+    assert config.floored(800) == config and config.floored(18).epochs == 20 * 7  # 18 images: one step an epoch
+    bench.run()
+    schedule = json.loads((out / "runs" / "alpha" / "vqt" / "seed0" / "config.json").read_text())["schedule"]
+    assert schedule["steps"] == 140 and schedule["min_steps"] == 140
+
+
 def test_bad_settings_fail_before_any_work(suite, tiny_backbone_dir, tmp_path):
     with pytest.raises(ConfigError, match="unknown method"):
         _bench(suite, tiny_backbone_dir, tmp_path / "a", methods=["nope"])
@@ -323,7 +342,8 @@ def test_bench_search_with_seeds_runs_end_to_end_as_stacks(suite, tiny_backbone_
                         lambda members, *a, **k: stacks.append(len(members)) or real(members, *a, **k))
     out = tmp_path / "report"
     main(["bench", "--suite", str(suite), "--methods", "linear,vqt,synqt,memory", "-b", str(tiny_backbone_dir),
-          "--out", str(out), "--search", "--seeds", "3", "--image-size", "32", "--workers", "0", "-q"])
+          "--out", str(out), "--search", "--seeds", "3", "--image-size", "32", "--workers", "0", "-q",
+          "--min-steps", "0"])  # no step floor: the tiny tasks would train what 800 images take
     results = json.loads((out / "results.json").read_text())["results"]
     assert len(results) == 2 * 4 * 3 and not any(r.get("error") for r in results)
     assert stacks == ([4] * 4 + [3] * 4) * 2  # per task: each method's grid, then each method's seeds, as stacks
@@ -348,7 +368,7 @@ def test_the_plan_is_what_the_bench_then_does(suite, tiny_backbone_dir, tmp_path
                         or real(self, images))
     cache = tmp_path / "cache"
     bench = _bench(suite, tiny_backbone_dir, tmp_path / "out", methods=["linear", "vqt", "memory", "bitfit"],
-                   seeds=2, search=True, cache_dir=cache)
+                   seeds=2, search=True, cache_dir=cache, min_steps=12)
     for method in ("linear", "vqt", "memory", "bitfit"):  # a 2 x 1 grid each, to keep the test short
         monkeypatch.setattr(METHODS[method], "search_grid", {"lr": (0.5, 0.05), "weight_decay": (0.0,)})
     plans = bench.plan()
@@ -359,11 +379,13 @@ def test_the_plan_is_what_the_bench_then_does(suite, tiny_backbone_dir, tmp_path
     assert written == pytest.approx(sum(p.cache_bytes for p in plans), rel=0.01)
     assert {entry.name.split("-")[1] for entry in cache.iterdir()} == {"train800val200"}  # what is read twice
     assert seen[0] == sum(p.trunk_images for p in plans)
-    epochs = 5  # the quick profile's for bitfit, which adapts the trunk
+    # the quick profile's 5 epochs for bitfit, which adapts the trunk, floored to 12 steps
+    config = TrainConfig.for_method(method_class("bitfit"), bench.settings("bitfit"))
     for plan in plans:
         n = plan.images
         frozen = n["train800val200"] + n["test"]  # one pass each for all frozen runs; val200 from the cache
-        adapting = 2 * (epochs * n["train800"] + n["val200"]) + 2 * (epochs * n["train800val200"] + n["test"])
+        search, final = (config.floored(n[split]).epochs for split in ("train800", "train800val200"))
+        adapting = 2 * (search * n["train800"] + n["val200"]) + 2 * (final * n["train800val200"] + n["test"])
         assert plan.trunk_images == frozen + adapting
     assert all(p.cells == 0 and p.cache_bytes == 0 and p.trunk_images == 0 for p in bench.plan())  # all done
 

@@ -110,7 +110,7 @@ def test_a_bench_over_two_ranks_reports_what_one_process_does(tiny_backbone_dir,
     for index, task in enumerate(("alpha", "beta", "gamma")):
         write_task(suite / task, classes=2 + index, seed=index)
     args = ["bench", "--suite", suite, "--methods", "linear,vqt", "-b", tiny_backbone_dir, "--seeds", "2",
-            "--image-size", "32", "--workers", "0", "-q"]
+            "--image-size", "32", "--workers", "0", "-q", "--min-steps", "0"]
     result = torchrun(*args, "--out", tmp_path / "ranks")
     assert result.returncode == 0, result.stderr[-3000:]
     main([str(a) for a in (*args, "--out", tmp_path / "one")])

@@ -151,7 +151,7 @@ def test_a_second_bench_on_a_folder_in_use_is_refused_naming_the_first(tiny_back
 
     out = tmp_path / "bench"
     args = ["bench", "--suite", str(tiny_task), "--methods", "linear", "-b", str(tiny_backbone_dir), "--out", str(out),
-            "--image-size", "32", "--workers", "0", "-q"]
+            "--image-size", "32", "--workers", "0", "-q", "--min-steps", "0"]
     first = start_slowed(args, delay=0.05)
     deadline = time.monotonic() + 120
     while not (out / "bench.json").exists():  # started: it holds the folder
