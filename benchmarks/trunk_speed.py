@@ -5,6 +5,7 @@
     python benchmarks/trunk_speed.py --threads 1     # on a busy machine
     python benchmarks/trunk_speed.py --profile       # also: the operators of one trunk forward (torch.profiler)
     python benchmarks/trunk_speed.py --compile       # also: the pooled trunk under torch.compile (inductor)
+    python benchmarks/trunk_speed.py --kernels       # also: the trunk's linear layers under each library's GEMM
 
 Per backbone, batch and precision, four contestants run the same weights on the same images at 224 px,
 alternately in one loop (one batch each per round, so that load on the machine falls on all alike):
@@ -18,6 +19,11 @@ alternately in one loop (one batch each per round, so that load on the machine f
 - ``compiled`` (with ``--compile``): the pooled trunk under ``torch.compile`` (inductor, static shapes,
   ``freezing``: weights folded in as constants and prepacked, linear + GELU fused), compiled anew for each
   batch size; its compile seconds and the number of images after which it has paid them back are printed.
+
+With ``--kernels``, each distinct linear layer of the trunk (its weight shape, at the batch's token rows) is
+timed alone in float32 under torch's ``addmm`` (what every contestant's eager trunk calls), oneDNN with the
+weight prepacked for the batch (what inductor's ``freezing`` uses) and onnxruntime's ``MatMul`` + ``Add``: where
+they run at one rate, no choice of kernel makes the fp32 trunk faster.
 
 The float32 (and, where the CPU computes it natively, bfloat16) matmul rate is measured in the same
 process; ``of matmul`` is the trunk's matmul arithmetic per second against it. Figures depend on the
@@ -136,6 +142,41 @@ def compiled_trunk(backbone: VisionTransformer, precision: Precision) -> Callabl
     return run
 
 
+def gemm_runners(weight: torch.Tensor, bias: torch.Tensor, rows: int) -> dict[str, Callable[[torch.Tensor], object]]:
+    """One linear layer in float32 under torch's ``addmm``, oneDNN with the weight prepacked for ``rows`` rows,
+    and onnxruntime's ``MatMul`` + ``Add``."""
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    out_features, in_features = weight.shape
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])], "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, in_features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, out_features])],
+        [numpy_helper.from_array(weight.t().contiguous().numpy(), "w"), numpy_helper.from_array(bias.numpy(), "b")])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+    session = onnxruntime.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                                           .SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return {"addmm": lambda x: nn.functional.linear(x, weight, bias),
+            "oneDNN packed": lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], ""),
+            "onnxruntime": lambda x: session.run(None, {"x": x.numpy()})}
+
+
+def linear_kernels(backbone: VisionTransformer, batch: int, rounds: int) -> None:
+    """GFLOP/s of each distinct linear layer of the trunk at ``batch`` images' token rows, float32, under each
+    of :func:`gemm_runners`."""
+    rows = batch * backbone.config.num_tokens(IMAGE_SIZE)
+    shapes = sorted({tuple(m.weight.shape) for m in backbone.modules() if isinstance(m, nn.Linear)})
+    for out_features, in_features in shapes:
+        runners = gemm_runners(torch.randn(out_features, in_features), torch.randn(out_features), rows)
+        seconds = time_alternately(runners, torch.randn(rows, in_features), rounds)
+        gflop = 2 * rows * in_features * out_features / 1e9
+        print(f"  linear {in_features}->{out_features} at {rows} rows: "
+              + ", ".join(f"{name} {gflop / value:.1f}" for name, value in seconds.items()) + " GFLOP/s", flush=True)
+
+
 def contestants(backbone: VisionTransformer, hf: nn.Module, precision: Precision,
                 onnx: Callable[[torch.Tensor], object] | None,
                 compiled: Callable[[torch.Tensor], object] | None) -> dict[str, Callable[[torch.Tensor], object]]:
@@ -205,6 +246,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="DINOv2-S only, batch 1 and 4, 2 rounds")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also the pooled trunk under torch.compile")
+    parser.add_argument("--kernels", action="store_true", help="also the trunk's linear layers under each GEMM")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -249,6 +291,8 @@ def main() -> None:
                           f"{versus_ort:>8}"
                           f"{rate['querytune+layers'] / rate['HF']:>10.2f}{achieved / rates[precision]:>10.0%}"
                           + (compile_columns(rate, compile_seconds) if compiled is not None else ""), flush=True)
+                    if args.kernels:
+                        linear_kernels(backbone, batch, rounds)
             if args.profile:
                 for precision in precisions:
                     profile_trunk(backbone, torch.randn(max(batches), 3, IMAGE_SIZE, IMAGE_SIZE), precision, True)
