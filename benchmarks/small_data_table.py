@@ -7,6 +7,12 @@ prints, per size, the test accuracy (%) of each method without and with the sear
 and each group's mean, each as the mean +- standard deviation over the seeds (per seed: the tasks' mean in each
 group, then the groups' mean). A method counts only on the tasks it finished under both protocols (where it
 has finished any with the search), and the last column is the linear probe's on those same tasks.
+
+    python benchmarks/small_data_table.py --protocols "quick=/tmp/qt-study-100 paper=/tmp/qt-floor-lh,/tmp/qt-floor-qsm"
+
+prints instead, per task, each method's test accuracy (%, mean over its seeds) under each protocol (its
+benches' results.csv together), and the mean of group means over the tasks every protocol's every method
+finished.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 GROUPS = ("natural", "specialized", "structured")
+METHODS = ("linear", "head2toe", "vqt", "synqt", "memory")
 
 
 def read_cells(path: Path) -> dict[tuple[str, str, int], tuple[str, float]]:
@@ -44,15 +51,53 @@ def summary(cells: dict[tuple[str, str, int], tuple[str, float]], method: str, t
             for name, v in columns.items()}
 
 
+def protocols_table(protocols: dict[str, list[Path]]) -> None:
+    """Per task, each method's mean accuracy over its seeds under each protocol, then the mean of group means
+    over the tasks that every (protocol, method) finished."""
+    cells = {name: {k: v for path in paths for k, v in read_cells(path / "results.csv").items()}
+             for name, paths in protocols.items()}
+    methods = [m for m in METHODS if any(m == method for found in cells.values() for _, method, _ in found)]
+    means: dict[tuple[str, str, str], float] = {}  # (protocol, method, task) -> mean over seeds
+    groups: dict[str, str] = {}
+    for name, found in cells.items():
+        by_run: dict[tuple[str, str], list[float]] = defaultdict(list)
+        for (task, method, _), (group, accuracy) in found.items():
+            by_run[method, task].append(100 * accuracy)
+            groups[task] = group
+        means.update({(name, method, task): statistics.mean(v) for (method, task), v in by_run.items()})
+    common = [t for t in sorted(groups, key=lambda t: (GROUPS.index(groups[t]), t))
+              if all((name, m, t) in means for name in protocols for m in methods)]
+    columns = [(name, m) for name in protocols for m in methods]
+    print("| task | " + " | ".join(f"{m} ({name})" for name, m in columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for task in sorted(groups, key=lambda t: (GROUPS.index(groups[t]), t)):
+        print(f"| {task} | " + " | ".join(f"{means[name, m, task]:.1f}" if (name, m, task) in means else "-"
+                                          for name, m in columns) + " |")
+    if common:
+        def group_means(name: str, method: str) -> float:
+            by_group = defaultdict(list)
+            for task in common:
+                by_group[groups[task]].append(means[name, method, task])
+            return statistics.mean(statistics.mean(v) for v in by_group.values())
+
+        print(f"| mean of group means ({len(common)} tasks) | "
+              + " | ".join(f"{group_means(name, m):.1f}" for name, m in columns) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="the study's OUT prefix (benchmarks/small_data_study.sh)")
+    parser.add_argument("--out", help="the study's OUT prefix (benchmarks/small_data_study.sh)")
     parser.add_argument("--sizes", default="100,200,400")
+    parser.add_argument("--protocols", help="'NAME=BENCH[,BENCH...] ...': per-task tables of these benches")
     args = parser.parse_args()
+    if args.protocols:
+        protocols_table({name: [Path(p) for p in paths.split(",")]
+                         for name, paths in (item.split("=", 1) for item in args.protocols.split())})
+        return
     for size in args.sizes.split(","):
         plain, searched = (read_cells(Path(f"{args.out}-{size}{suffix}") / "results.csv") for suffix in ("", "-search"))
         methods = sorted({m for _, m, _ in plain} | {m for _, m, _ in searched},
-                         key=lambda m: ["linear", "head2toe", "vqt", "synqt", "memory"].index(m))
+                         key=METHODS.index)
         print(f"\n{size} images\n")
         print("| method | tasks | protocol | mean of group means | " + " | ".join(GROUPS)
               + " | linear, same tasks |")
