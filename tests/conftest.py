@@ -226,3 +226,15 @@ def train_a_few_steps(method: torch.nn.Module, inputs, labels: torch.Tensor, ste
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+def perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with small noise added to every parameter and saved buffer of floating type (eval mode; a
+    buffer that is not saved, such as DINOv3's rotary frequencies, is computed from the config), so that a
+    wrong mapping of its weights shows."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for tensor in model.state_dict(keep_vars=True).values():
+            if tensor.is_floating_point():
+                tensor.add_(0.1 * torch.randn_like(tensor))
+    return model.eval()

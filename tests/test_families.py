@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from conftest import perturbed
 from querytune.backbones import load_backbone
 from querytune.backbones.hf_format import HF_DEFAULTS
 from querytune.backbones.vit import VisionTransformer, ViTConfig
@@ -27,17 +28,6 @@ SMALL = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "p
          "intermediate_size": 96}
 NATIVE, OTHER = 48, 32  # a 6x6 grid, and a 4x4 one (position embeddings resampled)
 TEXT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 64}
-
-
-def perturbed(model: nn.Module) -> nn.Module:
-    """``model`` with small noise added to every parameter and saved buffer of floating type (eval mode; a
-    buffer that is not saved, such as DINOv3's rotary frequencies, is computed from the config)."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for tensor in model.state_dict(keep_vars=True).values():
-            if tensor.is_floating_point():
-                tensor.add_(0.1 * torch.randn_like(tensor))
-    return model.eval()
 
 
 class Case:

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from conftest import ROPE_FAMILIES, assert_matches_reference, import_timm, tiny_rope, tiny_vit
+from conftest import ROPE_FAMILIES, assert_matches_reference, import_timm, perturbed, tiny_rope, tiny_vit
 from querytune import cli
 from querytune.backbones import load_backbone, save_backbone
 from querytune.data import ImageList, Preprocess
@@ -113,15 +113,6 @@ def test_images_are_resized_to_height_by_width_and_keyed_apart_from_square(tmp_p
 transformers = pytest.importorskip("transformers")
 HF_SMALL = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "patch_size": 8,
             "intermediate_size": 96, "image_size": 48}
-
-
-def perturbed(model: torch.nn.Module) -> torch.nn.Module:
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for tensor in model.state_dict(keep_vars=True).values():
-            if tensor.is_floating_point():
-                tensor.add_(0.1 * torch.randn_like(tensor))
-    return model.eval()
 
 
 HF_MODELS = {

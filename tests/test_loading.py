@@ -315,6 +315,21 @@ def test_missing_sources_fail_clearly(offline_hub):
 # ---------------------------------------------------------------- .npz (Google ViT, as VPT and VQT load it)
 
 
+def jax_attention(prefix: str, qkv_weight: np.ndarray, qkv_bias: np.ndarray, out_weight: np.ndarray,
+                  out_bias: np.ndarray, heads: int) -> dict[str, np.ndarray]:
+    """An attention's arrays as the JAX checkpoints (ViT .npz, big_vision) hold them: kernels (in, heads,
+    head_dim) for query, key and value, (heads, head_dim, out) for the output."""
+    width = out_weight.shape[0]
+    arrays = {}
+    for j, part in enumerate(("query", "key", "value")):
+        rows = slice(j * width, (j + 1) * width)
+        arrays[f"{prefix}/{part}/kernel"] = qkv_weight[rows].T.reshape(width, heads, width // heads)
+        arrays[f"{prefix}/{part}/bias"] = qkv_bias[rows].reshape(heads, width // heads)
+    arrays[f"{prefix}/out/kernel"] = out_weight.T.reshape(heads, width // heads, width)
+    arrays[f"{prefix}/out/bias"] = out_bias
+    return arrays
+
+
 def write_npz_checkpoint(model: VisionTransformer, path: Path, prefix: str = "", extra: bool = False) -> None:
     """``model`` written in the key layout of the JAX ViT checkpoints (ViT-B_16.npz), independently of the
     loader: kernels (in, out), attention kernels (in, heads, head_dim) and (heads, head_dim, out)."""
@@ -330,13 +345,8 @@ def write_npz_checkpoint(model: VisionTransformer, path: Path, prefix: str = "",
     }
     for i in range(model.config.depth):
         block, attn = f"Transformer/encoderblock_{i}", f"Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1"
-        qkv_weight, qkv_bias = state[f"blocks.{i}.attn.qkv.weight"], state[f"blocks.{i}.attn.qkv.bias"]
-        for j, part in enumerate(("query", "key", "value")):
-            rows = slice(j * width, (j + 1) * width)
-            arrays[f"{attn}/{part}/kernel"] = qkv_weight[rows].T.reshape(width, heads, width // heads)
-            arrays[f"{attn}/{part}/bias"] = qkv_bias[rows].reshape(heads, width // heads)
-        arrays[f"{attn}/out/kernel"] = state[f"blocks.{i}.attn.proj.weight"].T.reshape(heads, width // heads, width)
-        arrays[f"{attn}/out/bias"] = state[f"blocks.{i}.attn.proj.bias"]
+        arrays.update(jax_attention(attn, *(state[f"blocks.{i}.attn.{name}"] for name in
+                                            ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias")), heads))
         for ours, theirs in (("norm1", "LayerNorm_0"), ("norm2", "LayerNorm_2")):
             arrays[f"{block}/{theirs}/scale"] = state[f"blocks.{i}.{ours}.weight"]
             arrays[f"{block}/{theirs}/bias"] = state[f"blocks.{i}.{ours}.bias"]
@@ -388,14 +398,7 @@ def big_vision_arrays(model: VisionTransformer, scanned: bool) -> dict[str, np.n
     width, heads = model.config.embed_dim, model.config.num_heads
 
     def attention(prefix: str, weight: np.ndarray, bias: np.ndarray, out: str) -> dict[str, np.ndarray]:
-        arrays = {}
-        for j, part in enumerate(("query", "key", "value")):
-            rows = slice(j * width, (j + 1) * width)
-            arrays[f"{prefix}/{part}/kernel"] = weight[rows].T.reshape(width, heads, width // heads)
-            arrays[f"{prefix}/{part}/bias"] = bias[rows].reshape(heads, width // heads)
-        arrays[f"{prefix}/out/kernel"] = state[f"{out}.weight"].T.reshape(heads, width // heads, width)
-        arrays[f"{prefix}/out/bias"] = state[f"{out}.bias"]
-        return arrays
+        return jax_attention(prefix, weight, bias, state[f"{out}.weight"], state[f"{out}.bias"], heads)
 
     def dense(prefix: str, ours: str) -> dict[str, np.ndarray]:
         return {f"{prefix}/kernel": state[f"{ours}.weight"].T, f"{prefix}/bias": state[f"{ours}.bias"]}
