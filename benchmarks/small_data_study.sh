@@ -42,12 +42,12 @@ if [ "${1:-}" = floor ]; then
         --out "$SUITES-100" > /dev/null
     for task in "$@"; do
         for cell in "linear,head2toe 3 lh" "vqt,synqt,memory 1 qsm"; do
-            set -- $cell
+            read -r methods seeds report <<< "$cell"
             "$PYTHON" -m querytune bench --suite "$SUITES-100" --groups "$CODE/benchmarks/vtab1k-mini-groups.txt" \
-                --methods "$1" --backbone "$BACKBONE" --out "$OUT-$3" --seeds "$2" --image-size 56 --precision fp32 \
-                --profile paper --tasks "$task" --cache "$OUT-cache" --cache-splits train800val200,test --workers 0 -q \
-                > "$OUT-$3.$task.log" 2>&1
-            echo "$(date -u +%T) done: floor $1 $task"
+                --methods "$methods" --backbone "$BACKBONE" --out "$OUT-$report" --seeds "$seeds" --image-size 56 \
+                --precision fp32 --profile paper --tasks "$task" --cache "$OUT-cache" \
+                --cache-splits train800val200,test --workers 0 -q > "$OUT-$report.$task.log" 2>&1
+            echo "$(date -u +%T) done: floor $methods $task"
         done
     done
     exit 0

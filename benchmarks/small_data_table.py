@@ -56,7 +56,8 @@ def protocols_table(protocols: dict[str, list[Path]]) -> None:
     over the tasks that every (protocol, method) finished."""
     cells = {name: {k: v for path in paths for k, v in read_cells(path / "results.csv").items()}
              for name, paths in protocols.items()}
-    methods = [m for m in METHODS if any(m == method for found in cells.values() for _, method, _ in found)]
+    found_methods = {method for found in cells.values() for _, method, _ in found}
+    methods = [m for m in METHODS if m in found_methods]
     means: dict[tuple[str, str, str], float] = {}  # (protocol, method, task) -> mean over seeds
     groups: dict[str, str] = {}
     for name, found in cells.items():
@@ -65,12 +66,12 @@ def protocols_table(protocols: dict[str, list[Path]]) -> None:
             by_run[method, task].append(100 * accuracy)
             groups[task] = group
         means.update({(name, method, task): statistics.mean(v) for (method, task), v in by_run.items()})
-    common = [t for t in sorted(groups, key=lambda t: (GROUPS.index(groups[t]), t))
-              if all((name, m, t) in means for name in protocols for m in methods)]
+    tasks = sorted(groups, key=lambda t: (GROUPS.index(groups[t]), t))
+    common = [t for t in tasks if all((name, m, t) in means for name in protocols for m in methods)]
     columns = [(name, m) for name in protocols for m in methods]
     print("| task | " + " | ".join(f"{m} ({name})" for name, m in columns) + " |")
     print("|---|" + "---|" * len(columns))
-    for task in sorted(groups, key=lambda t: (GROUPS.index(groups[t]), t)):
+    for task in tasks:
         print(f"| {task} | " + " | ".join(f"{means[name, m, task]:.1f}" if (name, m, task) in means else "-"
                                           for name, m in columns) + " |")
     if common:

@@ -291,7 +291,7 @@ def main() -> None:
                           f"{versus_ort:>8}"
                           f"{rate['querytune+layers'] / rate['HF']:>10.2f}{achieved / rates[precision]:>10.0%}"
                           + (compile_columns(rate, compile_seconds) if compiled is not None else ""), flush=True)
-                    if args.kernels:
+                    if args.kernels and precision is Precision.FP32:  # the kernels are float32: once per batch
                         linear_kernels(backbone, batch, rounds)
             if args.profile:
                 for precision in precisions:
