@@ -74,7 +74,13 @@ RANKS_WAIT = timedelta(days=7)  # how long a bench's rank done with its tasks wa
 # quick profile: epochs for methods whose trunk runs without / with autograd
 QUICK_EPOCHS = {True: 20, False: 5}
 RESULT_FIELDS = ("task", "group", "method", "seed", "accuracy", "trainable_params", "saved_bytes",
-                 "train_peak_bytes", "train_seconds", "lr", "weight_decay", "error", "cost_error")
+                 "train_peak_bytes", "train_seconds", "lr", "weight_decay", "options", "error", "cost_error")
+
+
+def searched_options(method: str, options: dict[str, Any]) -> str | None:
+    """A run's values of the options its method's search chooses (``Method.search_options``), as
+    ``name=value;...`` for the results table; None where the method searches none."""
+    return ";".join(f"{name}={options[name]:g}" for name in method_class(method).search_options) or None
 
 
 def profile_settings(method: str, profile: str) -> dict[str, Any]:
@@ -179,7 +185,7 @@ class Bench:
         self.methods, self.backbone, self.out = spec.methods, str(spec.backbone), Path(str(spec.out))
         self.seeds = spec.seeds
         self.backbone_model: VisionTransformer | None = None
-        self.chosen: dict[tuple[str, str], dict[str, float]] = {}  # (task, method) -> the searched lr, weight decay
+        self.chosen: dict[tuple[str, str], dict[str, Any]] = {}  # (task, method) -> the search's choice
 
     def settings(self, method: str) -> dict[str, Any]:
         floor = {} if self.spec.min_steps is None else {"min_steps": self.spec.min_steps}
@@ -271,18 +277,27 @@ class Bench:
         for method, runs in grids.items():
             if not any(run in errors for run in runs):
                 accuracies = [read_metrics(run)[f"{eval_split}_accuracy"] for run in runs]
-                self.chosen[task.name, method] = grid.choose(runs, accuracies)[0]
+                self.record_choice(task, method, 1, *grid.choose(runs, accuracies))
 
     def cross_validate(self, method: str, task: SuiteTask, folds: int, errors: dict[Path, str]) -> None:
         """``method``'s search on ``folds`` folds of the task's train800val200 (:func:`querytune.grid.cross_validate`,
         each fold's grid as one stack), and its choice; an error goes to every run of its search."""
         try:
-            self.chosen[task.name, method] = grid.cross_validate(
+            self.record_choice(task, method, folds, *grid.cross_validate(
                 self.run_spec(method, task, SEARCH[0]), self.settings(method), self.search_folder(task, method), folds,
-                self.task_runtime(task, *SEARCH))[0]
+                self.task_runtime(task, *SEARCH)))
         except Exception as error:  # a failed search must not end the bench; its error goes into the table
             self.log_error(f"{task.name}/{method} (search on {folds} folds)", error)
             errors.update(dict.fromkeys(self.search_runs(method, task), describe_error(error)))
+
+    def record_choice(self, task: SuiteTask, method: str, folds: int, chosen: dict[str, Any],
+                      table: list[dict[str, Any]]) -> None:
+        """Keep the search's choice for the final runs, and write it with its table (each point's validation
+        accuracy, and on every fold where it folds) to ``search/<task>/<method>/search.json``, as
+        ``train --grid``'s grid.json has them."""
+        self.chosen[task.name, method] = chosen
+        write_json(self.search_folder(task, method) / "search.json",
+                   {"selection": grid.selection(folds), "chosen": chosen, "search": table})
 
     def seed_runs(self, method: str, task: SuiteTask) -> dict[Path, dict[str, Any]]:
         """The final runs of ``method`` on ``task``, one per seed, with their training settings
@@ -489,7 +504,8 @@ class Bench:
         metrics, config = read_metrics(run), read_run_config(run)
         row.update(accuracy=metrics["test_accuracy"], train_seconds=metrics["train_seconds"],
                    trainable_params=metrics["trainable_params"], lr=config["train"]["lr"],
-                   weight_decay=config["train"]["weight_decay"], recipe=config.get("recipe"))
+                   weight_decay=config["train"]["weight_decay"], recipe=config.get("recipe"),
+                   options=searched_options(method, config["options"]))
         return row
 
     def claim_folder(self) -> None:
@@ -548,8 +564,10 @@ class Bench:
                f"warm-up a tenth of the run, at least the steps they take on {FLOOR_IMAGES} images"
                if spec.profile == "quick"
                else "paper profile: each method's published protocol")
-        search = (f"learning rate and weight decay chosen on train800 -> val200 ({grid.FOLDS} folds of train800val200 "
-                  f"where val200 holds under {grid.FOLDS_BELOW} images)" if spec.search else "default hyperparameters")
+        search = (f"learning rate, weight decay and the options a method searches chosen on train800 -> val200 "
+                  f"({grid.FOLDS} folds of train800val200 where val200 holds under {grid.FOLDS_BELOW} images; each "
+                  f"choice and its table in `search/<task>/<method>/search.json`)" if spec.search
+                  else "default hyperparameters")
         recipe = f"; per-task method settings from recipe `{spec.recipe}`" if spec.recipe else ""
         if spec.min_steps is not None:
             cut += f", at least {spec.min_steps} optimiser steps per run"

@@ -102,6 +102,12 @@ def choose(runs: dict[Path, dict[str, Any]], accuracies: Sequence[float]) -> tup
     return select_best(scored), [{**point, f"{SEARCH_VAL}_accuracy": accuracy} for point, accuracy in scored]
 
 
+def selection(folds: int) -> str:
+    """How a search of ``folds`` folds (:func:`search_folds`) scored its points, as grid.json and the bench's
+    search.json state it."""
+    return f"{SEARCH_TRAIN} -> {SEARCH_VAL}" if folds == 1 else f"{folds}-fold cross-validation over {TRAIN}"
+
+
 def search_folds(spec: RunSpec) -> int:
     """How many folds the search validates on: 1 (train800 -> val200) where val200 holds at least
     :data:`FOLDS_BELOW` images or the task is not a VTAB-1k list folder; else :data:`FOLDS`, the folds of
@@ -166,9 +172,8 @@ def train_grid(spec: RunSpec, out: str | Path, train: dict[str, Any] | None = No
     metrics = train_runs(spec, runs, runtime)
     accuracies = [m.get(f"{spec.eval_split}_accuracy") for m in metrics]
     known = [a for a in accuracies if a is not None]
-    selection = None if not search else f"{SEARCH_TRAIN} -> {SEARCH_VAL}" if folds == 1 else \
-        f"{folds}-fold cross-validation over {TRAIN}"
-    summary = {"method": metrics[0]["method"], "task": metrics[0]["task"], "selection": selection,
+    summary = {"method": metrics[0]["method"], "task": metrics[0]["task"],
+               "selection": selection(folds) if search else None,
                "search": searched, "chosen": chosen,
                "seeds": [{"seed": seed, "run": str(run), "accuracy": accuracy}
                          for seed, run, accuracy in zip(seeds, runs, accuracies)],

@@ -152,6 +152,10 @@ def test_search_picks_by_validation_accuracy(suite, tiny_backbone_dir, tmp_path,
     results = _bench(suite, tiny_backbone_dir, out, methods=["linear", "vqt"], search=True, cache_dir=cache).run()
     assert all(r["lr"] == 0.5 for r in results if r["method"] == "linear")  # 1e-6 learns nothing in 20 epochs
     assert (out / "search" / "alpha" / "linear" / "lr0.5_wd0" / "metrics.json").is_file()
+    record = json.loads((out / "search" / "alpha" / "linear" / "search.json").read_text())
+    assert record["selection"] == "train800 -> val200" and record["chosen"] == {"lr": 0.5, "weight_decay": 0.0}
+    assert [row["lr"] for row in record["search"]] == [0.5, 1e-6]
+    assert record["search"][0]["val200_accuracy"] > record["search"][1]["val200_accuracy"]
     # the search's train800 is read from the train800val200 entry; val200 and test, read once, are not cached
     assert sorted(entry.name.split("-")[1] for entry in cache.iterdir()) == ["train800val200", "train800val200"]
 
@@ -177,6 +181,9 @@ def test_a_tiny_val200_searches_on_the_folds_as_train_grid_does(suite, tiny_back
     assert summary["selection"] == "5-fold cross-validation over train800val200"
     chosen = summary["chosen"]
     assert (results[0]["lr"], results[0]["weight_decay"]) == (chosen["lr"], chosen["weight_decay"])
+    record = json.loads((folds / "search.json").read_text())  # the bench's record of it, as grid.json has it
+    assert record["selection"] == summary["selection"] and record["chosen"] == chosen
+    assert all(len(row["fold_accuracies"]) == 5 for row in record["search"]) and len(record["search"]) == 3
     assert "5 folds of train800val200" in (out / "report.md").read_text()
 
 
@@ -411,6 +418,9 @@ def test_bench_runs_head2toe_dtl_and_ssf(suite, tiny_backbone_dir, tmp_path):
     results = _bench(suite / "alpha", tiny_backbone_dir, tmp_path / "out", methods=methods).run()
     assert sorted(r["method"] for r in results) == sorted(methods)
     assert all(not r.get("error") and 0 <= r["accuracy"] <= 1 for r in results)
+    options = {r["method"]: r["options"] for r in results}  # what a search chooses beside lr and weight decay
+    assert options == {"head2toe": "keep_fraction=0.2", "dtl": None, "dtl+": None, "ssf": None}
+    assert "keep_fraction=0.2" in (tmp_path / "out" / "results.csv").read_text()
 
 
 def test_a_cached_whole_split_holds_its_parts_and_only_the_whole_has_an_entry():
