@@ -13,15 +13,27 @@ has finished any with the search), and the last column is the linear probe's on 
 prints instead, per task, each method's test accuracy (%, mean over its seeds) under each protocol (its
 benches' results.csv together), and the mean of group means over the tasks every protocol's every method
 finished.
+
+    python benchmarks/small_data_table.py --selection /tmp/qt-s3-lh,/tmp/qt-s3-mem --defaults /tmp/qt-qfloor
+
+prints, for every k-fold search of those benches (``search/<task>/<method>/fold<i>/<point>``), the point
+the search chose and the method's default point: their mean validation accuracy over the folds, the chosen
+point's lead over the default with its standard error over the folds (paired), and both on test: the chosen
+point's seed runs in the searched bench, the default's in the ``--defaults`` bench (the same seeds).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
+
+from querytune.grid import member_name, search_grid, select_best
+from querytune.methods import method_class
+from querytune.train import TrainConfig
 
 GROUPS = ("natural", "specialized", "structured")
 METHODS = ("linear", "head2toe", "vqt", "synqt", "memory")
@@ -85,12 +97,86 @@ def protocols_table(protocols: dict[str, list[Path]]) -> None:
               + " | ".join(f"{group_means(name, m):.1f}" for name, m in columns) + " |")
 
 
+def fold_scores(search: Path) -> dict[str, list[float]]:
+    """Each grid point's validation accuracy on every fold of a k-fold search folder (points finished on all)."""
+    folds = sorted(search.glob("fold[0-9]*"))
+    scores: dict[str, list[float]] = defaultdict(list)
+    for fold in folds:
+        for metrics in sorted(fold.glob("*/metrics.json")):
+            scores[metrics.parent.name].append(json.loads(metrics.read_text())["val200_accuracy"])
+    return {point: accuracies for point, accuracies in scores.items() if len(accuracies) == len(folds)}
+
+
+def test_accuracies(runs: Path) -> dict[int, float]:
+    """seed -> test accuracy of a bench's finished seed runs ``runs/seed<s>``."""
+    found = {int(m.parent.name.removeprefix("seed")): json.loads(m.read_text()).get("test_accuracy")
+             for m in runs.glob("seed*/metrics.json")}
+    return {seed: accuracy for seed, accuracy in found.items() if accuracy is not None}
+
+
+def point_name(method: str, lr: float, weight_decay: float, options: dict[str, object]) -> str:
+    """The member name (:func:`querytune.grid.member_name`) of a run with these settings: the options the
+    method's search crosses (``Method.search_options``) among ``options``."""
+    searched = {name: options[name] for name in method_class(method).search_options}
+    return member_name({"lr": lr, "weight_decay": weight_decay, **({"options": searched} if searched else {})})
+
+
+def default_point(method: str) -> str:
+    """The member name of the method's default settings (its protocol's lr, weight decay and options)."""
+    cls = method_class(method)
+    options = {name: values[0] for name, values in cls.search_options.items()}
+    return point_name(method, cls.train_defaults["lr"], cls.train_defaults["weight_decay"], options)
+
+
+def selection_table(searched: list[Path], defaults: Path) -> None:
+    """Per search: the chosen and the default point on the folds and on test (see the module's docstring)."""
+    print("| task | method | chosen | default | folds: chosen | folds: default | lead ± s.e. | seeds "
+          "| test: chosen | test: default |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for bench in searched:
+        for search in sorted(bench.glob("search/*/*")):
+            task, method = search.parent.name, search.name
+            scores = fold_scores(search)
+            if not scores:
+                continue
+            points = search_grid(method, TrainConfig.for_method(method_class(method), {}).batch_size)
+            chosen = member_name(select_best([(point, statistics.mean(scores[member_name(point)]))
+                                              for point in points if member_name(point) in scores]))
+            found, plain = test_accuracies(bench / "runs" / task / method), test_accuracies(
+                defaults / "runs" / task / method)
+            for seed in found:  # (the choice is read back from the folds: it must be what the bench trained)
+                ran = json.loads((bench / "runs" / task / method / f"seed{seed}" / "config.json").read_text())
+                trained = point_name(method, ran["train"]["lr"], ran["train"]["weight_decay"], ran["options"])
+                if chosen != trained:
+                    raise SystemExit(f"{search}: the folds choose {chosen}, but seed {seed} trained {trained}")
+            default = default_point(method)
+            seeds = sorted(set(found) & set(plain))
+            lead = "-"
+            if default in scores:
+                differences = [100 * (c - d) for c, d in zip(scores[chosen], scores[default])]
+                lead = (f"{statistics.mean(differences):+.1f} ± "
+                        f"{statistics.stdev(differences) / len(differences) ** 0.5:.1f}")
+            default_folds = f"{100 * statistics.mean(scores[default]):.1f}" if default in scores else "not in grid"
+            tests = [f"{statistics.mean(100 * runs[s] for s in seeds):.1f}" if seeds else "-"
+                     for runs in (found, plain)]
+            print(f"| {task} | {method} | {chosen} | {default} | {100 * statistics.mean(scores[chosen]):.1f} | "
+                  f"{default_folds} | {lead} | {','.join(map(str, seeds)) or '-'} | {tests[0]} | {tests[1]} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="the study's OUT prefix (benchmarks/small_data_study.sh)")
     parser.add_argument("--sizes", default="100,200,400")
     parser.add_argument("--protocols", help="'NAME=BENCH[,BENCH...] ...': per-task tables of these benches")
+    parser.add_argument("--selection", help="BENCH[,BENCH...]: searched benches, each search's choice against the "
+                        "method's defaults (with --defaults)")
+    parser.add_argument("--defaults", help="the bench of the same cells at the methods' defaults, without --search")
     args = parser.parse_args()
+    if args.selection:
+        if not args.defaults:
+            parser.error("--selection needs --defaults")
+        selection_table([Path(p) for p in args.selection.split(",")], Path(args.defaults))
+        return
     if args.protocols:
         protocols_table({name: [Path(p) for p in paths.split(",")]
                          for name, paths in (item.split("=", 1) for item in args.protocols.split())})

@@ -3,6 +3,7 @@ search, and the cut task folders."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -143,3 +144,37 @@ def test_folds_given_override_the_rule(tiny_backbone_dir, tiny_task, tmp_path, m
     summary = train_grid(spec, tmp_path / "out", {"epochs": 1, "batch_size": 8}, runtime, search=True, seeds=[0],
                          folds=1)
     assert summary["selection"] == "train800 -> val200" and not (tmp_path / "out" / "search" / "folds").exists()
+
+
+def test_the_selection_table_sets_the_search_s_choice_beside_the_defaults(tmp_path, capsys):
+    """benchmarks/small_data_table.py --selection reads the folds' runs, chooses as the bench does, and sets
+    the choice beside the method's default point on the folds and on test (seed-matched)."""
+    searched, defaults = tmp_path / "searched", tmp_path / "defaults"
+    fold_accuracies = {"lr0.3_wd0": [0.5, 0.6, 0.7], "lr0.1_wd0": [0.4, 0.5, 0.6], "lr0.03_wd0": [0.7, 0.1, 0.1]}
+    for point, accuracies in fold_accuracies.items():
+        for fold, accuracy in enumerate(accuracies):
+            folder = searched / "search" / "dtd10" / "memory" / f"fold{fold}" / point
+            folder.mkdir(parents=True)
+            (folder / "metrics.json").write_text(json.dumps({"val200_accuracy": accuracy}))
+    (searched / "search" / "dtd10" / "memory" / "fold0" / "lr0.01_wd0").mkdir()  # unfinished: not a point
+
+    def seed_run(bench: Path, seed: int, lr: float, accuracy: float) -> None:
+        folder = bench / "runs" / "dtd10" / "memory" / f"seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"train": {"lr": lr, "weight_decay": 0.0}, "options": {}}))
+        (folder / "metrics.json").write_text(json.dumps({"test_accuracy": accuracy}))
+
+    seed_run(searched, 0, 0.3, 0.42)
+    for seed, accuracy in enumerate([0.44, 0.9, 0.9]):  # seeds 1 and 2 not in the searched bench: not compared
+        seed_run(defaults, seed, 0.1, accuracy)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "small_data_table.py"
+    spec = importlib.util.spec_from_file_location("small_data_table", path)
+    assert spec is not None and spec.loader is not None
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    table.selection_table([searched], defaults)
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row == "| dtd10 | memory | lr0.3_wd0 | lr0.1_wd0 | 60.0 | 50.0 | +10.0 ± 0.0 | 0 | 42.0 | 44.0 |"
+    seed_run(searched, 1, 0.03, 0.5)  # a seed trained at another point than the folds choose: refused
+    with pytest.raises(SystemExit, match="the folds choose lr0.3_wd0, but seed 1 trained lr0.03_wd0"):
+        table.selection_table([searched], defaults)
