@@ -137,13 +137,13 @@ def selection_table(searched: list[Path], defaults: Path) -> None:
         for search in sorted(bench.glob("search/*/*")):
             task, method = search.parent.name, search.name
             scores = fold_scores(search)
-            if not scores:
+            found, plain = test_accuracies(bench / "runs" / task / method), test_accuracies(
+                defaults / "runs" / task / method)
+            if not scores or not found:  # (a search still running has no seed runs yet, and fewer folds)
                 continue
             points = search_grid(method, TrainConfig.for_method(method_class(method), {}).batch_size)
             chosen = member_name(select_best([(point, statistics.mean(scores[member_name(point)]))
                                               for point in points if member_name(point) in scores]))
-            found, plain = test_accuracies(bench / "runs" / task / method), test_accuracies(
-                defaults / "runs" / task / method)
             for seed in found:  # (the choice is read back from the folds: it must be what the bench trained)
                 ran = json.loads((bench / "runs" / task / method / f"seed{seed}" / "config.json").read_text())
                 trained = point_name(method, ran["train"]["lr"], ran["train"]["weight_decay"], ran["options"])
