@@ -16,8 +16,8 @@ finished.
 
     python benchmarks/small_data_table.py --selection /tmp/qt-s3-lh,/tmp/qt-s3-mem --defaults /tmp/qt-qfloor
 
-prints, for every k-fold search of those benches (``search/<task>/<method>/fold<i>/<point>``), the point
-the search chose and the method's default point: their mean validation accuracy over the folds, the chosen
+prints, for every k-fold search of those benches (its record ``search/<task>/<method>/search.json``), the
+point the search chose and the method's default point: their mean validation accuracy over the folds, the chosen
 point's lead over the default with its standard error over the folds (paired), and both on test: the chosen
 point's seed runs in the searched bench, the default's in the ``--defaults`` bench (the same seeds).
 """
@@ -31,9 +31,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from querytune.grid import member_name, search_grid, select_best
+from querytune.grid import member_name
 from querytune.methods import method_class
-from querytune.train import TrainConfig
 
 GROUPS = ("natural", "specialized", "structured")
 METHODS = ("linear", "head2toe", "vqt", "synqt", "memory")
@@ -97,14 +96,10 @@ def protocols_table(protocols: dict[str, list[Path]]) -> None:
               + " | ".join(f"{group_means(name, m):.1f}" for name, m in columns) + " |")
 
 
-def fold_scores(search: Path) -> dict[str, list[float]]:
-    """Each grid point's validation accuracy on every fold of a k-fold search folder (points finished on all)."""
-    folds = sorted(search.glob("fold[0-9]*"))
-    scores: dict[str, list[float]] = defaultdict(list)
-    for fold in folds:
-        for metrics in sorted(fold.glob("*/metrics.json")):
-            scores[metrics.parent.name].append(json.loads(metrics.read_text())["val200_accuracy"])
-    return {point: accuracies for point, accuracies in scores.items() if len(accuracies) == len(folds)}
+def fold_scores(record: dict[str, object], method: str) -> dict[str, list[float]]:
+    """Each grid point's validation accuracy on every fold, by member name, from a search's record."""
+    return {point_name(method, row["lr"], row["weight_decay"], row.get("options", {})): row["fold_accuracies"]
+            for row in record["search"]}
 
 
 def test_accuracies(runs: Path) -> dict[int, float]:
@@ -134,17 +129,18 @@ def selection_table(searched: list[Path], defaults: Path) -> None:
           "| test: chosen | test: default |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for bench in searched:
-        for search in sorted(bench.glob("search/*/*")):
+        for path in sorted(bench.glob("search/*/*/search.json")):  # (written when the search has finished)
+            search = path.parent
             task, method = search.parent.name, search.name
-            scores = fold_scores(search)
+            record = json.loads(path.read_text())
             found, plain = test_accuracies(bench / "runs" / task / method), test_accuracies(
                 defaults / "runs" / task / method)
-            if not scores or not found:  # (a search still running has no seed runs yet, and fewer folds)
+            if "fold_accuracies" not in record["search"][0] or not found:  # (a 1-fold search; no seed runs yet)
                 continue
-            points = search_grid(method, TrainConfig.for_method(method_class(method), {}).batch_size)
-            chosen = member_name(select_best([(point, statistics.mean(scores[member_name(point)]))
-                                              for point in points if member_name(point) in scores]))
-            for seed in found:  # (the choice is read back from the folds: it must be what the bench trained)
+            scores = fold_scores(record, method)
+            chosen = point_name(method, record["chosen"]["lr"], record["chosen"]["weight_decay"],
+                                record["chosen"].get("options", {}))
+            for seed in found:  # (the record's choice must be what the bench trained)
                 ran = json.loads((bench / "runs" / task / method / f"seed{seed}" / "config.json").read_text())
                 trained = point_name(method, ran["train"]["lr"], ran["train"]["weight_decay"], ran["options"])
                 if chosen != trained:

@@ -147,16 +147,15 @@ def test_folds_given_override_the_rule(tiny_backbone_dir, tiny_task, tmp_path, m
 
 
 def test_the_selection_table_sets_the_search_s_choice_beside_the_defaults(tmp_path, capsys):
-    """benchmarks/small_data_table.py --selection reads the folds' runs, chooses as the bench does, and sets
-    the choice beside the method's default point on the folds and on test (seed-matched)."""
+    """benchmarks/small_data_table.py --selection reads a bench's search records (search.json) and sets each
+    choice beside the method's default point on the folds and on test (seed-matched)."""
     searched, defaults = tmp_path / "searched", tmp_path / "defaults"
-    fold_accuracies = {"lr0.3_wd0": [0.5, 0.6, 0.7], "lr0.1_wd0": [0.4, 0.5, 0.6], "lr0.03_wd0": [0.7, 0.1, 0.1]}
-    for point, accuracies in fold_accuracies.items():
-        for fold, accuracy in enumerate(accuracies):
-            folder = searched / "search" / "dtd10" / "memory" / f"fold{fold}" / point
-            folder.mkdir(parents=True)
-            (folder / "metrics.json").write_text(json.dumps({"val200_accuracy": accuracy}))
-    (searched / "search" / "dtd10" / "memory" / "fold0" / "lr0.01_wd0").mkdir()  # unfinished: not a point
+    fold_accuracies = {0.3: [0.5, 0.6, 0.7], 0.1: [0.4, 0.5, 0.6], 0.03: [0.7, 0.1, 0.1]}
+    record = {"selection": "3-fold cross-validation over train800val200", "chosen": {"lr": 0.3, "weight_decay": 0.0},
+              "search": [{"lr": lr, "weight_decay": 0.0, "fold_accuracies": accuracies}
+                         for lr, accuracies in fold_accuracies.items()]}
+    (searched / "search" / "dtd10" / "memory").mkdir(parents=True)
+    (searched / "search" / "dtd10" / "memory" / "search.json").write_text(json.dumps(record))
 
     def seed_run(bench: Path, seed: int, lr: float, accuracy: float) -> None:
         folder = bench / "runs" / "dtd10" / "memory" / f"seed{seed}"
